@@ -1,0 +1,108 @@
+"""The `tunelab` command: parse, build a config, call one library function, report errors in one line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tunelab.errors import TunelabError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Adapt causal language models with many methods and measure what each buys.")
+console = Console()
+
+Overrides = Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. train.lr=1e-3 method.k=2")]
+
+
+def _flags_to_overrides(**flags) -> list[str]:
+    mapping = {"method": "method.name", "task": "data.task", "model": "model.name", "steps": "train.steps",
+               "seed": "train.seed", "out": "out", "lr": "train.lr", "batch_size": "train.batch_size",
+               "max_train": "data.max_train", "max_eval": "data.max_eval", "resume": "train.resume"}
+    return [f"{mapping[k]}={v}" for k, v in flags.items() if v is not None]
+
+
+@app.command()
+def run(
+    method: Annotated[str | None, typer.Option(help="method name (tunelab ls methods)")] = None,
+    task: Annotated[str | None, typer.Option(help="built-in task, JSONL file or directory")] = None,
+    model: Annotated[str | None, typer.Option(help="registry name, hub id or local path")] = None,
+    steps: Annotated[int | None, typer.Option(help="optimizer steps")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    lr: Annotated[float | None, typer.Option(help="learning rate (default: the method's)")] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    max_train: Annotated[int | None, typer.Option(help="cap on training examples")] = None,
+    max_eval: Annotated[int | None, typer.Option(help="cap on evaluation examples")] = None,
+    out: Annotated[str | None, typer.Option(help="output directory (result.json, adapter/, predictions)")] = None,
+    resume: Annotated[bool | None, typer.Option("--resume", help="continue from OUT/checkpoint")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+    overrides: Overrides = None,
+) -> None:
+    """Train and evaluate one method on one task; writes OUT/result.json."""
+    from tunelab.config import build_config
+    from tunelab.run import run as run_one
+
+    flags = dict(method=method, task=task, model=model, steps=steps, seed=seed, lr=lr, batch_size=batch_size,
+                 max_train=max_train, max_eval=max_eval, out=out, resume=resume)
+    cfg = build_config(config, (overrides or []) + _flags_to_overrides(**flags))
+    result = run_one(cfg, progress=not quiet)
+    print_result(result)
+    if cfg.out:
+        console.print(f"wrote {Path(cfg.out) / 'result.json'}")
+
+
+def print_result(result: dict) -> None:
+    table = Table(title=f"{result['method']} on {result['task']} ({result['model']})")
+    for name in ("metric", "value"):
+        table.add_column(name)
+    for name, value in result["metrics"].items():
+        table.add_row(name, f"{value:.2f}")
+    table.add_row("trainable params", f"{result['trainable_params']:,}")
+    table.add_row("train seconds", f"{result['train']['seconds']:.1f}")
+    table.add_row("eval seconds", f"{result['eval']['seconds']:.1f}")
+    table.add_row("peak RSS (MB)", f"{result['peak_rss_mb']:.0f}")
+    table.add_row("adapter bytes", f"{result['adapter_bytes']:,}")
+    console.print(table)
+
+
+@app.command("ls")
+def ls(what: Annotated[str, typer.Argument(help="models | tasks | methods | all")] = "all",
+       model: Annotated[str | None, typer.Option(help="with `ls methods`: count trainable params on this model")] = None) -> None:
+    """List registered models, built-in tasks and methods."""
+    from tunelab.listing import list_things
+
+    list_things(console, what, model)
+
+
+@app.command()
+def demo(steps: Annotated[int, typer.Option(help="prompt-tuning steps")] = 60,
+         task: Annotated[str, typer.Option()] = "date_format",
+         model: Annotated[str, typer.Option()] = "smollm2-135m",
+         out: Annotated[str, typer.Option()] = "runs/demo") -> None:
+    """Zero-shot prompting vs prompt tuning on a built-in task, side by side."""
+    from tunelab.demo import run_demo
+
+    run_demo(console, task=task, model=model, steps=steps, out=out)
+
+
+def main() -> None:
+    logging.basicConfig(level=os.environ.get("TUNELAB_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except TunelabError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted; rerun with --resume to continue from the last checkpoint")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

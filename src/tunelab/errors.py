@@ -1,0 +1,27 @@
+"""The library's own errors. The CLI turns any of these into one line; nothing else is caught."""
+
+from __future__ import annotations
+
+
+class TunelabError(Exception):
+    """A problem the user can fix; the message says how."""
+
+
+class ConfigError(TunelabError):
+    """A config key, value or combination is wrong."""
+
+
+class DataError(TunelabError):
+    """A data file or record is malformed. Names the file, the line (or record index) and the field."""
+
+    def __init__(self, message: str, *, path: str | None = None, line: int | None = None,
+                 field: str | None = None) -> None:
+        self.path, self.line, self.field = path, line, field
+        where = ":".join(str(p) for p in (path, line) if p is not None)
+        prefix = f"{where}: " if where else ""
+        suffix = f" (field '{field}')" if field else ""
+        super().__init__(f"{prefix}{message}{suffix}")
+
+
+class ModelError(TunelabError):
+    """A model cannot be found or loaded."""

@@ -1,0 +1,144 @@
+"""Pure functions from examples to prompt text and token ids, with label masking.
+
+The same ``build_prompt`` serves training, evaluation and serving, so a model is always scored on
+exactly the text layout it was trained on. Prompt and target are tokenized separately and
+concatenated, so the boundary between masked (-100) and supervised tokens is exact.
+
+>>> from tunelab.data import Example
+>>> ex = Example(id="1", task="t", instruction="Add.", input="2+2", output="4")
+>>> print(render_body(ex))
+Add.
+<BLANKLINE>
+Input: 2+2
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from tunelab.data.example import Example
+from tunelab.errors import ConfigError
+
+IGNORE_INDEX = -100
+TEMPLATES = ("auto", "chat", "alpaca", "plain")
+ALPACA_HEADER = ("Below is an instruction that describes a task{paired}. "
+                 "Write a response that appropriately completes the request.\n\n")
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of one training example; ``labels`` is -100 wherever no loss is taken."""
+
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+
+def render_options(options: Sequence[str]) -> str:
+    """Flan-style options suffix."""
+    return "OPTIONS:\n" + "\n".join(f"- {o}" for o in options)
+
+
+def render_demo(demo: Example) -> str:
+    """One in-context demonstration: (X_demo; Y_demo)."""
+    return f"Input: {demo.input}\nOutput: {demo.output}" if demo.input else f"Output: {demo.output}"
+
+
+def render_body(example: Example, demos: Sequence[Example] = ()) -> str:
+    """Instruction, optional options list, demonstrations, then the input."""
+    parts = [example.instruction.strip()] if example.instruction.strip() else []
+    if example.options:
+        parts.append(render_options(example.options))
+    parts.extend(render_demo(d) for d in demos)
+    if example.input:
+        parts.append(f"Input: {example.input}")
+    return "\n\n".join(parts)
+
+
+def resolve_template(template: str, tokenizer: PreTrainedTokenizerBase) -> str:
+    """``auto`` means the model's chat template when it has one, else the Alpaca layout."""
+    if template not in TEMPLATES:
+        raise ConfigError(f"data.template={template!r}; choose one of {', '.join(TEMPLATES)}")
+    if template == "auto":
+        return "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
+    if template == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("data.template=chat but this tokenizer has no chat template; use alpaca or plain")
+    return template
+
+
+def build_prompt(example: Example, tokenizer: PreTrainedTokenizerBase, template: str,
+                 demos: Sequence[Example] = (), system_prompt: str | None = None) -> str:
+    """The full prompt text the model sees before its answer."""
+    template = resolve_template(template, tokenizer)
+    body = render_body(example, demos)
+    if template == "chat":
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        messages.append({"role": "user", "content": body})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if template == "alpaca":
+        return ALPACA_HEADER.format(paired=", paired with an input" if example.input else "") + \
+            f"### Instruction:\n{body}\n\n### Response:\n"
+    return f"{body}\nOutput:"
+
+
+def target_text(example: Example, template: str) -> str:
+    """The supervised continuation (the plain layout puts a space after 'Output:')."""
+    return f" {example.output}" if template == "plain" else example.output
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, prompt: str, target: str, max_length: int,
+           add_special_tokens: bool = False) -> Encoded:
+    """Prompt ids + target ids + EOS, labels masked on the prompt; over-long prompts lose their left end.
+
+    Truncation policy: the target keeps at most ``max_length // 2`` tokens (cut on the right), then the
+    prompt is cut from the left so the input nearest the answer survives.
+    """
+    prompt_ids = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    truncated = False
+    if len(prompt_ids) + len(target_ids) > max_length:
+        truncated = True
+        target_ids = target_ids[: max(1, max_length // 2)] if len(target_ids) > max_length // 2 else target_ids
+        prompt_ids = prompt_ids[len(prompt_ids) - (max_length - len(target_ids)):]
+    return Encoded(prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids, truncated)
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, max_length: int,
+                  add_special_tokens: bool = False) -> list[int]:
+    """Prompt ids for generation, cut from the left like ``encode`` does."""
+    ids = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+    return ids[-max_length:]
+
+
+def encode_conversation(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]],
+                        max_length: int) -> Encoded:
+    """A multi-turn chat: loss on assistant turns only, each rendered by the model's chat template.
+
+    Every prefix of the conversation is rendered, so the ids are exactly those of the full rendering
+    and assistant spans are found without guessing at the template's text.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    rendered = ""
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            head = tokenizer.apply_chat_template(list(messages[:i]), tokenize=False, add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(list(messages[: i + 1]), tokenize=False)
+            _extend(tokenizer, ids, labels, head[len(rendered):], supervised=False)
+            _extend(tokenizer, ids, labels, full[len(head):], supervised=True)
+        else:
+            full = tokenizer.apply_chat_template(list(messages[: i + 1]), tokenize=False)
+            _extend(tokenizer, ids, labels, full[len(rendered):], supervised=False)
+        rendered = full
+    truncated = len(ids) > max_length
+    return Encoded(ids[:max_length], labels[:max_length], truncated)
+
+
+def _extend(tokenizer: PreTrainedTokenizerBase, ids: list[int], labels: list[int], text: str,
+            supervised: bool) -> None:
+    new = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    ids.extend(new)
+    labels.extend(new if supervised else [IGNORE_INDEX] * len(new))

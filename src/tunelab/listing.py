@@ -1,0 +1,58 @@
+"""`tunelab ls`: what models, tasks and methods exist."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from tunelab.errors import TunelabError
+
+KINDS = ("models", "tasks", "methods", "all")
+
+
+def list_things(console: Console, what: str, model: str | None = None) -> None:
+    if what not in KINDS:
+        raise TunelabError(f"tunelab ls {what}: choose one of {', '.join(KINDS)}")
+    if what in ("models", "all"):
+        from tunelab.models import MODELS
+
+        table = Table(title="models (or any Hugging Face id / local path)")
+        table.add_column("name")
+        table.add_column("description")
+        for spec in MODELS.values():
+            table.add_row(spec.name, spec.description)
+        console.print(table)
+    if what in ("tasks", "all"):
+        from tunelab.data.tasks import TASKS
+
+        table = Table(title="built-in tasks (or a JSONL file / directory)")
+        for col in ("name", "metrics", "description"):
+            table.add_column(col)
+        for task in TASKS.values():
+            table.add_row(task.name, ", ".join(task.metrics), task.description)
+        console.print(table)
+    if what in ("methods", "all"):
+        _methods(console, model)
+
+
+def _methods(console: Console, model_name: str | None) -> None:
+    from tunelab.data import load_task
+    from tunelab.methods import METHODS
+
+    table = Table(title="methods" + (f" (trainable parameters on {model_name})" if model_name else ""))
+    table.add_column("name")
+    table.add_column("trains")
+    table.add_column("default lr")
+    if model_name:
+        table.add_column("trainable params", justify="right")
+        from tunelab.models import load_model
+
+        train = load_task("date_format").train[:8]
+    for name, method in METHODS.items():
+        row = [name, "yes" if method.trains else "no", f"{method.Config().lr:g}" if method.trains else "-"]
+        if model_name:
+            model, tokenizer = load_model(model_name)
+            adapter = method.build(model, tokenizer, method.Config(), train, 0)
+            row.append(f"{adapter.num_trainable():,}" if method.trains else "0")
+        table.add_row(*row)
+    console.print(table)

@@ -1,0 +1,38 @@
+"""Method registry: one module per method, one line each here."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+from tunelab.config import from_dict
+from tunelab.errors import ConfigError
+from tunelab.methods.base import Adapter, Method, MethodConfig
+from tunelab.methods.icl import ICL
+from tunelab.methods.prompt_tuning import PromptTuning
+
+METHODS: dict[str, Method] = {
+    "icl": ICL(),
+    "prompt_tuning": PromptTuning(),
+}
+
+
+def get_method(name: str) -> Method:
+    """The registered method called ``name``, or an error listing the valid names."""
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def method_config(spec: dict[str, Any]) -> tuple[Method, MethodConfig]:
+    """Validate ``{"name": ..., **options}`` against the method's own config dataclass."""
+    spec = dict(spec)
+    method = get_method(str(spec.pop("name", "")))
+    try:
+        return method, from_dict(method.Config, spec, path="method")
+    except TypeError as exc:  # __post_init__ signature problems surface as TypeError
+        names = ", ".join(f.name for f in fields(method.Config))
+        raise ConfigError(f"method {method.name}: {exc}; valid options: {names}") from None
+
+
+__all__ = ["METHODS", "Adapter", "Method", "MethodConfig", "get_method", "method_config"]

@@ -1,0 +1,101 @@
+"""What every method provides: a ``Method`` (build/load an ``Adapter``) and its config dataclass.
+
+An ``Adapter`` is the base model plus one method's trainable pieces. It exposes only what the
+shared forward path in ``tunelab.modeling`` needs (a soft prompt and/or a key/value prefix),
+so training, evaluation and serving never branch on the method.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from tunelab.data.example import Example
+from tunelab.errors import TunelabError
+
+ADAPTER_META = "tunelab_adapter.json"
+
+# Picks the demonstrations shown with one example (ICL, IPT); never returns the example itself.
+DemoSelector = Callable[[Example], Sequence[Example]]
+
+
+@dataclass
+class MethodConfig:
+    """Options shared by all methods; each method subclasses this with its own fields."""
+
+    lr: float = 1e-3  # learning rate when train.lr is not set
+
+
+class Adapter(nn.Module):
+    """A frozen-or-not base model plus a method's parameters, seen through one small interface."""
+
+    def __init__(self, model: PreTrainedModel, method: str, config: MethodConfig) -> None:
+        super().__init__()
+        self.model = model  # the transformers model to call (LoRA layers, if any, are patched in)
+        self.method = method
+        self.config = config
+
+    def soft_prompt(self, batch_size: int) -> torch.Tensor | None:
+        """Learned input embeddings placed before the text, (B, n, C); None if the method has none."""
+        return None
+
+    def prefix_cache(self, batch_size: int):
+        """A transformers Cache holding per-layer key/value prefixes; None if the method has none."""
+        return None
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def num_trainable(self) -> int:
+        """Exact count of trainable parameters."""
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    def save_weights(self, directory: Path) -> None:
+        """Write this method's weights (safetensors) into ``directory``."""
+        raise NotImplementedError
+
+
+class Method(Protocol):
+    """One adaptation method. Implementations live one per module in ``tunelab.methods``."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[MethodConfig]]
+    trains: ClassVar[bool]
+
+    def build(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: MethodConfig,
+              train: Sequence[Example], seed: int) -> Adapter: ...
+
+    def load(self, directory: Path, model: PreTrainedModel, config: MethodConfig) -> Adapter: ...
+
+    def demonstrations(self, config: MethodConfig, train: Sequence[Example], seed: int) -> DemoSelector | None: ...
+
+
+def freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def write_meta(directory: Path, adapter: Adapter, extra: dict[str, Any]) -> None:
+    """The JSON beside the weights that says which method and options produced them."""
+    from tunelab.paths import atomic_write_json
+
+    atomic_write_json(directory / ADAPTER_META, {"method": adapter.method, "config": asdict(adapter.config),
+                                                 **extra})
+
+
+def read_meta(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / ADAPTER_META
+    if not path.is_file():
+        raise TunelabError(f"{directory} is not a tunelab adapter (no {ADAPTER_META}); "
+                           "pass the directory a `tunelab run --out DIR` wrote, i.e. DIR/adapter")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise TunelabError(f"{path}: invalid JSON ({exc.msg})") from None

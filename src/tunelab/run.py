@@ -1,0 +1,128 @@
+"""The `tunelab run` recipe, top to bottom: validate, load, build, train, evaluate, save."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunelab import envinfo
+from tunelab.config import RunConfig, to_dict
+from tunelab.data import TaskData, load_task
+from tunelab.evaluate import EvalResult, evaluate
+from tunelab.formatting import build_prompt, encode, resolve_template, target_text
+from tunelab.methods import method_config
+from tunelab.methods.base import Adapter, write_meta
+from tunelab.metrics import check_names
+from tunelab.models import count_parameters, load_model
+from tunelab.paths import atomic_directory, atomic_write_json, atomic_write_text, directory_bytes
+from tunelab.progress import bar
+from tunelab.train import TrainStats, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """Everything validated before the first byte is written or the model is loaded."""
+
+    cfg: RunConfig
+    method: Any
+    method_cfg: Any
+    task: TaskData
+    metrics: tuple[str, ...]
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """Validate config, method options and data; raises TunelabError naming what to fix."""
+    method, method_cfg = method_config(cfg.method)
+    task = load_task(cfg.data.task, cfg.data.train, cfg.data.eval)
+    if cfg.data.max_train is not None:
+        task.train = task.train[: cfg.data.max_train]
+    if cfg.data.max_eval is not None:
+        task.eval = task.eval[: cfg.data.max_eval]
+    metric_names = tuple(cfg.eval.metrics or task.metrics)
+    check_names(metric_names)
+    return Prepared(cfg, method, method_cfg, task, metric_names)
+
+
+def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
+    """Train (if the method trains) and evaluate one method on one task; write results to ``cfg.out``."""
+    prep = prepare(cfg)
+    out = Path(cfg.out) if cfg.out else None
+    if cfg.model.threads:
+        torch.set_num_threads(cfg.model.threads)
+    load_start = time.perf_counter()
+    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code, cfg.train.seed)
+    load_seconds = time.perf_counter() - load_start
+    torch.manual_seed(cfg.train.seed)
+    adapter = prep.method.build(model, tokenizer, prep.method_cfg, prep.task.train, cfg.train.seed)
+    demos = prep.method.demonstrations(prep.method_cfg, prep.task.train, cfg.train.seed)
+    template = resolve_template(cfg.data.template, tokenizer)
+
+    stats, truncated = TrainStats(), 0
+    if prep.method.trains:
+        stats, truncated = _train(adapter, tokenizer, prep, template, demos, out, progress)
+    with bar("evaluating", len(prep.task.eval), progress) as advance:
+        result = evaluate(adapter, tokenizer, prep.task.eval, prep.metrics, cfg.eval, template, demos,
+                          cfg.data.system_prompt, progress=advance)
+    adapter_bytes = _save_adapter(adapter, cfg, template, out / "adapter") if out else 0
+    summary = _summary(prep, adapter, stats, result, load_seconds, adapter_bytes, truncated, model)
+    if out:
+        atomic_write_text(out / "predictions.jsonl",
+                          "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in result.predictions))
+        atomic_write_json(out / "result.json", summary)
+    return summary
+
+
+def _train(adapter: Adapter, tokenizer, prep: Prepared, template: str, demos, out: Path | None,
+           progress: bool) -> tuple[TrainStats, int]:
+    cfg = prep.cfg
+    encoded = [encode(tokenizer, build_prompt(e, tokenizer, template, demos(e) if demos else (), cfg.data.system_prompt),
+                      target_text(e, template), cfg.data.max_length) for e in prep.task.train]
+    lr = cfg.train.lr if cfg.train.lr is not None else prep.method_cfg.lr
+    checkpoint_dir = out / "checkpoint" if out else None
+    with bar(f"training {prep.method.name}", cfg.train.steps, progress) as advance:
+        stats = train(adapter, encoded, cfg.train, lr, tokenizer.pad_token_id, checkpoint_dir,
+                      resume=cfg.train.resume, on_step=lambda step, loss: advance(loss=loss))
+    return stats, sum(e.truncated for e in encoded)
+
+
+def _save_adapter(adapter: Adapter, cfg: RunConfig, template: str, directory: Path) -> int:
+    with atomic_directory(directory) as tmp:
+        adapter.save_weights(tmp)
+        write_meta(tmp, adapter, {"base_model": cfg.model.name, "template": template,
+                                  "system_prompt": cfg.data.system_prompt,
+                                  "tunelab_version": envinfo.versions()["tunelab"]})
+    return directory_bytes(directory)
+
+
+def _summary(prep: Prepared, adapter: Adapter, stats: TrainStats, result: EvalResult, load_seconds: float,
+             adapter_bytes: int, truncated: int, model) -> dict[str, Any]:
+    return {
+        "method": prep.method.name,
+        "task": prep.task.name,
+        "model": prep.cfg.model.name,
+        "metrics": result.metrics,
+        "n_train": len(prep.task.train) if prep.method.trains else 0,
+        "n_eval": len(prep.task.eval),
+        "trainable_params": adapter.num_trainable() if prep.method.trains else 0,
+        "total_params": count_parameters(model),
+        "adapter_bytes": adapter_bytes,
+        "train": {"steps": stats.steps, "seconds": round(stats.seconds, 3), "tokens": stats.tokens,
+                  "tokens_per_second": round(stats.tokens / stats.seconds, 2) if stats.seconds else None,
+                  "final_loss": stats.final_loss, "losses": stats.losses, "resumed_from": stats.resumed_from,
+                  "truncated_examples": truncated},
+        "eval": {"seconds": round(result.seconds, 3), "generated_tokens": result.generated_tokens,
+                 "tokens_per_second": round(result.generated_tokens / result.seconds, 2) if result.seconds else None},
+        "load_seconds": round(load_seconds, 3),
+        "peak_rss_mb": round(envinfo.peak_rss_mb(), 1),
+        "config": to_dict(prep.cfg),
+        "versions": envinfo.versions(),
+        "git_commit": envinfo.git_commit(),
+    }

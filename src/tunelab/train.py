@@ -1,0 +1,128 @@
+"""One plain training loop for every method: AdamW, warmup, grad accumulation, checkpoints, NaN guard."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tunelab.checkpoint import load_checkpoint, save_checkpoint
+from tunelab.config import TrainConfig
+from tunelab.errors import TunelabError
+from tunelab.formatting import IGNORE_INDEX, Encoded
+from tunelab.modeling import causal_lm_loss, mask_for, pad_batch
+
+
+class TrainingDiverged(TunelabError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainStats:
+    steps: int = 0
+    losses: list[float] = field(default_factory=list)  # mean loss of each optimizer step
+    tokens: int = 0  # tokens processed (padding excluded)
+    seconds: float = 0.0
+    resumed_from: int | None = None
+
+    @property
+    def final_loss(self) -> float | None:
+        tail = self.losses[-10:]
+        return sum(tail) / len(tail) if tail else None
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Example indices of optimizer step ``step``: a pure function of (seed, step), so resuming
+    needs no sampler state. Each epoch is a fresh seeded permutation."""
+    start = step * batch_size
+    out: list[int] = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        order = list(range(n))
+        random.Random(f"{seed}:{epoch}").shuffle(order)
+        out.extend(order[offset: offset + batch_size - len(out)])
+    return out
+
+
+def collate(examples: Sequence[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest in the batch: (input_ids, attention_mask, labels), each (B, T)."""
+    ids = [e.input_ids for e in examples]
+    return pad_batch(ids, pad_id), mask_for(ids), pad_batch([e.labels for e in examples], IGNORE_INDEX)
+
+
+def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
+    """Linear warmup, then linear decay to 10% of the peak."""
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(0.1, 1.0 - 0.9 * progress)
+
+    return factor
+
+
+def train(adapter, data: Sequence[Encoded], cfg: TrainConfig, lr: float, pad_id: int,
+          checkpoint_dir: Path | None = None, resume: bool = False,
+          on_step: Callable[[int, float], None] | None = None) -> TrainStats:
+    """Train ``adapter``'s trainable parameters on encoded examples for ``cfg.steps`` optimizer steps."""
+    if not data:
+        raise TunelabError("no training examples: check data.task / data.train")
+    named = {n: p for n, p in adapter.named_parameters() if p.requires_grad}
+    if not named:
+        raise TunelabError(f"method {adapter.method} has no trainable parameters")
+    torch.manual_seed(cfg.seed)
+    optimizer = torch.optim.AdamW(named.values(), lr=lr, weight_decay=cfg.weight_decay)
+    schedule = lr_lambda(cfg.warmup_steps, cfg.steps)
+    stats = TrainStats()
+    step = 0
+    if resume and checkpoint_dir is not None and (checkpoint_dir / "state.json").is_file():
+        meta = load_checkpoint(checkpoint_dir, named, optimizer)
+        step = stats.resumed_from = int(meta["step"])
+        stats.losses = list(meta.get("losses", []))
+        stats.tokens = int(meta.get("tokens", 0))
+    adapter.train()
+    start = time.perf_counter()
+    per_step = cfg.batch_size * cfg.grad_accum
+    while step < cfg.steps:
+        for group in optimizer.param_groups:
+            group["lr"] = lr * schedule(step)
+        indices = batch_indices(len(data), per_step, step, cfg.seed)
+        loss_value = _optimizer_step(adapter, [data[i] for i in indices], cfg, optimizer, named, pad_id, stats)
+        if not math.isfinite(loss_value):
+            raise TrainingDiverged(f"loss became {loss_value} at step {step + 1}; lower train.lr "
+                                   f"(now {lr:g}) — the last good checkpoint is kept in {checkpoint_dir}")
+        step += 1
+        stats.losses.append(loss_value)
+        if on_step:
+            on_step(step, loss_value)
+        if checkpoint_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            save_checkpoint(checkpoint_dir, step, named, optimizer,
+                            {"losses": stats.losses, "tokens": stats.tokens})
+    adapter.eval()
+    stats.steps = step
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def _optimizer_step(adapter, batch: list[Encoded], cfg: TrainConfig, optimizer, named, pad_id: int,
+                    stats: TrainStats) -> float:
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    micro = [batch[i: i + cfg.batch_size] for i in range(0, len(batch), cfg.batch_size)]
+    for chunk in micro:
+        ids, mask, labels = collate(chunk, pad_id)
+        loss, _ = causal_lm_loss(adapter, ids, mask, labels)
+        (loss / len(micro)).backward()
+        total += float(loss.detach()) / len(micro)
+        stats.tokens += int(mask.sum())
+    if math.isfinite(total):
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(list(named.values()), cfg.max_grad_norm)
+        optimizer.step()
+    return total

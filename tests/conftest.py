@@ -1,0 +1,44 @@
+"""Shared fixtures: the tiny model (seconds), the real model (a few marked tests), shared data paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_path(*parts: str) -> Path:
+    """A file under ../shared/data, or skip the test with the reason when it is absent (a user's clone)."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"needs {path} (../shared/data beside the checkout; present in CI)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(model, tokenizer) of the ~0.8M-parameter test model; tests must not modify it in place."""
+    from tunelab.models import load_model
+
+    return load_model("tiny")
+
+
+@pytest.fixture
+def fresh_tiny():
+    """A new tiny model per test (for methods that patch or train the model)."""
+    from tunelab.models import load_model
+
+    return load_model("tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    from tunelab.models import load_model
+
+    return load_model("smollm2-135m")

@@ -1,0 +1,50 @@
+import pytest
+
+from tunelab.config import RunConfig, build_config
+from tunelab.errors import ConfigError
+
+
+def test_defaults_yaml_and_overrides_layer(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("method: {name: icl, k: 2}\ntrain: {steps: 7, lr: 0.5}\n")
+    cfg = build_config(path, ["train.lr=1e-3", "data.task=arithmetic"])
+    assert isinstance(cfg, RunConfig)
+    assert cfg.method == {"name": "icl", "k": 2}
+    assert cfg.train.steps == 7 and cfg.train.lr == pytest.approx(1e-3)
+    assert cfg.data.task == "arithmetic" and cfg.train.batch_size == 8
+
+
+def test_method_given_as_string():
+    assert build_config(None, ["method=icl"]).method == {"name": "icl"}
+
+
+@pytest.mark.parametrize("override, message", [
+    (["train.lrr=1"], "train.lrr"),
+    (["train.steps=abc"], "train.steps"),
+    (["data.max_eval=1.5"], "data.max_eval"),
+    (["nosuch=1"], "nosuch"),
+    (["train.steps"], "section.key=value"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(None, override)
+
+
+def test_bad_yaml_names_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        build_config(path)
+
+
+def test_method_options_validated_against_method_dataclass():
+    from tunelab.methods import method_config
+
+    method, cfg = method_config({"name": "prompt_tuning", "num_virtual_tokens": "8"})
+    assert method.name == "prompt_tuning" and cfg.num_virtual_tokens == 8
+    with pytest.raises(ConfigError, match="method.num_virtual_tokenz"):
+        method_config({"name": "prompt_tuning", "num_virtual_tokenz": 8})
+    with pytest.raises(ConfigError, match="unknown method"):
+        method_config({"name": "promt_tuning"})
+    with pytest.raises(ConfigError, match="num_virtual_tokens must be >= 1"):
+        method_config({"name": "prompt_tuning", "num_virtual_tokens": 0})
