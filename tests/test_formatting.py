@@ -43,5 +43,5 @@ def test_conversation_loss_only_on_assistant_turns(tiny):
     enc = encode_conversation(tok, messages, max_length=512)
     full = tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
     assert enc.input_ids == full
-    supervised = tok.decode([t for t, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE_INDEX])
+    supervised = tok.decode([t for t, lab in zip(enc.input_ids, enc.labels, strict=False) if lab != IGNORE_INDEX])
     assert supervised == "Hello!<|im_end|>\nSee you.<|im_end|>\n"
