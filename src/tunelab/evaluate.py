@@ -1,17 +1,27 @@
-"""Evaluate an adapter on examples: prompts -> batched generation -> metrics + per-example rows."""
+"""Evaluate an adapter on examples: prompts -> batched generation (and/or option ranking) -> metrics.
+
+Generation-scored metrics (exact match, BLEU, ROUGE-L, ...) read the greedy (or sampled) output;
+``rank_accuracy`` reads the option with the highest log-likelihood under the same forward path as
+training (``tunelab.modeling.sequence_logprobs``), so it works for every method's adapter.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from tunelab import metrics as M
 from tunelab.config import EvalConfig
 from tunelab.data.example import Example
-from tunelab.formatting import build_prompt, encode_prompt
+from tunelab.errors import DataError
+from tunelab.formatting import build_prompt, encode, encode_prompt, target_text
 from tunelab.generate import GenerationConfig, generate
 from tunelab.methods.base import DemoSelector
+from tunelab.modeling import mask_for, pad_batch, sequence_logprobs
 
 
 @dataclass
@@ -20,6 +30,7 @@ class EvalResult:
     predictions: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     generated_tokens: int = 0
+    ci: dict[str, list[float] | None] = field(default_factory=dict)  # 95% bootstrap interval per metric
 
 
 def derive_max_new_tokens(tokenizer, examples: Sequence[Example], cap: int = 256) -> int:
@@ -36,21 +47,65 @@ def prompts_for(examples: Sequence[Example], tokenizer, template: str, demos: De
                           max_length) for e in examples]
 
 
+@torch.no_grad()
+def rank_options(adapter, tokenizer, examples: Sequence[Example], template: str,
+                 demos: DemoSelector | None = None, system_prompt: str | None = None, max_length: int = 1024,
+                 batch_size: int = 16) -> list[list[float]]:
+    """Log-likelihood of each option of each example (summed over the option's tokens and EOS).
+
+    The option is scored exactly as a training target is supervised (``formatting.encode``: target
+    text + EOS), so an option that is a prefix of another ("yes" vs "yes, ...") is not favoured.
+    """
+    missing = [e.id for e in examples if not e.options]
+    if missing:
+        raise DataError(f"rank_accuracy needs `options` on every example; {len(missing)} have none "
+                        f"(first: id {missing[0]}); drop rank_accuracy from eval.metrics or add options")
+    pairs = []  # (example index, Encoded)
+    for i, e in enumerate(examples):
+        prompt = build_prompt(e, tokenizer, template, demos(e) if demos else (), system_prompt)
+        pairs += [(i, encode(tokenizer, prompt, target_text(dataclasses.replace(e, output=o), template), max_length))
+                  for o in e.options]
+    scores: list[list[float]] = [[] for _ in examples]
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        ids = [enc.input_ids for _, enc in chunk]
+        labels = pad_batch([enc.labels for _, enc in chunk], -100)
+        logprobs = sequence_logprobs(adapter, pad_batch(ids, tokenizer.pad_token_id), mask_for(ids), labels)
+        for (i, _), lp in zip(chunk, logprobs.tolist(), strict=True):
+            scores[i].append(lp)
+    return scores
+
+
 def evaluate(adapter, tokenizer, examples: Sequence[Example], metric_names: Sequence[str], cfg: EvalConfig,
              template: str, demos: DemoSelector | None = None, system_prompt: str | None = None,
              max_length: int = 1024, max_new_tokens: int | None = None,
-             progress: Callable[[int], None] | None = None) -> EvalResult:
-    """Generate for every example and score against its references."""
+             progress: Callable[[int], None] | None = None, n_resamples: int = 1000) -> EvalResult:
+    """Generate for every example (and rank options if asked) and score against its references."""
+    M.check_names(metric_names)
     start = time.perf_counter()
-    prompts = prompts_for(examples, tokenizer, template, demos, system_prompt, max_length)
-    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens or cfg.max_new_tokens
-                               or derive_max_new_tokens(tokenizer, examples),
-                               do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p)
-    preds = [p.strip() for p in generate(adapter, tokenizer, prompts, gen_cfg, cfg.batch_size, progress)]
     refs = [e.targets for e in examples]
-    scores, per_example = M.score(metric_names, preds, refs)
-    rows = [{n: vals[i] for n, vals in per_example.items()} for i in range(len(preds))]
-    predictions = [{"id": e.id, "task": e.task, "prediction": p, "references": e.targets, "scores": s}
-                   for e, p, s in zip(examples, preds, rows, strict=True)]
+    preds: list[str] = [""] * len(examples)
+    if any(n not in M.RANKED for n in metric_names):
+        prompts = prompts_for(examples, tokenizer, template, demos, system_prompt, max_length)
+        gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens or cfg.max_new_tokens
+                                   or derive_max_new_tokens(tokenizer, examples),
+                                   do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p)
+        preds = [p.strip() for p in generate(adapter, tokenizer, prompts, gen_cfg, cfg.batch_size, progress)]
+    option_scores = ranked = None
+    if any(n in M.RANKED for n in metric_names):
+        option_scores = rank_options(adapter, tokenizer, examples, template, demos, system_prompt, max_length,
+                                     cfg.batch_size)
+        ranked = [e.options[max(range(len(s)), key=s.__getitem__)] for e, s in zip(examples, option_scores,
+                                                                                    strict=True)]
+    scores, per_example = M.score(metric_names, preds, refs, ranked)
+    ci = M.confidence_intervals(metric_names, preds, refs, ranked, n_resamples=n_resamples)
+    rows = [{n: vals[i] for n, vals in per_example.items()} for i in range(len(examples))]
+    predictions = []
+    for i, (e, p, s) in enumerate(zip(examples, preds, rows, strict=True)):
+        row = {"id": e.id, "task": e.task, "prediction": p, "references": e.targets, "scores": s}
+        if ranked is not None and option_scores is not None:
+            row.update(ranked_prediction=ranked[i], option_logprobs=option_scores[i])
+        predictions.append(row)
     n_tokens = sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in preds)
-    return EvalResult(scores, predictions, time.perf_counter() - start, n_tokens)
+    return EvalResult(scores, predictions, time.perf_counter() - start, n_tokens,
+                      {n: (list(v) if v is not None else None) for n, v in ci.items()})

@@ -1,0 +1,251 @@
+"""Evaluation protocols behind `tunelab eval`: load a model (and adapter), pick examples, score, save.
+
+- ``standard``: every example of a file (or a task directory's eval split), the task's metrics.
+- ``super_ni``: the unseen-task protocol of Super-NaturalInstructions (Wang et al. 2022, §5): each
+  instance is shown with its task's definition and k positive examples (Tk-Instruct's "def + pos k"
+  encoding, rendered by ``tunelab.data.formats.super_ni``), only tasks absent from the adapter's
+  training data are scored, and ROUGE-L (plus exact match) is reported per task and averaged.
+  The headline numbers average over instances, as Super-NI's ``compute_metrics`` does; the mean
+  over tasks is reported beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunelab import metrics as M
+from tunelab.config import EvalConfig
+from tunelab.data import default_metrics, load_examples, load_task
+from tunelab.data.example import Example
+from tunelab.errors import ConfigError, DataError
+from tunelab.evaluate import EvalResult, derive_max_new_tokens, evaluate
+
+PROTOCOLS = ("standard", "super_ni")
+SUPER_NI_METRICS = ("rouge_l", "exact_match")
+
+
+@dataclass
+class EvalRequest:
+    """What `tunelab eval` was asked to do (every field is a CLI flag)."""
+
+    data: str  # JSONL file or task directory (its eval split)
+    model: str | None = None  # None = the adapter's base model, else smollm2-135m
+    adapter: str | None = None  # directory holding tunelab_adapter.json
+    protocol: str = "standard"
+    k: int = 2  # super_ni: positive examples shown with the definition
+    tasks_file: str | None = None  # super_ni: definitions and examples (default: DATA_DIR/tasks.jsonl)
+    seen_from: str | None = None  # training data whose tasks are excluded (default: the adapter's run)
+    include_seen: bool = False  # score tasks seen in training too (not the unseen-task protocol)
+    metrics: list[str] | None = None
+    max_eval: int | None = None  # cap on examples, after the per-task cap
+    max_per_task: int | None = None  # first N examples of each task
+    template: str = "auto"
+    system_prompt: str | None = None
+    max_length: int = 1024
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    n_resamples: int = 1000
+    out: str | None = None
+
+
+@dataclass
+class Report:
+    """Scores with 95% intervals, per task when the protocol asks, and every prediction."""
+
+    metrics: dict[str, float]
+    metrics_ci: dict[str, list[float] | None]
+    per_task: dict[str, dict[str, Any]]
+    predictions: list[dict]
+    info: dict[str, Any]
+
+
+@dataclass
+class Loaded:
+    """A model ready to evaluate: base model + adapter, and the prompt layout the adapter was trained with."""
+
+    adapter: Any
+    tokenizer: Any
+    model_name: str
+    method: str
+    template: str
+    system_prompt: str | None
+    seconds: float
+
+
+def load_for_eval(model: str | None, adapter_dir: str | None, template: str = "auto") -> Loaded:
+    """The base model with the adapter in ``adapter_dir`` (any method) loaded on top, or the bare model."""
+    from tunelab.formatting import resolve_template
+    from tunelab.methods import METHODS, method_config
+    from tunelab.methods.base import MethodConfig, freeze, read_meta
+    from tunelab.methods.icl import FrozenAdapter
+    from tunelab.models import load_model
+
+    start = time.perf_counter()
+    meta = read_meta(Path(adapter_dir)) if adapter_dir else {}
+    base = meta.get("base_model")
+    if model and base and model != base:
+        raise ConfigError(f"--adapter {adapter_dir} was trained on base model {base!r}, not {model!r}; "
+                          f"drop --model or pass --model {base}")
+    name = model or base or "smollm2-135m"
+    base_model, tokenizer = load_model(name)
+    if adapter_dir:
+        method, cfg = method_config({"name": meta["method"], **meta.get("config", {})})
+        adapter = METHODS[method.name].load(Path(adapter_dir), base_model, cfg)
+    else:
+        freeze(base_model)
+        adapter = FrozenAdapter(base_model, "base", MethodConfig())
+    adapter.eval()
+    layout = meta.get("template") if template == "auto" and meta.get("template") else template
+    return Loaded(adapter, tokenizer, name, meta.get("method", "base"), resolve_template(layout, tokenizer),
+                  meta.get("system_prompt"), time.perf_counter() - start)
+
+
+def cap_per_task(examples: Sequence[Example], n: int | None) -> list[Example]:
+    """The first ``n`` examples of each task, in file order."""
+    if n is None:
+        return list(examples)
+    seen: dict[str, int] = defaultdict(int)
+    out = []
+    for e in examples:
+        seen[e.task] += 1
+        if seen[e.task] <= n:
+            out.append(e)
+    return out
+
+
+def unseen_only(examples: Sequence[Example], seen_tasks: set[str], where: str) -> list[Example]:
+    """Drop examples of tasks present in the training data; an error when nothing is left."""
+    kept = [e for e in examples if e.task not in seen_tasks]
+    if examples and not kept:
+        raise ConfigError(f"every eval task also appears in the training data ({where}), so no task is unseen; "
+                          "evaluate on other tasks, or pass --include-seen to score seen tasks anyway")
+    return kept
+
+
+def training_tasks(path: str) -> set[str]:
+    """Task names in a training file or task directory (its train split)."""
+    p = Path(path)
+    examples = load_examples(p) if p.is_file() else load_task(path).train
+    return {e.task for e in examples}
+
+
+def adapter_training_data(adapter_dir: str) -> str | None:
+    """The training data recorded by the run that wrote ``adapter_dir`` (RUN/result.json), if any."""
+    result = Path(adapter_dir).parent / "result.json"
+    if not result.is_file():
+        return None
+    data = json.loads(result.read_text()).get("config", {}).get("data", {})
+    return data.get("train") or data.get("task")
+
+
+def load_eval_examples(path: str) -> list[Example]:
+    """All examples of a file, or the eval split of a task directory / built-in task."""
+    p = Path(path)
+    return load_examples(p) if p.is_file() else load_task(path).eval
+
+
+def super_ni_examples(examples: Sequence[Example], tasks_file: str, k: int) -> list[Example]:
+    """Each instance with its task's definition and first k positive examples as the instruction."""
+    from tunelab.data.formats.super_ni import SniEncoding, apply_encoding, load_task_rows
+
+    if k < 0:
+        raise ConfigError(f"--k must be >= 0, got {k}")
+    return apply_encoding(examples, load_task_rows(tasks_file), SniEncoding(definition=True, pos=k))
+
+
+def select_examples(req: EvalRequest) -> tuple[list[Example], dict[str, Any]]:
+    """The examples to score under ``req.protocol`` and a record of what was excluded and why."""
+    if req.protocol not in PROTOCOLS:
+        raise ConfigError(f"--protocol {req.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    examples = load_eval_examples(req.data)
+    info: dict[str, Any] = {"n_loaded": len(examples)}
+    if req.protocol == "super_ni":
+        seen_from = req.seen_from or (adapter_training_data(req.adapter) if req.adapter else None)
+        seen = training_tasks(seen_from) if seen_from and not req.include_seen else set()
+        excluded = sorted(seen & {e.task for e in examples})
+        examples = unseen_only(examples, seen, str(seen_from))
+        tasks_file = req.tasks_file or str(Path(req.data).parent / "tasks.jsonl"
+                                           if Path(req.data).is_file() else Path(req.data) / "tasks.jsonl")
+        if not Path(tasks_file).is_file():
+            raise DataError("Super-NI task definitions not found; pass --tasks-file PATH/tasks.jsonl",
+                            path=tasks_file)
+        examples = super_ni_examples(examples, tasks_file, req.k)
+        info.update(seen_from=seen_from, excluded_seen_tasks=excluded, tasks_file=tasks_file,
+                    encoding=f"def+pos{req.k}")
+    examples = cap_per_task(examples, req.max_per_task)
+    examples = examples[: req.max_eval] if req.max_eval is not None else examples
+    if not examples:
+        raise DataError("no examples to evaluate after filtering; check --max-eval / --max-per-task", path=req.data)
+    info["n_eval"] = len(examples)
+    return examples, info
+
+
+def _by_task(examples: Sequence[Example]) -> dict[str, list[Example]]:
+    groups: dict[str, list[Example]] = defaultdict(list)
+    for e in examples:
+        groups[e.task].append(e)
+    return dict(groups)
+
+
+def score_per_task(run_one: Callable[[list[Example], int], EvalResult], examples: Sequence[Example],
+                   names: Sequence[str], tokenizer, n_resamples: int) -> Report:
+    """Evaluate task by task (each with its own generation budget) and pool the predictions."""
+    per_task: dict[str, dict[str, Any]] = {}
+    predictions: list[dict] = []
+    for task, group in _by_task(examples).items():
+        result = run_one(group, derive_max_new_tokens(tokenizer, group))
+        per_task[task] = {"n": len(group), "metrics": result.metrics, "metrics_ci": result.ci,
+                          "seconds": round(result.seconds, 2)}
+        predictions += result.predictions
+    preds = [p["prediction"] for p in predictions]
+    refs = [p["references"] for p in predictions]
+    ranked = [p["ranked_prediction"] for p in predictions] if any(n in M.RANKED for n in names) else None
+    overall = M.score(names, preds, refs, ranked)[0]
+    ci = M.confidence_intervals(names, preds, refs, ranked, n_resamples=n_resamples)
+    for n in names:
+        overall[f"{n}_task_mean"] = sum(t["metrics"][n] for t in per_task.values()) / len(per_task)
+    return Report(overall, {n: list(v) if v else None for n, v in ci.items()}, per_task, predictions, {})
+
+
+def run_eval(req: EvalRequest, progress: Callable[[int], None] | None = None) -> Report:
+    """Load, select, generate, score and (with ``req.out``) write OUT/metrics.json + OUT/predictions.jsonl."""
+    start = time.perf_counter()
+    examples, info = select_examples(req)
+    names = tuple(req.metrics or (SUPER_NI_METRICS if req.protocol == "super_ni" else default_metrics(examples)))
+    M.check_names(names)
+    loaded = load_for_eval(req.model, req.adapter, req.template)
+    template = loaded.template
+
+    def run_one(group: list[Example], max_new_tokens: int | None) -> EvalResult:
+        return evaluate(loaded.adapter, loaded.tokenizer, group, names, req.eval, template, None,
+                        req.system_prompt or loaded.system_prompt, req.max_length,
+                        req.eval.max_new_tokens or max_new_tokens, progress, req.n_resamples)
+
+    if req.protocol == "super_ni":
+        report = score_per_task(run_one, examples, names, loaded.tokenizer, req.n_resamples)
+    else:
+        result = run_one(examples, None)
+        report = Report(result.metrics, result.ci, {}, result.predictions, {})
+    report.info = {**info, "protocol": req.protocol, "model": loaded.model_name, "adapter": req.adapter,
+                   "method": loaded.method, "template": template, "data": req.data,
+                   "seconds": round(time.perf_counter() - start, 2), "load_seconds": round(loaded.seconds, 2),
+                   "request": asdict(req)}
+    if req.out:
+        write_report(report, Path(req.out))
+    return report
+
+
+def write_report(report: Report, out: Path) -> None:
+    """OUT/metrics.json (scores, intervals, per task, run info) and OUT/predictions.jsonl (one row per example)."""
+    from tunelab.paths import atomic_write_json, atomic_write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "predictions.jsonl",
+                      "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in report.predictions))
+    atomic_write_json(out / "metrics.json", {"metrics": report.metrics, "metrics_ci": report.metrics_ci,
+                                             "per_task": report.per_task, **report.info})
