@@ -92,6 +92,11 @@ def demo(steps: Annotated[int, typer.Option(help="prompt-tuning steps")] = 60,
     run_demo(console, task=task, model=model, steps=steps, out=out)
 
 
+from tunelab.commands.eval import eval_command  # noqa: E402  (one module per command group)
+
+app.command("eval")(eval_command)
+
+
 def main() -> None:
     logging.basicConfig(level=os.environ.get("TUNELAB_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     try:

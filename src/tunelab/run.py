@@ -109,6 +109,7 @@ def _summary(prep: Prepared, adapter: Adapter, stats: TrainStats, result: EvalRe
         "task": prep.task.name,
         "model": prep.cfg.model.name,
         "metrics": result.metrics,
+        "metrics_ci": result.ci,  # 95% bootstrap interval per metric (tunelab.stats)
         "n_train": len(prep.task.train) if prep.method.trains else 0,
         "n_eval": len(prep.task.eval),
         "trainable_params": adapter.num_trainable() if prep.method.trains else 0,
