@@ -5,9 +5,12 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tunelab.data.example import Example
+from tunelab.data.formats.base import LoadReport
 from tunelab.data.jsonl import load_jsonl
+from tunelab.data.mixtures import Source, by_task, mix, parse_source
 from tunelab.data.tasks import TASKS, TRAIN_SIZE
 from tunelab.errors import DataError
 
@@ -24,6 +27,7 @@ class TaskData:
     eval: list[Example]
     metrics: tuple[str, ...]
     dev: list[Example] = field(default_factory=list)
+    skipped: int = 0  # malformed records skipped while loading (data.skip_bad)
 
 
 def default_metrics(examples: list[Example]) -> tuple[str, ...]:
@@ -35,16 +39,18 @@ def default_metrics(examples: list[Example]) -> tuple[str, ...]:
     return ("exact_match", "rouge_l") if mean <= 4 else ("bleu", "rouge_l", "exact_match")
 
 
-def load_examples(path: str | Path) -> list[Example]:
-    """Load a data file in any supported format (by extension and content)."""
-    path = Path(path)
-    if path.suffix == ".jsonl":
-        return load_jsonl(path)
-    try:  # native formats live in tunelab.data.formats (optional until that module lands)
-        from tunelab.data.formats import load_any
-    except ImportError:
-        raise DataError(f"unsupported file type {path.suffix!r}; use .jsonl", path=str(path)) from None
-    return load_any(path)
+def load_examples(path: str | Path, *, skip_bad: bool = False, report: LoadReport | None = None,
+                  **options: Any) -> list[Example]:
+    """Load a data file in any supported format (detected by extension and content).
+
+    ``.jsonl`` files in the uniform schema are validated strictly; other schemas (Dolly, ShareGPT,
+    OpenAI messages, Unnatural Instructions, ...) are detected from their keys. ``skip_bad`` skips
+    malformed records and counts them in ``report`` (and a warning) instead of raising.
+    ``options`` are ``tunelab.data.formats.LoadOptions`` fields (format, mapping, templates, ...).
+    """
+    from tunelab.data.formats import load_any
+
+    return load_any(path, report=report, skip_bad=skip_bad, **options)
 
 
 def _split_file(examples: list[Example], name: str) -> tuple[list[Example], list[Example]]:
@@ -63,31 +69,58 @@ def _find(directory: Path, names: tuple[str, ...]) -> Path | None:
     return None
 
 
-def load_task(task: str, train: str | None = None, eval: str | None = None) -> TaskData:
-    """Resolve a built-in task name, a data file, or a directory holding train/test files."""
+def load_task(task: str, train: str | None = None, eval: str | None = None, *, skip_bad: bool = False,
+              task_cap: int | None = None, mixture: list[str] | None = None, seed: int = 0) -> TaskData:
+    """Resolve a built-in task name, a data file, or a directory holding train/test files.
+
+    ``task_cap`` mixes the train split's tasks examples-proportionally with that cap per task (Flan);
+    ``mixture`` adds more training files (``path`` or ``path@weight``), mixed by the same rule.
+    """
+    reports: list[LoadReport] = []
+
+    def load(p: str | Path) -> list[Example]:
+        reports.append(LoadReport())
+        return load_examples(p, skip_bad=skip_bad, report=reports[-1])
+
     if task in TASKS and not (train or eval):
         spec = TASKS[task]
-        return TaskData(task, spec.examples("train", TRAIN_SIZE), spec.examples("eval", EVAL_SIZE), spec.metrics)
+        data = TaskData(task, spec.examples("train", TRAIN_SIZE), spec.examples("eval", EVAL_SIZE), spec.metrics)
+        return _mixed(data, task_cap, mixture, seed, load, reports)
     path = Path(task)
     dev: list[Example] = []
     if train or eval:
-        train_ex = load_examples(train) if train else []
-        eval_ex = load_examples(eval) if eval else []
+        train_ex = load(train) if train else []
+        eval_ex = load(eval) if eval else []
         name = Path(train or eval or task).parent.name
     elif path.is_dir():
         train_file, eval_file = _find(path, ("train",)), _find(path, EVAL_NAMES)
         if not train_file or not eval_file:
             raise DataError("a task directory needs train.jsonl and one of test/eval/dev.jsonl", path=str(path))
-        train_ex, eval_ex = load_examples(train_file), load_examples(eval_file)
+        train_ex, eval_ex = load(train_file), load(eval_file)
         dev_file = _find(path, ("dev", "validation"))
-        dev = load_examples(dev_file) if dev_file and dev_file != eval_file else []
+        dev = load(dev_file) if dev_file and dev_file != eval_file else []
         name = path.name
     elif path.is_file():
         name = path.parent.name if path.stem in EVAL_NAMES + ("train",) else path.stem
-        train_ex, eval_ex = _split_file(load_examples(path), name)
+        train_ex, eval_ex = _split_file(load(path), name)
     else:
         raise DataError(f"unknown task {task!r}: not a built-in task ({', '.join(TASKS)}), file or directory")
-    return TaskData(name, train_ex, eval_ex, default_metrics(eval_ex or train_ex), dev)
+    data = TaskData(name, train_ex, eval_ex, default_metrics(eval_ex or train_ex), dev)
+    return _mixed(data, task_cap, mixture, seed, load, reports)
 
 
-__all__ = ["Example", "TaskData", "TASKS", "load_task", "load_examples", "load_jsonl", "default_metrics"]
+def _mixed(data: TaskData, task_cap: int | None, mixture: list[str] | None, seed: int, load,
+           reports: list[LoadReport]) -> TaskData:
+    """Apply the mixture options to the train split and record what was skipped while loading."""
+    if mixture or task_cap:
+        sources = by_task(data.train)
+        for spec in mixture or []:
+            source, weight = parse_source(spec)
+            sources += [Source(s.name, s.examples, weight) for s in by_task(load(source))]
+        data.train = mix(sources, cap=task_cap, seed=seed)
+    data.skipped = sum(len(r.skipped) for r in reports)
+    return data
+
+
+__all__ = ["Example", "TaskData", "TASKS", "LoadReport", "load_task", "load_examples", "load_jsonl",
+           "default_metrics"]

@@ -1,4 +1,5 @@
-"""Loader for tunelab's uniform JSONL schema (``id, instruction, input, output[, references, task]``)."""
+"""Loader for tunelab's uniform JSONL schema (``id, instruction, input, output[, references, task, options,
+messages, meta]``)."""
 
 from __future__ import annotations
 
@@ -58,6 +59,11 @@ def example_from_row(row: dict[str, Any], *, task: str, default_id: str, path: s
     options = row.get("options", [])
     if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
         raise fail("expected a list of strings", "options")
+    messages = row.get("messages", [])
+    if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise fail("expected a list of {role, content} string objects", "messages")
     meta = row.get("meta", {})
     if not isinstance(meta, dict):
         raise fail("expected an object", "meta")
@@ -65,7 +71,8 @@ def example_from_row(row: dict[str, Any], *, task: str, default_id: str, path: s
         meta = {**meta, "no_reference": True}
     return Example(id=row.get("id") or default_id, task=row.get("task") or task,
                    instruction=row["instruction"], input=row.get("input", ""), output=row["output"],
-                   references=tuple(refs), options=tuple(options), meta=meta)
+                   references=tuple(refs), options=tuple(options),
+                   messages=tuple({"role": m["role"], "content": m["content"]} for m in messages), meta=meta)
 
 
 def load_jsonl(path: str | Path, task: str | None = None) -> list[Example]:
