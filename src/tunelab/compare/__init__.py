@@ -1,0 +1,66 @@
+"""`tunelab compare`: run a grid of methods x tasks x seeds x data sizes into a results store, then report.
+
+>>> from tunelab.compare import compare
+>>> outcome = compare("grid.yaml", out="runs/grid")          # doctest: +SKIP
+>>> outcome.report_html                                        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from tunelab.compare.grid import Cell, GridConfig, expand, list_presets, load_grid, preset_path, validate
+from tunelab.compare.report import build_report, write_report
+from tunelab.compare.runner import GridSummary, run_grid
+from tunelab.compare.store import Store, open_existing
+
+STORE_NAME = "results.sqlite"
+
+
+@dataclass
+class Outcome:
+    grid: GridConfig
+    cells: list[Cell]
+    summary: GridSummary
+    store: Path
+    report_md: Path
+    report_html: Path
+
+
+def plan(source: str | Path, overrides: list[str] | None = None, out: str | Path | None = None
+         ) -> tuple[GridConfig, list[Cell]]:
+    """Load, expand and validate a grid (every cell's config, method options and data) without training."""
+    grid = load_grid(source, overrides)
+    cells = expand(grid, Path(out) / "data" if out else None)
+    validate(cells)
+    return grid, cells
+
+
+def compare(source: str | Path, out: str | Path, store: str | Path | None = None,
+            overrides: list[str] | None = None, progress: bool = True, retry_failed: bool = False,
+            console: Console | None = None) -> Outcome:
+    """Validate the whole grid, run the cells the store lacks, and write the report for this grid's cells."""
+    console = console or Console()
+    out = Path(out).resolve()
+    start = time.perf_counter()
+    grid, cells = plan(source, overrides, out)
+    console.print(f"grid {grid.name}: {len(cells)} cells validated in {time.perf_counter() - start:.1f}s")
+    store_path = Path(store) if store else out / STORE_NAME
+    with Store(store_path) as db:
+        summary = run_grid(grid, cells, db, out, progress=progress, retry_failed=retry_failed, console=console)
+        md, html = write_report(build_report(db, keys=[c.key for c in cells]), out)
+    return Outcome(grid, cells, summary, store_path, md, html)
+
+
+def report(store: str | Path, out: str | Path) -> tuple[Path, Path]:
+    """Write report.md and report.html for every cell in ``store``."""
+    with open_existing(store) as db:
+        return write_report(build_report(db), out)
+
+
+__all__ = ["Cell", "GridConfig", "Outcome", "Store", "compare", "expand", "list_presets", "load_grid", "plan",
+           "preset_path", "report", "validate"]

@@ -1,0 +1,271 @@
+"""The claims table: each adjective from the articles, stated as a comparison the grid can measure.
+
+A quality claim ("IPT > PT") pairs the cells of two methods on the same task, training-set size and
+prompt length, and runs ``tunelab.stats.paired_bootstrap`` over examples (shared, the pairing) and
+seeds (drawn per method); it is *supported* when the 95% interval of A - B lies above 0,
+*contradicted* when it lies below, *inconclusive* otherwise. Cost claims (bytes, time) compare
+measured ratios. A claim whose methods are absent from the grid is reported as *not measured*.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from statistics import mean
+from typing import Any
+
+import numpy as np
+
+from tunelab.compare.examples import example_stats
+from tunelab.stats import paired_bootstrap
+
+Selector = Callable[[dict[str, Any]], bool]
+NOISE = 0.15  # wall-time ratios within 15% of 1 are noise on this kind of machine (MODELS.md: runs vary 15-30%)
+
+
+def _opts(row: dict[str, Any]) -> dict[str, Any]:
+    return row["config"]["method"]
+
+
+def is_method(name: str) -> Selector:
+    return lambda r: r["method_name"] == name
+
+
+def is_base(r: dict[str, Any]) -> bool:
+    """The untouched base model: zero-shot prompting (ICL with k = 0)."""
+    return r["method_name"] == "icl" and int(_opts(r).get("k", 1)) == 0
+
+
+def is_icl(selection: str) -> Selector:
+    def pick(r: dict[str, Any]) -> bool:
+        if r["method_name"] != "icl" or int(_opts(r).get("k", 1)) == 0:
+            return False
+        chosen = _opts(r).get("selection", "random")
+        return chosen == "random" if selection == "random" else chosen != "random"
+
+    return pick
+
+
+def any_of(*selectors: Selector) -> Selector:
+    return lambda r: any(s(r) for s in selectors)
+
+
+@dataclass
+class Claim:
+    id: str
+    source: str  # the claim as the articles make it
+    test: str  # the measurable statement
+    kind: str  # quality | variance | cost
+    a: Selector
+    b: Selector
+    a_name: str
+    b_name: str
+    cost: str = ""  # cost column for kind == "cost"
+    only_unseen: bool = False
+    smallest_size: bool = False  # compare at the smallest training-set size only
+
+
+CLAIMS: list[Claim] = [
+    Claim("ipt_beats_pt", "IPT improves on prompt tuning (Sun et al. 2023)", "IPT > PT (quality, same task/data/length)",
+          "quality", is_method("ipt"), is_method("prompt_tuning"), "IPT", "PT"),
+    Claim("pt_unstable", "Prompt tuning is unstable across seeds; IPT reduces the variance",
+          "std over seeds: PT > IPT", "variance", is_method("prompt_tuning"), is_method("ipt"), "PT", "IPT"),
+    Claim("retrieved_icl", "ICL helps when demonstrations are semantically similar to the input",
+          "retrieved ICL > random ICL", "quality", is_icl("retrieved"), is_icl("random"), "retrieved ICL",
+          "random ICL"),
+    Claim("pt_beats_icl", "Prompt tuning beats in-context learning given training data",
+          "PT > random ICL", "quality", is_method("prompt_tuning"), is_icl("random"), "PT", "random ICL"),
+    Claim("lora_beats_pt", "LoRA outperforms prompt tuning at equal data", "LoRA > PT (same task and data)",
+          "quality", is_method("lora"), is_method("prompt_tuning"), "LoRA", "PT"),
+    Claim("pt_less_data", "Prompt tuning needs less data", "PT > LoRA at the smallest training-set size",
+          "quality", is_method("prompt_tuning"), is_method("lora"), "PT", "LoRA", smallest_size=True),
+    Claim("ft_peak", "Full fine-tuning achieves peak performance on its task", "full FT > LoRA",
+          "quality", is_method("full_finetune"), is_method("lora"), "full FT", "LoRA"),
+    Claim("pt_fewer_bytes", "Prompt tuning scales better to many tasks (less to store per task)",
+          "PT bytes per task < LoRA / full FT bytes", "cost", is_method("prompt_tuning"),
+          any_of(is_method("lora"), is_method("full_finetune")), "PT", "LoRA/full FT", cost="adapter_bytes"),
+    Claim("pt_cheaper", "Prompt tuning is more resource-efficient", "PT train time < LoRA / full FT train time",
+          "cost", is_method("prompt_tuning"), any_of(is_method("lora"), is_method("full_finetune")), "PT",
+          "LoRA/full FT", cost="train_seconds"),
+    Claim("it_unseen", "Instruction tuning generalizes better to unseen tasks",
+          "instruction-tuned > base model on unseen tasks", "quality", is_method("instruction_tuning"), is_base,
+          "instruction-tuned", "base model", only_unseen=True),
+    Claim("it_costly", "Instruction tuning is computationally intensive",
+          "instruction tuning train time > PT train time", "cost", is_method("instruction_tuning"),
+          is_method("prompt_tuning"), "instruction tuning", "PT", cost="train_seconds"),
+]
+
+
+@dataclass
+class Finding:
+    """One claim measured on one group of cells (task, training-set size, prompt length)."""
+
+    claim: Claim
+    group: str
+    effect: float | None = None
+    ci: tuple[float, float] | None = None
+    verdict: str = "not measured"
+    detail: str = ""
+    n: dict[str, int] = field(default_factory=dict)
+
+
+def evaluate_claims(rows: list[dict[str, Any]], n_resamples: int = 1000) -> list[Finding]:
+    """Every claim in ``CLAIMS`` measured on the store's finished rows (one Finding per group)."""
+    out: list[Finding] = []
+    for claim in CLAIMS:
+        usable = [r for r in rows if r["unseen"]] if claim.only_unseen else rows
+        pairs = _pairs(claim, usable)
+        if not pairs:
+            missing = [name for name, sel in ((claim.a_name, claim.a), (claim.b_name, claim.b))
+                       if not any(sel(r) for r in usable)]
+            why = f"no cells for {', '.join(missing)}" if missing else "no two cells share task and data size"
+            out.append(Finding(claim, "-", detail=why + (" on unseen tasks" if claim.only_unseen else "")))
+            continue
+        for group, a_rows, b_rows in pairs:
+            measure = {"quality": _quality, "variance": _variance, "cost": _cost}[claim.kind]
+            out.append(measure(claim, group, a_rows, b_rows, n_resamples))
+    return out
+
+
+def _pairs(claim: Claim, rows: list[dict[str, Any]]) -> list[tuple[str, list[dict], list[dict]]]:
+    """Groups where both sides have cells: same task and size, same prompt length where both have one."""
+    a_groups: dict[tuple, list[dict]] = defaultdict(list)
+    b_groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        key = (r["task"], r["train_size"] if r["train_size"] is not None else -1, r["prompt_length"])
+        if claim.a(r):
+            a_groups[key].append(r)
+        elif claim.b(r):
+            b_groups[key].append(r)
+    found = []
+    for (task, size, length), a_rows in sorted(a_groups.items(), key=lambda kv: str(kv[0])):
+        b_rows = [r for (t, s, ln), rs in b_groups.items() for r in rs
+                  if t == task and s == size and (ln == length or ln is None or length is None)]
+        b_rows = _one_setting(b_rows)
+        if b_rows:
+            found.append((_group_name(task, size, length), a_rows, b_rows))
+    if claim.smallest_size and found:
+        sizes = sorted({r["train_size"] for _, a, _ in found for r in a if r["train_size"] is not None})
+        found = [f for f in found if sizes and f[1][0]["train_size"] == sizes[0]] if len(sizes) > 1 else []
+    return found
+
+
+def _one_setting(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Several settings of B may match (e.g. ICL without a size); keep the first label's seeds only."""
+    if not rows:
+        return rows
+    label = rows[0]["method"]
+    return [r for r in rows if r["method"] == label]
+
+
+def _group_name(task: str, size: int, length: int | None) -> str:
+    parts = [task]
+    if size != -1:
+        parts.append(f"n={size}")
+    if length is not None:
+        parts.append(f"len={length}")
+    return " ".join(parts)
+
+
+def _verdict(ci: tuple[float, float] | None) -> str:
+    if ci is None:
+        return "inconclusive"
+    lo, hi = ci
+    return "supported" if lo > 0 else "contradicted" if hi < 0 else "inconclusive"
+
+
+def _aligned(a_rows: list[dict], b_rows: list[dict]) -> tuple[np.ndarray, np.ndarray, Callable, str] | None:
+    """(S_a, n, d) and (S_b, n, d) statistics on the examples every cell evaluated, plus the reduction."""
+    metric = a_rows[0]["primary_metric"]
+    if any(r["primary_metric"] != metric for r in a_rows + b_rows):
+        return None
+    per_cell = [example_stats(r, metric) for r in a_rows + b_rows]
+    common = set.intersection(*(set(ids) for ids, _, _ in per_cell))
+    if not common:
+        return None
+    order = sorted(common)
+    stacked = []
+    for ids, stats, _ in per_cell:
+        index = {i: k for k, i in enumerate(ids)}
+        stacked.append(stats[[index[i] for i in order]])
+    reduce = per_cell[0][2]
+    return np.stack(stacked[: len(a_rows)]), np.stack(stacked[len(a_rows):]), reduce, metric
+
+
+def _quality(claim: Claim, group: str, a_rows: list[dict], b_rows: list[dict], n_resamples: int) -> Finding:
+    aligned = _aligned(a_rows, b_rows)
+    n = {"a_seeds": len(a_rows), "b_seeds": len(b_rows)}
+    if aligned is None:
+        return Finding(claim, group, verdict="inconclusive", detail="cells share no evaluation examples", n=n)
+    a, b, reduce, metric = aligned
+    result = paired_bootstrap(a, b, reduce, n_resamples=n_resamples, seed=0)
+    n["examples"] = result.n_examples
+    detail = (f"{metric}: {claim.a_name} {result.a:.2f} vs {claim.b_name} {result.b:.2f} "
+              f"({len(a_rows)} vs {len(b_rows)} seeds, {result.n_examples} examples, p={result.p_value:.3f})")
+    return Finding(claim, group, result.delta, result.ci, _verdict(result.ci), detail, n)
+
+
+def _variance(claim: Claim, group: str, a_rows: list[dict], b_rows: list[dict], n_resamples: int) -> Finding:
+    """std over seeds of A minus that of B; bootstrap resamples examples (shared) and seeds (per method)."""
+    n = {"a_seeds": len(a_rows), "b_seeds": len(b_rows)}
+    if len(a_rows) < 2 or len(b_rows) < 2:
+        return Finding(claim, group, verdict="inconclusive", detail="needs >= 2 seeds per method", n=n)
+    aligned = _aligned(a_rows, b_rows)
+    if aligned is None:
+        return Finding(claim, group, verdict="inconclusive", detail="cells share no evaluation examples", n=n)
+    a, b, reduce, metric = aligned
+    rng = np.random.default_rng(0)
+    count = a.shape[1]
+    weights = rng.multinomial(count, np.full(count, 1.0 / count), size=n_resamples).astype(np.float64)
+
+    def spread(stats: np.ndarray) -> tuple[float, np.ndarray]:
+        full = np.array([reduce(s.sum(0, keepdims=True), count)[0] for s in stats])
+        per_seed = np.stack([reduce(weights @ s, count) for s in stats], axis=1)  # (R, S)
+        picks = rng.integers(0, len(stats), size=per_seed.shape)
+        return float(np.std(full, ddof=1)), np.take_along_axis(per_seed, picks, axis=1).std(axis=1, ddof=1)
+
+    std_a, boot_a = spread(a)
+    std_b, boot_b = spread(b)
+    lo, hi = np.quantile(boot_a - boot_b, [0.025, 0.975])
+    ci = (float(lo), float(hi))
+    detail = (f"{metric} std over seeds: {claim.a_name} {std_a:.2f} ({len(a_rows)} seeds) vs "
+              f"{claim.b_name} {std_b:.2f} ({len(b_rows)} seeds); few seeds make this interval wide")
+    return Finding(claim, group, std_a - std_b, ci, _verdict(ci), detail, n)
+
+
+def _cost(claim: Claim, group: str, a_rows: list[dict], b_rows: list[dict], n_resamples: int) -> Finding:
+    """Ratio of mean costs A / B; the claim says A costs less (ratio < 1) unless it names A as costlier."""
+    values_a = [r[claim.cost] for r in a_rows if r[claim.cost] is not None]
+    values_b = [r[claim.cost] for r in b_rows if r[claim.cost] is not None]
+    n = {"a_seeds": len(values_a), "b_seeds": len(values_b)}
+    if not values_a or not values_b or not mean(values_b):
+        return Finding(claim, group, verdict="inconclusive", detail=f"no {claim.cost} recorded", n=n)
+    ratio = mean(values_a) / mean(values_b)
+    claims_less = claim.id != "it_costly"
+    tolerance = 0.0 if claim.cost == "adapter_bytes" else NOISE  # bytes are exact; times are noisy
+    if claims_less:
+        verdict = "supported" if ratio < 1 - tolerance else "contradicted" if ratio > 1 + tolerance else "inconclusive"
+    else:
+        verdict = "supported" if ratio > 1 + tolerance else "contradicted" if ratio < 1 - tolerance else "inconclusive"
+    detail = (f"{claim.cost}: {claim.a_name} {mean(values_a):,.1f} vs {b_rows[0]['method']} {mean(values_b):,.1f} "
+              f"(ratio {ratio:.3g}; measured, no interval" + (f"; within ±{NOISE:.0%} counts as noise)"
+                                                               if tolerance else ")"))
+    return Finding(claim, group, ratio, None, verdict, detail, n)
+
+
+def summarise(findings: list[Finding]) -> dict[str, str]:
+    """One verdict per claim over its groups: unanimous, or 'mixed' when groups disagree."""
+    by_claim: dict[str, set[str]] = defaultdict(set)
+    for f in findings:
+        by_claim[f.claim.id].add(f.verdict)
+    out = {}
+    for cid, verdicts in by_claim.items():
+        decided = verdicts - {"inconclusive", "not measured"}
+        if len(decided) > 1:
+            out[cid] = "mixed"
+        elif decided:
+            out[cid] = decided.pop() if "inconclusive" not in verdicts else f"{next(iter(decided))} (some groups inconclusive)"
+        else:
+            out[cid] = "not measured" if verdicts == {"not measured"} else "inconclusive"
+    return out

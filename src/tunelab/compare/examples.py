@@ -1,0 +1,48 @@
+"""Per-example results of stored cells: the predictions rows, as metric sufficient statistics."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tunelab.errors import TunelabError
+from tunelab.metrics import METRICS, sufficient_stats
+from tunelab.stats import mean_reduce
+
+
+@lru_cache(maxsize=4096)
+def read_predictions(path: str) -> tuple[dict[str, Any], ...]:
+    """The rows of one cell's predictions.jsonl (cached: the report reads each file several times)."""
+    file = Path(path)
+    if not file.is_file():
+        raise TunelabError(f"{file} is missing: the store points at predictions that were moved or deleted")
+    return tuple(json.loads(line) for line in file.read_text().splitlines() if line.strip())
+
+
+def example_stats(row: dict[str, Any], metric: str) -> tuple[list[str], np.ndarray, Callable]:
+    """(example ids, statistics (n, d), reduction) of ``metric`` for one stored cell.
+
+    Mean metrics use the per-example scores evaluation already wrote; corpus metrics (BLEU, chrF)
+    are recomputed as sacrebleu segment statistics from the stored predictions and references.
+    """
+    rows = read_predictions(row["predictions"])
+    ids = [str(r["id"]) for r in rows]
+    spec = METRICS.get(metric)
+    if spec is not None and spec.per_example is not None and all(metric in r.get("scores", {}) for r in rows):
+        return ids, np.array([[float(r["scores"][metric])] for r in rows]), mean_reduce
+    ranked = [r.get("ranked_prediction", "") for r in rows] if metric == "rank_accuracy" else None
+    stats = sufficient_stats(metric, [r["prediction"] for r in rows], [r["references"] for r in rows], ranked)
+    return ids, stats, METRICS[metric].reduce
+
+
+def example_scores(row: dict[str, Any], metric: str) -> dict[str, float]:
+    """id -> the example's own score for a mean metric (for similarity-bucket plots); {} otherwise."""
+    ids, stats, reduce = example_stats(row, metric)
+    if reduce is not mean_reduce:
+        return {}
+    return {i: float(s[0]) for i, s in zip(ids, stats, strict=True)}

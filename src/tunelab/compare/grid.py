@@ -1,0 +1,295 @@
+"""A comparison grid: methods x tasks x seeds x training-set sizes x prompt lengths, validated up front.
+
+A grid YAML holds shared ``model``/``data``/``train``/``eval`` sections (the ``tunelab run`` schema),
+a list of ``methods`` (``{name: prompt_tuning, num_virtual_tokens: 20, label: pt, train: {lr: 0.3}}``),
+a list of ``tasks`` (a built-in name, a data path, or a mapping), and the axes ``seeds``,
+``train_sizes`` and ``prompt_lengths``. ``expand`` turns it into cells, each a complete ``RunConfig``;
+``validate`` runs ``tunelab.run.prepare`` on every distinct one, so a typo fails before any training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from tunelab.config import (
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    apply_overrides,
+    from_dict,
+    load_yaml,
+    to_dict,
+)
+from tunelab.errors import ConfigError, TunelabError
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+METHOD_RESERVED = ("name", "label", "tasks", *SECTIONS)  # keys of a method entry that are not method options
+PROMPT_LENGTH_FIELD = "num_virtual_tokens"  # the option `prompt_lengths` sweeps, for methods that have it
+
+
+@dataclass
+class MethodSpec:
+    """One method entry: registry name, its options, a display label and per-method section overrides."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+    label: str | None = None  # how the report names it; default: name plus its options
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # {"train": {"lr": 0.3}, ...}
+    tasks: list[str] | None = None  # run only on these task labels (None = every task of the grid)
+
+    @property
+    def display(self) -> str:
+        if self.label:
+            return self.label
+        opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        return f"{self.name}({opts})" if opts else self.name
+
+
+@dataclass
+class TaskSpec:
+    """One task: a built-in name or data path, plus optional per-task data settings."""
+
+    task: str  # built-in task name, JSONL file or directory (as data.task of `tunelab run`)
+    name: str | None = None  # label in the report; default: the last path component
+    train: str | None = None  # explicit train file
+    eval: str | None = None  # explicit eval file
+    max_eval: int | None = None
+    metrics: list[str] | None = None
+    train_tasks: list[str] | None = None  # keep only training rows whose `task` field is listed
+    eval_tasks: list[str] | None = None  # keep only evaluation rows whose `task` field is listed
+    unseen: bool = False  # the evaluation tasks were never trained on (generalisation claims)
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.task.rstrip("/")).name
+
+
+@dataclass
+class GridConfig:
+    name: str = "grid"
+    methods: list[MethodSpec] = field(default_factory=list)
+    tasks: list[TaskSpec] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    train_sizes: list[int | None] = field(default_factory=lambda: [None])  # data.max_train per cell
+    prompt_lengths: list[int] = field(default_factory=list)  # num_virtual_tokens sweep; [] = method default
+    model: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    eval: dict[str, Any] = field(default_factory=dict)
+    source: str = ""  # where it was loaded from (for messages)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid: a complete RunConfig plus the coordinates the report groups by."""
+
+    key: str  # hash of the resolved config: the identity used to skip finished cells
+    method: str  # display label
+    method_name: str  # registry name
+    task: str
+    seed: int
+    train_size: int | None
+    prompt_length: int | None
+    unseen: bool
+    config: RunConfig
+    task_spec: TaskSpec
+
+    def coords(self) -> dict[str, Any]:
+        return {"method": self.method, "method_name": self.method_name, "task": self.task, "seed": self.seed,
+                "train_size": self.train_size, "prompt_length": self.prompt_length, "unseen": self.unseen}
+
+
+def preset_path(name: str) -> Path:
+    """The YAML of a shipped preset (``tunelab/presets/NAME.yaml``)."""
+    path = Path(str(resources.files("tunelab") / "presets" / f"{name}.yaml"))
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(list_presets())}")
+    return path
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in Path(str(resources.files("tunelab") / "presets")).glob("*.yaml"))
+
+
+def load_grid(path: str | Path, overrides: list[str] | None = None) -> GridConfig:
+    """Read and type-check a grid YAML (``overrides`` like ``train.steps=5`` apply to the shared sections)."""
+    raw = apply_overrides(load_yaml(path), overrides or [])
+    try:
+        grid = parse_grid(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    grid.source = str(path)
+    return grid
+
+
+def parse_grid(raw: dict[str, Any]) -> GridConfig:
+    """A GridConfig from a mapping; every error names the key path (``methods[1].train.stpes``)."""
+    raw = dict(raw)
+    methods = [_method_spec(m, f"methods[{i}]") for i, m in enumerate(_list(raw.pop("methods", None), "methods"))]
+    tasks = [_task_spec(t, f"tasks[{i}]") for i, t in enumerate(_list(raw.pop("tasks", None), "tasks"))]
+    grid = from_dict(GridConfig, raw)
+    grid.methods, grid.tasks = methods, tasks
+    for section, cls in SECTIONS.items():
+        from_dict(cls, getattr(grid, section), path=section)
+    if not grid.seeds:
+        raise ConfigError("seeds: give at least one seed")
+    if not grid.train_sizes:
+        grid.train_sizes = [None]
+    for key in ("seeds", "train_sizes", "prompt_lengths"):
+        values = getattr(grid, key)
+        if len(set(values)) != len(values):
+            raise ConfigError(f"{key}: {values} repeats a value")
+        bad = [v for v in values if v is not None and v < (0 if key == "seeds" else 1)]
+        if bad:
+            raise ConfigError(f"{key}: {bad[0]} is out of range")
+    task_labels = [t.label for t in tasks]
+    if len(set(task_labels)) != len(task_labels):
+        dup = next(x for x in task_labels if task_labels.count(x) > 1)
+        raise ConfigError(f"tasks: two entries are both named {dup!r}; give one a distinct `name`")
+    for i, m in enumerate(methods):
+        unknown = sorted(set(m.tasks or []) - set(task_labels))
+        if unknown:
+            raise ConfigError(f"methods[{i}].tasks: no task named {unknown[0]!r}; tasks: {', '.join(task_labels)}")
+    labels = [m.display for m in methods]
+    if len(set(labels)) != len(labels):
+        dup = next(x for x in labels if labels.count(x) > 1)
+        raise ConfigError(f"methods: two entries are both labelled {dup!r}; give one a distinct `label`")
+    return grid
+
+
+def _list(value: Any, path: str) -> list[Any]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{path}: expected a non-empty list")
+    return value
+
+
+def _method_spec(entry: Any, path: str) -> MethodSpec:
+    from tunelab.methods import get_method
+
+    if isinstance(entry, str):
+        entry = {"name": entry}
+    if not isinstance(entry, dict) or "name" not in entry:
+        raise ConfigError(f"{path}: expected a mapping with a `name` (e.g. {{name: prompt_tuning}})")
+    method = get_method(str(entry["name"]))
+    options = {k: v for k, v in entry.items() if k not in METHOD_RESERVED}
+    try:  # the method's own dataclass checks option names and values, as `tunelab run` does
+        from_dict(method.Config, options, path=path)
+    except TypeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except ConfigError as exc:
+        msg = str(exc)
+        raise ConfigError(msg if path in msg else f"{path} ({method.name}): {msg}") from None
+    overrides = {}
+    for section, cls in SECTIONS.items():
+        if section in entry:
+            from_dict(cls, entry[section], path=f"{path}.{section}")
+            overrides[section] = dict(entry[section])
+    label = entry.get("label")
+    tasks = entry.get("tasks")
+    if tasks is not None and (not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks)):
+        raise ConfigError(f"{path}.tasks: expected a list of task labels, got {tasks!r}")
+    return MethodSpec(method.name, options, str(label) if label is not None else None, overrides, tasks)
+
+
+def _task_spec(entry: Any, path: str) -> TaskSpec:
+    if isinstance(entry, str):
+        return TaskSpec(entry)
+    return from_dict(TaskSpec, entry, path=path)
+
+
+def cell_key(cfg: RunConfig) -> str:
+    """Hash of everything that changes a cell's result (not where it is written or whether it resumes)."""
+    data = to_dict(cfg)
+    data.pop("out", None)
+    data["train"].pop("resume", None)
+    data["eval"].pop("batch_size", None)  # greedy decoding: batch size changes speed, not outputs
+    blob = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def expand(grid: GridConfig, data_dir: Path | None = None) -> list[Cell]:
+    """Every cell of the grid in run order (task, method, size, length, seed), keys unique."""
+    from tunelab.methods import get_method
+
+    cells: list[Cell] = []
+    for task in grid.tasks:
+        task_data = _task_data(task, data_dir)
+        for spec in grid.methods:
+            if spec.tasks is not None and task.label not in spec.tasks:
+                continue
+            fields = {f.name for f in dataclasses.fields(get_method(spec.name).Config)}
+            sweeps = PROMPT_LENGTH_FIELD in fields and PROMPT_LENGTH_FIELD not in spec.options
+            lengths: list[int | None] = list(grid.prompt_lengths) if sweeps and grid.prompt_lengths else [None]
+            for size in grid.train_sizes:
+                for length in lengths:
+                    for seed in grid.seeds:
+                        cells.append(_cell(grid, task, task_data, spec, seed, size, length))
+    keys = [c.key for c in cells]
+    if len(set(keys)) != len(keys):
+        raise ConfigError("two cells of the grid resolve to the same config; remove the duplicate method or task")
+    return cells
+
+
+def _task_data(task: TaskSpec, data_dir: Path | None) -> dict[str, Any]:
+    data: dict[str, Any] = {"task": task.task}
+    for key in ("train", "eval", "max_eval"):
+        if getattr(task, key) is not None:
+            data[key] = getattr(task, key)
+    if task.train_tasks or task.eval_tasks:
+        from tunelab.compare.subsets import task_subset
+
+        data.update(task_subset(task, data_dir))
+    return data
+
+
+def _cell(grid: GridConfig, task: TaskSpec, task_data: dict[str, Any], spec: MethodSpec, seed: int,
+          size: int | None, length: int | None) -> Cell:
+    options = dict(spec.options)
+    if length is not None:
+        options[PROMPT_LENGTH_FIELD] = length
+    raw: dict[str, Any] = {s: dict(getattr(grid, s)) for s in SECTIONS}
+    raw = _merge(raw, {"data": task_data})
+    if task.metrics:
+        raw = _merge(raw, {"eval": {"metrics": list(task.metrics)}})
+    raw = _merge(raw, spec.overrides)
+    raw = _merge(raw, {"method": {"name": spec.name, **options}, "train": {"seed": seed}})
+    if size is not None:
+        raw["data"]["max_train"] = size
+    cfg = from_dict(RunConfig, raw)
+    effective_length = length if length is not None else options.get(PROMPT_LENGTH_FIELD)
+    return Cell(cell_key(cfg), spec.display, spec.name, task.label, seed, cfg.data.max_train, effective_length,
+                task.unseen, cfg, task)
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """``b`` over ``a``, recursively for nested sections."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def validate(cells: list[Cell]) -> None:
+    """Run ``tunelab.run.prepare`` (method options, data files, metrics) once per distinct cell setup."""
+    from tunelab.run import prepare
+
+    seen: set[str] = set()
+    for cell in cells:
+        data = to_dict(cell.config)
+        data["train"] = {}  # seeds and train options do not change what prepare checks
+        signature = json.dumps(data, sort_keys=True, default=str)
+        if signature in seen:
+            continue
+        seen.add(signature)
+        try:
+            prepare(cell.config)
+        except TunelabError as exc:
+            raise ConfigError(f"cell {cell.method} / {cell.task}: {exc}") from None

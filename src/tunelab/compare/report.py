@@ -1,0 +1,256 @@
+"""`tunelab report STORE`: report.md (+ plots/*.png) and one self-contained report.html from a results store."""
+
+from __future__ import annotations
+
+import base64
+import html
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import mean, stdev
+from typing import Any
+
+import numpy as np
+
+from tunelab.compare import plots
+from tunelab.compare.claims import evaluate_claims, summarise
+from tunelab.compare.examples import read_predictions
+from tunelab.compare.store import Store
+from tunelab.paths import atomic_write_bytes, atomic_write_text
+
+SIMILARITY_KEY = "demo_similarity"  # per-example mean cosine to its demonstrations, in IPT predictions rows
+
+
+@dataclass
+class Figure:
+    name: str
+    title: str
+    png: bytes | None
+    note: str = ""  # why the figure is absent, or how to read it
+
+
+@dataclass
+class Table:
+    headers: list[str]
+    rows: list[list[str]]
+
+
+@dataclass
+class Report:
+    title: str
+    facts: list[str]
+    sections: list[tuple[str, list[Table | Figure | str]]]
+
+
+def build_report(store: Store, keys: list[str] | None = None, n_resamples: int = 1000) -> Report:
+    """Everything the report shows, from the store's rows (all of them, or only ``keys``)."""
+    rows = [r.data for r in store.rows(keys=keys)]
+    done = [r for r in rows if r["status"] == "done"]
+    failed = [r for r in rows if r["status"] == "failed"]
+    grids = sorted({r["grid"] for r in rows})
+    facts = [f"store: `{store.path}`", f"cells: {len(done)} done, {len(failed)} failed",
+             f"grid: {', '.join(grids) or '-'}"]
+    if done:
+        first = done[0]
+        facts.append(f"model: {first['config']['model']['name']}; git commit: {first['git_commit'] or 'unknown'}")
+        versions = first.get("versions") or {}
+        facts.append("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    sections: list[tuple[str, list[Table | Figure | str]]] = [
+        ("Quality per method and task", [_quality_table(done),
+                                        Figure("quality", "every seed (dots), mean ± std (squares)",
+                                               plots.quality_by_method(done))]),
+        ("Quality against cost (Pareto)", [Figure(f"pareto_{c}", f"quality vs {label}", plots.pareto(done, c),
+                                                  "dashed: methods no cheaper method beats")
+                                           for c, label in plots.COSTS.items()]),
+        ("Learning curves", [_figure_or_note("learning_curve", "quality vs training-set size",
+                                             plots.sweep(done, "train_size", "training examples"),
+                                             "the grid has one training-set size per task (set `train_sizes`)")]),
+        ("Prompt-length sweeps", [_figure_or_note("prompt_length", "quality vs prompt length",
+                                                  plots.sweep(done, "prompt_length", "virtual tokens"),
+                                                  "the grid has one prompt length per task (set `prompt_lengths`)")]),
+        ("IPT minus PT by demonstration similarity", [_similarity(done)]),
+        ("Claims", _claims(done, n_resamples)),
+    ]
+    if failed:
+        sections.append(("Failed cells", [Table(["method", "task", "seed", "error"],
+                                                [[r["method"], r["task"], str(r["seed"]),
+                                                  (r["error"] or "").splitlines()[0][:300]] for r in failed])]))
+    return Report("tunelab comparison report", facts, sections)
+
+
+def _figure_or_note(name: str, title: str, png: bytes | None, note: str) -> Figure:
+    return Figure(name, title, png, "" if png else note)
+
+
+def _fmt_int(value: Any) -> str:
+    return "-" if value is None else f"{int(value):,}"
+
+
+def _quality_table(rows: list[dict[str, Any]]) -> Table:
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["task"], r["method"], r["train_size"], r["prompt_length"])].append(r)
+    out = []
+    for (task, method, size, length), cells in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        cells = sorted(cells, key=lambda c: c["seed"])
+        values = [c["quality"] for c in cells]
+        spread = f" ± {stdev(values):.2f}" if len(values) > 1 else ""
+        out.append([task, method, "all" if size is None else str(size), "-" if length is None else str(length),
+                    cells[0]["primary_metric"], f"{mean(values):.2f}{spread}",
+                    ", ".join(f"{c['seed']}: {c['quality']:.2f}" for c in cells),
+                    _fmt_int(cells[0]["trainable_params"]),
+                    f"{mean(c['train_seconds'] for c in cells):.1f}", f"{mean(c['eval_seconds'] for c in cells):.1f}",
+                    f"{max(c['peak_rss_mb'] or 0 for c in cells):.0f}", _fmt_int(cells[0]["adapter_bytes"])])
+    return Table(["task", "method", "train size", "prompt len", "metric", "mean ± std", "per seed",
+                  "trainable params", "train s", "eval s", "peak RSS MB", "adapter bytes"], out)
+
+
+def _similarity(rows: list[dict[str, Any]]) -> Figure:
+    """Bucket examples by IPT's demonstration similarity; plot mean (IPT - PT) per quintile and task."""
+    buckets: dict[str, list[tuple[str, float, float, int]]] = {}
+    for task in sorted({r["task"] for r in rows}):
+        ipt = [r for r in rows if r["task"] == task and r["method_name"] == "ipt"]
+        pt = [r for r in rows if r["task"] == task and r["method_name"] == "prompt_tuning"]
+        if not ipt or not pt:
+            continue
+        ipt_rows = [read_predictions(r["predictions"]) for r in ipt]
+        if not all(SIMILARITY_KEY in p for preds in ipt_rows for p in preds):
+            continue
+        metric = next((m for m in ipt_rows[0][0].get("scores", {})), None)
+        if metric is None:
+            continue
+        diffs, sims = _per_example_diff(ipt_rows, [read_predictions(r["predictions"]) for r in pt], metric)
+        if len(diffs) < 10:
+            continue
+        edges = np.quantile(sims, [0.2, 0.4, 0.6, 0.8])
+        bucket = np.searchsorted(edges, sims, side="right")
+        bars = []
+        for q in range(5):
+            d = diffs[bucket == q]
+            if len(d):
+                sem = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+                bars.append((f"Q{q + 1}", float(d.mean()), sem, len(d)))
+        buckets[f"{task} ({metric})"] = bars
+    if not buckets:
+        return Figure("similarity", "IPT − PT by demonstration-similarity quintile", None,
+                      f"not measured: needs IPT and PT cells on the same task, with per-example `{SIMILARITY_KEY}` "
+                      "in the IPT predictions rows")
+    return Figure("similarity", "IPT − PT by demonstration-similarity quintile", plots.similarity_buckets(buckets),
+                  "per example: IPT score minus PT score (each averaged over seeds); error bars: standard error")
+
+
+def _per_example_diff(ipt: list[tuple[dict, ...]], pt: list[tuple[dict, ...]], metric: str
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    def average(runs: list[tuple[dict, ...]], key) -> dict[str, float]:
+        values: dict[str, list[float]] = defaultdict(list)
+        for preds in runs:
+            for p in preds:
+                value = key(p)
+                if value is not None:
+                    values[str(p["id"])].append(float(value))
+        return {i: float(np.mean(v)) for i, v in values.items()}
+
+    ipt_score = average(ipt, lambda p: p.get("scores", {}).get(metric))
+    pt_score = average(pt, lambda p: p.get("scores", {}).get(metric))
+    sim = average(ipt, lambda p: p.get(SIMILARITY_KEY))
+    ids = sorted(set(ipt_score) & set(pt_score) & set(sim))
+    return np.array([ipt_score[i] - pt_score[i] for i in ids]), np.array([sim[i] for i in ids])
+
+
+def _claims(rows: list[dict[str, Any]], n_resamples: int) -> list[Table | Figure | str]:
+    findings = evaluate_claims(rows, n_resamples)
+    overall = summarise(findings)
+    summary = Table(["claim (as the articles make it)", "tested as", "verdict"],
+                    [[f.claim.source, f.claim.test, overall[f.claim.id]]
+                     for f in {f.claim.id: f for f in findings}.values()])
+    detail = Table(["tested as", "group", "effect (A − B)", "95% CI", "verdict", "measured"],
+                   [[f.claim.test, f.group, "-" if f.effect is None else f"{f.effect:+.3g}",
+                     "-" if f.ci is None else f"[{f.ci[0]:+.3g}, {f.ci[1]:+.3g}]", f.verdict, f.detail]
+                    for f in findings])
+    note = ("Quality claims: paired bootstrap (1,000 resamples) over evaluation examples (shared by both methods) "
+            "and seeds (drawn per method); *supported* when the 95% interval of A − B is above 0, *contradicted* "
+            "when below, else *inconclusive*. Cost claims compare measured means (effect = ratio A / B). "
+            "*not measured*: the grid has no cells for one side. A verdict holds for this model, data and budget "
+            "only.")
+    return [note, summary, detail]
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def write_report(report: Report, out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``report.md`` (with ``plots/*.png``) and a self-contained ``report.html``; return both paths."""
+    out_dir = Path(out_dir)
+    for _, items in report.sections:
+        for item in items:
+            if isinstance(item, Figure) and item.png:
+                atomic_write_bytes(out_dir / "plots" / f"{item.name}.png", item.png)
+    md_path, html_path = out_dir / "report.md", out_dir / "report.html"
+    atomic_write_text(md_path, to_markdown(report))
+    atomic_write_text(html_path, to_html(report))
+    return md_path, html_path
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(report: Report) -> str:
+    lines = [f"# {report.title}", "", *[f"- {f}" for f in report.facts], ""]
+    for title, items in report.sections:
+        lines += [f"## {title}", ""]
+        for item in items:
+            if isinstance(item, Table):
+                lines.append("| " + " | ".join(item.headers) + " |")
+                lines.append("|" + "---|" * len(item.headers))
+                lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in item.rows]
+            elif isinstance(item, Figure):
+                lines.append(f"![{item.title}](plots/{item.name}.png)" if item.png else f"*{item.title}: {item.note}*")
+                if item.png and item.note:
+                    lines.append(f"*{item.note}*")
+            else:
+                lines.append(item)
+            lines.append("")
+    return "\n".join(lines)
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:0.85em}th,td{border:1px solid #ccc;padding:3px 6px;
+text-align:left;vertical-align:top}th{background:#f3f3f3}img{max-width:100%;display:block;margin:0.5em 0}
+.note{color:#555;font-style:italic}.supported{background:#e3f6e3}.contradicted{background:#fbe3e3}
+.inconclusive,.mixed{background:#fff7dc}"""
+
+
+def _inline(text: str) -> str:
+    """Markdown's `code` and *emphasis* in a note, as HTML (everything else escaped)."""
+    text = html.escape(text)
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    return re.sub(r"\*([^*]+)\*", r"<em>\1</em>", text)
+
+
+def to_html(report: Report) -> str:
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(report.title)}</title>",
+             f"<style>{CSS}</style></head><body><h1>{html.escape(report.title)}</h1><ul>",
+             *[f"<li>{_inline(f)}</li>" for f in report.facts], "</ul>"]
+    for title, items in report.sections:
+        parts.append(f"<h2>{html.escape(title)}</h2>")
+        for item in items:
+            if isinstance(item, Table):
+                parts.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in item.headers) + "</tr>")
+                for row in item.rows:
+                    cells = "".join(f"<td class='{html.escape(c.split(' ')[0])}'>{html.escape(c)}</td>" for c in row)
+                    parts.append(f"<tr>{cells}</tr>")
+                parts.append("</table>")
+            elif isinstance(item, Figure):
+                if item.png:
+                    data = base64.b64encode(item.png).decode()
+                    parts.append(f"<figure><img alt='{html.escape(item.title)}' src='data:image/png;base64,{data}'>"
+                                 f"<figcaption class='note'>{html.escape(item.title)}"
+                                 f"{'. ' + _inline(item.note) if item.note else ''}</figcaption></figure>")
+                else:
+                    parts.append(f"<p class='note'>{html.escape(item.title)}: {_inline(item.note)}</p>")
+            else:
+                parts.append(f"<p class='note'>{_inline(item)}</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,224 @@
+"""Run a grid's cells one by one, each in its own process, and record each in the store when it ends.
+
+A cell runs in a child forked from a clean fork server (started once with torch and tunelab
+imported, before any torch op): a crash, an out-of-memory kill or a NaN in one cell cannot take the
+grid down, peak RSS is the cell's own, and cells are independent (the basis for ``--workers``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+import os
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from tunelab import envinfo
+from tunelab.compare.grid import Cell, GridConfig, cell_key
+from tunelab.compare.store import Store
+from tunelab.config import RunConfig, from_dict, to_dict
+from tunelab.paths import atomic_write_json
+
+ERROR_FILE = "error.json"
+
+
+@dataclass
+class GridSummary:
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0
+    reused: int = 0  # finished on disk (result.json) but killed before the store row was written
+    seconds: float = 0.0
+    failures: list[str] = field(default_factory=list)
+
+
+def cell_config(cell: Cell, out_dir: Path) -> RunConfig:
+    """The cell's RunConfig with its output directory, resuming from its own checkpoint if one exists."""
+    out = out_dir / "cells" / cell.key
+    resume = (out / "checkpoint").is_dir()  # a grid killed mid-cell continues that cell where it stopped
+    return dataclasses.replace(cell.config, out=str(out), train=dataclasses.replace(cell.config.train, resume=resume))
+
+
+def run_grid(grid: GridConfig, cells: list[Cell], store: Store, out_dir: Path, *, progress: bool = True,
+             retry_failed: bool = False, console: Console | None = None) -> GridSummary:
+    """Run every cell not already in the store; a failed cell is recorded and the grid goes on."""
+    console = console or Console()
+    summary = GridSummary()
+    start = time.perf_counter()
+    todo = []
+    for cell in cells:
+        status = store.status(cell.key)
+        if status == "done" or (status == "failed" and not retry_failed):
+            summary.skipped += 1
+        else:
+            todo.append(cell)
+    if summary.skipped:
+        console.print(f"{summary.skipped} of {len(cells)} cells already in {store.path}; skipping them"
+                      + ("" if retry_failed else " (failed ones too: pass --retry-failed to rerun those)"))
+    spent: list[float] = []
+    for i, cell in enumerate(todo):
+        console.print(_cell_line(i, len(todo), spent, cell), highlight=False)
+        cell_start = time.perf_counter()
+        row = _run_one(grid, cell, out_dir, progress, summary)
+        row["cell_seconds"] = round(time.perf_counter() - cell_start, 3)
+        store.record(row)
+        spent.append(row["cell_seconds"])
+        if row["status"] == "done":
+            summary.done += 1
+            console.print(f"  done in {row['cell_seconds']:.0f}s: {row['primary_metric']} = {row['quality']:.2f}",
+                          highlight=False)
+        else:
+            summary.failed += 1
+            summary.failures.append(f"{cell.method} / {cell.task} / seed {cell.seed}: {row['error'].splitlines()[0]}")
+            console.print(f"  [red]failed[/red]: {row['error'].splitlines()[0]}", highlight=False)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _cell_line(i: int, n: int, spent: list[float], cell: Cell) -> str:
+    """A one-line bar over cells: the per-step bars of the run itself follow underneath."""
+    width = 24
+    filled = round(width * i / n) if n else width
+    eta = ""
+    if spent:
+        eta = f"  ~{_clock(sum(spent) / len(spent) * (n - i))} left"
+    where = f"{cell.method} · {cell.task} · seed {cell.seed}"
+    if cell.train_size is not None:
+        where += f" · n={cell.train_size}"
+    if cell.prompt_length is not None:
+        where += f" · len={cell.prompt_length}"
+    return f"[bold]cell {i + 1}/{n}[/bold] {'━' * filled}{'─' * (width - filled)}  {_clock(sum(spent))} elapsed{eta}  {where}"
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _run_one(grid: GridConfig, cell: Cell, out_dir: Path, progress: bool, summary: GridSummary) -> dict[str, Any]:
+    cfg = cell_config(cell, out_dir)
+    out = Path(cfg.out)
+    result = _finished_on_disk(out, cell.key)
+    if result is not None:
+        summary.reused += 1
+        return _row(grid, cell, cfg, result, None)
+    (out / ERROR_FILE).unlink(missing_ok=True)
+    error = _in_child(cfg, progress) if _can_fork_server() else _in_process(cfg, progress)
+    result = _finished_on_disk(out, cell.key) if error is None else None
+    if error is None and result is None:
+        error = f"the cell finished without writing {out / 'result.json'}"
+    return _row(grid, cell, cfg, result, error)
+
+
+def _finished_on_disk(out: Path, key: str) -> dict[str, Any] | None:
+    """result.json of this very cell (written atomically by `run`), if it exists."""
+    path = out / "result.json"
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+        return result if cell_key(from_dict(RunConfig, result["config"])) == key else None
+    except (json.JSONDecodeError, KeyError, Exception):  # a stale or foreign file: run the cell again
+        return None
+
+
+def _row(grid: GridConfig, cell: Cell, cfg: RunConfig, result: dict[str, Any] | None,
+         error: str | None) -> dict[str, Any]:
+    row: dict[str, Any] = {**cell.coords(), "key": cell.key, "grid": grid.name, "config": to_dict(cfg),
+                           "out_dir": cfg.out, "unseen": int(cell.unseen)}
+    if result is None:
+        return {**row, "status": "failed", "error": error or "unknown error", "versions": envinfo.versions(),
+                "git_commit": envinfo.git_commit()}
+    metrics = result["metrics"]
+    primary = next(iter(metrics), None)
+    return {**row, "status": "done", "metrics": metrics, "primary_metric": primary,
+            "quality": metrics.get(primary) if primary else None,
+            "predictions": str(Path(cfg.out) / "predictions.jsonl"), "n_train": result.get("n_train"),
+            "n_eval": result.get("n_eval"), "trainable_params": result.get("trainable_params"),
+            "train_seconds": result["train"]["seconds"], "eval_seconds": result["eval"]["seconds"],
+            "peak_rss_mb": result.get("peak_rss_mb"), "adapter_bytes": result.get("adapter_bytes"),
+            "versions": result.get("versions"), "git_commit": result.get("git_commit"), "result": result}
+
+
+_CONTEXT: Any = None
+
+
+def _can_fork_server() -> bool:
+    return "forkserver" in multiprocessing.get_all_start_methods()
+
+
+def _context() -> Any:
+    global _CONTEXT
+    if _CONTEXT is None:
+        _CONTEXT = multiprocessing.get_context("forkserver")
+        # imported once in the server, so each cell starts in well under a second
+        _CONTEXT.set_forkserver_preload(["tunelab.compare.runner", "tunelab.run"])
+    return _CONTEXT
+
+
+def _in_child(cfg: RunConfig, progress: bool) -> str | None:
+    """Run the cell in a forked child; None on success, else the error text."""
+    process = _context().Process(target=_child_main, args=(to_dict(cfg), progress, os.getpid()),
+                                 name="tunelab-cell")
+    process.start()
+    try:
+        process.join()
+    except BaseException:  # Ctrl-C: stop the cell too; nothing is recorded for it
+        process.terminate()
+        process.join(10)
+        raise
+    error_path = Path(cfg.out) / ERROR_FILE
+    if error_path.is_file():
+        return json.loads(error_path.read_text())["error"]
+    if process.exitcode != 0:
+        how = f"was killed by signal {-process.exitcode}" if process.exitcode < 0 else f"exited with code {process.exitcode}"
+        hint = " (out of memory?)" if process.exitcode == -9 else ""
+        return f"the cell process {how}{hint}"
+    return None
+
+
+def _child_main(cfg_dict: dict[str, Any], progress: bool, grid_pid: int) -> None:
+    """Entry point of a cell's process: run it, and leave error.json behind if it fails."""
+    _exit_with_parent(grid_pid)
+    cfg = from_dict(RunConfig, cfg_dict)
+    error = _in_process(cfg, progress)
+    if error is not None:
+        atomic_write_json(Path(cfg.out) / ERROR_FILE, {"error": error})
+        os._exit(1)
+
+
+def _in_process(cfg: RunConfig, progress: bool) -> str | None:
+    from tunelab.errors import TunelabError
+    from tunelab.run import run
+
+    try:
+        run(cfg, progress=progress)
+    except TunelabError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # any bug or library error fails this cell only; the traceback is kept
+        return f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
+    return None
+
+
+def _exit_with_parent(grid_pid: int) -> None:
+    """If the grid process dies (SIGKILL included), stop this cell instead of running on as an orphan."""
+    server_pid = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(grid_pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            if os.getppid() != server_pid:  # the fork server exits when the grid process does
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="tunelab-parent-watch").start()

@@ -1,0 +1,173 @@
+"""The results store: one sqlite row per grid cell, written in one transaction when the cell ends.
+
+WAL mode plus a busy timeout lets several grid processes (``--workers``) write one store; a row is
+either absent or complete, so a killed grid never leaves a partial result. The cell key (a hash of
+the resolved config) is the primary key: a finished cell is skipped on the next run.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import TunelabError
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 60_000  # writers wait this long for another process's transaction to finish
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS cells (
+    key TEXT PRIMARY KEY,          -- hash of the resolved cell config
+    grid TEXT NOT NULL,            -- grid name
+    method TEXT NOT NULL,          -- display label of the method entry
+    method_name TEXT NOT NULL,     -- registry name
+    task TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    train_size INTEGER,            -- data.max_train (NULL = all)
+    prompt_length INTEGER,         -- num_virtual_tokens where the method has one
+    unseen INTEGER NOT NULL DEFAULT 0,
+    status TEXT NOT NULL CHECK (status IN ('done', 'failed')),
+    error TEXT,
+    config TEXT NOT NULL,          -- resolved RunConfig as JSON
+    metrics TEXT,                  -- {"metric": value} as JSON
+    primary_metric TEXT,
+    quality REAL,                  -- value of primary_metric
+    predictions TEXT,              -- path of predictions.jsonl
+    out_dir TEXT,
+    n_train INTEGER,
+    n_eval INTEGER,
+    trainable_params INTEGER,
+    train_seconds REAL,
+    eval_seconds REAL,
+    cell_seconds REAL,
+    peak_rss_mb REAL,
+    adapter_bytes INTEGER,
+    versions TEXT,
+    git_commit TEXT,
+    result TEXT,                   -- the whole result.json
+    finished_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 1
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+COLUMNS = ("key", "grid", "method", "method_name", "task", "seed", "train_size", "prompt_length", "unseen",
+           "status", "error", "config", "metrics", "primary_metric", "quality", "predictions", "out_dir",
+           "n_train", "n_eval", "trainable_params", "train_seconds", "eval_seconds", "cell_seconds",
+           "peak_rss_mb", "adapter_bytes", "versions", "git_commit", "result", "finished_at", "attempts")
+JSON_COLUMNS = ("config", "metrics", "versions", "result")
+
+
+@dataclass
+class Row:
+    """One stored cell, JSON columns decoded."""
+
+    data: dict[str, Any]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.data[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class Store:
+    """A sqlite results store; open one per process (connections are not shared across forks)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+            self.conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; WAL keeps it consistent
+            with self.transaction():
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        self.conn.execute(statement)
+                self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        except sqlite3.DatabaseError as exc:
+            raise TunelabError(f"cannot open results store {self.path}: {exc}") from None
+        except OSError as exc:
+            raise TunelabError(f"cannot open results store {self.path}: {exc.strerror or exc}") from None
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT: takes the write lock up front so concurrent writers queue, not fail."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def status(self, key: str) -> str | None:
+        """'done', 'failed' or None (never run, or killed before it finished)."""
+        row = self.conn.execute("SELECT status FROM cells WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def record(self, values: dict[str, Any]) -> None:
+        """Insert or replace one complete cell row in a single transaction."""
+        row = {c: values.get(c) for c in COLUMNS}
+        for c in JSON_COLUMNS:
+            if row[c] is not None and not isinstance(row[c], str):
+                row[c] = json.dumps(row[c], default=str)
+        row["finished_at"] = row["finished_at"] or time.time()
+        missing = [c for c in ("key", "grid", "method", "method_name", "task", "seed", "status", "config")
+                   if row[c] is None]
+        assert not missing, f"store row lacks {missing}"
+        with self.transaction() as conn:
+            previous = conn.execute("SELECT attempts FROM cells WHERE key = ?", (row["key"],)).fetchone()
+            row["attempts"] = (previous[0] + 1) if previous else 1
+            conn.execute(f"INSERT OR REPLACE INTO cells ({', '.join(COLUMNS)}) "
+                         f"VALUES ({', '.join('?' for _ in COLUMNS)})", [row[c] for c in COLUMNS])
+
+    def rows(self, status: str | None = None, keys: list[str] | None = None) -> list[Row]:
+        """Stored cells (optionally only one status, or only some keys), oldest first."""
+        sql, args = "SELECT * FROM cells", []
+        clauses = []
+        if status:
+            clauses.append("status = ?")
+            args.append(status)
+        if keys is not None:
+            clauses.append(f"key IN ({', '.join('?' for _ in keys)})")
+            args.extend(keys)
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        cursor = self.conn.execute(sql + " ORDER BY finished_at", args)
+        names = [d[0] for d in cursor.description]
+        out = []
+        for values in cursor.fetchall():
+            data = dict(zip(names, values, strict=True))
+            for c in JSON_COLUMNS:
+                if data.get(c):
+                    data[c] = json.loads(data[c])
+            out.append(Row(data))
+        return out
+
+    def count(self) -> dict[str, int]:
+        return dict(self.conn.execute("SELECT status, COUNT(*) FROM cells GROUP BY status").fetchall())
+
+
+def open_existing(path: str | Path) -> Store:
+    """Open a store that must already exist (for `tunelab report`)."""
+    if not Path(path).is_file():
+        raise TunelabError(f"no results store at {path}; run `tunelab compare --store {path}` first")
+    return Store(path)
