@@ -92,9 +92,12 @@ def demo(steps: Annotated[int, typer.Option(help="prompt-tuning steps")] = 60,
     run_demo(console, task=task, model=model, steps=steps, out=out)
 
 
+from tunelab.commands.compare import compare_command, report_command  # noqa: E402
 from tunelab.commands.eval import eval_command  # noqa: E402  (one module per command group)
 
 app.command("eval")(eval_command)
+app.command("compare")(compare_command)
+app.command("report")(report_command)
 
 
 def main() -> None:
