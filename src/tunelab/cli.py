@@ -24,7 +24,7 @@ Overrides = Annotated[list[str] | None, typer.Argument(help="dotted overrides, e
 def _flags_to_overrides(**flags) -> list[str]:
     mapping = {"method": "method.name", "task": "data.task", "model": "model.name", "steps": "train.steps",
                "seed": "train.seed", "out": "out", "lr": "train.lr", "batch_size": "train.batch_size",
-               "max_train": "data.max_train", "max_eval": "data.max_eval", "resume": "train.resume"}
+               "max_train": "data.max_train", "max_eval": "data.max_eval", }
     return [f"{mapping[k]}={v}" for k, v in flags.items() if v is not None]
 
 
@@ -41,6 +41,8 @@ def run(
     max_eval: Annotated[int | None, typer.Option(help="cap on evaluation examples")] = None,
     out: Annotated[str | None, typer.Option(help="output directory (result.json, adapter/, predictions)")] = None,
     resume: Annotated[bool | None, typer.Option("--resume", help="continue from OUT/checkpoint")] = None,
+    trust_remote_code: Annotated[bool | None, typer.Option("--trust-remote-code", help="run the model repo's own code")] = None,
+    allow_pickle: Annotated[bool | None, typer.Option("--allow-pickle", help="load pickle-only model weights (can run code)")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
     overrides: Overrides = None,
@@ -50,7 +52,8 @@ def run(
     from tunelab.run import run as run_one
 
     flags = dict(method=method, task=task, model=model, steps=steps, seed=seed, lr=lr, batch_size=batch_size,
-                 max_train=max_train, max_eval=max_eval, out=out, resume=resume)
+                 max_train=max_train, max_eval=max_eval, out=out, resume=resume,
+                 trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     cfg = build_config(config, (overrides or []) + _flags_to_overrides(**flags))
     result = run_one(cfg, progress=not quiet)
     print_result(result)

