@@ -38,6 +38,9 @@ class DataConfig:
     max_length: int = 512  # tokens per training sequence; longer prompts are cut from the left
     template: str = "auto"  # auto | chat | alpaca | plain
     system_prompt: str | None = None  # chat template system message; None keeps the model's default
+    skip_bad: bool = False  # skip malformed records (counted in result.json) instead of stopping
+    task_cap: int | None = None  # examples-proportional mixing of the train tasks, at most this many per task
+    mixture: list[str] | None = None  # more training files mixed in, each "path" or "path@weight"
 
 
 @dataclass
@@ -47,6 +50,7 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     warmup_steps: int = 0
+    schedule: str = "linear"  # linear: warmup then decay to 10% of lr | constant: warmup then flat
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0

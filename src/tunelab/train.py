@@ -59,12 +59,19 @@ def collate(examples: Sequence[Encoded], pad_id: int) -> tuple[torch.Tensor, tor
     return pad_batch(ids, pad_id), mask_for(ids), pad_batch([e.labels for e in examples], IGNORE_INDEX)
 
 
-def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
-    """Linear warmup, then linear decay to 10% of the peak."""
+SCHEDULES = ("linear", "constant")
+
+
+def lr_lambda(warmup: int, total: int, kind: str = "linear") -> Callable[[int], float]:
+    """Linear warmup, then linear decay to 10% of the peak (``linear``) or a flat rate (``constant``)."""
+    if kind not in SCHEDULES:
+        raise TunelabError(f"train.schedule={kind!r}; choose one of {', '.join(SCHEDULES)}")
 
     def factor(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
         progress = (step - warmup) / max(1, total - warmup)
         return max(0.1, 1.0 - 0.9 * progress)
 
@@ -87,7 +94,7 @@ def train(adapter, data: Sequence[Encoded], cfg: TrainConfig, lr: float, pad_id:
         raise TunelabError(f"method {adapter.method} has no trainable parameters")
     torch.manual_seed(cfg.seed)
     optimizer = torch.optim.AdamW(named.values(), lr=lr, weight_decay=cfg.weight_decay)
-    schedule = lr_lambda(cfg.warmup_steps, cfg.steps)
+    schedule = lr_lambda(cfg.warmup_steps, cfg.steps, cfg.schedule)
     stats = TrainStats()
     step = 0
     if resume and latest_checkpoint(checkpoint_dir) is None:
