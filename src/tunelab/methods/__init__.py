@@ -8,12 +8,26 @@ from typing import Any
 from tunelab.config import from_dict
 from tunelab.errors import ConfigError
 from tunelab.methods.base import Adapter, Method, MethodConfig
+from tunelab.methods.discrete_prompt import DiscretePrompt
+from tunelab.methods.full_finetune import FullFinetune
 from tunelab.methods.icl import ICL
+from tunelab.methods.instruction_tuning import InstructionTuning
+from tunelab.methods.ipt import IPT
+from tunelab.methods.lora import Lora
+from tunelab.methods.p_tuning import PTuning
+from tunelab.methods.prefix_tuning import PrefixTuning
 from tunelab.methods.prompt_tuning import PromptTuning
 
 METHODS: dict[str, Method] = {
     "icl": ICL(),
+    "discrete_prompt": DiscretePrompt(),
     "prompt_tuning": PromptTuning(),
+    "ipt": IPT(),
+    "prefix_tuning": PrefixTuning(),
+    "p_tuning": PTuning(),
+    "lora": Lora(),
+    "full_finetune": FullFinetune(),
+    "instruction_tuning": InstructionTuning(),
 }
 
 

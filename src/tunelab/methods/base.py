@@ -11,13 +11,16 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.data.example import Example
+
+if TYPE_CHECKING:
+    from tunelab.data import TaskData
 from tunelab.errors import TunelabError
 
 ADAPTER_META = "tunelab_adapter.json"
@@ -31,6 +34,7 @@ class MethodConfig:
     """Options shared by all methods; each method subclasses this with its own fields."""
 
     lr: float = 1e-3  # learning rate when train.lr is not set
+    init_from: str | None = None  # a run (or its adapter/) to start from; see tunelab.methods.transfer
 
 
 class Adapter(nn.Module):
@@ -48,6 +52,14 @@ class Adapter(nn.Module):
 
     def prefix_cache(self, batch_size: int):
         """A transformers Cache holding per-layer key/value prefixes; None if the method has none."""
+        return None
+
+    def rewrite(self, example: Example) -> Example:
+        """The example as this adapter presents it to the model (a discrete prompt replaces the instruction)."""
+        return example
+
+    def merged_model(self) -> PreTrainedModel | None:
+        """The base model with this adapter folded into its weights (LoRA, full weights); None if it cannot be."""
         return None
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -75,6 +87,19 @@ class Method(Protocol):
     def load(self, directory: Path, model: PreTrainedModel, config: MethodConfig) -> Adapter: ...
 
     def demonstrations(self, config: MethodConfig, train: Sequence[Example], seed: int) -> DemoSelector | None: ...
+
+    def prepare_data(self, config: MethodConfig, task: TaskData, seed: int) -> TaskData: ...
+
+
+class MethodDefaults:
+    """Defaults for the optional parts of ``Method``: no demonstrations, data used as loaded."""
+
+    def demonstrations(self, config: MethodConfig, train: Sequence[Example], seed: int) -> DemoSelector | None:
+        return None
+
+    def prepare_data(self, config: MethodConfig, task: TaskData, seed: int) -> TaskData:
+        """Adjust the task's splits before caps apply (instruction tuning holds out whole tasks)."""
+        return task
 
 
 def freeze(model: nn.Module) -> None:

@@ -1,11 +1,11 @@
 """In-context learning: input = [(X_demo; Y_demo) x k ; X], no training (Sun et al. 2023, Sec. 2).
 
-k = 0 is plain zero-shot prompting with the task instruction.
+k = 0 is plain zero-shot prompting with the task instruction. Demonstrations are drawn from the
+train split at random, by embedding similarity, or by BM25 (``tunelab.retrieval``).
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,21 +14,22 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.data.example import Example
 from tunelab.errors import ConfigError
-from tunelab.methods.base import Adapter, DemoSelector, MethodConfig, freeze
-
-SELECTIONS = ("random",)
+from tunelab.methods.base import Adapter, MethodConfig, MethodDefaults, freeze
+from tunelab.retrieval import SELECTIONS, DemoSelector, select_demos
 
 
 @dataclass
 class ICLConfig(MethodConfig):
     k: int = 1  # demonstrations per input; 0 = zero-shot
-    selection: str = "random"  # how demonstrations are chosen from the train split
+    selection: str = "random"  # random | similar (MiniLM embeddings) | bm25
 
     def __post_init__(self) -> None:
         if self.k < 0:
             raise ConfigError(f"method.k must be >= 0, got {self.k}")
         if self.selection not in SELECTIONS:
             raise ConfigError(f"method.selection={self.selection!r}; choose one of {', '.join(SELECTIONS)}")
+        if self.init_from:
+            raise ConfigError("method icl has no weights to start from; drop method.init_from / --init-from")
 
 
 class FrozenAdapter(Adapter):
@@ -38,18 +39,7 @@ class FrozenAdapter(Adapter):
         return None
 
 
-def random_demos(train: Sequence[Example], k: int, seed: int) -> DemoSelector:
-    """k demonstrations drawn per example, seeded by the example id; never the example itself."""
-
-    def select(example: Example) -> list[Example]:
-        rng = random.Random(f"{seed}:{example.id}")
-        pool = [e for e in rng.sample(list(train), min(len(train), k + 1)) if e.id != example.id]
-        return pool[:k]
-
-    return select
-
-
-class ICL:
+class ICL(MethodDefaults):
     name = "icl"
     Config = ICLConfig
     trains = False
@@ -64,4 +54,4 @@ class ICL:
         return FrozenAdapter(model, self.name, config)
 
     def demonstrations(self, config: ICLConfig, train: Sequence[Example], seed: int) -> DemoSelector | None:
-        return random_demos(train, config.k, seed) if config.k > 0 else None
+        return select_demos(train, config.k, config.selection, seed)

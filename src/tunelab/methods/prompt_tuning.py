@@ -2,6 +2,8 @@
 
 peft holds the parameters and writes the PEFT format (so ``PeftModel.from_pretrained`` loads our
 adapters); the forward pass is tunelab's, which keeps positions right under left padding.
+With ``init_from`` naming a prompt run the prompt starts from that prompt (soft-prompt transfer);
+naming a LoRA / full-weights run, the prompt is trained on that model (see ``methods.transfer``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.data.example import Example
 from tunelab.errors import ConfigError
-from tunelab.methods.base import Adapter, DemoSelector, MethodConfig, freeze
+from tunelab.methods.base import Adapter, MethodConfig, MethodDefaults, freeze
+from tunelab.methods.transfer import Source, base_model, start_from
 
 INITS = ("random", "vocab", "text")
 
@@ -56,11 +59,27 @@ class SoftPromptAdapter(Adapter):
         self.peft_model.save_pretrained(str(directory), safe_serialization=True)
 
 
+def transferred_prompt(source: Source, n: int, width: int) -> torch.Tensor:
+    """(n, C) prompt of a source run (soft-prompt transfer), checked against this prompt's shape."""
+    prompt = source.prompt()
+    if prompt is None or prompt.shape[1] != width:
+        got = "no soft prompt" if prompt is None else f"a prompt of width {prompt.shape[1]}"
+        raise ConfigError(f"method.init_from: the {source.method} run {source.directory} has {got}, not "
+                          f"(n, {width}) input embeddings; start from a prompt_tuning or ipt run")
+    if prompt.shape[0] != n:
+        raise ConfigError(f"method.init_from: the source prompt has {prompt.shape[0]} virtual tokens; "
+                          f"set method.num_virtual_tokens={prompt.shape[0]}")
+    return prompt.clone()
+
+
 def initial_prompt(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: PromptTuningMethodConfig,
-                   train: Sequence[Example], seed: int) -> torch.Tensor:
-    """(n, C) starting embeddings: Lester et al.'s random, sampled-vocabulary or text initialisation."""
+                   train: Sequence[Example], seed: int, source: Source | None = None) -> torch.Tensor:
+    """(n, C) starting embeddings: a source run's prompt, or Lester et al.'s random, sampled-vocabulary
+    or text initialisation."""
     table = model.get_input_embeddings().weight.detach()  # (V, C)
     n = config.num_virtual_tokens
+    if source is not None and source.weights:
+        return transferred_prompt(source, n, table.shape[1]).to(table.dtype)
     generator = torch.Generator().manual_seed(seed)
     if config.init == "random":
         return torch.randn(n, table.shape[1], generator=generator) * table.std()
@@ -74,24 +93,36 @@ def initial_prompt(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, c
     return table[torch.tensor(tiled)].clone()
 
 
-class PromptTuning:
+def build_soft_prompt(name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                      config: PromptTuningMethodConfig, train: Sequence[Example], seed: int) -> SoftPromptAdapter:
+    """A frozen model (with any ``init_from`` weights folded in) and a fresh or transferred soft prompt."""
+    source = start_from(config.init_from, model)
+    model = source.model if source else model
+    freeze(model)
+    peft_config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.num_virtual_tokens)
+    peft_model = get_peft_model(model, peft_config)
+    with torch.no_grad():
+        adapter = SoftPromptAdapter(peft_model, name, config)
+        adapter.prompt_weight.copy_(initial_prompt(model, tokenizer, config, train, seed, source))
+    return adapter
+
+
+def load_soft_prompt(name: str, directory: Path, model: PreTrainedModel,
+                     config: PromptTuningMethodConfig) -> SoftPromptAdapter:
+    """A saved soft prompt on the model it was trained on."""
+    model = base_model(config.init_from, model)
+    freeze(model)
+    return SoftPromptAdapter(PeftModel.from_pretrained(model, str(directory)), name, config)
+
+
+class PromptTuning(MethodDefaults):
     name = "prompt_tuning"
     Config = PromptTuningMethodConfig
     trains = True
 
     def build(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
               config: PromptTuningMethodConfig, train: Sequence[Example], seed: int) -> Adapter:
-        freeze(model)
-        peft_config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.num_virtual_tokens)
-        peft_model = get_peft_model(model, peft_config)
-        with torch.no_grad():
-            adapter = SoftPromptAdapter(peft_model, self.name, config)
-            adapter.prompt_weight.copy_(initial_prompt(model, tokenizer, config, train, seed))
-        return adapter
+        return build_soft_prompt(self.name, model, tokenizer, config, train, seed)
 
     def load(self, directory: Path, model: PreTrainedModel, config: PromptTuningMethodConfig) -> Adapter:
-        freeze(model)
-        return SoftPromptAdapter(PeftModel.from_pretrained(model, str(directory)), self.name, config)
-
-    def demonstrations(self, config: MethodConfig, train: Sequence[Example], seed: int) -> DemoSelector | None:
-        return None
+        return load_soft_prompt(self.name, directory, model, config)

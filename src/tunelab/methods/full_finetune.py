@@ -1,0 +1,88 @@
+"""Full fine-tuning: every weight of the model trains. Saved as a transformers directory (safetensors)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors.torch import load_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from tunelab.data.example import Example
+from tunelab.errors import TunelabError
+from tunelab.methods.base import Adapter, MethodConfig, MethodDefaults
+from tunelab.methods.transfer import require_no_prompt, start_from
+
+WEIGHTS = "model.safetensors"
+
+
+@dataclass
+class FullFinetuneConfig(MethodConfig):
+    lr: float = 2e-5  # a typical full fine-tuning rate for ~100M-parameter decoders with AdamW
+
+
+class FullAdapter(Adapter):
+    """The whole model, all parameters trainable."""
+
+    def merged_model(self) -> PreTrainedModel:
+        return self.model
+
+    def save_weights(self, directory: Path) -> None:
+        # a plain transformers directory: AutoModelForCausalLM.from_pretrained(directory) loads it too
+        self.model.save_pretrained(str(directory), safe_serialization=True)
+
+
+def aliased_names(model: PreTrainedModel) -> set[str]:
+    """Parameter names that share storage with an earlier one (tied embeddings), which saving drops."""
+    seen: set[int] = set()
+    aliases = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            aliases.add(name)
+        seen.add(id(p))
+    return aliases
+
+
+def load_full_weights(directory: Path, model: PreTrainedModel) -> PreTrainedModel:
+    """Copy saved full weights into ``model`` (same architecture), checking every weight was found."""
+    path = Path(directory) / WEIGHTS
+    if not path.is_file():
+        raise TunelabError(f"{directory}: no {WEIGHTS}; pass the adapter/ directory of a full_finetune run")
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    bad = sorted(set(missing) - aliased_names(model)) + list(unexpected)
+    if bad:
+        raise TunelabError(f"{path} does not match the base model (e.g. {bad[:3]}); use the same --model "
+                           "the run was trained with")
+    return model
+
+
+def build_full(name: str, model: PreTrainedModel, config: MethodConfig) -> FullAdapter:
+    """Every weight trainable, starting from ``init_from``'s folded weights when given."""
+    source = start_from(config.init_from, model)
+    require_no_prompt(source, name)
+    model = source.model if source else model
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return FullAdapter(model, name, config)
+
+
+def load_full(name: str, directory: Path, model: PreTrainedModel, config: MethodConfig) -> FullAdapter:
+    """Saved full weights, frozen. They already include whatever ``init_from`` folded in."""
+    model = load_full_weights(directory, model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return FullAdapter(model, name, config)
+
+
+class FullFinetune(MethodDefaults):
+    name = "full_finetune"
+    Config = FullFinetuneConfig
+    trains = True
+
+    def build(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: FullFinetuneConfig,
+              train: Sequence[Example], seed: int) -> Adapter:
+        return build_full(self.name, model, config)
+
+    def load(self, directory: Path, model: PreTrainedModel, config: FullFinetuneConfig) -> Adapter:
+        return load_full(self.name, directory, model, config)

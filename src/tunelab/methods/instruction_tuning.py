@@ -1,0 +1,114 @@
+"""Instruction tuning (Wei et al. 2022, "Finetuned Language Models Are Zero-Shot Learners"; Wang et al.
+2022, Super-NaturalInstructions): train on a mixture of many tasks phrased as natural-language
+instructions, judge on tasks never seen in training.
+
+The regime, not a new parameterisation: the weights train with LoRA or in full (``method.weights``).
+``prepare_data`` guarantees the unseen-task protocol: whole tasks are held out, training keeps only
+the other tasks, evaluation only the held-out ones. The mixture can be capped per task
+(examples-proportional mixing with a cap, Raffel et al. 2020, Sec. 3.5.2), and both splits are
+interleaved task by task so ``data.max_train`` / ``data.max_eval`` keep every task represented.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from tunelab.data import TaskData
+from tunelab.data.example import Example
+from tunelab.errors import ConfigError, DataError
+from tunelab.methods.base import Adapter, MethodDefaults
+from tunelab.methods.full_finetune import build_full, load_full
+from tunelab.methods.lora import LoraMethodConfig, build_lora, load_lora
+
+WEIGHTS = ("lora", "full")
+DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
+HELD_OUT_SEED = "tunelab:held_out"  # fixed, so every seed and method sees the same unseen tasks
+
+
+@dataclass
+class InstructionTuningConfig(LoraMethodConfig):
+    lr: float | None = None  # None = 2e-4 with LoRA, 2e-5 with full weights
+    weights: str = "lora"  # lora | full
+    held_out_tasks: list[str] | None = None  # tasks kept for evaluation; None = n_held_out drawn by a fixed seed
+    n_held_out: int = 6  # tasks held out when held_out_tasks is not given and eval shares tasks with train
+    max_per_task: int | None = None  # cap on training examples per task (None = all)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.weights not in WEIGHTS:
+            raise ConfigError(f"method.weights={self.weights!r}; choose one of {', '.join(WEIGHTS)}")
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.weights]
+        if self.n_held_out < 1:
+            raise ConfigError(f"method.n_held_out must be >= 1, got {self.n_held_out}")
+
+
+def interleave(examples: Sequence[Example]) -> list[Example]:
+    """Round-robin over tasks (sorted by name), each task's rows in their original order."""
+    by_task: dict[str, list[Example]] = defaultdict(list)
+    for e in examples:
+        by_task[e.task].append(e)
+    queues = [by_task[t] for t in sorted(by_task)]
+    return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
+
+
+def cap_per_task(examples: Sequence[Example], cap: int) -> list[Example]:
+    """At most ``cap`` rows of each task, keeping order."""
+    counts: dict[str, int] = defaultdict(int)
+    kept = []
+    for e in examples:
+        counts[e.task] += 1
+        if counts[e.task] <= cap:
+            kept.append(e)
+    return kept
+
+
+def held_out(config: InstructionTuningConfig, train_tasks: set[str], eval_tasks: set[str]) -> set[str]:
+    """The tasks evaluation keeps and training never sees."""
+    if config.held_out_tasks:
+        unknown = sorted(set(config.held_out_tasks) - eval_tasks)
+        if unknown:
+            raise ConfigError(f"method.held_out_tasks: {unknown[0]!r} has no evaluation rows; "
+                              f"tasks in the eval split: {', '.join(sorted(eval_tasks))}")
+        return set(config.held_out_tasks)
+    if eval_tasks.isdisjoint(train_tasks):
+        return eval_tasks  # the data already separates seen and unseen tasks
+    if config.n_held_out >= len(train_tasks):
+        raise ConfigError(f"method.n_held_out={config.n_held_out} leaves no training task "
+                          f"(the mixture has {len(train_tasks)})")
+    return set(random.Random(HELD_OUT_SEED).sample(sorted(eval_tasks), min(config.n_held_out, len(eval_tasks))))
+
+
+class InstructionTuning(MethodDefaults):
+    name = "instruction_tuning"
+    Config = InstructionTuningConfig
+    trains = True
+
+    def prepare_data(self, config: InstructionTuningConfig, task: TaskData, seed: int) -> TaskData:
+        train_tasks = {e.task for e in task.train}
+        if len(train_tasks) < 2:
+            raise DataError(f"instruction tuning needs a mixture of tasks (rows with a `task` field), but "
+                            f"{task.name!r} has {len(train_tasks)}; use e.g. --task ../shared/data/super_ni")
+        held = held_out(config, train_tasks, {e.task for e in task.eval})
+        config.held_out_tasks = sorted(held)  # recorded in the adapter's metadata
+        train = [e for e in interleave(task.train) if e.task not in held]
+        if config.max_per_task is not None:
+            train = cap_per_task(train, config.max_per_task)
+        return replace(task, train=train, eval=interleave([e for e in task.eval if e.task in held]))
+
+    def build(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: InstructionTuningConfig,
+              train: Sequence[Example], seed: int) -> Adapter:
+        if config.weights == "lora":
+            return build_lora(self.name, model, config)
+        return build_full(self.name, model, config)
+
+    def load(self, directory: Path, model: PreTrainedModel, config: InstructionTuningConfig) -> Adapter:
+        if config.weights == "lora":
+            return load_lora(self.name, directory, model, config)
+        return load_full(self.name, directory, model, config)

@@ -1,0 +1,53 @@
+"""Instruction prompt tuning (Sun et al. 2023, Sec. 2; Singhal et al. 2022): input = [E ; (X_demo; Y_demo) x k ; X].
+
+A soft prompt E as in prompt tuning, followed by k natural-language demonstrations retrieved from the
+train split for each input. The same retriever serves training and evaluation, so the prompt learns
+to use demonstrations of the kind it will see. No library offers this: peft's CPT fixes one
+demonstration set for every input.
+
+With ``init_from`` naming a prompt run and ``train.steps=0``, this is the paper's "source-task prompt
+with target-task demonstrations, no training" condition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from tunelab.data.example import Example
+from tunelab.errors import ConfigError
+from tunelab.methods.base import Adapter, MethodDefaults
+from tunelab.methods.prompt_tuning import PromptTuningMethodConfig, build_soft_prompt, load_soft_prompt
+from tunelab.retrieval import SELECTIONS, DemoSelector, select_demos
+
+
+@dataclass
+class IPTConfig(PromptTuningMethodConfig):
+    k: int = 1  # retrieved demonstrations per input (Sun et al. use one)
+    selection: str = "similar"  # random | similar (MiniLM embeddings) | bm25
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.k < 1:
+            raise ConfigError(f"method.k must be >= 1 for ipt (k=0 is prompt_tuning), got {self.k}")
+        if self.selection not in SELECTIONS:
+            raise ConfigError(f"method.selection={self.selection!r}; choose one of {', '.join(SELECTIONS)}")
+
+
+class IPT(MethodDefaults):
+    name = "ipt"
+    Config = IPTConfig
+    trains = True
+
+    def build(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: IPTConfig,
+              train: Sequence[Example], seed: int) -> Adapter:
+        return build_soft_prompt(self.name, model, tokenizer, config, train, seed)
+
+    def load(self, directory: Path, model: PreTrainedModel, config: IPTConfig) -> Adapter:
+        return load_soft_prompt(self.name, directory, model, config)
+
+    def demonstrations(self, config: IPTConfig, train: Sequence[Example], seed: int) -> DemoSelector | None:
+        return select_demos(train, config.k, config.selection, seed)

@@ -1,0 +1,92 @@
+"""LoRA (Hu et al. 2021): W x + (alpha / r) B A x on chosen linear layers; A, B trainable, W frozen.
+
+peft patches the layers in place, so the adapter's model is peft's base model with LoRA layers in
+it, called through tunelab's forward like every other method. Saved in the PEFT format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from tunelab.data.example import Example
+from tunelab.errors import ConfigError
+from tunelab.methods.base import Adapter, MethodConfig, MethodDefaults, freeze
+from tunelab.methods.transfer import base_model, require_no_prompt, start_from
+
+
+@dataclass
+class LoraMethodConfig(MethodConfig):
+    lr: float = 2e-4  # Hu et al. use 2e-4 for GPT-2 on E2E
+    r: int = 8  # rank of the update
+    alpha: int = 16  # scale = alpha / r
+    dropout: float = 0.05  # on the LoRA input path, training only
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # or ["all-linear"]
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"method.r must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"method.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ConfigError("method.target_modules is empty; e.g. method.target_modules=q_proj,v_proj")
+
+
+class LoraAdapter(Adapter):
+    """The model with LoRA layers patched in; only A and B train."""
+
+    def __init__(self, peft_model: PeftModel, method: str, config: MethodConfig) -> None:
+        super().__init__(peft_model.get_base_model(), method, config)
+        self.peft_model = peft_model
+
+    def trainable_parameters(self) -> list:
+        return [p for n, p in self.peft_model.named_parameters() if p.requires_grad and "lora_" in n]
+
+    def merged_model(self) -> PreTrainedModel:
+        return self.peft_model.merge_and_unload()  # B A folded into W; the LoRA layers are removed
+
+    def save_weights(self, directory: Path) -> None:
+        self.peft_model.save_pretrained(str(directory), safe_serialization=True)
+
+
+def lora_config(config: LoraMethodConfig) -> LoraConfig:
+    """peft's LoraConfig for our options."""
+    targets = config.target_modules[0] if config.target_modules == ["all-linear"] else list(config.target_modules)
+    return LoraConfig(task_type=TaskType.CAUSAL_LM, r=config.r, lora_alpha=config.alpha,
+                      lora_dropout=config.dropout, target_modules=targets)
+
+
+def build_lora(name: str, model: PreTrainedModel, config: LoraMethodConfig) -> LoraAdapter:
+    """Fresh LoRA layers on ``model`` (with any ``init_from`` weights folded in first)."""
+    source = start_from(config.init_from, model)
+    require_no_prompt(source, name)
+    model = source.model if source else model
+    freeze(model)
+    try:
+        return LoraAdapter(get_peft_model(model, lora_config(config)), name, config)
+    except ValueError as exc:  # peft names the modules it could not find
+        raise ConfigError(f"method.target_modules={config.target_modules}: {exc}") from None
+
+
+def load_lora(name: str, directory: Path, model: PreTrainedModel, config: LoraMethodConfig) -> LoraAdapter:
+    """A saved LoRA adapter on the model it was trained on."""
+    model = base_model(config.init_from, model)
+    freeze(model)
+    return LoraAdapter(PeftModel.from_pretrained(model, str(directory)), name, config)
+
+
+class Lora(MethodDefaults):
+    name = "lora"
+    Config = LoraMethodConfig
+    trains = True
+
+    def build(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: LoraMethodConfig,
+              train: Sequence[Example], seed: int) -> Adapter:
+        return build_lora(self.name, model, config)
+
+    def load(self, directory: Path, model: PreTrainedModel, config: LoraMethodConfig) -> Adapter:
+        return load_lora(self.name, directory, model, config)

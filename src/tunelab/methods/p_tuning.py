@@ -1,0 +1,63 @@
+"""P-tuning (Liu et al. 2021, "GPT Understands, Too"): input = [MLP(E) ; X], model frozen.
+
+The virtual-token embeddings pass through a small trainable encoder (an MLP or LSTM) before they
+are placed in front of the text, which Liu et al. found trains more stably than raw embeddings.
+peft's ``PromptEncoder`` holds the parameters; peft saves only the encoder's output, so a saved
+P-tuning adapter reloads for inference, with the encoder folded into fixed embeddings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from peft import PeftModel, PromptEncoderConfig, TaskType, get_peft_model
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from tunelab.data.example import Example
+from tunelab.errors import ConfigError
+from tunelab.methods.base import Adapter, MethodConfig, MethodDefaults, freeze
+from tunelab.methods.prompt_tuning import SoftPromptAdapter
+from tunelab.methods.transfer import base_model, require_no_prompt, start_from
+
+ENCODERS = ("MLP", "LSTM")
+
+
+@dataclass
+class PTuningConfig(MethodConfig):
+    lr: float = 1e-3  # the encoder is an MLP, trained at weight-like rates (Liu et al. use 1e-5..1e-3)
+    num_virtual_tokens: int = 20
+    encoder_type: str = "MLP"  # MLP | LSTM
+    encoder_hidden_size: int | None = None  # None = the model's hidden size
+    encoder_num_layers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.num_virtual_tokens < 1:
+            raise ConfigError(f"method.num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
+        if self.encoder_type not in ENCODERS:
+            raise ConfigError(f"method.encoder_type={self.encoder_type!r}; choose one of {', '.join(ENCODERS)}")
+
+
+class PTuning(MethodDefaults):
+    name = "p_tuning"
+    Config = PTuningConfig
+    trains = True
+
+    def build(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: PTuningConfig,
+              train: Sequence[Example], seed: int) -> Adapter:
+        source = start_from(config.init_from, model)
+        require_no_prompt(source, self.name)
+        model = source.model if source else model
+        freeze(model)
+        hidden = model.config.get_text_config().hidden_size
+        peft_config = PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.num_virtual_tokens,
+                                          encoder_reparameterization_type=config.encoder_type,
+                                          encoder_hidden_size=config.encoder_hidden_size or hidden,
+                                          encoder_num_layers=config.encoder_num_layers)
+        return SoftPromptAdapter(get_peft_model(model, peft_config), self.name, config)
+
+    def load(self, directory: Path, model: PreTrainedModel, config: PTuningConfig) -> Adapter:
+        model = base_model(config.init_from, model)
+        freeze(model)
+        return SoftPromptAdapter(PeftModel.from_pretrained(model, str(directory)), self.name, config)

@@ -1,0 +1,87 @@
+"""Starting a method from another run's adapter (``method.init_from`` / ``tunelab run --init-from DIR``).
+
+Two cases, decided by the source adapter itself (``Adapter.merged_model``):
+- the source folds into the base weights (LoRA, full fine-tuning, instruction tuning): the new method
+  is built on base + source, e.g. instruction-tune with LoRA, then prompt-tune on top;
+- the source is a prompt (prompt tuning, IPT, prefix tuning, P-tuning): the model is unchanged and the
+  source's saved tensors are handed to the new method, which initialises its own parameters from them
+  (soft-prompt transfer, Vu et al. 2022 "SPoT"). With ``train.steps=0`` that is a source-task prompt
+  used as is, e.g. by ``ipt`` with target-task demonstrations and no training.
+
+The chain is recorded: a saved adapter's config keeps ``init_from``, and loading it folds the same
+source in again, so the source directory must stay where it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import PreTrainedModel
+
+from tunelab.errors import ConfigError
+from tunelab.methods.base import ADAPTER_META, read_meta
+
+PEFT_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass
+class Source:
+    """What a method starts from: the base to build on, and the source's tensors when it did not fold."""
+
+    method: str
+    model: PreTrainedModel
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    directory: Path | None = None
+
+    def prompt(self) -> torch.Tensor | None:
+        """The source's saved prompt tensor (n, width), peft's ``prompt_embeddings``; None if it has none."""
+        return self.weights.get("prompt_embeddings")
+
+
+def adapter_dir(path: str | Path) -> Path:
+    """Accept a run directory (holding adapter/) or the adapter directory itself."""
+    path = Path(path).expanduser()
+    if (path / "adapter" / ADAPTER_META).is_file():
+        return path / "adapter"
+    if (path / ADAPTER_META).is_file():
+        return path
+    raise ConfigError(f"method.init_from={str(path)!r} is not a tunelab run or adapter directory "
+                      f"(no {ADAPTER_META}); pass the --out DIR of an earlier `tunelab run`")
+
+
+def start_from(init_from: str | None, model: PreTrainedModel) -> Source | None:
+    """Load the adapter ``init_from`` names onto ``model``; None when nothing is named."""
+    if not init_from:
+        return None
+    from tunelab.methods import method_config  # the registry imports every method module, this one included
+
+    directory = adapter_dir(init_from)
+    meta = read_meta(directory)
+    method, config = method_config({"name": meta["method"], **meta.get("config", {})})
+    loaded = method.load(directory, model, config)
+    merged = loaded.merged_model()
+    if merged is not None:
+        return Source(method.name, merged, {}, directory)
+    weights = load_file(str(directory / PEFT_WEIGHTS)) if (directory / PEFT_WEIGHTS).is_file() else {}
+    if not weights:
+        raise ConfigError(f"{directory}: a {method.name} run has no weights to start from; "
+                          "use a trained run (prompt_tuning, ipt, prefix_tuning, p_tuning, lora, full_finetune, "
+                          "instruction_tuning) as --init-from")
+    return Source(method.name, model, weights, directory)
+
+
+def base_model(init_from: str | None, model: PreTrainedModel) -> PreTrainedModel:
+    """The model a saved adapter was trained on: ``model`` with its ``init_from`` source folded in, if any."""
+    source = start_from(init_from, model)
+    return model if source is None else source.model
+
+
+def require_no_prompt(source: Source | None, target: str) -> None:
+    """Methods that cannot reuse a prompt say so, rather than silently ignoring it."""
+    if source is not None and source.weights:
+        raise ConfigError(f"{target} cannot start from a {source.method} prompt ({source.directory}); "
+                          f"start {target} from a lora / full_finetune / instruction_tuning run, or start "
+                          "prompt_tuning / ipt from this one")
