@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -51,7 +52,8 @@ def _reported(path: Path) -> Iterator[None]:
     except SafetensorError as exc:  # safetensors wraps the OS error in its own type
         if "I/O error" not in str(exc):
             raise
-        reason = str(exc).split("I/O error:", 1)[1].split(" at path", 1)[0].strip()
+        # "Error while serializing: I/O error: No space left on device (os error 28) at path ..."
+        reason = re.sub(r"\s*\(os error \d+\)", "", str(exc).split("I/O error:", 1)[1].split(" at path", 1)[0]).strip()
         raise TunelabError(f"cannot write {path}: {reason}") from None
 
 
