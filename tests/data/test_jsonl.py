@@ -1,10 +1,10 @@
 import json
 
 import pytest
+from tests.conftest import shared_path
 
 from tunelab.data import load_jsonl, load_task
 from tunelab.errors import DataError
-from tests.conftest import shared_path
 
 
 def write(path, rows):

@@ -128,11 +128,20 @@ def mt_bench_example(record: Any, where: int, answers: dict[Any, list[str]]) -> 
     reference = answers.get(qid) or [text({"reference": t}, "reference") for t in items(row, "reference",
                                                                                             required=False)]
     meta = {"question_id": qid, "category": text(row, "category", required=False), "turns": turns}
-    if len(reference) >= len(turns):
-        messages = [m for t, a in zip(turns, reference, strict=False)
-                    for m in ({"role": "user", "content": t}, {"role": "assistant", "content": a})]
+    messages = _answered(turns, reference)
+    if messages:
         return chat_example(messages, id=f"mt_bench-{qid}", task="mt_bench", meta=meta)
     return Example(id=f"mt_bench-{qid}", task="mt_bench", instruction=turns[0], meta={**meta, "no_reference": True})
+
+
+def _answered(turns: list[str], answers: list[str]) -> list[dict[str, str]]:
+    """User/assistant pairs up to the last turn that has a non-empty answer (some references are blank)."""
+    messages: list[dict[str, str]] = []
+    for turn, answer in zip(turns, answers, strict=False):
+        if not answer.strip():
+            break
+        messages += [{"role": "user", "content": turn}, {"role": "assistant", "content": answer}]
+    return messages
 
 
 def _answers(path: Path) -> dict[Any, list[str]]:
@@ -164,9 +173,8 @@ def mt_bench_answer_example(record: Any, where: int, questions: dict[Any, list[s
         raise BadRecord("expected at least one answer turn", "turns")
     turns = questions.get(qid, [])
     meta = {"question_id": qid, "model_id": text(row, "model_id", required=False)}
-    if len(turns) >= len(answers):
-        messages = [m for t, a in zip(turns, answers, strict=False)
-                    for m in ({"role": "user", "content": t}, {"role": "assistant", "content": a})]
+    messages = _answered(turns, answers)
+    if messages:
         return chat_example(messages, id=f"mt_bench-{qid}", task="mt_bench", meta=meta)
     return Example(id=f"mt_bench-{qid}", task="mt_bench", instruction="", output=answers[0],
                    references=tuple(answers[:1]), meta={**meta, "turns": answers})

@@ -116,6 +116,7 @@ def task_parts(task: Mapping[str, Any]) -> tuple[str, list[dict[str, Any]], list
 
 def load_super_ni(path: Path, opts: LoadOptions, report: LoadReport) -> list[Example]:
     """One Super-NI task file: each instance becomes an Example with all gold outputs as references."""
+    encoding = SniEncoding.parse(opts.sni_encoding)
     data = read_json(path)
     if not isinstance(data, dict) or "Instances" not in data:
         raise DataError("expected a Super-NI task object with 'Definition' and 'Instances'", path=str(path),
@@ -127,7 +128,7 @@ def load_super_ni(path: Path, opts: LoadOptions, report: LoadReport) -> list[Exa
     instances = data["Instances"]
     if not isinstance(instances, list):
         raise DataError("expected a list of instances", path=str(path), field="Instances")
-    instruction = render_instruction(definition, positive, negative, SniEncoding.parse(opts.sni_encoding))
+    instruction = render_instruction(definition, positive, negative, encoding)
     task = path.stem
     number = task.split("_", 1)[0]
 

@@ -8,7 +8,6 @@ Unmapped fields default to a column of the same name when there is one.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -169,7 +168,7 @@ def load_hf(name: str | Path, opts: LoadOptions, report: LoadReport) -> list[Exa
     (needs network; set HF_HUB_OFFLINE=0). Rows go through the mapping or templates."""
     import datasets
 
-    name = re.sub(r"^hf:/*", "", str(name))
+    name = str(name).removeprefix("hf:")
     try:
         if (Path(name) / "dataset_info.json").is_file() or (Path(name) / "state.json").is_file():
             ds = datasets.load_from_disk(name)
