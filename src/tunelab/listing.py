@@ -45,14 +45,24 @@ def _methods(console: Console, model_name: str | None) -> None:
     table.add_column("default lr")
     if model_name:
         table.add_column("trainable params", justify="right")
-        from tunelab.models import load_model
-
         train = load_task("date_format").train[:8]
     for name, method in METHODS.items():
         row = [name, "yes" if method.trains else "no", f"{method.Config().lr:g}" if method.trains else "-"]
         if model_name:
-            model, tokenizer = load_model(model_name)
-            adapter = method.build(model, tokenizer, method.Config(), train, 0)
-            row.append(f"{adapter.num_trainable():,}" if method.trains else "0")
+            row.append(f"{trainable_count(method, model_name, train):,}")
         table.add_row(*row)
     console.print(table)
+
+
+def trainable_count(method, model_name: str, train) -> int:
+    """Exact trainable parameters of ``method`` with default options, on a freshly loaded model.
+
+    A fresh model per method, because LoRA and full fine-tuning change the model they are built on.
+    Methods that train nothing are not built (building discrete_prompt would score its candidates).
+    """
+    from tunelab.models import load_model
+
+    if not method.trains:
+        return 0
+    model, tokenizer = load_model(model_name)
+    return method.build(model, tokenizer, method.Config(), train, 0).num_trainable()

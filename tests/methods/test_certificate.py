@@ -7,8 +7,11 @@ generation agree; the log-probabilities of the forward pass agree with the logit
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from tunelab import generate as gen
 from tunelab.config import TrainConfig
@@ -16,8 +19,8 @@ from tunelab.data import load_task
 from tunelab.errors import TunelabError
 from tunelab.formatting import build_prompt, encode, encode_prompt
 from tunelab.methods import METHODS
-from tunelab.models import count_parameters, load_model
 from tunelab.modeling import mask_for, pad_batch, token_logprobs
+from tunelab.models import count_parameters, load_model, tiny_config
 from tunelab.train import train
 
 # Small options so every method runs in seconds on the 16-dim tiny model (no embedding model needed).
@@ -52,13 +55,36 @@ def test_every_method_is_certified():
     assert {n for n, m in METHODS.items() if m.trains} == set(OVERFIT)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A 16-dim model runs ~7x faster on one thread than on two contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def examples():
     return load_task("date_format").train[:8]
 
 
-def _build(name, examples, seed=0):
-    model, tok = load_model("tiny", seed=seed)
+_TOKENIZER = []
+
+
+def _tiny():
+    """A fresh tiny model (same seeded weights as load_model("tiny")), reusing one tokenizer."""
+    if not _TOKENIZER:
+        _TOKENIZER.append(load_model("tiny")[1])
+    tok = _TOKENIZER[0]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(len(tok)))
+    model.config.pad_token_id = tok.pad_token_id
+    return model.eval(), tok
+
+
+def _build(name, examples):
+    model, tok = _tiny()
     method = METHODS[name]
     config = method.Config(**OPTIONS[name])
     adapter = method.build(model, tok, config, examples, 0)
@@ -75,34 +101,61 @@ def _prompts(adapter, tok, demos, examples):
             for e in examples]
 
 
-def _trained(name, examples, steps=4):
-    method, config, adapter, tok, demos = _build(name, examples)
-    if method.trains:
-        lr = OVERFIT[name][0]
-        train(adapter, _encoded(adapter, tok, demos, examples), TrainConfig(steps=steps, batch_size=8), lr,
-              tok.pad_token_id)
-    adapter.eval()
-    return method, config, adapter, tok, demos
+@dataclass
+class Certified:
+    """One method built on the tiny model and (if it trains) overfit on 8 examples for 15 steps."""
+
+    method: object
+    config: object
+    adapter: object
+    tok: object
+    demos: object
+    trainable: set
+    before: dict
+    losses: list
+
+
+_RUNS: dict[str, Certified] = {}
+
+
+def _run(name, examples) -> Certified:
+    """Built and trained once per method for the whole module; later tests only read it."""
+    if name not in _RUNS:
+        method, config, adapter, tok, demos = _build(name, examples)
+        named = dict(adapter.named_parameters())
+        before = {n: p.detach().clone() for n, p in named.items()}
+        trainable = {n for n, p in named.items() if p.requires_grad}
+        losses = []
+        if method.trains:
+            lr = OVERFIT[name][0]
+            losses = train(adapter, _encoded(adapter, tok, demos, examples), TrainConfig(steps=15, batch_size=8),
+                           lr, tok.pad_token_id).losses
+        adapter.eval()
+        _RUNS[name] = Certified(method, config, adapter, tok, demos, trainable, before, losses)
+    return _RUNS[name]
 
 
 @pytest.mark.parametrize("name", list(METHODS))
 def test_trainable_parameters_change_and_frozen_ones_do_not(name, examples):
-    method, _, adapter, tok, demos = _build(name, examples)
-    named = dict(adapter.named_parameters())
-    trainable = {n for n, p in named.items() if p.requires_grad}
-    assert sum(named[n].numel() for n in trainable) == adapter.num_trainable()
-    if not method.trains:
-        assert adapter.num_trainable() == 0
+    run = _run(name, examples)
+    named = dict(run.adapter.named_parameters())
+    assert sum(named[n].numel() for n in run.trainable) == run.adapter.num_trainable()
+    if not run.method.trains:
+        assert run.adapter.num_trainable() == 0
         with pytest.raises(TunelabError, match="no trainable parameters"):
-            train(adapter, _encoded(adapter, tok, demos, examples), TrainConfig(steps=1), 1e-3, tok.pad_token_id)
+            train(run.adapter, _encoded(run.adapter, run.tok, run.demos, examples), TrainConfig(steps=1), 1e-3,
+                  run.tok.pad_token_id)
         return
-    assert adapter.num_trainable() > 0
-    before = {n: p.detach().clone() for n, p in named.items()}
-    lr = OVERFIT[name][0]
-    train(adapter, _encoded(adapter, tok, demos, examples), TrainConfig(steps=3, batch_size=8), lr, tok.pad_token_id)
+    assert run.adapter.num_trainable() > 0
     for n, p in named.items():
-        changed = not torch.equal(p.detach(), before[n])
-        assert changed == (n in trainable), f"{n}: {'changed' if changed else 'unchanged'}"
+        changed = not torch.equal(p.detach(), run.before[n])
+        assert changed == (n in run.trainable), f"{n}: {'changed' if changed else 'unchanged'}"
+
+
+@pytest.mark.parametrize("name", list(OVERFIT))
+def test_loss_falls_when_overfitting_8_examples(name, examples):
+    losses = _run(name, examples).losses
+    assert losses[-1] < losses[0] - OVERFIT[name][1], losses
 
 
 def test_exact_trainable_counts_on_the_tiny_model(examples):
@@ -118,30 +171,23 @@ def test_exact_trainable_counts_on_the_tiny_model(examples):
     assert counts["p_tuning"] == 4 * 16 + 3 * (16 * 16 + 16)
 
 
-@pytest.mark.parametrize("name", list(OVERFIT))
-def test_loss_falls_when_overfitting_8_examples(name, examples):
-    _, _, adapter, tok, demos = _build(name, examples)
-    lr, margin = OVERFIT[name]
-    stats = train(adapter, _encoded(adapter, tok, demos, examples), TrainConfig(steps=15, batch_size=8), lr,
-                  tok.pad_token_id)
-    assert stats.losses[-1] < stats.losses[0] - margin, stats.losses
-
-
 @pytest.mark.parametrize("name", list(METHODS))
 def test_save_then_load_gives_identical_greedy_outputs(name, examples, tmp_path):
-    method, config, adapter, tok, demos = _trained(name, examples)
+    run = _run(name, examples)
+    method, config, adapter, tok, demos = run.method, run.config, run.adapter, run.tok, run.demos
     prompts = _prompts(adapter, tok, demos, examples[:4])
     cfg = gen.GenerationConfig(max_new_tokens=8)
     before = gen.generate(adapter, tok, prompts, cfg)
     adapter.save_weights(tmp_path)
-    reloaded = method.load(tmp_path, load_model("tiny")[0], config)  # a fresh base model
+    reloaded = method.load(tmp_path, _tiny()[0], config)  # a fresh base model
     assert _prompts(reloaded, tok, demos, examples[:4]) == prompts
     assert gen.generate(reloaded, tok, prompts, cfg) == before
 
 
 @pytest.mark.parametrize("name", list(METHODS))
 def test_batched_and_one_by_one_generation_agree(name, examples):
-    _, _, adapter, tok, demos = _trained(name, examples)
+    run = _run(name, examples)
+    adapter, tok, demos = run.adapter, run.tok, run.demos
     prompts = _prompts(adapter, tok, demos, examples[:4]) + [tok("x", add_special_tokens=False)["input_ids"]]
     assert len({len(p) for p in prompts}) > 1  # left padding really happens
     cfg = gen.GenerationConfig(max_new_tokens=8)
@@ -151,7 +197,8 @@ def test_batched_and_one_by_one_generation_agree(name, examples):
 
 @pytest.mark.parametrize("name", list(METHODS))
 def test_forward_logprobs_agree_with_the_scores_behind_generate(name, examples, monkeypatch):
-    _, _, adapter, tok, demos = _trained(name, examples)
+    run = _run(name, examples)
+    adapter, tok, demos = run.adapter, run.tok, run.demos
     prompts = _prompts(adapter, tok, demos, examples[:3])
     step_logits = []  # (B, V) per decoding step, as generation saw them
     choose = gen._next_tokens

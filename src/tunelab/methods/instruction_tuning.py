@@ -5,8 +5,9 @@ instructions, judge on tasks never seen in training.
 The regime, not a new parameterisation: the weights train with LoRA or in full (``method.weights``).
 ``prepare_data`` guarantees the unseen-task protocol: whole tasks are held out, training keeps only
 the other tasks, evaluation only the held-out ones. The mixture can be capped per task
-(examples-proportional mixing with a cap, Raffel et al. 2020, Sec. 3.5.2), and both splits are
-interleaved task by task so ``data.max_train`` / ``data.max_eval`` keep every task represented.
+(examples-proportional mixing with a cap, Raffel et al. 2020, Sec. 3.5.2, via ``data.mixtures``); the
+training mixture is shuffled and the evaluation rows interleaved task by task, so ``data.max_train``
+and ``data.max_eval`` keep every task represented.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.data import TaskData
 from tunelab.data.example import Example
+from tunelab.data.mixtures import by_task, mix
 from tunelab.errors import ConfigError, DataError
 from tunelab.methods.base import Adapter, MethodDefaults
 from tunelab.methods.full_finetune import build_full, load_full
@@ -58,17 +60,6 @@ def interleave(examples: Sequence[Example]) -> list[Example]:
     return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
 
 
-def cap_per_task(examples: Sequence[Example], cap: int) -> list[Example]:
-    """At most ``cap`` rows of each task, keeping order."""
-    counts: dict[str, int] = defaultdict(int)
-    kept = []
-    for e in examples:
-        counts[e.task] += 1
-        if counts[e.task] <= cap:
-            kept.append(e)
-    return kept
-
-
 def held_out(config: InstructionTuningConfig, train_tasks: set[str], eval_tasks: set[str]) -> set[str]:
     """The tasks evaluation keeps and training never sees."""
     if config.held_out_tasks:
@@ -97,9 +88,7 @@ class InstructionTuning(MethodDefaults):
                             f"{task.name!r} has {len(train_tasks)}; use e.g. --task ../shared/data/super_ni")
         held = held_out(config, train_tasks, {e.task for e in task.eval})
         config.held_out_tasks = sorted(held)  # recorded in the adapter's metadata
-        train = [e for e in interleave(task.train) if e.task not in held]
-        if config.max_per_task is not None:
-            train = cap_per_task(train, config.max_per_task)
+        train = mix(by_task([e for e in task.train if e.task not in held]), cap=config.max_per_task, seed=seed)
         return replace(task, train=train, eval=interleave([e for e in task.eval if e.task in held]))
 
     def build(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: InstructionTuningConfig,
