@@ -1,0 +1,89 @@
+"""Bootstrap intervals and the paired bootstrap test."""
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from tunelab.stats import bootstrap_ci, bootstrap_scores, mean_reduce, paired_bootstrap, resample_counts
+
+
+def test_resample_counts_draw_n_examples_per_resample():
+    counts = resample_counts(50, 200, np.random.default_rng(0))
+    assert counts.shape == (200, 50)
+    assert (counts.sum(1) == 50).all()
+    assert counts.std() > 0.5  # drawn with replacement: some twice or more, some never
+
+
+def test_mean_interval_agrees_with_scipy_percentile_bootstrap():
+    rng = np.random.default_rng(1)
+    scores = rng.binomial(1, 0.3, size=400) * 100.0
+    lo, hi = bootstrap_ci(scores, n_resamples=4000, seed=2)
+    ref = scipy_stats.bootstrap((scores,), np.mean, n_resamples=4000, method="percentile", random_state=3)
+    assert lo == pytest.approx(ref.confidence_interval.low, abs=1.0)
+    assert hi == pytest.approx(ref.confidence_interval.high, abs=1.0)
+    assert lo < scores.mean() < hi
+
+
+def test_interval_is_seeded_and_degenerate_for_constant_scores():
+    scores = np.arange(30.0)
+    assert bootstrap_ci(scores, seed=5) == bootstrap_ci(scores, seed=5)
+    assert bootstrap_ci(scores, seed=5) != bootstrap_ci(scores, seed=6)
+    assert bootstrap_ci(np.full(20, 42.0)) == pytest.approx((42.0, 42.0))
+    assert bootstrap_ci(np.zeros(0)) is None
+
+
+def test_ratio_statistic_is_resampled_on_sums_not_on_per_example_ratios():
+    # precision = sum(hits) / sum(predicted): a corpus-level metric like BLEU's n-gram precision
+    stats = np.array([[1.0, 1.0], [0.0, 10.0], [5.0, 5.0]] * 20)
+
+    def precision(sums: np.ndarray, n: int) -> np.ndarray:
+        return sums[:, 0] / sums[:, 1]
+
+    scores = bootstrap_scores(stats, precision, n_resamples=500)
+    assert scores.shape == (500,)
+    lo, hi = bootstrap_ci(stats, precision)
+    assert lo < 6 / 16 < hi
+
+
+def test_paired_bootstrap_finds_a_real_difference_and_none_between_equals():
+    rng = np.random.default_rng(0)
+    base = rng.binomial(1, 0.5, size=300) * 100.0
+    better = np.where(rng.random(300) < 0.25, 100.0, base)  # fixes a quarter of the examples
+    result = paired_bootstrap(better, base)
+    assert result.delta == pytest.approx(better.mean() - base.mean())
+    assert result.ci[0] > 0 and result.p_value < 0.01
+    same = paired_bootstrap(base, base.copy())
+    assert same.delta == 0 and same.p_value == 1.0 and same.ci == (0.0, 0.0)
+
+
+def test_pairing_makes_a_small_consistent_gain_significant():
+    rng = np.random.default_rng(4)
+    a = rng.normal(50, 20, size=200)
+    b = a - 1.0 + rng.normal(0, 0.5, size=200)  # 1 point worse on every example, examples vary a lot
+    assert paired_bootstrap(a, b).p_value < 0.01
+    # unpaired intervals of the two systems overlap heavily, which is why the pairing matters
+    a_lo, a_hi = bootstrap_ci(a)
+    b_lo, b_hi = bootstrap_ci(b)
+    assert a_lo < b_hi and b_lo < a_hi
+
+
+def test_paired_bootstrap_over_seeds_widens_with_seed_variance():
+    rng = np.random.default_rng(3)
+    examples = rng.binomial(1, 0.6, size=(1, 200, 1)) * 100.0
+    stable = np.repeat(examples, 3, axis=0)  # three seeds, identical predictions
+    noisy = stable.copy()
+    noisy[0, :60] = 0.0  # one bad seed
+    b = rng.binomial(1, 0.5, size=(3, 200, 1)) * 100.0
+    tight, loose = paired_bootstrap(stable, b), paired_bootstrap(noisy, b)
+    assert loose.ci[1] - loose.ci[0] > tight.ci[1] - tight.ci[0]
+    assert tight.n_examples == 200
+
+
+def test_paired_bootstrap_rejects_misaligned_examples():
+    with pytest.raises(ValueError, match="same examples"):
+        paired_bootstrap(np.zeros(10), np.zeros(11))
+
+
+def test_mean_reduce_is_the_mean():
+    sums = np.array([[30.0], [60.0]])
+    assert mean_reduce(sums, 3).tolist() == [10.0, 20.0]
