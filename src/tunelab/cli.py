@@ -31,7 +31,7 @@ def _flags_to_overrides(**flags) -> list[str]:
 @app.command()
 def run(
     method: Annotated[str | None, typer.Option(help="method name (tunelab ls methods)")] = None,
-    task: Annotated[str | None, typer.Option(help="built-in task, JSONL file or directory")] = None,
+    task: Annotated[str | None, typer.Option("--task", "--data", help="built-in task, data file (any format) or directory")] = None,
     model: Annotated[str | None, typer.Option(help="registry name, hub id or local path")] = None,
     steps: Annotated[int | None, typer.Option(help="optimizer steps")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
@@ -96,8 +96,10 @@ def demo(steps: Annotated[int, typer.Option(help="prompt-tuning steps")] = 60,
 
 
 from tunelab.commands.compare import compare_command, report_command  # noqa: E402
+from tunelab.commands.data import app as data_app  # noqa: E402
 from tunelab.commands.eval import eval_command  # noqa: E402  (one module per command group)
 
+app.add_typer(data_app, name="data")
 app.command("eval")(eval_command)
 app.command("compare")(compare_command)
 app.command("report")(report_command)

@@ -41,6 +41,7 @@ class DataConfig:
     skip_bad: bool = False  # skip malformed records (counted in result.json) instead of stopping
     task_cap: int | None = None  # examples-proportional mixing of the train tasks, at most this many per task
     mixture: list[str] | None = None  # more training files mixed in, each "path" or "path@weight"
+    sni_encoding: str = "plain"  # Super-NI instructions: plain (Definition) or Tk-Instruct's def, def+pos2, ...
 
 
 @dataclass

@@ -137,6 +137,27 @@ def encode_conversation(tokenizer: PreTrainedTokenizerBase, messages: Sequence[d
     return Encoded(ids[:max_length], labels[:max_length], truncated)
 
 
+def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example, template: str,
+                   demos: Sequence[Example] = (), system_prompt: str | None = None, max_length: int = 512) -> Encoded:
+    """One training example as ids and labels, whatever its shape.
+
+    A conversation (``example.messages``) is rendered by the chat template with loss on assistant
+    turns only, and an over-long one is cut on the right (later turns go first); ``system_prompt``
+    is prepended when the conversation has no system turn. Anything else is ``build_prompt`` +
+    ``target_text`` through ``encode`` (prompt cut from the left, see there).
+    """
+    if not example.messages:
+        prompt = build_prompt(example, tokenizer, template, demos, system_prompt)
+        return encode(tokenizer, prompt, target_text(example, template), max_length)
+    if resolve_template(template, tokenizer) != "chat":
+        raise ConfigError(f"example {example.id} is a conversation; it needs data.template=chat (or auto) and "
+                          "a model whose tokenizer has a chat template")
+    messages = list(example.messages)
+    if system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return encode_conversation(tokenizer, messages, max_length)
+
+
 def _extend(tokenizer: PreTrainedTokenizerBase, ids: list[int], labels: list[int], text: str,
             supervised: bool) -> None:
     new = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []

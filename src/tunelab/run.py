@@ -17,7 +17,7 @@ from tunelab.checkpoint import training_identity
 from tunelab.config import RunConfig, to_dict
 from tunelab.data import TaskData, load_task
 from tunelab.evaluate import EvalResult, evaluate
-from tunelab.formatting import build_prompt, encode, resolve_template, target_text
+from tunelab.formatting import encode_example, resolve_template
 from tunelab.methods import method_config
 from tunelab.methods.base import Adapter, write_meta
 from tunelab.metrics import check_names
@@ -49,7 +49,9 @@ class Prepared:
 def prepare(cfg: RunConfig) -> Prepared:
     """Validate config, method options and data; raises TunelabError naming what to fix."""
     method, method_cfg = method_config(cfg.method)
-    task = load_task(cfg.data.task, cfg.data.train, cfg.data.eval)
+    task = load_task(cfg.data.task, cfg.data.train, cfg.data.eval, skip_bad=cfg.data.skip_bad,
+                     task_cap=cfg.data.task_cap, mixture=cfg.data.mixture, seed=cfg.train.seed,
+                     sni_encoding=cfg.data.sni_encoding)
     if cfg.data.max_train is not None:
         task.train = task.train[: cfg.data.max_train]
     if cfg.data.max_eval is not None:
@@ -99,8 +101,8 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
 def _train(adapter: Adapter, tokenizer, prep: Prepared, template: str, demos, out: Path | None,
            progress: bool) -> tuple[TrainStats, int]:
     cfg = prep.cfg
-    encoded = [encode(tokenizer, build_prompt(e, tokenizer, template, demos(e) if demos else (), cfg.data.system_prompt),
-                      target_text(e, template), cfg.data.max_length) for e in prep.task.train]
+    encoded = [encode_example(tokenizer, e, template, demos(e) if demos else (), cfg.data.system_prompt,
+                              cfg.data.max_length) for e in prep.task.train]
     lr = cfg.train.lr if cfg.train.lr is not None else prep.method_cfg.lr
     checkpoint_dir = out / "checkpoint" if out else None
     with bar(f"training {prep.method.name}", cfg.train.steps, progress) as advance:
@@ -135,7 +137,7 @@ def _summary(prep: Prepared, adapter: Adapter, stats: TrainStats, result: EvalRe
         "train": {"steps": stats.steps, "seconds": round(stats.seconds, 3), "tokens": stats.tokens,
                   "tokens_per_second": round(stats.tokens / stats.seconds, 2) if stats.seconds else None,
                   "final_loss": stats.final_loss, "losses": stats.losses, "resumed_from": stats.resumed_from,
-                  "truncated_examples": truncated},
+                  "truncated_examples": truncated, "skipped_bad_records": prep.task.skipped},
         "eval": {"seconds": round(result.seconds, 3), "generated_tokens": result.generated_tokens,
                  "tokens_per_second": round(result.generated_tokens / result.seconds, 2) if result.seconds else None},
         "load_seconds": round(load_seconds, 3),

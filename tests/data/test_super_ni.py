@@ -70,3 +70,11 @@ def test_unseen_task_protocol_rerenders_shared_rows():
     assert all(e.instruction.startswith("Definition: ") and "Positive Example 2 -" in e.instruction for e in encoded)
     assert [e.input for e in encoded] == [e.input for e in rows]
     assert apply_encoding(rows, tasks, "plain") == rows  # plain = the shared rows' own instruction
+
+
+def test_shared_slices_load_with_a_tk_encoding():
+    from tunelab.data import load_task
+
+    task = load_task(str(shared_path("super_ni")), sni_encoding="def+pos2+expl")
+    assert len(task.train) == 5871 and len(task.eval) == 2935
+    assert all(e.instruction.startswith("Definition: ") and "Explanation: " in e.instruction for e in task.eval[:20])

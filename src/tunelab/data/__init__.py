@@ -70,17 +70,19 @@ def _find(directory: Path, names: tuple[str, ...]) -> Path | None:
 
 
 def load_task(task: str, train: str | None = None, eval: str | None = None, *, skip_bad: bool = False,
-              task_cap: int | None = None, mixture: list[str] | None = None, seed: int = 0) -> TaskData:
+              task_cap: int | None = None, mixture: list[str] | None = None, seed: int = 0,
+              sni_encoding: str = "plain") -> TaskData:
     """Resolve a built-in task name, a data file, or a directory holding train/test files.
 
     ``task_cap`` mixes the train split's tasks examples-proportionally with that cap per task (Flan);
     ``mixture`` adds more training files (``path`` or ``path@weight``), mixed by the same rule.
+    ``sni_encoding`` renders Super-NI instructions (e.g. "def+pos2"; see formats.super_ni).
     """
     reports: list[LoadReport] = []
 
     def load(p: str | Path) -> list[Example]:
         reports.append(LoadReport())
-        return load_examples(p, skip_bad=skip_bad, report=reports[-1])
+        return load_examples(p, skip_bad=skip_bad, report=reports[-1], sni_encoding=sni_encoding)
 
     if task in TASKS and not (train or eval):
         spec = TASKS[task]

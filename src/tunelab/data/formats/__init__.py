@@ -29,8 +29,23 @@ Loader = Callable[[Path, LoadOptions, LoadReport], list[Example]]
 
 
 def load_uniform(path: Path, opts: LoadOptions, report: LoadReport) -> list[Example]:
-    """tunelab's own JSONL schema, validated strictly row by row (``tunelab.data.jsonl``)."""
+    """tunelab's own JSONL schema, validated strictly row by row (``tunelab.data.jsonl``).
+
+    With a Super-NI encoding other than 'plain', instructions are re-rendered from the ``tasks.jsonl``
+    beside the file (Tk-Instruct's "definition + k positive examples" ... on the shared slices).
+    """
     task = path.parent.name or path.stem
+    examples = _uniform_rows(path, task, opts, report)
+    if super_ni.SniEncoding.parse(opts.sni_encoding).plain:
+        return examples
+    tasks_file = path.parent / "tasks.jsonl"
+    if not tasks_file.is_file():
+        raise DataError(f"--sni-encoding {opts.sni_encoding} re-renders Super-NI rows from tasks.jsonl, which is "
+                        "not beside this file", path=str(path))
+    return super_ni.apply_encoding(examples, super_ni.load_task_rows(tasks_file), opts.sni_encoding)
+
+
+def _uniform_rows(path: Path, task: str, opts: LoadOptions, report: LoadReport) -> list[Example]:
     return convert_records(
         jsonl_records(path, strict=False),
         lambda row, line: example_from_row(row if isinstance(row, dict) else _not_object(row), task=task,
