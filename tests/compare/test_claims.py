@@ -1,0 +1,101 @@
+"""Claims: paired bootstrap verdicts follow the data; absent methods are 'not measured'."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from tunelab.compare.claims import evaluate_claims, summarise
+
+
+def _cell(tmp: Path, method: str, seed: int, scores: list[float], task: str = "t", unseen: bool = False,
+          metric: str = "exact_match", **extra) -> dict:
+    name = {"pt": "prompt_tuning", "zero": "icl", "icl_random": "icl", "icl_similar": "icl"}.get(method, method)
+    options = {"name": name}
+    if method == "zero":
+        options["k"] = 0
+    if method.startswith("icl_"):
+        options.update(k=1, selection=method.removeprefix("icl_"))
+    path = tmp / f"{method}-{task}-{seed}.jsonl"
+    path.write_text("".join(json.dumps({"id": f"e{i}", "prediction": "x", "references": ["y"],
+                                        "scores": {metric: s}}) + "\n" for i, s in enumerate(scores)))
+    return {"method": method, "method_name": name, "task": task, "seed": seed, "train_size": None,
+            "prompt_length": 20 if name in ("prompt_tuning", "ipt") else None, "unseen": int(unseen),
+            "primary_metric": metric, "predictions": str(path), "config": {"method": options},
+            "adapter_bytes": extra.get("adapter_bytes", 0), "train_seconds": extra.get("train_seconds", 0.0),
+            "quality": sum(scores) / len(scores)}
+
+
+def _scores(p: float, n: int = 200, seed: int = 0) -> list[float]:
+    rng = random.Random(seed)
+    return [100.0 * (rng.random() < p) for _ in range(n)]
+
+
+def _by_id(findings, cid):
+    return [f for f in findings if f.claim.id == cid]
+
+
+def test_clear_win_is_supported_and_clear_loss_contradicted(tmp_path):
+    rows = [_cell(tmp_path, "ipt", s, _scores(0.8, seed=s)) for s in range(3)]
+    rows += [_cell(tmp_path, "pt", s, _scores(0.3, seed=10 + s)) for s in range(3)]
+    rows += [_cell(tmp_path, "icl_similar", 0, _scores(0.2, seed=5))]
+    rows += [_cell(tmp_path, "icl_random", 0, _scores(0.6, seed=6))]
+    findings = evaluate_claims(rows, n_resamples=500)
+    (ipt,) = _by_id(findings, "ipt_beats_pt")
+    assert ipt.verdict == "supported" and 40 < ipt.effect < 60 and ipt.ci[0] > 0
+    (retrieved,) = _by_id(findings, "retrieved_icl")
+    assert retrieved.verdict == "contradicted" and retrieved.ci[1] < 0
+    (lora,) = _by_id(findings, "lora_beats_pt")
+    assert lora.verdict == "not measured" and "LoRA" in lora.detail
+    assert summarise(findings)["it_unseen"] == "not measured"
+
+
+def test_same_distribution_is_inconclusive(tmp_path):
+    scores = _scores(0.5, seed=1)
+    rows = [_cell(tmp_path, "ipt", s, scores) for s in range(2)] + [_cell(tmp_path, "pt", s, scores) for s in range(2)]
+    (ipt,) = _by_id(evaluate_claims(rows, n_resamples=300), "ipt_beats_pt")
+    assert ipt.verdict == "inconclusive" and ipt.effect == 0 and ipt.ci[0] <= 0 <= ipt.ci[1]
+
+
+def test_seed_variance_claim(tmp_path):
+    rows = [_cell(tmp_path, "pt", s, _scores(p, seed=s)) for s, p in enumerate([0.1, 0.5, 0.9, 0.2])]
+    rows += [_cell(tmp_path, "ipt", s, _scores(0.5, seed=20 + s)) for s in range(4)]
+    (var,) = _by_id(evaluate_claims(rows, n_resamples=500), "pt_unstable")
+    assert var.effect > 20 and var.verdict in {"supported", "inconclusive"}
+    assert "std over seeds" in var.detail
+
+
+def test_unseen_claim_uses_only_unseen_tasks(tmp_path):
+    rows = [_cell(tmp_path, "instruction_tuning", 0, _scores(0.7), task="seen"),
+            _cell(tmp_path, "zero", 0, _scores(0.1, seed=3), task="seen")]
+    assert _by_id(evaluate_claims(rows, 200), "it_unseen")[0].verdict == "not measured"
+    rows += [_cell(tmp_path, "instruction_tuning", 0, _scores(0.7), task="new", unseen=True),
+             _cell(tmp_path, "zero", 0, _scores(0.1, seed=3), task="new", unseen=True)]
+    (finding,) = _by_id(evaluate_claims(rows, 200), "it_unseen")
+    assert finding.group == "new" and finding.verdict == "supported"
+
+
+@pytest.mark.parametrize(("pt_bytes", "verdict"), [(100, "supported"), (10_000, "contradicted")])
+def test_bytes_claim_compares_measured_sizes(tmp_path, pt_bytes, verdict):
+    rows = [_cell(tmp_path, "pt", 0, _scores(0.5), adapter_bytes=pt_bytes),
+            _cell(tmp_path, "lora", 0, _scores(0.5), adapter_bytes=5_000)]
+    (finding,) = _by_id(evaluate_claims(rows, 100), "pt_fewer_bytes")
+    assert finding.verdict == verdict and finding.effect == pytest.approx(pt_bytes / 5_000)
+    assert finding.ci is None
+
+
+def test_corpus_bleu_is_bootstrapped_from_predictions(tmp_path):
+    """BLEU does not decompose: statistics come from the stored predictions and references."""
+    good = [{"id": f"e{i}", "prediction": f"the cat number {i} sat on the mat", "references":
+             [f"the cat number {i} sat on the mat"], "scores": {}} for i in range(30)]
+    bad = [{**r, "prediction": "dog"} for r in good]
+    rows = []
+    for name, preds in (("ipt", good), ("pt", bad)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in preds))
+        rows.append({**_cell(tmp_path, name, 0, [0.0] * 30, metric="bleu"), "predictions": str(path)})
+    (finding,) = _by_id(evaluate_claims(rows, 200), "ipt_beats_pt")
+    assert finding.verdict == "supported" and finding.effect > 90

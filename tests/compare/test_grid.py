@@ -1,0 +1,111 @@
+"""Grid loading and validation: typos fail fast with the key's path; expansion covers every axis once."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from tests.conftest import shared_path
+
+from tunelab.compare import expand, list_presets, load_grid, plan, preset_path
+from tunelab.errors import ConfigError
+
+
+@pytest.mark.parametrize(("change", "path"), [
+    ({"seedz": [0]}, "seedz"),
+    ({"train": {"stpes": 3}}, "train.stpes"),
+    ({"methods": [{"name": "prompt_tuning", "num_virtual_tokenz": 4}]}, "methods[0].num_virtual_tokenz"),
+    ({"methods": [{"name": "icl", "k": 0}, {"name": "prompt_tuning", "train": {"lrr": 1}}]}, "methods[1].train.lrr"),
+    ({"tasks": [{"task": "date_format", "max_evl": 3}]}, "tasks[0].max_evl"),
+    ({"methods": [{"name": "icl", "k": "many"}]}, "methods[0].k"),
+])
+def test_typo_fails_fast_and_names_the_key(grid_file, change, path):
+    plan(grid_file())  # warm the imports so the timing below is the validation itself
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=path.replace("[", r"\[").replace("]", r"\]")) as info:
+        plan(grid_file(**change))
+    assert time.perf_counter() - start < 1.0
+    assert "grid.yaml" in str(info.value)  # the file is named too
+
+
+def test_unknown_method_lists_the_registry(grid_file):
+    with pytest.raises(ConfigError, match="unknown method 'prompt_tunning'.*prompt_tuning"):
+        plan(grid_file(methods=[{"name": "prompt_tunning"}]))
+
+
+def test_missing_data_fails_before_training(grid_file, tmp_path):
+    with pytest.raises(ConfigError, match="cell zero_shot / nowhere"):
+        plan(grid_file(tasks=[{"task": str(tmp_path / "nowhere"), "name": "nowhere"}]))
+
+
+def test_method_option_value_checked_by_the_method(grid_file):
+    with pytest.raises(ConfigError, match="num_virtual_tokens must be >= 1"):
+        plan(grid_file(methods=[{"name": "prompt_tuning", "num_virtual_tokens": 0}]))
+
+
+def test_expand_crosses_axes_and_sweeps_prompt_length_only_where_it_exists(grid_file):
+    grid = load_grid(grid_file(train_sizes=[8, 16], prompt_lengths=[2, 4], seeds=[0, 1, 2],
+                               methods=[{"name": "icl", "k": 0}, {"name": "prompt_tuning"},
+                                        {"name": "prompt_tuning", "num_virtual_tokens": 3, "label": "pt3"}]))
+    cells = expand(grid)
+    # icl: 2 sizes x 3 seeds; swept PT: 2 sizes x 2 lengths x 3 seeds; fixed-length PT: 2 sizes x 3 seeds
+    assert len(cells) == 6 + 12 + 6
+    assert len({c.key for c in cells}) == len(cells)
+    swept = [c for c in cells if c.method == "prompt_tuning"]
+    assert {c.config.method["num_virtual_tokens"] for c in swept} == {2, 4}
+    assert {c.prompt_length for c in cells if c.method == "pt3"} == {3}
+    assert {c.config.data.max_train for c in cells} == {8, 16}
+    assert {c.config.train.seed for c in cells} == {0, 1, 2}
+
+
+def test_cell_key_ignores_output_place_but_not_settings(grid_file):
+    a = expand(load_grid(grid_file()))
+    b = expand(load_grid(grid_file(eval={"batch_size": 2, "max_new_tokens": 4})))
+    c = expand(load_grid(grid_file(train={"steps": 3, "batch_size": 4})))
+    assert [x.key for x in a] == [x.key for x in b]  # eval batch size does not change greedy outputs
+    assert not {x.key for x in a} & {x.key for x in c if x.method_name != "icl"}
+
+
+def test_method_tasks_restricts_cells(grid_file):
+    grid = load_grid(grid_file(tasks=["date_format", "sentiment"],
+                               methods=[{"name": "icl", "k": 0}, {"name": "prompt_tuning", "tasks": ["sentiment"]}]))
+    cells = expand(grid)
+    assert {(c.method_name, c.task) for c in cells} == {("icl", "date_format"), ("icl", "sentiment"),
+                                                      ("prompt_tuning", "sentiment")}
+    with pytest.raises(ConfigError, match=r"methods\[0\].tasks: no task named 'nope'"):
+        load_grid(grid_file(methods=[{"name": "icl", "tasks": ["nope"]}]))
+
+
+def test_overrides_apply_to_the_grid(grid_file):
+    grid, cells = plan(grid_file(), ["train.steps=7", "seeds=[3]"])
+    assert {c.config.train.steps for c in cells} == {7} and {c.seed for c in cells} == {3}
+
+
+def test_presets_ship_all_three():
+    assert {"quick", "paper", "instruction"} <= set(list_presets())
+
+
+def test_quick_preset_validates_offline(tmp_path):
+    grid, cells = plan(preset_path("quick"), out=tmp_path)
+    assert grid.name == "quick" and len(cells) == 8
+    assert {c.method_name for c in cells} == {"icl", "prompt_tuning", "lora"}
+    assert {c.config.model.name for c in cells} == {"smollm2-135m"}
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("name", ["paper", "instruction"])
+def test_data_presets_validate_on_shared_data(name, tmp_path, monkeypatch):
+    shared_path()
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])  # presets say ../shared/data: relative to a checkout
+    grid, cells = plan(preset_path(name), out=tmp_path)
+    assert len(cells) > 10
+    if name == "paper":
+        assert {c.method_name for c in cells} == {"icl", "prompt_tuning", "ipt"}
+        assert len(grid.seeds) >= 3 and {c.prompt_length for c in cells if c.method_name == "ipt"} == {5, 20, 50}
+    else:
+        unseen = [c for c in cells if c.unseen]
+        assert {c.method for c in unseen} == {"base", "instruction_lora"}
+        train_rows = (tmp_path / "data" / "sni_unseen" / "train.jsonl").read_text()
+        for task in grid.tasks[0].eval_tasks:  # no unseen task leaks into training
+            assert f'"task": "{task}"' not in train_rows

@@ -1,0 +1,53 @@
+"""The report: Markdown + self-contained HTML from a store built by a tiny grid."""
+
+from __future__ import annotations
+
+import base64
+import re
+
+from tunelab.compare import plots, report
+from tunelab.compare.report import build_report, to_html
+from tunelab.compare.store import Store
+
+
+def test_report_from_a_tiny_grid(tiny_report):
+    md = tiny_report.report_md.read_text()
+    for section in ("Quality per method and task", "Quality against cost", "Learning curves", "Prompt-length sweeps",
+                    "IPT minus PT by demonstration similarity", "Claims"):
+        assert f"## {section}" in md
+    # every seed of every setting is listed, with mean ± std
+    assert md.count("| date_format | pt | ") == 2 and md.count("| date_format | zero_shot | ") == 2
+    assert "0: " in md and "1: " in md and " ± " in md
+    assert "![quality vs training-set size](plots/learning_curve.png)" in md
+    assert "the grid has one prompt length per task" in md  # the sweep is absent, with the reason
+    assert "| IPT improves on prompt tuning (Sun et al. 2023) | IPT > PT (quality, same task/data/length) | not measured |" in md
+    assert "PT > random ICL" in md
+    for name in ("quality", "pareto_trainable_params", "pareto_train_seconds", "pareto_adapter_bytes",
+                 "learning_curve"):
+        assert (tiny_report.report_md.parent / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_html_is_self_contained(tiny_report):
+    html = tiny_report.report_html.read_text()
+    images = re.findall(r"src='data:image/png;base64,([^']+)'", html)
+    assert len(images) == 5
+    assert all(base64.b64decode(i)[:4] == b"\x89PNG" for i in images)
+    assert not re.search(r"(src|href)=['\"](?!data:)", html)  # nothing loaded from files or the network
+
+
+def test_report_command_rebuilds_from_the_store(tiny_report, tmp_path):
+    md, html = report(tiny_report.store, tmp_path)
+    assert md.read_text().split("## Claims")[1] == tiny_report.report_md.read_text().split("## Claims")[1]
+    assert html.is_file()
+
+
+def test_prompt_length_sweep_plot_and_html_escaping(tiny_report):
+    with Store(tiny_report.store) as store:
+        rows = [r.data for r in store.rows(status="done")]
+    swept = [{**r, "prompt_length": 2 + 2 * (r["seed"] % 2)} for r in rows if r["method"] == "pt"]
+    assert plots.sweep(swept, "prompt_length", "virtual tokens")[:4] == b"\x89PNG"
+    assert plots.sweep([r for r in swept if r["prompt_length"] == 2], "prompt_length", "x") is None
+    with Store(tiny_report.store) as store:
+        rep = build_report(store)
+    rep.facts.append("<script>alert(1)</script>")
+    assert "<script>" not in to_html(rep)

@@ -1,0 +1,70 @@
+"""The sqlite results store: WAL, complete rows only, resumable status, several writer processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+
+import pytest
+
+from tunelab.compare.store import Store, open_existing
+from tunelab.errors import TunelabError
+
+
+def _row(key: str, status: str = "done", **extra) -> dict:
+    return {"key": key, "grid": "g", "method": "m", "method_name": "icl", "task": "t", "seed": 0,
+            "status": status, "config": {"method": {"name": "icl"}}, "metrics": {"exact_match": 50.0},
+            "primary_metric": "exact_match", "quality": 50.0, **extra}
+
+
+def test_wal_mode_and_roundtrip(tmp_path):
+    with Store(tmp_path / "s.sqlite") as store:
+        assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert store.status("a") is None
+        store.record(_row("a"))
+        store.record(_row("b", "failed", error="ValueError: boom"))
+        assert store.status("a") == "done" and store.status("b") == "failed"
+        assert store.count() == {"done": 1, "failed": 1}
+        (a,) = store.rows(status="done")
+        assert a.metrics == {"exact_match": 50.0} and a.config["method"]["name"] == "icl" and a.attempts == 1
+
+
+def test_rerecording_a_cell_replaces_it_and_counts_attempts(tmp_path):
+    with Store(tmp_path / "s.sqlite") as store:
+        store.record(_row("a", "failed", error="x"))
+        store.record(_row("a"))
+        rows = store.rows()
+        assert len(rows) == 1 and rows[0].status == "done" and rows[0].attempts == 2
+
+
+def test_status_is_constrained(tmp_path):
+    with Store(tmp_path / "s.sqlite") as store, pytest.raises(sqlite3.IntegrityError):
+        store.record(_row("a", status="running"))
+    with Store(tmp_path / "s.sqlite") as store:
+        assert store.rows() == []  # the failed insert left nothing behind
+
+
+def test_report_needs_an_existing_store(tmp_path):
+    with pytest.raises(TunelabError, match="no results store"):
+        open_existing(tmp_path / "missing.sqlite")
+
+
+def _writer(path: str, worker: int, n: int) -> None:
+    with Store(path) as store:
+        for i in range(n):
+            store.record(_row(f"w{worker}-{i}", seed=i))
+
+
+def test_several_writer_processes(tmp_path):
+    path = str(tmp_path / "s.sqlite")
+    Store(path).close()
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter per writer, as separate grid workers are
+    procs = [ctx.Process(target=_writer, args=(path, w, 40)) for w in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    with Store(path) as store:
+        keys = [r.key for r in store.rows()]
+    assert sorted(keys) == sorted(f"w{w}-{i}" for w in range(3) for i in range(40))
