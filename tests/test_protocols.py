@@ -72,17 +72,19 @@ def test_super_ni_report_per_task_and_averaged(tmp_path):
     assert len(rows) == 6 and {"id", "task", "prediction", "references", "scores"} <= set(rows[0])
 
 
-def test_eval_with_adapter_reproduces_the_runs_own_predictions(tmp_path):
+@pytest.mark.parametrize("method", [["method.name=prompt_tuning", "method.num_virtual_tokens=2"],
+                                    ["method.name=icl", "method.k=2"]], ids=["prompt_tuning", "icl"])
+def test_eval_with_adapter_reproduces_the_runs_own_predictions(tmp_path, method):
+    """Same weights, template and demonstrations as the run's own evaluation, so the same outputs."""
     from tunelab.run import run
 
-    run(build_config(None, ["method.name=prompt_tuning", "method.num_virtual_tokens=2", "model.name=tiny",
-                            "data.task=date_format", "train.steps=2", "train.batch_size=2", "data.max_eval=5",
-                            f"out={tmp_path / 'run'}"]), progress=False)
+    run(build_config(None, [*method, "model.name=tiny", "data.task=date_format", "train.steps=2",
+                            "train.batch_size=2", "data.max_eval=5", f"out={tmp_path / 'run'}"]), progress=False)
     report = run_eval(EvalRequest(data="date_format", adapter=str(tmp_path / "run" / "adapter"), max_eval=5,
                                   n_resamples=100))
     from_run = [json.loads(line)["prediction"]
                 for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
-    assert report.info["method"] == "prompt_tuning" and report.info["model"] == "tiny"
+    assert report.info["method"] == method[0].split("=")[1] and report.info["model"] == "tiny"
     assert [p["prediction"] for p in report.predictions] == from_run
 
 

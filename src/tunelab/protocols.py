@@ -75,10 +75,15 @@ class Loaded:
     template: str
     system_prompt: str | None
     seconds: float
+    demos: Any = None  # DemoSelector of methods that show demonstrations, else None
 
 
 def load_for_eval(model: str | None, adapter_dir: str | None, template: str = "auto") -> Loaded:
-    """The base model with the adapter in ``adapter_dir`` (any method) loaded on top, or the bare model."""
+    """The base model with the adapter in ``adapter_dir`` (any method) loaded on top, or the bare model.
+
+    A method that shows demonstrations (ICL, IPT) draws them, as in its run, from the training split
+    recorded in RUN/result.json beside the adapter.
+    """
     from tunelab.formatting import resolve_template
     from tunelab.methods import METHODS, method_config
     from tunelab.methods.base import MethodConfig, freeze, read_meta
@@ -93,16 +98,28 @@ def load_for_eval(model: str | None, adapter_dir: str | None, template: str = "a
                           f"drop --model or pass --model {base}")
     name = model or base or "smollm2-135m"
     base_model, tokenizer = load_model(name)
+    demos = None
     if adapter_dir:
         method, cfg = method_config({"name": meta["method"], **meta.get("config", {})})
         adapter = METHODS[method.name].load(Path(adapter_dir), base_model, cfg)
+        run_cfg = _run_config(adapter_dir)
+        if run_cfg is not None:
+            data = run_cfg.get("data", {})
+            train = load_task(data.get("task"), data.get("train"), data.get("eval")).train
+            demos = method.demonstrations(cfg, train, run_cfg.get("train", {}).get("seed", 0))
     else:
         freeze(base_model)
         adapter = FrozenAdapter(base_model, "base", MethodConfig())
     adapter.eval()
     layout = meta.get("template") if template == "auto" and meta.get("template") else template
     return Loaded(adapter, tokenizer, name, meta.get("method", "base"), resolve_template(layout, tokenizer),
-                  meta.get("system_prompt"), time.perf_counter() - start)
+                  meta.get("system_prompt"), time.perf_counter() - start, demos)
+
+
+def _run_config(adapter_dir: str) -> dict[str, Any] | None:
+    """The resolved config of the run that wrote ``adapter_dir`` (RUN/result.json), if it is there."""
+    result = Path(adapter_dir).parent / "result.json"
+    return json.loads(result.read_text()).get("config") if result.is_file() else None
 
 
 def cap_per_task(examples: Sequence[Example], n: int | None) -> list[Example]:
@@ -136,10 +153,7 @@ def training_tasks(path: str) -> set[str]:
 
 def adapter_training_data(adapter_dir: str) -> str | None:
     """The training data recorded by the run that wrote ``adapter_dir`` (RUN/result.json), if any."""
-    result = Path(adapter_dir).parent / "result.json"
-    if not result.is_file():
-        return None
-    data = json.loads(result.read_text()).get("config", {}).get("data", {})
+    data = (_run_config(adapter_dir) or {}).get("data", {})
     return data.get("train") or data.get("task")
 
 
@@ -222,7 +236,8 @@ def run_eval(req: EvalRequest, progress: Callable[[int], None] | None = None) ->
     template = loaded.template
 
     def run_one(group: list[Example], max_new_tokens: int | None) -> EvalResult:
-        return evaluate(loaded.adapter, loaded.tokenizer, group, names, req.eval, template, None,
+        group = [loaded.adapter.rewrite(e) for e in group]  # a discrete prompt swaps the instruction
+        return evaluate(loaded.adapter, loaded.tokenizer, group, names, req.eval, template, loaded.demos,
                         req.system_prompt or loaded.system_prompt, req.max_length,
                         req.eval.max_new_tokens or max_new_tokens, progress, req.n_resamples)
 
