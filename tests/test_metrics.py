@@ -140,3 +140,17 @@ def test_sql_normalisation_on_every_spider_query_is_idempotent_and_case_blind():
     assert np.mean(scores) > 99, [s for s, v in zip(shouted, scores, strict=True) if not v][:3]
     # and distinct queries stay distinct
     assert len(set(normalized)) > 0.9 * len({r["output"] for r in rows})
+
+
+def test_paired_bootstrap_on_corpus_bleu_statistics():
+    from tunelab.stats import paired_bootstrap
+
+    rows = _rows("webnlg")
+    refs = [r["references"] for r in rows]
+    good = [rs[0] if i % 3 else refs[(i + 1) % len(refs)][0] for i, rs in enumerate(refs)]  # 2/3 right
+    bad = [rs[0] if i % 3 == 0 else refs[(i + 1) % len(refs)][0] for i, rs in enumerate(refs)]  # 1/3 right
+    bleu = M.METRICS["bleu"]
+    result = paired_bootstrap(bleu.stats(good, refs), bleu.stats(bad, refs), bleu.reduce, n_resamples=300)
+    assert result.a == pytest.approx(M.compute(["bleu"], good, refs)["bleu"])
+    assert result.b == pytest.approx(M.compute(["bleu"], bad, refs)["bleu"])
+    assert result.ci[0] > 0 and result.p_value < 0.01

@@ -97,6 +97,8 @@ def evaluate(adapter, tokenizer, examples: Sequence[Example], metric_names: Sequ
                                      cfg.batch_size)
         ranked = [e.options[max(range(len(s)), key=s.__getitem__)] for e, s in zip(examples, option_scores,
                                                                                     strict=True)]
+        if progress and all(n in M.RANKED for n in metric_names):
+            progress(len(examples))
     scores, per_example = M.score(metric_names, preds, refs, ranked)
     ci = M.confidence_intervals(metric_names, preds, refs, ranked, n_resamples=n_resamples)
     rows = [{n: vals[i] for n, vals in per_example.items()} for i in range(len(examples))]

@@ -16,6 +16,9 @@ from tunelab.modeling import hidden_states, mask_for, pad_batch
 
 @dataclass
 class GenerationConfig:
+    """Decoding settings. Sampling draws from one generator per batch seeded with ``seed``, so sampled
+    (unlike greedy) outputs depend on which rows share a batch; fix ``batch_size`` to reproduce them."""
+
     max_new_tokens: int = 64
     do_sample: bool = False
     temperature: float = 1.0
