@@ -36,7 +36,9 @@ def test_source_prompt_with_target_demos_and_no_training(prompt_run, tmp_path):
     target = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))["prompt_embeddings"]
     assert torch.equal(source, target)
     rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
-    assert len(rows) == 4  # evaluated with the target task's demonstrations
+    assert len(rows) == 4 and all("demo_similarity" in r for r in rows)  # with target-task demonstrations
+    meta = json.loads((tmp_path / "adapter" / "tunelab_adapter.json").read_text())
+    assert meta["folded_from"] is None  # the transferred prompt is saved whole; loading needs no source
 
 
 def test_soft_prompt_transfer_starts_from_the_source_prompt(prompt_run):
@@ -62,6 +64,7 @@ def test_lora_then_prompt_tuning_on_top_reloads_identically(tmp_path):
     assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
 
     meta = json.loads((pt_dir / "adapter" / "tunelab_adapter.json").read_text())
+    assert meta["folded_from"] == str((lora_dir / "adapter").resolve())
     method, config = method_config({"name": meta["method"], **meta["config"]})
     reloaded = method.load(pt_dir / "adapter", base, config)  # folds the LoRA source in again
     torch.testing.assert_close(reloaded.model.model.layers[0].self_attn.q_proj.weight,

@@ -45,6 +45,7 @@ class Adapter(nn.Module):
         self.model = model  # the transformers model to call (LoRA layers, if any, are patched in)
         self.method = method
         self.config = config
+        self.folded_from: str | None = None  # adapter folded into the base weights (init_from); loads fold it again
 
     def soft_prompt(self, batch_size: int) -> torch.Tensor | None:
         """Learned input embeddings placed before the text, (B, n, C); None if the method has none."""
@@ -112,7 +113,7 @@ def write_meta(directory: Path, adapter: Adapter, extra: dict[str, Any]) -> None
     from tunelab.paths import atomic_write_json
 
     atomic_write_json(directory / ADAPTER_META, {"method": adapter.method, "config": asdict(adapter.config),
-                                                 **extra})
+                                                 "folded_from": adapter.folded_from, **extra})
 
 
 def read_meta(directory: Path) -> dict[str, Any]:

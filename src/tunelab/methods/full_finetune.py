@@ -64,7 +64,9 @@ def build_full(name: str, model: PreTrainedModel, config: MethodConfig) -> FullA
     model = source.model if source else model
     for p in model.parameters():
         p.requires_grad_(True)
-    return FullAdapter(model, name, config)
+    adapter = FullAdapter(model, name, config)
+    adapter.folded_from = source.folded_from if source else None  # provenance; the saved weights include it
+    return adapter
 
 
 def load_full(name: str, directory: Path, model: PreTrainedModel, config: MethodConfig) -> FullAdapter:

@@ -67,14 +67,16 @@ def build_lora(name: str, model: PreTrainedModel, config: LoraMethodConfig) -> L
     model = source.model if source else model
     freeze(model)
     try:
-        return LoraAdapter(get_peft_model(model, lora_config(config)), name, config)
+        adapter = LoraAdapter(get_peft_model(model, lora_config(config)), name, config)
     except ValueError as exc:  # peft names the modules it could not find
         raise ConfigError(f"method.target_modules={config.target_modules}: {exc}") from None
+    adapter.folded_from = source.folded_from if source else None
+    return adapter
 
 
 def load_lora(name: str, directory: Path, model: PreTrainedModel, config: LoraMethodConfig) -> LoraAdapter:
     """A saved LoRA adapter on the model it was trained on."""
-    model = base_model(config.init_from, model)
+    model = base_model(directory, model)
     freeze(model)
     return LoraAdapter(PeftModel.from_pretrained(model, str(directory)), name, config)
 

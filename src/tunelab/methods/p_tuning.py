@@ -55,9 +55,11 @@ class PTuning(MethodDefaults):
                                           encoder_reparameterization_type=config.encoder_type,
                                           encoder_hidden_size=config.encoder_hidden_size or hidden,
                                           encoder_num_layers=config.encoder_num_layers)
-        return SoftPromptAdapter(get_peft_model(model, peft_config), self.name, config)
+        adapter = SoftPromptAdapter(get_peft_model(model, peft_config), self.name, config)
+        adapter.folded_from = source.folded_from if source else None
+        return adapter
 
     def load(self, directory: Path, model: PreTrainedModel, config: PTuningConfig) -> Adapter:
-        model = base_model(config.init_from, model)
+        model = base_model(directory, model)
         freeze(model)
         return SoftPromptAdapter(PeftModel.from_pretrained(model, str(directory)), self.name, config)

@@ -78,9 +78,10 @@ class PrefixTuning(MethodDefaults):
         adapter = PrefixAdapter(get_peft_model(model, peft_config), self.name, config)
         if source is not None and source.weights:
             _transfer(adapter, source, config)
+        adapter.folded_from = source.folded_from if source else None
         return adapter
 
     def load(self, directory: Path, model: PreTrainedModel, config: PrefixTuningMethodConfig) -> Adapter:
-        model = base_model(config.init_from, model)
+        model = base_model(directory, model)
         freeze(model)
         return PrefixAdapter(PeftModel.from_pretrained(model, str(directory)), self.name, config)

@@ -104,13 +104,14 @@ def build_soft_prompt(name: str, model: PreTrainedModel, tokenizer: PreTrainedTo
     with torch.no_grad():
         adapter = SoftPromptAdapter(peft_model, name, config)
         adapter.prompt_weight.copy_(initial_prompt(model, tokenizer, config, train, seed, source))
+    adapter.folded_from = source.folded_from if source else None
     return adapter
 
 
 def load_soft_prompt(name: str, directory: Path, model: PreTrainedModel,
                      config: PromptTuningMethodConfig) -> SoftPromptAdapter:
     """A saved soft prompt on the model it was trained on."""
-    model = base_model(config.init_from, model)
+    model = base_model(directory, model)
     freeze(model)
     return SoftPromptAdapter(PeftModel.from_pretrained(model, str(directory)), name, config)
 

@@ -8,12 +8,13 @@ Two cases, decided by the source adapter itself (``Adapter.merged_model``):
   (soft-prompt transfer, Vu et al. 2022 "SPoT"). With ``train.steps=0`` that is a source-task prompt
   used as is, e.g. by ``ipt`` with target-task demonstrations and no training.
 
-The chain is recorded: a saved adapter's config keeps ``init_from``, and loading it folds the same
-source in again, so the source directory must stay where it was.
+A folded source is recorded (``folded_from`` in the saved adapter's metadata) and loading folds it in
+again, so that directory must stay where it was; a transferred prompt is saved whole and needs no source.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,11 @@ class Source:
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
     directory: Path | None = None
 
+    @property
+    def folded_from(self) -> str | None:
+        """The source directory when it was folded into the weights (to record in the adapter's metadata)."""
+        return None if self.weights else str(self.directory)
+
     def prompt(self) -> torch.Tensor | None:
         """The source's saved prompt tensor (n, width), peft's ``prompt_embeddings``; None if it has none."""
         return self.weights.get("prompt_embeddings")
@@ -43,7 +49,7 @@ class Source:
 
 def adapter_dir(path: str | Path) -> Path:
     """Accept a run directory (holding adapter/) or the adapter directory itself."""
-    path = Path(path).expanduser()
+    path = Path(path).expanduser().resolve()  # recorded in metadata: must not depend on the cwd
     if (path / "adapter" / ADAPTER_META).is_file():
         return path / "adapter"
     if (path / ADAPTER_META).is_file():
@@ -73,10 +79,11 @@ def start_from(init_from: str | None, model: PreTrainedModel) -> Source | None:
     return Source(method.name, model, weights, directory)
 
 
-def base_model(init_from: str | None, model: PreTrainedModel) -> PreTrainedModel:
-    """The model a saved adapter was trained on: ``model`` with its ``init_from`` source folded in, if any."""
-    source = start_from(init_from, model)
-    return model if source is None else source.model
+def base_model(directory: Path, model: PreTrainedModel) -> PreTrainedModel:
+    """The model the adapter saved in ``directory`` was trained on: ``model`` plus the run folded in, if any."""
+    meta_path = Path(directory) / ADAPTER_META
+    folded = json.loads(meta_path.read_text()).get("folded_from") if meta_path.is_file() else None
+    return start_from(folded, model).model if folded else model
 
 
 def require_no_prompt(source: Source | None, target: str) -> None:
