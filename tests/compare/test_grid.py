@@ -88,7 +88,7 @@ def test_presets_ship_all_three():
 
 def test_quick_preset_validates_offline(tmp_path):
     grid, cells = plan(preset_path("quick"), out=tmp_path)
-    assert grid.name == "quick" and len(cells) == 8
+    assert grid.name == "quick" and len(cells) == 7
     assert {c.method_name for c in cells} == {"icl", "prompt_tuning", "lora"}
     assert {c.config.model.name for c in cells} == {"smollm2-135m"}
 
@@ -109,3 +109,23 @@ def test_data_presets_validate_on_shared_data(name, tmp_path, monkeypatch):
         train_rows = (tmp_path / "data" / "sni_unseen" / "train.jsonl").read_text()
         for task in grid.tasks[0].eval_tasks:  # no unseen task leaks into training
             assert f'"task": "{task}"' not in train_rows
+
+
+def test_method_seeds_override(grid_file):
+    cells = expand(load_grid(grid_file(methods=[{"name": "icl", "k": 0, "seeds": [0]}, {"name": "prompt_tuning"}])))
+    assert sorted((c.method, c.seed) for c in cells) == [("icl(k=0)", 0), ("prompt_tuning", 0), ("prompt_tuning", 1)]
+    with pytest.raises(ConfigError, match=r"methods\[0\].seeds"):
+        load_grid(grid_file(methods=[{"name": "icl", "seeds": "zero"}]))
+
+
+def test_cell_key_survives_new_default_fields(grid_file):
+    """A config field at its default does not enter the key, so adding one keeps stored cells valid."""
+    from tunelab.compare.grid import cell_key
+
+    cell = expand(load_grid(grid_file()))[0]
+    cfg = cell.config
+    assert cell_key(cfg) == cell.key
+    cfg.data.template = "auto"  # explicitly the default
+    assert cell_key(cfg) == cell.key
+    cfg.data.template = "plain"
+    assert cell_key(cfg) != cell.key

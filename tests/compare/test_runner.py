@@ -22,7 +22,7 @@ def test_grid_runs_then_resumes_without_redoing_cells(grid_file, tmp_path):
     assert len(rows) == 4 and {r.status for r in rows} == {"done"}
     for row in rows:
         assert Path(row.predictions).is_file() and row.n_eval == 6
-        assert row.peak_rss_mb > 0 and row.eval_seconds > 0 and row.versions["torch"]
+        assert row.peak_rss_mb > 0 and row.eval_seconds > 0 and row.cpu_seconds > 0 and row.versions["torch"]
         assert set(row.metrics) == {"exact_match", "rouge_l"} and row.quality == row.metrics["exact_match"]
         assert row.config["train"]["seed"] == row.seed
     pt = [r for r in rows if r.method == "pt"]

@@ -68,3 +68,16 @@ def test_several_writer_processes(tmp_path):
     with Store(path) as store:
         keys = [r.key for r in store.rows()]
     assert sorted(keys) == sorted(f"w{w}-{i}" for w in range(3) for i in range(40))
+
+
+def test_older_store_gains_new_columns(tmp_path):
+    path = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE cells (key TEXT PRIMARY KEY, grid TEXT NOT NULL, method TEXT NOT NULL, "
+                 "method_name TEXT NOT NULL, task TEXT NOT NULL, seed INTEGER NOT NULL, status TEXT NOT NULL, "
+                 "config TEXT NOT NULL, finished_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 1)")
+    conn.commit()
+    conn.close()
+    with Store(path) as store:
+        store.record(_row("a", cpu_seconds=1.5))
+        assert store.rows()[0].cpu_seconds == 1.5

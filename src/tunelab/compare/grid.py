@@ -31,7 +31,7 @@ from tunelab.config import (
 from tunelab.errors import ConfigError, TunelabError
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
-METHOD_RESERVED = ("name", "label", "tasks", *SECTIONS)  # keys of a method entry that are not method options
+METHOD_RESERVED = ("name", "label", "tasks", "seeds", *SECTIONS)  # keys of a method entry that are not method options
 PROMPT_LENGTH_FIELD = "num_virtual_tokens"  # the option `prompt_lengths` sweeps, for methods that have it
 
 
@@ -44,6 +44,7 @@ class MethodSpec:
     label: str | None = None  # how the report names it; default: name plus its options
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # {"train": {"lr": 0.3}, ...}
     tasks: list[str] | None = None  # run only on these task labels (None = every task of the grid)
+    seeds: list[int] | None = None  # e.g. [0] for a deterministic method (zero-shot); None = the grid's seeds
 
     @property
     def display(self) -> str:
@@ -196,7 +197,11 @@ def _method_spec(entry: Any, path: str) -> MethodSpec:
     tasks = entry.get("tasks")
     if tasks is not None and (not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks)):
         raise ConfigError(f"{path}.tasks: expected a list of task labels, got {tasks!r}")
-    return MethodSpec(method.name, options, str(label) if label is not None else None, overrides, tasks)
+    seeds = entry.get("seeds")
+    if seeds is not None and (not isinstance(seeds, list) or not seeds
+                              or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
+        raise ConfigError(f"{path}.seeds: expected a non-empty list of integers, got {seeds!r}")
+    return MethodSpec(method.name, options, str(label) if label is not None else None, overrides, tasks, seeds)
 
 
 def _task_spec(entry: Any, path: str) -> TaskSpec:
@@ -206,13 +211,30 @@ def _task_spec(entry: Any, path: str) -> TaskSpec:
 
 
 def cell_key(cfg: RunConfig) -> str:
-    """Hash of everything that changes a cell's result (not where it is written or whether it resumes)."""
-    data = to_dict(cfg)
+    """Hash of everything that changes a cell's result (not where it is written or whether it resumes).
+
+    Settings left at their defaults are dropped first, so a tunelab upgrade that adds a config field
+    (with a default that keeps the old behaviour) does not invalidate the cells already in a store.
+    """
+    data = _non_default(to_dict(cfg), to_dict(RunConfig()))
     data.pop("out", None)
-    data["train"].pop("resume", None)
-    data["eval"].pop("batch_size", None)  # greedy decoding: batch size changes speed, not outputs
+    data.get("train", {}).pop("resume", None)
+    data.get("eval", {}).pop("batch_size", None)  # greedy decoding: batch size changes speed, not outputs
+    data["method"] = dict(cfg.method)  # options as given; the name always counts
     blob = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _non_default(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(defaults.get(key), dict):
+            value = _non_default(value, defaults[key])
+            if value:
+                out[key] = value
+        elif key not in defaults or defaults[key] != value:
+            out[key] = value
+    return out
 
 
 def expand(grid: GridConfig, data_dir: Path | None = None) -> list[Cell]:
@@ -230,7 +252,7 @@ def expand(grid: GridConfig, data_dir: Path | None = None) -> list[Cell]:
             lengths: list[int | None] = list(grid.prompt_lengths) if sweeps and grid.prompt_lengths else [None]
             for size in grid.train_sizes:
                 for length in lengths:
-                    for seed in grid.seeds:
+                    for seed in spec.seeds or grid.seeds:
                         cells.append(_cell(grid, task, task_data, spec, seed, size, length))
     keys = [c.key for c in cells]
     if len(set(keys)) != len(keys):

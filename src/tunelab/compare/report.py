@@ -101,9 +101,15 @@ def _quality_table(rows: list[dict[str, Any]]) -> Table:
                     ", ".join(f"{c['seed']}: {c['quality']:.2f}" for c in cells),
                     _fmt_int(cells[0]["trainable_params"]),
                     f"{mean(c['train_seconds'] for c in cells):.1f}", f"{mean(c['eval_seconds'] for c in cells):.1f}",
-                    f"{max(c['peak_rss_mb'] or 0 for c in cells):.0f}", _fmt_int(cells[0]["adapter_bytes"])])
+                    _cpu(cells), f"{max(c['peak_rss_mb'] or 0 for c in cells):.0f}",
+                    _fmt_int(cells[0]["adapter_bytes"])])
     return Table(["task", "method", "train size", "prompt len", "metric", "mean ± std", "per seed",
-                  "trainable params", "train s", "eval s", "peak RSS MB", "adapter bytes"], out)
+                  "trainable params", "train s", "eval s", "cell CPU s", "peak RSS MB", "adapter bytes"], out)
+
+
+def _cpu(cells: list[dict[str, Any]]) -> str:
+    values = [c.get("cpu_seconds") for c in cells if c.get("cpu_seconds") is not None]
+    return f"{mean(values):.1f}" if values else "-"
 
 
 def _similarity(rows: list[dict[str, Any]]) -> Figure:

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import resource
 import threading
 import time
 import traceback
@@ -27,6 +28,7 @@ from tunelab.config import RunConfig, from_dict, to_dict
 from tunelab.paths import atomic_write_json
 
 ERROR_FILE = "error.json"
+USAGE_FILE = "usage.json"  # CPU seconds of the cell's process, written beside result.json
 
 
 @dataclass
@@ -110,6 +112,7 @@ def _run_one(grid: GridConfig, cell: Cell, out_dir: Path, progress: bool, summar
         summary.reused += 1
         return _row(grid, cell, cfg, result, None)
     (out / ERROR_FILE).unlink(missing_ok=True)
+    (out / USAGE_FILE).unlink(missing_ok=True)
     error = _in_child(cfg, progress) if _can_fork_server() else _in_process(cfg, progress)
     result = _finished_on_disk(out, cell.key) if error is None else None
     if error is None and result is None:
@@ -137,6 +140,8 @@ def _row(grid: GridConfig, cell: Cell, cfg: RunConfig, result: dict[str, Any] | 
         return {**row, "status": "failed", "error": error or "unknown error", "versions": envinfo.versions(),
                 "git_commit": envinfo.git_commit()}
     metrics = result["metrics"]
+    usage_path = Path(cfg.out) / USAGE_FILE
+    row["cpu_seconds"] = json.loads(usage_path.read_text())["cpu_seconds"] if usage_path.is_file() else None
     primary = next(iter(metrics), None)
     return {**row, "status": "done", "metrics": metrics, "primary_metric": primary,
             "quality": metrics.get(primary) if primary else None,
@@ -189,6 +194,8 @@ def _child_main(cfg_dict: dict[str, Any], progress: bool, grid_pid: int) -> None
     _exit_with_parent(grid_pid)
     cfg = from_dict(RunConfig, cfg_dict)
     error = _in_process(cfg, progress)
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # a forked child's counters start at zero
+    atomic_write_json(Path(cfg.out) / USAGE_FILE, {"cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3)})
     if error is not None:
         atomic_write_json(Path(cfg.out) / ERROR_FILE, {"error": error})
         os._exit(1)

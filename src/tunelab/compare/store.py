@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS cells (
     eval_seconds REAL,
     cell_seconds REAL,
     peak_rss_mb REAL,
+    cpu_seconds REAL,              -- user + system CPU of the cell's process (wall time lies on a shared machine)
     adapter_bytes INTEGER,
     versions TEXT,
     git_commit TEXT,
@@ -60,7 +61,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 COLUMNS = ("key", "grid", "method", "method_name", "task", "seed", "train_size", "prompt_length", "unseen",
            "status", "error", "config", "metrics", "primary_metric", "quality", "predictions", "out_dir",
            "n_train", "n_eval", "trainable_params", "train_seconds", "eval_seconds", "cell_seconds",
-           "peak_rss_mb", "adapter_bytes", "versions", "git_commit", "result", "finished_at", "attempts")
+           "peak_rss_mb", "cpu_seconds", "adapter_bytes", "versions", "git_commit", "result", "finished_at", "attempts")
 JSON_COLUMNS = ("config", "metrics", "versions", "result")
 
 
@@ -93,10 +94,20 @@ class Store:
                     if statement.strip():
                         self.conn.execute(statement)
                 self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                self._add_new_columns()
         except sqlite3.DatabaseError as exc:
             raise TunelabError(f"cannot open results store {self.path}: {exc}") from None
         except OSError as exc:
             raise TunelabError(f"cannot open results store {self.path}: {exc.strerror or exc}") from None
+
+    def _add_new_columns(self) -> None:
+        """A store written by an older tunelab gains the columns added since (all nullable)."""
+        have = {row[1] for row in self.conn.execute("PRAGMA table_info(cells)")}
+        for line in SCHEMA.splitlines():
+            definition = line.split("--")[0].strip().rstrip(",")
+            name = definition.split(" ")[0] if definition else ""
+            if name in COLUMNS and name not in have and ("NOT NULL" not in definition or "DEFAULT" in definition):
+                self.conn.execute(f"ALTER TABLE cells ADD COLUMN {definition}")
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
