@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from tests.conftest import shared_path
+
 from tunelab.config import build_config
 from tunelab.data.formats import load_any
 from tunelab.formatting import encode_example

@@ -21,6 +21,7 @@ from tunelab.data.formats.base import (
     items,
     jsonl_records,
     obj,
+    strings,
     text,
 )
 from tunelab.data.formats.instruct import records_of
@@ -122,11 +123,10 @@ def _question_id(row: dict[str, Any]) -> int | str:
 def mt_bench_example(record: Any, where: int, answers: dict[Any, list[str]]) -> Example:
     """``{question_id, category, turns, reference?}``; reference answers make it a full conversation."""
     row = obj(record)
-    qid, turns = _question_id(row), [text({"turn": t}, "turn") for t in items(row, "turns")]
+    qid, turns = _question_id(row), strings(row, "turns")
     if not turns:
         raise BadRecord("expected at least one turn", "turns")
-    reference = answers.get(qid) or [text({"reference": t}, "reference") for t in items(row, "reference",
-                                                                                            required=False)]
+    reference = answers.get(qid) or strings(row, "reference", required=False)
     meta = {"question_id": qid, "category": text(row, "category", required=False), "turns": turns}
     messages = _answered(turns, reference)
     if messages:
@@ -168,7 +168,7 @@ def mt_bench_answer_example(record: Any, where: int, questions: dict[Any, list[s
     qid, choices = _question_id(row), items(row, "choices")
     if not choices:
         raise BadRecord("expected at least one choice", "choices")
-    answers = [text({"turn": t}, "turn") for t in items(choices[0], "turns")]
+    answers = strings(choices[0], "turns")
     if not answers:
         raise BadRecord("expected at least one answer turn", "turns")
     turns = questions.get(qid, [])

@@ -179,6 +179,11 @@ def _render(source: str, row: dict[str, Any], rng: random.Random) -> str:
 
 def render_promptsource(template: PromptTemplate, row: dict[str, Any], seed: str = "0") -> list[str]:
     """promptsource's ``Template.apply``: [prompt] or [prompt, target], stripped, pipes restored."""
+    return _apply(template, row, seed)[0]
+
+
+def _apply(template: PromptTemplate, row: dict[str, Any], seed: str) -> tuple[list[str], list[str]]:
+    """(rendered parts, answer choices) of one row."""
     missing = _compiled(template.jinja)[1] - set(row) - set(ENV.globals) - {"answer_choices", "choice"}
     if missing:
         raise BadRecord(f"template {template.name!r} needs column(s) {', '.join(sorted(missing))}; "
@@ -190,7 +195,7 @@ def render_promptsource(template: PromptTemplate, row: dict[str, Any], seed: str
         rendered = _render(template.jinja, {**values, "answer_choices": choices}, rng)
     except jinja2.TemplateError as exc:
         raise BadRecord(f"template {template.name!r} failed on this row: {exc}", "jinja") from None
-    return [part.replace(PIPE_ESCAPE, "|||").strip() for part in rendered.split("|||")]
+    return [part.replace(PIPE_ESCAPE, "|||").strip() for part in rendered.split("|||")], choices
 
 
 def answer_choices(template: PromptTemplate, row: dict[str, Any], rng: random.Random | None = None) -> list[str]:
@@ -199,6 +204,7 @@ def answer_choices(template: PromptTemplate, row: dict[str, Any], rng: random.Ra
         return []
     try:
         rendered = _render(template.answer_choices, row, rng or random.Random(0))
+        # (answer choices are rendered from the escaped row, so '|||' inside values cannot split them)
     except jinja2.TemplateError as exc:
         raise BadRecord(f"template {template.name!r}: answer_choices failed on this row: {exc}",
                         "answer_choices") from None
@@ -212,12 +218,10 @@ def promptsource_examples(templates: Sequence[PromptTemplate], row: Any, where: 
         raise BadRecord(f"expected an object, got {type(row).__name__}")
     out = []
     for t in templates:
-        parts = render_promptsource(t, row, seed=f"{seed}:{where}")
+        parts, choices = _apply(t, row, seed=f"{seed}:{where}")
         if len(parts) < 2 or not parts[1]:
             report.note(f"rows not applicable to template '{t.name}'")
             continue
-        values = {k: (v[:TEXT_VAR_LENGTH] if isinstance(v, str) else v) for k, v in _escape(row).items()}
-        choices = answer_choices(t, values, random.Random(f"{seed}:{where}:{t.id}"))
         meta = {"template": t.name, "template_id": t.id}
         if choices:
             meta["answer_choices"] = choices
