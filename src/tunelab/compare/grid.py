@@ -85,7 +85,6 @@ class GridConfig:
     data: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     eval: dict[str, Any] = field(default_factory=dict)
-    source: str = ""  # where it was loaded from (for messages)
 
 
 @dataclass(frozen=True)
@@ -127,7 +126,6 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> GridConfi
         grid = parse_grid(raw)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    grid.source = str(path)
     return grid
 
 
