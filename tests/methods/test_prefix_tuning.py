@@ -1,0 +1,36 @@
+"""Prefix tuning through the MLP reparameterisation: the MLP trains, and the saved prefix reproduces it."""
+
+import torch
+
+from tunelab.config import TrainConfig
+from tunelab.data import load_task
+from tunelab.formatting import build_prompt, encode, encode_prompt
+from tunelab.generate import GenerationConfig, generate
+from tunelab.methods import METHODS, method_config
+from tunelab.models import load_model
+from tunelab.train import train
+
+
+def test_prefix_projection_trains_the_mlp_and_reloads_as_the_prefix_it_computes(fresh_tiny, tmp_path):
+    torch.set_num_threads(1)
+    model, tok = fresh_tiny
+    examples = load_task("date_format").train[:8]
+    method, config = method_config({"name": "prefix_tuning", "num_virtual_tokens": 3, "prefix_projection": True,
+                                    "encoder_hidden_size": 8})
+    adapter = method.build(model, tok, config, examples, 0)
+    encoder = adapter.peft_model.prompt_encoder["default"]
+    # peft's token_dim is the K/V width (2 KV heads x 4 = 8): embedding (3 x 8) + Linear(8 -> 8)
+    # + Linear(8 -> 2 layers x (K, V) x 8)
+    assert adapter.num_trainable() == 3 * 8 + (8 * 8 + 8) + (8 * 32 + 32)
+    cache_a, cache_b = adapter.prefix_cache(2), adapter.prefix_cache(2)
+    assert cache_a is not cache_b and cache_a.get_seq_length() == 3  # a fresh cache per call
+    mlp_before = encoder.transform[-1].weight.detach().clone()
+    data = [encode(tok, build_prompt(e, tok, "plain"), " " + e.output, 128) for e in examples]
+    train(adapter, data, TrainConfig(steps=3, batch_size=8), 0.05, tok.pad_token_id)
+    assert not torch.equal(encoder.transform[-1].weight, mlp_before)
+
+    prompts = [encode_prompt(tok, build_prompt(e, tok, "plain"), 128) for e in examples[:3]]
+    before = generate(adapter, tok, prompts, GenerationConfig(max_new_tokens=6))
+    adapter.save_weights(tmp_path)
+    reloaded = METHODS["prefix_tuning"].load(tmp_path, load_model("tiny")[0], config)
+    assert generate(reloaded, tok, prompts, GenerationConfig(max_new_tokens=6)) == before
