@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import re
 
-from tunelab.compare import plots, report
+from tunelab.compare import plots, report_store
 from tunelab.compare.report import build_report, to_html
 from tunelab.compare.store import Store
 
@@ -36,7 +36,7 @@ def test_html_is_self_contained(tiny_report):
 
 
 def test_report_command_rebuilds_from_the_store(tiny_report, tmp_path):
-    md, html = report(tiny_report.store, tmp_path)
+    md, html = report_store(tiny_report.store, tmp_path)
     assert md.read_text().split("## Claims")[1] == tiny_report.report_md.read_text().split("## Claims")[1]
     assert html.is_file()
 
@@ -51,3 +51,44 @@ def test_prompt_length_sweep_plot_and_html_escaping(tiny_report):
         rep = build_report(store)
     rep.facts.append("<script>alert(1)</script>")
     assert "<script>" not in to_html(rep)
+
+
+def _similarity_rows(tmp_path, with_similarity: bool) -> list[dict]:
+    import json
+
+    rows = []
+    for method in ("ipt", "prompt_tuning"):
+        for seed in (0, 1):
+            path = tmp_path / f"{method}-{seed}.jsonl"
+            preds = []
+            for i in range(50):
+                # IPT wins exactly on the examples whose demonstration is similar (i >= 25)
+                score = 100.0 if (method == "ipt" and i >= 25) else 0.0
+                row = {"id": f"e{i}", "prediction": "x", "references": ["y"], "scores": {"exact_match": score}}
+                if method == "ipt" and with_similarity:
+                    row["demo_similarity"] = i / 50
+                preds.append(row)
+            path.write_text("".join(json.dumps(p) + "\n" for p in preds))
+            rows.append({"task": "t", "method": method, "method_name": method, "seed": seed,
+                         "predictions": str(path)})
+    return rows
+
+
+def test_similarity_quintiles_when_recorded(tmp_path):
+    from tunelab.compare.report import _similarity
+
+    figure = _similarity(_similarity_rows(tmp_path, with_similarity=True))
+    assert figure.png[:4] == b"\x89PNG" and "standard error" in figure.note
+    absent = _similarity(_similarity_rows(tmp_path, with_similarity=False))
+    assert absent.png is None and "not measured" in absent.note and "demo_similarity" in absent.note
+
+
+def test_similarity_buckets_follow_the_data(tmp_path, monkeypatch):
+    import tunelab.compare.report as report_module
+
+    captured = {}
+    monkeypatch.setattr(report_module.plots, "similarity_buckets", lambda b: captured.update(b) or b"png")
+    report_module._similarity(_similarity_rows(tmp_path, with_similarity=True))
+    (bars,) = captured.values()
+    assert [round(b[1]) for b in bars] == [0, 0, 50, 100, 100]  # Q3 straddles the switch at similarity 0.5
+    assert sum(b[3] for b in bars) == 50

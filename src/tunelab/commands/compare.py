@@ -51,7 +51,7 @@ def report_command(
     out: Annotated[str | None, typer.Option(help="directory for report.md / report.html (default: beside STORE)")] = None,
 ) -> None:
     """Write report.md and a self-contained report.html (plots embedded) from a results store."""
-    from tunelab.compare import report
+    from tunelab.compare import report_store
 
-    md, html = report(store, out or Path(store).parent)
+    md, html = report_store(store, out or Path(store).parent)
     Console().print(f"report: {md}\n        {html}")

@@ -58,11 +58,11 @@ def compare(source: str | Path, out: str | Path, store: str | Path | None = None
     return Outcome(grid, cells, summary, store_path, md, html)
 
 
-def report(store: str | Path, out: str | Path) -> tuple[Path, Path]:
+def report_store(store: str | Path, out: str | Path) -> tuple[Path, Path]:
     """Write report.md and report.html for every cell in ``store``."""
     with open_existing(store) as db:
         return write_report(build_report(db), out)
 
 
 __all__ = ["Cell", "GridConfig", "Outcome", "Store", "compare", "expand", "list_presets", "load_grid", "plan",
-           "preset_path", "report", "validate"]
+           "preset_path", "report_store", "validate"]

@@ -15,13 +15,18 @@ from tunelab.metrics import METRICS, sufficient_stats
 from tunelab.stats import mean_reduce
 
 
-@lru_cache(maxsize=4096)
 def read_predictions(path: str) -> tuple[dict[str, Any], ...]:
-    """The rows of one cell's predictions.jsonl (cached: the report reads each file several times)."""
+    """The rows of one cell's predictions.jsonl (cached while the file is unchanged)."""
     file = Path(path)
     if not file.is_file():
         raise TunelabError(f"{file} is missing: the store points at predictions that were moved or deleted")
-    return tuple(json.loads(line) for line in file.read_text().splitlines() if line.strip())
+    stat = file.stat()
+    return _read(str(file), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=1024)
+def _read(path: str, mtime_ns: int, size: int) -> tuple[dict[str, Any], ...]:
+    return tuple(json.loads(line) for line in Path(path).read_text().splitlines() if line.strip())
 
 
 def example_stats(row: dict[str, Any], metric: str) -> tuple[list[str], np.ndarray, Callable]:

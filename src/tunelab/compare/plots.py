@@ -80,9 +80,12 @@ def pareto(rows: list[dict[str, Any]], cost: str) -> bytes | None:
             costs = [c[cost] for c in cells if c[cost] is not None]
             if costs:
                 points.append((max(mean(costs), 1e-3), mean(c["quality"] for c in cells), method))
-        for x, y, label in points:
+        labels: dict[tuple[float, float], list[str]] = defaultdict(list)
+        for x, y, label in points:  # methods at the same spot (e.g. untrained ones at 0 s) share one label
+            labels[(x, y)].append(label)
+        for (x, y), names in labels.items():
             ax.scatter(x, y, zorder=3)
-            ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(", ".join(sorted(names)), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         frontier, best = [], -math.inf
         for x, y, _ in sorted(points):  # cheapest first: a point is on the frontier if it beats all cheaper ones
             if y > best:
