@@ -52,6 +52,7 @@ class TrainConfig:
     grad_accum: int = 1
     warmup_steps: int = 0
     schedule: str = "linear"  # linear: warmup then decay to 10% of lr | constant: warmup then flat
+    group_by_length: bool = True  # batches of similar-length examples (less padding); order stays random
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -40,17 +41,57 @@ class TrainStats:
         return sum(tail) / len(tail) if tail else None
 
 
-def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
-    """Example indices of optimizer step ``step``: a pure function of (seed, step), so resuming
-    needs no sampler state. Each epoch is a fresh seeded permutation."""
+MEGABATCH = 50  # length grouping sorts within windows of MEGABATCH x batch_size examples
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int, lengths: Sequence[int] | None = None) -> list[int]:
+    """Example indices of optimizer step ``step``: a pure function of (seed, step, lengths), so resuming
+    needs no sampler state. Each epoch is a fresh seeded permutation; examples are drawn from the
+    stream of epochs ``batch_size`` at a time (a batch may straddle two epochs).
+
+    With ``lengths`` (one per example), each epoch is length-grouped: the permutation is cut into
+    windows of ``MEGABATCH * batch_size`` examples, each window is sorted by length, cut into batches,
+    and the batches are shuffled; so a batch holds examples of similar length (little padding) while
+    the batch order stays random. Batch boundaries are those of the ungrouped stream.
+    """
     start = step * batch_size
     out: list[int] = []
+    key = tuple(lengths) if lengths is not None else None
     while len(out) < batch_size:
         epoch, offset = divmod(start + len(out), n)
-        order = list(range(n))
-        random.Random(f"{seed}:{epoch}").shuffle(order)
+        order = _epoch_order(n, batch_size, epoch, seed, key)
         out.extend(order[offset: offset + batch_size - len(out)])
     return out
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, batch_size: int, epoch: int, seed: int, lengths: tuple[int, ...] | None) -> list[int]:
+    order = list(range(n))
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    if lengths is None:
+        return order
+    if len(lengths) != n:
+        raise ValueError(f"{len(lengths)} lengths for {n} examples")
+    # the epoch starts `head` examples before a batch boundary of the global stream: keep that partial
+    # batch first so every full batch of this epoch is one chunk of a sorted window
+    head = (-epoch * n) % batch_size
+    head = min(head, n)
+    rest = order[head:]
+    window = MEGABATCH * batch_size
+    grouped: list[int] = []
+    for w in range(0, len(rest), window):
+        grouped.extend(sorted(rest[w: w + window], key=lambda i: -lengths[i]))
+    full = len(grouped) // batch_size * batch_size
+    chunks = [grouped[i: i + batch_size] for i in range(0, full, batch_size)]
+    random.Random(f"{seed}:{epoch}:batches").shuffle(chunks)
+    return order[:head] + [i for chunk in chunks for i in chunk] + grouped[full:]
+
+
+def step_indices(n: int, batch_size: int, grad_accum: int, step: int, seed: int,
+                 lengths: Sequence[int] | None = None) -> list[int]:
+    """Indices of optimizer step ``step`` as ``grad_accum`` consecutive micro-batches of ``batch_size``."""
+    return [i for micro in range(grad_accum)
+            for i in batch_indices(n, batch_size, step * grad_accum + micro, seed, lengths)]
 
 
 def collate(examples: Sequence[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -106,11 +147,12 @@ def train(adapter, data: Sequence[Encoded], cfg: TrainConfig, lr: float, pad_id:
         stats.tokens = int(meta.get("tokens", 0))
     adapter.train()
     start = time.perf_counter()
-    per_step = cfg.batch_size * cfg.grad_accum
+    # grouping works on micro-batches: an optimizer step of grad_accum micro-batches takes grad_accum grouped chunks
+    lengths = [len(e.input_ids) for e in data] if getattr(cfg, "group_by_length", True) else None
     while step < cfg.steps:
         for group in optimizer.param_groups:
             group["lr"] = lr * schedule(step)
-        indices = batch_indices(len(data), per_step, step, cfg.seed)
+        indices = step_indices(len(data), cfg.batch_size, cfg.grad_accum, step, cfg.seed, lengths)
         loss_value = _optimizer_step(adapter, [data[i] for i in indices], cfg, optimizer, named, pad_id, stats)
         if not math.isfinite(loss_value):
             kept = latest_checkpoint(checkpoint_dir)
