@@ -1,0 +1,295 @@
+"""The FastAPI application of `tunelab serve`: OpenAI-compatible routes over the adapter registry.
+
+Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``
+(both with ``stream: true`` as server-sent events). Requests are validated and tokenized in the
+handler, then queued on the ``Batcher``, which runs rows for many adapters in shared forward passes.
+
+Streaming sends the finished completion as one event per token: the generation loop has no
+per-token callback, so the first byte arrives when the whole row is done (no earlier time-to-first-token).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from tunelab.errors import TunelabError
+from tunelab.generate import GenerationConfig
+from tunelab.serve.batcher import Batcher, Job
+from tunelab.serve.prompts import BadRequest, chat_prompt, completion_prompt
+from tunelab.serve.registry import AdapterNotFound, AdapterRegistry, Served
+from tunelab.serve.schemas import (
+    ChatChoice,
+    ChatCompletion,
+    ChatMessage,
+    ChatRequest,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    Sampling,
+    Usage,
+)
+
+
+@dataclass
+class ServeLimits:
+    """What one request may ask for; beyond these the server answers 400 (413 for the body)."""
+
+    max_prompt_tokens: int = 2048  # after the template and demonstrations are applied
+    max_tokens: int = 512  # new tokens per completion
+    default_max_tokens: int = 16  # OpenAI's default when max_tokens is omitted
+    max_body_bytes: int = 1_000_000
+    max_prompts: int = 16  # prompts in one /v1/completions list
+    max_stop: int = 4
+
+
+class APIError(Exception):
+    """An error answered as OpenAI does: ``{"error": {"message", "type", "code"}}``."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+def _error(status: int, message: str, kind: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": str(status)}}, status_code=status)
+
+
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 500)}
+
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies over ``limit`` bytes with 413, declared or streamed."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await _error(413, f"request body over {self.limit} bytes", "request_too_large")(scope, receive, send)
+        chunks, size = [], 0
+        while True:  # read the body here (bounded), then hand it to the app
+            message = await receive()
+            if message["type"] != "http.request":
+                return None
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                return await _error(413, f"request body over {self.limit} bytes", "request_too_large")(
+                    scope, receive, send)
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+def create_app(registry: AdapterRegistry, limits: ServeLimits | None = None, api_key: str | None = None,
+               window_ms: float = 5.0, max_batch: int = 32) -> FastAPI:
+    """The server over ``registry``; requests need ``Authorization: Bearer <api_key>`` when one is set."""
+    limits = limits or ServeLimits()
+    tokenizer = registry.tokenizer
+    batcher = Batcher(tokenizer, window_ms=window_ms, max_batch=max_batch)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        batcher.close()
+
+    app = FastAPI(title="tunelab serve", version="1", lifespan=lifespan,
+                  description="Many task adapters over one frozen base model, OpenAI-compatible.")
+    app.state.registry, app.state.batcher, app.state.limits = registry, batcher, limits
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+    bearer = HTTPBearer(auto_error=False)
+
+    def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
+        if api_key is None:
+            return
+        if credentials is None or not secrets.compare_digest(credentials.credentials.encode(), api_key.encode()):
+            raise APIError(401, "missing or wrong API key: send `Authorization: Bearer <key>`", "authentication_error")
+
+    @app.exception_handler(APIError)
+    async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
+        return _error(exc.status, exc.message, exc.kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        where = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
+        return _error(400, f"invalid request: {where}", "invalid_request_error")
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "model": registry.model_name, "adapters_loaded": registry.loaded(),
+                "adapter_loads": registry.loads, "batching": asdict(batcher.stats)}
+
+    @app.get("/v1/models", response_model=ModelList, responses=ERRORS, dependencies=[Depends(authorize)])
+    def models() -> ModelList:
+        cards = [ModelCard(id=registry.model_name, method="base")]
+        cards += [ModelCard(id=name, method=method) for name, method in registry.methods().items()]
+        return ModelList(data=cards)
+
+    async def served_for(name: str) -> Served:
+        try:
+            return await run_in_threadpool(registry.get, name)
+        except AdapterNotFound as exc:
+            raise APIError(404, str(exc), "not_found_error") from None
+        except TunelabError as exc:  # the adapter on disk is broken or unsafe: the server's problem
+            raise APIError(500, f"cannot load adapter {name!r}: {exc}", "server_error") from None
+
+    def settings(req: Sampling, max_tokens: int | None) -> GenerationConfig:
+        budget = max_tokens or limits.default_max_tokens
+        if budget > limits.max_tokens:
+            raise APIError(400, f"max_tokens={budget} is over this server's limit of {limits.max_tokens}")
+        stops = req.stop_strings()
+        if len(stops) > limits.max_stop:
+            raise APIError(400, f"at most {limits.max_stop} stop strings")
+        return GenerationConfig(max_new_tokens=budget, do_sample=req.temperature > 0, temperature=req.temperature,
+                                top_p=req.top_p, stop=stops, seed=req.seed or 0)
+
+    def tokenize(text: str) -> list[int]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise APIError(400, "the prompt is empty")
+        if len(ids) > limits.max_prompt_tokens:
+            raise APIError(400, f"the prompt has {len(ids)} tokens (with the adapter's template and "
+                                f"demonstrations); this server's limit is {limits.max_prompt_tokens}")
+        return ids
+
+    async def complete(served: Served, texts: list[str], cfg: GenerationConfig) -> tuple[list[list[int]], list]:
+        prompts = [tokenize(t) for t in texts]
+        futures = [batcher.submit(Job(served, ids, cfg)) for ids in prompts]
+        return prompts, futures
+
+    async def prompts_of(served: Served, build: Callable[[], list[str]]) -> list[str]:
+        try:
+            return await run_in_threadpool(build)  # demonstrations may need the embedding model
+        except BadRequest as exc:
+            raise APIError(400, str(exc)) from None
+
+    @app.post("/v1/completions", response_model=Completion, responses=ERRORS, dependencies=[Depends(authorize)])
+    async def completions(req: CompletionRequest):
+        texts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+        if not 1 <= len(texts) <= limits.max_prompts:
+            raise APIError(400, f"send 1 to {limits.max_prompts} prompts")
+        cfg = settings(req, req.max_tokens)
+        served = await served_for(req.model)
+        built = await prompts_of(served, lambda: [completion_prompt(served, tokenizer, t, req.instruction, req.raw)
+                                                  for t in texts])
+        prompts, futures = await complete(served, built, cfg)
+        if req.stream:
+            return _sse(_stream(futures, req.model, "text_completion", cfg, tokenizer))
+        outs = await _gather(futures)
+        choices = [CompletionChoice(index=i, text=t, finish_reason=_finish(tokenizer, t, cfg))
+                   for i, t in enumerate(outs)]
+        return Completion(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=req.model,
+                          choices=choices, usage=_usage(tokenizer, prompts, outs))
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS,
+              dependencies=[Depends(authorize)])
+    async def chat_completions(req: ChatRequest):
+        cfg = settings(req, req.max_completion_tokens or req.max_tokens)
+        served = await served_for(req.model)
+        built = await prompts_of(served, lambda: [chat_prompt(served, tokenizer, req.messages)])
+        prompts, futures = await complete(served, built, cfg)
+        if req.stream:
+            return _sse(_stream(futures, req.model, "chat.completion.chunk", cfg, tokenizer))
+        (text,) = await _gather(futures)
+        choice = ChatChoice(index=0, message=ChatMessage(content=text), finish_reason=_finish(tokenizer, text, cfg))
+        return ChatCompletion(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=req.model,
+                              choices=[choice], usage=_usage(tokenizer, prompts, [text]))
+
+    return app
+
+
+def _count(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _finish(tokenizer, text: str, cfg: GenerationConfig) -> str:
+    """'length' when the budget ran out (re-tokenized count, so approximate), else 'stop'."""
+    return "length" if _count(tokenizer, text) >= cfg.max_new_tokens else "stop"
+
+
+def _usage(tokenizer, prompts: list[list[int]], outs: list[str]) -> Usage:
+    prompt = sum(len(p) for p in prompts)
+    completion = sum(_count(tokenizer, t) for t in outs)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+async def _gather(futures: list) -> list[str]:
+    try:
+        return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+    except Exception as exc:
+        raise APIError(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error") from None
+
+
+def _pieces(tokenizer, text: str) -> list[str]:
+    """``text`` split into per-token pieces whose concatenation is ``text`` exactly."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    pieces, done = [], ""
+    for k in range(1, len(ids) + 1):
+        upto = tokenizer.decode(ids[:k])
+        if upto.startswith(done) and len(upto) > len(done) and text.startswith(upto):
+            pieces.append(upto[len(done):])
+            done = upto
+    if done != text:
+        pieces.append(text[len(done):])
+    return pieces
+
+
+async def _stream(futures: list, model: str, kind: str, cfg: GenerationConfig, tokenizer) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format, one per token piece, then ``data: [DONE]``."""
+    ident, created = f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
+
+    def event(index: int, piece: str | None, finish: str | None, first: bool = False) -> str:
+        if kind == "text_completion":
+            choice = {"index": index, "text": piece or "", "logprobs": None, "finish_reason": finish}
+        else:
+            delta = {"role": "assistant", "content": ""} if first else ({"content": piece} if piece else {})
+            choice = {"index": index, "delta": delta, "finish_reason": finish}
+        body = {"id": ident, "object": kind, "created": created, "model": model, "choices": [choice]}
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    for index, future in enumerate(futures):
+        try:
+            text = await asyncio.wrap_future(future)
+        except Exception as exc:
+            error = {"error": {"message": f"generation failed: {exc}", "type": "server_error", "code": "500"}}
+            yield f"data: {json.dumps(error)}\n\n"
+            break
+        if kind != "text_completion":
+            yield event(index, None, None, first=True)
+        for piece in _pieces(tokenizer, text):
+            yield event(index, piece, None)
+        yield event(index, None, _finish(tokenizer, text, cfg))
+    yield "data: [DONE]\n\n"
+
+
+def _sse(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

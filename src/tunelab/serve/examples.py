@@ -1,0 +1,30 @@
+"""Untrained prompt-tuning adapters, for trying the server and for its benchmark and tests.
+
+Each is a random soft prompt (Lester et al.'s random initialisation, one seed per adapter) written
+through the method's own save path, exactly as `tunelab run --out X` writes ``X/adapter``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tunelab.methods import METHODS
+from tunelab.methods.base import write_meta
+from tunelab.methods.prompt_tuning import PromptTuningMethodConfig
+from tunelab.paths import atomic_directory
+
+
+def write_prompt_adapters(model, tokenizer, model_name: str, root: str | Path, count: int,
+                          num_virtual_tokens: int = 20, prefix: str = "task") -> list[str]:
+    """Write ``count`` random soft-prompt adapters as ``root/{prefix}{i:02d}``; returns their names."""
+    names = []
+    for i in range(count):
+        config = PromptTuningMethodConfig(num_virtual_tokens=num_virtual_tokens, init="random")
+        adapter = METHODS["prompt_tuning"].build(model, tokenizer, config, [], seed=1000 + i)
+        name = f"{prefix}{i:02d}"
+        with atomic_directory(Path(root) / name) as tmp:
+            adapter.save_weights(tmp)
+            write_meta(tmp, adapter, {"base_model": model_name, "template": "chat" if tokenizer.chat_template
+                                      else "alpaca", "system_prompt": None})
+        names.append(name)
+    return names
