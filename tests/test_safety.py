@@ -18,6 +18,15 @@ from tunelab.models import load_model
 from tunelab.safety import UnsafeFileError, adapter_path, check_adapter_dir, load_adapter
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two OpenMP threads on a loaded 2-core machine run the tiny model many times slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class Payload:
     """Unpickling this runs ``open(marker, "w")``: proof that code executed."""
 
@@ -95,6 +104,42 @@ def test_adapter_meta_is_checked(saved_adapter, tmp_path):
         load_adapter(tmp_path, load_model("tiny")[0])
     with pytest.raises(TunelabError, match="does not exist"):
         load_adapter(tmp_path / "nope", load_model("tiny")[0])
+
+
+TRAINED = sorted(name for name, method in METHODS.items() if method.trains)
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_every_trained_method_reloads_through_the_safe_path_and_scores_identically(name, tmp_path):
+    """Guards the drift and dropped-weight reports against peft (peft #2043, #1607) for each method."""
+    from tunelab.formatting import build_prompt, encode
+    from tunelab.methods import method_config
+    from tunelab.modeling import token_logprobs
+    from tunelab.paths import atomic_directory
+    from tunelab.train import collate
+
+    model, tok = load_model("tiny")
+    examples = load_task("date_format").train[:4]
+    _, config = method_config({"name": name})
+    adapter = METHODS[name].build(model, tok, config, examples, 0)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # move every trainable tensor away from its initial value, as training would
+        for param in adapter.trainable_parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.1)
+    with atomic_directory(tmp_path / "adapter") as tmp:
+        adapter.save_weights(tmp)
+        write_meta(tmp, adapter, {"base_model": "tiny"})
+    loaded = load_adapter(tmp_path / "adapter", load_model("tiny")[0], base_model="tiny")
+
+    ids, mask, labels = collate([encode(tok, build_prompt(e, tok, "auto"), e.output, 64) for e in examples[:3]],
+                                tok.pad_token_id)
+    adapter.eval(), loaded.eval()
+    with torch.no_grad():
+        before, after = token_logprobs(adapter, ids, mask, labels)[0], token_logprobs(loaded, ids, mask, labels)[0]
+    untrained = token_logprobs(METHODS[name].build(*load_model("tiny"), config, examples, 0).eval(), ids, mask,
+                               labels)[0].detach()
+    assert (before - after).abs().max().item() <= 1e-6
+    assert (before - untrained).abs().max().item() > 1e-4  # the perturbation was saved, not a fresh init
 
 
 @pytest.mark.parametrize("name", ["../other-run", "/etc", "a/b", ".."])
