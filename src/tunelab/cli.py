@@ -24,7 +24,9 @@ Overrides = Annotated[list[str] | None, typer.Argument(help="dotted overrides, e
 def _flags_to_overrides(**flags) -> list[str]:
     mapping = {"method": "method.name", "task": "data.task", "model": "model.name", "steps": "train.steps",
                "seed": "train.seed", "out": "out", "lr": "train.lr", "batch_size": "train.batch_size",
-               "max_train": "data.max_train", "max_eval": "data.max_eval", }
+               "max_train": "data.max_train", "max_eval": "data.max_eval", "resume": "train.resume",
+               "trust_remote_code": "model.trust_remote_code", "allow_pickle": "model.allow_pickle",
+               "init_from": "method.init_from"}
     return [f"{mapping[k]}={v}" for k, v in flags.items() if v is not None]
 
 
@@ -43,6 +45,7 @@ def run(
     resume: Annotated[bool | None, typer.Option("--resume", help="continue from OUT/checkpoint")] = None,
     trust_remote_code: Annotated[bool | None, typer.Option("--trust-remote-code", help="run the model repo's own code")] = None,
     allow_pickle: Annotated[bool | None, typer.Option("--allow-pickle", help="load pickle-only model weights (can run code)")] = None,
+    init_from: Annotated[str | None, typer.Option(help="start from another run's adapter (its --out DIR)")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
     overrides: Overrides = None,
@@ -53,7 +56,7 @@ def run(
 
     flags = dict(method=method, task=task, model=model, steps=steps, seed=seed, lr=lr, batch_size=batch_size,
                  max_train=max_train, max_eval=max_eval, out=out, resume=resume,
-                 trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+                 trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, init_from=init_from)
     cfg = build_config(config, (overrides or []) + _flags_to_overrides(**flags))
     result = run_one(cfg, progress=not quiet)
     print_result(result)
@@ -101,6 +104,7 @@ from tunelab.commands.eval import eval_command  # noqa: E402  (one module per co
 from tunelab.commands.serve import serve_command  # noqa: E402
 
 app.add_typer(data_app, name="data")
+
 app.command("eval")(eval_command)
 app.command("serve")(serve_command)
 app.command("compare")(compare_command)

@@ -52,6 +52,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     task = load_task(cfg.data.task, cfg.data.train, cfg.data.eval, skip_bad=cfg.data.skip_bad,
                      task_cap=cfg.data.task_cap, mixture=cfg.data.mixture, seed=cfg.train.seed,
                      sni_encoding=cfg.data.sni_encoding)
+    task = method.prepare_data(method_cfg, task, cfg.train.seed)  # e.g. instruction tuning holds out tasks
     if cfg.data.max_train is not None:
         task.train = task.train[: cfg.data.max_train]
     if cfg.data.max_eval is not None:
@@ -85,9 +86,11 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     stats, truncated = TrainStats(), 0
     if prep.method.trains:
         stats, truncated = _train(adapter, tokenizer, prep, template, demos, out, progress)
+    eval_examples = [adapter.rewrite(e) for e in prep.task.eval]  # a discrete prompt swaps the instruction
     with bar("evaluating", len(prep.task.eval), progress) as advance:
-        result = evaluate(adapter, tokenizer, prep.task.eval, prep.metrics, cfg.eval, template, demos,
+        result = evaluate(adapter, tokenizer, eval_examples, prep.metrics, cfg.eval, template, demos,
                           cfg.data.system_prompt, progress=advance)
+    _add_demo_similarity(result, eval_examples, demos)
     adapter_bytes = _save_adapter(adapter, cfg, template, out / "adapter") if out else 0
     summary = _summary(prep, adapter, stats, result, load_seconds, adapter_bytes, truncated, model)
     if out:
@@ -101,8 +104,9 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
 def _train(adapter: Adapter, tokenizer, prep: Prepared, template: str, demos, out: Path | None,
            progress: bool) -> tuple[TrainStats, int]:
     cfg = prep.cfg
+    examples = [adapter.rewrite(e) for e in prep.task.train]
     encoded = [encode_example(tokenizer, e, template, demos(e) if demos else (), cfg.data.system_prompt,
-                              cfg.data.max_length) for e in prep.task.train]
+                              cfg.data.max_length) for e in examples]
     lr = cfg.train.lr if cfg.train.lr is not None else prep.method_cfg.lr
     checkpoint_dir = out / "checkpoint" if out else None
     with bar(f"training {prep.method.name}", cfg.train.steps, progress) as advance:
@@ -110,6 +114,14 @@ def _train(adapter: Adapter, tokenizer, prep: Prepared, template: str, demos, ou
                       resume=cfg.train.resume, on_step=lambda step, loss: advance(loss=loss),
                       identity=training_identity(cfg, prep.method_cfg, lr, encoded))
     return stats, sum(e.truncated for e in encoded)
+
+
+def _add_demo_similarity(result: EvalResult, examples, demos) -> None:
+    """Per-example mean cosine between input and demonstrations (for analyses by demo similarity)."""
+    similarity = getattr(demos, "similarity", None)
+    if similarity is not None:
+        for row, example in zip(result.predictions, examples, strict=True):
+            row["demo_similarity"] = similarity(example)
 
 
 def _save_adapter(adapter: Adapter, cfg: RunConfig, template: str, directory: Path) -> int:
