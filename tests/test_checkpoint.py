@@ -239,3 +239,30 @@ def test_crash_during_evaluation_resumes_without_retraining(tmp_path, monkeypatc
     assert result["metrics"] == reference["metrics"]
     assert json.loads((tmp_path / "out" / "result.json").read_text())["train"]["resumed_from"] == 6
     assert not (tmp_path / "out" / "checkpoint").exists()
+
+
+@pytest.mark.parametrize("name", sorted(n for n, m in METHODS.items() if m.trains))
+def test_resume_is_exact_for_every_trained_method(name, tmp_path):
+    examples = load_task("date_format").train[:8]
+    cfg = TrainConfig(steps=4, batch_size=4, checkpoint_every=1)
+
+    def fresh():
+        model, tok = load_model("tiny")
+        _, method_cfg = method_config({"name": name})
+        adapter = METHODS[name].build(model, tok, method_cfg, examples, 0)
+        data = [encode(tok, build_prompt(e, tok, "auto"), e.output, 64) for e in examples]
+        return adapter, data, tok, method_cfg.lr
+
+    def trained(adapter):
+        return {n: p.detach().clone() for n, p in adapter.named_parameters() if p.requires_grad}
+
+    full, data, tok, lr = fresh()
+    train(full, data, cfg, lr=lr, pad_id=tok.pad_token_id, checkpoint_dir=tmp_path / "a")
+    part, _, _, _ = fresh()
+    with pytest.raises(Killed):
+        train(part, data, cfg, lr=lr, pad_id=tok.pad_token_id, checkpoint_dir=tmp_path / "b", on_step=_kill_at(3))
+    resumed, _, _, _ = fresh()
+    stats = train(resumed, data, cfg, lr=lr, pad_id=tok.pad_token_id, checkpoint_dir=tmp_path / "b", resume=True)
+    expected, got = trained(full), trained(resumed)
+    assert stats.resumed_from == 2 and expected.keys() == got.keys()
+    assert max((expected[k] - got[k]).abs().max().item() for k in expected) <= 1e-6
