@@ -134,3 +134,31 @@ def test_safe_child_refuses_a_symlink_pointing_outside(tmp_path):
     with pytest.raises(TunelabError, match="escapes"):
         safe_child(tmp_path / "root", "sneaky")
     assert safe_child(tmp_path / "root", "task-1.v2") == (tmp_path / "root" / "task-1.v2").resolve()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 256 KiB tmpfs: a real full disk. Needs root and mount rights; skipped otherwise."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_really_full_disk_is_one_line_and_leaves_nothing_behind(tiny_disk):
+    from tunelab.checkpoint import latest_checkpoint, save_checkpoint
+
+    with pytest.raises(TunelabError, match=f"^cannot write {tiny_disk / 'big.json'}: No space left on device$"):
+        atomic_write_bytes(tiny_disk / "big.json", b"x" * 1_000_000)
+    params = {"w": torch.nn.Parameter(torch.zeros(200_000))}  # 800 KB of weights, 1.6 MB of Adam moments
+    optimizer = torch.optim.AdamW(params.values())
+    params["w"].grad = torch.ones(200_000)
+    optimizer.step()
+    with pytest.raises(TunelabError, match="^cannot write .*step-00000001: No space left on device$"):
+        save_checkpoint(tiny_disk / "checkpoint", 1, params, optimizer)
+    assert latest_checkpoint(tiny_disk / "checkpoint") is None
+    assert [p for p in tiny_disk.rglob("*") if p.is_file()] == []
