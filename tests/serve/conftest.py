@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
-import uvicorn
 
 from tunelab.models import load_model
 from tunelab.serve.app import ServeLimits, create_app
 from tunelab.serve.examples import write_prompt_adapters
+from tunelab.serve.local import serve_in_thread
 from tunelab.serve.registry import AdapterRegistry
 
 N_ADAPTERS = 20
@@ -33,12 +29,6 @@ class Live:
     app: object
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def running(root: Path, limits: ServeLimits | None = None, api_key: str | None = None, model_name: str = "tiny",
             **registry_options) -> Iterator[Live]:
@@ -46,25 +36,8 @@ def running(root: Path, limits: ServeLimits | None = None, api_key: str | None =
     model, tokenizer = load_model(model_name, seed=0)
     registry = AdapterRegistry(root, model, tokenizer, model_name, **registry_options)
     app = create_app(registry, limits, api_key)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.05)
-    else:
-        raise RuntimeError("server did not start")
-    try:
+    with serve_in_thread(app) as url:
         yield Live(url, root, registry.names(), registry, app)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")

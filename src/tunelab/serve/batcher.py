@@ -59,9 +59,10 @@ class RowSoftPrompts(Adapter):
         return self.prompts
 
 
-def mix_key(job: Job) -> Hashable:
-    """Jobs with equal keys run in one generation call (``Served.mix``, set when the adapter loads)."""
-    return job.served.mix, astuple(job.cfg)
+def mix_key(job: Job, mix: bool = True) -> Hashable:
+    """Jobs with equal keys run in one generation call (``Served.mix``, set when the adapter loads).
+    ``mix=False`` keeps every adapter in its own call: the one-adapter-per-forward baseline."""
+    return (job.served.mix if mix else job.served.name), astuple(job.cfg)
 
 
 def batch_adapter(jobs: Sequence[Job]) -> Adapter:
@@ -101,9 +102,10 @@ class BatchStats:
 class Batcher:
     """Collects jobs from request handlers and runs them in mixed batches on one background thread."""
 
-    def __init__(self, tokenizer, window_ms: float = 5.0, max_batch: int = 32,
+    def __init__(self, tokenizer, window_ms: float = 5.0, max_batch: int = 32, mix: bool = True,
                  runner: Callable[[Sequence[Job], object], list[str]] = run_group) -> None:
         self.tokenizer, self.window, self.max_batch, self.runner = tokenizer, window_ms / 1000, max_batch, runner
+        self.mix = mix
         self.stats = BatchStats()
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="tunelab-batcher", daemon=True)
@@ -143,7 +145,7 @@ class Batcher:
             groups: dict[Hashable, list[Job]] = {}
             for job in jobs:
                 if job.future.set_running_or_notify_cancel():
-                    groups.setdefault(mix_key(job), []).append(job)
+                    groups.setdefault(mix_key(job, self.mix), []).append(job)
             for group in groups.values():
                 self._run(group)
 

@@ -1,0 +1,158 @@
+"""`tunelab serve` under load: many soft-prompt adapters mixed in one batch vs one adapter at a time.
+
+Run: .venv/bin/python benchmarks/bench_serve.py [--model smollm2-135m] [--clients 8] [--requests 96]
+
+Starts the server on 127.0.0.1 (a free port) over ``--adapters`` random prompt-tuning adapters
+(20 virtual tokens, written through the method's save path; untrained, which changes no cost) and
+sends ``--requests`` greedy /v1/completions from ``--clients`` concurrent clients in three modes:
+
+- ``single``: every request names the same adapter (the best case for batching);
+- ``mixed``: requests cycle over all adapters, rows of different adapters share forward passes;
+- ``mixed_unbatched``: the same mixed traffic, but each adapter's rows run in their own forward pass
+  (what serving one adapter at a time gives).
+
+Reports throughput (requests/s, generated tokens/s), p50/p95 latency, and the memory each extra
+soft-prompt adapter adds (RSS delta over loading the adapters, and its tensor bytes). Each mode stops
+after ``--requests`` or ``--max-seconds``, whichever comes first. Writes --out (JSON) when given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import torch
+
+from tunelab.models import load_model
+from tunelab.serve.app import ServeLimits, create_app
+from tunelab.serve.examples import write_prompt_adapters
+from tunelab.serve.local import serve_in_thread
+from tunelab.serve.registry import AdapterRegistry
+
+INPUTS = ["The meeting is on 2024-03-05.", "Summarise: the cat sat on the mat all day.",
+          "Translate to French: good morning", "name[Blue Spice], food[Chinese], area[riverside]",
+          "What is 17 plus 25?", "List three colours.", "Convert 03/07/2021 to ISO format.",
+          "Is this review positive? The food was cold and late."]
+
+
+def rss_bytes() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def measure_memory(registry: AdapterRegistry, names: list[str]) -> dict:
+    """RSS added by loading the adapters after the first, per adapter, next to their tensor bytes."""
+    registry.get(names[0])  # first load pays for imports and peft's one-time setup
+    gc.collect()
+    before = rss_bytes()
+    for name in names[1:]:
+        registry.get(name)
+    gc.collect()
+    after = rss_bytes()
+    soft = registry.get(names[1]).soft
+    return {"adapters_measured": len(names) - 1, "rss_delta_bytes": after - before,
+            "rss_bytes_per_adapter": round((after - before) / (len(names) - 1)),
+            "tensor_bytes_per_adapter": soft.numel() * soft.element_size() if soft is not None else None,
+            "soft_prompt_shape": list(soft.shape) if soft is not None else None}
+
+
+def load(url: str, names: list[str], clients: int, requests: int, max_tokens: int, max_seconds: float) -> dict:
+    """Send ``requests`` completions from ``clients`` threads (adapter i mod len(names)); latency per request."""
+    latencies: list[float] = []
+    tokens, errors = [0], [0]
+    counter, lock = [0], threading.Lock()
+    deadline = time.monotonic() + max_seconds
+
+    def client() -> None:
+        with httpx.Client(base_url=url, timeout=600) as http:
+            while time.monotonic() < deadline:
+                with lock:
+                    i = counter[0]
+                    counter[0] += 1
+                if i >= requests:
+                    return
+                body = {"model": names[i % len(names)], "prompt": INPUTS[i % len(INPUTS)], "max_tokens": max_tokens,
+                        "temperature": 0}
+                start = time.perf_counter()
+                r = http.post("/v1/completions", json=body)
+                elapsed = time.perf_counter() - start
+                with lock:
+                    if r.status_code != 200:
+                        errors[0] += 1
+                        continue
+                    latencies.append(elapsed)
+                    tokens[0] += r.json()["usage"]["completion_tokens"]
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    latencies.sort()
+    return {"requests": len(latencies), "errors": errors[0], "seconds": round(wall, 2),
+            "requests_per_second": round(len(latencies) / wall, 3),
+            "tokens_per_second": round(tokens[0] / wall, 1),
+            "p50_latency_s": round(statistics.median(latencies), 3) if latencies else None,
+            "p95_latency_s": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 3)
+            if latencies else None}
+
+
+def run_mode(registry: AdapterRegistry, names: list[str], mix: bool, args) -> dict:
+    app = create_app(registry, ServeLimits(), window_ms=args.window_ms, max_batch=args.clients, mix_adapters=mix)
+    with serve_in_thread(app) as url:
+        load(url, names, args.clients, args.clients, args.max_tokens, args.max_seconds)  # warm-up round
+        before = dict(vars(app.state.batcher.stats))
+        result = load(url, names, args.clients, args.requests, args.max_tokens, args.max_seconds)
+        after = vars(app.state.batcher.stats)
+    calls = after["calls"] - before["calls"]
+    result["rows_per_forward_call"] = round((after["rows"] - before["rows"]) / calls, 2) if calls else None
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--adapters", type=int, default=20)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=96, help="per mode")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--max-seconds", type=float, default=240, help="per mode")
+    parser.add_argument("--window-ms", type=float, default=20)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model, tokenizer = load_model(args.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        names = write_prompt_adapters(model, tokenizer, args.model, Path(tmp), args.adapters)
+        registry = AdapterRegistry(tmp, model, tokenizer, args.model, max_loaded=args.adapters)
+        memory = measure_memory(registry, names)
+        modes = {"single": run_mode(registry, names[:1], True, args),
+                 "mixed": run_mode(registry, names, True, args),
+                 "mixed_unbatched": run_mode(registry, names, False, args)}
+    ratio = modes["mixed"]["tokens_per_second"] / modes["single"]["tokens_per_second"]
+    report = {"model": args.model, "adapters": args.adapters, "clients": args.clients, "max_tokens": args.max_tokens,
+              "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "memory": memory,
+              "modes": modes, "mixed_over_single_throughput": round(ratio, 3),
+              "mixed_over_unbatched_throughput": round(
+                  modes["mixed"]["tokens_per_second"] / modes["mixed_unbatched"]["tokens_per_second"], 3)}
+    print(json.dumps(report, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
