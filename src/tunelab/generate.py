@@ -2,6 +2,12 @@
 
 Greedy decoding here gives the same tokens batched as one-by-one, for every method, because
 positions come from the attention mask (see ``tunelab.modeling``).
+
+Fast path (``generate_rows``, which ``generate`` uses): an adapter's virtual tokens are never recomputed
+(``modeling.virtual_kv`` caches their keys/values once per adapter), rows of different adapters on the
+same base model share a batch, and a token prefix common to the rows of one adapter in a batch (system
+prompt, instruction, shared demonstrations) is computed once and only the suffixes are prefilled.
+``generate_ids`` is the plain per-batch path, kept as the reference the fast path must reproduce.
 """
 
 from __future__ import annotations
@@ -11,7 +17,17 @@ from dataclasses import dataclass
 
 import torch
 
-from tunelab.modeling import hidden_states, mask_for, pad_batch
+from tunelab.modeling import (
+    PrefixKV,
+    _decoder_and_head,
+    batch_cache,
+    extend_kv,
+    hidden_states,
+    mask_for,
+    pad_batch,
+    positions_from_mask,
+    virtual_kv,
+)
 
 
 @dataclass
@@ -47,12 +63,19 @@ def generate_ids(adapter, prompts: Sequence[list[int]], cfg: GenerationConfig, e
     mask = mask_for(list(prompts), side="left")
     hidden, cache, inputs, are_logits = hidden_states(adapter, ids, mask, use_cache=True)
     logits = hidden[:, -1] if are_logits else model.get_output_embeddings()(hidden[:, -1])  # (B, V)
-    attn = inputs.attention_mask
-    next_pos = inputs.position_ids[:, -1] + 1  # (B,)
+    return _decode(model, logits, cache, inputs.attention_mask, inputs.position_ids[:, -1] + 1, cfg, eos_ids,
+                   pad_id, stop_check)
+
+
+def _decode(model, logits: torch.Tensor, cache, attn: torch.Tensor, next_pos: torch.Tensor, cfg: GenerationConfig,
+            eos_ids: Sequence[int], pad_id: int, stop_check: Callable[[int, list[int]], bool] | None) -> list[list[int]]:
+    """The decoding loop after prefill: ``logits`` (B, V) of the last prompt token, ``attn`` the mask so far,
+    ``next_pos`` (B,) the position of each row's next token."""
+    batch = logits.shape[0]
     generator = torch.Generator().manual_seed(cfg.seed) if cfg.do_sample else None
     eos = torch.tensor(list(eos_ids))
-    done = torch.zeros(len(prompts), dtype=torch.bool)
-    out: list[list[int]] = [[] for _ in prompts]
+    done = torch.zeros(batch, dtype=torch.bool)
+    out: list[list[int]] = [[] for _ in range(batch)]
     for _ in range(cfg.max_new_tokens):
         token = _next_tokens(logits, cfg, generator)  # (B,)
         token = torch.where(done, torch.full_like(token, pad_id), token)
@@ -72,22 +95,102 @@ def generate_ids(adapter, prompts: Sequence[list[int]], cfg: GenerationConfig, e
     return out
 
 
+def _batch_key(adapter) -> int:
+    """Rows may share a batch when they run on the same weights: adapters that only add virtual tokens or
+    text (prompt/prefix tuning, P-tuning, IPT, ICL, discrete prompts) share their base model object;
+    adapters that change weights (LoRA, full fine-tuning: they override ``merged_model``) batch alone."""
+    from tunelab.methods.base import Adapter
+
+    changes_weights = type(adapter).merged_model is not Adapter.merged_model
+    return id(adapter) if changes_weights else id(adapter.model)
+
+
+def _common_prefix(seqs: Sequence[list[int]]) -> int:
+    first, n = seqs[0], min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != first[i] for s in seqs[1:]):
+            return i
+    return n
+
+
+@torch.no_grad()
+def generate_rows(rows: Sequence[tuple[object, list[int]]], tokenizer, cfg: GenerationConfig, batch_size: int = 16,
+                  progress: Callable[[int], None] | None = None, shared_prefix_min: int = 8) -> list[str]:
+    """Generate text for (adapter, prompt_ids) rows that may mix adapters; returns one string per row, in order.
+
+    - All adapters must sit on the same base model object when they are to share a batch. Rows are grouped
+      by ``_batch_key``: adapters that add only virtual tokens or text share batches with each other and the
+      base model; weight-changing adapters (LoRA, full fine-tuning) get batches of their own rows.
+    - Each row's virtual tokens come from ``modeling.virtual_kv(adapter)`` (computed once per adapter, kept
+      across calls); a batch cache left-pads the rows' prefixes of different lengths and masks the pads.
+    - Within a batch, the rows of one adapter whose prompts start with the same >= ``shared_prefix_min``
+      tokens get that prefix's keys/values computed once (``modeling.extend_kv``; reused across the batches
+      of this call) and prefill only their suffixes.
+    - Greedy output equals generating each row alone with the plain path (``generate_ids``); sampled
+      output depends on which rows share a batch (one generator per batch seeded with ``cfg.seed``).
+    """
+    texts: list[str] = [""] * len(rows)
+    groups: dict[int, list[int]] = {}
+    for i, (adapter, _) in enumerate(rows):
+        groups.setdefault(_batch_key(adapter), []).append(i)
+    shared: dict[tuple[int, tuple[int, ...]], PrefixKV] = {}
+    for members in groups.values():
+        order = sorted(members, key=lambda i: len(rows[i][1]))
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            stop_check = _stop_checker(tokenizer, cfg.stop) if cfg.stop else None
+            new_ids = _generate_batch([rows[i] for i in batch], tokenizer, cfg, stop_check, shared, shared_prefix_min)
+            for row, ids in zip(batch, new_ids, strict=True):
+                texts[row] = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), cfg.stop)
+            if progress:
+                progress(len(batch))
+    return texts
+
+
+def _generate_batch(batch: Sequence[tuple[object, list[int]]], tokenizer, cfg: GenerationConfig, stop_check,
+                    shared: dict, shared_prefix_min: int) -> list[list[int]]:
+    model = batch[0][0].model
+    eos_ids, pad_id = _eos_ids(model, tokenizer), tokenizer.pad_token_id
+    body, head = _decoder_and_head(model)
+    adapters = {id(a): a for a, _ in batch}
+    if body is None or any(a.soft_prompt(1) is not None and virtual_kv(a) is None for a in adapters.values()):
+        # unusual architecture: the plain path, one adapter at a time
+        out: list[list[int]] = [[] for _ in batch]
+        for key, adapter in adapters.items():
+            idx = [i for i, (a, _) in enumerate(batch) if id(a) == key]
+            for i, ids in zip(idx, generate_ids(adapter, [batch[i][1] for i in idx], cfg, eos_ids, pad_id), strict=True):
+                out[i] = ids
+        return out
+    prefixes: list[PrefixKV | None] = [None] * len(batch)
+    suffixes: list[list[int]] = [list(p) for _, p in batch]
+    for key, adapter in adapters.items():
+        idx = [i for i, (a, _) in enumerate(batch) if id(a) == key]
+        # the shared prefix leaves every row at least one token to prefill (its last logits start decoding)
+        n = _common_prefix([batch[i][1] for i in idx]) if len(idx) > 1 else 0
+        n = min(n, min(len(batch[i][1]) for i in idx) - 1)
+        kv = virtual_kv(adapter)
+        if n >= shared_prefix_min:
+            head_ids = tuple(batch[idx[0]][1][:n])
+            if (key, head_ids) not in shared:
+                shared[(key, head_ids)] = extend_kv(adapter, head_ids, kv)
+            kv = shared[(key, head_ids)]
+            for i in idx:
+                suffixes[i] = suffixes[i][n:]
+        for i in idx:
+            prefixes[i] = kv
+    cache, pmask = batch_cache(model, prefixes)
+    mask = torch.cat([pmask, mask_for(suffixes, side="left")], dim=1)
+    ids = pad_batch(suffixes, pad_id, side="left")
+    positions = positions_from_mask(mask)[:, pmask.shape[1]:]
+    out = body(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    logits = head(out.last_hidden_state[:, -1])
+    return _decode(model, logits, out.past_key_values, mask, positions[:, -1] + 1, cfg, eos_ids, pad_id, stop_check)
+
+
 def generate(adapter, tokenizer, prompts: Sequence[list[int]], cfg: GenerationConfig, batch_size: int = 16,
              progress: Callable[[int], None] | None = None) -> list[str]:
-    """Generate text for prompt id lists, batching rows of similar length together."""
-    eos_ids = _eos_ids(adapter.model, tokenizer)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    texts: list[str] = [""] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        stop_check = _stop_checker(tokenizer, cfg.stop) if cfg.stop else None
-        new_ids = generate_ids(adapter, [prompts[i] for i in rows], cfg, eos_ids, tokenizer.pad_token_id,
-                               stop_check)
-        for row, ids in zip(rows, new_ids, strict=True):
-            texts[row] = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), cfg.stop)
-        if progress:
-            progress(len(rows))
-    return texts
+    """Generate text for prompt id lists, batching rows of similar length together (``generate_rows``)."""
+    return generate_rows([(adapter, list(p)) for p in prompts], tokenizer, cfg, batch_size, progress)
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:

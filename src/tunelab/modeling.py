@@ -13,11 +13,16 @@ Layouts (V = virtual tokens, P = padding):
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import weakref
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from tunelab.formatting import IGNORE_INDEX
 
@@ -41,10 +46,131 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+@dataclass
+class PrefixKV:
+    """Keys/values of tokens that sit before a row's text, one (1, heads, n, head_dim) pair per layer.
+
+    Produced by ``virtual_kv`` (an adapter's virtual tokens) and ``extend_kv`` (a shared text prefix);
+    ``batch_cache`` assembles rows with prefixes of different lengths into one transformers cache.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def length(self) -> int:
+        return int(self.keys[0].shape[-2]) if self.keys else 0
+
+
+_REUSE_VIRTUAL = contextvars.ContextVar("tunelab_reuse_virtual_kv", default=True)
+_VIRTUAL_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # adapter -> (soft prompt, PrefixKV)
+
+
+@contextlib.contextmanager
+def virtual_kv_cache(enabled: bool) -> Iterator[None]:
+    """Turn the per-adapter virtual-token cache on/off (on by default) -- off gives the reference
+    per-example path, which recomputes the soft prompt in every forward; benchmarks and tests compare both."""
+    token = _REUSE_VIRTUAL.set(enabled)
+    try:
+        yield
+    finally:
+        _REUSE_VIRTUAL.reset(token)
+
+
+def _kv_of(cache) -> PrefixKV:
+    layers = cache.layers
+    return PrefixKV([layer.keys for layer in layers], [layer.values for layer in layers])
+
+
+@torch.no_grad()
+def virtual_kv(adapter: Adapter) -> PrefixKV | None:
+    """The key/value cache of ``adapter``'s virtual tokens, computed once and reused; None if it has none.
+
+    Soft prompt (prompt tuning, P-tuning, IPT): its n embeddings are run once through the frozen model at
+    positions 0..n-1, exactly where the one forward path puts them, so a later forward over the text with
+    this cache as ``past_key_values`` gives the same outputs as prepending the soft prompt (up to float
+    rounding). Prefix tuning: the prefix keys/values themselves. The result is cached per adapter and
+    recomputed when the soft prompt changes (e.g. after more training), so it is shared across batches
+    and requests. Shapes: one (1, heads, n, head_dim) tensor per layer; batch-expand with ``batch_cache``.
+    """
+    prefix = adapter.prefix_cache(1)
+    soft = adapter.soft_prompt(1)
+    if soft is None:
+        return None if prefix is None else _kv_of(prefix)
+    soft = soft.detach()
+    hit = _VIRTUAL_CACHE.get(adapter)
+    if hit is not None and hit[0].shape == soft.shape and torch.equal(hit[0], soft):
+        return hit[1]
+    body, _ = _decoder_and_head(adapter.model)
+    if body is None:
+        return None  # unusual architecture: keep the plain path
+    n_prefix = 0 if prefix is None else prefix.get_seq_length()
+    n = soft.shape[1]
+    mask = torch.ones(1, n_prefix + n, dtype=torch.long)
+    out = body(inputs_embeds=soft.to(adapter.model.get_input_embeddings().weight.dtype), attention_mask=mask,
+               position_ids=torch.arange(n_prefix, n_prefix + n).unsqueeze(0), past_key_values=prefix,
+               use_cache=True)
+    kv = _kv_of(out.past_key_values)
+    _VIRTUAL_CACHE[adapter] = (soft.clone(), kv)
+    return kv
+
+
+def batch_cache(model, prefixes: Sequence[PrefixKV | None]) -> tuple[DynamicCache | None, torch.Tensor]:
+    """One cache for a batch whose rows have prefixes of different lengths (None = no prefix).
+
+    Each row's prefix is left-padded with zeros to the longest and the pads are masked, giving the layout
+    ``[pad | prefix_i | text]``; returns (cache, prefix attention mask (B, longest)). With positions taken
+    from the whole attention mask (``positions_from_mask``), row i's text starts at position
+    ``prefix_i.length``, as in its own one-row forward. The cache is new (a forward extends it in place).
+    """
+    width = max((p.length for p in prefixes if p is not None), default=0)
+    mask = torch.zeros(len(prefixes), width, dtype=torch.long)
+    if width == 0:
+        return None, mask
+    template = next(p for p in prefixes if p is not None and p.length)
+    cache = DynamicCache(config=model.config)
+    for layer in range(len(template.keys)):
+        keys, values = [], []
+        for row, prefix in enumerate(prefixes):
+            n = 0 if prefix is None else prefix.length
+            mask[row, width - n:] = 1
+            for src, dst in ((prefix.keys if n else None, keys), (prefix.values if n else None, values)):
+                like = (template.keys if dst is keys else template.values)[layer]
+                pad = like.new_zeros(1, like.shape[1], width - n, like.shape[3])
+                dst.append(pad if src is None else torch.cat([pad, src[layer]], dim=-2) if width > n else src[layer])
+        cache.update(torch.cat(keys), torch.cat(values), layer)
+    return cache, mask
+
+
+@torch.no_grad()
+def extend_kv(adapter: Adapter, ids: Sequence[int], prefix: PrefixKV | None = None) -> PrefixKV:
+    """``prefix`` (default: the adapter's ``virtual_kv``) extended by the keys/values of token ``ids``,
+    e.g. a system prompt or in-context demonstrations shared by many prompts; computed once, then used
+    as the per-row prefix of every row that starts with ``ids``."""
+    prefix = virtual_kv(adapter) if prefix is None else prefix
+    cache, pmask = batch_cache(adapter.model, [prefix])
+    mask = torch.cat([pmask, torch.ones(1, len(ids), dtype=torch.long)], dim=1)
+    body, _ = _decoder_and_head(adapter.model)
+    model = body if body is not None else adapter.model
+    out = model(input_ids=torch.tensor([list(ids)]), attention_mask=mask,
+                position_ids=positions_from_mask(mask)[:, pmask.shape[1]:], past_key_values=cache, use_cache=True)
+    return _kv_of(out.past_key_values)
+
+
 def build_inputs(adapter: Adapter, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> ModelInputs:
-    """Embed tokens, prepend the soft prompt and attach the prefix cache of ``adapter``."""
+    """Embed tokens, prepend the soft prompt and attach the prefix cache of ``adapter``.
+
+    Without gradients (evaluation, scoring, generation) the virtual tokens come from the cached
+    ``virtual_kv`` instead of being recomputed for every row (``virtual_kv_cache(False)`` turns that off).
+    """
     batch = input_ids.shape[0]
     embeds = adapter.model.get_input_embeddings()(input_ids)  # (B, T, C)
+    if not torch.is_grad_enabled() and _REUSE_VIRTUAL.get() and adapter.soft_prompt(1) is not None:
+        kv = virtual_kv(adapter)
+        if kv is not None:
+            cache, pmask = batch_cache(adapter.model, [kv] * batch)
+            mask = torch.cat([pmask, attention_mask], dim=1)
+            return ModelInputs(embeds, mask, positions_from_mask(mask)[:, kv.length:], cache, 0)
     soft = adapter.soft_prompt(batch)  # (B, n, C) or None
     prefix = adapter.prefix_cache(batch)
     n_soft = 0 if soft is None else soft.shape[1]
