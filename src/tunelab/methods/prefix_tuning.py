@@ -4,6 +4,10 @@ peft's ``PrefixEncoder`` holds the parameters, optionally through the paper's ML
 (``prefix_projection``); ``get_prompt(B)`` turns them into a transformers ``DynamicCache``, a new
 object on each call, which tunelab's forward extends in place. peft saves the encoder's output, so
 a reparameterised prefix reloads for inference as the plain prefix it computes.
+
+peft initialises prefixes as N(0, 1) keys and values, which on SmolLM2-135M raises the starting loss
+from ~0.7 to ~5 nats; ``init=text`` instead starts from the keys and values the frozen model computes
+for real words (the task instruction), as Li & Liang (2021, Sec. 7.2) recommend.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from peft import PeftModel, PrefixTuningConfig, TaskType, get_peft_model
 from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -20,6 +25,8 @@ from tunelab.errors import ConfigError
 from tunelab.methods.base import Adapter, MethodConfig, MethodDefaults, freeze
 from tunelab.methods.transfer import Source, base_model, start_from
 
+INITS = ("text", "random")
+
 
 @dataclass
 class PrefixTuningMethodConfig(MethodConfig):
@@ -27,10 +34,14 @@ class PrefixTuningMethodConfig(MethodConfig):
     num_virtual_tokens: int = 20
     prefix_projection: bool = False  # train the prefix through a 2-layer MLP (Li & Liang 2021, Sec. 4.3)
     encoder_hidden_size: int | None = None  # MLP width; None = the model's hidden size
+    init: str = "text"  # text (activations of init_text) | random (peft's N(0, 1)); the MLP always starts random
+    init_text: str | None = None  # None = the task instruction of the first training example
 
     def __post_init__(self) -> None:
         if self.num_virtual_tokens < 1:
             raise ConfigError(f"method.num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
+        if self.init not in INITS:
+            raise ConfigError(f"method.init={self.init!r}; choose one of {', '.join(INITS)}")
 
 
 class PrefixAdapter(Adapter):
@@ -48,6 +59,23 @@ class PrefixAdapter(Adapter):
 
     def save_weights(self, directory: Path) -> None:
         self.peft_model.save_pretrained(str(directory), safe_serialization=True)
+
+
+def text_ids(tokenizer: PreTrainedTokenizerBase, text: str, n: int) -> list[int]:
+    """Exactly n token ids: ``text``'s, tiled or cut."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
+    return (ids * (n // len(ids) + 1))[:n]
+
+
+@torch.no_grad()
+def prefix_from_text(model: PreTrainedModel, ids: list[int]) -> torch.Tensor:
+    """(n, layers x 2 x KV width): the frozen model's keys and values for ``ids`` at positions 0..n-1,
+    laid out as peft's prefix embedding (row i viewed as (layers x 2, heads, head_dim); 2l = K, 2l+1 = V)."""
+    cache = model(input_ids=torch.tensor([ids]), use_cache=True).past_key_values
+    per_layer = [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]  # each (2, H, n, D)
+    stacked = torch.stack(per_layer)  # (L, 2, H, n, D)
+    layers, _, heads, n, dim = stacked.shape
+    return stacked.reshape(layers * 2, heads, n, dim).permute(2, 0, 1, 3).reshape(n, -1)
 
 
 def _transfer(adapter: PrefixAdapter, source: Source, config: PrefixTuningMethodConfig) -> None:
@@ -78,6 +106,10 @@ class PrefixTuning(MethodDefaults):
         adapter = PrefixAdapter(get_peft_model(model, peft_config), self.name, config)
         if source is not None and source.weights:
             _transfer(adapter, source, config)
+        elif config.init == "text" and not config.prefix_projection:
+            text = config.init_text or (train[0].instruction if train else "") or "Answer the question."
+            prefix = prefix_from_text(model, text_ids(tokenizer, text, config.num_virtual_tokens))
+            adapter.peft_model.prompt_encoder["default"].load_prompt_embeddings(prefix)
         adapter.folded_from = source.folded_from if source else None
         return adapter
 
