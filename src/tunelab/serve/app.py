@@ -163,7 +163,7 @@ def create_app(registry: AdapterRegistry, limits: ServeLimits | None = None, api
             raise APIError(500, f"cannot load adapter {name!r}: {exc}", "server_error") from None
 
     def settings(req: Sampling, max_tokens: int | None) -> GenerationConfig:
-        budget = max_tokens or limits.default_max_tokens
+        budget = max_tokens or min(limits.default_max_tokens, limits.max_tokens)
         if budget > limits.max_tokens:
             raise APIError(400, f"max_tokens={budget} is over this server's limit of {limits.max_tokens}")
         stops = req.stop_strings()
