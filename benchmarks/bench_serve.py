@@ -12,7 +12,8 @@ sends ``--requests`` greedy /v1/completions from ``--clients`` concurrent client
   (what serving one adapter at a time gives).
 
 Reports throughput (requests/s, generated tokens/s), p50/p95 latency, and the memory each extra
-soft-prompt adapter adds (RSS delta over loading the adapters, and its tensor bytes). Each mode stops
+soft-prompt adapter adds (RSS delta over loading the adapters, and its tensor bytes) and what a hot
+adapter's cached virtual-token key/values add (at most ``hot_prompts`` of them are kept). Each mode stops
 after ``--requests`` or ``--max-seconds``, whichever comes first. Writes --out (JSON) when given.
 """
 
@@ -32,8 +33,10 @@ import httpx
 import psutil
 import torch
 
+from tunelab.modeling import virtual_kv
 from tunelab.models import load_model
 from tunelab.serve.app import ServeLimits, create_app
+from tunelab.serve.batcher import SoftPromptRow
 from tunelab.serve.examples import write_prompt_adapters
 from tunelab.serve.local import serve_in_thread
 from tunelab.serve.registry import AdapterRegistry
@@ -48,20 +51,27 @@ def rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
-def measure_memory(registry: AdapterRegistry, names: list[str]) -> dict:
-    """RSS added by loading the adapters after the first, per adapter, next to their tensor bytes."""
-    registry.get(names[0])  # first load pays for imports and peft's one-time setup
+def measure_memory(root: str, model, tokenizer, model_name: str, names: list[str], copies: int) -> dict:
+    """RSS added per loaded soft-prompt adapter, over ``copies`` registries each loading every adapter
+    (so enough adapters load to rise above the allocator's noise), next to the tensor bytes, and the
+    bytes of one adapter's cached virtual-token key/values (kept only for the hot ones, see HotPrompts)."""
+    warm = AdapterRegistry(root, model, tokenizer, model_name, max_loaded=len(names))
+    warm.get(names[0])  # the first load pays for imports and peft's one-time setup
     gc.collect()
     before = rss_bytes()
-    for name in names[1:]:
-        registry.get(name)
+    registries = [AdapterRegistry(root, model, tokenizer, model_name, max_loaded=len(names)) for _ in range(copies)]
+    for registry in registries:
+        for name in names:
+            registry.get(name)
     gc.collect()
     after = rss_bytes()
-    soft = registry.get(names[1]).soft
-    return {"adapters_measured": len(names) - 1, "rss_delta_bytes": after - before,
-            "rss_bytes_per_adapter": round((after - before) / (len(names) - 1)),
-            "tensor_bytes_per_adapter": soft.numel() * soft.element_size() if soft is not None else None,
-            "soft_prompt_shape": list(soft.shape) if soft is not None else None}
+    loaded = copies * len(names)
+    soft = registries[0].get(names[0]).soft
+    kv = virtual_kv(SoftPromptRow(model, soft))
+    return {"adapters_loaded": loaded, "rss_delta_bytes": after - before,
+            "rss_bytes_per_adapter": round((after - before) / loaded),
+            "tensor_bytes_per_adapter": soft.numel() * soft.element_size(), "soft_prompt_shape": list(soft.shape),
+            "hot_kv_bytes_per_adapter": sum(t.numel() * t.element_size() for t in kv.keys + kv.values)}
 
 
 def load(url: str, names: list[str], clients: int, requests: int, max_tokens: int, max_seconds: float) -> dict:
@@ -129,6 +139,7 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=240, help="per mode")
     parser.add_argument("--window-ms", type=float, default=20)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--memory-copies", type=int, default=10, help="registries loading every adapter")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -138,8 +149,8 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         names = write_prompt_adapters(model, tokenizer, args.model, Path(tmp), args.adapters)
+        memory = measure_memory(tmp, model, tokenizer, args.model, names, args.memory_copies)
         registry = AdapterRegistry(tmp, model, tokenizer, args.model, max_loaded=args.adapters)
-        memory = measure_memory(registry, names)
         modes = {"single": run_mode(registry, names[:1], True, args),
                  "mixed": run_mode(registry, names, True, args),
                  "mixed_unbatched": run_mode(registry, names, False, args)}

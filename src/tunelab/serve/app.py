@@ -110,12 +110,14 @@ class BodyLimit:
 
 
 def create_app(registry: AdapterRegistry, limits: ServeLimits | None = None, api_key: str | None = None,
-               window_ms: float = 5.0, max_batch: int = 32, mix_adapters: bool = True) -> FastAPI:
+               window_ms: float = 5.0, max_batch: int = 32, mix_adapters: bool = True,
+               hot_prompts: int = 32) -> FastAPI:
     """The server over ``registry``; requests need ``Authorization: Bearer <api_key>`` when one is set.
-    ``mix_adapters=False`` runs each adapter's rows in their own forward passes (a baseline)."""
+    ``mix_adapters=False`` runs each adapter's rows in their own forward passes (a baseline);
+    ``hot_prompts`` soft prompts keep their virtual-token key/values cached (see ``batcher.HotPrompts``)."""
     limits = limits or ServeLimits()
     tokenizer = registry.tokenizer
-    batcher = Batcher(tokenizer, window_ms=window_ms, max_batch=max_batch, mix=mix_adapters)
+    batcher = Batcher(tokenizer, window_ms=window_ms, max_batch=max_batch, mix=mix_adapters, hot_prompts=hot_prompts)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

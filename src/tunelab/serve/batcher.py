@@ -1,12 +1,11 @@
 """Continuous request batching for `tunelab serve`: requests for many adapters share one forward pass.
 
 A background thread takes the first queued request, keeps collecting for ``window_ms`` (or until
-``max_batch``), then splits what it has into *mix groups*: rows whose adapters can run in one call of
-the shared generation loop (``tunelab.generate``). All soft-prompt adapters (prompt tuning, IPT,
-P-tuning) with the same number of virtual tokens mix into one batch, each row carrying its own
-prompt (``RowSoftPrompts``); adapters that only change the text (ICL, discrete prompt, the bare base
-model) mix with each other; prefix-tuning and weight-changing adapters (LoRA, full weights) run one
-group per adapter. Rows in a group must also share decoding settings (one ``GenerationConfig`` per call).
+``max_batch``), then hands the rows to the one generation path, ``tunelab.generate.generate_rows``,
+one call per set of decoding settings (one ``GenerationConfig`` per call). There, rows of every adapter
+that leaves the base weights alone (prompt tuning, IPT, P-tuning, prefix tuning, ICL, discrete prompt,
+the bare base model) share forward passes, each row with its own virtual-token key/values; LoRA and
+full-weight adapters are batched per adapter, on their own copy of the model.
 
 Greedy rows give the same text batched as alone (positions come from the attention mask, see
 ``tunelab.modeling``), so a served completion equals offline generation whatever it was batched with.
@@ -19,13 +18,14 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
 from concurrent.futures import Future
 from dataclasses import astuple, dataclass, field
 
 import torch
 
-from tunelab.generate import GenerationConfig, generate
+from tunelab.generate import GenerationConfig, generate_rows
 from tunelab.methods.base import Adapter, MethodConfig
 from tunelab.serve.registry import Served
 
@@ -42,51 +42,69 @@ class Job:
     future: Future = field(default_factory=Future)  # -> str, the completion text
 
 
-class RowSoftPrompts(Adapter):
-    """The frozen base model with a different soft prompt on every row of one batch.
+class SoftPromptRow(Adapter):
+    """The frozen base model with one served soft prompt: what ``generate_rows`` needs for a row.
 
-    ``soft_prompt(B)`` returns row i's prompt in row i, so the one forward path in ``tunelab.modeling``
-    places each row's virtual tokens before its own text. Rows must be given in the order the
-    generation loop sees them.
+    Only the (n, C) tensor is kept per served adapter; ``modeling.virtual_kv`` caches the prompt's
+    key/values per object of this class, so ``HotPrompts`` decides how many such caches stay alive.
     """
 
-    def __init__(self, model, prompts: Sequence[torch.Tensor]) -> None:
-        super().__init__(model, "mixed", MethodConfig())
-        self.prompts = torch.stack(list(prompts))  # (B, n, C)
+    def __init__(self, model, soft: torch.Tensor) -> None:
+        super().__init__(model, "served_soft_prompt", MethodConfig())
+        self.soft = soft  # (n, C)
 
     def soft_prompt(self, batch_size: int) -> torch.Tensor:
-        assert batch_size == self.prompts.shape[0], "rows and soft prompts out of step"
-        return self.prompts
+        return self.soft.unsqueeze(0).expand(batch_size, -1, -1)  # (B, n, C)
+
+
+class HotPrompts:
+    """The ``SoftPromptRow`` of the ``capacity`` most recently used soft-prompt adapters.
+
+    Keeping a row adapter alive keeps its cached virtual-token key/values (~0.9 MB for SmolLM2-135M with
+    20 virtual tokens: 30 layers x K and V x 20 x 192 floats), so prefill skips the virtual tokens; an
+    adapter outside the cap gets a fresh row adapter per batch and its key/values are computed once per
+    batch and then freed. Memory is thus (soft prompt bytes) per adapter + at most ``capacity`` caches.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._rows: OrderedDict[str, SoftPromptRow] = OrderedDict()
+
+    def row(self, served: Served) -> SoftPromptRow:
+        hit = self._rows.get(served.name)
+        if hit is not None and hit.soft is served.soft:
+            self._rows.move_to_end(served.name)
+            return hit
+        row = SoftPromptRow(served.adapter.model, served.soft)
+        if self.capacity > 0:
+            self._rows[served.name] = row
+            while len(self._rows) > self.capacity:
+                self._rows.popitem(last=False)
+        return row
 
 
 def mix_key(job: Job, mix: bool = True) -> Hashable:
-    """Jobs with equal keys run in one generation call (``Served.mix``, set when the adapter loads).
+    """Jobs with equal keys go to one ``generate_rows`` call, which batches rows on the same weights together.
     ``mix=False`` keeps every adapter in its own call: the one-adapter-per-forward baseline."""
-    return (job.served.mix if mix else job.served.name), astuple(job.cfg)
+    return (() if mix else job.served.name), astuple(job.cfg)
 
 
-def batch_adapter(jobs: Sequence[Job]) -> Adapter:
-    """The adapter one mix group runs through: per-row soft prompts, or the group's common adapter."""
-    first = jobs[0].served
-    if first.soft is not None:
-        return RowSoftPrompts(first.adapter.model, [j.served.soft for j in jobs])
-    return first.adapter
+def run_group(jobs: Sequence[Job], tokenizer, hot: HotPrompts) -> list[str]:
+    """Generate for one group of jobs with ``tunelab.generate.generate_rows``; texts in ``jobs`` order.
 
-
-def run_group(jobs: Sequence[Job], tokenizer) -> list[str]:
-    """Generate for one mix group in a single call of ``tunelab.generate.generate``; texts in ``jobs`` order.
-
-    Rows are sorted by prompt length first: ``generate`` orders rows by length with a stable sort, so
-    sorted input keeps row i = job i, which ``RowSoftPrompts`` relies on.
+    Rows of soft-prompt, prefix and text-only adapters all run on the shared base model, so
+    ``generate_rows`` puts them in one batch, each row with its own virtual-token key/values; rows
+    of weight-changing adapters (LoRA, full weights) are batched per adapter.
     """
-    order = sorted(range(len(jobs)), key=lambda i: len(jobs[i].prompt_ids))
-    ordered = [jobs[i] for i in order]
-    texts = generate(batch_adapter(ordered), tokenizer, [j.prompt_ids for j in ordered], jobs[0].cfg,
-                     batch_size=len(ordered))
-    out = [""] * len(jobs)
-    for i, text in zip(order, texts, strict=True):
-        out[i] = text
-    return out
+    rows, local = [], {}
+    for job in jobs:
+        served = job.served
+        if served.soft is not None:  # one row adapter per adapter per call, shared by its rows
+            local.setdefault(served.name, hot.row(served))
+            rows.append((local[served.name], job.prompt_ids))
+        else:
+            rows.append((served.adapter, job.prompt_ids))
+    return generate_rows(rows, tokenizer, jobs[0].cfg, batch_size=len(rows))
 
 
 @dataclass
@@ -103,9 +121,9 @@ class Batcher:
     """Collects jobs from request handlers and runs them in mixed batches on one background thread."""
 
     def __init__(self, tokenizer, window_ms: float = 5.0, max_batch: int = 32, mix: bool = True,
-                 runner: Callable[[Sequence[Job], object], list[str]] = run_group) -> None:
-        self.tokenizer, self.window, self.max_batch, self.runner = tokenizer, window_ms / 1000, max_batch, runner
-        self.mix = mix
+                 hot_prompts: int = 32) -> None:
+        self.tokenizer, self.window, self.max_batch, self.mix = tokenizer, window_ms / 1000, max_batch, mix
+        self.hot = HotPrompts(hot_prompts)
         self.stats = BatchStats()
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="tunelab-batcher", daemon=True)
@@ -151,7 +169,7 @@ class Batcher:
 
     def _run(self, group: list[Job]) -> None:
         try:
-            texts = self.runner(group, self.tokenizer)
+            texts = run_group(group, self.tokenizer, self.hot)
         except Exception as exc:  # reported to each waiting request; the server keeps running
             log.exception("generation failed for a batch of %d rows", len(group))
             for job in group:

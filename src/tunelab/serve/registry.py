@@ -52,7 +52,6 @@ class Served:
     demos: Any = None  # DemoSelector for ICL / IPT, drawn from the run's training split as in `tunelab eval`
     shares_base: bool = True
     soft: torch.Tensor | None = None  # (n, C) soft prompt of prompt tuning / IPT / P-tuning, kept alone
-    mix: tuple = ("text-only",)  # rows with equal ``mix`` can share one generation call (see batcher)
 
 
 class AdapterRegistry:
@@ -140,15 +139,10 @@ class AdapterRegistry:
                         run_demonstrations(safe_child(self.root, name), meta), shares)
         if shares:
             with torch.no_grad():
-                soft, prefix = adapter.soft_prompt(1), adapter.prefix_cache(1)
-            if soft is not None:
+                soft, prefix = adapter.soft_prompt(1), adapter.prefix_cache(1)  # (1, n, C), cache
+            if soft is not None and prefix is None:
                 # keep only the (n, C) tensor: the peft wrapper is dropped, so an adapter costs n*C floats
                 served.soft, served.adapter = soft[0].detach().clone(), self.base.adapter
-                served.mix = ("soft", tuple(served.soft.shape))
-            elif prefix is not None:
-                served.mix = ("adapter", name)
-        else:
-            served.mix = ("adapter", name)
         self.loads += 1
         return served
 

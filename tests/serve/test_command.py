@@ -1,0 +1,48 @@
+"""`tunelab serve` as a user runs it: a subprocess on 127.0.0.1, key from TUNELAB_API_KEY, stopped by SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+
+from tunelab.serve.local import free_port
+
+
+def test_tunelab_serve_command_serves_the_adapter_directory(adapter_root):
+    port = free_port()
+    env = {**os.environ, "TUNELAB_API_KEY": "k3y", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "serve", "--model", "tiny", "--adapters",
+                             str(adapter_root), "--port", str(port), "--max-tokens", "8"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stdout.read()
+                time.sleep(0.2)
+        body = {"model": "task02", "prompt": "hello", "max_tokens": 4}
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 401
+        ok = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer k3y"}, timeout=60)
+        assert ok.status_code == 200 and ok.json()["model"] == "task02"
+        too_many = httpx.post(f"{url}/v1/completions", json={**body, "max_tokens": 9},
+                              headers={"Authorization": "Bearer k3y"}, timeout=60)
+        assert too_many.status_code == 400  # --max-tokens 8
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert "serving tiny + 20 adapters" in out
+
+
+def test_missing_adapter_directory_is_one_line_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "tunelab.cli", "serve", "--model", "tiny", "--adapters",
+                           str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "is not a directory" in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
