@@ -41,5 +41,6 @@ def tiny_report(tmp_path_factory):
     from tunelab.compare import compare
 
     root = tmp_path_factory.mktemp("tiny_report")
-    grid = write_grid(root, train_sizes=[8, 16], prompt_lengths=[2])
+    methods = [{**TINY_GRID["methods"][0], "seeds": [0]}, TINY_GRID["methods"][1]]  # zero-shot is deterministic
+    grid = write_grid(root, train_sizes=[8, 16], prompt_lengths=[2], methods=methods)
     return compare(grid, root / "out", progress=False, console=Console(quiet=True))
