@@ -20,10 +20,13 @@ after ``--requests`` or ``--max-seconds``, whichever comes first. Writes --out (
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -51,6 +54,23 @@ def rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def heap_in_use() -> int | None:
+    """Bytes malloc has handed out and not got back (glibc ``mallinfo2``, all arenas; torch's CPU tensors
+    come from malloc). Unlike RSS it sees allocations that reuse freed heap; None off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+    except (OSError, AttributeError):
+        return None
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
 def measure_memory(root: str, model, tokenizer, model_name: str, names: list[str], copies: int) -> dict:
     """RSS added per loaded soft-prompt adapter, over ``copies`` registries each loading every adapter
     (so enough adapters load to rise above the allocator's noise), next to the tensor bytes, and the
@@ -58,20 +78,32 @@ def measure_memory(root: str, model, tokenizer, model_name: str, names: list[str
     warm = AdapterRegistry(root, model, tokenizer, model_name, max_loaded=len(names))
     warm.get(names[0])  # the first load pays for imports and peft's one-time setup
     gc.collect()
-    before = rss_bytes()
+    before, heap_before = rss_bytes(), heap_in_use()
     registries = [AdapterRegistry(root, model, tokenizer, model_name, max_loaded=len(names)) for _ in range(copies)]
     for registry in registries:
         for name in names:
             registry.get(name)
     gc.collect()
-    after = rss_bytes()
+    after, heap_after = rss_bytes(), heap_in_use()
     loaded = copies * len(names)
     soft = registries[0].get(names[0]).soft
     kv = virtual_kv(SoftPromptRow(model, soft))
     return {"adapters_loaded": loaded, "rss_delta_bytes": after - before,
             "rss_bytes_per_adapter": round((after - before) / loaded),
+            "heap_bytes_per_adapter": round((heap_after - heap_before) / loaded) if heap_before is not None else None,
             "tensor_bytes_per_adapter": soft.numel() * soft.element_size(), "soft_prompt_shape": list(soft.shape),
             "hot_kv_bytes_per_adapter": sum(t.numel() * t.element_size() for t in kv.keys + kv.values)}
+
+
+def memory_in_fresh_process(root: str, model_name: str, names: list[str], copies: int) -> dict:
+    """``measure_memory`` in a new process that has done nothing else, so the adapters cannot reuse heap
+    that earlier work (writing adapters, generating) freed, which hides them from RSS."""
+    code = ("import json; from benchmarks.bench_serve import measure_memory; "
+            f"from tunelab.models import load_model; m, t = load_model({model_name!r}); "
+            f"print(json.dumps(measure_memory({root!r}, m, t, {model_name!r}, {names!r}, {copies})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def load(url: str, names: list[str], clients: int, requests: int, max_tokens: int, max_seconds: float) -> dict:
@@ -149,7 +181,7 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         names = write_prompt_adapters(model, tokenizer, args.model, Path(tmp), args.adapters)
-        memory = measure_memory(tmp, model, tokenizer, args.model, names, args.memory_copies)
+        memory = memory_in_fresh_process(tmp, args.model, names, args.memory_copies)
         registry = AdapterRegistry(tmp, model, tokenizer, args.model, max_loaded=args.adapters)
         modes = {"single": run_mode(registry, names[:1], True, args),
                  "mixed": run_mode(registry, names, True, args),
