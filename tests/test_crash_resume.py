@@ -21,10 +21,15 @@ ARGS = ["run", "--method", "prompt_tuning", "--task", "date_format", "--model", 
         "train.checkpoint_every=1", "model.threads=1", "method.num_virtual_tokens=4"]
 
 
-def _tunelab(*args: str, **kwargs) -> subprocess.Popen:
+def _tunelab(log, *args: str) -> subprocess.Popen:
+    """``tunelab run`` in a child process; its output goes to ``log`` (a pipe nobody reads could block it)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.Popen([sys.executable, "-m", "tunelab.cli", *ARGS, *args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, "-m", "tunelab.cli", *ARGS, *args], env=env, stdout=f, stderr=f)
+
+
+def _tail(log) -> str:
+    return log.read_text()[-2000:]
 
 
 def _step(checkpoint_dir) -> int:
@@ -47,23 +52,22 @@ def _uninterrupted(out) -> None:
 
 def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(tmp_path):
     kill_after = random.Random(9).randint(5, STEPS - 50)  # seeded, so a failure reproduces
-    victim = _tunelab("--out", str(tmp_path / "killed"))
+    victim = _tunelab(tmp_path / "victim.log", "--out", str(tmp_path / "killed"))
     checkpoints = tmp_path / "killed" / "checkpoint"
     deadline = time.monotonic() + 120
     while _step(checkpoints) < kill_after:
-        assert victim.poll() is None, f"the run ended before it could be killed: {victim.stderr.read()[-2000:]}"
+        assert victim.poll() is None, f"the run ended before it could be killed: {_tail(tmp_path / 'victim.log')}"
         assert time.monotonic() < deadline, "no checkpoint progress within 120 s"
         time.sleep(0.002)
     victim.send_signal(signal.SIGKILL)
-    victim.communicate()
+    victim.wait()
     assert victim.returncode == -signal.SIGKILL
     killed_at = _step(checkpoints)
     assert kill_after <= killed_at < STEPS and not (tmp_path / "killed" / "result.json").exists()
 
-    resumed = _tunelab("--out", str(tmp_path / "killed"), "--resume")
+    resumed = _tunelab(tmp_path / "resumed.log", "--out", str(tmp_path / "killed"), "--resume")
     _uninterrupted(tmp_path / "full")  # while the resumed process starts up
-    _, resumed_err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, resumed_err[-2000:]
+    assert resumed.wait(timeout=300) == 0, _tail(tmp_path / "resumed.log")
 
     weights = [load_file(str(tmp_path / d / "adapter" / "adapter_model.safetensors")) for d in ("full", "killed")]
     assert weights[0].keys() == weights[1].keys()

@@ -22,11 +22,12 @@ REQUIRED = ("key", "grid", "method", "task", "seed", "status", "config", "metric
             "finished_at")
 
 
-def _launch(grid: Path, out: Path) -> subprocess.Popen:
+def _launch(grid: Path, out: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.Popen([sys.executable, "-m", "tunelab.cli", "compare", "--config", str(grid), "--out", str(out),
-                             "-q"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # its own process group: the cells and fork server with it
+    with open(log, "w") as f:  # a file, not a pipe nobody reads while waiting (a full pipe blocks the grid)
+        return subprocess.Popen([sys.executable, "-m", "tunelab.cli", "compare", "--config", str(grid), "--out",
+                                 str(out), "-q"], env=env, stdout=f, stderr=f,
+                                start_new_session=True)  # its own process group: the cells and fork server with it
 
 
 def _rows(store: Path) -> int:
@@ -81,7 +82,8 @@ def test_compare_killed_three_times_stores_every_cell_exactly_once(tmp_path):
     kills = []
     for _ in range(3):
         started, before = time.time(), _rows(store)
-        process = _launch(grid, out)
+        log = tmp_path / f"grid-{len(kills)}.log"
+        process = _launch(grid, out, log)
         if rng.random() < 0.5:  # mid-training of a prompt-tuning cell, at a random step
             point, step = "training", rng.randint(2, STEPS - 4)
             reached = _wait_for(lambda s=step, t=started, b=before: _training_step(out, t) >= s or _rows(store) > b + 1, process)
@@ -90,13 +92,12 @@ def test_compare_killed_three_times_stores_every_cell_exactly_once(tmp_path):
             reached = _wait_for(lambda b=before: _rows(store) > b, process)
             time.sleep(delay)
         if not reached or process.poll() is not None:
-            raise AssertionError(f"the grid finished before kill {len(kills) + 1} ({point}): {process.stderr.read()}")
+            raise AssertionError(f"the grid finished before kill {len(kills) + 1} ({point}): {log.read_text()[-3000:]}")
         _kill_group(process)
         kills.append((point, _rows(store)))
 
-    final = _launch(grid, out)
-    _, err = final.communicate(timeout=600)
-    assert final.returncode == 0, err[-3000:]
+    final = _launch(grid, out, tmp_path / "grid-final.log")
+    assert final.wait(timeout=600) == 0, (tmp_path / "grid-final.log").read_text()[-3000:]
     assert kills[-1][1] < 4, f"all cells were stored before the last kill: {kills}"
 
     conn = sqlite3.connect(store)
