@@ -61,7 +61,7 @@ def test_shared_prefix_is_computed_once_and_changes_nothing(fresh_tiny, monkeypa
     for adapter in adapters:
         rows = [(adapter, p) for p in prompts]
         expected = [_reference(adapter, tok, p, cfg) for p in prompts]
-        assert generate_rows(rows, tok, cfg, batch_size=2) == expected
+        assert generate_rows(rows, tok, cfg, batch_size=2, shared_prefix_min=8) == expected
     assert len(calls) == 3  # once per adapter, shared by its 3 batches
 
 
