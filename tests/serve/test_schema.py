@@ -21,6 +21,19 @@ def served_model(case, use_real: bool):
     return case
 
 
+def checker(cases, url: str, statuses: list[int]):
+    """A hypothesis test sending ``cases`` to ``url``, failing on any 5xx, recording status codes."""
+
+    @settings(max_examples=25, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(case=cases)
+    def check(case):
+        response = case.call_and_validate(base_url=url, checks=[not_a_server_error], timeout=60)
+        statuses.append(response.status_code)
+
+    return check
+
+
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 def test_generated_requests_never_get_a_server_error(adapter_root, mode):
     limits = ServeLimits(max_prompt_tokens=128, max_tokens=8, max_body_bytes=50_000)
@@ -35,14 +48,7 @@ def test_generated_requests_never_get_a_server_error(adapter_root, mode):
         for operation in operations:
             cases = st.tuples(operation.as_strategy(mode), st.booleans()).map(lambda pair: served_model(*pair))
 
-            @settings(max_examples=25, deadline=None, database=None, derandomize=True,
-                      suppress_health_check=list(HealthCheck))
-            @given(case=cases)
-            def check(case, label=operation.label):
-                response = case.call_and_validate(base_url=live.url, checks=[not_a_server_error], timeout=60)
-                statuses.setdefault(label, []).append(response.status_code)
-
-            check()
+            checker(cases, live.url, statuses.setdefault(operation.label, []))()
     if mode == GenerationMode.POSITIVE:  # some generated requests really generated text
         assert 200 in statuses["POST /v1/completions"] and 200 in statuses["POST /v1/chat/completions"]
     assert all(code < 500 for codes in statuses.values() for code in codes)
