@@ -101,6 +101,9 @@ def load_for_eval(model: str | None, adapter_dir: str | None, template: str = "a
     demos = None
     if adapter_dir:
         method, cfg = method_config({"name": meta["method"], **meta.get("config", {})})
+        from tunelab.safety import check_adapter_dir
+
+        check_adapter_dir(adapter_dir, needs_weights=method.trains)  # refuse pickles before peft can read them
         adapter = METHODS[method.name].load(Path(adapter_dir), base_model, cfg)
         run_cfg = _run_config(adapter_dir)
         if run_cfg is not None:

@@ -67,6 +67,9 @@ def start_from(init_from: str | None, model: PreTrainedModel) -> Source | None:
     directory = adapter_dir(init_from)
     meta = read_meta(directory)
     method, config = method_config({"name": meta["method"], **meta.get("config", {})})
+    from tunelab.safety import check_adapter_dir
+
+    check_adapter_dir(directory, needs_weights=method.trains)  # refuse pickles before peft can read them
     loaded = method.load(directory, model, config)
     merged = loaded.merged_model()
     if merged is not None:
