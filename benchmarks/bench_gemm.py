@@ -44,7 +44,7 @@ def main() -> None:
     for shape, value in result["fp32_gflops"].items():
         print(f"fp32 {shape:>18}: {value:8.1f} GFLOP/s")
     print(f"bf16 1024x576x1536     : {result['bf16_gflops_1024x576x1536']:8.1f} GFLOP/s "
-          f"({result['fp32_gflops']['1024x576x1536'] / max(result['bf16_gflops_1024x576x1536'], 1e-9):.1f}x slower than fp32)")
+          f"({result['bf16_gflops_1024x576x1536'] / max(result['fp32_gflops']['1024x576x1536'], 1e-9):.2f}x fp32's speed)")
     print(f"peak fp32: {result['fp32_peak_gflops']} GFLOP/s on {result['threads']} threads")
     print(json.dumps(result))
 

@@ -73,9 +73,9 @@ def run_ours(method: str, args) -> dict:
     impl = REGISTRY[method]
     adapter = impl.build(model, tok, impl.Config(), examples, args.seed)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, schedule="constant",
-                      group_by_length=not args.same_batches)
+                      group_by_length=not args.same_batches, precision=args.precision)
     stats = train(adapter, data, cfg, LR[method], tok.pad_token_id)
-    return {"seconds": stats.seconds, "tokens": stats.tokens, "losses": stats.losses,
+    return {"seconds": stats.seconds, "tokens": stats.tokens, "losses": stats.losses, "precision": stats.precision,
             "flops_per_token": flops_per_token(model, method, _label_fraction(data))}
 
 
@@ -123,7 +123,7 @@ def run_baseline(method: str, args) -> dict:
                               max_steps=args.steps, learning_rate=LR[method], lr_scheduler_type="constant",
                               weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, save_strategy="no",
                               report_to=[], use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
-                              seed=args.seed, remove_unused_columns=False)
+                              seed=args.seed, remove_unused_columns=False, bf16=args.baseline_bf16)
     trainer = (InOrder if args.same_batches else Trainer)(model=model, args=targs, train_dataset=rows,
                                                           data_collator=collator)
     start = time.perf_counter()
@@ -148,7 +148,8 @@ def worker(args) -> None:
 def spawn(side: str, method: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--side", side, "--method", method, "--steps", str(args.steps),
            "--batch-size", str(args.batch_size), "--examples", str(args.examples), "--data", str(args.data),
-           "--model", args.model, "--seed", str(args.seed)] + (["--same-batches"] if args.same_batches else [])
+           "--model", args.model, "--seed", str(args.seed), "--precision", args.precision] + \
+        (["--same-batches"] if args.same_batches else []) + (["--baseline-bf16"] if args.baseline_bf16 else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -168,6 +169,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"),
+                        help="ours: train.precision (bf16 = autocast; auto = bf16 where measured faster)")
+    parser.add_argument("--baseline-bf16", action="store_true", help="baseline: TrainingArguments(bf16=True)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--side", choices=("ours", "baseline"), help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
@@ -178,10 +182,13 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_gemm import measure
 
-    peak = measure()["fp32_peak_gflops"]
+    gemm = measure()
+    peaks = {"fp32": gemm["fp32_peak_gflops"], "bf16": gemm["bf16_gflops_1024x576x1536"]}
     mode = "identical ungrouped batches" if args.same_batches else "ours: grouped batches; baseline: Trainer random sampler"
-    print(f"fp32 GEMM peak {peak} GFLOP/s; {args.steps} steps x batch {args.batch_size}; {mode}")
-    print(f"{'method':14} {'side':9} {'tok/s':>8} {'MFU':>6} {'peak MB':>8} {'final loss':>10}   ratio (ours/baseline)")
+    print(f"GEMM peak fp32 {peaks['fp32']} / bf16 {peaks['bf16']} GFLOP/s; {args.steps} steps x batch "
+          f"{args.batch_size}; {mode}; MFU is over the peak of the side's precision")
+    print(f"{'method':14} {'side':9} {'prec':>5} {'tok/s':>8} {'MFU':>6} {'peak MB':>8} {'final loss':>10}   "
+          "ratio (ours/baseline)")
     for k, method in enumerate(args.methods.split(",")):
         order = ("baseline", "ours") if k % 2 == 0 else ("ours", "baseline")  # alternate who runs first
         sides = {side: spawn(side, method, args) for side in order}
@@ -193,8 +200,9 @@ def main() -> None:
                 continue
             r["tok_s"] = r["tokens"] / r["seconds"]
             r["final_loss"] = sum(r["losses"][-args.tail:]) / len(r["losses"][-args.tail:])
-            r["mfu"] = r["tok_s"] * fpt / (peak * 1e9) if fpt else float("nan")
-            print(f"{method:14} {side:9} {r['tok_s']:8.1f} {r['mfu']:6.1%} {r['peak_rss_mb']:8.0f} "
+            prec = r.get("precision") or ("bf16" if args.baseline_bf16 else "fp32")
+            r["mfu"] = r["tok_s"] * fpt / (peaks[prec] * 1e9) if fpt else float("nan")
+            print(f"{method:14} {side:9} {prec:>5} {r['tok_s']:8.1f} {r['mfu']:6.1%} {r['peak_rss_mb']:8.0f} "
                   f"{r['final_loss']:10.4f}")
         if all("error" not in r for r in sides.values()):
             ratio = sides["ours"]["tok_s"] / sides["baseline"]["tok_s"]

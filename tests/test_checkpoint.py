@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import tunelab.modeling
 import tunelab.train
 from tunelab.checkpoint import (
     CheckpointMismatch,
@@ -179,14 +180,14 @@ def _cfg(out, *extra):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nan_loss_stops_the_run_keeps_the_last_good_checkpoint_and_writes_no_result(tmp_path, monkeypatch, bad):
-    real_loss, calls = tunelab.train.causal_lm_loss, []
+    real_loss, calls = tunelab.modeling.causal_lm_loss, []
 
     def poisoned(*args, **kwargs):
         loss, logits = real_loss(*args, **kwargs)
         calls.append(1)
         return (loss * bad if len(calls) == 5 else loss), logits  # the 5th optimizer step (batch = 1 micro-batch)
 
-    monkeypatch.setattr(tunelab.train, "causal_lm_loss", poisoned)
+    monkeypatch.setattr(tunelab.modeling, "causal_lm_loss", poisoned)  # what Adapter.forward calls
     with pytest.raises(TrainingDiverged) as info:
         run(_cfg(tmp_path / "out"), progress=False)
     message = str(info.value)
@@ -233,7 +234,7 @@ def test_crash_during_evaluation_resumes_without_retraining(tmp_path, monkeypatc
         run(_cfg(tmp_path / "out", "train.lr=0.5", "train.resume=true"), progress=False)
 
     monkeypatch.setattr(run_module, "evaluate", real_evaluate)
-    monkeypatch.setattr(tunelab.train, "causal_lm_loss", lambda *a, **k: pytest.fail("resume retrained"))
+    monkeypatch.setattr(tunelab.modeling, "causal_lm_loss", lambda *a, **k: pytest.fail("resume retrained"))
     result = run(_cfg(tmp_path / "out", "train.resume=true"), progress=False)
     assert result["train"]["resumed_from"] == 6 and result["train"]["losses"] == reference["train"]["losses"]
     assert result["metrics"] == reference["metrics"]

@@ -55,3 +55,32 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
     stats = train(resumed, data, cfg, lr=0.1, pad_id=tok.pad_token_id, checkpoint_dir=tmp_path / "b", resume=True)
     assert stats.resumed_from == 3
     assert torch.allclose(resumed.prompt_weight, full.prompt_weight, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["prompt_tuning", "lora"])
+def test_gradient_checkpointing_gives_the_same_losses(name):
+    """Recomputing activations in backward changes memory, not the math."""
+    from tunelab.models import load_model
+
+    losses = []
+    for checkpointing in (False, True):
+        model, tok = load_model("tiny", seed=0)
+        examples = load_task("date_format").train[:8]
+        data = [encode(tok, build_prompt(e, tok, "auto"), e.output, 128) for e in examples]
+        adapter = METHODS[name].build(model, tok, METHODS[name].Config(), examples, 0)
+        cfg = TrainConfig(steps=3, batch_size=4, precision="fp32", gradient_checkpointing=checkpointing)
+        losses.append(train(adapter, data, cfg, lr=0.05, pad_id=tok.pad_token_id).losses)
+        assert adapter.model.is_gradient_checkpointing == checkpointing
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5) and losses[0][0] != losses[0][-1]
+
+
+def test_gradient_checkpointing_refuses_prefix_tuning():
+    from tunelab.errors import TunelabError
+    from tunelab.models import load_model
+
+    model, tok = load_model("tiny", seed=0)
+    examples = load_task("date_format").train[:4]
+    data = [encode(tok, build_prompt(e, tok, "auto"), e.output, 128) for e in examples]
+    adapter = METHODS["prefix_tuning"].build(model, tok, METHODS["prefix_tuning"].Config(), examples, 0)
+    with pytest.raises(TunelabError, match="gradient_checkpointing.*prefix_tuning"):
+        train(adapter, data, TrainConfig(steps=1, gradient_checkpointing=True), lr=0.01, pad_id=tok.pad_token_id)

@@ -142,6 +142,8 @@ def training_identity(cfg: Any, method_cfg: Any, lr: float, encoded: Sequence[An
             "train.grad_accum": train.grad_accum, "train.warmup_steps": train.warmup_steps,
             "train.weight_decay": train.weight_decay, "train.max_grad_norm": train.max_grad_norm,
             "train.seed": train.seed, "train.schedule": getattr(train, "schedule", "linear"),
+            "train.group_by_length": getattr(train, "group_by_length", True),
+            "train.precision": getattr(train, "precision", "fp32"),
             "training data (sha256 of tokenized examples)": digest.hexdigest()}
 
 

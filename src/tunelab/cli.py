@@ -59,6 +59,8 @@ def run(
                  trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, init_from=init_from)
     cfg = build_config(config, (overrides or []) + _flags_to_overrides(**flags))
     result = run_one(cfg, progress=not quiet)
+    if result.get("rank"):  # a non-zero process under accelerate launch: process 0 reports
+        return
     print_result(result)
     if cfg.out:
         console.print(f"wrote {Path(cfg.out) / 'result.json'}")

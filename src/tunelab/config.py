@@ -24,6 +24,7 @@ class ModelConfig:
     name: str = "smollm2-135m"  # registry name, Hugging Face id, or local directory
     dtype: str = "float32"  # bf16 is ~40x slower on CPUs without bf16 units
     threads: int | None = None  # torch threads; None = all cores
+    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:1 | mps
     trust_remote_code: bool = False  # never run a hub repo's code unless asked
     allow_pickle: bool = False  # load pickle-only (*.bin) local model weights; pickles can run code
 
@@ -56,6 +57,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+    precision: str = "auto"  # fp32 | bf16 (autocast) | auto: bf16 where measured faster (tunelab.distributed)
     checkpoint_every: int = 0  # steps between resumable checkpoints; 0 = only at the end
     log_every: int = 10
     resume: bool = False  # continue from OUT/checkpoint if one exists

@@ -69,8 +69,10 @@ def rank_options(adapter, tokenizer, examples: Sequence[Example], template: str,
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
         ids = [enc.input_ids for _, enc in chunk]
-        labels = pad_batch([enc.labels for _, enc in chunk], -100)
-        logprobs = sequence_logprobs(adapter, pad_batch(ids, tokenizer.pad_token_id), mask_for(ids), labels)
+        device = adapter.model.get_input_embeddings().weight.device
+        labels = pad_batch([enc.labels for _, enc in chunk], -100).to(device)
+        logprobs = sequence_logprobs(adapter, pad_batch(ids, tokenizer.pad_token_id).to(device),
+                                     mask_for(ids).to(device), labels)
         for (i, _), lp in zip(chunk, logprobs.tolist(), strict=True):
             scores[i].append(lp)
     return scores

@@ -59,8 +59,9 @@ def generate_ids(adapter, prompts: Sequence[list[int]], cfg: GenerationConfig, e
                  pad_id: int, stop_check: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
     """Decode one left-padded batch; returns the new token ids of each row (EOS excluded)."""
     model = adapter.model
-    ids = pad_batch(list(prompts), pad_id, side="left")  # (B, T)
-    mask = mask_for(list(prompts), side="left")
+    device = model.get_input_embeddings().weight.device
+    ids = pad_batch(list(prompts), pad_id, side="left").to(device)  # (B, T)
+    mask = mask_for(list(prompts), side="left").to(device)
     hidden, cache, inputs, are_logits = hidden_states(adapter, ids, mask, use_cache=True)
     logits = hidden[:, -1] if are_logits else model.get_output_embeddings()(hidden[:, -1])  # (B, V)
     return _decode(model, logits, cache, inputs.attention_mask, inputs.position_ids[:, -1] + 1, cfg, eos_ids,
@@ -73,8 +74,8 @@ def _decode(model, logits: torch.Tensor, cache, attn: torch.Tensor, next_pos: to
     ``next_pos`` (B,) the position of each row's next token."""
     batch = logits.shape[0]
     generator = torch.Generator().manual_seed(cfg.seed) if cfg.do_sample else None
-    eos = torch.tensor(list(eos_ids))
-    done = torch.zeros(batch, dtype=torch.bool)
+    eos = torch.tensor(list(eos_ids), device=logits.device)
+    done = torch.zeros(batch, dtype=torch.bool, device=logits.device)
     out: list[list[int]] = [[] for _ in range(batch)]
     for _ in range(cfg.max_new_tokens):
         token = _next_tokens(logits, cfg, generator)  # (B,)

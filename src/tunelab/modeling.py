@@ -106,9 +106,9 @@ def virtual_kv(adapter: Adapter) -> PrefixKV | None:
         return None  # unusual architecture: keep the plain path
     n_prefix = 0 if prefix is None else prefix.get_seq_length()
     n = soft.shape[1]
-    mask = torch.ones(1, n_prefix + n, dtype=torch.long)
+    mask = torch.ones(1, n_prefix + n, dtype=torch.long, device=soft.device)
     out = body(inputs_embeds=soft.to(adapter.model.get_input_embeddings().weight.dtype), attention_mask=mask,
-               position_ids=torch.arange(n_prefix, n_prefix + n).unsqueeze(0), past_key_values=prefix,
+               position_ids=torch.arange(n_prefix, n_prefix + n, device=soft.device).unsqueeze(0), past_key_values=prefix,
                use_cache=True)
     kv = _kv_of(out.past_key_values)
     _VIRTUAL_CACHE[adapter] = (soft.clone(), kv)
@@ -124,10 +124,11 @@ def batch_cache(model, prefixes: Sequence[PrefixKV | None]) -> tuple[DynamicCach
     ``prefix_i.length``, as in its own one-row forward. The cache is new (a forward extends it in place).
     """
     width = max((p.length for p in prefixes if p is not None), default=0)
-    mask = torch.zeros(len(prefixes), width, dtype=torch.long)
+    template = next((p for p in prefixes if p is not None and p.length), None)
+    device = template.keys[0].device if template is not None else None
+    mask = torch.zeros(len(prefixes), width, dtype=torch.long, device=device)
     if width == 0:
         return None, mask
-    template = next(p for p in prefixes if p is not None and p.length)
     cache = DynamicCache(config=model.config)
     for layer in range(len(template.keys)):
         keys, values = [], []
@@ -149,10 +150,11 @@ def extend_kv(adapter: Adapter, ids: Sequence[int], prefix: PrefixKV | None = No
     as the per-row prefix of every row that starts with ``ids``."""
     prefix = virtual_kv(adapter) if prefix is None else prefix
     cache, pmask = batch_cache(adapter.model, [prefix])
-    mask = torch.cat([pmask, torch.ones(1, len(ids), dtype=torch.long)], dim=1)
+    device = adapter.model.get_input_embeddings().weight.device
+    mask = torch.cat([pmask.to(device), torch.ones(1, len(ids), dtype=torch.long, device=device)], dim=1)
     body, _ = _decoder_and_head(adapter.model)
     model = body if body is not None else adapter.model
-    out = model(input_ids=torch.tensor([list(ids)]), attention_mask=mask,
+    out = model(input_ids=torch.tensor([list(ids)], device=device), attention_mask=mask,
                 position_ids=positions_from_mask(mask)[:, pmask.shape[1]:], past_key_values=cache, use_cache=True)
     return _kv_of(out.past_key_values)
 
@@ -236,7 +238,7 @@ def sequence_logprobs(adapter: Adapter, input_ids: torch.Tensor, attention_mask:
                       labels: torch.Tensor) -> torch.Tensor:
     """Sum of label-token log-probabilities per row (B,), for rank classification and scoring."""
     logprobs, rows = token_logprobs(adapter, input_ids, attention_mask, labels)
-    return torch.zeros(input_ids.shape[0], dtype=logprobs.dtype).index_add_(0, rows, logprobs)
+    return torch.zeros(input_ids.shape[0], dtype=logprobs.dtype, device=logprobs.device).index_add_(0, rows, logprobs)
 
 
 def pad_batch(sequences: list[list[int]], pad_value: int, side: str = "right") -> torch.Tensor:

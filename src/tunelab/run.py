@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from tunelab import envinfo
+from tunelab import distributed, envinfo
 from tunelab.checkpoint import training_identity
 from tunelab.config import RunConfig, to_dict
 from tunelab.data import TaskData, load_task
@@ -78,14 +78,19 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code, cfg.train.seed,
                                   allow_pickle=cfg.model.allow_pickle)
     load_seconds = time.perf_counter() - load_start
+    device = distributed.resolve_device(cfg.model.device)
+    if device.type != "cpu":
+        model.to(device)
     torch.manual_seed(cfg.train.seed)
-    adapter = prep.method.build(model, tokenizer, prep.method_cfg, prep.task.train, cfg.train.seed)
+    adapter = prep.method.build(model, tokenizer, prep.method_cfg, prep.task.train, cfg.train.seed).to(device)
     demos = prep.method.demonstrations(prep.method_cfg, prep.task.train, cfg.train.seed)
     template = resolve_template(cfg.data.template, tokenizer)
 
     stats, truncated = TrainStats(), 0
     if prep.method.trains:
         stats, truncated = _train(adapter, tokenizer, prep, template, demos, out, progress)
+        if stats.rank != 0:  # under accelerate launch, process 0 evaluates and writes; the others are done
+            return {"rank": stats.rank, "train": {"losses": stats.losses, "tokens": stats.tokens}}
     eval_examples = [adapter.rewrite(e) for e in prep.task.eval]  # a discrete prompt swaps the instruction
     with bar("evaluating", len(prep.task.eval), progress) as advance:
         result = evaluate(adapter, tokenizer, eval_examples, prep.metrics, cfg.eval, template, demos,
@@ -146,7 +151,7 @@ def _summary(prep: Prepared, adapter: Adapter, stats: TrainStats, result: EvalRe
         "trainable_params": adapter.num_trainable() if prep.method.trains else 0,
         "total_params": count_parameters(model),
         "adapter_bytes": adapter_bytes,
-        "train": {"steps": stats.steps, "seconds": round(stats.seconds, 3), "tokens": stats.tokens,
+        "train": {"steps": stats.steps, "precision": stats.precision, "processes": stats.processes, "seconds": round(stats.seconds, 3), "tokens": stats.tokens,
                   "tokens_per_second": round(stats.tokens / stats.seconds, 2) if stats.seconds else None,
                   "final_loss": stats.final_loss, "losses": stats.losses, "resumed_from": stats.resumed_from,
                   "truncated_examples": truncated, "skipped_bad_records": prep.task.skipped},

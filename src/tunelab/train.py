@@ -14,11 +14,12 @@ from typing import Any
 
 import torch
 
+from tunelab import distributed
 from tunelab.checkpoint import fingerprint, latest_checkpoint, load_checkpoint, save_checkpoint
 from tunelab.config import TrainConfig
 from tunelab.errors import TunelabError
 from tunelab.formatting import IGNORE_INDEX, Encoded
-from tunelab.modeling import causal_lm_loss, mask_for, pad_batch
+from tunelab.modeling import mask_for, pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,9 @@ class TrainStats:
     tokens: int = 0  # tokens processed (padding excluded)
     seconds: float = 0.0
     resumed_from: int | None = None
+    precision: str = "fp32"  # what train.precision resolved to on this machine
+    processes: int = 1  # data-parallel processes (accelerate launch)
+    rank: int = 0  # this process's index among them (0 writes checkpoints and results)
 
     @property
     def final_loss(self) -> float | None:
@@ -127,6 +131,10 @@ def train(adapter, data: Sequence[Encoded], cfg: TrainConfig, lr: float, pad_id:
     With ``checkpoint_dir``, state is saved every ``cfg.checkpoint_every`` steps and at the end;
     ``resume`` continues from the newest checkpoint there, refusing one whose ``identity``
     (``checkpoint.training_identity``) differs. A NaN/inf loss raises ``TrainingDiverged``.
+
+    Under ``accelerate launch`` with N processes, ``cfg.batch_size`` is per process (as Trainer's
+    per-device batch): an optimizer step sees ``batch_size * grad_accum * N`` examples, each process
+    its own slice, and gradients are averaged by the accelerate-prepared wrapper (``tunelab.distributed``).
     """
     if not data:
         raise TunelabError("no training examples: check data.task / data.train")
@@ -134,9 +142,14 @@ def train(adapter, data: Sequence[Encoded], cfg: TrainConfig, lr: float, pad_id:
     if not named:
         raise TunelabError(f"method {adapter.method} has no trainable parameters")
     torch.manual_seed(cfg.seed)
+    device = _device_of(adapter)
+    precision = distributed.resolve_precision(getattr(cfg, "precision", "fp32"), device)
+    if getattr(cfg, "gradient_checkpointing", False):
+        enable_gradient_checkpointing(adapter)
     optimizer = torch.optim.AdamW(named.values(), lr=lr, weight_decay=cfg.weight_decay)
+    parallel, module, optimizer = distributed.setup(adapter, optimizer, precision)
     schedule = lr_lambda(cfg.warmup_steps, cfg.steps, cfg.schedule)
-    stats = TrainStats()
+    stats = TrainStats(precision=precision, processes=parallel.world, rank=parallel.rank)
     step = 0
     if resume and latest_checkpoint(checkpoint_dir) is None:
         log.warning("no checkpoint in %s; starting from step 0", checkpoint_dir)
@@ -147,13 +160,17 @@ def train(adapter, data: Sequence[Encoded], cfg: TrainConfig, lr: float, pad_id:
         stats.tokens = int(meta.get("tokens", 0))
     adapter.train()
     start = time.perf_counter()
-    # grouping works on micro-batches: an optimizer step of grad_accum micro-batches takes grad_accum grouped chunks
+    # grouping works on micro-batches: an optimizer step of grad_accum micro-batches takes grad_accum grouped
+    # chunks of the global micro-batch (batch_size x processes), so a step's examples are the same for any N
+    global_batch = cfg.batch_size * parallel.world
     lengths = [len(e.input_ids) for e in data] if getattr(cfg, "group_by_length", True) else None
     while step < cfg.steps:
         for group in optimizer.param_groups:
             group["lr"] = lr * schedule(step)
-        indices = step_indices(len(data), cfg.batch_size, cfg.grad_accum, step, cfg.seed, lengths)
-        loss_value = _optimizer_step(adapter, [data[i] for i in indices], cfg, optimizer, named, pad_id, stats)
+        indices = step_indices(len(data), global_batch, cfg.grad_accum, step, cfg.seed, lengths)
+        micro = [parallel.shard([data[i] for i in indices[m: m + global_batch]], cfg.batch_size)
+                 for m in range(0, len(indices), global_batch)]
+        loss_value = _optimizer_step(module, micro, cfg, optimizer, named, pad_id, stats, parallel, device, precision)
         if not math.isfinite(loss_value):
             kept = latest_checkpoint(checkpoint_dir)
             raise TrainingDiverged(f"training diverged: loss became {loss_value} at step {step + 1} (train.lr={lr:g}); "
@@ -164,11 +181,29 @@ def train(adapter, data: Sequence[Encoded], cfg: TrainConfig, lr: float, pad_id:
         if on_step:
             on_step(step, loss_value)
         if checkpoint_dir is not None and (step == cfg.steps or cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-            _checkpoint(checkpoint_dir, step, named, optimizer, stats, identity)
+            if parallel.is_main:
+                _checkpoint(checkpoint_dir, step, named, optimizer, stats, identity)
+            parallel.wait()
     adapter.eval()
     stats.steps = step
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def enable_gradient_checkpointing(adapter) -> None:
+    """Non-reentrant activation checkpointing of the transformer layers (works with a frozen embedding table,
+    so prompt tuning needs no ``enable_input_require_grads`` hack). Prefix tuning is refused: its trained
+    keys/values enter every layer through the cache, which checkpointed layers do not support."""
+    if adapter.prefix_cache(1) is not None:
+        raise TunelabError(f"train.gradient_checkpointing is not supported with {adapter.method} (key/value "
+                           "prefixes enter each layer through the cache); turn it off or use prompt tuning / LoRA")
+    if not getattr(adapter.model, "supports_gradient_checkpointing", False):
+        raise TunelabError(f"train.gradient_checkpointing: {type(adapter.model).__name__} does not support it")
+    adapter.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _device_of(adapter) -> torch.device:
+    return next(adapter.parameters()).device
 
 
 def _checkpoint(directory: Path, step: int, named: dict[str, torch.nn.Parameter], optimizer, stats: TrainStats,
@@ -182,17 +217,20 @@ def _checkpoint(directory: Path, step: int, named: dict[str, torch.nn.Parameter]
                                                         "fingerprint": fingerprint(identity) if identity else None})
 
 
-def _optimizer_step(adapter, batch: list[Encoded], cfg: TrainConfig, optimizer, named, pad_id: int,
-                    stats: TrainStats) -> float:
+def _optimizer_step(module, micro: list[list[Encoded]], cfg: TrainConfig, optimizer, named, pad_id: int,
+                    stats: TrainStats, parallel: distributed.Parallel, device: torch.device, precision: str) -> float:
+    """One optimizer step over this process's micro-batches; returns the step's loss (mean over processes)."""
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
-    micro = [batch[i: i + cfg.batch_size] for i in range(0, len(batch), cfg.batch_size)]
-    for chunk in micro:
-        ids, mask, labels = collate(chunk, pad_id)
-        loss, _ = causal_lm_loss(adapter, ids, mask, labels)
-        (loss / len(micro)).backward()
+    for index, chunk in enumerate(micro):
+        ids, mask, labels = (t.to(device) for t in collate(chunk, pad_id))
+        with parallel.no_sync(module, last=index == len(micro) - 1):
+            with distributed.autocast(precision, device):  # forward only; backward follows the forward's dtypes
+                loss, _ = module(ids, mask, labels)
+            (loss / len(micro)).backward()
         total += float(loss.detach()) / len(micro)
-        stats.tokens += int(mask.sum())
+        stats.tokens += parallel.sum(int(mask.sum()))
+    total = parallel.mean(total)
     if math.isfinite(total):
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(list(named.values()), cfg.max_grad_norm)

@@ -78,3 +78,23 @@ def test_cell_result_matches_a_plain_run(grid_file, tmp_path):
     assert direct["metrics"] == row.metrics
     assert [p["prediction"] for p in stored] == [
         json.loads(line)["prediction"] for line in (tmp_path / "direct" / "predictions.jsonl").read_text().splitlines()]
+
+
+def test_two_workers_give_the_same_results_as_one(grid_file, tmp_path):
+    """``--workers 2`` runs cells concurrently (1 torch thread each) and stores the same results as one worker."""
+    grid = grid_file(model={"name": "tiny", "threads": 1})  # same thread count both ways: same float rounding
+    serial = compare(grid, tmp_path / "one", progress=False, console=QUIET, workers=1)
+    parallel = compare(grid, tmp_path / "two", progress=False, console=QUIET, workers=2)
+    assert serial.summary.done == parallel.summary.done == 4 and parallel.summary.failed == 0
+    with Store(serial.store) as one, Store(parallel.store) as two:
+        a = {r.key: r for r in one.rows()}
+        b = {r.key: r for r in two.rows()}
+    assert a.keys() == b.keys() and len(a) == 4
+    for key in a:
+        assert a[key].metrics == b[key].metrics
+        assert a[key].result["train"]["losses"] == b[key].result["train"]["losses"]
+        assert [json.loads(x) for x in Path(a[key].predictions).read_text().splitlines()] == \
+            [json.loads(x) for x in Path(b[key].predictions).read_text().splitlines()]
+    # the cells overlapped in time: some cell started before another had finished
+    spans = sorted((r.finished_at - r.cell_seconds, r.finished_at) for r in b.values())
+    assert any(start < end for (_, end), (start, _) in zip(spans, spans[1:], strict=False))

@@ -35,10 +35,12 @@ def test_saved_adapter_is_peft_format_and_reloads_identically(tmp_path):
     assert torch.equal(reloaded.prompt_weight, adapter.prompt_weight)
     assert generate(reloaded, tok, prompts, cfg) == before
 
-    # plain peft loads it too, and (unpadded) greedy decoding agrees with ours
+    # plain peft loads it too, and every token we chose greedily is peft's argmax at that step, up to float
+    # rounding (a random 16-dim model has near-ties that rounding alone flips, so token equality is too strict)
     peft_model = PeftModel.from_pretrained(load_model("tiny")[0], str(tmp_path))
-    ids = torch.tensor([prompts[1]])
-    theirs = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
-                                 do_sample=False, pad_token_id=tok.pad_token_id)
     ours = tok(before[1], add_special_tokens=False)["input_ids"]
-    assert theirs[0, -8:].tolist()[: len(ours)] == ours
+    ids = torch.tensor([prompts[1] + ours])
+    with torch.no_grad():
+        logits = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -len(ours) - 1: -1]
+    chosen = logits.gather(-1, torch.tensor(ours).unsqueeze(-1)).squeeze(-1)
+    assert len(ours) > 0 and torch.all(chosen >= logits.max(-1).values - 1e-4), (chosen, logits.max(-1).values)

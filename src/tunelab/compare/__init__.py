@@ -42,7 +42,7 @@ def plan(source: str | Path, overrides: list[str] | None = None, out: str | Path
 
 def compare(source: str | Path, out: str | Path, store: str | Path | None = None,
             overrides: list[str] | None = None, progress: bool = True, retry_failed: bool = False,
-            console: Console | None = None) -> Outcome:
+            console: Console | None = None, workers: int = 1) -> Outcome:
     """Validate the whole grid, run the cells the store lacks, and write the report for this grid's cells."""
     console = console or Console()
     out = Path(out).resolve()
@@ -53,7 +53,8 @@ def compare(source: str | Path, out: str | Path, store: str | Path | None = None
     console.print(f"grid {grid.name}: {len(cells)} cells validated in {time.perf_counter() - start:.2f}s")
     store_path = Path(store) if store else out / STORE_NAME
     with Store(store_path) as db:
-        summary = run_grid(grid, cells, db, out, progress=progress, retry_failed=retry_failed, console=console)
+        summary = run_grid(grid, cells, db, out, progress=progress, retry_failed=retry_failed, console=console,
+                           workers=workers)
         md, html = write_report(build_report(db, keys=[c.key for c in cells]), out)
     return Outcome(grid, cells, summary, store_path, md, html)
 

@@ -218,6 +218,7 @@ def cell_key(cfg: RunConfig) -> str:
     data.pop("out", None)
     data.get("train", {}).pop("resume", None)
     data.get("eval", {}).pop("batch_size", None)  # greedy decoding: batch size changes speed, not outputs
+    data.get("model", {}).pop("threads", None)  # speed only (--workers splits the cores between cells)
     data["method"] = dict(cfg.method)  # options as given; the name always counts
     blob = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

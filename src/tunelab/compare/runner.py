@@ -15,6 +15,7 @@ import resource
 import threading
 import time
 import traceback
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,8 +50,12 @@ def cell_config(cell: Cell, out_dir: Path) -> RunConfig:
 
 
 def run_grid(grid: GridConfig, cells: list[Cell], store: Store, out_dir: Path, *, progress: bool = True,
-             retry_failed: bool = False, console: Console | None = None) -> GridSummary:
-    """Run every cell not already in the store; a failed cell is recorded and the grid goes on."""
+             retry_failed: bool = False, console: Console | None = None, workers: int = 1) -> GridSummary:
+    """Run every cell not already in the store; a failed cell is recorded and the grid goes on.
+
+    ``workers`` > 1 runs that many cells at once, each in its own process with an equal share of the
+    cores (``model.threads``); rows are written to the store as cells finish, in any order.
+    """
     console = console or Console()
     summary = GridSummary()
     start = time.perf_counter()
@@ -65,23 +70,68 @@ def run_grid(grid: GridConfig, cells: list[Cell], store: Store, out_dir: Path, *
         console.print(f"{summary.skipped} of {len(cells)} cells already in {store.path}; skipping them"
                       + ("" if retry_failed else " (failed ones too: pass --retry-failed to rerun those)"))
     spent: list[float] = []
-    for i, cell in enumerate(todo):
-        console.print(_cell_line(i, len(todo), spent, cell), highlight=False)
-        cell_start = time.perf_counter()
-        row = _run_one(grid, cell, out_dir, progress, summary)
-        row["cell_seconds"] = round(time.perf_counter() - cell_start, 3)
-        store.record(row)
-        spent.append(row["cell_seconds"])
-        if row["status"] == "done":
-            summary.done += 1
-            console.print(f"  done in {row['cell_seconds']:.0f}s: {row['primary_metric']} = {row['quality']:.2f}",
-                          highlight=False)
-        else:
-            summary.failed += 1
-            summary.failures.append(f"{cell.method} / {cell.task} / seed {cell.seed}: {row['error'].splitlines()[0]}")
-            console.print(f"  [red]failed[/red]: {row['error'].splitlines()[0]}", highlight=False)
+    workers = max(1, min(workers, len(todo) or 1))
+    if workers > 1:
+        console.print(f"running {len(todo)} cells in {workers} parallel processes, "
+                      f"{_threads_per_cell(workers)} torch thread(s) each")
+    # cells run in child processes; this process only starts them and writes every store row itself,
+    # so the store has one writer per grid (several grids on one store are serialised by sqlite)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tunelab-cell") as pool:
+        pending = {}
+        for i, cell in enumerate(todo):
+            console.print(_cell_line(i, len(todo), spent, cell) if workers == 1 else
+                          f"[bold]cell {i + 1}/{len(todo)}[/bold] queued: {_where(cell)}", highlight=False)
+            pending[pool.submit(_timed_run, grid, _with_threads(cell, workers), out_dir,
+                                progress and workers == 1, summary)] = cell
+            if workers == 1:  # one at a time: wait here so the cell bar and its step bars stay in order
+                _record(next(iter(pending)), pending.pop(next(iter(pending))), store, summary, spent, console)
+        for future in as_completed(list(pending)):
+            _record(future, pending[future], store, summary, spent, console)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _timed_run(grid: GridConfig, cell: Cell, out_dir: Path, progress: bool, summary: GridSummary) -> dict[str, Any]:
+    cell_start = time.perf_counter()
+    row = _run_one(grid, cell, out_dir, progress, summary)
+    row["cell_seconds"] = round(time.perf_counter() - cell_start, 3)
+    return row
+
+
+def _record(future: Future, cell: Cell, store: Store, summary: GridSummary, spent: list[float],
+            console: Console) -> None:
+    row = future.result()
+    store.record(row)
+    spent.append(row["cell_seconds"])
+    if row["status"] == "done":
+        summary.done += 1
+        console.print(f"  done in {row['cell_seconds']:.0f}s: {row['primary_metric']} = {row['quality']:.2f}"
+                      f"  ({_where(cell)})", highlight=False)
+    else:
+        summary.failed += 1
+        summary.failures.append(f"{cell.method} / {cell.task} / seed {cell.seed}: {row['error'].splitlines()[0]}")
+        console.print(f"  [red]failed[/red]: {row['error'].splitlines()[0]}  ({_where(cell)})", highlight=False)
+
+
+def _threads_per_cell(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def _with_threads(cell: Cell, workers: int) -> Cell:
+    """With parallel cells, split the cores between them unless the grid set model.threads itself."""
+    if workers == 1 or cell.config.model.threads:
+        return cell
+    model = dataclasses.replace(cell.config.model, threads=_threads_per_cell(workers))
+    return dataclasses.replace(cell, config=dataclasses.replace(cell.config, model=model))
+
+
+def _where(cell: Cell) -> str:
+    where = f"{cell.method} · {cell.task} · seed {cell.seed}"
+    if cell.train_size is not None:
+        where += f" · n={cell.train_size}"
+    if cell.prompt_length is not None:
+        where += f" · len={cell.prompt_length}"
+    return where
 
 
 def _cell_line(i: int, n: int, spent: list[float], cell: Cell) -> str:
@@ -91,11 +141,7 @@ def _cell_line(i: int, n: int, spent: list[float], cell: Cell) -> str:
     eta = ""
     if spent:
         eta = f"  ~{_clock(sum(spent) / len(spent) * (n - i))} left"
-    where = f"{cell.method} · {cell.task} · seed {cell.seed}"
-    if cell.train_size is not None:
-        where += f" · n={cell.train_size}"
-    if cell.prompt_length is not None:
-        where += f" · len={cell.prompt_length}"
+    where = _where(cell)
     return f"[bold]cell {i + 1}/{n}[/bold] {'━' * filled}{'─' * (width - filled)}  {_clock(sum(spent))} elapsed{eta}  {where}"
 
 

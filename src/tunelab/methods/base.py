@@ -47,6 +47,13 @@ class Adapter(nn.Module):
         self.config = config
         self.folded_from: str | None = None  # adapter folded into the base weights (init_from); loads fold it again
 
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Training loss (mean over label tokens) and label count; a forward, so DDP/FSDP can wrap the adapter."""
+        from tunelab.modeling import causal_lm_loss
+
+        return causal_lm_loss(self, input_ids, attention_mask, labels)
+
     def soft_prompt(self, batch_size: int) -> torch.Tensor | None:
         """Learned input embeddings placed before the text, (B, n, C); None if the method has none."""
         return None
