@@ -4,9 +4,9 @@ Methods: the base model, prompt tuning and IPT (20 virtual tokens, IPT with one 
 and prefix tuning (20 virtual tokens), all on one loaded model, on E2E test inputs.
 
 - Scoring: log-likelihood of the reference output after the prompt (rank classification, loss
-  evaluation), batches of 16. Ours: ``modeling.sequence_logprobs`` (virtual tokens from the per-adapter
-  cache, LM head only at label positions). peft: ``PeftModel(input_ids, attention_mask)`` full logits,
-  then the same gather.
+  evaluation) of ``--score-examples`` sequences, batches of 16. Ours: ``modeling.score_sequences``
+  (length-sorted batches, virtual tokens from the per-adapter cache, LM head only at label positions).
+  peft: batches in data order, ``PeftModel(input_ids, attention_mask)`` full logits, then the same gather.
 - Generation: greedy, ``--new-tokens`` tokens, batch 1 and 16. Ours: ``generate.generate``; peft:
   ``PeftModel.generate`` (the base model: ``model.generate``). The goal compares our prompt-learning
   methods with the base model at the same batch size.
@@ -52,7 +52,7 @@ def build(args):
     model, tok = load_model(args.model)
     freeze(model)
     train = load_examples(args.data / "train.jsonl")[:200]
-    test = load_examples(args.data / "test.jsonl")[: args.examples]
+    test = load_examples(args.data / "test.jsonl")[: max(args.examples, args.score_examples)]
     template = resolve_template("auto", tok)
     adapters = {"base": FrozenAdapter(model, "base", MethodConfig())}
     for name in ("prompt_tuning", "ipt", "prefix_tuning"):
@@ -69,8 +69,8 @@ def build(args):
     for name in adapters:
         demos = ipt_demos if name == "ipt" else None
         texts = [build_prompt(e, tok, template, demos(e) if demos else ()) for e in test]
-        data[name] = ([encode_prompt(tok, t, 1024) for t in texts],
-                      [encode(tok, t, e.output, 1024) for t, e in zip(texts, test, strict=True)])
+        data[name] = ([encode_prompt(tok, t, 1024) for t in texts[: args.examples]],
+                      [encode(tok, t, e.output, 1024) for t, e in zip(texts, test, strict=True)][: args.score_examples])
     return model, tok, adapters, data
 
 
@@ -78,26 +78,32 @@ def peft_of(adapter):
     return getattr(adapter, "peft_model", None) or adapter.model
 
 
-def score_ours(adapter, encoded):
-    from tunelab.modeling import mask_for, pad_batch, sequence_logprobs
+SCORE_BATCH = 16
 
-    ids = [e.input_ids for e in encoded]
-    with torch.no_grad():
-        return sequence_logprobs(adapter, pad_batch(ids, 2), mask_for(ids), pad_batch([e.labels for e in encoded], -100))
+
+def score_ours(adapter, encoded):
+    from tunelab.modeling import score_sequences
+
+    return torch.tensor(score_sequences(adapter, encoded, 2, SCORE_BATCH))
 
 
 def score_peft(adapter, encoded):
+    """What a user writes: batches of 16 in data order, padded to the longest, full logits, then a gather."""
     from tunelab.modeling import mask_for, pad_batch
 
-    ids = [e.input_ids for e in encoded]
-    labels = pad_batch([e.labels for e in encoded], -100)
-    with torch.no_grad():
-        logits = peft_of(adapter)(input_ids=pad_batch(ids, 2), attention_mask=mask_for(ids)).logits
-    logits = logits[:, -labels.shape[1]:]  # peft prepends the virtual tokens' logits
-    logp = torch.log_softmax(logits[:, :-1].float(), -1)
-    target = labels[:, 1:]
-    picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * (target != -100)).sum(-1)
+    out = []
+    for start in range(0, len(encoded), SCORE_BATCH):
+        chunk = encoded[start:start + SCORE_BATCH]
+        ids = [e.input_ids for e in chunk]
+        labels = pad_batch([e.labels for e in chunk], -100)
+        with torch.no_grad():
+            logits = peft_of(adapter)(input_ids=pad_batch(ids, 2), attention_mask=mask_for(ids)).logits
+        logits = logits[:, -labels.shape[1]:]  # peft prepends the virtual tokens' logits
+        logp = torch.log_softmax(logits[:, :-1].float(), -1)
+        target = labels[:, 1:]
+        picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        out.append((picked * (target != -100)).sum(-1))
+    return torch.cat(out)
 
 
 def gen_ours(adapter, tok, prompts, new, batch):
@@ -129,11 +135,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--examples", type=int, default=16)
+    parser.add_argument("--examples", type=int, default=16, help="prompts generated")
+    parser.add_argument("--score-examples", type=int, default=64, help="sequences scored (batches of 16)")
     parser.add_argument("--single", type=int, default=4, help="prompts generated one by one (batch 1)")
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--methods", default="base,prompt_tuning,ipt,prefix_tuning")
+    parser.add_argument("--score-only", action="store_true", help="skip generation (minutes) and its checks")
     args = parser.parse_args()
     from tunelab.generate import _eos_ids, generate_ids
     from tunelab.modeling import virtual_kv_cache
@@ -152,6 +160,8 @@ def main() -> None:
         row["score"] = {"ours_tok_s": real / t_ours, "peft_tok_s": real / t_peft, "max_abs_diff": diff}
         print(f"{name:14} {'score tok/s':16} {real / t_ours:9.1f} {real / t_peft:9.1f} {t_peft / t_ours:6.2f}  "
               f"max |logprob diff| {diff:.1e}", flush=True)
+        if args.score_only:
+            continue
         single = prompts[: args.single]
         for batch, subset in ((1, single), (16, prompts)):
             t_p, out_p = timed(lambda s=subset, b=batch: gen_peft(adapter, tok, s, args.new_tokens, b), 1)  # noqa: B023
@@ -174,7 +184,7 @@ def main() -> None:
         print(f"{name:14} {'check':16} {json.dumps(row['check'])}", flush=True)
     print("\nvs base model at the same batch size (ours):")
     for name in results:
-        if name != "base" and "base" in results:
+        if name != "base" and "base" in results and not args.score_only:
             for b in (1, 16):
                 r = results[name][f"gen_b{b}"]["ours_tok_s"] / results["base"][f"gen_b{b}"]["ours_tok_s"]
                 print(f"{name:14} gen b={b:<3} {r:6.2f}x base")

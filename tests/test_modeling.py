@@ -1,5 +1,6 @@
 """The shared forward path: positions are independent of padding, for every layout."""
 
+import pytest
 import torch
 
 from tunelab.generate import GenerationConfig, generate
@@ -51,3 +52,40 @@ def test_scores_from_forward_match_generation_logits(fresh_tiny):
     labels = [[-100] * len(prompt) + [c] for c in candidates]
     scores = sequence_logprobs(adapter, pad_batch(ids, 0), mask_for(ids), pad_batch(labels, -100))
     assert candidates[int(scores.argmax())] == first[0]
+
+
+def test_length_sorted_scoring_equals_each_row_alone(fresh_tiny):
+    """score_sequences reorders rows by length for batching and returns them in input order, same values."""
+    from tunelab.formatting import encode
+    from tunelab.modeling import score_sequences
+
+    model, tok = fresh_tiny
+    adapter = METHODS["prompt_tuning"].build(model, tok, PromptTuningMethodConfig(num_virtual_tokens=3), [], 0)
+    prompts = ["a", "a much longer prompt with many more tokens in it", "mid length prompt", "b c"]
+    encoded = [encode(tok, p, f"answer {i}", 64) for i, p in enumerate(prompts)]
+    batched = score_sequences(adapter, encoded, tok.pad_token_id, batch_size=3)
+    alone = [score_sequences(adapter, [e], tok.pad_token_id)[0] for e in encoded]
+    assert batched == pytest.approx(alone, abs=1e-4)
+    assert len(set(round(v, 3) for v in alone)) == len(alone)  # distinct values: order mix-ups would show
+
+
+@pytest.mark.parametrize("name", ["prompt_tuning", "prefix_tuning", "lora"])
+def test_shared_prefix_scoring_equals_full_sequences(fresh_tiny, name):
+    """The common template prefix is run once and only suffixes are batched: same scores as full rows."""
+    from tunelab.formatting import encode
+    from tunelab.modeling import _scoring_prefix_length, score_sequences
+
+    model, tok = fresh_tiny
+    adapter = METHODS[name].build(model, tok, METHODS[name].Config(), [], 0).eval()  # no LoRA dropout
+    with torch.no_grad():  # a non-trivial adapter (prefix tuning and LoRA start as near no-ops)
+        for p in adapter.trainable_parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    system = "You are a careful assistant. Describe the restaurant from its attributes.\nInput: "
+    encoded = [encode(tok, system + x, y, 128) for x, y in
+               [("name[Aromi] food[Chinese]", "Aromi serves Chinese food."), ("name[Zizzi]", "Zizzi."),
+                ("name[The Eagle] area[riverside] near[Burger King]", "The Eagle is by the river.")]]
+    assert _scoring_prefix_length(encoded) >= 8  # the path under test is taken
+    shared = score_sequences(adapter, encoded, tok.pad_token_id, batch_size=2)
+    full = score_sequences(adapter, encoded, tok.pad_token_id, batch_size=2, shared_prefix=False)
+    alone = [score_sequences(adapter, [e], tok.pad_token_id, shared_prefix=False)[0] for e in encoded]
+    assert shared == pytest.approx(full, abs=1e-4) and shared == pytest.approx(alone, abs=1e-4)

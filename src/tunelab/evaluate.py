@@ -21,7 +21,7 @@ from tunelab.errors import DataError
 from tunelab.formatting import build_prompt, encode, encode_prompt, target_text
 from tunelab.generate import GenerationConfig, generate
 from tunelab.methods.base import DemoSelector
-from tunelab.modeling import mask_for, pad_batch, sequence_logprobs
+from tunelab.modeling import score_sequences
 
 
 @dataclass
@@ -66,15 +66,9 @@ def rank_options(adapter, tokenizer, examples: Sequence[Example], template: str,
         pairs += [(i, encode(tokenizer, prompt, target_text(dataclasses.replace(e, output=o), template), max_length))
                   for o in e.options]
     scores: list[list[float]] = [[] for _ in examples]
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        ids = [enc.input_ids for _, enc in chunk]
-        device = adapter.model.get_input_embeddings().weight.device
-        labels = pad_batch([enc.labels for _, enc in chunk], -100).to(device)
-        logprobs = sequence_logprobs(adapter, pad_batch(ids, tokenizer.pad_token_id).to(device),
-                                     mask_for(ids).to(device), labels)
-        for (i, _), lp in zip(chunk, logprobs.tolist(), strict=True):
-            scores[i].append(lp)
+    values = score_sequences(adapter, [enc for _, enc in pairs], tokenizer.pad_token_id, batch_size)
+    for (i, _), value in zip(pairs, values, strict=True):
+        scores[i].append(value)
     return scores
 
 
@@ -84,6 +78,7 @@ def evaluate(adapter, tokenizer, examples: Sequence[Example], metric_names: Sequ
              progress: Callable[[int], None] | None = None, n_resamples: int = 1000) -> EvalResult:
     """Generate for every example (and rank options if asked) and score against its references."""
     M.check_names(metric_names)
+    adapter.eval()  # no dropout (LoRA's) while scoring or generating
     start = time.perf_counter()
     refs = [e.targets for e in examples]
     preds: list[str] = [""] * len(examples)
