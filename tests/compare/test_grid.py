@@ -109,6 +109,23 @@ def test_data_presets_validate_on_shared_data(name, tmp_path, monkeypatch):
         train_rows = (tmp_path / "data" / "sni_unseen" / "train.jsonl").read_text()
         for task in grid.tasks[0].eval_tasks:  # no unseen task leaks into training
             assert f'"task": "{task}"' not in train_rows
+        # every unseen task is judged (eval_per_task), not only the first ones in file order
+        eval_rows = (tmp_path / "data" / "sni_unseen" / "eval.jsonl").read_text().splitlines()
+        counts = {task: sum(f'"task": "{task}"' in row for row in eval_rows) for task in grid.tasks[0].eval_tasks}
+        assert set(counts.values()) == {grid.tasks[0].eval_per_task}, counts
+
+
+@pytest.mark.shared_data
+def test_result_grids_in_docs_validate_on_shared_data(tmp_path, monkeypatch):
+    """The grids behind docs/results/ stay runnable with the command written in them."""
+    shared_path()
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(root)
+    for name in ("paper", "instruction"):
+        grid_path = root / "docs" / "results" / name / "grid.yaml"
+        assert f"--config docs/results/{name}/grid.yaml" in grid_path.read_text()
+        _, cells = plan(grid_path, out=tmp_path / name)
+        assert cells
 
 
 def test_method_seeds_override(grid_file):

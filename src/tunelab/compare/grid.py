@@ -66,6 +66,7 @@ class TaskSpec:
     metrics: list[str] | None = None
     train_tasks: list[str] | None = None  # keep only training rows whose `task` field is listed
     eval_tasks: list[str] | None = None  # keep only evaluation rows whose `task` field is listed
+    eval_per_task: int | None = None  # the first N evaluation rows of each task (max_eval cuts the file's head)
     unseen: bool = False  # the evaluation tasks were never trained on (generalisation claims)
 
     @property
@@ -264,7 +265,7 @@ def _task_data(task: TaskSpec, data_dir: Path | None) -> dict[str, Any]:
     for key in ("train", "eval", "max_eval"):
         if getattr(task, key) is not None:
             data[key] = getattr(task, key)
-    if task.train_tasks or task.eval_tasks:
+    if task.train_tasks or task.eval_tasks or task.eval_per_task:
         from tunelab.compare.subsets import task_subset
 
         data.update(task_subset(task, data_dir))

@@ -18,12 +18,23 @@ if TYPE_CHECKING:
     from tunelab.compare.grid import TaskSpec
 
 
+def first_per_task(rows: list, n: int) -> list:
+    """The first ``n`` rows of each task, in file order (so every task is judged, not just the first few)."""
+    seen: dict[str | None, int] = {}
+    kept = []
+    for row in rows:
+        seen[row.task] = seen.get(row.task, 0) + 1
+        if seen[row.task] <= n:
+            kept.append(row)
+    return kept
+
+
 def task_subset(spec: TaskSpec, data_dir: Path | None) -> dict[str, Any]:
     """Write the filtered splits of ``spec`` under ``data_dir/<label>/`` and return the data overrides."""
     from tunelab.data import load_task
 
     if data_dir is None:
-        raise ConfigError(f"task {spec.label}: train_tasks/eval_tasks need an output directory (--out)")
+        raise ConfigError(f"task {spec.label}: train_tasks/eval_tasks/eval_per_task need an output directory (--out)")
     data = load_task(spec.task, spec.train, spec.eval)
     target = safe_child(data_dir, spec.label)
     files = {}
@@ -34,6 +45,8 @@ def task_subset(spec: TaskSpec, data_dir: Path | None) -> dict[str, Any]:
                 raise ConfigError(f"task {spec.label}: {split}_tasks names {missing[0]!r}, which has no "
                                   f"{split} rows in {spec.task}")
             rows = [e for e in rows if e.task in set(wanted)]
+        if split == "eval" and spec.eval_per_task:
+            rows = first_per_task(rows, spec.eval_per_task)
         text = "".join(json.dumps(e.to_dict(), ensure_ascii=False) + "\n" for e in rows)
         path = target / f"{split}.jsonl"
         if not path.is_file() or path.read_text() != text:  # rewrite only on change: keeps cell keys stable
