@@ -1,7 +1,8 @@
 """Scoring (prefill) and greedy generation speed: tunelab's fast path vs peft's default path.
 
-Methods: the base model, prompt tuning and IPT (20 virtual tokens, IPT with one demonstration per input)
-and prefix tuning (20 virtual tokens), all on one loaded model, on E2E test inputs.
+Methods: the base model, prompt tuning and IPT (20 virtual tokens, IPT with one demonstration per input),
+prefix tuning (20 virtual tokens), and ``icl``: the base model on IPT's prompts (IPT's speed reference), all
+on one loaded model, on E2E test inputs.
 
 - Scoring: log-likelihood of the reference output after the prompt (rank classification, loss
   evaluation) of ``--score-examples`` sequences, batches of 16. Ours: ``modeling.score_sequences``
@@ -64,10 +65,12 @@ def build(args):
             with torch.no_grad():
                 for p in adapters[name].trainable_parameters():
                     p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    # the base model on IPT's prompts (same demonstration): the reference for IPT's generation speed
+    adapters["icl"] = FrozenAdapter(model, "icl", MethodConfig())
     ipt_demos = METHODS["ipt"].demonstrations(adapters["ipt"].config, train, 0)
     data = {}
     for name in adapters:
-        demos = ipt_demos if name == "ipt" else None
+        demos = ipt_demos if name in ("ipt", "icl") else None
         texts = [build_prompt(e, tok, template, demos(e) if demos else ()) for e in test]
         data[name] = ([encode_prompt(tok, t, 1024) for t in texts[: args.examples]],
                       [encode(tok, t, e.output, 1024) for t, e in zip(texts, test, strict=True)][: args.score_examples])
@@ -140,7 +143,8 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=4, help="prompts generated one by one (batch 1)")
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--methods", default="base,prompt_tuning,ipt,prefix_tuning")
+    parser.add_argument("--methods", default="base,prompt_tuning,icl,ipt,prefix_tuning",
+                        help="icl = the base model on IPT's prompts (IPT's speed reference)")
     parser.add_argument("--score-only", action="store_true", help="skip generation (minutes) and its checks")
     args = parser.parse_args()
     from tunelab.generate import _eos_ids, generate_ids
@@ -182,12 +186,14 @@ def main() -> None:
                         "peft_rows_differing_batched_vs_single": sum(
                             a != b for a, b in zip(peft_b16, row["gen_b1"]["peft"], strict=True))}
         print(f"{name:14} {'check':16} {json.dumps(row['check'])}", flush=True)
-    print("\nvs base model at the same batch size (ours):")
+    print("\nvs the base model on the same text at the same batch size (ours; IPT's reference is ICL with its"
+          " demonstrations):")
     for name in results:
-        if name != "base" and "base" in results and not args.score_only:
+        reference = "icl" if name == "ipt" else "base"
+        if name not in ("base", "icl") and reference in results and not args.score_only:
             for b in (1, 16):
-                r = results[name][f"gen_b{b}"]["ours_tok_s"] / results["base"][f"gen_b{b}"]["ours_tok_s"]
-                print(f"{name:14} gen b={b:<3} {r:6.2f}x base")
+                r = results[name][f"gen_b{b}"]["ours_tok_s"] / results[reference][f"gen_b{b}"]["ours_tok_s"]
+                print(f"{name:14} gen b={b:<3} {r:6.2f}x {reference}")
     print("RESULT " + json.dumps({k: {m: {x: y for x, y in v.items() if x not in ("ours", "peft")}
                                       for m, v in r.items()} for k, r in results.items()}))
 
