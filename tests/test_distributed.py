@@ -58,6 +58,7 @@ def test_two_processes_follow_the_one_process_loss_curve(tmp_path, method):
     two = _launch(tmp_path / "two", method, 2, [])
     one = _launch(tmp_path / "one", method, 1, ["train.grad_accum=2"])
     assert two["train"]["processes"] == 2 and one["train"]["processes"] == 1
+    assert two["train"]["parallel"] == "MULTI_CPU" and one["train"]["parallel"] == "none"  # DDP over gloo
     assert len(two["train"]["losses"]) == len(one["train"]["losses"]) == 5
     diffs = [abs(a - b) / abs(b) for a, b in zip(two["train"]["losses"], one["train"]["losses"], strict=True)]
     assert max(diffs) < RELATIVE_TOLERANCE, (two["train"]["losses"], one["train"]["losses"])

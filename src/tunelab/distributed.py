@@ -92,6 +92,7 @@ class Parallel:
     rank: int = 0
     world: int = 1
     accelerator: object | None = None  # accelerate.Accelerator when world > 1
+    kind: str = "none"  # accelerate's distributed type: MULTI_CPU, MULTI_GPU (DDP), FSDP, DEEPSPEED
 
     @property
     def is_main(self) -> bool:
@@ -136,5 +137,6 @@ def setup(module: torch.nn.Module, optimizer: torch.optim.Optimizer, precision: 
     # (accelerate only treats a multi-process CPU job as distributed when asked for the CPU)
     accelerator = Accelerator(mixed_precision="no", cpu=default_device().type == "cpu")
     wrapped, optimizer = accelerator.prepare(module, optimizer)
-    return Parallel(accelerator.process_index, accelerator.num_processes, accelerator), wrapped, optimizer
+    kind = str(accelerator.distributed_type).split(".")[-1]
+    return Parallel(accelerator.process_index, accelerator.num_processes, accelerator, kind), wrapped, optimizer
 

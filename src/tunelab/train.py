@@ -38,6 +38,7 @@ class TrainStats:
     precision: str = "fp32"  # what train.precision resolved to on this machine
     processes: int = 1  # data-parallel processes (accelerate launch)
     rank: int = 0  # this process's index among them (0 writes checkpoints and results)
+    parallel: str = "none"  # how accelerate wrapped training: MULTI_CPU / MULTI_GPU (DDP), FSDP, DEEPSPEED
 
     @property
     def final_loss(self) -> float | None:
@@ -149,7 +150,7 @@ def train(adapter, data: Sequence[Encoded], cfg: TrainConfig, lr: float, pad_id:
     optimizer = torch.optim.AdamW(named.values(), lr=lr, weight_decay=cfg.weight_decay)
     parallel, module, optimizer = distributed.setup(adapter, optimizer, precision)
     schedule = lr_lambda(cfg.warmup_steps, cfg.steps, cfg.schedule)
-    stats = TrainStats(precision=precision, processes=parallel.world, rank=parallel.rank)
+    stats = TrainStats(precision=precision, processes=parallel.world, rank=parallel.rank, parallel=parallel.kind)
     step = 0
     if resume and latest_checkpoint(checkpoint_dir) is None:
         log.warning("no checkpoint in %s; starting from step 0", checkpoint_dir)
