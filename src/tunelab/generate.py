@@ -21,9 +21,11 @@ from tunelab.modeling import (
     PrefixKV,
     _decoder_and_head,
     batch_cache,
+    cache_kwargs,
     extend_kv,
     hidden_states,
     mask_for,
+    output_cache,
     pad_batch,
     positions_from_mask,
     virtual_kv,
@@ -90,8 +92,8 @@ def _decode(model, logits: torch.Tensor, cache, attn: torch.Tensor, next_pos: to
             break
         attn = torch.cat([attn, (~done).long().unsqueeze(-1)], dim=-1)
         step = model(input_ids=token.unsqueeze(-1), attention_mask=attn, position_ids=next_pos.unsqueeze(-1),
-                     past_key_values=cache, use_cache=True)
-        cache, logits = step.past_key_values, step.logits[:, -1]
+                     **cache_kwargs(model, cache), use_cache=True)
+        cache, logits = output_cache(step), step.logits[:, -1]
         next_pos = next_pos + 1
     return out
 
@@ -185,9 +187,9 @@ def _generate_batch(batch: Sequence[tuple[object, list[int]]], tokenizer, cfg: G
     mask = torch.cat([pmask, mask_for(suffixes, side="left")], dim=1)
     ids = pad_batch(suffixes, pad_id, side="left")
     positions = positions_from_mask(mask)[:, pmask.shape[1]:]
-    out = body(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    out = body(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_kwargs(body, cache), use_cache=True)
     logits = head(out.last_hidden_state[:, -1])
-    return _decode(model, logits, out.past_key_values, mask, positions[:, -1] + 1, cfg, eos_ids, pad_id, stop_check)
+    return _decode(model, logits, output_cache(out), mask, positions[:, -1] + 1, cfg, eos_ids, pad_id, stop_check)
 
 
 def generate(adapter, tokenizer, prompts: Sequence[list[int]], cfg: GenerationConfig, batch_size: int = 16,

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import inspect
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -39,6 +41,24 @@ class ModelInputs:
     position_ids: torch.Tensor  # (B, n_soft + T)
     past_key_values: object | None  # cache holding the n_prefix prefix entries, or None
     n_soft: int  # virtual tokens prepended to inputs_embeds
+
+
+@functools.cache
+def _cache_argument(model_class: type) -> str:
+    # transformers 5.24 renamed past_key_values to cache (the old name warns, and goes in 5.40)
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def cache_kwargs(model, cache) -> dict:
+    """The key/value cache as the keyword this transformers version's ``model.forward`` takes."""
+    return {_cache_argument(type(model)): cache}
+
+
+def output_cache(out):
+    """The key/value cache of a model output, under either transformers name."""
+    if "cache" in getattr(type(out), "__dataclass_fields__", {}):
+        return out.cache
+    return getattr(out, "past_key_values", None)
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -108,9 +128,9 @@ def virtual_kv(adapter: Adapter) -> PrefixKV | None:
     n = soft.shape[1]
     mask = torch.ones(1, n_prefix + n, dtype=torch.long, device=soft.device)
     out = body(inputs_embeds=soft.to(adapter.model.get_input_embeddings().weight.dtype), attention_mask=mask,
-               position_ids=torch.arange(n_prefix, n_prefix + n, device=soft.device).unsqueeze(0), past_key_values=prefix,
-               use_cache=True)
-    kv = _kv_of(out.past_key_values)
+               position_ids=torch.arange(n_prefix, n_prefix + n, device=soft.device).unsqueeze(0),
+               **cache_kwargs(body, prefix), use_cache=True)
+    kv = _kv_of(output_cache(out))
     _VIRTUAL_CACHE[adapter] = (soft.clone(), kv)
     return kv
 
@@ -155,8 +175,8 @@ def extend_kv(adapter: Adapter, ids: Sequence[int], prefix: PrefixKV | None = No
     body, _ = _decoder_and_head(adapter.model)
     model = body if body is not None else adapter.model
     out = model(input_ids=torch.tensor([list(ids)], device=device), attention_mask=mask,
-                position_ids=positions_from_mask(mask)[:, pmask.shape[1]:], past_key_values=cache, use_cache=True)
-    return _kv_of(out.past_key_values)
+                position_ids=positions_from_mask(mask)[:, pmask.shape[1]:], **cache_kwargs(model, cache), use_cache=True)
+    return _kv_of(output_cache(out))
 
 
 def build_inputs(adapter: Adapter, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -206,13 +226,14 @@ def hidden_states(adapter: Adapter, input_ids: torch.Tensor, attention_mask: tor
     """Final hidden states (B, n_soft + T, C) of the text, plus the cache when ``use_cache``."""
     inputs = build_inputs(adapter, input_ids, attention_mask, prefix)
     body, _ = _decoder_and_head(adapter.model)
+    target = body if body is not None else adapter.model
     kwargs = dict(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
-                  position_ids=inputs.position_ids, past_key_values=inputs.past_key_values, use_cache=use_cache)
+                  position_ids=inputs.position_ids, **cache_kwargs(target, inputs.past_key_values), use_cache=use_cache)
     if body is None:  # unusual architecture: full forward, take logits instead of hidden states
         out = adapter.model(**kwargs, output_hidden_states=False)
-        return out.logits, out.past_key_values, inputs, True
+        return out.logits, output_cache(out), inputs, True
     out = body(**kwargs)
-    return out.last_hidden_state, getattr(out, "past_key_values", None), inputs, False
+    return out.last_hidden_state, output_cache(out), inputs, False
 
 
 def token_logprobs(adapter: Adapter, input_ids: torch.Tensor, attention_mask: torch.Tensor,

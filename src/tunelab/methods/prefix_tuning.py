@@ -24,6 +24,7 @@ from tunelab.data.example import Example
 from tunelab.errors import ConfigError
 from tunelab.methods.base import Adapter, MethodConfig, MethodDefaults, freeze
 from tunelab.methods.transfer import Source, base_model, start_from
+from tunelab.modeling import output_cache
 
 INITS = ("text", "random")
 
@@ -71,7 +72,7 @@ def text_ids(tokenizer: PreTrainedTokenizerBase, text: str, n: int) -> list[int]
 def prefix_from_text(model: PreTrainedModel, ids: list[int]) -> torch.Tensor:
     """(n, layers x 2 x KV width): the frozen model's keys and values for ``ids`` at positions 0..n-1,
     laid out as peft's prefix embedding (row i viewed as (layers x 2, heads, head_dim); 2l = K, 2l+1 = V)."""
-    cache = model(input_ids=torch.tensor([ids]), use_cache=True).past_key_values
+    cache = output_cache(model(input_ids=torch.tensor([ids]), use_cache=True))
     per_layer = [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]  # each (2, H, n, D)
     stacked = torch.stack(per_layer)  # (L, 2, H, n, D)
     layers, _, heads, n, dim = stacked.shape
