@@ -21,7 +21,7 @@ from tunelab.data.example import Example
 
 if TYPE_CHECKING:
     from tunelab.data import TaskData
-from tunelab.errors import TunelabError
+from tunelab.errors import ConfigError, TunelabError
 
 ADAPTER_META = "tunelab_adapter.json"
 
@@ -108,6 +108,25 @@ class MethodDefaults:
     def prepare_data(self, config: MethodConfig, task: TaskData, seed: int) -> TaskData:
         """Adjust the task's splits before caps apply (instruction tuning holds out whole tasks)."""
         return task
+
+
+class PeftAdapter(Adapter):
+    """An adapter whose trainable part lives in a peft model wrapped around the base model."""
+
+    def __init__(self, peft_model, method: str, config: MethodConfig) -> None:
+        super().__init__(peft_model.get_base_model(), method, config)
+        self.peft_model = peft_model
+
+
+def check_choice(key: str, value: object, choices: Sequence[object]) -> None:
+    """ConfigError naming ``method.<key>`` and the allowed values unless ``value`` is one of them."""
+    if value not in choices:
+        raise ConfigError(f"method.{key}={value!r}; choose one of {', '.join(map(str, choices))}")
+
+
+def check_at_least(key: str, value: int, minimum: int = 1) -> None:
+    if value < minimum:
+        raise ConfigError(f"method.{key} must be >= {minimum}, got {value}")
 
 
 def freeze(model: nn.Module) -> None:

@@ -14,7 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.data.example import Example
 from tunelab.errors import ConfigError
-from tunelab.methods.base import Adapter, MethodConfig, MethodDefaults, freeze
+from tunelab.methods.base import Adapter, MethodConfig, MethodDefaults, check_choice, freeze
 from tunelab.retrieval import SELECTIONS, DemoSelector, select_demos
 
 
@@ -26,8 +26,7 @@ class ICLConfig(MethodConfig):
     def __post_init__(self) -> None:
         if self.k < 0:
             raise ConfigError(f"method.k must be >= 0, got {self.k}")
-        if self.selection not in SELECTIONS:
-            raise ConfigError(f"method.selection={self.selection!r}; choose one of {', '.join(SELECTIONS)}")
+        check_choice("selection", self.selection, SELECTIONS)
         if self.init_from:
             raise ConfigError("method icl has no weights to start from; drop method.init_from / --init-from")
 

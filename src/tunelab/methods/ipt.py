@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.data.example import Example
 from tunelab.errors import ConfigError
-from tunelab.methods.base import Adapter, MethodDefaults
+from tunelab.methods.base import Adapter, MethodDefaults, check_choice
 from tunelab.methods.prompt_tuning import PromptTuningMethodConfig, build_soft_prompt, load_soft_prompt
 from tunelab.retrieval import SELECTIONS, DemoSelector, select_demos
 
@@ -33,8 +33,7 @@ class IPTConfig(PromptTuningMethodConfig):
         super().__post_init__()
         if self.k < 1:
             raise ConfigError(f"method.k must be >= 1 for ipt (k=0 is prompt_tuning), got {self.k}")
-        if self.selection not in SELECTIONS:
-            raise ConfigError(f"method.selection={self.selection!r}; choose one of {', '.join(SELECTIONS)}")
+        check_choice("selection", self.selection, SELECTIONS)
 
 
 class IPT(MethodDefaults):

@@ -15,7 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.data.example import Example
 from tunelab.errors import ConfigError
-from tunelab.methods.base import Adapter, MethodConfig, MethodDefaults, freeze
+from tunelab.methods.base import Adapter, MethodConfig, MethodDefaults, PeftAdapter, freeze
 from tunelab.methods.transfer import base_model, require_no_prompt, start_from
 
 
@@ -36,12 +36,8 @@ class LoraMethodConfig(MethodConfig):
             raise ConfigError("method.target_modules is empty; e.g. method.target_modules=q_proj,v_proj")
 
 
-class LoraAdapter(Adapter):
+class LoraAdapter(PeftAdapter):
     """The model with LoRA layers patched in; only A and B train."""
-
-    def __init__(self, peft_model: PeftModel, method: str, config: MethodConfig) -> None:
-        super().__init__(peft_model.get_base_model(), method, config)
-        self.peft_model = peft_model
 
     def trainable_parameters(self) -> list:
         return [p for n, p in self.peft_model.named_parameters() if p.requires_grad and "lora_" in n]

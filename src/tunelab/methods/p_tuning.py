@@ -16,8 +16,7 @@ from peft import PeftModel, PromptEncoderConfig, TaskType, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.data.example import Example
-from tunelab.errors import ConfigError
-from tunelab.methods.base import Adapter, MethodConfig, MethodDefaults, freeze
+from tunelab.methods.base import Adapter, MethodConfig, MethodDefaults, check_at_least, check_choice, freeze
 from tunelab.methods.prompt_tuning import SoftPromptAdapter
 from tunelab.methods.transfer import base_model, require_no_prompt, start_from
 
@@ -33,10 +32,8 @@ class PTuningConfig(MethodConfig):
     encoder_num_layers: int = 2
 
     def __post_init__(self) -> None:
-        if self.num_virtual_tokens < 1:
-            raise ConfigError(f"method.num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
-        if self.encoder_type not in ENCODERS:
-            raise ConfigError(f"method.encoder_type={self.encoder_type!r}; choose one of {', '.join(ENCODERS)}")
+        check_at_least("num_virtual_tokens", self.num_virtual_tokens)
+        check_choice("encoder_type", self.encoder_type, ENCODERS)
 
 
 class PTuning(MethodDefaults):

@@ -18,7 +18,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.data.example import Example
 from tunelab.errors import ConfigError
-from tunelab.methods.base import Adapter, MethodConfig, MethodDefaults, freeze
+from tunelab.methods.base import (
+    Adapter,
+    MethodConfig,
+    MethodDefaults,
+    PeftAdapter,
+    check_at_least,
+    check_choice,
+    freeze,
+)
 from tunelab.methods.transfer import Source, base_model, start_from
 
 INITS = ("random", "vocab", "text")
@@ -32,18 +40,12 @@ class PromptTuningMethodConfig(MethodConfig):
     init_text: str | None = None  # None = the task instruction of the first training example
 
     def __post_init__(self) -> None:
-        if self.num_virtual_tokens < 1:
-            raise ConfigError(f"method.num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
-        if self.init not in INITS:
-            raise ConfigError(f"method.init={self.init!r}; choose one of {', '.join(INITS)}")
+        check_at_least("num_virtual_tokens", self.num_virtual_tokens)
+        check_choice("init", self.init, INITS)
 
 
-class SoftPromptAdapter(Adapter):
+class SoftPromptAdapter(PeftAdapter):
     """Base model + a peft prompt encoder whose output is placed before the text embeddings."""
-
-    def __init__(self, peft_model: PeftModel, method: str, config: MethodConfig) -> None:
-        super().__init__(peft_model.get_base_model(), method, config)
-        self.peft_model = peft_model
 
     @property
     def prompt_weight(self) -> torch.Tensor:
