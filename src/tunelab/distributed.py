@@ -8,8 +8,9 @@ averages gradients across processes. A single plain process uses no wrapper at a
 
 Precision: ``train.precision`` = ``fp32`` | ``bf16`` | ``auto``. bf16 means autocast (weights and
 optimizer state stay fp32; matmuls run in bf16). ``auto`` picks bf16 where it is fast: on CUDA when
-the device supports it, on a CPU only when a short GEMM probe shows bf16 clearly faster than fp32
-(CPUs with AVX512-BF16/AMX: ~3.7x measured here; CPUs without: up to 40x slower, MODELS.md).
+the device supports it, on a CPU when it has bf16 units (the ``avx512_bf16`` / ``amx_bf16`` flags: ~3.7x
+fp32's GEMM speed measured here; CPUs without are up to 40x slower, MODELS.md). The flags make the choice
+the same in every process of a machine; where they cannot be read, a short GEMM probe decides.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import functools
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -41,6 +43,20 @@ def cpu_bf16_speedup(size: int = 512, repeats: int = 4) -> float:
             a @ b
         timings[dtype] = time.perf_counter() - start
     return timings[torch.float32] / max(timings[torch.bfloat16], 1e-9)
+
+
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU has bf16 matmul units: /proc/cpuinfo flags, else the GEMM probe."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return cpu_bf16_speedup() >= BF16_MIN_SPEEDUP
+    flags = {word for line in text.splitlines() if line.startswith("flags") for word in line.split()}
+    return any(flag in flags for flag in BF16_CPU_FLAGS)
 
 
 def default_device() -> torch.device:
@@ -69,7 +85,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if device.type == "cpu":
-        return "bf16" if cpu_bf16_speedup() >= BF16_MIN_SPEEDUP else "fp32"
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
     return "fp32"
 
 
