@@ -1,7 +1,7 @@
 """Devices, mixed precision and data parallelism, delegated to torch and Hugging Face accelerate.
 
 tunelab has no launcher of its own: ``accelerate launch -m tunelab.cli run ...`` (or ``torchrun``)
-starts N processes, and ``train`` sees them through ``accelerate.PartialState``. Each process takes
+starts N processes, and ``train`` sees them through the launcher's ``WORLD_SIZE``. Each process takes
 its slice of every optimizer step's global batch, and the adapter is wrapped by
 ``Accelerator.prepare`` (DDP, or FSDP / DeepSpeed when the accelerate config asks for them), which
 averages gradients across processes. A single plain process uses no wrapper at all.
@@ -124,25 +124,20 @@ class Parallel:
             return contextlib.nullcontext()
         return self.accelerator.no_sync(module)
 
-    def mean(self, value: float) -> float:
-        """Mean of a per-process float over all processes (the step's loss)."""
+    def step_totals(self, loss: float, tokens: int) -> tuple[float, int]:
+        """The step's loss (mean over processes) and tokens (sum), in one all-reduce."""
         if self.world == 1:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
-        return float(self.accelerator.reduce(tensor, reduction="mean").item())
-
-    def sum(self, value: int) -> int:
-        if self.world == 1:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
-        return int(self.accelerator.reduce(tensor, reduction="sum").item())
+            return loss, tokens
+        both = torch.tensor([loss, tokens], dtype=torch.float64, device=self.accelerator.device)
+        summed = self.accelerator.reduce(both, reduction="sum")
+        return float(summed[0]) / self.world, int(summed[1])
 
     def wait(self) -> None:
         if self.accelerator is not None:
             self.accelerator.wait_for_everyone()
 
 
-def setup(module: torch.nn.Module, optimizer: torch.optim.Optimizer, precision: str
+def setup(module: torch.nn.Module, optimizer: torch.optim.Optimizer
           ) -> tuple[Parallel, torch.nn.Module, torch.optim.Optimizer]:
     """Wrap ``module`` and ``optimizer`` for the processes accelerate launched; unchanged in a plain process."""
     if world_size() == 1:

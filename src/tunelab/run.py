@@ -79,8 +79,6 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
                                   allow_pickle=cfg.model.allow_pickle)
     load_seconds = time.perf_counter() - load_start
     device = distributed.resolve_device(cfg.model.device)
-    if device.type != "cpu":
-        model.to(device)
     torch.manual_seed(cfg.train.seed)
     adapter = prep.method.build(model, tokenizer, prep.method_cfg, prep.task.train, cfg.train.seed).to(device)
     demos = prep.method.demonstrations(prep.method_cfg, prep.task.train, cfg.train.seed)

@@ -148,7 +148,7 @@ def train(adapter, data: Sequence[Encoded], cfg: TrainConfig, lr: float, pad_id:
     if getattr(cfg, "gradient_checkpointing", False):
         enable_gradient_checkpointing(adapter)
     optimizer = torch.optim.AdamW(named.values(), lr=lr, weight_decay=cfg.weight_decay)
-    parallel, module, optimizer = distributed.setup(adapter, optimizer, precision)
+    parallel, module, optimizer = distributed.setup(adapter, optimizer)
     schedule = lr_lambda(cfg.warmup_steps, cfg.steps, cfg.schedule)
     stats = TrainStats(precision=precision, processes=parallel.world, rank=parallel.rank, parallel=parallel.kind)
     step = 0
@@ -222,7 +222,7 @@ def _optimizer_step(module, micro: list[list[Encoded]], cfg: TrainConfig, optimi
                     stats: TrainStats, parallel: distributed.Parallel, device: torch.device, precision: str) -> float:
     """One optimizer step over this process's micro-batches; returns the step's loss (mean over processes)."""
     optimizer.zero_grad(set_to_none=True)
-    total = 0.0
+    total, tokens = 0.0, 0
     for index, chunk in enumerate(micro):
         ids, mask, labels = (t.to(device) for t in collate(chunk, pad_id))
         with parallel.no_sync(module, last=index == len(micro) - 1):
@@ -230,8 +230,9 @@ def _optimizer_step(module, micro: list[list[Encoded]], cfg: TrainConfig, optimi
                 loss, _ = module(ids, mask, labels)
             (loss / len(micro)).backward()
         total += float(loss.detach()) / len(micro)
-        stats.tokens += parallel.sum(int(mask.sum()))
-    total = parallel.mean(total)
+        tokens += int(mask.sum())
+    total, tokens = parallel.step_totals(total, tokens)
+    stats.tokens += tokens
     if math.isfinite(total):
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(list(named.values()), cfg.max_grad_norm)

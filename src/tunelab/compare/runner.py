@@ -15,7 +15,7 @@ import resource
 import threading
 import time
 import traceback
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,17 +76,16 @@ def run_grid(grid: GridConfig, cells: list[Cell], store: Store, out_dir: Path, *
                       f"{_threads_per_cell(workers)} torch thread(s) each")
     # cells run in child processes; this process only starts them and writes every store row itself,
     # so the store has one writer per grid (several grids on one store are serialised by sqlite)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tunelab-cell") as pool:
-        pending = {}
+    if workers == 1:  # one at a time, in order: the cell bar and the run's step bars stay together
         for i, cell in enumerate(todo):
-            console.print(_cell_line(i, len(todo), spent, cell) if workers == 1 else
-                          f"[bold]cell {i + 1}/{len(todo)}[/bold] queued: {_where(cell)}", highlight=False)
-            pending[pool.submit(_timed_run, grid, _with_threads(cell, workers), out_dir,
-                                progress and workers == 1, summary)] = cell
-            if workers == 1:  # one at a time: wait here so the cell bar and its step bars stay in order
-                _record(next(iter(pending)), pending.pop(next(iter(pending))), store, summary, spent, console)
-        for future in as_completed(list(pending)):
-            _record(future, pending[future], store, summary, spent, console)
+            console.print(_cell_line(i, len(todo), spent, cell), highlight=False)
+            _record(_timed_run(grid, cell, out_dir, progress, summary), cell, store, summary, spent, console)
+    else:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tunelab-cell") as pool:
+            pending = {pool.submit(_timed_run, grid, _with_threads(cell, workers), out_dir, False, summary): cell
+                       for cell in todo}
+            for future in as_completed(pending):
+                _record(future.result(), pending[future], store, summary, spent, console)
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -98,9 +97,8 @@ def _timed_run(grid: GridConfig, cell: Cell, out_dir: Path, progress: bool, summ
     return row
 
 
-def _record(future: Future, cell: Cell, store: Store, summary: GridSummary, spent: list[float],
+def _record(row: dict[str, Any], cell: Cell, store: Store, summary: GridSummary, spent: list[float],
             console: Console) -> None:
-    row = future.result()
     store.record(row)
     spent.append(row["cell_seconds"])
     if row["status"] == "done":
@@ -119,7 +117,7 @@ def _threads_per_cell(workers: int) -> int:
 
 def _with_threads(cell: Cell, workers: int) -> Cell:
     """With parallel cells, split the cores between them unless the grid set model.threads itself."""
-    if workers == 1 or cell.config.model.threads:
+    if cell.config.model.threads:
         return cell
     model = dataclasses.replace(cell.config.model, threads=_threads_per_cell(workers))
     return dataclasses.replace(cell, config=dataclasses.replace(cell.config, model=model))
