@@ -59,6 +59,15 @@ def test_expand_crosses_axes_and_sweeps_prompt_length_only_where_it_exists(grid_
     assert {c.config.train.seed for c in cells} == {0, 1, 2}
 
 
+def test_task_prompt_lengths_override_the_grid_sweep(grid_file):
+    grid = load_grid(grid_file(tasks=["date_format", {"task": "sentiment", "prompt_lengths": [2, 4]}],
+                               prompt_lengths=[3], methods=[{"name": "icl", "k": 0}, {"name": "prompt_tuning"}]))
+    lengths = {(c.task, c.prompt_length) for c in expand(grid) if c.method_name == "prompt_tuning"}
+    assert lengths == {("date_format", 3), ("sentiment", 2), ("sentiment", 4)}
+    with pytest.raises(ConfigError, match=r"tasks\[0\].prompt_lengths: 0 is out of range"):
+        load_grid(grid_file(tasks=[{"task": "sentiment", "prompt_lengths": [0]}]))
+
+
 def test_cell_key_ignores_output_place_but_not_settings(grid_file):
     a = expand(load_grid(grid_file()))
     b = expand(load_grid(grid_file(eval={"batch_size": 2, "max_new_tokens": 4})))
@@ -113,6 +122,20 @@ def test_data_presets_validate_on_shared_data(name, tmp_path, monkeypatch):
         eval_rows = (tmp_path / "data" / "sni_unseen" / "eval.jsonl").read_text().splitlines()
         counts = {task: sum(f'"task": "{task}"' in row for row in eval_rows) for task in grid.tasks[0].eval_tasks}
         assert set(counts.values()) == {grid.tasks[0].eval_per_task}, counts
+
+
+@pytest.mark.shared_data
+def test_subset_cells_keep_their_keys_under_another_out_dir(tmp_path, monkeypatch):
+    """Derived per-task files live under --out; the key follows the subset's recipe, not that path."""
+    shared_path()
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    _, first = plan(preset_path("instruction"), out=tmp_path / "a")
+    _, second = plan(preset_path("instruction"), out=tmp_path / "b")
+    assert [c.key for c in first] == [c.key for c in second]
+    fewer_yaml = tmp_path / "fewer.yaml"
+    fewer_yaml.write_text(preset_path("instruction").read_text().replace("eval_per_task: 10", "eval_per_task: 5"))
+    _, fewer = plan(fewer_yaml, out=tmp_path / "a")
+    assert {c.key for c in fewer if c.unseen}.isdisjoint(c.key for c in first)
 
 
 @pytest.mark.shared_data

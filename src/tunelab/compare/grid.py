@@ -67,6 +67,7 @@ class TaskSpec:
     train_tasks: list[str] | None = None  # keep only training rows whose `task` field is listed
     eval_tasks: list[str] | None = None  # keep only evaluation rows whose `task` field is listed
     eval_per_task: int | None = None  # the first N evaluation rows of each task (max_eval cuts the file's head)
+    prompt_lengths: list[int] | None = None  # this task's soft-prompt length sweep; None = the grid's
     unseen: bool = False  # the evaluation tasks were never trained on (generalisation claims)
 
     @property
@@ -144,12 +145,10 @@ def parse_grid(raw: dict[str, Any]) -> GridConfig:
     if not grid.train_sizes:
         grid.train_sizes = [None]
     for key in ("seeds", "train_sizes", "prompt_lengths"):
-        values = getattr(grid, key)
-        if len(set(values)) != len(values):
-            raise ConfigError(f"{key}: {values} repeats a value")
-        bad = [v for v in values if v is not None and v < (0 if key == "seeds" else 1)]
-        if bad:
-            raise ConfigError(f"{key}: {bad[0]} is out of range")
+        _check_values(key, getattr(grid, key), minimum=0 if key == "seeds" else 1)
+    for i, t in enumerate(tasks):
+        if t.prompt_lengths is not None:
+            _check_values(f"tasks[{i}].prompt_lengths", t.prompt_lengths, minimum=1)
     task_labels = [t.label for t in tasks]
     if len(set(task_labels)) != len(task_labels):
         dup = next(x for x in task_labels if task_labels.count(x) > 1)
@@ -163,6 +162,14 @@ def parse_grid(raw: dict[str, Any]) -> GridConfig:
         dup = next(x for x in labels if labels.count(x) > 1)
         raise ConfigError(f"methods: two entries are both labelled {dup!r}; give one a distinct `label`")
     return grid
+
+
+def _check_values(path: str, values: list[Any], minimum: int) -> None:
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{path}: {values} repeats a value")
+    bad = [v for v in values if v is not None and v < minimum]
+    if bad:
+        raise ConfigError(f"{path}: {bad[0]} is out of range")
 
 
 def _list(value: Any, path: str) -> list[Any]:
@@ -209,14 +216,22 @@ def _task_spec(entry: Any, path: str) -> TaskSpec:
     return from_dict(TaskSpec, entry, path=path)
 
 
-def cell_key(cfg: RunConfig) -> str:
+def cell_key(cfg: RunConfig, task: TaskSpec | None = None) -> str:
     """Hash of everything that changes a cell's result (not where it is written or whether it resumes).
 
     Settings left at their defaults are dropped first, so a tunelab upgrade that adds a config field
     (with a default that keeps the old behaviour) does not invalidate the cells already in a store.
+    A task with a per-task subset counts by its recipe (source and filters), not by the path of the
+    files the grid derived under its output directory, so another ``--out`` finds the same cells.
     """
     data = _non_default(to_dict(cfg), to_dict(RunConfig()))
     data.pop("out", None)
+    if task is not None and _has_subset(task):
+        section = data.setdefault("data", {})
+        section.pop("train", None)
+        section.pop("eval", None)
+        section["subset"] = {k: getattr(task, k) for k in ("train", "eval", "train_tasks", "eval_tasks",
+                                                            "eval_per_task")}
     data.get("train", {}).pop("resume", None)
     data.get("eval", {}).pop("batch_size", None)  # greedy decoding: batch size changes speed, not outputs
     data.get("model", {}).pop("threads", None)  # speed only (--workers splits the cores between cells)
@@ -249,7 +264,8 @@ def expand(grid: GridConfig, data_dir: Path | None = None) -> list[Cell]:
                 continue
             fields = {f.name for f in dataclasses.fields(get_method(spec.name).Config)}
             sweeps = PROMPT_LENGTH_FIELD in fields and PROMPT_LENGTH_FIELD not in spec.options
-            lengths: list[int | None] = list(grid.prompt_lengths) if sweeps and grid.prompt_lengths else [None]
+            sweep = task.prompt_lengths if task.prompt_lengths is not None else grid.prompt_lengths
+            lengths: list[int | None] = list(sweep) if sweeps and sweep else [None]
             for size in grid.train_sizes:
                 for length in lengths:
                     for seed in spec.seeds or grid.seeds:
@@ -265,11 +281,15 @@ def _task_data(task: TaskSpec, data_dir: Path | None) -> dict[str, Any]:
     for key in ("train", "eval", "max_eval"):
         if getattr(task, key) is not None:
             data[key] = getattr(task, key)
-    if task.train_tasks or task.eval_tasks or task.eval_per_task:
+    if _has_subset(task):
         from tunelab.compare.subsets import task_subset
 
         data.update(task_subset(task, data_dir))
     return data
+
+
+def _has_subset(task: TaskSpec) -> bool:
+    return bool(task.train_tasks or task.eval_tasks or task.eval_per_task)
 
 
 def _cell(grid: GridConfig, task: TaskSpec, task_data: dict[str, Any], spec: MethodSpec, seed: int,
@@ -287,7 +307,7 @@ def _cell(grid: GridConfig, task: TaskSpec, task_data: dict[str, Any], spec: Met
         raw["data"]["max_train"] = size
     cfg = from_dict(RunConfig, raw)
     effective_length = length if length is not None else options.get(PROMPT_LENGTH_FIELD)
-    return Cell(cell_key(cfg), spec.display, spec.name, task.label, seed, cfg.data.max_train, effective_length,
+    return Cell(cell_key(cfg, task), spec.display, spec.name, task.label, seed, cfg.data.max_train, effective_length,
                 task.unseen, cfg, task)
 
 

@@ -151,27 +151,27 @@ def _clock(seconds: float) -> str:
 def _run_one(grid: GridConfig, cell: Cell, out_dir: Path, progress: bool, summary: GridSummary) -> dict[str, Any]:
     cfg = cell_config(cell, out_dir)
     out = Path(cfg.out)
-    result = _finished_on_disk(out, cell.key)
+    result = _finished_on_disk(out, cell)
     if result is not None:
         summary.reused += 1
         return _row(grid, cell, cfg, result, None)
     (out / ERROR_FILE).unlink(missing_ok=True)
     (out / USAGE_FILE).unlink(missing_ok=True)
     error = _in_child(cfg, progress) if _can_fork_server() else _in_process(cfg, progress)
-    result = _finished_on_disk(out, cell.key) if error is None else None
+    result = _finished_on_disk(out, cell) if error is None else None
     if error is None and result is None:
         error = f"the cell finished without writing {out / 'result.json'}"
     return _row(grid, cell, cfg, result, error)
 
 
-def _finished_on_disk(out: Path, key: str) -> dict[str, Any] | None:
+def _finished_on_disk(out: Path, cell: Cell) -> dict[str, Any] | None:
     """result.json of this very cell (written atomically by `run`), if it exists."""
     path = out / "result.json"
     if not path.is_file():
         return None
     try:
         result = json.loads(path.read_text())
-        return result if cell_key(from_dict(RunConfig, result["config"])) == key else None
+        return result if cell_key(from_dict(RunConfig, result["config"]), cell.task_spec) == cell.key else None
     except (json.JSONDecodeError, KeyError, Exception):  # a stale or foreign file: run the cell again
         return None
 
