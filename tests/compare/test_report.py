@@ -92,3 +92,25 @@ def test_similarity_buckets_follow_the_data(tmp_path, monkeypatch):
     (bars,) = captured.values()
     assert [round(b[1]) for b in bars] == [0, 0, 50, 100, 100]  # Q3 straddles the switch at similarity 0.5
     assert sum(b[3] for b in bars) == 50
+
+
+def test_quality_table_orders_numbers_as_numbers_and_lists_every_commit(tiny_report, tmp_path):
+    import shutil
+
+    from tunelab.compare.report import _quality_table
+
+    with Store(tiny_report.store) as store:
+        rows = [r.data for r in store.rows(status="done")]
+        facts = build_report(store).facts
+    pt = [r for r in rows if r["method"] == "pt"]
+    swept = [{**r, "prompt_length": length, "seed": r["seed"]} for length in (50, 5, 20) for r in pt]
+    table_rows = [row for row in _quality_table(swept).rows if row[1] == "pt"]
+    lengths = [row[3] for row in table_rows]  # per (task, train size): 5, 20, 50, not the string order 20, 5, 50
+    assert lengths == ["5", "20", "50"] * (len(lengths) // 3) and lengths
+    assert any(f.startswith("model: ") for f in facts) and "(" not in next(f for f in facts if f.startswith("model"))
+    copy = shutil.copy(tiny_report.store, tmp_path / "results.sqlite")  # the fixture's store is shared
+    with Store(copy) as store:
+        store.conn.execute("UPDATE cells SET git_commit = 'abc123' WHERE method = 'pt'")
+        facts = build_report(store).facts
+    model_fact = next(f for f in facts if f.startswith("model"))
+    assert "abc123 (" in model_fact and " cells)" in model_fact

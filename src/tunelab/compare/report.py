@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean, stdev
@@ -49,11 +49,13 @@ def build_report(store: Store, keys: list[str] | None = None, n_resamples: int =
     done = [r for r in rows if r["status"] == "done"]
     failed = [r for r in rows if r["status"] == "failed"]
     grids = sorted({r["grid"] for r in rows})
-    facts = [f"store: `{store.path}`", f"cells: {len(done)} done, {len(failed)} failed",
+    facts = [f"store: `{_shown_path(store.path)}`", f"cells: {len(done)} done, {len(failed)} failed",
              f"grid: {', '.join(grids) or '-'}"]
     if done:
         first = done[0]
-        facts.append(f"model: {first['config']['model']['name']}; git commit: {first['git_commit'] or 'unknown'}")
+        commits = Counter(r["git_commit"] or "unknown" for r in done)  # a resumed grid can span commits
+        facts.append(f"model: {first['config']['model']['name']}; git commit: "
+                     + ", ".join(f"{c} ({n} cells)" if len(commits) > 1 else c for c, n in commits.most_common()))
         versions = first.get("versions") or {}
         facts.append("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     sections: list[tuple[str, list[Table | Figure | str]]] = [
@@ -87,12 +89,25 @@ def _fmt_int(value: Any) -> str:
     return "-" if value is None else f"{int(value):,}"
 
 
+def _shown_path(path: Path) -> Path:
+    """Relative to the working directory when under it (a report in the docs should not name a home dir)."""
+    try:
+        return Path(path).resolve().relative_to(Path.cwd())
+    except ValueError:
+        return Path(path)
+
+
+def _numeric_order(coords: tuple) -> tuple:
+    """Sort key for (task, method, size, length): numbers as numbers (5 < 20 < 50), "all" (None) first."""
+    return tuple((0, -1) if v is None else (1, v) if isinstance(v, (int, float)) else (2, str(v)) for v in coords)
+
+
 def _quality_table(rows: list[dict[str, Any]]) -> Table:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["task"], r["method"], r["train_size"], r["prompt_length"])].append(r)
     out = []
-    for (task, method, size, length), cells in sorted(groups.items(), key=lambda kv: str(kv[0])):
+    for (task, method, size, length), cells in sorted(groups.items(), key=lambda kv: _numeric_order(kv[0])):
         cells = sorted(cells, key=lambda c: c["seed"])
         values = [c["quality"] for c in cells]
         spread = f" ± {stdev(values):.2f}" if len(values) > 1 else ""
