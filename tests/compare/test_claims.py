@@ -20,8 +20,10 @@ def _cell(tmp: Path, method: str, seed: int, scores: list[float], task: str = "t
     if method.startswith("icl_"):
         options.update(k=1, selection=method.removeprefix("icl_"))
     path = tmp / f"{method}-{task}-{seed}.jsonl"
-    path.write_text("".join(json.dumps({"id": f"e{i}", "prediction": "x", "references": ["y"],
-                                        "scores": {metric: s}}) + "\n" for i, s in enumerate(scores)))
+    similarity = extra.get("similarity")  # per example, as IPT writes `demo_similarity`
+    path.write_text("".join(json.dumps({"id": f"e{i}", "prediction": "x", "references": ["y"], "scores": {metric: s},
+                                        **({"demo_similarity": similarity[i]} if similarity else {})}) + "\n"
+                            for i, s in enumerate(scores)))
     return {"method": method, "method_name": name, "task": task, "seed": seed, "train_size": None,
             "prompt_length": 20 if name in ("prompt_tuning", "ipt") else None, "unseen": int(unseen),
             "primary_metric": metric, "predictions": str(path), "config": {"method": options},
@@ -99,3 +101,38 @@ def test_corpus_bleu_is_bootstrapped_from_predictions(tmp_path):
         rows.append({**_cell(tmp_path, name, 0, [0.0] * 30, metric="bleu"), "predictions": str(path)})
     (finding,) = _by_id(evaluate_claims(rows, 200), "ipt_beats_pt")
     assert finding.verdict == "supported" and finding.effect > 90
+
+
+def test_similarity_claim_measures_where_ipt_gains(tmp_path):
+    """IPT beats PT exactly on the examples whose demonstration is similar: supported, gap near 100 points."""
+    n = 60
+    sims = [i / n for i in range(n)]
+    helps_when_similar = [100.0 if i >= n // 2 else 0.0 for i in range(n)]
+    rows = [_cell(tmp_path, "ipt", s, helps_when_similar, similarity=sims) for s in range(3)]
+    rows += [_cell(tmp_path, "pt", s, [0.0] * n) for s in range(3)]
+    (found,) = _by_id(evaluate_claims(rows, n_resamples=300), "ipt_needs_similar")
+    assert found.verdict == "supported" and found.effect == 100 and found.ci[0] > 50
+    assert "+100.00 on the similar half, +0.00 on the other" in found.detail and found.n["examples"] == n
+
+    everywhere = tmp_path / "everywhere"
+    everywhere.mkdir()
+    rows = [_cell(everywhere, "ipt", s, [100.0] * n, similarity=sims) for s in range(3)]
+    rows += [_cell(everywhere, "pt", s, [0.0] * n) for s in range(3)]
+    (flat,) = _by_id(evaluate_claims(rows, n_resamples=300), "ipt_needs_similar")
+    assert flat.effect == 0 and flat.verdict == "inconclusive"  # IPT helps everywhere, not only when similar
+
+
+def test_similarity_claim_without_similarity_is_not_measured(tmp_path):
+    rows = [_cell(tmp_path, m, s, _scores(0.5, seed=s)) for m in ("ipt", "pt") for s in range(2)]
+    (found,) = _by_id(evaluate_claims(rows, n_resamples=100), "ipt_needs_similar")
+    assert found.verdict == "not measured" and "demo_similarity" in found.detail
+
+
+def test_reasoning_claim_only_on_tagged_tasks(tmp_path):
+    rows = [_cell(tmp_path, "lora", s, _scores(0.8, seed=s), task="sql") for s in range(2)]
+    rows += [_cell(tmp_path, "pt", s, _scores(0.3, seed=10 + s), task="sql") for s in range(2)]
+    (untagged,) = _by_id(evaluate_claims(rows, n_resamples=200), "pt_reasoning")
+    assert untagged.verdict == "not measured" and "tagged reasoning" in untagged.detail
+    tagged = [{**r, "tags": ["reasoning"]} for r in rows]
+    (found,) = _by_id(evaluate_claims(tagged, n_resamples=200), "pt_reasoning")
+    assert found.verdict == "supported" and found.group == "sql"

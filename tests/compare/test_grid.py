@@ -139,16 +139,19 @@ def test_subset_cells_keep_their_keys_under_another_out_dir(tmp_path, monkeypatc
 
 
 @pytest.mark.shared_data
-def test_result_grids_in_docs_validate_on_shared_data(tmp_path, monkeypatch):
-    """The grids behind docs/results/ stay runnable with the command written in them."""
+@pytest.mark.parametrize("name", ["paper", "instruction"])
+def test_docs_results_are_reports_of_the_whole_preset(name, tmp_path, monkeypatch):
+    """docs/results/NAME holds the report of `tunelab compare --preset NAME`: every cell of it, none failed."""
     shared_path()
     root = Path(__file__).resolve().parents[2]
     monkeypatch.chdir(root)
-    for name in ("paper", "instruction"):
-        grid_path = root / "docs" / "results" / name / "grid.yaml"
-        assert f"--config docs/results/{name}/grid.yaml" in grid_path.read_text()
-        _, cells = plan(grid_path, out=tmp_path / name)
-        assert cells
+    folder = root / "docs" / "results" / name
+    assert f"tunelab compare --preset {name} --out runs/{name}" in (folder / "README.md").read_text()
+    _, cells = plan(preset_path(name), out=tmp_path)
+    report = (folder / "report.md").read_text()
+    assert f"- cells: {len(cells)} done, 0 failed" in report
+    grid_line = next(line for line in report.splitlines() if line.startswith("- grid: "))
+    assert name in grid_line[len("- grid: "):].split(", ")  # cells resumed from another grid keep its name too
 
 
 def test_method_seeds_override(grid_file):

@@ -81,3 +81,12 @@ def test_older_store_gains_new_columns(tmp_path):
     with Store(path) as store:
         store.record(_row("a", cpu_seconds=1.5))
         assert store.rows()[0].cpu_seconds == 1.5
+
+
+def test_task_tags_merge_across_grids(tmp_path):
+    with Store(tmp_path / "results.sqlite") as store:
+        assert store.task_tags() == {}
+        store.add_task_tags({"spider": ["reasoning"], "e2e": []})
+        store.add_task_tags({"e2e": ["data-to-text"]})
+    with Store(tmp_path / "results.sqlite") as store:
+        assert store.task_tags() == {"spider": ["reasoning"], "e2e": ["data-to-text"]}

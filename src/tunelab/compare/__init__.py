@@ -53,6 +53,7 @@ def compare(source: str | Path, out: str | Path, store: str | Path | None = None
     console.print(f"grid {grid.name}: {len(cells)} cells validated in {time.perf_counter() - start:.2f}s")
     store_path = Path(store) if store else out / STORE_NAME
     with Store(store_path) as db:
+        db.add_task_tags({t.label: list(t.tags) for t in grid.tasks if t.tags is not None})
         summary = run_grid(grid, cells, db, out, progress=progress, retry_failed=retry_failed, console=console,
                            workers=workers)
         md, html = write_report(build_report(db, keys=[c.key for c in cells]), out)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from tunelab.compare.examples import example_stats
+from tunelab.compare.examples import SIMILARITY_KEY, example_scores, example_stats, read_predictions
 from tunelab.stats import paired_bootstrap
 
 Selector = Callable[[dict[str, Any]], bool]
@@ -63,6 +63,7 @@ class Claim:
     b_name: str
     cost: str = ""  # cost column for kind == "cost"
     only_unseen: bool = False
+    only_tag: str | None = None  # measured only on tasks the grid tags so (TaskSpec.tags)
     smallest_size: bool = False  # compare at the smallest training-set size only
 
 
@@ -71,6 +72,9 @@ CLAIMS: list[Claim] = [
           "quality", is_method("ipt"), is_method("prompt_tuning"), "IPT", "PT"),
     Claim("pt_unstable", "Prompt tuning is unstable across seeds; IPT reduces the variance",
           "std over seeds: PT > IPT", "variance", is_method("prompt_tuning"), is_method("ipt"), "PT", "IPT"),
+    Claim("ipt_needs_similar", "IPT helps only when the demonstration is semantically similar to the input "
+          "(Sun et al. 2023)", "IPT − PT on the more similar half of examples > on the less similar half",
+          "similarity", is_method("ipt"), is_method("prompt_tuning"), "IPT", "PT"),
     Claim("retrieved_icl", "ICL helps when demonstrations are semantically similar to the input",
           "retrieved ICL > random ICL", "quality", is_icl("retrieved"), is_icl("random"), "retrieved ICL",
           "random ICL"),
@@ -78,6 +82,9 @@ CLAIMS: list[Claim] = [
           "PT > random ICL", "quality", is_method("prompt_tuning"), is_icl("random"), "PT", "random ICL"),
     Claim("lora_beats_pt", "LoRA outperforms prompt tuning at equal data", "LoRA > PT (same task and data)",
           "quality", is_method("lora"), is_method("prompt_tuning"), "LoRA", "PT"),
+    Claim("pt_reasoning", "Prompt tuning struggles with complex reasoning",
+          "LoRA > PT on tasks tagged `reasoning` (e.g. text-to-SQL)", "quality", is_method("lora"),
+          is_method("prompt_tuning"), "LoRA", "PT", only_tag="reasoning"),
     Claim("pt_less_data", "Prompt tuning needs less data", "PT > LoRA at the smallest training-set size",
           "quality", is_method("prompt_tuning"), is_method("lora"), "PT", "LoRA", smallest_size=True),
     Claim("ft_peak", "Full fine-tuning achieves peak performance on its task", "full FT > LoRA",
@@ -115,15 +122,19 @@ def evaluate_claims(rows: list[dict[str, Any]], n_resamples: int = 1000) -> list
     out: list[Finding] = []
     for claim in CLAIMS:
         usable = [r for r in rows if r["unseen"]] if claim.only_unseen else rows
+        if claim.only_tag:
+            usable = [r for r in usable if claim.only_tag in (r.get("tags") or [])]
         pairs = _pairs(claim, usable)
         if not pairs:
             missing = [name for name, sel in ((claim.a_name, claim.a), (claim.b_name, claim.b))
                        if not any(sel(r) for r in usable)]
             why = f"no cells for {', '.join(missing)}" if missing else "no two cells share task and data size"
-            out.append(Finding(claim, "-", detail=why + (" on unseen tasks" if claim.only_unseen else "")))
+            where = " on unseen tasks" if claim.only_unseen else f" on tasks tagged {claim.only_tag}" if claim.only_tag else ""
+            out.append(Finding(claim, "-", detail=why + where))
             continue
         for group, a_rows, b_rows in pairs:
-            measure = {"quality": _quality, "variance": _variance, "cost": _cost}[claim.kind]
+            measure = {"quality": _quality, "variance": _variance, "cost": _cost,
+                       "similarity": _similarity_gap}[claim.kind]
             out.append(measure(claim, group, a_rows, b_rows, n_resamples))
     return out
 
@@ -232,6 +243,70 @@ def _variance(claim: Claim, group: str, a_rows: list[dict], b_rows: list[dict], 
     detail = (f"{metric} std over seeds: {claim.a_name} {std_a:.2f} ({len(a_rows)} seeds) vs "
               f"{claim.b_name} {std_b:.2f} ({len(b_rows)} seeds); few seeds make this interval wide")
     return Finding(claim, group, std_a - std_b, ci, _verdict(ci), detail, n)
+
+
+def _similarity_gap(claim: Claim, group: str, a_rows: list[dict], b_rows: list[dict],
+                    n_resamples: int) -> Finding:
+    """(A − B) on the examples whose demonstration is more similar than the median, minus the same on the rest.
+
+    Each example carries four statistics per cell, [score·top, top, score·bottom, bottom], whose reduction is
+    mean(top) − mean(bottom); the paired bootstrap of A − B over examples and seeds then gives the
+    difference of differences with its interval, the same resampling as every quality claim.
+    """
+    n = {"a_seeds": len(a_rows), "b_seeds": len(b_rows)}
+    similarity = _mean_by_id(a_rows, lambda p: p.get(SIMILARITY_KEY))
+    if not similarity:
+        return Finding(claim, group, verdict="not measured", n=n,
+                       detail=f"{claim.a_name} predictions carry no per-example `{SIMILARITY_KEY}`")
+    metric = _per_example_metric(a_rows + b_rows)
+    if metric is None:
+        return Finding(claim, group, verdict="inconclusive", detail="no per-example metric in every cell", n=n)
+    per_cell = [example_scores(r, metric) for r in a_rows + b_rows]
+    ids = sorted(set(similarity).intersection(*per_cell))
+    if len(ids) < 10:
+        return Finding(claim, group, verdict="inconclusive", detail=f"{len(ids)} shared examples (< 10)", n=n)
+    sims = np.array([similarity[i] for i in ids])
+    top = (sims >= np.median(sims)).astype(np.float64)
+    scores = [np.array([cell[i] for i in ids]) for cell in per_cell]
+    stats = np.stack([np.stack([s * top, top, s * (1 - top), 1 - top], axis=1) for s in scores])  # (cells, n, 4)
+    a_stats, b_stats = stats[: len(a_rows)], stats[len(a_rows):]
+    result = paired_bootstrap(a_stats, b_stats, _half_gap, n_resamples=n_resamples, seed=0)
+    n["examples"] = len(ids)
+
+    def half_mean(system: np.ndarray, k: int) -> float:  # mean over seeds of the half's mean score
+        return float(np.mean(system[:, :, k].sum(1) / system[:, :, k + 1].sum(1)))
+
+    halves = {name: half_mean(a_stats, k) - half_mean(b_stats, k) for name, k in (("similar", 0), ("dissimilar", 2))}
+    detail = (f"{metric} per example, {len(ids)} examples split at median similarity {np.median(sims):.3f}: "
+              f"{claim.a_name} − {claim.b_name} = {halves['similar']:+.2f} on the similar half, "
+              f"{halves['dissimilar']:+.2f} on the other (p={result.p_value:.3f})")
+    return Finding(claim, group, result.delta, result.ci, _verdict(result.ci), detail, n)
+
+
+def _half_gap(sums: np.ndarray, n: int) -> np.ndarray:
+    """mean score on the top half minus mean on the bottom half, from summed [s·top, top, s·bottom, bottom]."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.nan_to_num(sums[:, 0] / sums[:, 1]) - np.nan_to_num(sums[:, 2] / sums[:, 3])
+
+
+def _mean_by_id(rows: list[dict], value: Callable[[dict], Any]) -> dict[str, float]:
+    found: dict[str, list[float]] = defaultdict(list)
+    for row in rows:
+        for p in read_predictions(row["predictions"]):
+            v = value(p)
+            if v is not None:
+                found[str(p["id"])].append(float(v))
+    return {i: float(np.mean(v)) for i, v in found.items()}
+
+
+def _per_example_metric(rows: list[dict]) -> str | None:
+    """The primary metric when it is a mean of per-example scores, else the first such metric every cell has."""
+    primary = rows[0]["primary_metric"]
+    candidates = [primary] + [m for m in read_predictions(rows[0]["predictions"])[0].get("scores", {}) if m != primary]
+    for metric in candidates:
+        if all(example_scores(r, metric) for r in rows):
+            return metric
+    return None
 
 
 def _cost(claim: Claim, group: str, a_rows: list[dict], b_rows: list[dict], n_resamples: int) -> Finding:

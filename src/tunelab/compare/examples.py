@@ -14,6 +14,8 @@ from tunelab.errors import TunelabError
 from tunelab.metrics import METRICS, sufficient_stats
 from tunelab.stats import mean_reduce
 
+SIMILARITY_KEY = "demo_similarity"  # per-example mean cosine to its demonstrations, in IPT predictions rows
+
 
 def read_predictions(path: str) -> tuple[dict[str, Any], ...]:
     """The rows of one cell's predictions.jsonl (cached while the file is unchanged)."""

@@ -69,6 +69,7 @@ class TaskSpec:
     eval_per_task: int | None = None  # the first N evaluation rows of each task (max_eval cuts the file's head)
     prompt_lengths: list[int] | None = None  # this task's soft-prompt length sweep; None = the grid's
     unseen: bool = False  # the evaluation tasks were never trained on (generalisation claims)
+    tags: list[str] | None = None  # labels for the claims table, e.g. [reasoning]; no effect on any cell
 
     @property
     def label(self) -> str:
@@ -147,6 +148,8 @@ def parse_grid(raw: dict[str, Any]) -> GridConfig:
     for key in ("seeds", "train_sizes", "prompt_lengths"):
         _check_values(key, getattr(grid, key), minimum=0 if key == "seeds" else 1)
     for i, t in enumerate(tasks):
+        if t.tags is not None and (not isinstance(t.tags, list) or not all(isinstance(x, str) for x in t.tags)):
+            raise ConfigError(f"tasks[{i}].tags: expected a list of words, got {t.tags!r}")
         if t.prompt_lengths is not None:
             _check_values(f"tasks[{i}].prompt_lengths", t.prompt_lengths, minimum=1)
     task_labels = [t.label for t in tasks]

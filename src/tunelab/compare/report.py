@@ -15,11 +15,9 @@ import numpy as np
 
 from tunelab.compare import plots
 from tunelab.compare.claims import evaluate_claims, summarise
-from tunelab.compare.examples import read_predictions
+from tunelab.compare.examples import SIMILARITY_KEY, read_predictions
 from tunelab.compare.store import Store
 from tunelab.paths import atomic_write_bytes, atomic_write_text
-
-SIMILARITY_KEY = "demo_similarity"  # per-example mean cosine to its demonstrations, in IPT predictions rows
 
 
 @dataclass
@@ -45,7 +43,8 @@ class Report:
 
 def build_report(store: Store, keys: list[str] | None = None, n_resamples: int = 1000) -> Report:
     """Everything the report shows, from the store's rows (all of them, or only ``keys``)."""
-    rows = [r.data for r in store.rows(keys=keys)]
+    tags = store.task_tags()
+    rows = [{**r.data, "tags": tags.get(r.data["task"], [])} for r in store.rows(keys=keys)]
     done = [r for r in rows if r["status"] == "done"]
     failed = [r for r in rows if r["status"] == "failed"]
     grids = sorted({r["grid"] for r in rows})

@@ -173,6 +173,18 @@ class Store:
             out.append(Row(data))
         return out
 
+    def task_tags(self) -> dict[str, list[str]]:
+        """Task label -> tags (e.g. ``reasoning``) that grids recorded for the report's claims."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'task_tags'").fetchone()
+        return json.loads(row[0]) if row else {}
+
+    def add_task_tags(self, tags: dict[str, list[str]]) -> None:
+        """Record a grid's task tags (merged with earlier grids': the latest grid wins per task label)."""
+        with self.transaction() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'task_tags'").fetchone()
+            merged = {**(json.loads(row[0]) if row else {}), **tags}
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('task_tags', ?)", (json.dumps(merged, sort_keys=True),))
+
     def count(self) -> dict[str, int]:
         return dict(self.conn.execute("SELECT status, COUNT(*) FROM cells GROUP BY status").fetchall())
 
