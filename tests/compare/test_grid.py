@@ -19,6 +19,7 @@ from tunelab.errors import ConfigError
     ({"methods": [{"name": "icl", "k": 0}, {"name": "prompt_tuning", "train": {"lrr": 1}}]}, "methods[1].train.lrr"),
     ({"tasks": [{"task": "date_format", "max_evl": 3}]}, "tasks[0].max_evl"),
     ({"methods": [{"name": "icl", "k": "many"}]}, "methods[0].k"),
+    ({"tasks": [{"task": "date_format", "tags": "reasoning"}]}, "tasks[0].tags"),
 ])
 def test_typo_fails_fast_and_names_the_key(grid_file, change, path):
     plan(grid_file())  # warm the imports so the timing below is the validation itself
@@ -110,8 +111,11 @@ def test_data_presets_validate_on_shared_data(name, tmp_path, monkeypatch):
     grid, cells = plan(preset_path(name), out=tmp_path)
     assert len(cells) > 10
     if name == "paper":
-        assert {c.method_name for c in cells} == {"icl", "prompt_tuning", "ipt"}
+        assert {c.method_name for c in cells} == {"icl", "prompt_tuning", "ipt", "lora"}
         assert len(grid.seeds) >= 3 and {c.prompt_length for c in cells if c.method_name == "ipt"} == {5, 20, 50}
+        assert {c.task for c in cells} == {"e2e", "dart", "webnlg", "spider"}
+        assert {c.task for c in cells if c.method_name == "lora"} == {"spider"}  # the reasoning-tagged task
+        assert next(t for t in grid.tasks if t.label == "spider").tags == ["reasoning"]
     else:
         unseen = [c for c in cells if c.unseen]
         assert {c.method for c in unseen} == {"base", "instruction_lora"}
