@@ -19,7 +19,7 @@ from tunelab.errors import ConfigError
     ({"methods": [{"name": "icl", "k": 0}, {"name": "prompt_tuning", "train": {"lrr": 1}}]}, "methods[1].train.lrr"),
     ({"tasks": [{"task": "date_format", "max_evl": 3}]}, "tasks[0].max_evl"),
     ({"methods": [{"name": "icl", "k": "many"}]}, "methods[0].k"),
-    ({"tasks": [{"task": "date_format", "tags": "reasoning"}]}, "tasks[0].tags"),
+    ({"tasks": [{"task": "date_format", "tags": 5}]}, "tasks[0].tags"),
 ])
 def test_typo_fails_fast_and_names_the_key(grid_file, change, path):
     plan(grid_file())  # warm the imports so the timing below is the validation itself

@@ -148,8 +148,6 @@ def parse_grid(raw: dict[str, Any]) -> GridConfig:
     for key in ("seeds", "train_sizes", "prompt_lengths"):
         _check_values(key, getattr(grid, key), minimum=0 if key == "seeds" else 1)
     for i, t in enumerate(tasks):
-        if t.tags is not None and (not isinstance(t.tags, list) or not all(isinstance(x, str) for x in t.tags)):
-            raise ConfigError(f"tasks[{i}].tags: expected a list of words, got {t.tags!r}")
         if t.prompt_lengths is not None:
             _check_values(f"tasks[{i}].prompt_lengths", t.prompt_lengths, minimum=1)
     task_labels = [t.label for t in tasks]
