@@ -93,3 +93,36 @@ def test_run_writes_metric_intervals_into_result_json(tmp_path):
     saved = json.loads((tmp_path / "r" / "result.json").read_text())
     assert set(saved["metrics_ci"]) == set(saved["metrics"]) == set(result["metrics"])
     assert all(len(ci) == 2 for ci in saved["metrics_ci"].values())
+
+
+def test_reference_nll_is_the_training_loss_without_an_update(fresh_tiny):
+    from tunelab.evaluate import reference_nll
+    from tunelab.formatting import encode_example
+    from tunelab.modeling import causal_lm_loss
+
+    adapter, tok = _prompt_tuned(fresh_tiny)
+    examples = load_task("date_format").train[:5]
+    per_example = reference_nll(adapter, tok, examples, "chat", batch_size=2)
+    for e, (nll, tokens) in zip(examples, per_example, strict=True):
+        enc = encode_example(tok, e, "chat")
+        ids = torch.tensor([enc.input_ids])
+        with torch.no_grad():
+            loss, count = causal_lm_loss(adapter, ids, torch.ones_like(ids), torch.tensor([enc.labels]))
+        assert tokens == count > 0
+        assert nll / tokens == pytest.approx(float(loss), rel=1e-4)
+
+
+def test_run_records_the_generalization_gap_of_trained_methods(tmp_path):
+    from tunelab.run import run
+
+    common = ["model.name=tiny", "data.task=date_format", "data.max_train=8", "data.max_eval=8",
+              "eval.max_new_tokens=2", "train.batch_size=4"]
+    cfg = build_config(None, ["method.name=full_finetune", "train.steps=80", "train.lr=0.01",
+                              f"out={tmp_path / 'ft'}", *common])
+    saved = run(cfg, progress=False)["generalization"]
+    assert len(saved["train_nll"]) == len(saved["eval_nll"]) == 8
+    assert saved["gap"] == pytest.approx(saved["eval_loss"] - saved["train_loss"], abs=1e-4)
+    assert saved["gap"] > 0.5 and saved["train_loss"] < 2.0  # 80 steps on 8 rows: memorised more than learned
+    icl = run(build_config(None, ["method.name=icl", "method.k=0", f"out={tmp_path / 'icl'}", *common]),
+              progress=False)
+    assert "generalization" not in icl  # nothing was trained: no gap to measure

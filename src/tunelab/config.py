@@ -72,6 +72,7 @@ class EvalConfig:
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
+    loss: bool = True  # teacher-forced loss on the eval rows and as many training rows (the overfitting gap)
 
 
 @dataclass

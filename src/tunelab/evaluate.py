@@ -18,7 +18,7 @@ from tunelab import metrics as M
 from tunelab.config import EvalConfig
 from tunelab.data.example import Example
 from tunelab.errors import DataError
-from tunelab.formatting import build_prompt, encode, encode_prompt, target_text
+from tunelab.formatting import build_prompt, encode, encode_example, encode_prompt, target_text
 from tunelab.generate import GenerationConfig, generate
 from tunelab.methods.base import DemoSelector
 from tunelab.modeling import score_sequences
@@ -70,6 +70,22 @@ def rank_options(adapter, tokenizer, examples: Sequence[Example], template: str,
     for (i, _), value in zip(pairs, values, strict=True):
         scores[i].append(value)
     return scores
+
+
+def reference_nll(adapter, tokenizer, examples: Sequence[Example], template: str,
+                  demos: DemoSelector | None = None, system_prompt: str | None = None, max_length: int = 1024,
+                  batch_size: int = 16) -> list[tuple[float, int]]:
+    """Per example: summed negative log-likelihood of its reference (teacher-forced) and its token count.
+
+    The reference is encoded exactly as a training target (``encode_example``), so the mean over
+    tokens is the training loss measured without an update: on training rows and on held-out rows
+    it gives the generalisation gap.
+    """
+    adapter.eval()
+    encoded = [encode_example(tokenizer, e, template, demos(e) if demos else (), system_prompt, max_length)
+               for e in examples]
+    values = score_sequences(adapter, encoded, tokenizer.pad_token_id, batch_size)
+    return [(-v, sum(label != -100 for label in enc.labels[1:])) for v, enc in zip(values, encoded, strict=True)]
 
 
 def evaluate(adapter, tokenizer, examples: Sequence[Example], metric_names: Sequence[str], cfg: EvalConfig,

@@ -16,7 +16,7 @@ from tunelab import distributed, envinfo
 from tunelab.checkpoint import training_identity
 from tunelab.config import RunConfig, to_dict
 from tunelab.data import TaskData, load_task
-from tunelab.evaluate import EvalResult, evaluate
+from tunelab.evaluate import EvalResult, evaluate, reference_nll
 from tunelab.formatting import encode_example, resolve_template
 from tunelab.methods import method_config
 from tunelab.methods.base import Adapter, write_meta
@@ -96,6 +96,8 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     _add_demo_similarity(result, eval_examples, demos)
     adapter_bytes = _save_adapter(adapter, cfg, template, out / "adapter") if out else 0
     summary = _summary(prep, adapter, stats, result, load_seconds, adapter_bytes, truncated, model)
+    if prep.method.trains and cfg.eval.loss:
+        summary["generalization"] = _generalization(adapter, tokenizer, prep, template, demos, eval_examples)
     if out:
         atomic_write_text(out / "predictions.jsonl",
                           "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in result.predictions))
@@ -117,6 +119,21 @@ def _train(adapter: Adapter, tokenizer, prep: Prepared, template: str, demos, ou
                       resume=cfg.train.resume, on_step=lambda step, loss: advance(loss=loss),
                       identity=training_identity(cfg, prep.method_cfg, lr, encoded))
     return stats, sum(e.truncated for e in encoded)
+
+
+def _generalization(adapter: Adapter, tokenizer, prep: Prepared, template: str, demos,
+                    eval_examples: list) -> dict[str, Any]:
+    """Loss on the eval rows minus loss on as many training rows (the first ones), both teacher-forced."""
+    cfg = prep.cfg
+    train_examples = [adapter.rewrite(e) for e in prep.task.train[: len(eval_examples)]]
+    per_split = {split: reference_nll(adapter, tokenizer, rows, template, demos, cfg.data.system_prompt,
+                                      cfg.data.max_length, cfg.eval.batch_size)
+                 for split, rows in (("train", train_examples), ("eval", eval_examples))}
+    loss = {split: sum(n for n, _ in v) / max(1, sum(t for _, t in v)) for split, v in per_split.items()}
+    return {"train_loss": round(loss["train"], 5), "eval_loss": round(loss["eval"], 5),
+            "gap": round(loss["eval"] - loss["train"], 5),
+            "train_nll": [[round(n, 4), t] for n, t in per_split["train"]],  # per example: summed NLL, tokens
+            "eval_nll": [[round(n, 4), t] for n, t in per_split["eval"]]}
 
 
 def _add_demo_similarity(result: EvalResult, examples, demos) -> None:

@@ -136,3 +136,24 @@ def test_reasoning_claim_only_on_tagged_tasks(tmp_path):
     tagged = [{**r, "tags": ["reasoning"]} for r in rows]
     (found,) = _by_id(evaluate_claims(tagged, n_resamples=200), "pt_reasoning")
     assert found.verdict == "supported" and found.group == "sql"
+
+
+def _with_gap(row: dict, eval_loss: float, train_loss: float, n: int = 30, seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    per_row = [[max(0.0, eval_loss + rng.gauss(0, 0.3)) * 5, 5] for _ in range(n)]
+    per_train = [[max(0.0, train_loss + rng.gauss(0, 0.3)) * 5, 5] for _ in range(n)]
+    return {**row, "result": {"generalization": {"eval_nll": per_row, "train_nll": per_train}}}
+
+
+def test_overfitting_claim_compares_loss_gaps(tmp_path):
+    ft = [_with_gap(_cell(tmp_path, "full_finetune", s, _scores(0.5, seed=s)), 2.0, 0.5, seed=s) for s in range(2)]
+    lora = [_with_gap(_cell(tmp_path, "lora", s, _scores(0.5, seed=s)), 1.5, 1.2, seed=9 + s) for s in range(2)]
+    (found,) = _by_id(evaluate_claims(ft + lora, n_resamples=300), "ft_overfits")
+    assert found.verdict == "supported" and 1.0 < found.effect < 1.4 and found.ci[0] > 0.8
+    assert "eval − train loss: full FT 1.4" in found.detail and "30 eval + 30 train rows" in found.detail
+    (swapped,) = _by_id(evaluate_claims([_with_gap(r, 1.5, 1.2) for r in ft] + [_with_gap(r, 2.0, 0.5) for r in lora],
+                                        n_resamples=300), "ft_overfits")
+    assert swapped.verdict == "contradicted"
+    bare = [{k: v for k, v in r.items() if k != "result"} for r in ft + lora]
+    (absent,) = _by_id(evaluate_claims(bare, n_resamples=100), "ft_overfits")
+    assert absent.verdict == "not measured" and "held-out loss" in absent.detail

@@ -89,6 +89,9 @@ CLAIMS: list[Claim] = [
           "quality", is_method("prompt_tuning"), is_method("lora"), "PT", "LoRA", smallest_size=True),
     Claim("ft_peak", "Full fine-tuning achieves peak performance on its task", "full FT > LoRA",
           "quality", is_method("full_finetune"), is_method("lora"), "full FT", "LoRA"),
+    Claim("ft_overfits", "Full fine-tuning has a higher overfitting risk",
+          "full FT loss gap (eval − train, teacher-forced) > LoRA's", "gap", is_method("full_finetune"),
+          is_method("lora"), "full FT", "LoRA"),
     Claim("pt_fewer_bytes", "Prompt tuning scales better to many tasks (less to store per task)",
           "PT bytes per task < LoRA / full FT bytes", "cost", is_method("prompt_tuning"),
           any_of(is_method("lora"), is_method("full_finetune")), "PT", "LoRA/full FT", cost="adapter_bytes"),
@@ -134,7 +137,7 @@ def evaluate_claims(rows: list[dict[str, Any]], n_resamples: int = 1000) -> list
             continue
         for group, a_rows, b_rows in pairs:
             measure = {"quality": _quality, "variance": _variance, "cost": _cost,
-                       "similarity": _similarity_gap}[claim.kind]
+                       "similarity": _similarity_gap, "gap": _loss_gap}[claim.kind]
             out.append(measure(claim, group, a_rows, b_rows, n_resamples))
     return out
 
@@ -270,7 +273,7 @@ def _similarity_gap(claim: Claim, group: str, a_rows: list[dict], b_rows: list[d
     scores = [np.array([cell[i] for i in ids]) for cell in per_cell]
     stats = np.stack([np.stack([s * top, top, s * (1 - top), 1 - top], axis=1) for s in scores])  # (cells, n, 4)
     a_stats, b_stats = stats[: len(a_rows)], stats[len(a_rows):]
-    result = paired_bootstrap(a_stats, b_stats, _half_gap, n_resamples=n_resamples, seed=0)
+    result = paired_bootstrap(a_stats, b_stats, _ratio_difference, n_resamples=n_resamples, seed=0)
     n["examples"] = len(ids)
 
     def half_mean(system: np.ndarray, k: int) -> float:  # mean over seeds of the half's mean score
@@ -283,10 +286,36 @@ def _similarity_gap(claim: Claim, group: str, a_rows: list[dict], b_rows: list[d
     return Finding(claim, group, result.delta, result.ci, _verdict(result.ci), detail, n)
 
 
-def _half_gap(sums: np.ndarray, n: int) -> np.ndarray:
-    """mean score on the top half minus mean on the bottom half, from summed [s·top, top, s·bottom, bottom]."""
+def _ratio_difference(sums: np.ndarray, n: int) -> np.ndarray:
+    """sums[0] / sums[1] − sums[2] / sums[3]: e.g. [s·top, top, s·bottom, bottom] gives mean(top) − mean(bottom)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.nan_to_num(sums[:, 0] / sums[:, 1]) - np.nan_to_num(sums[:, 2] / sums[:, 3])
+
+
+def _loss_gap(claim: Claim, group: str, a_rows: list[dict], b_rows: list[dict], n_resamples: int) -> Finding:
+    """Generalisation gap of A minus that of B, bootstrapped over eval and training rows and seeds.
+
+    Each cell's rows are [nll, tokens, 0, 0] for evaluation rows and [0, 0, nll, tokens] for training
+    rows, so ``_ratio_difference`` of their sums is eval loss − train loss; both methods saw the same
+    rows (same task and size), which pairs them.
+    """
+    n = {"a_seeds": len(a_rows), "b_seeds": len(b_rows)}
+    gaps = [(r.get("result") or {}).get("generalization") for r in a_rows + b_rows]
+    if any(g is None for g in gaps):
+        return Finding(claim, group, verdict="not measured", n=n,
+                       detail="cells without a held-out loss (`generalization` in result.json; eval.loss=true)")
+    if len({(len(g["eval_nll"]), len(g["train_nll"])) for g in gaps}) != 1:
+        return Finding(claim, group, verdict="inconclusive", detail="cells measured different rows", n=n)
+    stats = np.stack([np.array([[nll, tokens, 0, 0] for nll, tokens in g["eval_nll"]]
+                               + [[0, 0, nll, tokens] for nll, tokens in g["train_nll"]], dtype=np.float64)
+                      for g in gaps])
+    result = paired_bootstrap(stats[: len(a_rows)], stats[len(a_rows):], _ratio_difference,
+                              n_resamples=n_resamples, seed=0)
+    n["examples"] = stats.shape[1]
+    detail = (f"eval − train loss: {claim.a_name} {result.a:.3f} vs {claim.b_name} {result.b:.3f} "
+              f"({len(a_rows)} vs {len(b_rows)} seeds, {len(gaps[0]['eval_nll'])} eval + "
+              f"{len(gaps[0]['train_nll'])} train rows, p={result.p_value:.3f})")
+    return Finding(claim, group, result.delta, result.ci, _verdict(result.ci), detail, n)
 
 
 def _mean_by_id(rows: list[dict], value: Callable[[dict], Any]) -> dict[str, float]:
