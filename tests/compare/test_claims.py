@@ -157,3 +157,16 @@ def test_overfitting_claim_compares_loss_gaps(tmp_path):
     bare = [{k: v for k, v in r.items() if k != "result"} for r in ft + lora]
     (absent,) = _by_id(evaluate_claims(bare, n_resamples=100), "ft_overfits")
     assert absent.verdict == "not measured" and "held-out loss" in absent.detail
+
+
+def test_instruction_tuning_cost_compares_runs_across_tasks(tmp_path):
+    it = [{**_cell(tmp_path, "instruction_tuning", s, [1.0], task="mix", train_seconds=200.0),
+           "config": {"method": {"name": "instruction_tuning"}, "train": {"steps": 80, "batch_size": 8}}}
+          for s in range(2)]
+    pt = [{**_cell(tmp_path, "pt", s, [1.0], task="one", train_seconds=100.0),
+           "config": {"method": {"name": "prompt_tuning"}, "train": {"steps": 80, "batch_size": 8}}} for s in range(2)]
+    (found,) = _by_id(evaluate_claims(it + pt, n_resamples=50), "it_costly")
+    assert found.verdict == "supported" and found.effect == 2.0 and found.group == "mix vs one"
+    longer = [{**r, "config": {**r["config"], "train": {"steps": 800, "batch_size": 8}}} for r in pt]
+    (unpaired,) = _by_id(evaluate_claims(it + longer, n_resamples=50), "it_costly")
+    assert unpaired.verdict == "not measured"  # a different training budget is not a comparison
