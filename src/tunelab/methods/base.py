@@ -8,6 +8,7 @@ so training, evaluation and serving never branch on the method.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +25,20 @@ if TYPE_CHECKING:
 from tunelab.errors import ConfigError, TunelabError
 
 ADAPTER_META = "tunelab_adapter.json"
+
+
+def peft_model(model: PreTrainedModel, peft_config: Any = None, directory: Path | str | None = None) -> Any:
+    """``get_peft_model`` (a new adapter) or ``PeftModel.from_pretrained`` (a saved one), without the
+    transformers FutureWarning that peft's own constructor triggers (``is_gradient_checkpointing``) on
+    every cell: users cannot act on it."""
+    from peft import PeftModel, get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        if directory is not None:
+            return PeftModel.from_pretrained(model, str(directory))
+        return get_peft_model(model, peft_config)
+
 
 # Picks the demonstrations shown with one example (ICL, IPT); never returns the example itself.
 DemoSelector = Callable[[Example], Sequence[Example]]

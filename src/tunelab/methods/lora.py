@@ -10,12 +10,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft import LoraConfig, TaskType
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.data.example import Example
 from tunelab.errors import ConfigError
-from tunelab.methods.base import Adapter, MethodConfig, MethodDefaults, PeftAdapter, freeze
+from tunelab.methods.base import Adapter, MethodConfig, MethodDefaults, PeftAdapter, freeze, peft_model
 from tunelab.methods.transfer import base_model, require_no_prompt, start_from
 
 
@@ -63,7 +63,7 @@ def build_lora(name: str, model: PreTrainedModel, config: LoraMethodConfig) -> L
     model = source.model if source else model
     freeze(model)
     try:
-        adapter = LoraAdapter(get_peft_model(model, lora_config(config)), name, config)
+        adapter = LoraAdapter(peft_model(model, lora_config(config)), name, config)
     except ValueError as exc:  # peft names the modules it could not find
         raise ConfigError(f"method.target_modules={config.target_modules}: {exc}") from None
     adapter.folded_from = source.folded_from if source else None
@@ -74,7 +74,7 @@ def load_lora(name: str, directory: Path, model: PreTrainedModel, config: LoraMe
     """A saved LoRA adapter on the model it was trained on."""
     model = base_model(directory, model)
     freeze(model)
-    return LoraAdapter(PeftModel.from_pretrained(model, str(directory)), name, config)
+    return LoraAdapter(peft_model(model, directory=directory), name, config)
 
 
 class Lora(MethodDefaults):

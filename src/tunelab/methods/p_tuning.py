@@ -12,11 +12,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from peft import PeftModel, PromptEncoderConfig, TaskType, get_peft_model
+from peft import PromptEncoderConfig, TaskType
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.data.example import Example
-from tunelab.methods.base import Adapter, MethodConfig, MethodDefaults, check_at_least, check_choice, freeze
+from tunelab.methods.base import (
+    Adapter,
+    MethodConfig,
+    MethodDefaults,
+    check_at_least,
+    check_choice,
+    freeze,
+    peft_model,
+)
 from tunelab.methods.prompt_tuning import SoftPromptAdapter
 from tunelab.methods.transfer import base_model, require_no_prompt, start_from
 
@@ -52,11 +60,11 @@ class PTuning(MethodDefaults):
                                           encoder_reparameterization_type=config.encoder_type,
                                           encoder_hidden_size=config.encoder_hidden_size or hidden,
                                           encoder_num_layers=config.encoder_num_layers)
-        adapter = SoftPromptAdapter(get_peft_model(model, peft_config), self.name, config)
+        adapter = SoftPromptAdapter(peft_model(model, peft_config), self.name, config)
         adapter.folded_from = source.folded_from if source else None
         return adapter
 
     def load(self, directory: Path, model: PreTrainedModel, config: PTuningConfig) -> Adapter:
         model = base_model(directory, model)
         freeze(model)
-        return SoftPromptAdapter(PeftModel.from_pretrained(model, str(directory)), self.name, config)
+        return SoftPromptAdapter(peft_model(model, directory=directory), self.name, config)

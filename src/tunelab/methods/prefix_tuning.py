@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import PeftModel, PrefixTuningConfig, TaskType, get_peft_model
+from peft import PrefixTuningConfig, TaskType
 from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.data.example import Example
@@ -30,6 +30,7 @@ from tunelab.methods.base import (
     check_at_least,
     check_choice,
     freeze,
+    peft_model,
 )
 from tunelab.methods.transfer import Source, base_model, start_from
 from tunelab.modeling import output_cache
@@ -106,7 +107,7 @@ class PrefixTuning(MethodDefaults):
         peft_config = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.num_virtual_tokens,
                                          prefix_projection=config.prefix_projection,
                                          encoder_hidden_size=config.encoder_hidden_size or hidden)
-        adapter = PrefixAdapter(get_peft_model(model, peft_config), self.name, config)
+        adapter = PrefixAdapter(peft_model(model, peft_config), self.name, config)
         if source is not None and source.weights:
             _transfer(adapter, source, config)
         elif config.init == "text" and not config.prefix_projection:
@@ -119,4 +120,4 @@ class PrefixTuning(MethodDefaults):
     def load(self, directory: Path, model: PreTrainedModel, config: PrefixTuningMethodConfig) -> Adapter:
         model = base_model(directory, model)
         freeze(model)
-        return PrefixAdapter(PeftModel.from_pretrained(model, str(directory)), self.name, config)
+        return PrefixAdapter(peft_model(model, directory=directory), self.name, config)

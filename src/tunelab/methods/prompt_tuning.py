@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import PeftModel, PromptTuningConfig, TaskType, get_peft_model
+from peft import PromptTuningConfig, TaskType
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.data.example import Example
@@ -26,6 +26,7 @@ from tunelab.methods.base import (
     check_at_least,
     check_choice,
     freeze,
+    peft_model,
 )
 from tunelab.methods.transfer import Source, base_model, start_from
 
@@ -102,9 +103,9 @@ def build_soft_prompt(name: str, model: PreTrainedModel, tokenizer: PreTrainedTo
     model = source.model if source else model
     freeze(model)
     peft_config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.num_virtual_tokens)
-    peft_model = get_peft_model(model, peft_config)
+    wrapped = peft_model(model, peft_config)
     with torch.no_grad():
-        adapter = SoftPromptAdapter(peft_model, name, config)
+        adapter = SoftPromptAdapter(wrapped, name, config)
         adapter.prompt_weight.copy_(initial_prompt(model, tokenizer, config, train, seed, source))
     adapter.folded_from = source.folded_from if source else None
     return adapter
@@ -115,7 +116,7 @@ def load_soft_prompt(name: str, directory: Path, model: PreTrainedModel,
     """A saved soft prompt on the model it was trained on."""
     model = base_model(directory, model)
     freeze(model)
-    return SoftPromptAdapter(PeftModel.from_pretrained(model, str(directory)), name, config)
+    return SoftPromptAdapter(peft_model(model, directory=directory), name, config)
 
 
 class PromptTuning(MethodDefaults):
