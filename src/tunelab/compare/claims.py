@@ -17,7 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from tunelab.compare.examples import SIMILARITY_KEY, example_scores, example_stats, read_predictions
+from tunelab.compare.examples import (
+    SIMILARITY_KEY,
+    example_scores,
+    example_stats,
+    mean_by_id,
+    read_predictions,
+)
 from tunelab.stats import paired_bootstrap
 
 Selector = Callable[[dict[str, Any]], bool]
@@ -276,7 +282,7 @@ def _similarity_gap(claim: Claim, group: str, a_rows: list[dict], b_rows: list[d
     difference of differences with its interval, the same resampling as every quality claim.
     """
     n = {"a_seeds": len(a_rows), "b_seeds": len(b_rows)}
-    similarity = _mean_by_id(a_rows, lambda p: p.get(SIMILARITY_KEY))
+    similarity = mean_by_id((read_predictions(r["predictions"]) for r in a_rows), lambda p: p.get(SIMILARITY_KEY))
     if not similarity:
         return Finding(claim, group, verdict="not measured", n=n,
                        detail=f"{claim.a_name} predictions carry no per-example `{SIMILARITY_KEY}`")
@@ -335,16 +341,6 @@ def _loss_gap(claim: Claim, group: str, a_rows: list[dict], b_rows: list[dict], 
               f"({len(a_rows)} vs {len(b_rows)} seeds, {len(gaps[0]['eval_nll'])} eval + "
               f"{len(gaps[0]['train_nll'])} train rows, p={result.p_value:.3f})")
     return Finding(claim, group, result.delta, result.ci, _verdict(result.ci), detail, n)
-
-
-def _mean_by_id(rows: list[dict], value: Callable[[dict], Any]) -> dict[str, float]:
-    found: dict[str, list[float]] = defaultdict(list)
-    for row in rows:
-        for p in read_predictions(row["predictions"]):
-            v = value(p)
-            if v is not None:
-                found[str(p["id"])].append(float(v))
-    return {i: float(np.mean(v)) for i, v in found.items()}
 
 
 def _per_example_metric(rows: list[dict]) -> str | None:

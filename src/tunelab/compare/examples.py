@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -53,3 +54,14 @@ def example_scores(row: dict[str, Any], metric: str) -> dict[str, float]:
     if reduce is not mean_reduce:
         return {}
     return {i: float(s[0]) for i, s in zip(ids, stats, strict=True)}
+
+
+def mean_by_id(runs: Iterable[Iterable[dict[str, Any]]], value: Callable[[dict[str, Any]], Any]) -> dict[str, float]:
+    """id -> mean over runs (seeds) of ``value(row)`` for each predictions row, skipping rows where it is None."""
+    found: dict[str, list[float]] = defaultdict(list)
+    for rows in runs:
+        for row in rows:
+            v = value(row)
+            if v is not None:
+                found[str(row["id"])].append(float(v))
+    return {i: float(np.mean(v)) for i, v in found.items()}

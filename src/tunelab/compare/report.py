@@ -15,7 +15,7 @@ import numpy as np
 
 from tunelab.compare import plots
 from tunelab.compare.claims import evaluate_claims, summarise
-from tunelab.compare.examples import SIMILARITY_KEY, read_predictions
+from tunelab.compare.examples import SIMILARITY_KEY, mean_by_id, read_predictions
 from tunelab.compare.store import Store
 from tunelab.paths import atomic_write_bytes, atomic_write_text
 
@@ -162,18 +162,9 @@ def _similarity(rows: list[dict[str, Any]]) -> Figure:
 
 def _per_example_diff(ipt: list[tuple[dict, ...]], pt: list[tuple[dict, ...]], metric: str
                       ) -> tuple[np.ndarray, np.ndarray]:
-    def average(runs: list[tuple[dict, ...]], key) -> dict[str, float]:
-        values: dict[str, list[float]] = defaultdict(list)
-        for preds in runs:
-            for p in preds:
-                value = key(p)
-                if value is not None:
-                    values[str(p["id"])].append(float(value))
-        return {i: float(np.mean(v)) for i, v in values.items()}
-
-    ipt_score = average(ipt, lambda p: p.get("scores", {}).get(metric))
-    pt_score = average(pt, lambda p: p.get("scores", {}).get(metric))
-    sim = average(ipt, lambda p: p.get(SIMILARITY_KEY))
+    ipt_score = mean_by_id(ipt, lambda p: p.get("scores", {}).get(metric))
+    pt_score = mean_by_id(pt, lambda p: p.get("scores", {}).get(metric))
+    sim = mean_by_id(ipt, lambda p: p.get(SIMILARITY_KEY))
     ids = sorted(set(ipt_score) & set(pt_score) & set(sim))
     return np.array([ipt_score[i] - pt_score[i] for i in ids]), np.array([sim[i] for i in ids])
 
