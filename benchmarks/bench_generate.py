@@ -44,7 +44,7 @@ def timed(fn, repeats: int) -> tuple[float, object]:
 
 def build(args):
     from tunelab.data import load_examples
-    from tunelab.formatting import build_prompt, encode, encode_prompt, resolve_template
+    from tunelab.formatting import PromptLayout, build_prompt, encode, encode_prompt, resolve_template
     from tunelab.methods import METHODS
     from tunelab.methods.base import MethodConfig, freeze
     from tunelab.methods.icl import FrozenAdapter
@@ -71,7 +71,7 @@ def build(args):
     data = {}
     for name in adapters:
         demos = ipt_demos if name in ("ipt", "icl") else None
-        texts = [build_prompt(e, tok, template, demos(e) if demos else ()) for e in test]
+        texts = [build_prompt(tok, PromptLayout(template, demos=demos), e) for e in test]
         data[name] = ([encode_prompt(tok, t, 1024) for t in texts[: args.examples]],
                       [encode(tok, t, e.output, 1024) for t, e in zip(texts, test, strict=True)][: args.score_examples])
     return model, tok, adapters, data

@@ -34,14 +34,14 @@ LR = {"prompt_tuning": 3e-2, "ipt": 3e-2, "lora": 1e-3, "full_finetune": 5e-5}
 def encoded_examples(method: str, tokenizer, data: Path, n: int, seed: int):
     """Our rendering of the first n examples (with retrieved demonstrations for IPT)."""
     from tunelab.data import load_examples
-    from tunelab.formatting import build_prompt, encode, resolve_template
+    from tunelab.formatting import PromptLayout, build_prompt, encode, resolve_template
     from tunelab.methods import METHODS as REGISTRY
 
     examples = load_examples(data)[:n]
     method_impl = REGISTRY[method]
     demos = method_impl.demonstrations(method_impl.Config(), examples, seed)
     template = resolve_template("auto", tokenizer)
-    return [encode(tokenizer, build_prompt(e, tokenizer, template, demos(e) if demos else ()), e.output, 512)
+    return [encode(tokenizer, build_prompt(tokenizer, PromptLayout(template, demos=demos), e), e.output, 512)
             for e in examples], examples
 
 

@@ -87,7 +87,7 @@ def _setup(n=8, dropout=0.0):
         if hasattr(module, "attention_dropout"):
             module.attention_dropout = dropout
     examples = load_task("date_format").train[:n]
-    data = [encode(tok, build_prompt(e, tok, "auto"), e.output, 128) for e in examples]
+    data = [encode(tok, build_prompt(tok, "auto", e), e.output, 128) for e in examples]
     adapter = METHODS["prompt_tuning"].build(model, tok, PromptTuningMethodConfig(num_virtual_tokens=4), examples, 0)
     return adapter, data, tok
 
@@ -251,7 +251,7 @@ def test_resume_is_exact_for_every_trained_method(name, tmp_path):
         model, tok = load_model("tiny")
         _, method_cfg = method_config({"name": name})
         adapter = METHODS[name].build(model, tok, method_cfg, examples, 0)
-        data = [encode(tok, build_prompt(e, tok, "auto"), e.output, 64) for e in examples]
+        data = [encode(tok, build_prompt(tok, "auto", e), e.output, 64) for e in examples]
         return adapter, data, tok, method_cfg.lr
 
     def trained(adapter):

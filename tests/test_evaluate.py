@@ -9,7 +9,7 @@ from tunelab.config import EvalConfig, build_config
 from tunelab.data import Example, load_task
 from tunelab.errors import DataError
 from tunelab.evaluate import derive_max_new_tokens, evaluate, rank_options
-from tunelab.formatting import build_prompt, encode, target_text
+from tunelab.formatting import PromptLayout, build_prompt, encode, target_text
 from tunelab.methods import METHODS
 from tunelab.methods.prompt_tuning import PromptTuningMethodConfig
 from tunelab.modeling import sequence_logprobs
@@ -32,11 +32,11 @@ def _prompt_tuned(model_tok):
 def test_rank_options_equal_unbatched_log_likelihoods(fresh_tiny):
     adapter, tok = _prompt_tuned(fresh_tiny)
     examples = _classification()
-    batched = rank_options(adapter, tok, examples, "chat", batch_size=4)
+    batched = rank_options(adapter, tok, PromptLayout("chat"), examples, batch_size=4)
     for e, scores in zip(examples, batched, strict=True):
-        prompt = build_prompt(e, tok, "chat")
+        prompt = build_prompt(tok, "chat", e)
         for option, got in zip(e.options, scores, strict=True):
-            enc = encode(tok, prompt, target_text(Example("x", "t", "", output=option), "chat"), 1024)
+            enc = encode(tok, prompt, target_text("chat", Example("x", "t", "", output=option)), 1024)
             ids = torch.tensor([enc.input_ids])
             with torch.no_grad():
                 alone = sequence_logprobs(adapter, ids, torch.ones_like(ids), torch.tensor([enc.labels]))
@@ -46,7 +46,7 @@ def test_rank_options_equal_unbatched_log_likelihoods(fresh_tiny):
 def test_rank_accuracy_scores_the_top_option(fresh_tiny):
     adapter, tok = _prompt_tuned(fresh_tiny)
     examples = _classification()
-    result = evaluate(adapter, tok, examples, ["rank_accuracy"], EvalConfig(batch_size=4), "chat")
+    result = evaluate(adapter, tok, "chat", examples, ["rank_accuracy"], EvalConfig(batch_size=4))
     rows = result.predictions
     expected = [100.0 * (r["ranked_prediction"] == e.output) for r, e in zip(rows, examples, strict=True)]
     assert [r["scores"]["rank_accuracy"] for r in rows] == expected
@@ -60,14 +60,14 @@ def test_rank_accuracy_without_options_names_the_fix(tiny):
     model, tok = tiny
     adapter = METHODS["icl"].build(model, tok, METHODS["icl"].Config(k=0), [], 0)
     with pytest.raises(DataError, match="options"):
-        evaluate(adapter, tok, load_task("date_format").eval[:2], ["rank_accuracy"], EvalConfig(), "chat")
+        evaluate(adapter, tok, "chat", load_task("date_format").eval[:2], ["rank_accuracy"], EvalConfig())
 
 
 def test_evaluate_rows_scores_and_intervals(tiny):
     model, tok = tiny
     adapter = METHODS["icl"].build(model, tok, METHODS["icl"].Config(k=0), [], 0)
     examples = load_task("date_format").eval[:5]
-    result = evaluate(adapter, tok, examples, ["exact_match", "rouge_l", "bleu"], EvalConfig(), "chat",
+    result = evaluate(adapter, tok, "chat", examples, ["exact_match", "rouge_l", "bleu"], EvalConfig(),
                       max_new_tokens=6)
     assert [r["id"] for r in result.predictions] == [e.id for e in examples]
     assert set(result.predictions[0]) >= {"id", "task", "prediction", "references", "scores"}
@@ -102,9 +102,9 @@ def test_reference_nll_is_the_training_loss_without_an_update(fresh_tiny):
 
     adapter, tok = _prompt_tuned(fresh_tiny)
     examples = load_task("date_format").train[:5]
-    per_example = reference_nll(adapter, tok, examples, "chat", batch_size=2)
+    per_example = reference_nll(adapter, tok, PromptLayout("chat"), examples, batch_size=2)
     for e, (nll, tokens) in zip(examples, per_example, strict=True):
-        enc = encode_example(tok, e, "chat")
+        enc = encode_example(tok, PromptLayout("chat"), e)
         ids = torch.tensor([enc.input_ids])
         with torch.no_grad():
             loss, count = causal_lm_loss(adapter, ids, torch.ones_like(ids), torch.tensor([enc.labels]))

@@ -5,7 +5,7 @@ from tunelab.formatting import IGNORE_INDEX, build_prompt, encode, encode_conver
 def test_chat_prompt_uses_model_template(tiny):
     _, tok = tiny
     ex = Example(id="1", task="t", instruction="Add.", input="2+2", output="4")
-    prompt = build_prompt(ex, tok, "auto")
+    prompt = build_prompt(tok, "auto", ex)
     assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
     assert "Add.\n\nInput: 2+2" in prompt
 

@@ -92,7 +92,7 @@ def test_real_model_batched_equals_one_at_a_time(real_model):
                  "Summarise in five words: the committee met on Tuesday and, after a long debate about the "
                  "budget, the roads and the new school, agreed to postpone every decision to next month.",
                  "Say hi.", "List three fruits."]
-    prompts = [encode_prompt(tok, build_prompt(Example(id=str(i), task="t", instruction=q), tok, "chat"), 512)
+    prompts = [encode_prompt(tok, build_prompt(tok, "chat", Example(id=str(i), task="t", instruction=q)), 512)
                for i, q in enumerate(questions)]
     cfg = GenerationConfig(max_new_tokens=20)
     batched = generate(adapter, tok, prompts, cfg, batch_size=8)

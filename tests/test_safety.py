@@ -13,9 +13,10 @@ from tunelab.errors import ModelError, TunelabError
 from tunelab.methods import METHODS
 from tunelab.methods.base import write_meta
 from tunelab.methods.icl import ICLConfig
+from tunelab.methods.io import load_adapter
 from tunelab.methods.prompt_tuning import PromptTuningMethodConfig
 from tunelab.models import load_model
-from tunelab.safety import UnsafeFileError, adapter_path, check_adapter_dir, load_adapter
+from tunelab.safety import UnsafeFileError, adapter_path, check_adapter_dir
 
 
 @pytest.fixture(autouse=True)
@@ -55,8 +56,8 @@ def test_a_saved_adapter_loads_back_through_the_safe_path(saved_adapter):
     directory, weight = saved_adapter
     model, _ = load_model("tiny")
     loaded = load_adapter(directory, model, base_model="tiny")
-    assert loaded.method == "prompt_tuning" and loaded.config.num_virtual_tokens == 3
-    assert torch.equal(loaded.prompt_weight, weight)
+    assert loaded.method_name == "prompt_tuning" and loaded.config.num_virtual_tokens == 3
+    assert torch.equal(loaded.adapter.prompt_weight, weight)
 
 
 @pytest.mark.parametrize("layout", ["beside safetensors", "instead of safetensors", "nested .pt"])
@@ -89,7 +90,7 @@ def test_an_icl_adapter_needs_no_weights(tmp_path, tiny):
     adapter = METHODS["icl"].build(load_model("tiny")[0], tiny[1], ICLConfig(k=2), [], 0)
     write_meta(tmp_path, adapter, {"base_model": "tiny"})
     loaded = load_adapter(tmp_path, load_model("tiny")[0])
-    assert loaded.method == "icl" and loaded.config.k == 2
+    assert loaded.method_name == "icl" and loaded.config.k == 2
 
 
 def test_adapter_meta_is_checked(saved_adapter, tmp_path):
@@ -129,9 +130,9 @@ def test_every_trained_method_reloads_through_the_safe_path_and_scores_identical
     with atomic_directory(tmp_path / "adapter") as tmp:
         adapter.save_weights(tmp)
         write_meta(tmp, adapter, {"base_model": "tiny"})
-    loaded = load_adapter(tmp_path / "adapter", load_model("tiny")[0], base_model="tiny")
+    loaded = load_adapter(tmp_path / "adapter", load_model("tiny")[0], base_model="tiny").adapter
 
-    ids, mask, labels = collate([encode(tok, build_prompt(e, tok, "auto"), e.output, 64) for e in examples[:3]],
+    ids, mask, labels = collate([encode(tok, build_prompt(tok, "auto", e), e.output, 64) for e in examples[:3]],
                                 tok.pad_token_id)
     adapter.eval(), loaded.eval()
     with torch.no_grad():

@@ -12,7 +12,7 @@ from tunelab.train import batch_indices, train
 def _setup(model_tok, n=8):
     model, tok = model_tok
     examples = load_task("date_format").train[:n]
-    data = [encode(tok, build_prompt(e, tok, "auto"), e.output, 128) for e in examples]
+    data = [encode(tok, build_prompt(tok, "auto", e), e.output, 128) for e in examples]
     adapter = METHODS["prompt_tuning"].build(model, tok, PromptTuningMethodConfig(num_virtual_tokens=4), examples, 0)
     return adapter, data, tok
 
@@ -66,7 +66,7 @@ def test_gradient_checkpointing_gives_the_same_losses(name):
     for checkpointing in (False, True):
         model, tok = load_model("tiny", seed=0)
         examples = load_task("date_format").train[:8]
-        data = [encode(tok, build_prompt(e, tok, "auto"), e.output, 128) for e in examples]
+        data = [encode(tok, build_prompt(tok, "auto", e), e.output, 128) for e in examples]
         adapter = METHODS[name].build(model, tok, METHODS[name].Config(), examples, 0)
         cfg = TrainConfig(steps=3, batch_size=4, precision="fp32", gradient_checkpointing=checkpointing)
         losses.append(train(adapter, data, cfg, lr=0.05, pad_id=tok.pad_token_id).losses)
@@ -82,7 +82,7 @@ def test_gradient_checkpointing_refuses_prefix_tuning():
 
     model, tok = load_model("tiny", seed=0)
     examples = load_task("date_format").train[:4]
-    data = [encode(tok, build_prompt(e, tok, "auto"), e.output, 128) for e in examples]
+    data = [encode(tok, build_prompt(tok, "auto", e), e.output, 128) for e in examples]
     adapter = METHODS["prefix_tuning"].build(model, tok, METHODS["prefix_tuning"].Config(), examples, 0)
     with pytest.raises(TunelabError, match="gradient_checkpointing.*prefix_tuning"):
         train(adapter, data, TrainConfig(steps=1, gradient_checkpointing=True), lr=0.01, pad_id=tok.pad_token_id)

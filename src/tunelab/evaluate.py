@@ -18,9 +18,16 @@ from tunelab import metrics as M
 from tunelab.config import EvalConfig
 from tunelab.data.example import Example
 from tunelab.errors import DataError
-from tunelab.formatting import build_prompt, encode, encode_example, encode_prompt, target_text
+from tunelab.formatting import (
+    PromptLayout,
+    as_layout,
+    build_prompt,
+    encode,
+    encode_example,
+    encode_prompt,
+    target_text,
+)
 from tunelab.generate import GenerationConfig, generate
-from tunelab.methods.base import DemoSelector
 from tunelab.modeling import score_sequences
 
 
@@ -40,16 +47,13 @@ def derive_max_new_tokens(tokenizer, examples: Sequence[Example], cap: int = 256
     return min(cap, int(longest * 1.5) + 8)
 
 
-def prompts_for(examples: Sequence[Example], tokenizer, template: str, demos: DemoSelector | None,
-                system_prompt: str | None, max_length: int) -> list[list[int]]:
-    """Token ids of each example's prompt, with demonstrations when the method uses them."""
-    return [encode_prompt(tokenizer, build_prompt(e, tokenizer, template, demos(e) if demos else (), system_prompt),
-                          max_length) for e in examples]
+def prompts_for(tokenizer, layout: PromptLayout, examples: Sequence[Example]) -> list[list[int]]:
+    """Token ids of each example's prompt under ``layout`` (with its demonstrations), cut to its budget."""
+    return [encode_prompt(tokenizer, build_prompt(tokenizer, layout, e), layout.max_length) for e in examples]
 
 
 @torch.no_grad()
-def rank_options(adapter, tokenizer, examples: Sequence[Example], template: str,
-                 demos: DemoSelector | None = None, system_prompt: str | None = None, max_length: int = 1024,
+def rank_options(adapter, tokenizer, layout: PromptLayout, examples: Sequence[Example],
                  batch_size: int = 16) -> list[list[float]]:
     """Log-likelihood of each option of each example (summed over the option's tokens and EOS).
 
@@ -60,11 +64,12 @@ def rank_options(adapter, tokenizer, examples: Sequence[Example], template: str,
     if missing:
         raise DataError(f"rank_accuracy needs `options` on every example; {len(missing)} have none "
                         f"(first: id {missing[0]}); drop rank_accuracy from eval.metrics or add options")
+    layout = layout.resolved(tokenizer)
     pairs = []  # (example index, Encoded)
     for i, e in enumerate(examples):
-        prompt = build_prompt(e, tokenizer, template, demos(e) if demos else (), system_prompt)
-        pairs += [(i, encode(tokenizer, prompt, target_text(dataclasses.replace(e, output=o), template), max_length))
-                  for o in e.options]
+        prompt = build_prompt(tokenizer, layout, e)
+        pairs += [(i, encode(tokenizer, prompt, target_text(layout, dataclasses.replace(e, output=o)),
+                             layout.max_length)) for o in e.options]
     scores: list[list[float]] = [[] for _ in examples]
     values = score_sequences(adapter, [enc for _, enc in pairs], tokenizer.pad_token_id, batch_size)
     for (i, _), value in zip(pairs, values, strict=True):
@@ -72,8 +77,7 @@ def rank_options(adapter, tokenizer, examples: Sequence[Example], template: str,
     return scores
 
 
-def reference_nll(adapter, tokenizer, examples: Sequence[Example], template: str,
-                  demos: DemoSelector | None = None, system_prompt: str | None = None, max_length: int = 1024,
+def reference_nll(adapter, tokenizer, layout: PromptLayout, examples: Sequence[Example],
                   batch_size: int = 16) -> list[tuple[float, int]]:
     """Per example: summed negative log-likelihood of its reference (teacher-forced) and its token count.
 
@@ -82,32 +86,30 @@ def reference_nll(adapter, tokenizer, examples: Sequence[Example], template: str
     it gives the generalisation gap.
     """
     adapter.eval()
-    encoded = [encode_example(tokenizer, e, template, demos(e) if demos else (), system_prompt, max_length)
-               for e in examples]
+    encoded = [encode_example(tokenizer, layout, e) for e in examples]
     values = score_sequences(adapter, encoded, tokenizer.pad_token_id, batch_size)
     return [(-v, sum(label != -100 for label in enc.labels[1:])) for v, enc in zip(values, encoded, strict=True)]
 
 
-def evaluate(adapter, tokenizer, examples: Sequence[Example], metric_names: Sequence[str], cfg: EvalConfig,
-             template: str, demos: DemoSelector | None = None, system_prompt: str | None = None,
-             max_length: int = 1024, max_new_tokens: int | None = None,
+def evaluate(adapter, tokenizer, layout: PromptLayout | str, examples: Sequence[Example],
+             metric_names: Sequence[str], cfg: EvalConfig, max_new_tokens: int | None = None,
              progress: Callable[[int], None] | None = None, n_resamples: int = 1000) -> EvalResult:
-    """Generate for every example (and rank options if asked) and score against its references."""
+    """Generate for every example under ``layout`` (and rank options if asked) and score against its references."""
+    layout = as_layout(layout).resolved(tokenizer)
     M.check_names(metric_names)
     adapter.eval()  # no dropout (LoRA's) while scoring or generating
     start = time.perf_counter()
     refs = [e.targets for e in examples]
     preds: list[str] = [""] * len(examples)
     if any(n not in M.RANKED for n in metric_names):
-        prompts = prompts_for(examples, tokenizer, template, demos, system_prompt, max_length)
+        prompts = prompts_for(tokenizer, layout, examples)
         gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens or cfg.max_new_tokens
                                    or derive_max_new_tokens(tokenizer, examples),
                                    do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p)
         preds = [p.strip() for p in generate(adapter, tokenizer, prompts, gen_cfg, cfg.batch_size, progress)]
     option_scores = ranked = None
     if any(n in M.RANKED for n in metric_names):
-        option_scores = rank_options(adapter, tokenizer, examples, template, demos, system_prompt, max_length,
-                                     cfg.batch_size)
+        option_scores = rank_options(adapter, tokenizer, layout, examples, cfg.batch_size)
         ranked = [e.options[max(range(len(s)), key=s.__getitem__)] for e, s in zip(examples, option_scores,
                                                                                     strict=True)]
         if progress and all(n in M.RANKED for n in metric_names):

@@ -1,7 +1,10 @@
 """Pure functions from examples to prompt text and token ids, with label masking.
 
 The same ``build_prompt`` serves training, evaluation and serving, so a model is always scored on
-exactly the text layout it was trained on. Prompt and target are tokenized separately and
+exactly the text layout it was trained on. That layout is one value, ``PromptLayout`` (template,
+system prompt, demonstration selector, token budget), saved beside every adapter (``to_meta`` /
+``from_meta``) and passed whole instead of loose arguments. Every function here takes its arguments in
+one order: tokenizer, layout, example(s). Prompt and target are tokenized separately and
 concatenated, so the boundary between masked (-100) and supervised tokens is exact.
 
 >>> from tunelab.data import Example
@@ -14,8 +17,9 @@ Input: 2+2
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -26,6 +30,50 @@ IGNORE_INDEX = -100
 TEMPLATES = ("auto", "chat", "alpaca", "plain")
 ALPACA_HEADER = ("Below is an instruction that describes a task{paired}. "
                  "Write a response that appropriately completes the request.\n\n")
+
+
+# Picks the demonstrations shown with one example (ICL, IPT); never returns the example itself.
+DemoSelector = Callable[[Example], Sequence[Example]]
+DEFAULT_MAX_LENGTH = 1024  # tokens of a prompt (with its target when training) when a layout names none
+
+
+@dataclass(frozen=True)
+class PromptLayout:
+    """How an example becomes the text a model sees: one value from training to evaluation to serving.
+
+    >>> PromptLayout("plain", max_length=256).to_meta()
+    {'template': 'plain', 'system_prompt': None, 'max_length': 256}
+    >>> PromptLayout.from_meta({"template": "plain", "max_length": 256}) == PromptLayout("plain", max_length=256)
+    True
+    """
+
+    template: str = "auto"  # auto | chat | alpaca | plain (``resolved`` fixes auto for a tokenizer)
+    system_prompt: str | None = None  # chat system message; None keeps the model's default
+    demos: DemoSelector | None = None  # demonstrations per example (ICL, IPT); rebuilt, never saved
+    max_length: int = DEFAULT_MAX_LENGTH  # prompt + target tokens in training; prompt tokens in generation
+
+    def resolved(self, tokenizer: PreTrainedTokenizerBase) -> PromptLayout:
+        """This layout with ``auto`` replaced by the template the tokenizer implies."""
+        return replace(self, template=resolve_template(self.template, tokenizer))
+
+    def demos_for(self, example: Example) -> Sequence[Example]:
+        """The demonstrations shown with ``example`` (none without a selector)."""
+        return self.demos(example) if self.demos is not None else ()
+
+    def to_meta(self) -> dict[str, Any]:
+        """The saved part of the layout (the selector is rebuilt from the run, see ``methods.io``)."""
+        return {"template": self.template, "system_prompt": self.system_prompt, "max_length": self.max_length}
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any], demos: DemoSelector | None = None) -> PromptLayout:
+        """The layout ``to_meta`` saved (missing keys: the defaults adapters had before they were saved)."""
+        return cls(str(meta.get("template") or "auto"), meta.get("system_prompt"), demos,
+                   int(meta.get("max_length") or DEFAULT_MAX_LENGTH))
+
+
+def as_layout(layout: PromptLayout | str) -> PromptLayout:
+    """A layout, or a bare template name meaning that template with no system prompt or demonstrations."""
+    return PromptLayout(layout) if isinstance(layout, str) else layout
 
 
 @dataclass(frozen=True)
@@ -69,12 +117,13 @@ def resolve_template(template: str, tokenizer: PreTrainedTokenizerBase) -> str:
     return template
 
 
-def build_prompt(example: Example, tokenizer: PreTrainedTokenizerBase, template: str,
-                 demos: Sequence[Example] = (), system_prompt: str | None = None) -> str:
-    """The full prompt text the model sees before its answer."""
-    template = resolve_template(template, tokenizer)
-    body = render_body(example, demos)
+def build_prompt(tokenizer: PreTrainedTokenizerBase, layout: PromptLayout | str, example: Example) -> str:
+    """The full prompt text the model sees before its answer (with the layout's demonstrations)."""
+    layout = as_layout(layout)
+    template = resolve_template(layout.template, tokenizer)
+    body = render_body(example, layout.demos_for(example))
     if template == "chat":
+        system_prompt = layout.system_prompt
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         messages.append({"role": "user", "content": body})
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -84,9 +133,9 @@ def build_prompt(example: Example, tokenizer: PreTrainedTokenizerBase, template:
     return f"{body}\nOutput:"
 
 
-def target_text(example: Example, template: str) -> str:
+def target_text(layout: PromptLayout | str, example: Example) -> str:
     """The supervised continuation (the plain layout puts a space after 'Output:')."""
-    return f" {example.output}" if template == "plain" else example.output
+    return f" {example.output}" if as_layout(layout).template == "plain" else example.output
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, prompt: str, target: str, max_length: int,
@@ -137,19 +186,19 @@ def encode_conversation(tokenizer: PreTrainedTokenizerBase, messages: Sequence[d
     return Encoded(ids[:max_length], labels[:max_length], truncated)
 
 
-def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example, template: str,
-                   demos: Sequence[Example] = (), system_prompt: str | None = None, max_length: int = 512) -> Encoded:
-    """One training example as ids and labels, whatever its shape.
+def encode_example(tokenizer: PreTrainedTokenizerBase, layout: PromptLayout | str, example: Example) -> Encoded:
+    """One training example as ids and labels, whatever its shape, within ``layout.max_length`` tokens.
 
     A conversation (``example.messages``) is rendered by the chat template with loss on assistant
-    turns only, and an over-long one is cut on the right (later turns go first); ``system_prompt``
-    is prepended when the conversation has no system turn. Anything else is ``build_prompt`` +
+    turns only, and an over-long one is cut on the right (later turns go first); the layout's system
+    prompt is prepended when the conversation has no system turn. Anything else is ``build_prompt`` +
     ``target_text`` through ``encode`` (prompt cut from the left, see there).
     """
+    layout = as_layout(layout).resolved(tokenizer)
+    max_length, system_prompt = layout.max_length, layout.system_prompt
     if not example.messages:
-        prompt = build_prompt(example, tokenizer, template, demos, system_prompt)
-        return encode(tokenizer, prompt, target_text(example, template), max_length)
-    if resolve_template(template, tokenizer) != "chat":
+        return encode(tokenizer, build_prompt(tokenizer, layout, example), target_text(layout, example), max_length)
+    if layout.template != "chat":
         raise ConfigError(f"example {example.id} is a conversation; it needs data.template=chat (or auto) and "
                           "a model whose tokenizer has a chat template")
     messages = list(example.messages)

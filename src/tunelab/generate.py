@@ -99,13 +99,10 @@ def _decode(model, logits: torch.Tensor, cache, attn: torch.Tensor, next_pos: to
 
 
 def _batch_key(adapter) -> int:
-    """Rows may share a batch when they run on the same weights: adapters that only add virtual tokens or
-    text (prompt/prefix tuning, P-tuning, IPT, ICL, discrete prompts) share their base model object;
-    adapters that change weights (LoRA, full fine-tuning: they override ``merged_model``) batch alone."""
-    from tunelab.methods.base import Adapter
-
-    changes_weights = type(adapter).merged_model is not Adapter.merged_model
-    return id(adapter) if changes_weights else id(adapter.model)
+    """Rows may share a batch when they run on the same weights: adapters whose method leaves the base
+    weights alone (``Capabilities.changes_weights`` false: prompt/prefix tuning, P-tuning, IPT, ICL,
+    discrete prompts) share their base model object; adapters that change weights batch alone."""
+    return id(adapter) if adapter.capabilities.changes_weights else id(adapter.model)
 
 
 def _common_prefix(seqs: Sequence[list[int]]) -> int:

@@ -43,11 +43,13 @@ def _methods(console: Console, model_name: str | None) -> None:
     table.add_column("name")
     table.add_column("trains")
     table.add_column("default lr")
+    table.add_column("capabilities")
     if model_name:
         table.add_column("trainable params", justify="right")
         train = load_task("date_format").train[:8]
     for name, method in METHODS.items():
-        row = [name, "yes" if method.trains else "no", f"{method.Config().lr:g}" if method.trains else "-"]
+        row = [name, "yes" if method.trains else "no", f"{method.Config().lr:g}" if method.trains else "-",
+               method.capabilities.describe()]
         if model_name:
             row.append(f"{trainable_count(method, model_name, train):,}")
         table.add_row(*row)

@@ -15,7 +15,7 @@ import json
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,8 @@ from tunelab.data import default_metrics, load_examples, load_task
 from tunelab.data.example import Example
 from tunelab.errors import ConfigError, DataError
 from tunelab.evaluate import EvalResult, derive_max_new_tokens, evaluate
+from tunelab.formatting import PromptLayout
+from tunelab.methods.io import Loaded
 
 PROTOCOLS = ("standard", "super_ni")
 SUPER_NI_METRICS = ("rouge_l", "exact_match")
@@ -47,7 +49,7 @@ class EvalRequest:
     max_per_task: int | None = None  # first N examples of each task
     template: str = "auto"
     system_prompt: str | None = None
-    max_length: int = 1024
+    max_length: int | None = None  # prompt tokens; None = the adapter's own budget (1024 for the bare model)
     eval: EvalConfig = field(default_factory=EvalConfig)
     n_resamples: int = 1000
     out: str | None = None
@@ -65,29 +67,33 @@ class Report:
 
 
 @dataclass
-class Loaded:
-    """A model ready to evaluate: base model + adapter, and the prompt layout the adapter was trained with."""
+class EvalModel:
+    """A model ready to evaluate: the loaded adapter (or bare base model), its tokenizer and base model name."""
 
-    adapter: Any
+    loaded: Loaded
     tokenizer: Any
     model_name: str
-    method: str
-    template: str
-    system_prompt: str | None
-    seconds: float
-    demos: Any = None  # DemoSelector of methods that show demonstrations, else None
+    seconds: float  # load time
+
+    @property
+    def adapter(self) -> Any:
+        return self.loaded.adapter
+
+    @property
+    def layout(self) -> PromptLayout:
+        return self.loaded.layout
 
 
-def load_for_eval(model: str | None, adapter_dir: str | None, template: str = "auto") -> Loaded:
+def load_for_eval(model: str | None, adapter_dir: str | None, template: str = "auto",
+                  system_prompt: str | None = None, max_length: int | None = None) -> EvalModel:
     """The base model with the adapter in ``adapter_dir`` (any method) loaded on top, or the bare model.
 
-    A method that shows demonstrations (ICL, IPT) draws them, as in its run, from the training split
-    recorded in RUN/result.json beside the adapter.
+    The adapter's saved layout is used (a method that shows demonstrations draws them, as in its run,
+    from the run's prepared training pool: ``methods.io.load_adapter``); ``layout`` overrides its
+    ``template`` (unless ``auto``), ``system_prompt`` and ``max_length`` override it where given.
     """
-    from tunelab.formatting import resolve_template
-    from tunelab.methods import METHODS, method_config
-    from tunelab.methods.base import MethodConfig, freeze, read_meta
-    from tunelab.methods.icl import FrozenAdapter
+    from tunelab.methods.base import read_meta
+    from tunelab.methods.io import load_adapter, load_base
     from tunelab.models import load_model
 
     start = time.perf_counter()
@@ -98,31 +104,19 @@ def load_for_eval(model: str | None, adapter_dir: str | None, template: str = "a
                           f"drop --model or pass --model {base}")
     name = model or base or "smollm2-135m"
     base_model, tokenizer = load_model(name)
-    demos = None
-    if adapter_dir:
-        method, cfg = method_config({"name": meta["method"], **meta.get("config", {})})
-        from tunelab.safety import check_adapter_dir
-
-        check_adapter_dir(adapter_dir, needs_weights=method.trains)  # refuse pickles before peft can read them
-        adapter = METHODS[method.name].load(Path(adapter_dir), base_model, cfg)
-        run_cfg = _run_config(adapter_dir)
-        if run_cfg is not None:
-            data = run_cfg.get("data", {})
-            train = load_task(data.get("task"), data.get("train"), data.get("eval")).train
-            demos = method.demonstrations(cfg, train, run_cfg.get("train", {}).get("seed", 0))
-    else:
-        freeze(base_model)
-        adapter = FrozenAdapter(base_model, "base", MethodConfig())
-    adapter.eval()
-    layout = meta.get("template") if template == "auto" and meta.get("template") else template
-    return Loaded(adapter, tokenizer, name, meta.get("method", "base"), resolve_template(layout, tokenizer),
-                  meta.get("system_prompt"), time.perf_counter() - start, demos)
+    loaded = load_adapter(adapter_dir, base_model, tokenizer) if adapter_dir else load_base(base_model, tokenizer)
+    loaded.layout = replace(loaded.layout, template=loaded.layout.template if template == "auto" else template,
+                            system_prompt=system_prompt or loaded.layout.system_prompt,
+                            max_length=max_length or loaded.layout.max_length).resolved(tokenizer)
+    loaded.adapter.eval()
+    return EvalModel(loaded, tokenizer, name, time.perf_counter() - start)
 
 
 def _run_config(adapter_dir: str) -> dict[str, Any] | None:
-    """The resolved config of the run that wrote ``adapter_dir`` (RUN/result.json), if it is there."""
-    result = Path(adapter_dir).parent / "result.json"
-    return json.loads(result.read_text()).get("config") if result.is_file() else None
+    """The resolved config of the run that wrote ``adapter_dir``, if it is recorded."""
+    from tunelab.methods.io import run_config
+
+    return run_config(Path(adapter_dir))
 
 
 def cap_per_task(examples: Sequence[Example], n: int | None) -> list[Example]:
@@ -235,13 +229,12 @@ def run_eval(req: EvalRequest, progress: Callable[[int], None] | None = None) ->
     examples, info = select_examples(req)
     names = tuple(req.metrics or (SUPER_NI_METRICS if req.protocol == "super_ni" else default_metrics(examples)))
     M.check_names(names)
-    loaded = load_for_eval(req.model, req.adapter, req.template)
-    template = loaded.template
+    loaded = load_for_eval(req.model, req.adapter, req.template, req.system_prompt, req.max_length)
+    layout = loaded.layout
 
     def run_one(group: list[Example], max_new_tokens: int | None) -> EvalResult:
         group = [loaded.adapter.rewrite(e) for e in group]  # a discrete prompt swaps the instruction
-        return evaluate(loaded.adapter, loaded.tokenizer, group, names, req.eval, template, loaded.demos,
-                        req.system_prompt or loaded.system_prompt, req.max_length,
+        return evaluate(loaded.adapter, loaded.tokenizer, layout, group, names, req.eval,
                         req.eval.max_new_tokens or max_new_tokens, progress, req.n_resamples)
 
     if req.protocol == "super_ni":
@@ -250,7 +243,7 @@ def run_eval(req: EvalRequest, progress: Callable[[int], None] | None = None) ->
         result = run_one(examples, None)
         report = Report(result.metrics, result.ci, {}, result.predictions, {})
     report.info = {**info, "protocol": req.protocol, "model": loaded.model_name, "adapter": req.adapter,
-                   "method": loaded.method, "template": template, "data": req.data,
+                   "method": loaded.loaded.method_name, "template": layout.template, "data": req.data,
                    "seconds": round(time.perf_counter() - start, 2), "load_seconds": round(loaded.seconds, 2),
                    "request": asdict(req)}
     if req.out:

@@ -17,9 +17,10 @@ from tunelab.checkpoint import training_identity
 from tunelab.config import RunConfig, to_dict
 from tunelab.data import TaskData, load_task
 from tunelab.evaluate import EvalResult, evaluate, reference_nll
-from tunelab.formatting import encode_example, resolve_template
+from tunelab.formatting import DemoSelector, PromptLayout, encode_example
 from tunelab.methods import method_config
-from tunelab.methods.base import Adapter, write_meta
+from tunelab.methods.base import Adapter, Method, MethodConfig
+from tunelab.methods.io import save_adapter
 from tunelab.metrics import check_names
 from tunelab.models import count_parameters, load_model
 from tunelab.paths import (
@@ -46,9 +47,9 @@ class Prepared:
     metrics: tuple[str, ...]
 
 
-def prepare(cfg: RunConfig) -> Prepared:
-    """Validate config, method options and data; raises TunelabError naming what to fix."""
-    method, method_cfg = method_config(cfg.method)
+def prepare_task(cfg: RunConfig, method: Method, method_cfg: MethodConfig) -> TaskData:
+    """The run's data as its method sees it: loaded with the run's options, then the method's
+    ``prepare_data``, then the caps. Evaluation and serving rebuild demonstrations through this too."""
     task = load_task(cfg.data.task, cfg.data.train, cfg.data.eval, skip_bad=cfg.data.skip_bad,
                      task_cap=cfg.data.task_cap, mixture=cfg.data.mixture, seed=cfg.train.seed,
                      sni_encoding=cfg.data.sni_encoding)
@@ -57,6 +58,18 @@ def prepare(cfg: RunConfig) -> Prepared:
         task.train = task.train[: cfg.data.max_train]
     if cfg.data.max_eval is not None:
         task.eval = task.eval[: cfg.data.max_eval]
+    return task
+
+
+def layout_of(cfg: RunConfig, demos: DemoSelector | None = None) -> PromptLayout:
+    """The prompt layout a run trains, evaluates and saves with."""
+    return PromptLayout(cfg.data.template, cfg.data.system_prompt, demos, cfg.data.max_length)
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """Validate config, method options and data; raises TunelabError naming what to fix."""
+    method, method_cfg = method_config(cfg.method)
+    task = prepare_task(cfg, method, method_cfg)
     metric_names = tuple(cfg.eval.metrics or task.metrics)
     check_names(metric_names)
     return Prepared(cfg, method, method_cfg, task, metric_names)
@@ -82,22 +95,21 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)
     adapter = prep.method.build(model, tokenizer, prep.method_cfg, prep.task.train, cfg.train.seed).to(device)
     demos = prep.method.demonstrations(prep.method_cfg, prep.task.train, cfg.train.seed)
-    template = resolve_template(cfg.data.template, tokenizer)
+    layout = layout_of(cfg, demos).resolved(tokenizer)
 
     stats, truncated = TrainStats(), 0
     if prep.method.trains:
-        stats, truncated = _train(adapter, tokenizer, prep, template, demos, out, progress)
+        stats, truncated = _train(adapter, tokenizer, prep, layout, out, progress)
         if stats.rank != 0:  # under accelerate launch, process 0 evaluates and writes; the others are done
             return {"rank": stats.rank, "train": {"losses": stats.losses, "tokens": stats.tokens}}
     eval_examples = [adapter.rewrite(e) for e in prep.task.eval]  # a discrete prompt swaps the instruction
     with bar("evaluating", len(prep.task.eval), progress) as advance:
-        result = evaluate(adapter, tokenizer, eval_examples, prep.metrics, cfg.eval, template, demos,
-                          cfg.data.system_prompt, progress=advance)
+        result = evaluate(adapter, tokenizer, layout, eval_examples, prep.metrics, cfg.eval, progress=advance)
     _add_demo_similarity(result, eval_examples, demos)
-    adapter_bytes = _save_adapter(adapter, cfg, template, out / "adapter") if out else 0
+    adapter_bytes = _save_adapter(adapter, cfg, layout, out / "adapter") if out else 0
     summary = _summary(prep, adapter, stats, result, load_seconds, adapter_bytes, truncated, model)
     if prep.method.trains and cfg.eval.loss:
-        summary["generalization"] = _generalization(adapter, tokenizer, prep, template, demos, eval_examples)
+        summary["generalization"] = _generalization(adapter, tokenizer, prep, layout, eval_examples)
     if out:
         atomic_write_text(out / "predictions.jsonl",
                           "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in result.predictions))
@@ -106,12 +118,11 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     return summary
 
 
-def _train(adapter: Adapter, tokenizer, prep: Prepared, template: str, demos, out: Path | None,
+def _train(adapter: Adapter, tokenizer, prep: Prepared, layout: PromptLayout, out: Path | None,
            progress: bool) -> tuple[TrainStats, int]:
     cfg = prep.cfg
     examples = [adapter.rewrite(e) for e in prep.task.train]
-    encoded = [encode_example(tokenizer, e, template, demos(e) if demos else (), cfg.data.system_prompt,
-                              cfg.data.max_length) for e in examples]
+    encoded = [encode_example(tokenizer, layout, e) for e in examples]
     lr = cfg.train.lr if cfg.train.lr is not None else prep.method_cfg.lr
     checkpoint_dir = out / "checkpoint" if out else None
     with bar(f"training {prep.method.name}", cfg.train.steps, progress) as advance:
@@ -121,13 +132,12 @@ def _train(adapter: Adapter, tokenizer, prep: Prepared, template: str, demos, ou
     return stats, sum(e.truncated for e in encoded)
 
 
-def _generalization(adapter: Adapter, tokenizer, prep: Prepared, template: str, demos,
+def _generalization(adapter: Adapter, tokenizer, prep: Prepared, layout: PromptLayout,
                     eval_examples: list) -> dict[str, Any]:
     """Loss on the eval rows minus loss on as many training rows (the first ones), both teacher-forced."""
     cfg = prep.cfg
     train_examples = [adapter.rewrite(e) for e in prep.task.train[: len(eval_examples)]]
-    per_split = {split: reference_nll(adapter, tokenizer, rows, template, demos, cfg.data.system_prompt,
-                                      cfg.data.max_length, cfg.eval.batch_size)
+    per_split = {split: reference_nll(adapter, tokenizer, layout, rows, cfg.eval.batch_size)
                  for split, rows in (("train", train_examples), ("eval", eval_examples))}
     loss = {split: sum(n for n, _ in v) / max(1, sum(t for _, t in v)) for split, v in per_split.items()}
     return {"train_loss": round(loss["train"], 5), "eval_loss": round(loss["eval"], 5),
@@ -144,12 +154,9 @@ def _add_demo_similarity(result: EvalResult, examples, demos) -> None:
             row["demo_similarity"] = similarity(example)
 
 
-def _save_adapter(adapter: Adapter, cfg: RunConfig, template: str, directory: Path) -> int:
+def _save_adapter(adapter: Adapter, cfg: RunConfig, layout: PromptLayout, directory: Path) -> int:
     with atomic_directory(directory) as tmp:
-        adapter.save_weights(tmp)
-        write_meta(tmp, adapter, {"base_model": cfg.model.name, "template": template,
-                                  "system_prompt": cfg.data.system_prompt,
-                                  "tunelab_version": envinfo.versions()["tunelab"]})
+        save_adapter(adapter, tmp, cfg.model.name, layout, to_dict(cfg))
     return directory_bytes(directory)
 
 

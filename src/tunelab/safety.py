@@ -5,14 +5,12 @@ tunelab never unpickles: adapters and checkpoints are safetensors + JSON, and a 
 holds pickle-format weights is refused *before* peft or transformers see it (peft, for one, falls
 back to ``adapter_model.bin`` when no safetensors file is there). Names that become paths
 (adapter names, task names) go through ``paths.safe_child`` so they cannot leave their directory.
+Adapters themselves load in one place, ``tunelab.methods.io.load_adapter``, which calls these checks.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-from transformers import PreTrainedModel
 
 from tunelab.errors import ModelError, TunelabError
 from tunelab.paths import safe_child
@@ -66,26 +64,3 @@ def check_model_dir(directory: str | Path, allow_pickle: bool = False) -> bool:
 def adapter_path(root: str | Path, name: str) -> Path:
     """``root/name`` for an adapter called ``name``, refusing names that escape ``root``."""
     return safe_child(root, name)
-
-
-def load_adapter(directory: str | Path, model: PreTrainedModel, base_model: str | None = None) -> Any:
-    """Load a tunelab adapter directory onto ``model`` safely: refuse pickles, read
-    ``tunelab_adapter.json``, validate its method options, then call that method's ``load``.
-
-    With ``base_model``, refuse an adapter trained on another base model (its meta names it).
-    """
-    from tunelab.methods import method_config
-    from tunelab.methods.base import ADAPTER_META, read_meta
-
-    directory = check_adapter_dir(directory, needs_weights=False)  # before anything in it is parsed
-    meta = read_meta(directory)
-    if not isinstance(meta.get("method"), str) or not isinstance(meta.get("config", {}), dict):
-        raise TunelabError(f"{directory / ADAPTER_META}: needs a 'method' name and a 'config' mapping")
-    method, config = method_config({**meta.get("config", {}), "name": meta["method"]})
-    if method.trains:
-        check_adapter_dir(directory)
-    saved_base = meta.get("base_model")
-    if base_model is not None and saved_base is not None and saved_base != base_model:
-        raise TunelabError(f"adapter {directory} was trained on {saved_base!r}, not {base_model!r}; "
-                           f"load it with --model {saved_base}")
-    return method.load(directory, model, config)

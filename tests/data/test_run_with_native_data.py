@@ -8,7 +8,7 @@ from tests.conftest import shared_path
 
 from tunelab.config import build_config
 from tunelab.data.formats import load_any
-from tunelab.formatting import encode_example
+from tunelab.formatting import PromptLayout, encode_example
 from tunelab.models import load_tokenizer
 from tunelab.run import run
 
@@ -29,7 +29,7 @@ def test_sharegpt_training_counts_truncation_and_skipped_records(tmp_path):
     tok = load_tokenizer("tiny")
     examples = load_any(train_file, skip_bad=True)
     assert len(examples) == 40 and all(e.messages for e in examples)
-    expected = sum(len(encode_example(tok, e, "chat", max_length=10**6).input_ids) > 80 for e in examples)
+    expected = sum(len(encode_example(tok, PromptLayout("chat", max_length=10**6), e).input_ids) > 80 for e in examples)
     assert 0 < expected < 40  # the cut applies to some conversations only
     saved = json.loads((tmp_path / "run" / "result.json").read_text())
     assert saved["train"]["truncated_examples"] == result["train"]["truncated_examples"] == expected

@@ -17,7 +17,7 @@ from tunelab import generate as gen
 from tunelab.config import TrainConfig
 from tunelab.data import load_task
 from tunelab.errors import TunelabError
-from tunelab.formatting import build_prompt, encode, encode_prompt
+from tunelab.formatting import PromptLayout, build_prompt, encode, encode_prompt
 from tunelab.methods import METHODS
 from tunelab.modeling import mask_for, pad_batch, token_logprobs
 from tunelab.models import count_parameters, load_model, tiny_config
@@ -92,12 +92,12 @@ def _build(name, examples):
 
 
 def _encoded(adapter, tok, demos, examples):
-    return [encode(tok, build_prompt(adapter.rewrite(e), tok, TEMPLATE, demos(e) if demos else ()), " " + e.output, 256)
+    return [encode(tok, build_prompt(tok, PromptLayout(TEMPLATE, demos=demos), adapter.rewrite(e)), " " + e.output, 256)
             for e in examples]
 
 
 def _prompts(adapter, tok, demos, examples):
-    return [encode_prompt(tok, build_prompt(adapter.rewrite(e), tok, TEMPLATE, demos(e) if demos else ()), 256)
+    return [encode_prompt(tok, build_prompt(tok, PromptLayout(TEMPLATE, demos=demos), adapter.rewrite(e)), 256)
             for e in examples]
 
 

@@ -27,11 +27,11 @@ def test_prefix_projection_trains_the_mlp_and_reloads_as_the_prefix_it_computes(
     cache_a, cache_b = adapter.prefix_cache(2), adapter.prefix_cache(2)
     assert cache_a is not cache_b and cache_a.get_seq_length() == 3  # a fresh cache per call
     mlp_before = encoder.transform[-1].weight.detach().clone()
-    data = [encode(tok, build_prompt(e, tok, "plain"), " " + e.output, 128) for e in examples]
+    data = [encode(tok, build_prompt(tok, "plain", e), " " + e.output, 128) for e in examples]
     train(adapter, data, TrainConfig(steps=3, batch_size=8), 0.05, tok.pad_token_id)
     assert not torch.equal(encoder.transform[-1].weight, mlp_before)
 
-    prompts = [encode_prompt(tok, build_prompt(e, tok, "plain"), 128) for e in examples[:3]]
+    prompts = [encode_prompt(tok, build_prompt(tok, "plain", e), 128) for e in examples[:3]]
     before = generate(adapter, tok, prompts, GenerationConfig(max_new_tokens=6))
     adapter.save_weights(tmp_path)
     reloaded = METHODS["prefix_tuning"].load(tmp_path, load_model("tiny")[0], config)

@@ -20,9 +20,8 @@ def offline(adapter_dir, instruction: str, text: str, max_new_tokens: int) -> st
     """What `tunelab eval --adapter` would generate for this example (greedy)."""
     loaded = load_for_eval("tiny", str(adapter_dir))
     example = Example(id="x", task="t", instruction=instruction, input=text)
-    prompt = build_prompt(example, loaded.tokenizer, loaded.template,
-                          loaded.demos(example) if loaded.demos else (), loaded.system_prompt)
-    ids = encode_prompt(loaded.tokenizer, prompt, 1024)
+    prompt = build_prompt(loaded.tokenizer, loaded.layout, example)
+    ids = encode_prompt(loaded.tokenizer, prompt, loaded.layout.max_length)
     return generate(loaded.adapter, loaded.tokenizer, [ids], GenerationConfig(max_new_tokens=max_new_tokens))[0]
 
 

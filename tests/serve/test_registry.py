@@ -68,12 +68,12 @@ def test_ipt_demonstrations_and_lora_weights_are_served_like_offline_eval(run_ro
                 assert r.json()["choices"][0]["text"] == offline(run_root / name / "adapter", instruction,
                                                                  "March 5, 2024", 10), name
         served = {n: live.registry.get(n) for n in ["ipt", "lora"]}
-        assert served["ipt"].demos is not None  # the run's training split, as `tunelab eval` uses it
+        assert served["ipt"].layout.demos is not None  # the run's training split, as `tunelab eval` uses it
         assert served["lora"].adapter.model is not live.registry.model  # LoRA patched a private copy
         base_prompt = {"model": "tiny", "prompt": "March 5, 2024", "max_tokens": 10, "instruction": instruction}
         first = client.post("/v1/completions", json=base_prompt).json()["choices"][0]["text"]
         model, tokenizer = load_model("tiny", seed=0)
-    prompt = build_prompt(Example(id="x", task="t", instruction=instruction, input="March 5, 2024"), tokenizer, "chat")
+    prompt = build_prompt(tokenizer, "chat", Example(id="x", task="t", instruction=instruction, input="March 5, 2024"))
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     untouched = generate(FrozenAdapter(model, "base", MethodConfig()), tokenizer, [ids], GenerationConfig(max_new_tokens=10))
     assert first == untouched[0]  # the base model was not changed by loading LoRA

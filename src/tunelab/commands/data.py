@@ -81,14 +81,15 @@ def render_example(example: Example, tokenizer, template: str) -> tuple[str, str
 
     if example.messages:
         return tokenizer.apply_chat_template(list(example.messages), tokenize=False), "(loss on assistant turns)"
-    return build_prompt(example, tokenizer, template), target_text(example, template)
+    return build_prompt(tokenizer, template, example), target_text(template, example)
 
 
 def token_lengths(examples: Sequence[Example], tokenizer, template: str) -> list[int]:
     """Training sequence length (prompt + target + EOS, untruncated) of each example."""
-    from tunelab.formatting import encode_example
+    from tunelab.formatting import PromptLayout, encode_example
 
-    return [len(encode_example(tokenizer, e, template, max_length=10**9).input_ids) for e in examples]
+    layout = PromptLayout(template, max_length=10**9)
+    return [len(encode_example(tokenizer, layout, e).input_ids) for e in examples]
 
 
 @app.command()

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from tunelab.compare import plots
-from tunelab.compare.claims import evaluate_claims, summarise
+from tunelab.compare.claims import CLAIMS, evaluate_claims, summarise
 from tunelab.compare.examples import SIMILARITY_KEY, mean_by_id, read_predictions
 from tunelab.compare.store import Store
 from tunelab.paths import atomic_write_bytes, atomic_write_text
@@ -127,11 +127,15 @@ def _cpu(cells: list[dict[str, Any]]) -> str:
 
 
 def _similarity(rows: list[dict[str, Any]]) -> Figure:
-    """Bucket examples by IPT's demonstration similarity; plot mean (IPT - PT) per quintile and task."""
+    """Bucket examples by IPT's demonstration similarity; plot mean (IPT - PT) per quintile and task.
+
+    The two sides are those of the claims table's similarity claim, so the figure and the claim compare
+    the same cells."""
+    claim = next(c for c in CLAIMS if c.kind == "similarity")
     buckets: dict[str, list[tuple[str, float, float, int]]] = {}
     for task in sorted({r["task"] for r in rows}):
-        ipt = [r for r in rows if r["task"] == task and r["method_name"] == "ipt"]
-        pt = [r for r in rows if r["task"] == task and r["method_name"] == "prompt_tuning"]
+        ipt = [r for r in rows if r["task"] == task and claim.a(r)]
+        pt = [r for r in rows if r["task"] == task and claim.b(r)]
         if not ipt or not pt:
             continue
         ipt_rows = [read_predictions(r["predictions"]) for r in ipt]

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -19,6 +20,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.data.example import Example
+from tunelab.formatting import DemoSelector
 
 if TYPE_CHECKING:
     from tunelab.data import TaskData
@@ -40,8 +42,31 @@ def peft_model(model: PreTrainedModel, peft_config: Any = None, directory: Path 
         return get_peft_model(model, peft_config)
 
 
-# Picks the demonstrations shown with one example (ICL, IPT); never returns the example itself.
-DemoSelector = Callable[[Example], Sequence[Example]]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the rest of tunelab needs to know about a method, declared once on the method itself.
+
+    Serving, generation, transfer, the report and the claims ask these instead of matching method names,
+    so a new method is handled correctly everywhere by declaring them in its own module.
+    """
+
+    trains: bool = False  # has parameters to optimise (ICL and discrete prompts do not)
+    changes_weights: bool = False  # patches or replaces base weights (LoRA, full FT): a private model copy
+    # when served, batches of its own, folds into the base model when another run starts from it
+    demonstrations: bool = False  # shows retrieved demonstrations with each input (ICL, IPT)
+    soft_prompt: bool = False  # learned input embeddings before the text (prompt tuning, IPT, P-tuning)
+    prefix: bool = False  # learned per-layer key/value prefix (prefix tuning)
+    rewrites_input: bool = False  # changes the example's text before layout (a discrete prompt)
+
+    def describe(self) -> str:
+        """The true flags, comma-separated (``tunelab ls methods``)."""
+        names = [f.name for f in dataclass_fields(self) if getattr(self, f.name)]
+        return ", ".join(names) or "-"
+
+
+BASE_CAPABILITIES = Capabilities()  # the bare base model: nothing added, nothing changed
 
 
 @dataclass
@@ -68,6 +93,14 @@ class Adapter(nn.Module):
         from tunelab.modeling import causal_lm_loss
 
         return causal_lm_loss(self, input_ids, attention_mask, labels)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """The capabilities of the method that built this adapter (none for the bare base model)."""
+        from tunelab.methods import METHODS
+
+        method = METHODS.get(self.method)
+        return method.capabilities if method is not None else BASE_CAPABILITIES
 
     def soft_prompt(self, batch_size: int) -> torch.Tensor | None:
         """Learned input embeddings placed before the text, (B, n, C); None if the method has none."""
@@ -102,7 +135,10 @@ class Method(Protocol):
 
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]]
-    trains: ClassVar[bool]
+    capabilities: ClassVar[Capabilities]
+
+    @property
+    def trains(self) -> bool: ...
 
     def build(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: MethodConfig,
               train: Sequence[Example], seed: int) -> Adapter: ...
@@ -116,6 +152,13 @@ class Method(Protocol):
 
 class MethodDefaults:
     """Defaults for the optional parts of ``Method``: no demonstrations, data used as loaded."""
+
+    capabilities: ClassVar[Capabilities] = BASE_CAPABILITIES
+
+    @property
+    def trains(self) -> bool:
+        """Whether the method has parameters to optimise (``capabilities.trains``)."""
+        return self.capabilities.trains
 
     def demonstrations(self, config: MethodConfig, train: Sequence[Example], seed: int) -> DemoSelector | None:
         return None

@@ -26,7 +26,7 @@ from tunelab.data import TaskData, default_metrics
 from tunelab.data.example import Example
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.formatting import build_prompt, encode, resolve_template, target_text
-from tunelab.methods.base import Adapter, MethodConfig, MethodDefaults, freeze
+from tunelab.methods.base import Adapter, Capabilities, MethodConfig, MethodDefaults, freeze
 from tunelab.modeling import mask_for, pad_batch, token_logprobs
 
 CHOICE_FILE = "discrete_prompt.json"
@@ -87,7 +87,7 @@ def loglik_score(adapter: Adapter, tokenizer: PreTrainedTokenizerBase, dev: Sequ
     """Mean over dev examples of the reference's mean per-token log-probability (higher is better)."""
     per_example: list[float] = []
     for start in range(0, len(dev), batch_size):
-        chunk = [encode(tokenizer, build_prompt(e, tokenizer, template), target_text(e, template), max_length)
+        chunk = [encode(tokenizer, build_prompt(tokenizer, template, e), target_text(template, e), max_length)
                  for e in dev[start:start + batch_size]]
         ids = [c.input_ids for c in chunk]
         logprobs, rows = token_logprobs(adapter, pad_batch(ids, tokenizer.pad_token_id), mask_for(ids),
@@ -104,13 +104,13 @@ def metric_score(adapter: Adapter, tokenizer: PreTrainedTokenizerBase, dev: Sequ
     from tunelab.evaluate import evaluate
 
     name = default_metrics(list(dev))[0]
-    return evaluate(adapter, tokenizer, dev, [name], EvalConfig(), template).metrics[name]
+    return evaluate(adapter, tokenizer, template, dev, [name], EvalConfig()).metrics[name]
 
 
 class DiscretePrompt(MethodDefaults):
     name = "discrete_prompt"
     Config = DiscretePromptConfig
-    trains = False
+    capabilities = Capabilities(rewrites_input=True)
 
     def prepare_data(self, config: DiscretePromptConfig, task: TaskData, seed: int) -> TaskData:
         """Candidates are scored on the dev split when the task has one (passed to ``build`` as its examples)."""

@@ -11,7 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.data.example import Example
 from tunelab.errors import TunelabError
-from tunelab.methods.base import Adapter, MethodConfig, MethodDefaults
+from tunelab.methods.base import Adapter, Capabilities, MethodConfig, MethodDefaults
 from tunelab.methods.transfer import require_no_prompt, start_from
 
 WEIGHTS = "model.safetensors"
@@ -80,7 +80,7 @@ def load_full(name: str, directory: Path, model: PreTrainedModel, config: Method
 class FullFinetune(MethodDefaults):
     name = "full_finetune"
     Config = FullFinetuneConfig
-    trains = True
+    capabilities = Capabilities(trains=True, changes_weights=True)
 
     def build(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: FullFinetuneConfig,
               train: Sequence[Example], seed: int) -> Adapter:

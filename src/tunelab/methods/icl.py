@@ -14,7 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.data.example import Example
 from tunelab.errors import ConfigError
-from tunelab.methods.base import Adapter, MethodConfig, MethodDefaults, check_choice, freeze
+from tunelab.methods.base import Adapter, Capabilities, MethodConfig, MethodDefaults, check_choice, freeze
 from tunelab.retrieval import SELECTIONS, DemoSelector, select_demos
 
 
@@ -41,7 +41,7 @@ class FrozenAdapter(Adapter):
 class ICL(MethodDefaults):
     name = "icl"
     Config = ICLConfig
-    trains = False
+    capabilities = Capabilities(demonstrations=True)
 
     def build(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: ICLConfig,
               train: Sequence[Example], seed: int) -> Adapter:

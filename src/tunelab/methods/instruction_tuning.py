@@ -24,7 +24,7 @@ from tunelab.data import TaskData
 from tunelab.data.example import Example
 from tunelab.data.mixtures import by_task, mix
 from tunelab.errors import ConfigError, DataError
-from tunelab.methods.base import Adapter, MethodDefaults
+from tunelab.methods.base import Adapter, Capabilities, MethodDefaults
 from tunelab.methods.full_finetune import build_full, load_full
 from tunelab.methods.lora import LoraMethodConfig, build_lora, load_lora
 
@@ -79,7 +79,7 @@ def held_out(config: InstructionTuningConfig, train_tasks: set[str], eval_tasks:
 class InstructionTuning(MethodDefaults):
     name = "instruction_tuning"
     Config = InstructionTuningConfig
-    trains = True
+    capabilities = Capabilities(trains=True, changes_weights=True)
 
     def prepare_data(self, config: InstructionTuningConfig, task: TaskData, seed: int) -> TaskData:
         train_tasks = {e.task for e in task.train}

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.data.example import Example
 from tunelab.errors import ConfigError
-from tunelab.methods.base import Adapter, MethodDefaults, check_choice
+from tunelab.methods.base import Adapter, Capabilities, MethodDefaults, check_choice
 from tunelab.methods.prompt_tuning import PromptTuningMethodConfig, build_soft_prompt, load_soft_prompt
 from tunelab.retrieval import SELECTIONS, DemoSelector, select_demos
 
@@ -39,7 +39,7 @@ class IPTConfig(PromptTuningMethodConfig):
 class IPT(MethodDefaults):
     name = "ipt"
     Config = IPTConfig
-    trains = True
+    capabilities = Capabilities(trains=True, demonstrations=True, soft_prompt=True)
 
     def build(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: IPTConfig,
               train: Sequence[Example], seed: int) -> Adapter:

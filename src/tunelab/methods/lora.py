@@ -15,7 +15,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.data.example import Example
 from tunelab.errors import ConfigError
-from tunelab.methods.base import Adapter, MethodConfig, MethodDefaults, PeftAdapter, freeze, peft_model
+from tunelab.methods.base import (
+    Adapter,
+    Capabilities,
+    MethodConfig,
+    MethodDefaults,
+    PeftAdapter,
+    freeze,
+    peft_model,
+)
 from tunelab.methods.transfer import base_model, require_no_prompt, start_from
 
 
@@ -80,7 +88,7 @@ def load_lora(name: str, directory: Path, model: PreTrainedModel, config: LoraMe
 class Lora(MethodDefaults):
     name = "lora"
     Config = LoraMethodConfig
-    trains = True
+    capabilities = Capabilities(trains=True, changes_weights=True)
 
     def build(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: LoraMethodConfig,
               train: Sequence[Example], seed: int) -> Adapter:

@@ -18,6 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tunelab.data.example import Example
 from tunelab.methods.base import (
     Adapter,
+    Capabilities,
     MethodConfig,
     MethodDefaults,
     check_at_least,
@@ -47,7 +48,7 @@ class PTuningConfig(MethodConfig):
 class PTuning(MethodDefaults):
     name = "p_tuning"
     Config = PTuningConfig
-    trains = True
+    capabilities = Capabilities(trains=True, soft_prompt=True)
 
     def build(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: PTuningConfig,
               train: Sequence[Example], seed: int) -> Adapter:

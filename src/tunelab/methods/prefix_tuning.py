@@ -24,6 +24,7 @@ from tunelab.data.example import Example
 from tunelab.errors import ConfigError
 from tunelab.methods.base import (
     Adapter,
+    Capabilities,
     MethodConfig,
     MethodDefaults,
     PeftAdapter,
@@ -96,7 +97,7 @@ def _transfer(adapter: PrefixAdapter, source: Source, config: PrefixTuningMethod
 class PrefixTuning(MethodDefaults):
     name = "prefix_tuning"
     Config = PrefixTuningMethodConfig
-    trains = True
+    capabilities = Capabilities(trains=True, prefix=True)
 
     def build(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: PrefixTuningMethodConfig,
               train: Sequence[Example], seed: int) -> Adapter:

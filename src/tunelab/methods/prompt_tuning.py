@@ -20,6 +20,7 @@ from tunelab.data.example import Example
 from tunelab.errors import ConfigError
 from tunelab.methods.base import (
     Adapter,
+    Capabilities,
     MethodConfig,
     MethodDefaults,
     PeftAdapter,
@@ -122,7 +123,7 @@ def load_soft_prompt(name: str, directory: Path, model: PreTrainedModel,
 class PromptTuning(MethodDefaults):
     name = "prompt_tuning"
     Config = PromptTuningMethodConfig
-    trains = True
+    capabilities = Capabilities(trains=True, soft_prompt=True)
 
     def build(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
               config: PromptTuningMethodConfig, train: Sequence[Example], seed: int) -> Adapter:

@@ -1,6 +1,6 @@
 """Starting a method from another run's adapter (``method.init_from`` / ``tunelab run --init-from DIR``).
 
-Two cases, decided by the source adapter itself (``Adapter.merged_model``):
+Two cases, decided by the source method's ``Capabilities.changes_weights``:
 - the source folds into the base weights (LoRA, full fine-tuning, instruction tuning): the new method
   is built on base + source, e.g. instruction-tune with LoRA, then prompt-tune on top;
 - the source is a prompt (prompt tuning, IPT, prefix tuning, P-tuning): the model is unchanged and the
@@ -14,7 +14,6 @@ again, so that directory must stay where it was; a transferred prompt is saved w
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,32 +46,21 @@ class Source:
         return self.weights.get("prompt_embeddings")
 
 
-def adapter_dir(path: str | Path) -> Path:
-    """Accept a run directory (holding adapter/) or the adapter directory itself."""
-    path = Path(path).expanduser().resolve()  # recorded in metadata: must not depend on the cwd
-    if (path / "adapter" / ADAPTER_META).is_file():
-        return path / "adapter"
-    if (path / ADAPTER_META).is_file():
-        return path
-    raise ConfigError(f"method.init_from={str(path)!r} is not a tunelab run or adapter directory "
-                      f"(no {ADAPTER_META}); pass the --out DIR of an earlier `tunelab run`")
-
-
 def start_from(init_from: str | None, model: PreTrainedModel) -> Source | None:
     """Load the adapter ``init_from`` names onto ``model``; None when nothing is named."""
     if not init_from:
         return None
-    from tunelab.methods import method_config  # the registry imports every method module, this one included
+    from tunelab.methods.io import adapter_dir, load_adapter
 
     directory = adapter_dir(init_from)
-    meta = read_meta(directory)
-    method, config = method_config({"name": meta["method"], **meta.get("config", {})})
-    from tunelab.safety import check_adapter_dir
-
-    check_adapter_dir(directory, needs_weights=method.trains)  # refuse pickles before peft can read them
-    loaded = method.load(directory, model, config)
-    merged = loaded.merged_model()
-    if merged is not None:
+    loaded = load_adapter(directory, model)  # pickles refused, options validated, as everywhere
+    method = loaded.method
+    assert method is not None
+    if method.capabilities.changes_weights:
+        merged = loaded.adapter.merged_model()
+        if merged is None:
+            raise ConfigError(f"{directory}: a {method.name} adapter changes weights but cannot fold them into the "
+                              "base model; start from another run")
         return Source(method.name, merged, {}, directory)
     weights = load_file(str(directory / PEFT_WEIGHTS)) if (directory / PEFT_WEIGHTS).is_file() else {}
     if not weights:
@@ -85,7 +73,7 @@ def start_from(init_from: str | None, model: PreTrainedModel) -> Source | None:
 def base_model(directory: Path, model: PreTrainedModel) -> PreTrainedModel:
     """The model the adapter saved in ``directory`` was trained on: ``model`` plus the run folded in, if any."""
     meta_path = Path(directory) / ADAPTER_META
-    folded = json.loads(meta_path.read_text()).get("folded_from") if meta_path.is_file() else None
+    folded = read_meta(Path(directory)).get("folded_from") if meta_path.is_file() else None
     return start_from(folded, model).model if folded else model
 
 

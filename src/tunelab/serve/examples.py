@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tunelab.formatting import PromptLayout
 from tunelab.methods import METHODS
-from tunelab.methods.base import write_meta
+from tunelab.methods.io import save_adapter
 from tunelab.methods.prompt_tuning import PromptTuningMethodConfig
 from tunelab.paths import atomic_directory
 
@@ -23,8 +24,6 @@ def write_prompt_adapters(model, tokenizer, model_name: str, root: str | Path, c
         adapter = METHODS["prompt_tuning"].build(model, tokenizer, config, [], seed=1000 + i)
         name = f"{prefix}{i:02d}"
         with atomic_directory(Path(root) / name) as tmp:
-            adapter.save_weights(tmp)
-            write_meta(tmp, adapter, {"base_model": model_name, "template": "chat" if tokenizer.chat_template
-                                      else "alpaca", "system_prompt": None})
+            save_adapter(adapter, tmp, model_name, PromptLayout().resolved(tokenizer))
         names.append(name)
     return names

@@ -10,6 +10,7 @@ prompt, rewrite and demonstrations, so a served completion sees exactly the text
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from tunelab.data.example import Example
 from tunelab.errors import TunelabError
@@ -25,8 +26,8 @@ class BadRequest(TunelabError):
 def example_prompt(served: Served, tokenizer, example: Example, system_prompt: str | None = None) -> str:
     """The prompt text of one example under ``served``'s layout (the same steps as `tunelab eval`)."""
     example = served.adapter.rewrite(example)  # a discrete prompt swaps the instruction
-    demos = served.demos(example) if served.demos else ()
-    return build_prompt(example, tokenizer, served.template, demos, system_prompt or served.system_prompt)
+    layout = replace(served.layout, system_prompt=system_prompt) if system_prompt else served.layout
+    return build_prompt(tokenizer, layout, example)
 
 
 def completion_prompt(served: Served, tokenizer, text: str, instruction: str | None, raw: bool) -> str:
@@ -46,10 +47,10 @@ def chat_prompt(served: Served, tokenizer, messages: Sequence[Message]) -> str:
     if len(turns) == 1:
         return example_prompt(served, tokenizer, Example(id="request", task="serve", instruction=turns[0].content),
                               system)
-    if served.template != "chat":
-        raise BadRequest(f"model {served.name!r} uses the {served.template} layout, which has one turn; "
+    if served.layout.template != "chat":
+        raise BadRequest(f"model {served.name!r} uses the {served.layout.template} layout, which has one turn; "
                          "send a single user message (plus an optional system message)")
     rendered = [{"role": m.role, "content": m.content} for m in messages]
-    if system is None and served.system_prompt:
-        rendered.insert(0, {"role": "system", "content": served.system_prompt})
+    if system is None and served.layout.system_prompt:
+        rendered.insert(0, {"role": "system", "content": served.layout.system_prompt})
     return tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True)

@@ -4,20 +4,20 @@ Every subdirectory of ``root`` that is a run directory (``X`` of `tunelab run --
 ``adapter/`` and ``result.json``) or an adapter directory (a copy of ``X/adapter``, holding
 ``tunelab_adapter.json``) is an adapter named after the subdirectory. A name becomes a
 path only through ``paths.safe_child`` (no ``..``, separators, absolute paths, or symlinks leading out
-of ``root``) and an adapter loads only through ``safety.load_adapter`` (safetensors + JSON, no pickle).
+of ``root``) and an adapter loads only through ``methods.io.load_adapter`` (safetensors + JSON, no
+pickle; demonstrations rebuilt from the run's own prepared training pool).
 
-Prompt-learning adapters (prompt tuning, IPT, P-tuning, prefix tuning) and prompt-only ones (ICL,
-discrete prompt) leave the base weights untouched, so they all share the one frozen base model and
-cost only their own tensors. Methods that change weights (LoRA, full fine-tuning, instruction tuning,
-or any adapter trained on a folded ``init_from``) get a private copy of the base model, so they can
-never leak into other rows; they are capped separately (``max_weight_adapters``) because each copy
-costs a whole model.
+Adapters whose method leaves the base weights untouched (``Capabilities.changes_weights`` false:
+prompt tuning, IPT, P-tuning, prefix tuning, ICL, discrete prompts) share the one frozen base model
+and cost only their own tensors. Methods that change weights (LoRA, full fine-tuning, instruction
+tuning), and any adapter trained on a folded ``init_from``, get a private copy of the base model, so
+they can never leak into other rows; they are capped separately (``max_weight_adapters``) because
+each copy costs a whole model.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -27,13 +27,11 @@ from typing import Any
 import torch
 
 from tunelab.errors import TunelabError
+from tunelab.formatting import PromptLayout
 from tunelab.methods.base import ADAPTER_META, MethodConfig, freeze, read_meta
 from tunelab.methods.icl import FrozenAdapter
+from tunelab.methods.io import load_adapter, read_checked_meta
 from tunelab.paths import safe_child
-
-# Methods whose adapters only add inputs (soft prompt, prefix key/values, demonstrations, an instruction).
-SHARES_BASE = frozenset({"prompt_tuning", "ipt", "p_tuning", "prefix_tuning", "icl", "discrete_prompt"})
-DEMO_METHODS = frozenset({"icl", "ipt"})  # methods that show retrieved demonstrations with each input
 
 
 class AdapterNotFound(TunelabError):
@@ -47,9 +45,7 @@ class Served:
     name: str
     adapter: Any  # tunelab.methods.base.Adapter
     method: str
-    template: str  # resolved: chat | alpaca | plain
-    system_prompt: str | None
-    demos: Any = None  # DemoSelector for ICL / IPT, drawn from the run's training split as in `tunelab eval`
+    layout: PromptLayout  # template resolved; demonstrations (ICL, IPT) drawn from the run's own pool
     shares_base: bool = True
     soft: torch.Tensor | None = None  # (n, C) soft prompt of prompt tuning / IPT / P-tuning, kept alone
 
@@ -59,8 +55,6 @@ class AdapterRegistry:
 
     def __init__(self, root: str | Path, model, tokenizer, model_name: str, max_loaded: int = 64,
                  max_weight_adapters: int = 2) -> None:
-        from tunelab.formatting import resolve_template
-
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise TunelabError(f"--adapters {root} is not a directory; pass the folder holding one "
@@ -70,7 +64,7 @@ class AdapterRegistry:
         freeze(model)
         model.eval()
         self.base = Served(model_name, FrozenAdapter(model, "base", MethodConfig()).eval(), "base",
-                           resolve_template("auto", tokenizer), None)
+                           PromptLayout().resolved(tokenizer))
         self._loaded: OrderedDict[str, Served] = OrderedDict()
         self._lock = threading.RLock()  # one load at a time; lookups of loaded adapters are cheap
         self.loads = 0  # adapters loaded from disk since start (for /health and tests)
@@ -125,24 +119,19 @@ class AdapterRegistry:
         return path
 
     def _load(self, path: Path, name: str) -> Served:
-        from tunelab.formatting import resolve_template
-        from tunelab.safety import load_adapter
-
-        meta = read_meta(path)
-        shares = meta.get("method") in SHARES_BASE and not meta.get("folded_from")
+        method, _config, meta = read_checked_meta(path)
+        shares = not method.capabilities.changes_weights and not meta.get("folded_from")
         # weight-changing adapters are patched into a private copy, never into the shared base model
         model = self.model if shares else copy.deepcopy(self.model)
-        adapter = load_adapter(path, model, base_model=self.model_name).eval()
+        loaded = load_adapter(path, model, self.tokenizer, base_model=self.model_name)
+        adapter = loaded.adapter.eval()
         freeze(adapter)
-        served = Served(name, adapter, str(meta["method"]),
-                        resolve_template(meta.get("template") or "auto", self.tokenizer), meta.get("system_prompt"),
-                        run_demonstrations(safe_child(self.root, name), meta), shares)
-        if shares:
+        served = Served(name, adapter, method.name, loaded.layout, shares)
+        if shares and method.capabilities.soft_prompt and not method.capabilities.prefix:
             with torch.no_grad():
-                soft, prefix = adapter.soft_prompt(1), adapter.prefix_cache(1)  # (1, n, C), cache
-            if soft is not None and prefix is None:
-                # keep only the (n, C) tensor: the peft wrapper is dropped, so an adapter costs n*C floats
-                served.soft, served.adapter = soft[0].detach().clone(), self.base.adapter
+                soft = adapter.soft_prompt(1)  # (1, n, C)
+            # keep only the (n, C) tensor: the peft wrapper is dropped, so an adapter costs n*C floats
+            served.soft, served.adapter = soft[0].detach().clone(), self.base.adapter
         self.loads += 1
         return served
 
@@ -152,24 +141,3 @@ class AdapterRegistry:
         while sum(not s.shares_base for s in self._loaded.values()) > self.max_weight_adapters:
             oldest = next(n for n, s in self._loaded.items() if not s.shares_base)
             del self._loaded[oldest]
-
-
-def run_demonstrations(home: Path, meta: dict[str, Any]):
-    """The demonstration selector of an ICL / IPT adapter, rebuilt from its run as `tunelab eval` does
-    (``protocols.load_for_eval``): the train split and seed recorded in the run's result.json, which
-    is ``home/result.json`` both for a run directory and for a copied adapter."""
-    from tunelab.data import load_task
-    from tunelab.methods import method_config
-
-    method, cfg = method_config({"name": meta["method"], **meta.get("config", {})})
-    if meta["method"] not in DEMO_METHODS:
-        return None
-    result = home / "result.json"  # NAME/result.json in both layouts
-    if not result.is_file():
-        raise TunelabError(f"{home}: a {meta['method']} adapter shows demonstrations drawn from its run's training "
-                           "data, recorded in the run's result.json; serve the whole run directory "
-                           "(`tunelab run --out X` -> ADAPTERS/NAME = X) or copy X/result.json into it")
-    run_cfg = json.loads(result.read_text()).get("config", {})
-    data = run_cfg.get("data", {})
-    train = load_task(data.get("task"), data.get("train"), data.get("eval")).train
-    return method.demonstrations(cfg, train, run_cfg.get("train", {}).get("seed", 0))
