@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tunelab-installed
 
-.PHONY: demo test lint browser clean-venv
+.PHONY: demo test lint typecheck check browser clean-venv
 
 # torch is pinned: 2.13.0 is the CPU build available on this machine; a looser spec pulls CUDA.
 $(STAMP): pyproject.toml
@@ -30,6 +30,12 @@ test: $(STAMP) browser
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+# what CI runs before the tests (.ci/run)
+check: lint typecheck
 
 clean-venv:
 	rm -rf $(VENV)

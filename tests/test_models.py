@@ -1,4 +1,3 @@
-import time
 
 import pytest
 import torch
@@ -40,12 +39,13 @@ def test_missing_wheel_message(monkeypatch):
 
 
 @pytest.mark.real_model
-def test_embedded_model_converts_once_then_loads_fast():
+def test_embedded_model_converts_once_then_loads_from_the_cache():
     load_model("smollm2-135m")  # converts on first use if the cache is empty
-    assert (model_dir("smollm2-135m") / "model.safetensors").is_file()
-    start = time.perf_counter()
-    model, tok = load_model("smollm2-135m")
-    assert time.perf_counter() - start <= 3.0
+    weights = model_dir("smollm2-135m") / "model.safetensors"
+    assert weights.is_file()
+    written = weights.stat().st_mtime_ns
+    model, tok = load_model("smollm2-135m")  # the load time is benchmarks/bench_startup.py's
+    assert weights.stat().st_mtime_ns == written  # loaded from the cache, not converted again
     assert not hasattr(model.config, "quantization_config")  # the GGUF flag that blocks training is gone
     ids = tok("The capital of France is", return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=3, do_sample=False)

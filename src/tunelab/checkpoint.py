@@ -57,7 +57,7 @@ def save_checkpoint(directory: Path, step: int, params: dict[str, torch.Tensor],
                 scalars.setdefault(str(idx), {})[key] = value
     tensors["rng.torch"] = torch.get_rng_state()
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    tensors["rng.numpy"] = torch.from_numpy(np_keys.astype(np.int64))
+    tensors["rng.numpy"] = torch.from_numpy(np_keys.astype(np.int64))  # type: ignore[union-attr,attr-defined]
     py_version, py_state, py_gauss = random.getstate()
     meta = {"step": step, "param_groups": opt_state["param_groups"], "opt_scalars": scalars,
             "rng": {"python": [py_version, list(py_state), py_gauss],

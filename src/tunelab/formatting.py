@@ -126,11 +126,20 @@ def build_prompt(tokenizer: PreTrainedTokenizerBase, layout: PromptLayout | str,
         system_prompt = layout.system_prompt
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         messages.append({"role": "user", "content": body})
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return chat_text(tokenizer, messages, add_generation_prompt=True)
     if template == "alpaca":
         return ALPACA_HEADER.format(paired=", paired with an input" if example.input else "") + \
             f"### Instruction:\n{body}\n\n### Response:\n"
     return f"{body}\nOutput:"
+
+
+def chat_text(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]],
+              add_generation_prompt: bool = False) -> str:
+    """The chat template's rendering of ``messages`` as text."""
+    text = tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+    assert isinstance(text, str)  # tokenize=False renders text
+    return text
 
 
 def target_text(layout: PromptLayout | str, example: Example) -> str:
@@ -174,12 +183,12 @@ def encode_conversation(tokenizer: PreTrainedTokenizerBase, messages: Sequence[d
     rendered = ""
     for i, message in enumerate(messages):
         if message["role"] == "assistant":
-            head = tokenizer.apply_chat_template(list(messages[:i]), tokenize=False, add_generation_prompt=True)
-            full = tokenizer.apply_chat_template(list(messages[: i + 1]), tokenize=False)
+            head = chat_text(tokenizer, messages[:i], add_generation_prompt=True)
+            full = chat_text(tokenizer, messages[: i + 1])
             _extend(tokenizer, ids, labels, head[len(rendered):], supervised=False)
             _extend(tokenizer, ids, labels, full[len(head):], supervised=True)
         else:
-            full = tokenizer.apply_chat_template(list(messages[: i + 1]), tokenize=False)
+            full = chat_text(tokenizer, messages[: i + 1])
             _extend(tokenizer, ids, labels, full[len(rendered):], supervised=False)
         rendered = full
     truncated = len(ids) > max_length

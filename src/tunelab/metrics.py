@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
@@ -77,7 +78,7 @@ def sql_exact_match_scores(preds: Sequence[str], refs: Refs) -> list[float]:
     return [100.0 * any(normalize_sql(p) == normalize_sql(r) for r in rs) for p, rs in zip(preds, refs, strict=True)]
 
 
-def _transpose(refs: Refs) -> list[list[str | None]]:
+def _transpose(refs: Refs) -> Any:  # list[list[str | None]]; sacrebleu types streams as str only
     """sacrebleu wants one stream per reference position; ``None`` marks a missing reference."""
     width = max((len(rs) for rs in refs), default=1)
     return [[rs[i] if i < len(rs) else None for rs in refs] for i in range(width)]

@@ -28,6 +28,9 @@ def bar(description: str, total: int, enabled: bool = True) -> Iterator[Callable
 
         def advance(n: int = 1, **fields: float) -> None:
             info = "  ".join(f"{k}={v:.4g}" for k, v in fields.items())
-            progress.update(task, advance=n, **({"info": info} if info else {}))
+            if info:
+                progress.update(task, advance=n, info=info)
+            else:
+                progress.update(task, advance=n)
 
         yield advance

@@ -22,6 +22,7 @@ import os
 import random
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -90,7 +91,7 @@ class DemoSelector:
             self._by_task[e.task].append(i)
         self._chosen: dict[tuple[str, str, str], list[int]] = {}
         self._pool_vectors: np.ndarray | None = None
-        self._bm25 = None
+        self._bm25: Any = None  # bm25s.BM25, built on first use
 
     def __call__(self, example: Example) -> list[Example]:
         key = (example.task, example.id, example.input)
@@ -144,8 +145,9 @@ class DemoSelector:
         if self._bm25 is None:
             import bm25s
 
-            self._bm25 = bm25s.BM25()
-            self._bm25.index(_bm25_tokens([key_text(e) for e in self.pool]), show_progress=False)
+            index = bm25s.BM25()
+            index.index(_bm25_tokens([key_text(e) for e in self.pool]), show_progress=False)
+            self._bm25 = index
         return np.asarray(self._bm25.get_scores(_bm25_tokens([key_text(example)])[0]), dtype=np.float64)
 
 

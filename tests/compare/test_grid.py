@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -21,12 +20,14 @@ from tunelab.errors import ConfigError
     ({"methods": [{"name": "icl", "k": "many"}]}, "methods[0].k"),
     ({"tasks": [{"task": "date_format", "tags": 5}]}, "tasks[0].tags"),
 ])
-def test_typo_fails_fast_and_names_the_key(grid_file, change, path):
-    plan(grid_file())  # warm the imports so the timing below is the validation itself
-    start = time.perf_counter()
+def test_typo_fails_before_any_model_loads_and_names_the_key(grid_file, change, path, monkeypatch):
+    def no_model(*_args, **_kwargs):
+        raise AssertionError("validation loaded a model")
+
+    for where in ("tunelab.models.load_model", "tunelab.run.load_model"):  # its time: benchmarks/bench_startup.py
+        monkeypatch.setattr(where, no_model)
     with pytest.raises(ConfigError, match=path.replace("[", r"\[").replace("]", r"\]")) as info:
         plan(grid_file(**change))
-    assert time.perf_counter() - start < 1.0
     assert "grid.yaml" in str(info.value)  # the file is named too
 
 

@@ -28,15 +28,16 @@ def compare_command(
     if (preset is None) == (config is None):
         raise ConfigError(f"give exactly one of --preset ({', '.join(list_presets())}) or --config grid.yaml")
     source = preset_path(preset) if preset else config
+    assert source is not None  # exactly one of the two, checked above
     console = Console()
     if dry_run:
-        grid, cells = plan(source, overrides or [], out or f"runs/compare-{preset or Path(config).stem}")
+        grid, cells = plan(source, overrides or [], out or f"runs/compare-{preset or Path(source).stem}")
         for cell in cells:
             console.print(f"{cell.key}  {cell.method:28} {cell.task:20} seed {cell.seed}  n={cell.train_size}  "
                           f"len={cell.prompt_length}", highlight=False)
         console.print(f"grid {grid.name}: {len(cells)} cells, all valid")
         return
-    out = out or f"runs/compare-{preset or Path(config).stem}"
+    out = out or f"runs/compare-{preset or Path(source).stem}"
     outcome = compare(source, out, store, overrides or [], progress=not quiet, retry_failed=retry_failed,
                       console=console, workers=workers)
     s = outcome.summary

@@ -80,7 +80,7 @@ def initial_prompt(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, c
                    train: Sequence[Example], seed: int, source: Source | None = None) -> torch.Tensor:
     """(n, C) starting embeddings: a source run's prompt, or Lester et al.'s random, sampled-vocabulary
     or text initialisation."""
-    table = model.get_input_embeddings().weight.detach()  # (V, C)
+    table: torch.Tensor = model.get_input_embeddings().weight.detach()  # type: ignore[operator]  # (V, C)
     n = config.num_virtual_tokens
     if source is not None and source.weights:
         return transferred_prompt(source, n, table.shape[1]).to(table.dtype)

@@ -74,7 +74,8 @@ def base_model(directory: Path, model: PreTrainedModel) -> PreTrainedModel:
     """The model the adapter saved in ``directory`` was trained on: ``model`` plus the run folded in, if any."""
     meta_path = Path(directory) / ADAPTER_META
     folded = read_meta(Path(directory)).get("folded_from") if meta_path.is_file() else None
-    return start_from(folded, model).model if folded else model
+    source = start_from(folded, model) if folded else None
+    return source.model if source is not None else model
 
 
 def require_no_prompt(source: Source | None, target: str) -> None:

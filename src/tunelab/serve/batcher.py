@@ -96,7 +96,8 @@ def run_group(jobs: Sequence[Job], tokenizer, hot: HotPrompts) -> list[str]:
     ``generate_rows`` puts them in one batch, each row with its own virtual-token key/values; rows
     of weight-changing adapters (LoRA, full weights) are batched per adapter.
     """
-    rows, local = [], {}
+    rows: list = []
+    local: dict = {}
     for job in jobs:
         served = job.served
         if served.soft is not None:  # one row adapter per adapter per call, shared by its rows

@@ -103,7 +103,7 @@ def _promptsource_file(path: Path, data: Any) -> list[PromptTemplate]:
         out.append(PromptTemplate(id=str(t.get("id", key)), name=str(t.get("name", key)),
                                   dataset=str(data.get("dataset", path.parent.name)), subset=data.get("subset"),
                                   jinja=t["jinja"], answer_choices=choices if isinstance(choices, str) else None,
-                                  metadata=t.get("metadata") if isinstance(t.get("metadata"), dict) else {}))
+                                  metadata=dict(t["metadata"]) if isinstance(t.get("metadata"), dict) else {}))
     return out
 
 
@@ -222,7 +222,7 @@ def promptsource_examples(templates: Sequence[PromptTemplate], row: Any, where: 
         if len(parts) < 2 or not parts[1]:
             report.note(f"rows not applicable to template '{t.name}'")
             continue
-        meta = {"template": t.name, "template_id": t.id}
+        meta: dict[str, Any] = {"template": t.name, "template_id": t.id}
         if choices:
             meta["answer_choices"] = choices
         out.append(Example(id=f"{stem}-{where}-{t.id[:8]}", task=t.task, instruction=parts[0],
