@@ -18,7 +18,7 @@ from tunelab.config import RunConfig, to_dict
 from tunelab.data import TaskData, load_task
 from tunelab.evaluate import EvalResult, evaluate, reference_nll
 from tunelab.formatting import encode_example, resolve_template
-from tunelab.methods import method_config
+from tunelab.methods import get_method
 from tunelab.methods.base import Adapter, write_meta
 from tunelab.metrics import check_names
 from tunelab.models import count_parameters, load_model
@@ -48,7 +48,7 @@ class Prepared:
 
 def prepare(cfg: RunConfig) -> Prepared:
     """Validate config, method options and data; raises TunelabError naming what to fix."""
-    method, method_cfg = method_config(cfg.method)
+    method, method_cfg = get_method(cfg.method_name), cfg.method  # options validated when cfg was built
     task = load_task(cfg.data.task, cfg.data.train, cfg.data.eval, skip_bad=cfg.data.skip_bad,
                      task_cap=cfg.data.task_cap, mixture=cfg.data.mixture, seed=cfg.train.seed,
                      sni_encoding=cfg.data.sni_encoding)

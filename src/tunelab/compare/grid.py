@@ -236,7 +236,7 @@ def cell_key(cfg: RunConfig, task: TaskSpec | None = None) -> str:
     data.get("train", {}).pop("resume", None)
     data.get("eval", {}).pop("batch_size", None)  # greedy decoding: batch size changes speed, not outputs
     data.get("model", {}).pop("threads", None)  # speed only (--workers splits the cores between cells)
-    data["method"] = dict(cfg.method)  # options as given; the name always counts
+    data["method"] = cfg.method.as_given()  # options as given (not resolved: old stores keep their keys); the name always counts
     blob = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
