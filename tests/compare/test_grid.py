@@ -41,7 +41,7 @@ def test_missing_data_fails_before_training(grid_file, tmp_path):
 
 
 def test_method_option_value_checked_by_the_method(grid_file):
-    with pytest.raises(ConfigError, match="num_virtual_tokens must be >= 1"):
+    with pytest.raises(ConfigError, match=r"methods\[\d\]\.num_virtual_tokens: got 0, expected an integer >= 1"):
         plan(grid_file(methods=[{"name": "prompt_tuning", "num_virtual_tokens": 0}]))
 
 
