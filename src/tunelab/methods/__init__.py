@@ -33,7 +33,7 @@ METHODS: dict[str, Method] = {
 
 def get_method(name: str) -> Method:
     """The registered method called ``name``, or an error listing the valid names."""
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:
         raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
     return METHODS[name]
 
@@ -48,7 +48,7 @@ def method_config(spec: dict[str, Any] | MethodConfig, path: str = "method") -> 
         return get_method(spec.name), spec
     options = dict(spec)
     name = options.pop("name", DEFAULT_METHOD)
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:
         raise ConfigError(f"{path}.name: got {name!r}, expected one of {', '.join(METHODS)}")
     method = METHODS[name]
     try:
