@@ -18,21 +18,21 @@ Overrides = Annotated[list[str] | None, typer.Argument(help="dotted overrides, e
 def serve_command(
     adapters: Annotated[str | None, typer.Option(help="directory with one subdirectory per adapter (a `tunelab run "
                                                       "--out` directory, or its adapter/)")] = None,
-    model: Annotated[str | None, typer.Option(help="base model every adapter was trained on [default: smollm2-135m]")] = None,
+    model: Annotated[str | None, typer.Option(help="base model every adapter was trained on (default: smollm2-135m)")] = None,
     host: Annotated[str | None, typer.Option(help="address to bind; keep 127.0.0.1 unless behind a proxy "
-                                                  "[default: 127.0.0.1]")] = None,
-    port: Annotated[int | None, typer.Option(help="[default: 8000]")] = None,
+                                                  "(default: 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="(default: 8000)")] = None,
     api_key: Annotated[str | None, typer.Option(envvar="TUNELAB_API_KEY", show_envvar=True,
                                                 help="require `Authorization: Bearer KEY`")] = None,
     max_loaded: Annotated[int | None, typer.Option(help="adapters kept in memory (least recently used evicted) "
-                                                        "[default: 64]")] = None,
+                                                        "(default: 64)")] = None,
     max_weight_adapters: Annotated[int | None, typer.Option(help="LoRA / full-weight adapters kept (each holds a "
-                                                                 "copy of the model) [default: 2]")] = None,
-    max_batch: Annotated[int | None, typer.Option(help="rows per forward pass [default: 32]")] = None,
-    window_ms: Annotated[float | None, typer.Option(help="how long the batcher collects requests [default: 5.0]")] = None,
-    max_prompt_tokens: Annotated[int | None, typer.Option(help="[default: 2048]")] = None,
-    max_tokens: Annotated[int | None, typer.Option(help="largest max_tokens a request may ask for [default: 512]")] = None,
-    max_body_bytes: Annotated[int | None, typer.Option(help="[default: 1000000]")] = None,
+                                                                 "copy of the model) (default: 2)")] = None,
+    max_batch: Annotated[int | None, typer.Option(help="rows per forward pass (default: 32)")] = None,
+    window_ms: Annotated[float | None, typer.Option(help="how long the batcher collects requests (default: 5.0)")] = None,
+    max_prompt_tokens: Annotated[int | None, typer.Option(help="(default: 2048)")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="largest max_tokens a request may ask for (default: 512)")] = None,
+    max_body_bytes: Annotated[int | None, typer.Option(help="(default: 1000000)")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's)")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML file with ServeConfig keys")] = None,
     overrides: Overrides = None,
