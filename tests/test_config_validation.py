@@ -156,3 +156,11 @@ def test_serve_bad_value_is_one_line(capsys, monkeypatch, tmp_path):
     assert code == 2 and output.strip() == "error: port: got 70000, expected an integer in [0, 65535]"
     code, output = cli(capsys, monkeypatch, "serve", "--model", NO_MODEL)
     assert code == 2 and output.strip().startswith("error: adapters: missing")
+
+
+def test_run_flags_are_set_as_typed_and_win_over_overrides():
+    from tunelab.cli import RUN_FLAGS
+
+    flags = {RUN_FLAGS["method"]: "ipt", RUN_FLAGS["task"]: "yes", RUN_FLAGS["out"]: "runs/a: b"}
+    cfg = build(type(build_config()), None, ["method=icl", "method.k=2"], flags)
+    assert (cfg.method_name, cfg.method.k, cfg.data.task, cfg.out) == ("ipt", 2, "yes", "runs/a: b")

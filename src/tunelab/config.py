@@ -387,7 +387,7 @@ def build(cls: type, yaml_path: str | Path | None = None, overrides: list[str] |
     data: dict[str, Any] = _deep_copy(base or {})
     if yaml_path:
         data = _merge(data, load_yaml(yaml_path))
-    data = apply_overrides(_method_as_section(data), overrides or [])
+    data = _method_as_section(apply_overrides(_method_as_section(data), overrides or []))
     for key, value in (flags or {}).items():
         if value is not None:
             _set(data, key.split("."), value, f"flag for {key}")
