@@ -233,7 +233,8 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
     unknown = sorted(str(k) for k in set(data) - names)
     if unknown:
         section = f"{path}: " if path else ""  # every message starts with the path it is about
-        raise ConfigError(f"{section}unknown config key '{where}{unknown[0]}'; valid keys: {', '.join(sorted(names))}")
+        key = where + unknown[0]  # repr: a key with a newline still makes one line
+        raise ConfigError(f"{section}unknown config key {key!r}; valid keys: {', '.join(sorted(names))}")
     missing = [f.name for f in fields if f.name not in data and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
