@@ -49,7 +49,7 @@ def test_method_options_validated_against_method_dataclass():
     assert method.name == "prompt_tuning" and cfg.num_virtual_tokens == 8
     with pytest.raises(ConfigError, match="method.num_virtual_tokenz"):
         method_config({"name": "prompt_tuning", "num_virtual_tokenz": 8})
-    with pytest.raises(ConfigError, match="method.name: got 'promt_tuning', expected one of icl, "):
+    with pytest.raises(ConfigError, match="^method.name: unknown method 'promt_tuning'; choose one of icl, "):
         method_config({"name": "promt_tuning"})
     with pytest.raises(ConfigError, match="^method.num_virtual_tokens: got 0, expected an integer >= 1$"):
         method_config({"name": "prompt_tuning", "num_virtual_tokens": 0})

@@ -49,7 +49,7 @@ def method_config(spec: dict[str, Any] | MethodConfig, path: str = "method") -> 
     options = dict(spec)
     name = options.pop("name", DEFAULT_METHOD)
     if not isinstance(name, str) or name not in METHODS:
-        raise ConfigError(f"{path}.name: got {name!r}, expected one of {', '.join(METHODS)}")
+        raise ConfigError(f"{path}.name: unknown method {name!r}; choose one of {', '.join(METHODS)}")
     method = METHODS[name]
     try:
         config = from_dict(method.Config, options, path=path)
