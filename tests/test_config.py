@@ -1,6 +1,6 @@
 import pytest
 
-from tunelab.config import RunConfig, build_config
+from tunelab.config import RunConfig, build_config, to_dict
 from tunelab.errors import ConfigError
 
 
@@ -9,13 +9,18 @@ def test_defaults_yaml_and_overrides_layer(tmp_path):
     path.write_text("method: {name: icl, k: 2}\ntrain: {steps: 7, lr: 0.5}\n")
     cfg = build_config(path, ["train.lr=1e-3", "data.task=arithmetic"])
     assert isinstance(cfg, RunConfig)
-    assert cfg.method == {"name": "icl", "k": 2}
+    assert type(cfg.method).__name__ == "ICLConfig" and cfg.method.k == 2 and cfg.method_name == "icl"
+    assert to_dict(cfg)["method"] == {"name": "icl", "k": 2}  # written as given (result.json, cell keys)
     assert cfg.train.steps == 7 and cfg.train.lr == pytest.approx(1e-3)
     assert cfg.data.task == "arithmetic" and cfg.train.batch_size == 8
 
 
 def test_method_given_as_string():
-    assert build_config(None, ["method=icl"]).method == {"name": "icl"}
+    cfg = build_config(None, ["method=icl"])
+    assert cfg.method_name == "icl" and to_dict(cfg)["method"] == {"name": "icl"}
+    assert build_config(None, ["method=ipt", "method.k=2"]).method.k == 2
+    assert build_config(None, ["method.k=3", "method.name=icl"]).method.k == 3
+    assert build_config(None, []).method_name == "prompt_tuning"
 
 
 @pytest.mark.parametrize("override, message", [
@@ -44,7 +49,7 @@ def test_method_options_validated_against_method_dataclass():
     assert method.name == "prompt_tuning" and cfg.num_virtual_tokens == 8
     with pytest.raises(ConfigError, match="method.num_virtual_tokenz"):
         method_config({"name": "prompt_tuning", "num_virtual_tokenz": 8})
-    with pytest.raises(ConfigError, match="unknown method"):
+    with pytest.raises(ConfigError, match="^method.name: unknown method 'promt_tuning'; choose one of icl, "):
         method_config({"name": "promt_tuning"})
-    with pytest.raises(ConfigError, match="num_virtual_tokens must be >= 1"):
+    with pytest.raises(ConfigError, match="^method.num_virtual_tokens: got 0, expected an integer >= 1$"):
         method_config({"name": "prompt_tuning", "num_virtual_tokens": 0})

@@ -21,13 +21,11 @@ console = Console()
 Overrides = Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. train.lr=1e-3 method.k=2")]
 
 
-def _flags_to_overrides(**flags) -> list[str]:
-    mapping = {"method": "method.name", "task": "data.task", "model": "model.name", "steps": "train.steps",
-               "seed": "train.seed", "out": "out", "lr": "train.lr", "batch_size": "train.batch_size",
-               "max_train": "data.max_train", "max_eval": "data.max_eval", "resume": "train.resume",
-               "trust_remote_code": "model.trust_remote_code", "allow_pickle": "model.allow_pickle",
-               "init_from": "method.init_from"}
-    return [f"{mapping[k]}={v}" for k, v in flags.items() if v is not None]
+RUN_FLAGS = {"method": "method.name", "task": "data.task", "model": "model.name", "steps": "train.steps",
+             "seed": "train.seed", "out": "out", "lr": "train.lr", "batch_size": "train.batch_size",
+             "max_train": "data.max_train", "max_eval": "data.max_eval", "resume": "train.resume",
+             "trust_remote_code": "model.trust_remote_code", "allow_pickle": "model.allow_pickle",
+             "init_from": "method.init_from"}  # flag -> the config key it sets
 
 
 @app.command()
@@ -51,13 +49,14 @@ def run(
     overrides: Overrides = None,
 ) -> None:
     """Train and evaluate one method on one task; writes OUT/result.json."""
-    from tunelab.config import build_config
+    from tunelab.config import RunConfig, build
     from tunelab.run import run as run_one
 
     flags = dict(method=method, task=task, model=model, steps=steps, seed=seed, lr=lr, batch_size=batch_size,
                  max_train=max_train, max_eval=max_eval, out=out, resume=resume,
                  trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, init_from=init_from)
-    cfg = build_config(config, (overrides or []) + _flags_to_overrides(**flags))
+    # defaults < --config < overrides < flags; flag values are set as typed, not re-read as YAML
+    cfg = build(RunConfig, config, overrides, {RUN_FLAGS[k]: v for k, v in flags.items()})
     result = run_one(cfg, progress=not quiet)
     if result.get("rank"):  # a non-zero process under accelerate launch: process 0 reports
         return

@@ -1,12 +1,19 @@
-"""Typed run configuration: defaults < YAML file < dotted CLI overrides (``train.lr=1e-3``).
+"""Typed configuration for every command: defaults < YAML file < dotted overrides (``train.lr=1e-3``) < flags.
 
-Every section is a dataclass; unknown keys are errors that name the key's full path.
-Method-specific options live under ``method`` next to its ``name`` and are validated
-against that method's own dataclass (see ``tunelab.methods``).
+Every section is a dataclass; unknown keys are errors that name the key's full path, and every field
+declares its allowed values (``tunelab.validation``: ``at_least``, ``choice``, ...), checked when the
+config is built, so a bad value stops the command with one line before any model loads:
+``train.batch_size: got 0, expected an integer >= 1``.
+
+``RunConfig.method`` is the method's own config dataclass (``tunelab.methods``), resolved from
+``{name: ipt, k: 2}`` (or just ``ipt``) when the config is built. ``EvalCommandConfig`` (`tunelab eval`)
+and ``ServeConfig`` (`tunelab serve`) are built the same way (``build``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import types
 import typing
@@ -17,67 +24,132 @@ from typing import Any
 import yaml
 
 from tunelab.errors import ConfigError
+from tunelab.validation import above, at_least, between, check, choice, each_of, finite, matching, satisfying
+
+DEFAULT_METHOD = "prompt_tuning"  # what `tunelab run` trains when no method is named
+DEVICES = r"auto|cpu|mps|cuda(:\d+)?"
+
+
+def _non_empty(value: str) -> bool:
+    return bool(value.strip())
+
+
+def _sni_encoding(value: str) -> bool:
+    from tunelab.data.formats.super_ni import SniEncoding
+
+    try:
+        SniEncoding.parse(value)
+    except ConfigError:
+        return False
+    return True
 
 
 @dataclass
 class ModelConfig:
-    name: str = "smollm2-135m"  # registry name, Hugging Face id, or local directory
-    dtype: str = "float32"  # bf16 is ~40x slower on CPUs without bf16 units
-    threads: int | None = None  # torch threads; None = all cores
-    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:1 | mps
+    name: str = satisfying(_non_empty, "a registry name, Hugging Face id or local directory",
+                           "smollm2-135m")  # registry name, Hugging Face id, or local directory
+    dtype: str = choice("tunelab.models:DTYPES", "float32")  # bf16 is ~40x slower on CPUs without bf16 units
+    threads: int | None = at_least(1, None)  # torch threads; None = all cores
+    device: str = matching(DEVICES, "auto, cpu, cuda, cuda:N or mps",
+                           "auto")  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:1 | mps
     trust_remote_code: bool = False  # never run a hub repo's code unless asked
     allow_pickle: bool = False  # load pickle-only (*.bin) local model weights; pickles can run code
 
 
 @dataclass
 class DataConfig:
-    task: str = "date_format"  # built-in task name, a JSONL file, or a directory with train/test files
+    task: str = satisfying(_non_empty, "a built-in task name, a data file or a directory",
+                           "date_format")  # built-in task name, a JSONL file, or a directory with train/test files
     train: str | None = None  # explicit train file (overrides what `task` implies)
     eval: str | None = None  # explicit eval file
-    max_train: int | None = None  # cap on training examples (learning curves)
-    max_eval: int | None = 100  # cap on evaluation examples
-    max_length: int = 512  # tokens per training sequence; longer prompts are cut from the left
-    template: str = "auto"  # auto | chat | alpaca | plain
+    max_train: int | None = at_least(1, None)  # cap on training examples (learning curves)
+    max_eval: int | None = at_least(1, 100)  # cap on evaluation examples
+    max_length: int = at_least(1, 512)  # tokens per training sequence; longer prompts are cut from the left
+    template: str = choice("tunelab.formatting:TEMPLATES", "auto")  # auto | chat | alpaca | plain
     system_prompt: str | None = None  # chat template system message; None keeps the model's default
     skip_bad: bool = False  # skip malformed records (counted in result.json) instead of stopping
-    task_cap: int | None = None  # examples-proportional mixing of the train tasks, at most this many per task
+    task_cap: int | None = at_least(1, None)  # examples-proportional mixing of the train tasks, at most this many per task
     mixture: list[str] | None = None  # more training files mixed in, each "path" or "path@weight"
-    sni_encoding: str = "plain"  # Super-NI instructions: plain (Definition) or Tk-Instruct's def, def+pos2, ...
+    sni_encoding: str = satisfying(_sni_encoding, "plain or parts joined by '+': def, posK, negK, expl (e.g. def+pos2)",
+                                   "plain")  # Super-NI instructions: plain (Definition) or Tk-Instruct's def, def+pos2, ...
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 100
-    lr: float | None = None  # None = the method's default
-    batch_size: int = 8
-    grad_accum: int = 1
-    warmup_steps: int = 0
-    schedule: str = "linear"  # linear: warmup then decay to 10% of lr | constant: warmup then flat
+    steps: int = at_least(0, 100)  # 0 = no training (e.g. a transferred prompt used as is)
+    lr: float | None = above(0, None)  # None = the method's default
+    batch_size: int = at_least(1, 8)
+    grad_accum: int = at_least(1, 1)
+    warmup_steps: int = at_least(0, 0)
+    schedule: str = choice("tunelab.train:SCHEDULES", "linear")  # linear: warmup then decay to 10% of lr | constant: warmup then flat
     group_by_length: bool = True  # batches of similar-length examples (less padding); order stays random
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
+    weight_decay: float = at_least(0, 0.0)
+    max_grad_norm: float = at_least(0, 1.0)  # 0 = no clipping
+    seed: int = between(0, 2**32 - 1, 0)  # numpy's seed range
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
-    precision: str = "auto"  # fp32 | bf16 (autocast) | auto: bf16 where measured faster (tunelab.distributed)
-    checkpoint_every: int = 0  # steps between resumable checkpoints; 0 = only at the end
-    log_every: int = 10
+    precision: str = choice("tunelab.distributed:PRECISIONS", "auto")  # fp32 | bf16 (autocast) | auto: bf16 where measured faster (tunelab.distributed)
+    checkpoint_every: int = at_least(0, 0)  # steps between resumable checkpoints; 0 = only at the end
+    log_every: int = at_least(1, 10)
     resume: bool = False  # continue from OUT/checkpoint if one exists
 
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 16
-    max_new_tokens: int | None = None  # None = derived from the longest training reference
-    metrics: list[str] | None = None  # None = the task's default metrics
+    batch_size: int = at_least(1, 16)
+    max_new_tokens: int | None = at_least(1, None)  # None = derived from the longest training reference
+    metrics: list[str] | None = each_of("tunelab.metrics:METRICS", None)  # None = the task's default metrics
     do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float = above(0, 1.0)
+    top_p: float = between(0, 1, 1.0, low_open=True)
     loss: bool = True  # teacher-forced loss on the eval rows and as many training rows (the overfitting gap)
 
 
 @dataclass
+class MethodConfig:
+    """Options shared by all methods; each method subclasses this with its own fields (``tunelab.methods``).
+
+    An instance built by ``tunelab.methods.method_config`` also knows its method's registry ``name`` and
+    the options as they were given (``as_given``): that is what ``to_dict`` writes (result.json) and
+    what ``tunelab compare`` hashes, so adding an option with a default changes no stored cell.
+    Neither is a dataclass field, so ``asdict`` (adapter metadata, checkpoint identity) is unchanged.
+    """
+
+    lr: float = above(0, 1e-3)  # learning rate when train.lr is not set
+    init_from: str | None = None  # a run (or its adapter/) to start from; see tunelab.methods.transfer
+
+    def bind(self, name: str, given: dict[str, Any]) -> MethodConfig:
+        """Record the registry name and the options as given (done by ``tunelab.methods.method_config``)."""
+        self.__dict__["_name"], self.__dict__["_given"] = name, copy.deepcopy(given)
+        return self
+
+    @property
+    def name(self) -> str:
+        """The method's registry name (``icl``, ``lora``, ...)."""
+        if "_name" in self.__dict__:
+            return self.__dict__["_name"]
+        from tunelab.methods import METHODS  # built directly, not from a spec: the method owning this class
+
+        return next((m.name for m in METHODS.values() if m.Config is type(self)), "")
+
+    def as_given(self) -> dict[str, Any]:
+        """``{"name": ..., **options}`` with only the options that were given (or differ from the defaults)."""
+        given = self.__dict__.get("_given")
+        if given is None:
+            defaults = type(self)()
+            given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                     if getattr(self, f.name) != getattr(defaults, f.name)}
+        return {"name": self.name, **copy.deepcopy(given)}
+
+
+def _default_method() -> MethodConfig:
+    from tunelab.methods import method_config
+
+    return method_config({"name": DEFAULT_METHOD})[1]
+
+
+@dataclass
 class RunConfig:
-    method: dict[str, Any] = field(default_factory=lambda: {"name": "prompt_tuning"})
+    method: MethodConfig = field(default_factory=_default_method)  # the method's own Config (tunelab.methods)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -86,31 +158,112 @@ class RunConfig:
 
     @property
     def method_name(self) -> str:
-        return str(self.method.get("name", ""))
+        return self.method.name
+
+
+@dataclass
+class EvalCommandConfig:
+    """What `tunelab eval` was asked to do: a YAML file (``--config``), dotted overrides, then its flags."""
+
+    data: str = satisfying(_non_empty, "a JSONL file or a task directory")  # its eval split for a directory
+    model: str | None = None  # None = the adapter's base model, else smollm2-135m
+    adapter: str | None = None  # directory holding tunelab_adapter.json
+    protocol: str = choice("tunelab.protocols:PROTOCOLS", "standard")  # standard | super_ni
+    k: int = at_least(0, 2)  # super_ni: positive examples shown with the definition
+    tasks_file: str | None = None  # super_ni: definitions and examples (default: DATA_DIR/tasks.jsonl)
+    seen_from: str | None = None  # training data whose tasks are excluded (default: the adapter's run)
+    include_seen: bool = False  # score tasks seen in training too (not the unseen-task protocol)
+    metrics: list[str] | None = each_of("tunelab.metrics:METRICS", None)  # None = the task's (super_ni: rouge_l)
+    max_eval: int | None = at_least(1, None)  # cap on examples, after the per-task cap
+    max_per_task: int | None = at_least(1, None)  # first N examples of each task
+    template: str = choice("tunelab.formatting:TEMPLATES", "auto")  # an adapter's own layout wins under auto
+    system_prompt: str | None = None
+    max_length: int | None = at_least(1, None)  # prompt tokens; None = the adapter's own (1024 for the bare model)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # batch size and decoding
+    n_resamples: int = at_least(1, 1000)  # bootstrap resamples for the 95% intervals
+    out: str | None = None  # write OUT/metrics.json and OUT/predictions.jsonl
+
+
+@dataclass
+class ServeConfig:
+    """What `tunelab serve` was asked to do: a YAML file (``--config``), dotted overrides, then its flags."""
+
+    adapters: str = satisfying(_non_empty, "a directory with one subdirectory per adapter")
+    model: str = satisfying(_non_empty, "a registry name, Hugging Face id or local directory",
+                            "smollm2-135m")  # the base model every adapter was trained on
+    host: str = satisfying(_non_empty, "an address to bind", "127.0.0.1")  # keep 127.0.0.1 unless behind a proxy
+    port: int = between(0, 65535, 8000)  # 0 = any free port
+    api_key: str | None = None  # require `Authorization: Bearer KEY` (the flag also reads TUNELAB_API_KEY)
+    max_loaded: int = at_least(1, 64)  # adapters kept in memory (least recently used evicted)
+    max_weight_adapters: int = at_least(1, 2)  # LoRA / full-weight adapters kept (each holds a model copy)
+    max_batch: int = at_least(1, 32)  # rows per forward pass
+    window_ms: float = at_least(0, 5.0)  # how long the batcher collects requests
+    max_prompt_tokens: int = at_least(1, 2048)
+    max_tokens: int = at_least(1, 512)  # largest max_tokens a request may ask for
+    max_body_bytes: int = at_least(1, 1_000_000)
+    threads: int | None = at_least(1, None)  # torch threads; None = torch's default
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """A plain, YAML/JSON-serialisable dict of a config dataclass."""
-    return dataclasses.asdict(cfg)
+    """A plain, YAML/JSON-serialisable dict of a config dataclass; a method config is written as given
+    (``MethodConfig.as_given``: its name and the options that were set)."""
+    return _plain(cfg)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, MethodConfig):
+        return value.as_given()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return copy.deepcopy(value)
 
 
 def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
-    """Build dataclass ``cls`` from ``data``, checking key names and value types."""
+    """Build dataclass ``cls`` from ``data``, checking key names, value types and each field's declared rule."""
+    where = f"{path}." if path else ""
     if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{path or 'config'}: got {data!r}, expected a mapping")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    names = {f.name for f in fields}
+    unknown = sorted(str(k) for k in set(data) - names)
     if unknown:
-        where = f"{path}." if path else ""
-        raise ConfigError(f"unknown config key '{where}{unknown[0]}'; valid keys: {', '.join(sorted(names))}")
+        section = f"{path}: " if path else ""  # every message starts with the path it is about
+        key = where + unknown[0]  # repr: a key with a newline still makes one line
+        raise ConfigError(f"{section}unknown config key {key!r}; valid keys: {', '.join(sorted(names))}")
+    missing = [f.name for f in fields if f.name not in data and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where}{missing[0]}: missing; set it in the config file, as {where}{missing[0]}=VALUE "
+                          "or with its flag")
     kwargs = {}
-    for key, value in data.items():
-        kwargs[key] = _coerce(hints[key], value, f"{path}.{key}" if path else key)
+    for key, raw in data.items():
+        value = _coerce(hints[key], raw, f"{where}{key}")
+        check(cls, key, hints[key], value, raw, f"{where}{key}")
+        kwargs[key] = value
     return cls(**kwargs)
 
 
+def _method(value: Any, path: str) -> MethodConfig:
+    """A method's own config from ``{"name": ..., **options}`` or a bare name."""
+    if isinstance(value, MethodConfig):
+        return value
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: got {value!r}, expected a method name or a mapping like {{name: icl, k: 2}}")
+    from tunelab.methods import method_config
+
+    return method_config(value, path)[1]
+
+
 def _coerce(hint: Any, value: Any, path: str) -> Any:
+    if isinstance(hint, type) and issubclass(hint, MethodConfig):
+        return _method(value, path)
     if dataclasses.is_dataclass(hint):
         return value if isinstance(value, hint) else from_dict(hint, value, path)
     origin = typing.get_origin(hint)
@@ -129,11 +282,11 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
+            raise ConfigError(f"{path}: got {value!r}, expected a list")
         return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)] if args else list(value)
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{path}: got {value!r}, expected a mapping")
         return dict(value)
     if hint is Any:
         return value
@@ -146,7 +299,7 @@ def _scalar(hint: type, value: Any, path: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in {"true", "false", "1", "0", "yes", "no"}:
             return value.lower() in {"true", "1", "yes"}
-        raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        raise ConfigError(f"{path}: got {value!r}, expected true/false")
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -155,20 +308,21 @@ def _scalar(hint: type, value: Any, path: str) -> Any:
                 return int(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        raise ConfigError(f"{path}: got {value!r}, expected an integer")
     if hint is float:
+        number = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{path}: expected a number, got {value!r}")
+            number = float(value) if abs(value) < 1e308 else float("inf")  # huge ints overflow float()
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is not None and finite(number):
+            return number
+        raise ConfigError(f"{path}: got {value!r}, expected a {'finite ' if number is not None else ''}number")
     if hint is str:
         if isinstance(value, str | int | float) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{path}: expected a string, got {value!r}")
+        raise ConfigError(f"{path}: got {value!r}, expected a string")
     return value
 
 
@@ -192,13 +346,18 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     out = _deep_copy(data)
     for item in overrides:
         parts, value = parse_override(item)
-        node = out
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}': '{part}' is not a section")
-        node[parts[-1]] = value
+        out = _method_as_section(out)  # `method=icl method.k=2`
+        _set(out, parts, value, f"override '{item}'")
     return out
+
+
+def _set(data: dict[str, Any], parts: list[str], value: Any, what: str) -> None:
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{what}: '{part}' is not a section")
+    node[parts[-1]] = value
 
 
 def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
@@ -219,16 +378,34 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def build_config(yaml_path: str | Path | None = None, overrides: list[str] | None = None,
-                 base: dict[str, Any] | None = None) -> RunConfig:
-    """Defaults < ``base`` < YAML file < overrides, validated into a RunConfig."""
+def build(cls: type, yaml_path: str | Path | None = None, overrides: list[str] | None = None,
+          flags: dict[str, Any] | None = None, base: dict[str, Any] | None = None) -> Any:
+    """Defaults < ``base`` < YAML file < dotted overrides < ``flags``, validated into dataclass ``cls``.
+
+    ``flags`` maps dotted keys to CLI flag values, set as they are (not re-parsed as YAML); a None
+    value is a flag not given.
+    """
     data: dict[str, Any] = _deep_copy(base or {})
     if yaml_path:
         data = _merge(data, load_yaml(yaml_path))
-    data = apply_overrides(data, overrides or [])
+    data = _method_as_section(apply_overrides(_method_as_section(data), overrides or []))
+    for key, value in (flags or {}).items():
+        if value is not None:
+            _set(data, key.split("."), value, f"flag for {key}")
+    return from_dict(cls, _method_as_section(data))
+
+
+def _method_as_section(data: dict[str, Any]) -> dict[str, Any]:
+    """``method: icl`` means ``method: {name: icl}``, so ``method.k=2`` can be set beside it."""
     if isinstance(data.get("method"), str):
-        data["method"] = {"name": data["method"]}
-    return from_dict(RunConfig, data)
+        data = {**data, "method": {"name": data["method"]}}
+    return data
+
+
+def build_config(yaml_path: str | Path | None = None, overrides: list[str] | None = None,
+                 base: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults < ``base`` < YAML file < overrides, validated into a RunConfig."""
+    return build(RunConfig, yaml_path, overrides, base=base)
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:

@@ -15,12 +15,12 @@ import json
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from tunelab import metrics as M
-from tunelab.config import EvalConfig
+from tunelab.config import EvalCommandConfig as EvalRequest
 from tunelab.data import default_metrics, load_examples, load_task
 from tunelab.data.example import Example
 from tunelab.errors import ConfigError, DataError
@@ -29,30 +29,8 @@ from tunelab.formatting import PromptLayout
 from tunelab.methods.io import Loaded
 
 PROTOCOLS = ("standard", "super_ni")
+# EvalRequest (tunelab.config.EvalCommandConfig): what `tunelab eval` was asked, typed and validated like `run`.
 SUPER_NI_METRICS = ("rouge_l", "exact_match")
-
-
-@dataclass
-class EvalRequest:
-    """What `tunelab eval` was asked to do (every field is a CLI flag)."""
-
-    data: str  # JSONL file or task directory (its eval split)
-    model: str | None = None  # None = the adapter's base model, else smollm2-135m
-    adapter: str | None = None  # directory holding tunelab_adapter.json
-    protocol: str = "standard"
-    k: int = 2  # super_ni: positive examples shown with the definition
-    tasks_file: str | None = None  # super_ni: definitions and examples (default: DATA_DIR/tasks.jsonl)
-    seen_from: str | None = None  # training data whose tasks are excluded (default: the adapter's run)
-    include_seen: bool = False  # score tasks seen in training too (not the unseen-task protocol)
-    metrics: list[str] | None = None
-    max_eval: int | None = None  # cap on examples, after the per-task cap
-    max_per_task: int | None = None  # first N examples of each task
-    template: str = "auto"
-    system_prompt: str | None = None
-    max_length: int | None = None  # prompt tokens; None = the adapter's own budget (1024 for the bare model)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    n_resamples: int = 1000
-    out: str | None = None
 
 
 @dataclass

@@ -18,7 +18,7 @@ from tunelab.config import RunConfig, to_dict
 from tunelab.data import TaskData, load_task
 from tunelab.evaluate import EvalResult, evaluate, reference_nll
 from tunelab.formatting import DemoSelector, PromptLayout, encode_example
-from tunelab.methods import method_config
+from tunelab.methods import get_method
 from tunelab.methods.base import Adapter, Method, MethodConfig
 from tunelab.methods.io import save_adapter
 from tunelab.metrics import check_names
@@ -68,7 +68,7 @@ def layout_of(cfg: RunConfig, demos: DemoSelector | None = None) -> PromptLayout
 
 def prepare(cfg: RunConfig) -> Prepared:
     """Validate config, method options and data; raises TunelabError naming what to fix."""
-    method, method_cfg = method_config(cfg.method)
+    method, method_cfg = get_method(cfg.method_name), cfg.method  # options validated when cfg was built
     task = prepare_task(cfg, method, method_cfg)
     metric_names = tuple(cfg.eval.metrics or task.metrics)
     check_names(metric_names)

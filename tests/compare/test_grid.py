@@ -42,7 +42,7 @@ def test_missing_data_fails_before_training(grid_file, tmp_path):
 
 
 def test_method_option_value_checked_by_the_method(grid_file):
-    with pytest.raises(ConfigError, match="num_virtual_tokens must be >= 1"):
+    with pytest.raises(ConfigError, match=r"methods\[\d\]\.num_virtual_tokens: got 0, expected an integer >= 1"):
         plan(grid_file(methods=[{"name": "prompt_tuning", "num_virtual_tokens": 0}]))
 
 
@@ -55,7 +55,7 @@ def test_expand_crosses_axes_and_sweeps_prompt_length_only_where_it_exists(grid_
     assert len(cells) == 6 + 12 + 6
     assert len({c.key for c in cells}) == len(cells)
     swept = [c for c in cells if c.method == "prompt_tuning"]
-    assert {c.config.method["num_virtual_tokens"] for c in swept} == {2, 4}
+    assert {c.config.method.num_virtual_tokens for c in swept} == {2, 4}
     assert {c.prompt_length for c in cells if c.method == "pt3"} == {3}
     assert {c.config.data.max_train for c in cells} == {8, 16}
     assert {c.config.train.seed for c in cells} == {0, 1, 2}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -39,45 +40,55 @@ def print_report(console: Console, report) -> None:
     console.print(f"{info['n_eval']} examples in {info['seconds']:.1f} s (model load {info['load_seconds']:.1f} s)")
 
 
+Overrides = Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. eval.batch_size=4 protocol=super_ni")]
+
+
 def eval_command(
-    data: Annotated[str, typer.Option(help="JSONL file, or a task directory (its test/eval split)")],
+    data: Annotated[str | None, typer.Option(help="JSONL file, or a task directory (its test/eval split)")] = None,
     model: Annotated[str | None, typer.Option(help="base model (default: the adapter's, else smollm2-135m)")] = None,
     adapter: Annotated[str | None, typer.Option(help="adapter directory (RUN/adapter, with tunelab_adapter.json)")] = None,
-    protocol: Annotated[str, typer.Option(help="standard | super_ni (unseen tasks, definition + k examples)")] = "standard",
-    k: Annotated[int, typer.Option(help="super_ni: positive examples shown with each definition")] = 2,
+    protocol: Annotated[str | None, typer.Option(help="standard | super_ni (unseen tasks, definition + k examples) "
+                                                      "(default: standard)")] = None,
+    k: Annotated[int | None, typer.Option(help="super_ni: positive examples shown with each definition (default: 2)")] = None,
     tasks_file: Annotated[str | None, typer.Option(help="super_ni: tasks.jsonl (default: beside --data)")] = None,
     seen_from: Annotated[str | None, typer.Option(help="super_ni: training data whose tasks are excluded "
                                                          "(default: the adapter's run)")] = None,
-    include_seen: Annotated[bool, typer.Option("--include-seen", help="super_ni: keep tasks seen in training")] = False,
+    include_seen: Annotated[bool | None, typer.Option("--include-seen", help="super_ni: keep tasks seen in training")] = None,
     metrics: Annotated[str | None, typer.Option(help="comma-separated metric names (default: the task's)")] = None,
     max_eval: Annotated[int | None, typer.Option(help="cap on examples")] = None,
     max_per_task: Annotated[int | None, typer.Option(help="first N examples of each task")] = None,
-    batch_size: Annotated[int, typer.Option(help="generation batch size")] = 16,
+    batch_size: Annotated[int | None, typer.Option(help="generation batch size (default: 16)")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="default: from reference lengths (per task)")] = None,
-    template: Annotated[str, typer.Option(help="auto | chat | alpaca | plain (an adapter's own wins under auto)")] = "auto",
-    sample: Annotated[bool, typer.Option("--sample", help="sample instead of greedy decoding")] = False,
-    temperature: Annotated[float, typer.Option()] = 1.0,
-    top_p: Annotated[float, typer.Option()] = 1.0,
-    resamples: Annotated[int, typer.Option(help="bootstrap resamples for the 95% intervals")] = 1000,
+    template: Annotated[str | None, typer.Option(help="auto | chat | alpaca | plain (an adapter's own wins under auto) "
+                                                      "(default: auto)")] = None,
+    sample: Annotated[bool | None, typer.Option("--sample", help="sample instead of greedy decoding")] = None,
+    temperature: Annotated[float | None, typer.Option(help="(default: 1.0)")] = None,
+    top_p: Annotated[float | None, typer.Option(help="(default: 1.0)")] = None,
+    resamples: Annotated[int | None, typer.Option(help="bootstrap resamples for the 95% intervals (default: 1000)")] = None,
     out: Annotated[str | None, typer.Option(help="write OUT/metrics.json and OUT/predictions.jsonl")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML file with EvalCommandConfig keys")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    overrides: Overrides = None,
 ) -> None:
-    """Evaluate a model (and adapter) on a data file; prints scores with 95% bootstrap intervals."""
-    from tunelab.config import EvalConfig
+    """Evaluate a model (and adapter) on a data file; prints scores with 95% bootstrap intervals.
+
+    Settings come from defaults < --config YAML < dotted overrides (``eval.batch_size=4``) < flags;
+    every value is checked before the model loads.
+    """
+    from tunelab.config import EvalCommandConfig, build
     from tunelab.progress import bar
-    from tunelab.protocols import EvalRequest, run_eval, select_examples
+    from tunelab.protocols import run_eval, select_examples
 
     console = Console()
-    req = EvalRequest(data=data, model=model, adapter=adapter, protocol=protocol, k=k, tasks_file=tasks_file,
-                      seen_from=seen_from, include_seen=include_seen,
-                      metrics=[m.strip() for m in metrics.split(",") if m.strip()] if metrics else None,
-                      max_eval=max_eval, max_per_task=max_per_task, template=template,
-                      eval=EvalConfig(batch_size=batch_size, max_new_tokens=max_new_tokens, do_sample=sample,
-                                      temperature=temperature, top_p=top_p),
-                      n_resamples=resamples, out=out)
+    flags = {"data": data, "model": model, "adapter": adapter, "protocol": protocol, "k": k, "tasks_file": tasks_file,
+             "seen_from": seen_from, "include_seen": include_seen, "metrics": metrics, "max_eval": max_eval,
+             "max_per_task": max_per_task, "eval.batch_size": batch_size, "eval.max_new_tokens": max_new_tokens,
+             "template": template, "eval.do_sample": sample, "eval.temperature": temperature, "eval.top_p": top_p,
+             "n_resamples": resamples, "out": out}
+    req = build(EvalCommandConfig, config, overrides, flags)
     n = len(select_examples(req)[0])  # validates data and flags before the model loads
     with bar("evaluating", n, not quiet) as advance:
         report = run_eval(req, progress=advance)
     print_report(console, report)
-    if out:
-        console.print(f"wrote {out}/metrics.json and {out}/predictions.jsonl")
+    if req.out:
+        console.print(f"wrote {req.out}/metrics.json and {req.out}/predictions.jsonl")

@@ -3,30 +3,56 @@
 from __future__ import annotations
 
 import os
-from typing import Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+if TYPE_CHECKING:
+    from tunelab.config import ServeConfig
+
+
+Overrides = Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. port=8001 max_batch=16")]
+
 
 def serve_command(
-    adapters: Annotated[str, typer.Option(help="directory with one subdirectory per adapter (a `tunelab run --out` "
-                                               "directory, or its adapter/)")],
-    model: Annotated[str, typer.Option(help="base model every adapter was trained on")] = "smollm2-135m",
-    host: Annotated[str, typer.Option(help="address to bind; keep 127.0.0.1 unless behind a proxy")] = "127.0.0.1",
-    port: Annotated[int, typer.Option()] = 8000,
+    adapters: Annotated[str | None, typer.Option(help="directory with one subdirectory per adapter (a `tunelab run "
+                                                      "--out` directory, or its adapter/)")] = None,
+    model: Annotated[str | None, typer.Option(help="base model every adapter was trained on (default: smollm2-135m)")] = None,
+    host: Annotated[str | None, typer.Option(help="address to bind; keep 127.0.0.1 unless behind a proxy "
+                                                  "(default: 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="(default: 8000)")] = None,
     api_key: Annotated[str | None, typer.Option(envvar="TUNELAB_API_KEY", show_envvar=True,
                                                 help="require `Authorization: Bearer KEY`")] = None,
-    max_loaded: Annotated[int, typer.Option(help="adapters kept in memory (least recently used evicted)")] = 64,
-    max_weight_adapters: Annotated[int, typer.Option(help="LoRA / full-weight adapters kept (each holds a "
-                                                          "copy of the model)")] = 2,
-    max_batch: Annotated[int, typer.Option(help="rows per forward pass")] = 32,
-    window_ms: Annotated[float, typer.Option(help="how long the batcher collects requests")] = 5.0,
-    max_prompt_tokens: Annotated[int, typer.Option()] = 2048,
-    max_tokens: Annotated[int, typer.Option(help="largest max_tokens a request may ask for")] = 512,
-    max_body_bytes: Annotated[int, typer.Option()] = 1_000_000,
+    max_loaded: Annotated[int | None, typer.Option(help="adapters kept in memory (least recently used evicted) "
+                                                        "(default: 64)")] = None,
+    max_weight_adapters: Annotated[int | None, typer.Option(help="LoRA / full-weight adapters kept (each holds a "
+                                                                 "copy of the model) (default: 2)")] = None,
+    max_batch: Annotated[int | None, typer.Option(help="rows per forward pass (default: 32)")] = None,
+    window_ms: Annotated[float | None, typer.Option(help="how long the batcher collects requests (default: 5.0)")] = None,
+    max_prompt_tokens: Annotated[int | None, typer.Option(help="(default: 2048)")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="largest max_tokens a request may ask for (default: 512)")] = None,
+    max_body_bytes: Annotated[int | None, typer.Option(help="(default: 1000000)")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's)")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML file with ServeConfig keys")] = None,
+    overrides: Overrides = None,
 ) -> None:
-    """Serve every adapter in --adapters over one base model: /v1/completions, /v1/chat/completions, /v1/models."""
+    """Serve every adapter in --adapters over one base model: /v1/completions, /v1/chat/completions, /v1/models.
+
+    Settings come from defaults < --config YAML < dotted overrides (``port=8001``) < flags; every
+    value is checked before the model loads.
+    """
+    from tunelab.config import ServeConfig, build
+
+    flags = {"adapters": adapters, "model": model, "host": host, "port": port, "api_key": api_key or None,
+             "max_loaded": max_loaded, "max_weight_adapters": max_weight_adapters, "max_batch": max_batch,
+             "window_ms": window_ms, "max_prompt_tokens": max_prompt_tokens, "max_tokens": max_tokens,
+             "max_body_bytes": max_body_bytes, "threads": threads}
+    serve(build(ServeConfig, config, overrides, flags))
+
+
+def serve(cfg: ServeConfig) -> None:
+    """Load the base model, index the adapters and run the server until interrupted."""
     import torch
     import uvicorn
 
@@ -35,12 +61,13 @@ def serve_command(
     from tunelab.serve.registry import AdapterRegistry
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if threads:
-        torch.set_num_threads(threads)
-    base, tokenizer = load_model(model)
-    registry = AdapterRegistry(adapters, base, tokenizer, model, max_loaded, max_weight_adapters)
-    limits = ServeLimits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_body_bytes=max_body_bytes)
-    app = create_app(registry, limits, api_key or None, window_ms=window_ms, max_batch=max_batch)
-    typer.echo(f"serving {model} + {len(registry.names())} adapters from {registry.root} on http://{host}:{port}"
-               + (" (API key required)" if api_key else ""))
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    base, tokenizer = load_model(cfg.model)
+    registry = AdapterRegistry(cfg.adapters, base, tokenizer, cfg.model, cfg.max_loaded, cfg.max_weight_adapters)
+    limits = ServeLimits(max_prompt_tokens=cfg.max_prompt_tokens, max_tokens=cfg.max_tokens,
+                         max_body_bytes=cfg.max_body_bytes)
+    app = create_app(registry, limits, cfg.api_key or None, window_ms=cfg.window_ms, max_batch=cfg.max_batch)
+    typer.echo(f"serving {cfg.model} + {len(registry.names())} adapters from {registry.root} on "
+               f"http://{cfg.host}:{cfg.port}" + (" (API key required)" if cfg.api_key else ""))
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")

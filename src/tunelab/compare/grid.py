@@ -29,6 +29,7 @@ from tunelab.config import (
     to_dict,
 )
 from tunelab.errors import ConfigError, TunelabError
+from tunelab.validation import at_least, each_of
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
 METHOD_RESERVED = ("name", "label", "tasks", "seeds", *SECTIONS)  # keys of a method entry that are not method options
@@ -62,11 +63,11 @@ class TaskSpec:
     name: str | None = None  # label in the report; default: the last path component
     train: str | None = None  # explicit train file
     eval: str | None = None  # explicit eval file
-    max_eval: int | None = None
-    metrics: list[str] | None = None
+    max_eval: int | None = at_least(1, None)
+    metrics: list[str] | None = each_of("tunelab.metrics:METRICS", None)
     train_tasks: list[str] | None = None  # keep only training rows whose `task` field is listed
     eval_tasks: list[str] | None = None  # keep only evaluation rows whose `task` field is listed
-    eval_per_task: int | None = None  # the first N evaluation rows of each task (max_eval cuts the file's head)
+    eval_per_task: int | None = at_least(1, None)  # the first N evaluation rows of each task (max_eval cuts the file's head)
     prompt_lengths: list[int] | None = None  # this task's soft-prompt length sweep; None = the grid's
     unseen: bool = False  # the evaluation tasks were never trained on (generalisation claims)
     tags: list[str] | None = None  # labels for the claims table, e.g. [reasoning]; no effect on any cell
@@ -236,7 +237,7 @@ def cell_key(cfg: RunConfig, task: TaskSpec | None = None) -> str:
     data.get("train", {}).pop("resume", None)
     data.get("eval", {}).pop("batch_size", None)  # greedy decoding: batch size changes speed, not outputs
     data.get("model", {}).pop("threads", None)  # speed only (--workers splits the cores between cells)
-    data["method"] = dict(cfg.method)  # options as given; the name always counts
+    data["method"] = cfg.method.as_given()  # options as given (not resolved: old stores keep their keys); the name always counts
     blob = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

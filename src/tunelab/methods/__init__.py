@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from tunelab.config import from_dict
+from tunelab.config import DEFAULT_METHOD, from_dict
 from tunelab.errors import ConfigError
 from tunelab.methods.base import Adapter, Method, MethodConfig
 from tunelab.methods.discrete_prompt import DiscretePrompt
@@ -33,20 +33,30 @@ METHODS: dict[str, Method] = {
 
 def get_method(name: str) -> Method:
     """The registered method called ``name``, or an error listing the valid names."""
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:
         raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
     return METHODS[name]
 
 
-def method_config(spec: dict[str, Any]) -> tuple[Method, MethodConfig]:
-    """Validate ``{"name": ..., **options}`` against the method's own config dataclass."""
-    spec = dict(spec)
-    method = get_method(str(spec.pop("name", "")))
+def method_config(spec: dict[str, Any] | MethodConfig, path: str = "method") -> tuple[Method, MethodConfig]:
+    """Validate ``{"name": ..., **options}`` against the method's own config dataclass.
+
+    The name defaults to ``prompt_tuning`` (as ``RunConfig``'s); errors name ``path`` (``method.k``,
+    ``methods[1].k`` in a grid). An already built config is returned with its method.
+    """
+    if isinstance(spec, MethodConfig):
+        return get_method(spec.name), spec
+    options = dict(spec)
+    name = options.pop("name", DEFAULT_METHOD)
+    if not isinstance(name, str) or name not in METHODS:
+        raise ConfigError(f"{path}.name: unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    method = METHODS[name]
     try:
-        return method, from_dict(method.Config, spec, path="method")
+        config = from_dict(method.Config, options, path=path)
     except TypeError as exc:  # __post_init__ signature problems surface as TypeError
         names = ", ".join(f.name for f in fields(method.Config))
-        raise ConfigError(f"method {method.name}: {exc}; valid options: {names}") from None
+        raise ConfigError(f"{path}: method {method.name}: {exc}; valid options: {names}") from None
+    return method, config.bind(method.name, options)
 
 
 __all__ = ["METHODS", "Adapter", "Method", "MethodConfig", "get_method", "method_config"]

@@ -19,12 +19,13 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from tunelab.config import MethodConfig  # the base of every method's options; lives with the other configs
 from tunelab.data.example import Example
 from tunelab.formatting import DemoSelector
 
 if TYPE_CHECKING:
     from tunelab.data import TaskData
-from tunelab.errors import ConfigError, TunelabError
+from tunelab.errors import TunelabError
 
 ADAPTER_META = "tunelab_adapter.json"
 
@@ -67,14 +68,6 @@ class Capabilities:
 
 
 BASE_CAPABILITIES = Capabilities()  # the bare base model: nothing added, nothing changed
-
-
-@dataclass
-class MethodConfig:
-    """Options shared by all methods; each method subclasses this with its own fields."""
-
-    lr: float = 1e-3  # learning rate when train.lr is not set
-    init_from: str | None = None  # a run (or its adapter/) to start from; see tunelab.methods.transfer
 
 
 class Adapter(nn.Module):
@@ -174,17 +167,6 @@ class PeftAdapter(Adapter):
     def __init__(self, peft_model, method: str, config: MethodConfig) -> None:
         super().__init__(peft_model.get_base_model(), method, config)
         self.peft_model = peft_model
-
-
-def check_choice(key: str, value: object, choices: Sequence[object]) -> None:
-    """ConfigError naming ``method.<key>`` and the allowed values unless ``value`` is one of them."""
-    if value not in choices:
-        raise ConfigError(f"method.{key}={value!r}; choose one of {', '.join(map(str, choices))}")
-
-
-def check_at_least(key: str, value: int, minimum: int = 1) -> None:
-    if value < minimum:
-        raise ConfigError(f"method.{key} must be >= {minimum}, got {value}")
 
 
 def freeze(model: nn.Module) -> None:

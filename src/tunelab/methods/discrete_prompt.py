@@ -28,6 +28,7 @@ from tunelab.errors import ConfigError, TunelabError
 from tunelab.formatting import build_prompt, encode, resolve_template, target_text
 from tunelab.methods.base import Adapter, Capabilities, MethodConfig, MethodDefaults, freeze
 from tunelab.modeling import mask_for, pad_batch, token_logprobs
+from tunelab.validation import at_least, choice
 
 CHOICE_FILE = "discrete_prompt.json"
 SCORES = ("loglik", "metric")
@@ -44,20 +45,17 @@ PARAPHRASES = (
 @dataclass
 class DiscretePromptConfig(MethodConfig):
     candidates: list[str] | None = None  # instructions to choose from; None = PARAPHRASES of the task's own
-    n_dev: int = 32  # dev examples each candidate is scored on
-    score: str = "loglik"  # loglik (reference log-likelihood) | metric (generate, then the task's first metric)
-    template: str = "auto"  # prompt layout while scoring; keep it equal to data.template
-    batch_size: int = 8
+    n_dev: int = at_least(1, 32)  # dev examples each candidate is scored on
+    score: str = choice(SCORES, "loglik")  # loglik (reference log-likelihood) | metric (generate, then the task's first metric)
+    template: str = choice("tunelab.formatting:TEMPLATES", "auto")  # prompt layout while scoring; keep it equal to data.template
+    batch_size: int = at_least(1, 8)
 
     def __post_init__(self) -> None:
-        if self.score not in SCORES:
-            raise ConfigError(f"method.score={self.score!r}; choose one of {', '.join(SCORES)}")
-        if self.n_dev < 1:
-            raise ConfigError(f"method.n_dev must be >= 1, got {self.n_dev}")
         if self.candidates is not None and not self.candidates:
             raise ConfigError("method.candidates is empty; give at least one instruction or drop the key")
         if self.init_from:
-            raise ConfigError("discrete_prompt starts from the base model; drop method.init_from / --init-from")
+            raise ConfigError("method.init_from: discrete_prompt starts from the base model; "
+                              "drop method.init_from / --init-from")
 
 
 def fill(candidate: str, example: Example) -> Example:

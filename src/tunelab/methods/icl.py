@@ -14,21 +14,19 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.data.example import Example
 from tunelab.errors import ConfigError
-from tunelab.methods.base import Adapter, Capabilities, MethodConfig, MethodDefaults, check_choice, freeze
+from tunelab.methods.base import Adapter, Capabilities, MethodConfig, MethodDefaults, freeze
 from tunelab.retrieval import SELECTIONS, DemoSelector, select_demos
+from tunelab.validation import at_least, choice
 
 
 @dataclass
 class ICLConfig(MethodConfig):
-    k: int = 1  # demonstrations per input; 0 = zero-shot
-    selection: str = "random"  # random | similar (MiniLM embeddings) | bm25
+    k: int = at_least(0, 1)  # demonstrations per input; 0 = zero-shot
+    selection: str = choice(SELECTIONS, "random")  # random | similar (MiniLM embeddings) | bm25
 
     def __post_init__(self) -> None:
-        if self.k < 0:
-            raise ConfigError(f"method.k must be >= 0, got {self.k}")
-        check_choice("selection", self.selection, SELECTIONS)
         if self.init_from:
-            raise ConfigError("method icl has no weights to start from; drop method.init_from / --init-from")
+            raise ConfigError("method.init_from: icl has no weights to start from; drop method.init_from / --init-from")
 
 
 class FrozenAdapter(Adapter):

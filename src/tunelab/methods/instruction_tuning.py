@@ -27,6 +27,7 @@ from tunelab.errors import ConfigError, DataError
 from tunelab.methods.base import Adapter, Capabilities, MethodDefaults
 from tunelab.methods.full_finetune import build_full, load_full
 from tunelab.methods.lora import LoraMethodConfig, build_lora, load_lora
+from tunelab.validation import at_least, choice
 
 WEIGHTS = ("lora", "full")
 DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
@@ -36,19 +37,15 @@ HELD_OUT_SEED = "tunelab:held_out"  # fixed, so every seed and method sees the s
 @dataclass
 class InstructionTuningConfig(LoraMethodConfig):
     lr: float | None = None  # None = 2e-4 with LoRA, 2e-5 with full weights
-    weights: str = "lora"  # lora | full
+    weights: str = choice(WEIGHTS, "lora")  # lora | full
     held_out_tasks: list[str] | None = None  # tasks kept for evaluation; None = n_held_out drawn by a fixed seed
-    n_held_out: int = 6  # tasks held out when held_out_tasks is not given and eval shares tasks with train
-    max_per_task: int | None = None  # cap on training examples per task (None = all)
+    n_held_out: int = at_least(1, 6)  # tasks held out when held_out_tasks is not given and eval shares tasks with train
+    max_per_task: int | None = at_least(1, None)  # cap on training examples per task (None = all)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.weights not in WEIGHTS:
-            raise ConfigError(f"method.weights={self.weights!r}; choose one of {', '.join(WEIGHTS)}")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.weights]
-        if self.n_held_out < 1:
-            raise ConfigError(f"method.n_held_out must be >= 1, got {self.n_held_out}")
 
 
 def interleave(examples: Sequence[Example]) -> list[Example]:

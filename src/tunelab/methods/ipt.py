@@ -18,22 +18,16 @@ from pathlib import Path
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.data.example import Example
-from tunelab.errors import ConfigError
-from tunelab.methods.base import Adapter, Capabilities, MethodDefaults, check_choice
+from tunelab.methods.base import Adapter, Capabilities, MethodDefaults
 from tunelab.methods.prompt_tuning import PromptTuningMethodConfig, build_soft_prompt, load_soft_prompt
 from tunelab.retrieval import SELECTIONS, DemoSelector, select_demos
+from tunelab.validation import at_least, choice
 
 
 @dataclass
 class IPTConfig(PromptTuningMethodConfig):
-    k: int = 1  # retrieved demonstrations per input (Sun et al. use one)
-    selection: str = "similar"  # random | similar (MiniLM embeddings) | bm25
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.k < 1:
-            raise ConfigError(f"method.k must be >= 1 for ipt (k=0 is prompt_tuning), got {self.k}")
-        check_choice("selection", self.selection, SELECTIONS)
+    k: int = at_least(1, 1)  # retrieved demonstrations per input (Sun et al. use one); k=0 is prompt_tuning
+    selection: str = choice(SELECTIONS, "similar")  # random | similar (MiniLM embeddings) | bm25
 
 
 class IPT(MethodDefaults):

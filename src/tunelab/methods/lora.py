@@ -25,21 +25,18 @@ from tunelab.methods.base import (
     peft_model,
 )
 from tunelab.methods.transfer import base_model, require_no_prompt, start_from
+from tunelab.validation import at_least, between
 
 
 @dataclass
 class LoraMethodConfig(MethodConfig):
     lr: float = 2e-4  # Hu et al. use 2e-4 for GPT-2 on E2E
-    r: int = 8  # rank of the update
-    alpha: int = 16  # scale = alpha / r
-    dropout: float = 0.05  # on the LoRA input path, training only
+    r: int = at_least(1, 8)  # rank of the update
+    alpha: int = at_least(1, 16)  # scale = alpha / r
+    dropout: float = between(0, 1, 0.05, high_open=True)  # on the LoRA input path, training only
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # or ["all-linear"]
 
     def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ConfigError(f"method.r must be >= 1, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"method.dropout must be in [0, 1), got {self.dropout}")
         if not self.target_modules:
             raise ConfigError("method.target_modules is empty; e.g. method.target_modules=q_proj,v_proj")
 

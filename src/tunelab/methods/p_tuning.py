@@ -21,13 +21,12 @@ from tunelab.methods.base import (
     Capabilities,
     MethodConfig,
     MethodDefaults,
-    check_at_least,
-    check_choice,
     freeze,
     peft_model,
 )
 from tunelab.methods.prompt_tuning import SoftPromptAdapter
 from tunelab.methods.transfer import base_model, require_no_prompt, start_from
+from tunelab.validation import at_least, choice
 
 ENCODERS = ("MLP", "LSTM")
 
@@ -35,14 +34,10 @@ ENCODERS = ("MLP", "LSTM")
 @dataclass
 class PTuningConfig(MethodConfig):
     lr: float = 1e-3  # the encoder is an MLP, trained at weight-like rates (Liu et al. use 1e-5..1e-3)
-    num_virtual_tokens: int = 20
-    encoder_type: str = "MLP"  # MLP | LSTM
-    encoder_hidden_size: int | None = None  # None = the model's hidden size
-    encoder_num_layers: int = 2
-
-    def __post_init__(self) -> None:
-        check_at_least("num_virtual_tokens", self.num_virtual_tokens)
-        check_choice("encoder_type", self.encoder_type, ENCODERS)
+    num_virtual_tokens: int = at_least(1, 20)
+    encoder_type: str = choice(ENCODERS, "MLP")  # MLP | LSTM
+    encoder_hidden_size: int | None = at_least(1, None)  # None = the model's hidden size
+    encoder_num_layers: int = at_least(1, 2)
 
 
 class PTuning(MethodDefaults):

@@ -28,13 +28,12 @@ from tunelab.methods.base import (
     MethodConfig,
     MethodDefaults,
     PeftAdapter,
-    check_at_least,
-    check_choice,
     freeze,
     peft_model,
 )
 from tunelab.methods.transfer import Source, base_model, start_from
 from tunelab.modeling import output_cache
+from tunelab.validation import at_least, choice
 
 INITS = ("text", "random")
 
@@ -42,15 +41,11 @@ INITS = ("text", "random")
 @dataclass
 class PrefixTuningMethodConfig(MethodConfig):
     lr: float = 1e-2  # like soft prompts, prefixes need larger steps than weights
-    num_virtual_tokens: int = 20
+    num_virtual_tokens: int = at_least(1, 20)
     prefix_projection: bool = False  # train the prefix through a 2-layer MLP (Li & Liang 2021, Sec. 4.3)
-    encoder_hidden_size: int | None = None  # MLP width; None = the model's hidden size
-    init: str = "text"  # text (activations of init_text) | random (peft's N(0, 1)); the MLP always starts random
+    encoder_hidden_size: int | None = at_least(1, None)  # MLP width; None = the model's hidden size
+    init: str = choice(INITS, "text")  # text (activations of init_text) | random (peft's N(0, 1)); the MLP always starts random
     init_text: str | None = None  # None = the task instruction of the first training example
-
-    def __post_init__(self) -> None:
-        check_at_least("num_virtual_tokens", self.num_virtual_tokens)
-        check_choice("init", self.init, INITS)
 
 
 class PrefixAdapter(PeftAdapter):

@@ -24,12 +24,11 @@ from tunelab.methods.base import (
     MethodConfig,
     MethodDefaults,
     PeftAdapter,
-    check_at_least,
-    check_choice,
     freeze,
     peft_model,
 )
 from tunelab.methods.transfer import Source, base_model, start_from
+from tunelab.validation import at_least, choice
 
 INITS = ("random", "vocab", "text")
 
@@ -37,13 +36,9 @@ INITS = ("random", "vocab", "text")
 @dataclass
 class PromptTuningMethodConfig(MethodConfig):
     lr: float = 3e-2  # soft prompts need far larger steps than weights (Lester et al. use 0.3 w/ Adafactor)
-    num_virtual_tokens: int = 20
-    init: str = "text"  # random | vocab (sampled vocabulary rows) | text (tiled embeddings of init_text)
+    num_virtual_tokens: int = at_least(1, 20)
+    init: str = choice(INITS, "text")  # random | vocab (sampled vocabulary rows) | text (tiled embeddings of init_text)
     init_text: str | None = None  # None = the task instruction of the first training example
-
-    def __post_init__(self) -> None:
-        check_at_least("num_virtual_tokens", self.num_virtual_tokens)
-        check_choice("init", self.init, INITS)
 
 
 class SoftPromptAdapter(PeftAdapter):
