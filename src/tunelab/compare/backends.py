@@ -14,6 +14,7 @@ the caller, in the driver process, acts on the results (the grid writes every st
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
@@ -214,6 +215,7 @@ class RayBackend:
         self.storage = storage
         self._owns = False
         if not self.ray.is_initialized():
+            _check_reachable(address)
             try:
                 self.ray.init(address=address, include_dashboard=False, log_to_driver=False)
             except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -222,6 +224,7 @@ class RayBackend:
             self._owns = True  # started here, so shut down here
         self._remote = self.ray.remote(_ray_call)
         self._refs: dict[Any, Any] = {}
+        self._fits: set[Resources] = set()
 
     def defaults(self) -> Resources:
         """One GPU per unit where the cluster has GPUs (with its share of the cores), else one core."""
@@ -231,7 +234,19 @@ class RayBackend:
             return Resources(cpus=max(1, int(cpus // gpus)), gpus=1)
         return Resources(cpus=1, gpus=0)
 
+    def fits(self, resources: Resources) -> None:
+        """Refuse resources no node of the cluster has: Ray would keep such a task pending forever."""
+        nodes = [n.get("Resources", {}) for n in self.ray.nodes() if n.get("Alive")]
+        for key, asked in (("CPU", resources.cpus or 1), ("GPU", resources.gpus or 0)):
+            most = max((n.get(key, 0) for n in nodes), default=0)
+            if asked > most:
+                raise TunelabError(f"resources.{key.lower()}s: a cell asks for {asked:g} {key}s but no node of the Ray "
+                                   f"cluster has more than {most:g}; lower it in the grid's `resources`")
+
     def submit(self, tag: Any, fn: Callable[..., Any], *args: Any, resources: Resources, **kwargs: Any) -> None:
+        if resources not in self._fits:
+            self.fits(resources)
+            self._fits.add(resources)
         task = self._remote.options(num_cpus=resources.cpus or 1, num_gpus=resources.gpus or 0,
                                     max_retries=self.max_retries, retry_exceptions=False, name=str(tag))
         self._refs[task.remote(fn, args, kwargs)] = tag
@@ -251,6 +266,18 @@ class RayBackend:
         self._refs.clear()
         if self._owns:
             self.ray.shutdown()
+
+
+def _check_reachable(address: str | None) -> None:
+    """Fail in seconds on a HOST:PORT nobody listens on (``ray.init`` would retry for minutes)."""
+    if address is None or address == "auto" or address.startswith("ray://") or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except (OSError, ValueError) as exc:
+        raise TunelabError(f"cannot reach a Ray cluster at --address {address}: {exc}; start one with "
+                           "`ray start --head` and pass the address it prints (docs/scaling.md)") from None
 
 
 def _ray_error(exc: Exception, retries: int) -> str:
