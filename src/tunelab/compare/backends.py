@@ -33,8 +33,11 @@ class Resources:
 
     cpus: int | None = None  # cores, and torch threads unless the grid sets model.threads
     gpus: float | None = None  # whole GPUs (the local pool); Ray also accepts fractions such as 0.5
+    processes: int | None = None  # > 1: the cell trains data-parallel under `accelerate launch` (compare.launch)
 
     def __post_init__(self) -> None:
+        if self.processes is not None and (isinstance(self.processes, bool) or self.processes < 1):
+            raise ConfigError(f"resources.processes: {self.processes} is out of range; give a whole number >= 1")
         if self.cpus is not None and (isinstance(self.cpus, bool) or self.cpus < 1):
             raise ConfigError(f"resources.cpus: {self.cpus} is out of range; give a whole number >= 1")
         if self.gpus is not None and (isinstance(self.gpus, bool) or self.gpus < 0):
@@ -74,7 +77,8 @@ class Backend(Protocol):
 def resolve(asked: Resources, defaults: Resources) -> Resources:
     """The grid's ``resources`` with each unset field taken from the backend's defaults."""
     return Resources(cpus=asked.cpus if asked.cpus is not None else defaults.cpus,
-                     gpus=asked.gpus if asked.gpus is not None else defaults.gpus)
+                     gpus=asked.gpus if asked.gpus is not None else defaults.gpus,
+                     processes=asked.processes if asked.processes is not None else defaults.processes)
 
 
 # --- GPU pinning on one machine ------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from tunelab import envinfo
 from tunelab.compare import remote
 from tunelab.compare.backends import Backend, Resources, make_backend, resolve, visible_gpus
 from tunelab.compare.grid import Cell, GridConfig, cell_key
+from tunelab.compare.launch import launch_cell
 from tunelab.compare.store import Store
 from tunelab.config import RunConfig, from_dict, to_dict
 from tunelab.paths import atomic_write_json
@@ -82,7 +83,7 @@ def run_grid(grid: GridConfig, cells: list[Cell], store: Store, out_dir: Path, *
         gpus = visible_gpus()[:int(asked.gpus or 0)] if visible_gpus() else None  # None: nothing to pin
         for i, cell in enumerate(todo):
             console.print(_cell_line(i, len(todo), spent, cell), highlight=False)
-            cell = _with_threads(cell, asked.cpus) if asked.cpus else cell
+            cell = _with_threads(cell, _threads(asked)) if asked.cpus else cell
             _record(timed_run(grid, cell, out_dir, progress, gpus), cell, store, summary, spent, console)
     elif todo:
         _run_on_backend(grid, todo, store, out_dir, backend, workers, address, summary, spent, console)
@@ -101,7 +102,7 @@ def _run_on_backend(grid: GridConfig, todo: list[Cell], store: Store, out_dir: P
         console.print(f"running {len(todo)} cells {where}, {asked.cpus} core(s) and {asked.gpus or 0:g} GPU(s) "
                       "each", highlight=False)
         token = remote.mark_driver(out_dir) if pool.name == "ray" else None
-        cells = {cell.key: _with_threads(cell, asked.cpus or 1) for cell in todo}
+        cells = {cell.key: _with_threads(cell, _threads(asked)) for cell in todo}
         for cell in cells.values():
             if pool.name == "ray":
                 pool.submit(cell.key, remote.run_cell, grid, cell, str(out_dir), token, resources=asked,
@@ -146,6 +147,11 @@ def _record(row: dict[str, Any], cell: Cell, store: Store, summary: GridSummary,
         console.print(f"  [red]failed[/red]: {row['error'].splitlines()[0]}  ({_where(cell)})", highlight=False)
 
 
+def _threads(asked: Resources) -> int:
+    """Torch threads per process: the cell's cores, split between its processes when it has several."""
+    return max(1, (asked.cpus or 1) // (asked.processes or 1))
+
+
 def _with_threads(cell: Cell, threads: int) -> Cell:
     """A cell uses the cores it was given (``resources.cpus``) unless the grid set model.threads itself."""
     if cell.config.model.threads:
@@ -188,7 +194,11 @@ def _run_one(grid: GridConfig, cell: Cell, out_dir: Path, progress: bool, gpus: 
         return {**_row(grid, cell, cfg, result, None), "reused": True}
     (out / ERROR_FILE).unlink(missing_ok=True)
     (out / USAGE_FILE).unlink(missing_ok=True)
-    error = _in_child(cfg, progress, gpus) if _can_fork_server() else _in_process(cfg, progress)
+    processes = grid.resources.get("processes") or 1
+    if processes > 1:
+        error = launch_cell(cfg, processes, gpus)
+    else:
+        error = _in_child(cfg, progress, gpus) if _can_fork_server() else _in_process(cfg, progress)
     result = _finished_on_disk(out, cell) if error is None else None
     if error is None and result is None:
         error = f"the cell finished without writing {out / 'result.json'}"
