@@ -92,3 +92,11 @@ def test_an_address_nobody_listens_on_fails_in_seconds():
     with pytest.raises(TunelabError, match="cannot reach a Ray cluster at --address 127.0.0.1:9"):
         _check_reachable("127.0.0.1:9")
     _check_reachable("auto")  # resolved by Ray itself (the cluster started on this machine)
+
+
+def test_a_cell_whose_ray_worker_kept_dying_is_stored_with_why():
+    ray = pytest.importorskip("ray", reason="needs ray: pip install 'tunelab[ray]'")
+    from tunelab.compare.backends import _ray_error
+
+    message = _ray_error(ray.exceptions.WorkerCrashedError(), retries=3)
+    assert message.startswith("the Ray worker running the cell died 4 times (WorkerCrashedError")
