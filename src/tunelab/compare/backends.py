@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -84,7 +84,7 @@ def resolve(asked: Resources, defaults: Resources) -> Resources:
 # --- GPU pinning on one machine ------------------------------------------------------------------------
 
 
-def visible_gpus(env: dict[str, str] | None = None, count: int | None = None) -> list[str]:
+def visible_gpus(env: Mapping[str, str] | None = None, count: int | None = None) -> list[str]:
     """The GPU ids this process may hand out: the entries of CUDA_VISIBLE_DEVICES, else ``0..count-1``.
 
     >>> visible_gpus({"CUDA_VISIBLE_DEVICES": "2,3"}, count=2)
@@ -92,8 +92,7 @@ def visible_gpus(env: dict[str, str] | None = None, count: int | None = None) ->
     >>> visible_gpus({}, count=2)
     ['0', '1']
     """
-    env = os.environ if env is None else env
-    listed = env.get("CUDA_VISIBLE_DEVICES")
+    listed = (os.environ if env is None else env).get("CUDA_VISIBLE_DEVICES")
     if listed is not None:  # ids as the user gave them (numbers or GPU-UUIDs), so children see the same devices
         return [x.strip() for x in listed.split(",") if x.strip() and x.strip() != "-1"]
     if count is None:

@@ -50,18 +50,18 @@ def run_cell(grid: GridConfig, cell: Cell, out_dir: str, token: str | None, *, g
 
     ``storage``: ``auto`` (compare the driver's token), ``shared`` or ``return`` (force one way).
     """
-    from tunelab.compare.runner import timed_run
+    from tunelab.compare.runner import cell_dir, timed_run
 
     assert storage in STORAGE, storage
     out = Path(out_dir)
     if storage == "shared" or (storage == "auto" and shares_storage(out, token)):
-        _note_worker(out / "cells" / cell.key)
+        _note_worker(cell_dir(cell, out))
         return timed_run(grid, cell, out, False, gpus)
     with tempfile.TemporaryDirectory(prefix="tunelab-cell-") as scratch:
         root = Path(scratch)
-        _note_worker(root / "cells" / cell.key)
+        _note_worker(cell_dir(cell, root))
         row = timed_run(grid, _with_local_data(cell, root), root, False, gpus)
-        row["files"] = pack(root / "cells" / cell.key)
+        row["files"] = pack(cell_dir(cell, root))
     return row
 
 

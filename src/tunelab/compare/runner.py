@@ -44,9 +44,14 @@ class GridSummary:
     failures: list[str] = field(default_factory=list)
 
 
+def cell_dir(cell: Cell, out_dir: Path) -> Path:
+    """Where a cell's files live: ``OUT/cells/KEY``."""
+    return Path(out_dir) / "cells" / cell.key
+
+
 def cell_config(cell: Cell, out_dir: Path) -> RunConfig:
     """The cell's RunConfig with its output directory, resuming from its own checkpoint if one exists."""
-    out = out_dir / "cells" / cell.key
+    out = cell_dir(cell, out_dir)
     resume = (out / "checkpoint").is_dir()  # a grid killed mid-cell continues that cell where it stopped
     return dataclasses.replace(cell.config, out=str(out), train=dataclasses.replace(cell.config.train, resume=resume))
 
@@ -79,8 +84,9 @@ def run_grid(grid: GridConfig, cells: list[Cell], store: Store, out_dir: Path, *
     # cells run in child processes (or Ray workers); this process only starts them and writes every
     # store row itself, so the store has one writer per grid (several grids on one store are serialised by sqlite)
     if backend == "local" and workers == 1:  # one at a time, in order: the cell bar and the step bars stay together
-        asked = resolve(Resources(**grid.resources), Resources(gpus=1 if visible_gpus() else 0))
-        gpus = visible_gpus()[:int(asked.gpus or 0)] if visible_gpus() else None  # None: nothing to pin
+        visible = visible_gpus()
+        asked = resolve(Resources(**grid.resources), Resources(gpus=1 if visible else 0))
+        gpus = visible[:int(asked.gpus or 0)] if visible else None  # None: no GPU to pin
         for i, cell in enumerate(todo):
             console.print(_cell_line(i, len(todo), spent, cell), highlight=False)
             cell = _with_threads(cell, _threads(asked)) if asked.cpus else cell
@@ -111,7 +117,7 @@ def _run_on_backend(grid: GridConfig, todo: list[Cell], store: Store, out_dir: P
                 pool.submit(cell.key, timed_run, grid, cell, out_dir, False, resources=asked)
         for done in pool.results():
             cell = cells[done.tag]
-            cfg = dataclasses.replace(cell_config(cell, out_dir), train=dataclasses.replace(cell.config.train))
+            cfg = dataclasses.replace(cell.config, out=str(cell_dir(cell, out_dir)))  # as the driver sees it
             if done.value is not None:
                 row = remote.land(done.value, out_dir, to_dict(cfg))
             else:  # the backend could not run it (e.g. its Ray worker died on every retry): a failed cell
