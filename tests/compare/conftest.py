@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import yaml
+
+# Set before anything imports ray (it reads them at import): no usage stats, and a test cluster on loopback.
+# Ray swaps 127.0.0.1 for the machine's routable address unless "clusters" are off (its switch for
+# macOS/Windows); drivers started by the tests inherit both.
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 TINY_GRID = {
     "name": "tiny",
@@ -52,14 +59,9 @@ def ray_cluster():
 
     Shut down at the end of the session, which stops its raylet, GCS and worker processes.
     """
-    import os
     import shutil
     import tempfile
 
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    # Ray swaps 127.0.0.1 for the machine's routable address unless "clusters" are off (its switch for
-    # macOS/Windows, which is what keeps a test cluster on loopback): drivers started by tests inherit this
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray = pytest.importorskip("ray", reason="the Ray backend tests need ray: pip install 'tunelab[ray]'")
     temp = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths must stay under ~107 characters
     ray.init(num_cpus=2, object_store_memory=100 * 2**20, include_dashboard=False, log_to_driver=False,
