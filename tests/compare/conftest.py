@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import yaml
+
+# Set before anything imports ray (it reads them at import): no usage stats, and a test cluster on loopback.
+# Ray swaps 127.0.0.1 for the machine's routable address unless "clusters" are off (its switch for
+# macOS/Windows); drivers started by the tests inherit both.
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 TINY_GRID = {
     "name": "tiny",
@@ -44,3 +51,23 @@ def tiny_report(tmp_path_factory):
     methods = [{**TINY_GRID["methods"][0], "seeds": [0]}, TINY_GRID["methods"][1]]  # zero-shot is deterministic
     grid = write_grid(root, train_sizes=[8, 16], prompt_lengths=[2], methods=methods)
     return compare(grid, root / "out", progress=False, console=Console(quiet=True))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for every Ray test: 2 CPUs, a 100 MB object store, loopback only, no usage stats.
+
+    Shut down at the end of the session, which stops its raylet, GCS and worker processes.
+    """
+    import shutil
+    import tempfile
+
+    ray = pytest.importorskip("ray", reason="the Ray backend tests need ray: pip install 'tunelab[ray]'")
+    temp = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths must stay under ~107 characters
+    ray.init(num_cpus=2, object_store_memory=100 * 2**20, include_dashboard=False, log_to_driver=False,
+             _temp_dir=temp)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)

@@ -20,6 +20,9 @@ def compare_command(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="validate and list the cells; train nothing")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no per-step progress bars")] = False,
     workers: Annotated[int, typer.Option(min=1, help="cells run at once, each in its own process")] = 1,
+    backend: Annotated[str, typer.Option(help="where cells run: local (this machine) | ray (a Ray cluster)")] = "local",
+    address: Annotated[str | None, typer.Option(help="Ray cluster: auto | HOST:PORT (default: start a local one)")
+                       ] = None,
     overrides: Annotated[list[str] | None, typer.Argument(help="grid overrides, e.g. train.steps=5 seeds=[0]")] = None,
 ) -> None:
     """Run a grid of methods x tasks x seeds x data sizes; finished cells are skipped on a rerun."""
@@ -39,7 +42,7 @@ def compare_command(
         return
     out = out or f"runs/compare-{preset or Path(source).stem}"
     outcome = compare(source, out, store, overrides or [], progress=not quiet, retry_failed=retry_failed,
-                      console=console, workers=workers)
+                      console=console, workers=workers, backend=backend, address=address)
     s = outcome.summary
     console.print(f"{s.done} cells run, {s.failed} failed, {s.skipped} skipped (already in the store)"
                   + (f", {s.reused} recovered from disk" if s.reused else "") + f" in {s.seconds:.0f}s")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from tunelab.compare.backends import Backend, check_backend
 from tunelab.compare.grid import Cell, GridConfig, expand, list_presets, load_grid, preset_path, validate
 from tunelab.compare.report import build_report, write_report
 from tunelab.compare.runner import GridSummary, run_grid
@@ -42,9 +43,15 @@ def plan(source: str | Path, overrides: list[str] | None = None, out: str | Path
 
 def compare(source: str | Path, out: str | Path, store: str | Path | None = None,
             overrides: list[str] | None = None, progress: bool = True, retry_failed: bool = False,
-            console: Console | None = None, workers: int = 1) -> Outcome:
-    """Validate the whole grid, run the cells the store lacks, and write the report for this grid's cells."""
+            console: Console | None = None, workers: int = 1, backend: str | Backend = "local",
+            address: str | None = None) -> Outcome:
+    """Validate the whole grid, run the cells the store lacks, and write the report for this grid's cells.
+
+    ``backend``: ``local`` (``workers`` cells at once on this machine) or ``ray`` (each cell a Ray task on
+    the cluster at ``address``; see ``compare.backends``), or a ``Backend`` object to share one.
+    """
     console = console or Console()
+    check_backend(backend, workers, address)
     out = Path(out).resolve()
     import tunelab.run  # noqa: F401  (torch and transformers: seconds of imports, not of validation)
 
@@ -55,7 +62,7 @@ def compare(source: str | Path, out: str | Path, store: str | Path | None = None
     with Store(store_path) as db:
         db.add_task_tags({t.label: list(t.tags) for t in grid.tasks if t.tags is not None})
         summary = run_grid(grid, cells, db, out, progress=progress, retry_failed=retry_failed, console=console,
-                           workers=workers)
+                           workers=workers, backend=backend, address=address)
         md, html = write_report(build_report(db, keys=[c.key for c in cells]), out)
     return Outcome(grid, cells, summary, store_path, md, html)
 

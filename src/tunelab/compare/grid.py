@@ -89,6 +89,7 @@ class GridConfig:
     data: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     eval: dict[str, Any] = field(default_factory=dict)
+    resources: dict[str, Any] = field(default_factory=dict)  # per cell: {cpus: 4, gpus: 1}; compare.backends
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,10 @@ def parse_grid(raw: dict[str, Any]) -> GridConfig:
     grid.methods, grid.tasks = methods, tasks
     for section, cls in SECTIONS.items():
         from_dict(cls, getattr(grid, section), path=section)
+    from tunelab.compare.backends import Resources
+
+    # where cells run, not what they compute: not part of any cell's key
+    grid.resources = dataclasses.asdict(from_dict(Resources, grid.resources, path="resources"))
     if not grid.seeds:
         raise ConfigError("seeds: give at least one seed")
     if not grid.train_sizes:

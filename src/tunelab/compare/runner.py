@@ -15,7 +15,6 @@ import resource
 import threading
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,10 @@ from typing import Any
 from rich.console import Console
 
 from tunelab import envinfo
+from tunelab.compare import remote
+from tunelab.compare.backends import Backend, Resources, make_backend, resolve, visible_gpus
 from tunelab.compare.grid import Cell, GridConfig, cell_key
+from tunelab.compare.launch import launch_cell
 from tunelab.compare.store import Store
 from tunelab.config import RunConfig, from_dict, to_dict
 from tunelab.paths import atomic_write_json
@@ -42,19 +44,27 @@ class GridSummary:
     failures: list[str] = field(default_factory=list)
 
 
+def cell_dir(cell: Cell, out_dir: Path) -> Path:
+    """Where a cell's files live: ``OUT/cells/KEY``."""
+    return Path(out_dir) / "cells" / cell.key
+
+
 def cell_config(cell: Cell, out_dir: Path) -> RunConfig:
     """The cell's RunConfig with its output directory, resuming from its own checkpoint if one exists."""
-    out = out_dir / "cells" / cell.key
+    out = cell_dir(cell, out_dir)
     resume = (out / "checkpoint").is_dir()  # a grid killed mid-cell continues that cell where it stopped
     return dataclasses.replace(cell.config, out=str(out), train=dataclasses.replace(cell.config.train, resume=resume))
 
 
 def run_grid(grid: GridConfig, cells: list[Cell], store: Store, out_dir: Path, *, progress: bool = True,
-             retry_failed: bool = False, console: Console | None = None, workers: int = 1) -> GridSummary:
+             retry_failed: bool = False, console: Console | None = None, workers: int = 1,
+             backend: str | Backend = "local", address: str | None = None) -> GridSummary:
     """Run every cell not already in the store; a failed cell is recorded and the grid goes on.
 
     ``workers`` > 1 runs that many cells at once, each in its own process with an equal share of the
-    cores (``model.threads``); rows are written to the store as cells finish, in any order.
+    cores (``model.threads``); ``backend="ray"`` runs each cell as a task on the Ray cluster at
+    ``address`` instead (``compare.backends``). Either way rows are written here, by this process
+    only, as cells finish, in any order.
     """
     console = console or Console()
     summary = GridSummary()
@@ -71,39 +81,71 @@ def run_grid(grid: GridConfig, cells: list[Cell], store: Store, out_dir: Path, *
                       + ("" if retry_failed else " (failed ones too: pass --retry-failed to rerun those)"))
     spent: list[float] = []
     workers = max(1, min(workers, len(todo) or 1))
-    if workers > 1:
-        console.print(f"running {len(todo)} cells in {workers} parallel processes, "
-                      f"{_threads_per_cell(workers)} torch thread(s) each")
-    # cells run in child processes; this process only starts them and writes every store row itself,
-    # so the store has one writer per grid (several grids on one store are serialised by sqlite)
-    if workers == 1:  # one at a time, in order: the cell bar and the run's step bars stay together
+    # cells run in child processes (or Ray workers); this process only starts them and writes every
+    # store row itself, so the store has one writer per grid (several grids on one store are serialised by sqlite)
+    if backend == "local" and workers == 1:  # one at a time, in order: the cell bar and the step bars stay together
+        visible = visible_gpus()
+        asked = resolve(Resources(**grid.resources), Resources(gpus=1 if visible else 0))
+        gpus = visible[:int(asked.gpus or 0)] if visible else None  # None: no GPU to pin
         for i, cell in enumerate(todo):
             console.print(_cell_line(i, len(todo), spent, cell), highlight=False)
-            _record(_timed_run(grid, cell, out_dir, progress, summary), cell, store, summary, spent, console)
-    else:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tunelab-cell") as pool:
-            pending = {pool.submit(_timed_run, grid, _with_threads(cell, workers), out_dir, False, summary): cell
-                       for cell in todo}
-            for future in as_completed(pending):
-                _record(future.result(), pending[future], store, summary, spent, console)
+            cell = _with_threads(cell, _threads(asked)) if asked.cpus else cell
+            _record(timed_run(grid, cell, out_dir, progress, gpus), cell, store, summary, spent, console)
+    elif todo:
+        _run_on_backend(grid, todo, store, out_dir, backend, workers, address, summary, spent, console)
     summary.seconds = time.perf_counter() - start
     return summary
 
 
-def _timed_run(grid: GridConfig, cell: Cell, out_dir: Path, progress: bool, summary: GridSummary) -> dict[str, Any]:
+def _run_on_backend(grid: GridConfig, todo: list[Cell], store: Store, out_dir: Path, backend: str | Backend,
+                    workers: int, address: str | None, summary: GridSummary, spent: list[float],
+                    console: Console) -> None:
+    """Submit every cell to the backend, then record each as it finishes."""
+    pool = make_backend(backend, workers, address) if isinstance(backend, str) else backend
+    try:
+        asked = resolve(Resources(**grid.resources), pool.defaults())
+        where = f"in {workers} parallel processes" if pool.name == "local" else "as Ray tasks"
+        console.print(f"running {len(todo)} cells {where}, {asked.cpus} core(s) and {asked.gpus or 0:g} GPU(s) "
+                      "each", highlight=False)
+        token = remote.mark_driver(out_dir) if pool.name == "ray" else None
+        cells = {cell.key: _with_threads(cell, _threads(asked)) for cell in todo}
+        for cell in cells.values():
+            if pool.name == "ray":
+                pool.submit(cell.key, remote.run_cell, grid, cell, str(out_dir), token, resources=asked,
+                            storage=getattr(pool, "storage", "auto"))
+            else:
+                pool.submit(cell.key, timed_run, grid, cell, out_dir, False, resources=asked)
+        for done in pool.results():
+            cell = cells[done.tag]
+            cfg = dataclasses.replace(cell.config, out=str(cell_dir(cell, out_dir)))  # as the driver sees it
+            if done.value is not None:
+                row = remote.land(done.value, out_dir, to_dict(cfg))
+            else:  # the backend could not run it (e.g. its Ray worker died on every retry): a failed cell
+                row = {**_row(grid, cell, cfg, None, done.error), "cell_seconds": None}
+            _record(row, cell, store, summary, spent, console)
+    finally:
+        if isinstance(backend, str):
+            pool.close()
+
+
+def timed_run(grid: GridConfig, cell: Cell, out_dir: Path, progress: bool, gpus: list[str] | None = None
+               ) -> dict[str, Any]:
+    """Run one cell (pinned to ``gpus`` where given) and return its store row, with ``cell_seconds``."""
     cell_start = time.perf_counter()
-    row = _run_one(grid, cell, out_dir, progress, summary)
+    row = _run_one(grid, cell, out_dir, progress, gpus)
     row["cell_seconds"] = round(time.perf_counter() - cell_start, 3)
     return row
 
 
 def _record(row: dict[str, Any], cell: Cell, store: Store, summary: GridSummary, spent: list[float],
             console: Console) -> None:
+    if row.pop("reused", False):
+        summary.reused += 1
     store.record(row)
-    spent.append(row["cell_seconds"])
+    spent.append(row["cell_seconds"] or 0.0)
     if row["status"] == "done":
         summary.done += 1
-        console.print(f"  done in {row['cell_seconds']:.0f}s: {row['primary_metric']} = {row['quality']:.2f}"
+        console.print(f"  done in {spent[-1]:.0f}s: {row['primary_metric']} = {row['quality']:.2f}"
                       f"  ({_where(cell)})", highlight=False)
     else:
         summary.failed += 1
@@ -111,15 +153,16 @@ def _record(row: dict[str, Any], cell: Cell, store: Store, summary: GridSummary,
         console.print(f"  [red]failed[/red]: {row['error'].splitlines()[0]}  ({_where(cell)})", highlight=False)
 
 
-def _threads_per_cell(workers: int) -> int:
-    return max(1, (os.cpu_count() or 1) // workers)
+def _threads(asked: Resources) -> int:
+    """Torch threads per process: the cell's cores, split between its processes when it has several."""
+    return max(1, (asked.cpus or 1) // (asked.processes or 1))
 
 
-def _with_threads(cell: Cell, workers: int) -> Cell:
-    """With parallel cells, split the cores between them unless the grid set model.threads itself."""
+def _with_threads(cell: Cell, threads: int) -> Cell:
+    """A cell uses the cores it was given (``resources.cpus``) unless the grid set model.threads itself."""
     if cell.config.model.threads:
         return cell
-    model = dataclasses.replace(cell.config.model, threads=_threads_per_cell(workers))
+    model = dataclasses.replace(cell.config.model, threads=threads)
     return dataclasses.replace(cell, config=dataclasses.replace(cell.config, model=model))
 
 
@@ -148,16 +191,20 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def _run_one(grid: GridConfig, cell: Cell, out_dir: Path, progress: bool, summary: GridSummary) -> dict[str, Any]:
+def _run_one(grid: GridConfig, cell: Cell, out_dir: Path, progress: bool, gpus: list[str] | None
+             ) -> dict[str, Any]:
     cfg = cell_config(cell, out_dir)
     out = Path(cfg.out)
     result = _finished_on_disk(out, cell)
     if result is not None:
-        summary.reused += 1
-        return _row(grid, cell, cfg, result, None)
+        return {**_row(grid, cell, cfg, result, None), "reused": True}
     (out / ERROR_FILE).unlink(missing_ok=True)
     (out / USAGE_FILE).unlink(missing_ok=True)
-    error = _in_child(cfg, progress) if _can_fork_server() else _in_process(cfg, progress)
+    processes = grid.resources.get("processes") or 1
+    if processes > 1:
+        error = launch_cell(cfg, processes, gpus)
+    else:
+        error = _in_child(cfg, progress, gpus) if _can_fork_server() else _in_process(cfg, progress)
     result = _finished_on_disk(out, cell) if error is None else None
     if error is None and result is None:
         error = f"the cell finished without writing {out / 'result.json'}"
@@ -212,9 +259,9 @@ def _context() -> Any:
     return _CONTEXT
 
 
-def _in_child(cfg: RunConfig, progress: bool) -> str | None:
-    """Run the cell in a forked child; None on success, else the error text."""
-    process = _context().Process(target=_child_main, args=(to_dict(cfg), progress, os.getpid()),
+def _in_child(cfg: RunConfig, progress: bool, gpus: list[str] | None = None) -> str | None:
+    """Run the cell in a forked child (seeing only ``gpus`` where given); None on success, else the error text."""
+    process = _context().Process(target=_child_main, args=(to_dict(cfg), progress, os.getpid(), gpus),
                                  name="tunelab-cell")
     process.start()
     try:
@@ -233,9 +280,11 @@ def _in_child(cfg: RunConfig, progress: bool) -> str | None:
     return None
 
 
-def _child_main(cfg_dict: dict[str, Any], progress: bool, grid_pid: int) -> None:
+def _child_main(cfg_dict: dict[str, Any], progress: bool, grid_pid: int, gpus: list[str] | None = None) -> None:
     """Entry point of a cell's process: run it, and leave error.json behind if it fails."""
     _exit_with_parent(grid_pid)
+    if gpus is not None:  # before torch touches CUDA (the fork server imported torch, not CUDA): pins the cell
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     cfg = from_dict(RunConfig, cfg_dict)
     error = _in_process(cfg, progress)
     usage = resource.getrusage(resource.RUSAGE_SELF)  # a forked child's counters start at zero
