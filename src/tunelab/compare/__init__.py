@@ -54,6 +54,12 @@ def compare(source: str | Path, out: str | Path, store: str | Path | None = None
     store_path = Path(store) if store else out / STORE_NAME
     with Store(store_path) as db:
         db.add_task_tags({t.label: list(t.tags) for t in grid.tasks if t.tags is not None})
+        if grid.margins:
+            db.set_margins(dict(grid.margins))
+        if any(m.tune is not None for m in grid.methods):  # dev-split trials first; winners replace the defaults
+            from tunelab.compare.tuning import tune_cells
+
+            cells = tune_cells(grid, cells, db, out, store_path, progress=progress, console=console)
         summary = run_grid(grid, cells, db, out, progress=progress, retry_failed=retry_failed, console=console,
                            workers=workers)
         md, html = write_report(build_report(db, keys=[c.key for c in cells]), out)

@@ -31,8 +31,31 @@ from tunelab.config import (
 from tunelab.errors import ConfigError, TunelabError
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
-METHOD_RESERVED = ("name", "label", "tasks", "seeds", *SECTIONS)  # keys of a method entry that are not method options
+METHOD_RESERVED = ("name", "label", "tasks", "seeds", "tune", *SECTIONS)  # keys of a method entry that are not method options
 PROMPT_LENGTH_FIELD = "num_virtual_tokens"  # the option `prompt_lengths` sweeps, for methods that have it
+
+
+@dataclass
+class TuneSpec:
+    """A method's search space: ``{"train.lr": [0.03, 0.3], "num_virtual_tokens": {low: 5, high: 50}}``.
+
+    A key is a method option (``num_virtual_tokens``, ``r``, ``init``) or ``section.field`` of the run
+    config (``train.lr``); a list is a set of choices, ``{low, high, log, int}`` a range.
+    """
+
+    space: dict[str, Any] = field(default_factory=dict)
+    trials: int | None = None  # None = the grid's tune.trials (the same budget for every method)
+
+
+@dataclass
+class TuneSettings:
+    """The grid's ``tune:`` section: what every tuned method shares."""
+
+    trials: int = 8  # trials per tuned method (per task, size and length); equal unless a method overrides it
+    sampler: str = "auto"  # auto (grid for small all-choice spaces, else tpe) | tpe | grid
+    seed: int = 0  # sampler seed, dev split seed and the training seed of every trial
+    dev_rows: int = 50  # dev rows drawn (seeded) from the training data; trials train on the rest
+    startup_trials: int = 3  # TPE: random trials before it models the scores
 
 
 @dataclass
@@ -45,6 +68,7 @@ class MethodSpec:
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # {"train": {"lr": 0.3}, ...}
     tasks: list[str] | None = None  # run only on these task labels (None = every task of the grid)
     seeds: list[int] | None = None  # e.g. [0] for a deterministic method (zero-shot); None = the grid's seeds
+    tune: TuneSpec | None = None  # search this method's hyperparameters on a dev split first (compare/tuning.py)
 
     @property
     def display(self) -> str:
@@ -88,6 +112,8 @@ class GridConfig:
     data: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     eval: dict[str, Any] = field(default_factory=dict)
+    tune: TuneSettings = field(default_factory=TuneSettings)
+    margins: dict[str, float] = field(default_factory=dict)  # metric -> equivalence margin (claims' TOST)
 
 
 @dataclass(frozen=True)
@@ -137,7 +163,18 @@ def parse_grid(raw: dict[str, Any]) -> GridConfig:
     raw = dict(raw)
     methods = [_method_spec(m, f"methods[{i}]") for i, m in enumerate(_list(raw.pop("methods", None), "methods"))]
     tasks = [_task_spec(t, f"tasks[{i}]") for i, t in enumerate(_list(raw.pop("tasks", None), "tasks"))]
+    tune_raw = raw.pop("tune", None) or {}
+    if not isinstance(tune_raw, dict):
+        raise ConfigError(f"tune: expected a mapping (trials, sampler, seed, dev_rows), got {tune_raw!r}")
     grid = from_dict(GridConfig, raw)
+    grid.tune = from_dict(TuneSettings, tune_raw, path="tune")
+    if grid.tune.sampler not in ("auto", "tpe", "grid"):
+        raise ConfigError(f"tune.sampler: {grid.tune.sampler!r}; choose auto, tpe or grid")
+    if grid.tune.trials < 1 or grid.tune.dev_rows < 1:
+        raise ConfigError("tune.trials and tune.dev_rows must be at least 1")
+    for metric, margin in grid.margins.items():
+        if not isinstance(margin, (int, float)) or margin <= 0:
+            raise ConfigError(f"margins.{metric}: expected a positive number of metric points, got {margin!r}")
     grid.methods, grid.tasks = methods, tasks
     for section, cls in SECTIONS.items():
         from_dict(cls, getattr(grid, section), path=section)
@@ -208,7 +245,56 @@ def _method_spec(entry: Any, path: str) -> MethodSpec:
     if seeds is not None and (not isinstance(seeds, list) or not seeds
                               or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
         raise ConfigError(f"{path}.seeds: expected a non-empty list of integers, got {seeds!r}")
-    return MethodSpec(method.name, options, str(label) if label is not None else None, overrides, tasks, seeds)
+    tune = _tune_spec(entry.get("tune"), f"{path}.tune", method) if "tune" in entry else None
+    return MethodSpec(method.name, options, str(label) if label is not None else None, overrides, tasks, seeds, tune)
+
+
+def _tune_spec(entry: Any, path: str, method: Any) -> TuneSpec:
+    """A method's ``tune:`` block, every key checked against the method's options and the run sections."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("space"), dict) or not entry["space"]:
+        raise ConfigError(f"{path}: expected {{space: {{train.lr: [0.03, 0.3], ...}}, trials: N}}")
+    spec = from_dict(TuneSpec, entry, path=path)
+    if spec.trials is not None and spec.trials < 1:
+        raise ConfigError(f"{path}.trials: must be at least 1")
+    option_names = {f.name for f in dataclasses.fields(method.Config)}
+    for key, values in spec.space.items():
+        where = f"{path}.space.{key}"
+        section, _, name = key.partition(".")
+        if name:
+            if section not in SECTIONS or name not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
+                raise ConfigError(f"{where}: no setting {key!r}; use a method option or section.field "
+                                  f"({', '.join(SECTIONS)})")
+        elif key not in option_names:
+            raise ConfigError(f"{where}: {method.name} has no option {key!r}; options: {', '.join(sorted(option_names))}")
+        if isinstance(values, list):
+            if not values:
+                raise ConfigError(f"{where}: give at least one choice")
+        elif isinstance(values, dict):
+            unknown = set(values) - {"low", "high", "log", "int"}
+            if unknown or "low" not in values or "high" not in values or not values["low"] < values["high"]:
+                raise ConfigError(f"{where}: a range is {{low: A, high: B, log: true|false, int: true|false}} "
+                                  f"with A < B")
+        else:
+            raise ConfigError(f"{where}: expected a list of choices or a {{low, high}} range, got {values!r}")
+    return spec
+
+
+def with_params(cell: Cell, params: dict[str, Any]) -> Cell:
+    """The cell with tuned ``params`` applied (method options, or ``section.field``), its key recomputed.
+
+    A tuned prompt length is part of the method's configuration, not a sweep coordinate: the cell's
+    ``prompt_length`` becomes None so the claims still pair it with the other method's cells.
+    """
+    raw = to_dict(cell.config)
+    for key, value in params.items():
+        section, _, name = key.partition(".")
+        if name:
+            raw[section][name] = value
+        else:
+            raw["method"][key] = value
+    cfg = from_dict(RunConfig, raw)
+    length = None if PROMPT_LENGTH_FIELD in params else cell.prompt_length
+    return dataclasses.replace(cell, key=cell_key(cfg, cell.task_spec), config=cfg, prompt_length=length)
 
 
 def _task_spec(entry: Any, path: str) -> TaskSpec:

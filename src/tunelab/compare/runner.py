@@ -90,6 +90,15 @@ def run_grid(grid: GridConfig, cells: list[Cell], store: Store, out_dir: Path, *
     return summary
 
 
+def run_cell(grid: GridConfig, cell: Cell, out_dir: Path, progress: bool = False) -> dict[str, Any]:
+    """Run one cell (in its own process, resuming its checkpoint) and return its store row, unrecorded.
+
+    The one entry point for work outside the grid loop (tuning trials, compare/tuning.py), so an
+    execution backend added to the runner serves them too.
+    """
+    return _timed_run(grid, cell, out_dir, progress, GridSummary())
+
+
 def _timed_run(grid: GridConfig, cell: Cell, out_dir: Path, progress: bool, summary: GridSummary) -> dict[str, Any]:
     cell_start = time.perf_counter()
     row = _run_one(grid, cell, out_dir, progress, summary)
