@@ -219,3 +219,16 @@ def test_instruction_tuning_cost_compares_runs_across_tasks(tmp_path):
     longer = [{**r, "config": {**r["config"], "train": {"steps": 800, "batch_size": 8}}} for r in pt]
     (unpaired,) = _by_id(evaluate_claims(it + longer, n_resamples=50), "it_costly")
     assert unpaired.verdict == "not measured"  # a different training budget is not a comparison
+
+
+def test_transfer_claim_pairs_the_transferred_prompt_with_retrieved_icl(tmp_path):
+    transfer = _cell(tmp_path, "ipt", 0, _scores(0.7, seed=30), task="target")
+    transfer["config"] = {"method": {"name": "ipt", "init_from": "/runs/cells/abc"}, "train": {"steps": 0}}
+    trained_ipt = _cell(tmp_path, "ipt", 1, _scores(0.1, seed=31), task="target")
+    pt = _cell(tmp_path, "pt", 1, _scores(0.1, seed=32), task="target")
+    icl = _cell(tmp_path, "icl_similar", 0, _scores(0.3, seed=33), task="target")
+    findings = evaluate_claims([transfer, trained_ipt, pt, icl], n_resamples=500)
+    (found,) = _by_id(findings, "prompt_transfer")
+    assert found.verdict == "supported" and found.effect == pytest.approx(transfer["quality"] - icl["quality"])
+    (ipt,) = _by_id(findings, "ipt_beats_pt")  # the transferred cell is not an IPT run of its own
+    assert ipt.n["a_seeds"] == 1 and ipt.effect == pytest.approx(trained_ipt["quality"] - pt["quality"])

@@ -45,7 +45,14 @@ def _opts(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def is_method(name: str) -> Selector:
-    return lambda r: r["method_name"] == name
+    """Cells of that method trained from the base model (a cell started from another's adapter is a transfer)."""
+    return lambda r: r["method_name"] == name and not _opts(r).get("init_from")
+
+
+def is_transfer(r: dict[str, Any]) -> bool:
+    """A source-task prompt used as is on the target task, with target demonstrations (IPT, no training)."""
+    return (r["method_name"] == "ipt" and bool(_opts(r).get("init_from"))
+            and int(r["config"].get("train", {}).get("steps", 1)) == 0)
 
 
 def is_base(r: dict[str, Any]) -> bool:
@@ -115,6 +122,10 @@ CLAIMS: list[Claim] = [
     Claim("pt_cheaper", "Prompt tuning is more resource-efficient", "PT train time < LoRA / full FT train time",
           "cost", is_method("prompt_tuning"), any_of(is_method("lora"), is_method("full_finetune")), "PT",
           "LoRA/full FT", cost="train_seconds"),
+    Claim("prompt_transfer", "A prompt tuned on a source task helps a target task when paired with target "
+          "demonstrations (Sun et al. 2023)", "source-task prompt + retrieved target demonstrations (IPT, no training) "
+          "> retrieved ICL alone", "quality", is_transfer, is_icl("retrieved"), "transferred prompt + demos",
+          "retrieved ICL"),
     Claim("it_unseen", "Instruction tuning generalizes better to unseen tasks",
           "instruction-tuned > base model on unseen tasks", "quality", is_method("instruction_tuning"), is_base,
           "instruction-tuned", "base model", only_unseen=True),

@@ -69,6 +69,7 @@ class MethodSpec:
     tasks: list[str] | None = None  # run only on these task labels (None = every task of the grid)
     seeds: list[int] | None = None  # e.g. [0] for a deterministic method (zero-shot); None = the grid's seeds
     tune: TuneSpec | None = None  # search this method's hyperparameters on a dev split first (compare/tuning.py)
+    init_from_cell: dict[str, str] | None = None  # {method: LABEL, task: TASK}: start from that cell's adapter
 
     @property
     def display(self) -> str:
@@ -130,6 +131,7 @@ class Cell:
     unseen: bool
     config: RunConfig
     task_spec: TaskSpec
+    source_key: str | None = None  # key of the cell whose adapter this one starts from (init_from: {cell: ...})
 
     def coords(self) -> dict[str, Any]:
         return {"method": self.method, "method_name": self.method_name, "task": self.task, "seed": self.seed,
@@ -199,6 +201,20 @@ def parse_grid(raw: dict[str, Any]) -> GridConfig:
     if len(set(labels)) != len(labels):
         dup = next(x for x in labels if labels.count(x) > 1)
         raise ConfigError(f"methods: two entries are both labelled {dup!r}; give one a distinct `label`")
+    for i, m in enumerate(methods):
+        ref = m.init_from_cell
+        if ref is None:
+            continue
+        where = f"methods[{i}].init_from.cell"
+        if ref["method"] not in labels:
+            raise ConfigError(f"{where}.method: no method labelled {ref['method']!r}; methods: {', '.join(labels)}")
+        if ref["task"] not in task_labels:
+            raise ConfigError(f"{where}.task: no task named {ref['task']!r}; tasks: {', '.join(task_labels)}")
+        if m.tune is not None:
+            raise ConfigError(f"methods[{i}]: a method that starts from another cell cannot have a `tune:` block "
+                              "(its trials would need the source first); tune the source method instead")
+        if next(x for x in methods if x.display == ref["method"]).init_from_cell is not None:
+            raise ConfigError(f"{where}: {ref['method']!r} starts from another cell itself; chains are not supported")
     return grid
 
 
@@ -225,6 +241,14 @@ def _method_spec(entry: Any, path: str) -> MethodSpec:
         raise ConfigError(f"{path}: expected a mapping with a `name` (e.g. {{name: prompt_tuning}})")
     method = get_method(str(entry["name"]))
     options = {k: v for k, v in entry.items() if k not in METHOD_RESERVED}
+    source = None
+    if isinstance(options.get("init_from"), dict):  # another cell's adapter, resolved once that cell has run
+        ref = options.pop("init_from")
+        source = ref.get("cell")
+        if set(ref) != {"cell"} or not isinstance(source, dict) or set(source) != {"method", "task"}:
+            raise ConfigError(f"{path}.init_from: expected {{cell: {{method: LABEL, task: TASK}}}} (a run directory "
+                              f"is a plain string), got {ref!r}")
+        source = {k: str(v) for k, v in source.items()}
     try:  # the method's own dataclass checks option names and values, as `tunelab run` does
         from_dict(method.Config, options, path=path)
     except TypeError as exc:
@@ -246,7 +270,8 @@ def _method_spec(entry: Any, path: str) -> MethodSpec:
                               or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
         raise ConfigError(f"{path}.seeds: expected a non-empty list of integers, got {seeds!r}")
     tune = _tune_spec(entry.get("tune"), f"{path}.tune", method) if "tune" in entry else None
-    return MethodSpec(method.name, options, str(label) if label is not None else None, overrides, tasks, seeds, tune)
+    return MethodSpec(method.name, options, str(label) if label is not None else None, overrides, tasks, seeds, tune,
+                      source)
 
 
 def _tune_spec(entry: Any, path: str, method: Any) -> TuneSpec:
@@ -384,6 +409,8 @@ def _cell(grid: GridConfig, task: TaskSpec, task_data: dict[str, Any], spec: Met
     options = dict(spec.options)
     if length is not None:
         options[PROMPT_LENGTH_FIELD] = length
+    if spec.init_from_cell is not None:
+        options["init_from"] = f"{SOURCE_PLACEHOLDER}{spec.init_from_cell['method']}@{spec.init_from_cell['task']}"
     raw: dict[str, Any] = {s: dict(getattr(grid, s)) for s in SECTIONS}
     raw = _merge(raw, {"data": task_data})
     if task.metrics:
@@ -404,6 +431,54 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     for k, v in b.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+SOURCE_PLACEHOLDER = "cell:"  # method.init_from of a cell whose source cell is resolved later (resolve_sources)
+
+
+def depends_on(cell: Cell) -> dict[str, str] | None:
+    """The {method, task} of the cell this one starts from, if any."""
+    value = cell.config.method.get("init_from")
+    if isinstance(value, str) and value.startswith(SOURCE_PLACEHOLDER):
+        method, _, task = value[len(SOURCE_PLACEHOLDER):].partition("@")
+        return {"method": method, "task": task}
+    return None
+
+
+def resolve_sources(cells: list[Cell], out_dir: Path) -> list[Cell]:
+    """Point every ``init_from: {cell: ...}`` cell at its source cell's output directory.
+
+    The source is the cell of that method and task with the same seed (else its first seed) and, for
+    prompts, the same prompt length where it has several. The key counts the source by its key, so it
+    does not depend on ``--out``; the config names the directory the run loads.
+    """
+    out = []
+    for cell in cells:
+        ref = depends_on(cell)
+        if ref is None:
+            out.append(cell)
+            continue
+        candidates = [c for c in cells if c.method == ref["method"] and c.task == ref["task"]
+                      and depends_on(c) is None]
+        if not candidates:
+            raise ConfigError(f"{cell.method} on {cell.task}: init_from names {ref['method']} on {ref['task']}, "
+                              "which the grid does not run (check that method's `tasks`)")
+        length = cell.config.method.get(PROMPT_LENGTH_FIELD)
+        same_length = [c for c in candidates if c.prompt_length in (None, length)] or candidates
+        source = next((c for c in same_length if c.seed == cell.seed), same_length[0])
+        raw = to_dict(cell.config)
+        raw["method"]["init_from"] = f"{SOURCE_PLACEHOLDER}{source.key}"
+        key = cell_key(from_dict(RunConfig, raw), cell.task_spec)
+        raw["method"]["init_from"] = str(Path(out_dir).resolve() / "cells" / source.key)
+        out.append(dataclasses.replace(cell, key=key, config=from_dict(RunConfig, raw), source_key=source.key))
+    return out
+
+
+def waves(cells: list[Cell]) -> list[list[Cell]]:
+    """Cells in run order: every cell that starts from another cell's adapter after all the others."""
+    first = [c for c in cells if c.source_key is None]
+    later = [c for c in cells if c.source_key is not None]
+    return [w for w in (first, later) if w]
 
 
 def validate(cells: list[Cell]) -> None:

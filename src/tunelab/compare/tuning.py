@@ -22,6 +22,7 @@ import hashlib
 import itertools
 import json
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +158,9 @@ def run_study(grid: GridConfig, spec: MethodSpec, base: Cell, name: str, store: 
         if k >= n_trials:
             break
         if kind == "grid":
-            study.sampler = optuna.samplers.PartialFixedSampler(combos[k], optuna.samplers.RandomSampler(seed=k))
+            with warnings.catch_warnings():  # PartialFixedSampler is marked experimental; it fixes every value here
+                warnings.simplefilter("ignore")
+                study.sampler = optuna.samplers.PartialFixedSampler(combos[k], optuna.samplers.RandomSampler(seed=k))
         else:  # reseeded per trial: the same finished trials give the same next configuration after a kill
             study.sampler = optuna.samplers.TPESampler(seed=settings.seed + k,
                                                        n_startup_trials=settings.startup_trials)

@@ -31,9 +31,15 @@ class TaskData:
 
 
 def default_metrics(examples: list[Example]) -> tuple[str, ...]:
-    """Exact match for short answers; add BLEU and ROUGE-L when answers are sentences."""
+    """Exact match for short answers; add BLEU and ROUGE-L when answers are sentences.
+
+    SQL answers (text-to-SQL, e.g. Spider) are scored as Sun et al. and Spider do: exact match after
+    SQL normalisation first, BLEU as a secondary column.
+    """
     if any(e.options for e in examples):
         return ("accuracy",)
+    if examples and all(e.output.lstrip("( ").upper().startswith("SELECT") for e in examples):
+        return ("sql_exact_match", "bleu")
     words = [len(e.output.split()) for e in examples if e.output]
     mean = sum(words) / max(len(words), 1)
     return ("exact_match", "rouge_l") if mean <= 4 else ("bleu", "rouge_l", "exact_match")
