@@ -6,8 +6,8 @@ import json
 import sqlite3
 
 import pytest
-
 from tests.compare.conftest import write_grid
+
 from tunelab.compare.grid import expand, parse_grid, resolve_sources, waves
 from tunelab.errors import ConfigError
 

@@ -348,8 +348,17 @@ def cell_key(cfg: RunConfig, task: TaskSpec | None = None) -> str:
     data.get("eval", {}).pop("batch_size", None)  # greedy decoding: batch size changes speed, not outputs
     data.get("model", {}).pop("threads", None)  # speed only (--workers splits the cores between cells)
     data["method"] = dict(cfg.method)  # options as given; the name always counts
+    source = data["method"].get("init_from")
+    if isinstance(source, str) and _is_cell_dir(source):  # another cell of a grid: counts by its key, not --out
+        data["method"]["init_from"] = SOURCE_PLACEHOLDER + Path(source).name
     blob = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _is_cell_dir(path: str) -> bool:
+    """``.../cells/<16 hex>``: a grid cell's output directory (what resolve_sources writes)."""
+    name = Path(path).name
+    return Path(path).parent.name == "cells" and len(name) == 16 and all(c in "0123456789abcdef" for c in name)
 
 
 def _non_default(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
@@ -467,10 +476,9 @@ def resolve_sources(cells: list[Cell], out_dir: Path) -> list[Cell]:
         same_length = [c for c in candidates if c.prompt_length in (None, length)] or candidates
         source = next((c for c in same_length if c.seed == cell.seed), same_length[0])
         raw = to_dict(cell.config)
-        raw["method"]["init_from"] = f"{SOURCE_PLACEHOLDER}{source.key}"
-        key = cell_key(from_dict(RunConfig, raw), cell.task_spec)
         raw["method"]["init_from"] = str(Path(out_dir).resolve() / "cells" / source.key)
-        out.append(dataclasses.replace(cell, key=key, config=from_dict(RunConfig, raw), source_key=source.key))
+        cfg = from_dict(RunConfig, raw)
+        out.append(dataclasses.replace(cell, key=cell_key(cfg, cell.task_spec), config=cfg, source_key=source.key))
     return out
 
 
