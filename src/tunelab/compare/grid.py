@@ -45,6 +45,7 @@ class TuneSpec:
 
     space: dict[str, Any] = field(default_factory=dict)
     trials: int | None = None  # None = the grid's tune.trials (the same budget for every method)
+    task: str | None = None  # tune on this task only and use its winner on every task (None: tune per task)
 
 
 @dataclass
@@ -202,6 +203,9 @@ def parse_grid(raw: dict[str, Any]) -> GridConfig:
         dup = next(x for x in labels if labels.count(x) > 1)
         raise ConfigError(f"methods: two entries are both labelled {dup!r}; give one a distinct `label`")
     for i, m in enumerate(methods):
+        if m.tune is not None and m.tune.task is not None and (m.tune.task not in task_labels
+                                                               or (m.tasks is not None and m.tune.task not in m.tasks)):
+            raise ConfigError(f"methods[{i}].tune.task: {m.tune.task!r} is not one of this method's tasks")
         ref = m.init_from_cell
         if ref is None:
             continue

@@ -59,7 +59,7 @@ def tuned_groups(grid: GridConfig, cells: list[Cell]) -> dict[tuple, list[int]]:
         if spec.tune is None:
             continue
         length = None if PROMPT_LENGTH_FIELD in spec.tune.space else cell.prompt_length
-        groups.setdefault((cell.method, cell.task, cell.train_size, length), []).append(i)
+        groups.setdefault((cell.method, spec.tune.task or cell.task, cell.train_size, length), []).append(i)
     return groups
 
 
@@ -76,7 +76,10 @@ def tune_cells(grid: GridConfig, cells: list[Cell], store: Store, out_dir: Path,
     specs = {m.display: m for m in grid.methods}
     out = list(cells)
     for (method, task, size, length), indices in groups.items():
-        base = cells[indices[0]]
+        # the study's own task: every task's, or the one `tune.task` names (its winner then serves them all)
+        base = next((cells[i] for i in indices if cells[i].task == task), None)
+        if base is None:
+            raise TunelabError(f"{method}: tune.task {task!r} has no cell at train size {size}, length {length}")
         name = study_name(grid, method, task, size, length)
         params = run_study(grid, specs[method], base, name, store, storage, out_dir, progress=progress,
                            console=console)
