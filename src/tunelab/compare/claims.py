@@ -126,6 +126,9 @@ CLAIMS: list[Claim] = [
           "demonstrations (Sun et al. 2023)", "source-task prompt + retrieved target demonstrations (IPT, no training) "
           "> retrieved ICL alone", "quality", is_transfer, is_icl("retrieved"), "transferred prompt + demos",
           "retrieved ICL"),
+    Claim("pt_cheaper_tuned", "Prompt tuning is more resource-efficient, counting the tuning it took",
+          "PT CPU seconds incl. its share of tuning < LoRA / full FT's", "cost", is_method("prompt_tuning"),
+          any_of(is_method("lora"), is_method("full_finetune")), "PT", "LoRA/full FT", cost="tuned_cpu_seconds"),
     Claim("it_unseen", "Instruction tuning generalizes better to unseen tasks",
           "instruction-tuned > base model on unseen tasks", "quality", is_method("instruction_tuning"), is_base,
           "instruction-tuned", "base model", only_unseen=True),
@@ -478,11 +481,12 @@ def _per_example_metric(rows: list[dict]) -> str | None:
 
 def _cost(claim: Claim, group: str, a_rows: list[dict], b_rows: list[dict], n_resamples: int) -> Finding:
     """Ratio of mean costs A / B; the claim says A costs less (ratio < 1) unless it names A as costlier."""
-    values_a = [r[claim.cost] for r in a_rows if r[claim.cost] is not None]
-    values_b = [r[claim.cost] for r in b_rows if r[claim.cost] is not None]
+    values_a = [r[claim.cost] for r in a_rows if r.get(claim.cost) is not None]
+    values_b = [r[claim.cost] for r in b_rows if r.get(claim.cost) is not None]
     n = {"a_seeds": len(values_a), "b_seeds": len(values_b)}
     if not values_a or not values_b or not mean(values_b):
-        return Finding(claim, group, verdict="inconclusive", detail=f"no {claim.cost} recorded", n=n)
+        verdict = "not measured" if claim.cost == "tuned_cpu_seconds" else "inconclusive"  # untuned grids
+        return Finding(claim, group, verdict=verdict, detail=f"no {claim.cost} recorded", n=n)
     ratio = mean(values_a) / mean(values_b)
     claims_less = claim.id != "it_costly"
     tolerance = 0.0 if claim.cost == "adapter_bytes" else NOISE  # bytes are exact; times are noisy

@@ -47,7 +47,7 @@ def build_report(store: Store, keys: list[str] | None = None, n_resamples: int =
     tags = store.task_tags()
     margins = store.margins()
     rows = [{**r.data, "tags": tags.get(r.data["task"], [])} for r in store.rows(keys=keys)]
-    done = [r for r in rows if r["status"] == "done"]
+    done = _with_tuning_cost([r for r in rows if r["status"] == "done"], store)
     failed = [r for r in rows if r["status"] == "failed"]
     grids = sorted({r["grid"] for r in rows})
     facts = [f"store: `{_shown_path(store.path)}`", f"cells: {len(done)} done, {len(failed)} failed",
@@ -83,6 +83,23 @@ def build_report(store: Store, keys: list[str] | None = None, n_resamples: int =
                                                 [[r["method"], r["task"], str(r["seed"]),
                                                   (r["error"] or "").splitlines()[0][:300]] for r in failed])]))
     return Report("tunelab comparison report", facts, sections)
+
+
+def _with_tuning_cost(rows: list[dict[str, Any]], store: Store) -> list[dict[str, Any]]:
+    """``tuned_cpu_seconds``: a cell's CPU plus an equal share of its method's tuning trials (tuned methods only)."""
+    tuned = store.tuned()
+    if not tuned:
+        return rows
+    cost: dict[str, float] = defaultdict(float)
+    for t in tuned:
+        cost[t["method"]] += t["cpu_seconds"] or 0.0
+    cells = Counter(r["method"] for r in rows)
+    out = []
+    for r in rows:
+        extra = cost.get(r["method"], 0.0) / cells[r["method"]]
+        total = None if r.get("cpu_seconds") is None else r["cpu_seconds"] + extra
+        out.append({**r, "tuned_cpu_seconds": total})
+    return out
 
 
 def _figure_or_note(name: str, title: str, png: bytes | None, note: str) -> Figure:
