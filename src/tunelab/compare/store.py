@@ -125,7 +125,8 @@ class Store:
     def _add_new_columns(self) -> None:
         """A store written by an older tunelab gains the columns added since (all nullable)."""
         have = {row[1] for row in self.conn.execute("PRAGMA table_info(cells)")}
-        for line in SCHEMA.splitlines():
+        cells_table = SCHEMA.split("CREATE TABLE IF NOT EXISTS meta")[0]  # the other tables reuse column names
+        for line in cells_table.splitlines():
             definition = line.split("--")[0].strip().rstrip(",")
             name = definition.split(" ")[0] if definition else ""
             if name in COLUMNS and name not in have and ("NOT NULL" not in definition or "DEFAULT" in definition):
