@@ -219,14 +219,20 @@ def trial_cell(base: Cell, trial_base: RunConfig, params: dict[str, Any]) -> Cel
 def dev_config(base: Cell, seed: int, dev_rows: int, out_dir: Path) -> RunConfig:
     """The base cell's config retargeted at a seeded dev split of its training data.
 
-    Only the training rows are loaded and split (``dev_rows`` drawn, the rest kept in order); trials
-    train on the rest and are scored on the dev rows, with the metrics the test cells use.
+    Only the training file is loaded and split (``dev_rows`` drawn, the rest kept in order); trials
+    train on the rest and are scored on the dev rows, with the grid's metrics for the task (else the
+    defaults its training rows imply: the test rows are not opened).
     """
-    from tunelab.data import load_task
+    from tunelab.data import TASKS, _find, load_task
 
     cfg = base.config
     d = cfg.data
-    data = load_task(d.task, d.train, d.eval, skip_bad=d.skip_bad, task_cap=d.task_cap, mixture=d.mixture,
+    train_file = d.train
+    if train_file is None and d.task not in TASKS and Path(d.task).is_dir():
+        found = _find(Path(d.task), ("train",))
+        train_file = str(found) if found else None
+    # the training file alone (a built-in task generates its splits; a single-file task holds no test rows apart)
+    data = load_task(d.task, train_file, None, skip_bad=d.skip_bad, task_cap=d.task_cap, mixture=d.mixture,
                      seed=cfg.train.seed, sni_encoding=d.sni_encoding)
     rows = list(data.train)
     if len(rows) < dev_rows + 1:
