@@ -154,3 +154,15 @@ def test_paired_bootstrap_on_corpus_bleu_statistics():
     assert result.a == pytest.approx(M.compute(["bleu"], good, refs)["bleu"])
     assert result.b == pytest.approx(M.compute(["bleu"], bad, refs)["bleu"])
     assert result.ci[0] > 0 and result.p_value < 0.01
+
+
+def test_sql_answers_default_to_sql_exact_match_first():
+    """Text-to-SQL is scored as Sun et al. and Spider do (exact match after normalisation); BLEU second."""
+    from tunelab.data import default_metrics
+    from tunelab.data.example import Example
+
+    sql = [Example(id=str(i), task="spider", instruction="q", input="x", output=q)
+           for i, q in enumerate(["SELECT name FROM singer", "select count(*) from song WHERE sales > 3"])]
+    assert default_metrics(sql) == ("sql_exact_match", "bleu")
+    prose = [Example(id="0", task="d2t", instruction="q", input="x", output="Select the best of five restaurants in town")]
+    assert default_metrics(prose)[0] == "bleu"

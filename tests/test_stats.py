@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
+from tunelab import stats
 from tunelab.stats import bootstrap_ci, bootstrap_scores, mean_reduce, paired_bootstrap, resample_counts
 
 
@@ -87,3 +88,65 @@ def test_paired_bootstrap_rejects_misaligned_examples():
 def test_mean_reduce_is_the_mean():
     sums = np.array([[30.0], [60.0]])
     assert mean_reduce(sums, 3).tolist() == [10.0, 20.0]
+
+
+def test_holm_matches_statsmodels():
+    from statsmodels.stats.multitest import multipletests
+
+    rng = np.random.default_rng(4)
+    for m in (1, 3, 8, 20):
+        p = list(rng.uniform(0, 0.2, size=m) ** 2)
+        expected = multipletests(p, method="holm")[1]
+        np.testing.assert_allclose(stats.holm(p), expected, rtol=1e-12)
+    assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])  # by hand: 3·0.01, max(2·0.03, ·), 0.04
+
+
+def test_tost_and_t_test_match_statsmodels_paired_tests():
+    from scipy import stats as sps
+    from statsmodels.stats.weightstats import ttost_paired
+
+    rng = np.random.default_rng(5)
+    for shift, margin in ((0.1, 1.0), (0.8, 1.0), (-0.3, 0.5), (2.0, 1.0)):
+        a = rng.normal(10, 2, size=60)
+        b = a - shift + rng.normal(0, 1.5, size=60)
+        d = a - b
+        se, df = d.std(ddof=1) / np.sqrt(len(d)), len(d) - 1
+        expected = ttost_paired(a, b, -margin, margin)[0]
+        assert stats.tost(float(d.mean()), float(se), df, margin) == pytest.approx(expected, rel=1e-9)
+        assert stats.t_test(float(d.mean()), float(se), df) == pytest.approx(sps.ttest_rel(a, b).pvalue, rel=1e-9)
+
+
+def test_mde_by_hand_and_power_at_it():
+    from scipy import stats as sps
+
+    # large n: (z_0.975 + z_0.8) · se = 2.8016 · se
+    assert stats.mde(0.5, 100_000 - 1) == pytest.approx((1.959964 + 0.841621) * 0.5, rel=1e-3)
+    # small n: the power of a two-sided paired t test at the MDE is 80% (noncentral t, by hand)
+    n, se = 12, 1.3
+    effect = stats.mde(se, n - 1)
+    crit = sps.t.ppf(0.975, n - 1)
+    nc = effect / se
+    power = sps.nct.sf(crit, n - 1, nc) + sps.nct.cdf(-crit, n - 1, nc)
+    assert power == pytest.approx(0.8, abs=1e-4)
+    assert effect > 2.8016 * se  # few rows: t is wider than z
+
+
+def test_sizing_rows_shrink_the_standard_error_to_the_target():
+    target = stats.se_needed(1.0)
+    assert target == pytest.approx(1.0 / (1.644854 + 1.281552), rel=1e-4)  # TOST at 0 is the stricter
+    sizing = stats.size_for_margin(example_var=400.0, seed_var=0.05, rows_now=50, seeds_now=3, margin=1.0)
+    rows = sizing.rows_needed[3]
+    assert rows is not None and np.sqrt(400.0 / rows + 0.05 / 3) <= target < np.sqrt(400.0 / (rows - 1) + 0.05 / 3)
+    assert sizing.rows_needed[10] < rows
+    noisy = stats.size_for_margin(example_var=400.0, seed_var=50.0, rows_now=50, seeds_now=3, margin=1.0)
+    assert noisy.rows_needed[3] is None and noisy.rows_needed[10] is None  # seed noise alone exceeds the target
+
+
+def test_paired_bootstrap_splits_example_and_seed_variance():
+    rng = np.random.default_rng(6)
+    base = rng.normal(50, 10, size=400)
+    a = np.stack([base + 2 + rng.normal(0, 3) for _ in range(4)])[..., None]  # seed offsets: spread ~ 3
+    b = np.stack([base + rng.normal(0, 5, size=400)])[..., None]
+    result = stats.paired_bootstrap(a, b, n_resamples=2000, seed=0)
+    assert result.example_var == pytest.approx(25.0, rel=0.25)  # per-example variance of A − B: 5²
+    assert 1.0 < result.seed_var < 40.0 and result.se > np.sqrt(25.0 / 400)

@@ -68,6 +68,14 @@ class PairedResult:
     b: float
     n_examples: int
     n_resamples: int
+    diffs: np.ndarray | None = None  # (R,) resampled differences (a stratified pooling across tasks averages them)
+    example_var: float = 0.0  # n x variance of A − B from resampling examples only (seeds fixed)
+    seed_var: float = 0.0  # variance of per-seed scores of A plus that of B (0 for a single seed)
+
+    @property
+    def se(self) -> float:
+        """Bootstrap standard error of A − B (examples and seeds resampled)."""
+        return float(np.std(self.diffs, ddof=1)) if self.diffs is not None and len(self.diffs) > 1 else 0.0
 
 
 def _per_seed(stats: np.ndarray) -> np.ndarray:
@@ -95,17 +103,131 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, reduce: Reduce = mean_reduce,
     rng = np.random.default_rng(seed)
     counts = resample_counts(n, n_resamples, rng)  # (R, n), shared: the pairing
 
-    def system(stats: np.ndarray) -> tuple[float, np.ndarray]:
-        full = np.mean([reduce(s.sum(0, keepdims=True), n)[0] for s in stats])
+    def system(stats: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, float]:
+        seeds = np.array([reduce(s.sum(0, keepdims=True), n)[0] for s in stats])
         per_seed = np.stack([reduce(counts @ s, n) for s in stats], axis=1)  # (R, S)
         picks = rng.integers(0, len(stats), size=(n_resamples, len(stats)))  # seeds drawn per resample
-        return float(full), np.take_along_axis(per_seed, picks, axis=1).mean(1)
+        spread = float(np.var(seeds, ddof=1)) if len(seeds) > 1 else 0.0
+        return float(seeds.mean()), np.take_along_axis(per_seed, picks, axis=1).mean(1), per_seed.mean(1), spread
 
-    score_a, boot_a = system(a)
-    score_b, boot_b = system(b)
+    score_a, boot_a, examples_a, spread_a = system(a)
+    score_b, boot_b, examples_b, spread_b = system(b)
     diffs = boot_a - boot_b
     alpha = (1.0 - confidence) / 2
     lo, hi = np.quantile(diffs, [alpha, 1.0 - alpha])
     other_side = np.mean(diffs <= 0) if score_a > score_b else np.mean(diffs >= 0)
     p_value = min(1.0, 2.0 * float(other_side)) if score_a != score_b else 1.0
-    return PairedResult(score_a - score_b, (float(lo), float(hi)), p_value, score_a, score_b, n, n_resamples)
+    example_var = float(n * np.var(examples_a - examples_b, ddof=1)) if n_resamples > 1 else 0.0
+    return PairedResult(score_a - score_b, (float(lo), float(hi)), p_value, score_a, score_b, n, n_resamples,
+                        diffs, example_var, spread_a + spread_b)
+
+
+# ---------------------------------------------------------------- decisions: Holm, TOST, MDE, sizing
+#
+# A quality test's effect is A − B with a bootstrap standard error ``se`` (examples and seeds
+# resampled). Its tests are t tests on delta / se with ``df`` = examples − 1: for one seed per method
+# and a per-example mean metric this is exactly the paired t test (and ``tost`` is exactly
+# ``statsmodels.stats.weightstats.ttost_paired``); for corpus metrics and several seeds it is the same
+# test with the bootstrap's standard error, which counts the seed-to-seed spread as well.
+
+POWER = 0.8
+ALPHA = 0.05
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm step-down adjusted p-values (same order as given); controls the family-wise error rate.
+
+    >>> [round(p, 3) for p in holm([0.01, 0.04, 0.03])]
+    [0.03, 0.06, 0.06]
+    """
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))  # monotone: never below an earlier step
+        adjusted[i] = running
+    return adjusted
+
+
+def t_test(delta: float, se: float, df: int) -> float:
+    """Two-sided p-value of delta = 0 given its standard error (t with ``df`` degrees of freedom)."""
+    from scipy import stats as sps
+
+    if se <= 0:
+        return 1.0 if delta == 0 else 0.0
+    return float(2 * sps.t.sf(abs(delta) / se, df))
+
+
+def tost(delta: float, se: float, df: int, margin: float) -> float:
+    """Two one-sided tests of |A − B| < margin: the larger of the two one-sided p-values.
+
+    Small means *equivalent*: the difference is shown to lie within ±margin.
+    """
+    from scipy import stats as sps
+
+    if se <= 0:
+        return 0.0 if abs(delta) < margin else 1.0
+    p_lower = sps.t.sf((delta + margin) / se, df)  # H0: delta <= -margin
+    p_upper = sps.t.cdf((delta - margin) / se, df)  # H0: delta >= +margin
+    return float(max(p_lower, p_upper))
+
+
+def mde(se: float, df: int, alpha: float = ALPHA, power: float = POWER) -> float:
+    """Minimum detectable effect: the true |A − B| a two-sided test at ``alpha`` finds with ``power``.
+
+    Uses statsmodels' power of the t test (noncentral t) with standardised effect d = effect / sd,
+    sd = se * sqrt(n), n = df + 1; for large n this is (z_{1-alpha/2} + z_power) * se = 2.80 * se.
+    """
+    from statsmodels.stats.power import TTestPower
+
+    if se <= 0:
+        return 0.0
+    n = df + 1
+    if n < 2:
+        return float("inf")
+    d = TTestPower().solve_power(effect_size=None, nobs=n, alpha=alpha, power=power, alternative="two-sided")
+    return float(np.asarray(d).item() * se * np.sqrt(n))
+
+
+@dataclass
+class Sizing:
+    """Rows and seeds for a test to become decisive at ``margin`` (see ``size_for_margin``)."""
+
+    margin: float
+    se_now: float
+    se_needed: float
+    rows_now: int
+    seeds_now: int
+    rows_needed: dict[int, int | None]  # seeds per method -> rows (None: more seeds alone cannot get there)
+
+
+def se_needed(margin: float, alpha: float = ALPHA, power: float = POWER) -> float:
+    """The standard error at which a test is decisive at ``margin`` with ``power``, whatever the truth:
+
+    a true difference of ``margin`` is detected (two-sided, ``alpha``), and a true difference of 0
+    is shown equivalent within ``margin`` by TOST; the stricter of the two (normal approximation).
+    """
+    from scipy import stats as sps
+
+    detect = margin / (sps.norm.ppf(1 - alpha / 2) + sps.norm.ppf(power))
+    equivalent = margin / (sps.norm.ppf(1 - alpha) + sps.norm.ppf(1 - (1 - power) / 2))
+    return float(min(detect, equivalent))
+
+
+def size_for_margin(example_var: float, seed_var: float, rows_now: int, seeds_now: int, margin: float,
+                    alpha: float = ALPHA, power: float = POWER, seed_options: tuple[int, ...] = (3, 5, 10)
+                    ) -> Sizing:
+    """Rows needed per seed count, from a variance split se² = example_var / n + seed_var / S.
+
+    ``example_var`` is n times the squared standard error from resampling examples only (the
+    per-example variance of A − B); ``seed_var`` is S times the seed part (the spread of the
+    methods' per-seed scores). ``alpha`` should be the Holm/Bonferroni level the test will face.
+    """
+    target = se_needed(margin, alpha, power)
+    se_now = float(np.sqrt(example_var / max(rows_now, 1) + seed_var / max(seeds_now, 1)))
+    needed: dict[int, int | None] = {}
+    for seeds in sorted({seeds_now, *seed_options}):
+        room = target ** 2 - seed_var / seeds
+        needed[seeds] = None if room <= 0 else int(np.ceil(example_var / room))
+    return Sizing(margin, se_now, target, rows_now, seeds_now, needed)

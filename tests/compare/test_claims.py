@@ -55,11 +55,60 @@ def test_clear_win_is_supported_and_clear_loss_contradicted(tmp_path):
     assert summarise(findings)["it_unseen"] == "not measured"
 
 
-def test_same_distribution_is_inconclusive(tmp_path):
+def test_identical_systems_are_equivalent(tmp_path):
     scores = _scores(0.5, seed=1)
     rows = [_cell(tmp_path, "ipt", s, scores) for s in range(2)] + [_cell(tmp_path, "pt", s, scores) for s in range(2)]
     (ipt,) = _by_id(evaluate_claims(rows, n_resamples=300), "ipt_beats_pt")
-    assert ipt.verdict == "inconclusive" and ipt.effect == 0 and ipt.ci[0] <= 0 <= ipt.ci[1]
+    assert ipt.verdict == "equivalent" and ipt.effect == 0 and ipt.ci[0] <= 0 <= ipt.ci[1]
+
+
+def test_few_noisy_rows_are_underpowered_and_many_close_rows_equivalent(tmp_path):
+    few = [_cell(tmp_path, "ipt", 0, _scores(0.5, n=20, seed=1)), _cell(tmp_path, "pt", 0, _scores(0.5, n=20, seed=2))]
+    (small,) = _by_id(evaluate_claims(few, n_resamples=400), "ipt_beats_pt")
+    assert small.verdict == "underpowered" and small.mde > small.margin == 2.0
+    # 4000 rows whose scores differ on 0.5% of them: |A − B| is tiny and well measured
+    base = _scores(0.5, n=4000, seed=3)
+    other = [100.0 - s if i % 200 == 0 else s for i, s in enumerate(base)]
+    (tmp_path / "m").mkdir()
+    many = [_cell(tmp_path / "m", "ipt", 0, base), _cell(tmp_path / "m", "pt", 0, other)]
+    (big,) = _by_id(evaluate_claims(many, n_resamples=400), "ipt_beats_pt")
+    assert big.verdict == "equivalent" and big.p_tost_adjusted < 0.05 and big.mde < 2.0
+
+
+def test_verdicts_use_holm_adjusted_p_across_all_quality_tests(tmp_path):
+    """A gain significant alone (p ~ 0.02) is not once Holm multiplies it across many tests."""
+    from statsmodels.stats.multitest import multipletests
+
+    rows = []
+    for t in range(6):  # six tasks: the weak gain on t0 plus five tasks with no difference
+        a = _scores(0.5, n=300, seed=100 + t)
+        wins = [i for i, s in enumerate(a) if s == 100.0][:6] if t == 0 else []  # A better on 6 rows: t ~ 2.4
+        b = [0.0 if i in wins else s for i, s in enumerate(a)]
+        rows += [_cell(tmp_path, "ipt", 0, a, task=f"t{t}"), _cell(tmp_path, "pt", 0, b, task=f"t{t}")]
+    findings = evaluate_claims(rows, n_resamples=1000)
+    tested = [f for f in findings if f.tested]
+    raw = [f.p_value for f in tested]
+    expected = multipletests(raw, method="holm")[1]
+    assert [round(f.p_adjusted, 10) for f in tested] == [round(p, 10) for p in expected]
+    (t0,) = [f for f in tested if f.claim.id == "ipt_beats_pt" and f.group.startswith("t0 ")]
+    assert t0.p_value < 0.05 <= t0.p_adjusted and t0.verdict != "supported"
+    pooled = [f for f in findings if f.group == "all tasks"]
+    assert len(pooled) == 1 and pooled[0].claim.id == "ipt_beats_pt" and pooled[0].n["groups"] == 6
+    assert summarise(findings)["ipt_beats_pt"].endswith("(across tasks)")
+
+
+def test_across_tasks_pools_a_consistent_gain_no_single_task_shows(tmp_path):
+    rows = []
+    for t in range(4):
+        a = _scores(0.5, n=120, seed=200 + t)
+        b = [0.0 if (s == 100.0 and i % 12 == 0) else s for i, s in enumerate(a)]  # ~4 points lower each
+        rows += [_cell(tmp_path, "ipt", 0, a, task=f"t{t}"), _cell(tmp_path, "pt", 0, b, task=f"t{t}")]
+    findings = [f for f in evaluate_claims(rows, n_resamples=1000) if f.claim.id == "ipt_beats_pt"]
+    pooled = next(f for f in findings if f.group == "all tasks")
+    per_task = [f for f in findings if f.group != "all tasks"]
+    assert pooled.effect == pytest.approx(sum(f.effect for f in per_task) / 4)
+    assert pooled.se < min(f.se for f in per_task)  # pooling over strata narrows the interval
+    assert pooled.p_value < min(f.p_value for f in per_task)
 
 
 def test_seed_variance_claim(tmp_path):
@@ -170,3 +219,16 @@ def test_instruction_tuning_cost_compares_runs_across_tasks(tmp_path):
     longer = [{**r, "config": {**r["config"], "train": {"steps": 800, "batch_size": 8}}} for r in pt]
     (unpaired,) = _by_id(evaluate_claims(it + longer, n_resamples=50), "it_costly")
     assert unpaired.verdict == "not measured"  # a different training budget is not a comparison
+
+
+def test_transfer_claim_pairs_the_transferred_prompt_with_retrieved_icl(tmp_path):
+    transfer = _cell(tmp_path, "ipt", 0, _scores(0.7, seed=30), task="target")
+    transfer["config"] = {"method": {"name": "ipt", "init_from": "/runs/cells/abc"}, "train": {"steps": 0}}
+    trained_ipt = _cell(tmp_path, "ipt", 1, _scores(0.1, seed=31), task="target")
+    pt = _cell(tmp_path, "pt", 1, _scores(0.1, seed=32), task="target")
+    icl = _cell(tmp_path, "icl_similar", 0, _scores(0.3, seed=33), task="target")
+    findings = evaluate_claims([transfer, trained_ipt, pt, icl], n_resamples=500)
+    (found,) = _by_id(findings, "prompt_transfer")
+    assert found.verdict == "supported" and found.effect == pytest.approx(transfer["quality"] - icl["quality"])
+    (ipt,) = _by_id(findings, "ipt_beats_pt")  # the transferred cell is not an IPT run of its own
+    assert ipt.n["a_seeds"] == 1 and ipt.effect == pytest.approx(trained_ipt["quality"] - pt["quality"])

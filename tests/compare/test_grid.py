@@ -94,7 +94,7 @@ def test_overrides_apply_to_the_grid(grid_file):
 
 
 def test_presets_ship_all_three():
-    assert {"quick", "paper", "instruction"} <= set(list_presets())
+    assert {"quick", "paper", "instruction", "paper_v1", "instruction_v1"} <= set(list_presets())
 
 
 def test_quick_preset_validates_offline(tmp_path):
@@ -113,11 +113,24 @@ def test_data_presets_validate_on_shared_data(name, tmp_path, monkeypatch):
     assert len(cells) > 10
     if name == "paper":
         assert {c.method_name for c in cells} == {"icl", "prompt_tuning", "ipt", "lora"}
-        assert len(grid.seeds) >= 3 and {c.prompt_length for c in cells if c.method_name == "ipt"} == {5, 20, 50}
+        assert len(grid.seeds) >= 3 and {c.prompt_length for c in cells if c.method_name == "ipt"} == {20}
         assert {c.task for c in cells} == {"e2e", "dart", "webnlg", "spider"}
+        tuned = {m.display: m.tune for m in grid.methods if m.tune is not None}
+        assert set(tuned) == {"pt", "ipt", "lora"}  # every trained method, the same number of trials
+        assert {t.trials or grid.tune.trials for t in tuned.values()} == {grid.tune.trials}
+        assert max(grid.margins.values()) <= 3
+        spider = next(c for c in cells if c.task == "spider")
+        assert spider.config.eval.metrics[0] == "sql_exact_match"  # Sun et al. score text-to-SQL by exact match
+        transfer = [c for c in cells if c.method == "pt_e2e_transfer"]
+        assert {c.task for c in transfer} == {"dart", "webnlg"} and all(c.config.train.steps == 0 for c in transfer)
+        from tunelab.compare.grid import depends_on
+
+        assert {depends_on(c)["task"] for c in transfer} == {"e2e"}
         assert {c.task for c in cells if c.method_name == "lora"} == {"spider"}  # the reasoning-tagged task
         assert next(t for t in grid.tasks if t.label == "spider").tags == ["reasoning"]
     else:
+        assert {c.config.model.name for c in cells} == {"gemma3-270m"}  # a base model: the claim is about those
+        assert next(m for m in grid.methods if m.display == "instruction_lora").tune is not None
         unseen = [c for c in cells if c.unseen]
         assert {c.method for c in unseen} == {"base", "instruction_lora"}
         train_rows = (tmp_path / "data" / "sni_unseen" / "train.jsonl").read_text()
@@ -138,7 +151,7 @@ def test_subset_cells_keep_their_keys_under_another_out_dir(tmp_path, monkeypatc
     _, second = plan(preset_path("instruction"), out=tmp_path / "b")
     assert [c.key for c in first] == [c.key for c in second]
     fewer_yaml = tmp_path / "fewer.yaml"
-    fewer_yaml.write_text(preset_path("instruction").read_text().replace("eval_per_task: 10", "eval_per_task: 5"))
+    fewer_yaml.write_text(preset_path("instruction").read_text().replace("eval_per_task: 25", "eval_per_task: 5"))
     _, fewer = plan(fewer_yaml, out=tmp_path / "a")
     assert {c.key for c in fewer if c.unseen}.isdisjoint(c.key for c in first)
 
@@ -146,13 +159,16 @@ def test_subset_cells_keep_their_keys_under_another_out_dir(tmp_path, monkeypatc
 @pytest.mark.shared_data
 @pytest.mark.parametrize("name", ["paper", "instruction"])
 def test_docs_results_are_reports_of_the_whole_preset(name, tmp_path, monkeypatch):
-    """docs/results/NAME holds the report of `tunelab compare --preset NAME`: every cell of it, none failed."""
+    """docs/results/NAME holds the report of `tunelab compare --preset NAME_v1` (the preset it was run with, kept
+    unchanged): every cell of it, none failed; its README names the next preset (`--preset NAME`) to run."""
     shared_path()
     root = Path(__file__).resolve().parents[2]
     monkeypatch.chdir(root)
     folder = root / "docs" / "results" / name
-    assert f"tunelab compare --preset {name} --out runs/{name}" in (folder / "README.md").read_text()
-    _, cells = plan(preset_path(name), out=tmp_path)
+    readme = (folder / "README.md").read_text()
+    assert f"tunelab compare --preset {name}_v1 --out runs/{name}" in readme
+    assert f"tunelab compare --preset {name} --out runs/{name}2" in readme
+    _, cells = plan(preset_path(f"{name}_v1"), out=tmp_path)
     report = (folder / "report.md").read_text()
     assert f"- cells: {len(cells)} done, 0 failed" in report
     grid_line = next(line for line in report.splitlines() if line.startswith("- grid: "))

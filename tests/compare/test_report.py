@@ -114,3 +114,45 @@ def test_quality_table_orders_numbers_as_numbers_and_lists_every_commit(tiny_rep
         facts = build_report(store).facts
     model_fact = next(f for f in facts if f.startswith("model"))
     assert "abc123 (" in model_fact and " cells)" in model_fact
+
+
+def _quality_store(tmp_path):
+    """A store with IPT and PT cells on two tasks (per-example exact match), no training needed."""
+    import random as _random
+
+    from tests.compare.test_claims import _cell
+
+    db = Store(tmp_path / "results.sqlite")
+    for t, (p_ipt, p_pt) in enumerate(((0.7, 0.3), (0.5, 0.5))):
+        for method, p in (("ipt", p_ipt), ("pt", p_pt)):
+            for seed in range(2):
+                rng = _random.Random(f"{t}{method}{seed}")
+                row = _cell(tmp_path, method, seed, [100.0 * (rng.random() < p) for _ in range(80)], task=f"t{t}")
+                row["config"] = {**row["config"], "model": {"name": "tiny"}}
+                db.record({**row, "key": f"{method}{t}{seed}", "grid": "g", "status": "done", "cpu_seconds": 1.0,
+                           "train_seconds": 1.0, "eval_seconds": 1.0, "peak_rss_mb": 1.0, "trainable_params": 1})
+    return db
+
+
+def test_claims_section_shows_holm_tost_mde_and_sizing(tmp_path):
+    db = _quality_store(tmp_path)
+    report = build_report(db, n_resamples=300)
+    sections = dict(report.sections)
+    detail = next(item for item in sections["Claims"] if hasattr(item, "headers") and "MDE (80%)" in item.headers)
+    assert {"n (rows x seeds)", "p (Holm)", "TOST p (Holm)", "margin"} <= set(detail.headers)
+    rows = [r for r in detail.rows if r[0].startswith("IPT > PT")]
+    assert [r[1].split(" ")[0] for r in rows] == ["t0", "t1", "all"]  # two tasks and the pooled test
+    assert rows[0][detail.headers.index("verdict")] == "supported" and rows[0][2] == "80 x 2/2"
+    sizing = sections["Sizing: rows and seeds for a decisive verdict"]
+    table = next(item for item in sizing if hasattr(item, "headers"))
+    assert [r[1].split(" ")[0] for r in table.rows] == ["t0", "t1"] and "rows @ 10 seeds" in table.headers
+
+
+def test_size_command_prints_the_rows_each_claim_needs(tmp_path, capsys, monkeypatch):
+    from tunelab.commands.compare import size_command
+
+    monkeypatch.setenv("COLUMNS", "300")  # rich would squeeze the table into pytest's 80 columns
+    _quality_store(tmp_path).close()
+    size_command(str(tmp_path / "results.sqlite"), margin=["exact_match=5"])
+    out = capsys.readouterr().out
+    assert "IPT > PT" in out and "±5" in out and "rows @ 3 seeds" in " ".join(out.split())

@@ -60,3 +60,38 @@ def report_command(
 
     md, html = report_store(store, out or Path(store).parent)
     Console().print(f"report: {md}\n        {html}")
+
+
+def size_command(
+    store: Annotated[str, typer.Argument(help="results store of a pilot grid (tunelab compare)")],
+    margin: Annotated[list[str] | None, typer.Option(help="equivalence margin per metric, e.g. bleu=1.0 (repeat)")] = None,
+) -> None:
+    """How many test rows and seeds each quality claim needs to become decisive at its margin."""
+    from rich.table import Table
+
+    from tunelab.compare.sizing import size_claims, sizing_note, sizing_table
+    from tunelab.compare.store import open_existing
+
+    margins = {}
+    for item in margin or []:
+        name, sep, value = item.partition("=")
+        try:
+            margins[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or margins.get(name.strip(), 0) <= 0:
+            raise ConfigError(f"--margin {item!r}: expected METRIC=POINTS with POINTS > 0, e.g. --margin bleu=1.0")
+    with open_existing(store) as db:
+        tags = db.task_tags()
+        rows = [{**r.data, "tags": tags.get(r.data["task"], [])} for r in db.rows(status="done")]
+        sizings = size_claims(rows, {**db.margins(), **margins})
+    console = Console()
+    if not sizings:
+        console.print("no quality test in this store (a claim needs cells of both its methods on one task)")
+        return
+    headers, body = sizing_table(sizings)
+    table = Table(*headers)
+    for row in body:
+        table.add_row(*row)
+    console.print(table)
+    console.print(sizing_note(sizings), highlight=False)

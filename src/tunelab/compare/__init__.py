@@ -14,7 +14,17 @@ from pathlib import Path
 from rich.console import Console
 
 from tunelab.compare.backends import Backend, check_backend
-from tunelab.compare.grid import Cell, GridConfig, expand, list_presets, load_grid, preset_path, validate
+from tunelab.compare.grid import (
+    Cell,
+    GridConfig,
+    expand,
+    list_presets,
+    load_grid,
+    preset_path,
+    resolve_sources,
+    validate,
+    waves,
+)
 from tunelab.compare.report import build_report, write_report
 from tunelab.compare.runner import GridSummary, run_grid
 from tunelab.compare.store import Store, open_existing
@@ -61,10 +71,25 @@ def compare(source: str | Path, out: str | Path, store: str | Path | None = None
     store_path = Path(store) if store else out / STORE_NAME
     with Store(store_path) as db:
         db.add_task_tags({t.label: list(t.tags) for t in grid.tasks if t.tags is not None})
-        summary = run_grid(grid, cells, db, out, progress=progress, retry_failed=retry_failed, console=console,
-                           workers=workers, backend=backend, address=address)
+        if grid.margins:
+            db.set_margins(dict(grid.margins))
+        if any(m.tune is not None for m in grid.methods):  # dev-split trials first; winners replace the defaults
+            from tunelab.compare.tuning import tune_cells
+
+            cells = tune_cells(grid, cells, db, out, store_path, progress=progress, console=console)
+        cells = resolve_sources(cells, out)  # init_from: {cell: ...} -> that (possibly tuned) cell's directory
+        summary = GridSummary()
+        for wave in waves(cells):  # cells that start from another cell's adapter run after it
+            part = run_grid(grid, wave, db, out, progress=progress, retry_failed=retry_failed, console=console,
+                            workers=workers, backend=backend, address=address)
+            summary = _add(summary, part)
         md, html = write_report(build_report(db, keys=[c.key for c in cells]), out)
     return Outcome(grid, cells, summary, store_path, md, html)
+
+
+def _add(a: GridSummary, b: GridSummary) -> GridSummary:
+    return GridSummary(a.done + b.done, a.failed + b.failed, a.skipped + b.skipped, a.reused + b.reused,
+                       a.seconds + b.seconds, a.failures + b.failures)
 
 
 def report_store(store: str | Path, out: str | Path) -> tuple[Path, Path]:

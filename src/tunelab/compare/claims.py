@@ -2,9 +2,14 @@
 
 A quality claim ("IPT > PT") pairs the cells of two methods on the same task, training-set size and
 prompt length, and runs ``tunelab.stats.paired_bootstrap`` over examples (shared, the pairing) and
-seeds (drawn per method); it is *supported* when the 95% interval of A - B lies above 0,
-*contradicted* when it lies below, *inconclusive* otherwise. Cost claims (bytes, time) compare
-measured ratios. A claim whose methods are absent from the grid is reported as *not measured*.
+seeds (drawn per method). Each such test gets a p-value (t on A − B over its bootstrap standard
+error), an equivalence test (TOST) against the metric's margin and the minimum detectable effect at
+80% power; p-values are Holm-adjusted across every quality test of the report (``decide``). Verdicts:
+*supported* / *contradicted* (adjusted p < 0.05, by the sign of A − B), *equivalent* (adjusted TOST
+p < 0.05: |A − B| < margin), else *underpowered*. A claim measured on several tasks also gets one
+test across them (a stratified bootstrap: rows resampled within each task, tasks weighted equally).
+Cost claims (bytes, time) compare measured ratios. A claim whose methods are absent from the grid is
+reported as *not measured*.
 """
 
 from __future__ import annotations
@@ -24,10 +29,15 @@ from tunelab.compare.examples import (
     mean_by_id,
     read_predictions,
 )
-from tunelab.stats import paired_bootstrap
+from tunelab.stats import ALPHA, holm, mde, paired_bootstrap, t_test, tost
 
 Selector = Callable[[dict[str, Any]], bool]
 NOISE = 0.15  # wall-time ratios within 15% of 1 are noise on this kind of machine (MODELS.md: runs vary 15-30%)
+# Equivalence margins (points of the metric): differences smaller than these do not matter to a reader.
+DEFAULT_MARGINS = {"bleu": 1.0, "chrf": 1.0, "rouge_l": 1.0, "token_f1": 2.0, "exact_match": 2.0,
+                   "accuracy": 2.0, "rank_accuracy": 2.0, "sql_exact_match": 2.0}
+FALLBACK_MARGIN = 1.0
+ACROSS_TASKS = "all tasks"  # group name of a claim's pooled test over its tasks
 
 
 def _opts(row: dict[str, Any]) -> dict[str, Any]:
@@ -35,7 +45,14 @@ def _opts(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def is_method(name: str) -> Selector:
-    return lambda r: r["method_name"] == name
+    """Cells of that method trained from the base model (a cell started from another's adapter is a transfer)."""
+    return lambda r: r["method_name"] == name and not _opts(r).get("init_from")
+
+
+def is_transfer(r: dict[str, Any]) -> bool:
+    """A source-task prompt used as is on the target task, with target demonstrations (IPT, no training)."""
+    return (r["method_name"] == "ipt" and bool(_opts(r).get("init_from"))
+            and int(r["config"].get("train", {}).get("steps", 1)) == 0)
 
 
 def is_base(r: dict[str, Any]) -> bool:
@@ -105,6 +122,13 @@ CLAIMS: list[Claim] = [
     Claim("pt_cheaper", "Prompt tuning is more resource-efficient", "PT train time < LoRA / full FT train time",
           "cost", is_method("prompt_tuning"), any_of(is_method("lora"), is_method("full_finetune")), "PT",
           "LoRA/full FT", cost="train_seconds"),
+    Claim("prompt_transfer", "A prompt tuned on a source task helps a target task when paired with target "
+          "demonstrations (Sun et al. 2023)", "source-task prompt + retrieved target demonstrations (IPT, no training) "
+          "> retrieved ICL alone", "quality", is_transfer, is_icl("retrieved"), "transferred prompt + demos",
+          "retrieved ICL"),
+    Claim("pt_cheaper_tuned", "Prompt tuning is more resource-efficient, counting the tuning it took",
+          "PT CPU seconds incl. its share of tuning < LoRA / full FT's", "cost", is_method("prompt_tuning"),
+          any_of(is_method("lora"), is_method("full_finetune")), "PT", "LoRA/full FT", cost="tuned_cpu_seconds"),
     Claim("it_unseen", "Instruction tuning generalizes better to unseen tasks",
           "instruction-tuned > base model on unseen tasks", "quality", is_method("instruction_tuning"), is_base,
           "instruction-tuned", "base model", only_unseen=True),
@@ -126,10 +150,45 @@ class Finding:
     verdict: str = "not measured"
     detail: str = ""
     n: dict[str, int] = field(default_factory=dict)
+    # quality tests only (filled by _quality and decide)
+    metric: str | None = None
+    se: float | None = None
+    df: int | None = None
+    p_value: float | None = None
+    p_adjusted: float | None = None
+    margin: float | None = None
+    p_tost: float | None = None
+    p_tost_adjusted: float | None = None
+    mde: float | None = None
+    diffs: Any = None  # (R,) bootstrap differences, for the pooled test across tasks
+    example_var: float = 0.0
+    seed_var: float = 0.0
+
+    @property
+    def tested(self) -> bool:
+        """A quality test with a p-value (it enters the Holm family)."""
+        return self.p_value is not None
 
 
-def evaluate_claims(rows: list[dict[str, Any]], n_resamples: int = 1000) -> list[Finding]:
-    """Every claim in ``CLAIMS`` measured on the store's finished rows (one Finding per group)."""
+def margin_for(metric: str | None, margins: dict[str, float] | None = None) -> float:
+    """The equivalence margin of a metric: the grid's ``margins`` first, then ``DEFAULT_MARGINS``."""
+    table = {**DEFAULT_MARGINS, **(margins or {})}
+    return float(table.get(metric or "", FALLBACK_MARGIN))
+
+
+def evaluate_claims(rows: list[dict[str, Any]], n_resamples: int = 1000,
+                    margins: dict[str, float] | None = None) -> list[Finding]:
+    """Every claim in ``CLAIMS`` measured on the store's finished rows (one Finding per group).
+
+    Quality claims on several groups get one more Finding (group ``all tasks``); then every quality
+    test's p-value is Holm-adjusted across the whole list and verdicts are set (``decide``).
+    """
+    out = _measure(rows, n_resamples)
+    out = _with_pooled(out)
+    return decide(out, margins)
+
+
+def _measure(rows: list[dict[str, Any]], n_resamples: int) -> list[Finding]:
     out: list[Finding] = []
     for claim in CLAIMS:
         usable = [r for r in rows if r["unseen"]] if claim.only_unseen else rows
@@ -148,6 +207,63 @@ def evaluate_claims(rows: list[dict[str, Any]], n_resamples: int = 1000) -> list
                        "similarity": _similarity_gap, "gap": _loss_gap}[claim.kind]
             out.append(measure(claim, group, a_rows, b_rows, n_resamples))
     return out
+
+
+def _with_pooled(findings: list[Finding]) -> list[Finding]:
+    """After each quality claim's groups, its test across them: the mean effect over groups.
+
+    Each group's bootstrap resamples its own rows and seeds independently, so averaging the groups'
+    r-th resampled differences is one draw of the stratified bootstrap (strata: the groups).
+    """
+    out: list[Finding] = []
+    by_claim: dict[str, list[Finding]] = defaultdict(list)
+    for f in findings:
+        by_claim[f.claim.id].append(f)
+    for group in by_claim.values():
+        out.extend(group)
+        tested = [f for f in group if f.diffs is not None]
+        if len(tested) < 2:
+            continue
+        diffs = np.mean(np.stack([f.diffs for f in tested]), axis=0)
+        effect = float(np.mean([f.effect for f in tested]))
+        lo, hi = np.quantile(diffs, [ALPHA / 2, 1 - ALPHA / 2])
+        metrics = sorted({f.metric for f in tested if f.metric})
+        rows = sum(f.n.get("examples", 0) for f in tested)
+        pooled = Finding(group[0].claim, ACROSS_TASKS, effect, (float(lo), float(hi)),
+                         detail=f"mean of {len(tested)} groups' A − B ({', '.join(metrics)}), "
+                                f"stratified bootstrap over groups' rows and seeds; {rows} rows in all",
+                         n={"examples": rows, "groups": len(tested)},
+                         metric=metrics[0] if len(metrics) == 1 else None,
+                         se=float(np.std(diffs, ddof=1)), df=max(1, rows - len(tested)), diffs=diffs,
+                         margin=float(np.mean([f.margin for f in tested if f.margin is not None] or [0.0])) or None)
+        pooled.p_value = t_test(effect, pooled.se, pooled.df)
+        out.append(pooled)
+    return out
+
+
+def decide(findings: list[Finding], margins: dict[str, float] | None = None, alpha: float = ALPHA) -> list[Finding]:
+    """Holm-adjust the p-values of every quality test (and, as a second family, their TOST p-values), then
+    set each test's verdict: supported / contradicted / equivalent / underpowered."""
+    tested = [f for f in findings if f.tested]
+    for f in tested:
+        if f.margin is None:
+            f.margin = margin_for(f.metric, margins)
+        f.p_tost = tost(f.effect, f.se, f.df, f.margin)
+        f.mde = mde(f.se, f.df, alpha)
+    for f, p in zip(tested, holm([f.p_value for f in tested]), strict=True):
+        f.p_adjusted = p
+    for f, p in zip(tested, holm([f.p_tost for f in tested]), strict=True):
+        f.p_tost_adjusted = p
+    for f in tested:
+        if f.p_adjusted < alpha:
+            f.verdict = "supported" if f.effect > 0 else "contradicted"
+        elif f.p_tost_adjusted < alpha:
+            f.verdict = "equivalent"
+        else:
+            f.verdict = "underpowered"
+        f.detail += (f"; MDE(80%) {f.mde:.2f}, margin ±{f.margin:g}, p={f.p_value:.3g} (Holm {f.p_adjusted:.3g}), "
+                     f"TOST p={f.p_tost:.3g} (Holm {f.p_tost_adjusted:.3g})")
+    return findings
 
 
 def _pairs(claim: Claim, rows: list[dict[str, Any]]) -> list[tuple[str, list[dict], list[dict]]]:
@@ -236,13 +352,23 @@ def _quality(claim: Claim, group: str, a_rows: list[dict], b_rows: list[dict], n
     aligned = _aligned(a_rows, b_rows)
     n = {"a_seeds": len(a_rows), "b_seeds": len(b_rows)}
     if aligned is None:
-        return Finding(claim, group, verdict="inconclusive", detail="cells share no evaluation examples", n=n)
+        return Finding(claim, group, verdict="not measured", detail="cells share no evaluation examples", n=n)
     a, b, reduce, metric = aligned
-    result = paired_bootstrap(a, b, reduce, n_resamples=n_resamples, seed=0)
+    # each group draws its own resamples (seeded by its name): the groups are independent strata
+    result = paired_bootstrap(a, b, reduce, n_resamples=n_resamples, seed=_group_seed(claim.id, group))
     n["examples"] = result.n_examples
     detail = (f"{metric}: {claim.a_name} {result.a:.2f} vs {claim.b_name} {result.b:.2f} "
-              f"({len(a_rows)} vs {len(b_rows)} seeds, {result.n_examples} examples, p={result.p_value:.3f})")
-    return Finding(claim, group, result.delta, result.ci, _verdict(result.ci), detail, n)
+              f"({result.n_examples} rows x {len(a_rows)} vs {len(b_rows)} seeds)")
+    df = max(1, result.n_examples - 1)
+    return Finding(claim, group, result.delta, result.ci, "underpowered", detail, n, metric=metric, se=result.se,
+                   df=df, p_value=t_test(result.delta, result.se, df), diffs=result.diffs,
+                   example_var=result.example_var, seed_var=result.seed_var)
+
+
+def _group_seed(claim_id: str, group: str) -> int:
+    import zlib
+
+    return zlib.crc32(f"{claim_id}|{group}".encode())
 
 
 def _variance(claim: Claim, group: str, a_rows: list[dict], b_rows: list[dict], n_resamples: int) -> Finding:
@@ -355,11 +481,12 @@ def _per_example_metric(rows: list[dict]) -> str | None:
 
 def _cost(claim: Claim, group: str, a_rows: list[dict], b_rows: list[dict], n_resamples: int) -> Finding:
     """Ratio of mean costs A / B; the claim says A costs less (ratio < 1) unless it names A as costlier."""
-    values_a = [r[claim.cost] for r in a_rows if r[claim.cost] is not None]
-    values_b = [r[claim.cost] for r in b_rows if r[claim.cost] is not None]
+    values_a = [r[claim.cost] for r in a_rows if r.get(claim.cost) is not None]
+    values_b = [r[claim.cost] for r in b_rows if r.get(claim.cost) is not None]
     n = {"a_seeds": len(values_a), "b_seeds": len(values_b)}
     if not values_a or not values_b or not mean(values_b):
-        return Finding(claim, group, verdict="inconclusive", detail=f"no {claim.cost} recorded", n=n)
+        verdict = "not measured" if claim.cost == "tuned_cpu_seconds" else "inconclusive"  # untuned grids
+        return Finding(claim, group, verdict=verdict, detail=f"no {claim.cost} recorded", n=n)
     ratio = mean(values_a) / mean(values_b)
     claims_less = claim.id != "it_costly"
     tolerance = 0.0 if claim.cost == "adapter_bytes" else NOISE  # bytes are exact; times are noisy
@@ -379,12 +506,18 @@ def summarise(findings: list[Finding]) -> dict[str, str]:
     for f in findings:
         by_claim[f.claim.id].add(f.verdict)
     out = {}
+    pooled = {f.claim.id: f.verdict for f in findings if f.group == ACROSS_TASKS}
     for cid, verdicts in by_claim.items():
-        decided = verdicts - {"inconclusive", "not measured"}
+        if cid in pooled:  # a claim on several tasks: its one verdict across them
+            out[cid] = f"{pooled[cid]} (across tasks)"
+            continue
+        decided = verdicts - {"inconclusive", "underpowered", "not measured"}
         if len(decided) > 1:
             out[cid] = "mixed"
         elif decided:
-            out[cid] = decided.pop() if "inconclusive" not in verdicts else f"{next(iter(decided))} (some groups inconclusive)"
+            weak = verdicts & {"inconclusive", "underpowered"}
+            out[cid] = decided.pop() if not weak else f"{next(iter(decided))} (some groups {next(iter(weak))})"
         else:
-            out[cid] = "not measured" if verdicts == {"not measured"} else "inconclusive"
+            out[cid] = ("not measured" if verdicts == {"not measured"}
+                        else "underpowered" if "underpowered" in verdicts else "inconclusive")
     return out

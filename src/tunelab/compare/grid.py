@@ -32,8 +32,32 @@ from tunelab.errors import ConfigError, TunelabError
 from tunelab.validation import at_least, each_of
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
-METHOD_RESERVED = ("name", "label", "tasks", "seeds", *SECTIONS)  # keys of a method entry that are not method options
+METHOD_RESERVED = ("name", "label", "tasks", "seeds", "tune", *SECTIONS)  # keys of a method entry that are not method options
 PROMPT_LENGTH_FIELD = "num_virtual_tokens"  # the option `prompt_lengths` sweeps, for methods that have it
+
+
+@dataclass
+class TuneSpec:
+    """A method's search space: ``{"train.lr": [0.03, 0.3], "num_virtual_tokens": {low: 5, high: 50}}``.
+
+    A key is a method option (``num_virtual_tokens``, ``r``, ``init``) or ``section.field`` of the run
+    config (``train.lr``); a list is a set of choices, ``{low, high, log, int}`` a range.
+    """
+
+    space: dict[str, Any] = field(default_factory=dict)
+    trials: int | None = None  # None = the grid's tune.trials (the same budget for every method)
+    task: str | None = None  # tune on this task only and use its winner on every task (None: tune per task)
+
+
+@dataclass
+class TuneSettings:
+    """The grid's ``tune:`` section: what every tuned method shares."""
+
+    trials: int = 8  # trials per tuned method (per task, size and length); equal unless a method overrides it
+    sampler: str = "auto"  # auto (grid for small all-choice spaces, else tpe) | tpe | grid
+    seed: int = 0  # sampler seed, dev split seed and the training seed of every trial
+    dev_rows: int = 50  # dev rows drawn (seeded) from the training data; trials train on the rest
+    startup_trials: int = 3  # TPE: random trials before it models the scores
 
 
 @dataclass
@@ -46,6 +70,8 @@ class MethodSpec:
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # {"train": {"lr": 0.3}, ...}
     tasks: list[str] | None = None  # run only on these task labels (None = every task of the grid)
     seeds: list[int] | None = None  # e.g. [0] for a deterministic method (zero-shot); None = the grid's seeds
+    tune: TuneSpec | None = None  # search this method's hyperparameters on a dev split first (compare/tuning.py)
+    init_from_cell: dict[str, str] | None = None  # {method: LABEL, task: TASK}: start from that cell's adapter
 
     @property
     def display(self) -> str:
@@ -90,6 +116,8 @@ class GridConfig:
     train: dict[str, Any] = field(default_factory=dict)
     eval: dict[str, Any] = field(default_factory=dict)
     resources: dict[str, Any] = field(default_factory=dict)  # per cell: {cpus: 4, gpus: 1}; compare.backends
+    tune: TuneSettings = field(default_factory=TuneSettings)
+    margins: dict[str, float] = field(default_factory=dict)  # metric -> equivalence margin (claims' TOST)
 
 
 @dataclass(frozen=True)
@@ -106,6 +134,7 @@ class Cell:
     unseen: bool
     config: RunConfig
     task_spec: TaskSpec
+    source_key: str | None = None  # key of the cell whose adapter this one starts from (init_from: {cell: ...})
 
     def coords(self) -> dict[str, Any]:
         return {"method": self.method, "method_name": self.method_name, "task": self.task, "seed": self.seed,
@@ -139,7 +168,18 @@ def parse_grid(raw: dict[str, Any]) -> GridConfig:
     raw = dict(raw)
     methods = [_method_spec(m, f"methods[{i}]") for i, m in enumerate(_list(raw.pop("methods", None), "methods"))]
     tasks = [_task_spec(t, f"tasks[{i}]") for i, t in enumerate(_list(raw.pop("tasks", None), "tasks"))]
+    tune_raw = raw.pop("tune", None) or {}
+    if not isinstance(tune_raw, dict):
+        raise ConfigError(f"tune: expected a mapping (trials, sampler, seed, dev_rows), got {tune_raw!r}")
     grid = from_dict(GridConfig, raw)
+    grid.tune = from_dict(TuneSettings, tune_raw, path="tune")
+    if grid.tune.sampler not in ("auto", "tpe", "grid"):
+        raise ConfigError(f"tune.sampler: {grid.tune.sampler!r}; choose auto, tpe or grid")
+    if grid.tune.trials < 1 or grid.tune.dev_rows < 1:
+        raise ConfigError("tune.trials and tune.dev_rows must be at least 1")
+    for metric, margin in grid.margins.items():
+        if not isinstance(margin, (int, float)) or margin <= 0:
+            raise ConfigError(f"margins.{metric}: expected a positive number of metric points, got {margin!r}")
     grid.methods, grid.tasks = methods, tasks
     for section, cls in SECTIONS.items():
         from_dict(cls, getattr(grid, section), path=section)
@@ -168,6 +208,23 @@ def parse_grid(raw: dict[str, Any]) -> GridConfig:
     if len(set(labels)) != len(labels):
         dup = next(x for x in labels if labels.count(x) > 1)
         raise ConfigError(f"methods: two entries are both labelled {dup!r}; give one a distinct `label`")
+    for i, m in enumerate(methods):
+        if m.tune is not None and m.tune.task is not None and (m.tune.task not in task_labels
+                                                               or (m.tasks is not None and m.tune.task not in m.tasks)):
+            raise ConfigError(f"methods[{i}].tune.task: {m.tune.task!r} is not one of this method's tasks")
+        ref = m.init_from_cell
+        if ref is None:
+            continue
+        where = f"methods[{i}].init_from.cell"
+        if ref["method"] not in labels:
+            raise ConfigError(f"{where}.method: no method labelled {ref['method']!r}; methods: {', '.join(labels)}")
+        if ref["task"] not in task_labels:
+            raise ConfigError(f"{where}.task: no task named {ref['task']!r}; tasks: {', '.join(task_labels)}")
+        if m.tune is not None:
+            raise ConfigError(f"methods[{i}]: a method that starts from another cell cannot have a `tune:` block "
+                              "(its trials would need the source first); tune the source method instead")
+        if next(x for x in methods if x.display == ref["method"]).init_from_cell is not None:
+            raise ConfigError(f"{where}: {ref['method']!r} starts from another cell itself; chains are not supported")
     return grid
 
 
@@ -194,6 +251,14 @@ def _method_spec(entry: Any, path: str) -> MethodSpec:
         raise ConfigError(f"{path}: expected a mapping with a `name` (e.g. {{name: prompt_tuning}})")
     method = get_method(str(entry["name"]))
     options = {k: v for k, v in entry.items() if k not in METHOD_RESERVED}
+    source = None
+    if isinstance(options.get("init_from"), dict):  # another cell's adapter, resolved once that cell has run
+        ref = options.pop("init_from")
+        source = ref.get("cell")
+        if set(ref) != {"cell"} or not isinstance(source, dict) or set(source) != {"method", "task"}:
+            raise ConfigError(f"{path}.init_from: expected {{cell: {{method: LABEL, task: TASK}}}} (a run directory "
+                              f"is a plain string), got {ref!r}")
+        source = {k: str(v) for k, v in source.items()}
     try:  # the method's own dataclass checks option names and values, as `tunelab run` does
         from_dict(method.Config, options, path=path)
     except TypeError as exc:
@@ -214,7 +279,57 @@ def _method_spec(entry: Any, path: str) -> MethodSpec:
     if seeds is not None and (not isinstance(seeds, list) or not seeds
                               or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
         raise ConfigError(f"{path}.seeds: expected a non-empty list of integers, got {seeds!r}")
-    return MethodSpec(method.name, options, str(label) if label is not None else None, overrides, tasks, seeds)
+    tune = _tune_spec(entry.get("tune"), f"{path}.tune", method) if "tune" in entry else None
+    return MethodSpec(method.name, options, str(label) if label is not None else None, overrides, tasks, seeds, tune,
+                      source)
+
+
+def _tune_spec(entry: Any, path: str, method: Any) -> TuneSpec:
+    """A method's ``tune:`` block, every key checked against the method's options and the run sections."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("space"), dict) or not entry["space"]:
+        raise ConfigError(f"{path}: expected {{space: {{train.lr: [0.03, 0.3], ...}}, trials: N}}")
+    spec = from_dict(TuneSpec, entry, path=path)
+    if spec.trials is not None and spec.trials < 1:
+        raise ConfigError(f"{path}.trials: must be at least 1")
+    option_names = {f.name for f in dataclasses.fields(method.Config)}
+    for key, values in spec.space.items():
+        where = f"{path}.space.{key}"
+        section, _, name = key.partition(".")
+        if name:
+            if section not in SECTIONS or name not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
+                raise ConfigError(f"{where}: no setting {key!r}; use a method option or section.field "
+                                  f"({', '.join(SECTIONS)})")
+        elif key not in option_names:
+            raise ConfigError(f"{where}: {method.name} has no option {key!r}; options: {', '.join(sorted(option_names))}")
+        if isinstance(values, list):
+            if not values:
+                raise ConfigError(f"{where}: give at least one choice")
+        elif isinstance(values, dict):
+            unknown = set(values) - {"low", "high", "log", "int"}
+            if unknown or "low" not in values or "high" not in values or not values["low"] < values["high"]:
+                raise ConfigError(f"{where}: a range is {{low: A, high: B, log: true|false, int: true|false}} "
+                                  f"with A < B")
+        else:
+            raise ConfigError(f"{where}: expected a list of choices or a {{low, high}} range, got {values!r}")
+    return spec
+
+
+def with_params(cell: Cell, params: dict[str, Any]) -> Cell:
+    """The cell with tuned ``params`` applied (method options, or ``section.field``), its key recomputed.
+
+    A tuned prompt length is part of the method's configuration, not a sweep coordinate: the cell's
+    ``prompt_length`` becomes None so the claims still pair it with the other method's cells.
+    """
+    raw = to_dict(cell.config)
+    for key, value in params.items():
+        section, _, name = key.partition(".")
+        if name:
+            raw[section][name] = value
+        else:
+            raw["method"][key] = value
+    cfg = from_dict(RunConfig, raw)
+    length = None if PROMPT_LENGTH_FIELD in params else cell.prompt_length
+    return dataclasses.replace(cell, key=cell_key(cfg, cell.task_spec), config=cfg, prompt_length=length)
 
 
 def _task_spec(entry: Any, path: str) -> TaskSpec:
@@ -243,8 +358,17 @@ def cell_key(cfg: RunConfig, task: TaskSpec | None = None) -> str:
     data.get("eval", {}).pop("batch_size", None)  # greedy decoding: batch size changes speed, not outputs
     data.get("model", {}).pop("threads", None)  # speed only (--workers splits the cores between cells)
     data["method"] = cfg.method.as_given()  # options as given (not resolved: old stores keep their keys); the name always counts
+    source = data["method"].get("init_from")
+    if isinstance(source, str) and _is_cell_dir(source):  # another cell of a grid: counts by its key, not --out
+        data["method"]["init_from"] = SOURCE_PLACEHOLDER + Path(source).name
     blob = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _is_cell_dir(path: str) -> bool:
+    """``.../cells/<16 hex>``: a grid cell's output directory (what resolve_sources writes)."""
+    name = Path(path).name
+    return Path(path).parent.name == "cells" and len(name) == 16 and all(c in "0123456789abcdef" for c in name)
 
 
 def _non_default(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
@@ -304,6 +428,8 @@ def _cell(grid: GridConfig, task: TaskSpec, task_data: dict[str, Any], spec: Met
     options = dict(spec.options)
     if length is not None:
         options[PROMPT_LENGTH_FIELD] = length
+    if spec.init_from_cell is not None:
+        options["init_from"] = f"{SOURCE_PLACEHOLDER}{spec.init_from_cell['method']}@{spec.init_from_cell['task']}"
     raw: dict[str, Any] = {s: dict(getattr(grid, s)) for s in SECTIONS}
     raw = _merge(raw, {"data": task_data})
     if task.metrics:
@@ -324,6 +450,53 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     for k, v in b.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+SOURCE_PLACEHOLDER = "cell:"  # method.init_from of a cell whose source cell is resolved later (resolve_sources)
+
+
+def depends_on(cell: Cell) -> dict[str, str] | None:
+    """The {method, task} of the cell this one starts from, if any."""
+    value = cell.config.method.get("init_from")
+    if isinstance(value, str) and value.startswith(SOURCE_PLACEHOLDER):
+        method, _, task = value[len(SOURCE_PLACEHOLDER):].partition("@")
+        return {"method": method, "task": task}
+    return None
+
+
+def resolve_sources(cells: list[Cell], out_dir: Path) -> list[Cell]:
+    """Point every ``init_from: {cell: ...}`` cell at its source cell's output directory.
+
+    The source is the cell of that method and task with the same seed (else its first seed) and, for
+    prompts, the same prompt length where it has several. The key counts the source by its key, so it
+    does not depend on ``--out``; the config names the directory the run loads.
+    """
+    out = []
+    for cell in cells:
+        ref = depends_on(cell)
+        if ref is None:
+            out.append(cell)
+            continue
+        candidates = [c for c in cells if c.method == ref["method"] and c.task == ref["task"]
+                      and depends_on(c) is None]
+        if not candidates:
+            raise ConfigError(f"{cell.method} on {cell.task}: init_from names {ref['method']} on {ref['task']}, "
+                              "which the grid does not run (check that method's `tasks`)")
+        length = cell.config.method.get(PROMPT_LENGTH_FIELD)
+        same_length = [c for c in candidates if c.prompt_length in (None, length)] or candidates
+        source = next((c for c in same_length if c.seed == cell.seed), same_length[0])
+        raw = to_dict(cell.config)
+        raw["method"]["init_from"] = str(Path(out_dir).resolve() / "cells" / source.key)
+        cfg = from_dict(RunConfig, raw)
+        out.append(dataclasses.replace(cell, key=cell_key(cfg, cell.task_spec), config=cfg, source_key=source.key))
+    return out
+
+
+def waves(cells: list[Cell]) -> list[list[Cell]]:
+    """Cells in run order: every cell that starts from another cell's adapter after all the others."""
+    first = [c for c in cells if c.source_key is None]
+    later = [c for c in cells if c.source_key is not None]
+    return [w for w in (first, later) if w]
 
 
 def validate(cells: list[Cell]) -> None:

@@ -41,11 +41,13 @@ class Report:
     sections: list[tuple[str, list[Table | Figure | str]]]
 
 
-def build_report(store: Store, keys: list[str] | None = None, n_resamples: int = 1000) -> Report:
+def build_report(store: Store, keys: list[str] | None = None, n_resamples: int = 1000,
+                 sizing: bool = True) -> Report:
     """Everything the report shows, from the store's rows (all of them, or only ``keys``)."""
     tags = store.task_tags()
+    margins = store.margins()
     rows = [{**r.data, "tags": tags.get(r.data["task"], [])} for r in store.rows(keys=keys)]
-    done = [r for r in rows if r["status"] == "done"]
+    done = _with_tuning_cost([r for r in rows if r["status"] == "done"], store)
     failed = [r for r in rows if r["status"] == "failed"]
     grids = sorted({r["grid"] for r in rows})
     facts = [f"store: `{_shown_path(store.path)}`", f"cells: {len(done)} done, {len(failed)} failed",
@@ -71,13 +73,33 @@ def build_report(store: Store, keys: list[str] | None = None, n_resamples: int =
                                                   plots.sweep(done, "prompt_length", "virtual tokens"),
                                                   "the grid has one prompt length per task (set `prompt_lengths`)")]),
         ("IPT minus PT by demonstration similarity", [_similarity(done)]),
-        ("Claims", _claims(done, n_resamples)),
+        *_claims_and_sizing(done, n_resamples, margins, sizing),
     ]
+    tuning = tuning_section(store)
+    if tuning:
+        sections.insert(1, ("Tuning (equal budget per method, dev split)", tuning))
     if failed:
         sections.append(("Failed cells", [Table(["method", "task", "seed", "error"],
                                                 [[r["method"], r["task"], str(r["seed"]),
                                                   (r["error"] or "").splitlines()[0][:300]] for r in failed])]))
     return Report("tunelab comparison report", facts, sections)
+
+
+def _with_tuning_cost(rows: list[dict[str, Any]], store: Store) -> list[dict[str, Any]]:
+    """``tuned_cpu_seconds``: a cell's CPU plus an equal share of its method's tuning trials (tuned methods only)."""
+    tuned = store.tuned()
+    if not tuned:
+        return rows
+    cost: dict[str, float] = defaultdict(float)
+    for t in tuned:
+        cost[t["method"]] += t["cpu_seconds"] or 0.0
+    cells = Counter(r["method"] for r in rows)
+    out = []
+    for r in rows:
+        extra = cost.get(r["method"], 0.0) / cells[r["method"]]
+        total = None if r.get("cpu_seconds") is None else r["cpu_seconds"] + extra
+        out.append({**r, "tuned_cpu_seconds": total})
+    return out
 
 
 def _figure_or_note(name: str, title: str, png: bytes | None, note: str) -> Figure:
@@ -173,22 +195,64 @@ def _per_example_diff(ipt: list[tuple[dict, ...]], pt: list[tuple[dict, ...]], m
     return np.array([ipt_score[i] - pt_score[i] for i in ids]), np.array([sim[i] for i in ids])
 
 
-def _claims(rows: list[dict[str, Any]], n_resamples: int) -> list[Table | Figure | str]:
-    findings = evaluate_claims(rows, n_resamples)
+def _claims_and_sizing(rows: list[dict[str, Any]], n_resamples: int, margins: dict[str, float],
+                       sizing: bool) -> list[tuple[str, list[Table | Figure | str]]]:
+    findings = evaluate_claims(rows, n_resamples, margins)
+    out: list[tuple[str, list[Table | Figure | str]]] = [("Claims", _claims(findings))]
+    if sizing:
+        from tunelab.compare.sizing import size_claims, sizing_note, sizing_table
+
+        sizings = size_claims(rows, margins, findings=findings)
+        if sizings:
+            out.append(("Sizing: rows and seeds for a decisive verdict", [sizing_note(sizings),
+                                                                         Table(*sizing_table(sizings))]))
+    return out
+
+
+def _p(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def _claims(findings: list) -> list[Table | Figure | str]:
     overall = summarise(findings)
     summary = Table(["claim (as the articles make it)", "tested as", "verdict"],
                     [[f.claim.source, f.claim.test, overall[f.claim.id]]
                      for f in {f.claim.id: f for f in findings}.values()])
-    detail = Table(["tested as", "group", "effect (A − B)", "95% CI", "verdict", "measured"],
-                   [[f.claim.test, f.group, "-" if f.effect is None else f"{f.effect:+.3g}",
-                     "-" if f.ci is None else f"[{f.ci[0]:+.3g}, {f.ci[1]:+.3g}]", f.verdict, f.detail]
+    detail = Table(["tested as", "group", "n (rows x seeds)", "effect (A − B)", "95% CI", "MDE (80%)", "margin",
+                    "p (Holm)", "TOST p (Holm)", "verdict", "measured"],
+                   [[f.claim.test, f.group, _n(f), "-" if f.effect is None else f"{f.effect:+.3g}",
+                     "-" if f.ci is None else f"[{f.ci[0]:+.3g}, {f.ci[1]:+.3g}]",
+                     "-" if f.mde is None else f"{f.mde:.3g}", "-" if f.margin is None else f"±{f.margin:g}",
+                     "-" if f.p_value is None else f"{_p(f.p_value)} ({_p(f.p_adjusted)})",
+                     "-" if f.p_tost is None else f"{_p(f.p_tost)} ({_p(f.p_tost_adjusted)})", f.verdict, f.detail]
                     for f in findings])
-    note = ("Quality claims: paired bootstrap (1,000 resamples) over evaluation examples (shared by both methods) "
-            "and seeds (drawn per method); *supported* when the 95% interval of A − B is above 0, *contradicted* "
-            "when below, else *inconclusive*. Cost claims compare measured means (effect = ratio A / B). "
-            "*not measured*: the grid has no cells for one side. A verdict holds for this model, data and budget "
-            "only.")
+    tests = sum(1 for f in findings if f.tested)
+    note = (f"Quality claims ({tests} tests): paired bootstrap (1,000 resamples) over evaluation rows (shared by both "
+            "methods) and seeds (drawn per method) gives A − B, its 95% interval and its standard error; p from t on "
+            "A − B over that standard error, Holm-adjusted across all the report's quality tests (adjusted p in "
+            "brackets; verdicts use it). *supported* / *contradicted*: adjusted p < 0.05, by the sign of A − B; "
+            "*equivalent*: adjusted TOST p < 0.05, |A − B| within the margin (defaults: 1 BLEU / chrF / ROUGE-L "
+            "point, 2 accuracy / exact-match points; grid key `margins`); *underpowered*: neither. MDE: the "
+            "difference a test with these rows and seeds finds with 80% power. *all tasks*: one test across the "
+            "claim's groups (stratified bootstrap: rows resampled within each, groups weighted equally); it gives "
+            "the claim's verdict. Cost claims compare measured means (effect = ratio A / B). *not measured*: the "
+            "grid has no cells for one side. A verdict holds for this model, data and budget only.")
     return [note, summary, detail]
+
+
+def _n(f: Any) -> str:
+    if not f.n or "examples" not in f.n:
+        return "-"
+    if "groups" in f.n:
+        return f"{f.n['examples']} rows, {f.n['groups']} groups"
+    return f"{f.n['examples']} x {f.n.get('a_seeds', '?')}/{f.n.get('b_seeds', '?')}"
+
+
+def tuning_section(store: Store) -> list[Table | Figure | str]:
+    """Each tuned method's trials (dev score vs configuration), its winner and the tuning cost."""
+    from tunelab.compare.tuning import tuning_tables
+
+    return tuning_tables(store)
 
 
 # ---------------------------------------------------------------- rendering
@@ -234,7 +298,7 @@ CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;
 table{border-collapse:collapse;margin:1em 0;font-size:0.85em}th,td{border:1px solid #ccc;padding:3px 6px;
 text-align:left;vertical-align:top}th{background:#f3f3f3}img{max-width:100%;display:block;margin:0.5em 0}
 .note{color:#555;font-style:italic}.supported{background:#e3f6e3}.contradicted{background:#fbe3e3}
-.inconclusive,.mixed{background:#fff7dc}"""
+.inconclusive,.mixed,.underpowered{background:#fff7dc}.equivalent{background:#e3ecfb}"""
 
 
 def _inline(text: str) -> str:

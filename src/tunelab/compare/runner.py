@@ -128,6 +128,15 @@ def _run_on_backend(grid: GridConfig, todo: list[Cell], store: Store, out_dir: P
             pool.close()
 
 
+def run_cell(grid: GridConfig, cell: Cell, out_dir: Path, progress: bool = False) -> dict[str, Any]:
+    """Run one cell (in its own process, resuming its checkpoint) and return its store row, unrecorded.
+
+    The one entry point for work outside the grid loop (tuning trials, compare/tuning.py); a trial
+    could equally be submitted to a backend as ``timed_run``.
+    """
+    return timed_run(grid, cell, out_dir, progress)
+
+
 def timed_run(grid: GridConfig, cell: Cell, out_dir: Path, progress: bool, gpus: list[str] | None = None
                ) -> dict[str, Any]:
     """Run one cell (pinned to ``gpus`` where given) and return its store row, with ``cell_seconds``."""

@@ -56,6 +56,28 @@ CREATE TABLE IF NOT EXISTS cells (
     attempts INTEGER NOT NULL DEFAULT 1
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS trials (
+    study TEXT NOT NULL,           -- tuning study: method label, task, size, length
+    key TEXT NOT NULL,             -- the trial cell's config hash (one row per configuration)
+    number INTEGER NOT NULL,       -- order in the study (0, 1, ...)
+    params TEXT NOT NULL,          -- the sampled configuration as JSON
+    status TEXT NOT NULL,          -- done | failed
+    metric TEXT,
+    dev_score REAL,                -- primary metric on the dev split (drawn from the training data)
+    cpu_seconds REAL,
+    out_dir TEXT,
+    finished_at REAL NOT NULL,
+    PRIMARY KEY (study, key)
+);
+CREATE TABLE IF NOT EXISTS tuned (
+    study TEXT PRIMARY KEY,
+    method TEXT NOT NULL,
+    task TEXT NOT NULL,
+    params TEXT NOT NULL,          -- the chosen configuration (best dev score)
+    dev_score REAL,
+    trials INTEGER NOT NULL,
+    cpu_seconds REAL               -- all trials of the study together
+);
 """
 
 COLUMNS = ("key", "grid", "method", "method_name", "task", "seed", "train_size", "prompt_length", "unseen",
@@ -103,7 +125,8 @@ class Store:
     def _add_new_columns(self) -> None:
         """A store written by an older tunelab gains the columns added since (all nullable)."""
         have = {row[1] for row in self.conn.execute("PRAGMA table_info(cells)")}
-        for line in SCHEMA.splitlines():
+        cells_table = SCHEMA.split("CREATE TABLE IF NOT EXISTS meta")[0]  # the other tables reuse column names
+        for line in cells_table.splitlines():
             definition = line.split("--")[0].strip().rstrip(",")
             name = definition.split(" ")[0] if definition else ""
             if name in COLUMNS and name not in have and ("NOT NULL" not in definition or "DEFAULT" in definition):
@@ -184,6 +207,68 @@ class Store:
             row = conn.execute("SELECT value FROM meta WHERE key = 'task_tags'").fetchone()
             merged = {**(json.loads(row[0]) if row else {}), **tags}
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('task_tags', ?)", (json.dumps(merged, sort_keys=True),))
+
+    def margins(self) -> dict[str, float]:
+        """Metric -> equivalence margin the grids set (``margins:``); the claims' defaults fill the rest."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'margins'").fetchone()
+        return json.loads(row[0]) if row else {}
+
+    def set_margins(self, margins: dict[str, float]) -> None:
+        """Record a grid's equivalence margins (merged: the latest grid wins per metric)."""
+        with self.transaction() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'margins'").fetchone()
+            merged = {**(json.loads(row[0]) if row else {}), **margins}
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('margins', ?)", (json.dumps(merged, sort_keys=True),))
+
+    def trial(self, study: str, key: str) -> dict[str, Any] | None:
+        """The stored trial of ``study`` with this config key, if any."""
+        cursor = self.conn.execute("SELECT * FROM trials WHERE study = ? AND key = ?", (study, key))
+        values = cursor.fetchone()
+        if values is None:
+            return None
+        data = dict(zip([d[0] for d in cursor.description], values, strict=True))
+        data["params"] = json.loads(data["params"])
+        return data
+
+    def record_trial(self, values: dict[str, Any]) -> None:
+        """Insert one finished trial (a rerun of the same configuration replaces it: stored once)."""
+        row = {**values, "params": json.dumps(values["params"], sort_keys=True, default=str),
+               "finished_at": values.get("finished_at") or time.time()}
+        names = ("study", "key", "number", "params", "status", "metric", "dev_score", "cpu_seconds", "out_dir",
+                 "finished_at")
+        with self.transaction() as conn:
+            conn.execute(f"INSERT OR REPLACE INTO trials ({', '.join(names)}) VALUES ({', '.join('?' for _ in names)})",
+                         [row.get(n) for n in names])
+
+    def trials(self, study: str | None = None) -> list[dict[str, Any]]:
+        sql, args = "SELECT * FROM trials", []
+        if study is not None:
+            sql, args = sql + " WHERE study = ?", [study]
+        cursor = self.conn.execute(sql + " ORDER BY study, number", args)
+        names = [d[0] for d in cursor.description]
+        out = []
+        for values in cursor.fetchall():
+            data = dict(zip(names, values, strict=True))
+            data["params"] = json.loads(data["params"])
+            out.append(data)
+        return out
+
+    def record_tuned(self, values: dict[str, Any]) -> None:
+        row = {**values, "params": json.dumps(values["params"], sort_keys=True, default=str)}
+        names = ("study", "method", "task", "params", "dev_score", "trials", "cpu_seconds")
+        with self.transaction() as conn:
+            conn.execute(f"INSERT OR REPLACE INTO tuned ({', '.join(names)}) VALUES ({', '.join('?' for _ in names)})",
+                         [row.get(n) for n in names])
+
+    def tuned(self) -> list[dict[str, Any]]:
+        cursor = self.conn.execute("SELECT * FROM tuned ORDER BY study")
+        names = [d[0] for d in cursor.description]
+        out = []
+        for values in cursor.fetchall():
+            data = dict(zip(names, values, strict=True))
+            data["params"] = json.loads(data["params"])
+            out.append(data)
+        return out
 
     def count(self) -> dict[str, int]:
         return dict(self.conn.execute("SELECT status, COUNT(*) FROM cells GROUP BY status").fetchall())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,10 +31,20 @@ class TaskData:
     skipped: int = 0  # malformed records skipped while loading (data.skip_bad)
 
 
+_SQL = re.compile(r"\s*\(?\s*(select|with)\b", re.IGNORECASE)  # a query's first keyword
+_FROM = re.compile(r"\bfrom\b", re.IGNORECASE)
+
+
 def default_metrics(examples: list[Example]) -> tuple[str, ...]:
-    """Exact match for short answers; add BLEU and ROUGE-L when answers are sentences."""
+    """Exact match for short answers; add BLEU and ROUGE-L when answers are sentences.
+
+    SQL answers (text-to-SQL, e.g. Spider) are scored as Sun et al. and Spider do: exact match after
+    SQL normalisation first, BLEU as a secondary column.
+    """
     if any(e.options for e in examples):
         return ("accuracy",)
+    if examples and all(_SQL.match(e.output) and _FROM.search(e.output) for e in examples):
+        return ("sql_exact_match", "bleu")
     words = [len(e.output.split()) for e in examples if e.output]
     mean = sum(words) / max(len(words), 1)
     return ("exact_match", "rouge_l") if mean <= 4 else ("bleu", "rouge_l", "exact_match")
