@@ -21,6 +21,7 @@ from tunelab.config import (
     DataConfig,
     EvalConfig,
     ModelConfig,
+    ReportConfig,
     RunConfig,
     TrainConfig,
     apply_overrides,
@@ -30,7 +31,8 @@ from tunelab.config import (
 )
 from tunelab.errors import ConfigError, TunelabError
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig,
+            "report": ReportConfig}
 METHOD_RESERVED = ("name", "label", "tasks", "seeds", *SECTIONS)  # keys of a method entry that are not method options
 PROMPT_LENGTH_FIELD = "num_virtual_tokens"  # the option `prompt_lengths` sweeps, for methods that have it
 
@@ -88,6 +90,7 @@ class GridConfig:
     data: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     eval: dict[str, Any] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)  # experiment tracking of every cell (report.to)
 
 
 @dataclass(frozen=True)
@@ -227,6 +230,7 @@ def cell_key(cfg: RunConfig, task: TaskSpec | None = None) -> str:
     """
     data = _non_default(to_dict(cfg), to_dict(RunConfig()))
     data.pop("out", None)
+    data.pop("report", None)  # where a cell is tracked does not change its result
     if task is not None and _has_subset(task):
         section = data.setdefault("data", {})
         section.pop("train", None)
