@@ -6,7 +6,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,8 @@ from tunelab.formatting import encode_example, resolve_template
 from tunelab.methods import method_config
 from tunelab.methods.base import Adapter, write_meta
 from tunelab.metrics import check_names
-from tunelab.models import count_parameters, load_model
+from tunelab.modelcard import CardInfo, equivalent_command, finish_adapter_dir
+from tunelab.models import count_parameters, load_model, portable_name
 from tunelab.paths import (
     atomic_directory,
     atomic_write_json,
@@ -110,7 +111,7 @@ def _run(prep: Prepared, out: Path | None, tracker: tracking.Trackers, progress:
         result = evaluate(adapter, tokenizer, eval_examples, prep.metrics, cfg.eval, template, demos,
                           cfg.data.system_prompt, progress=advance)
     _add_demo_similarity(result, eval_examples, demos)
-    adapter_bytes = _save_adapter(adapter, cfg, template, out / "adapter") if out else 0
+    adapter_bytes = _save_adapter(adapter, prep, template, result, out / "adapter") if out else 0
     summary = _summary(prep, adapter, stats, result, load_seconds, adapter_bytes, truncated, model)
     if prep.method.trains and cfg.eval.loss:
         summary["generalization"] = _generalization(adapter, tokenizer, prep, template, demos, eval_examples)
@@ -183,12 +184,19 @@ def _add_demo_similarity(result: EvalResult, examples, demos) -> None:
             row["demo_similarity"] = similarity(example)
 
 
-def _save_adapter(adapter: Adapter, cfg: RunConfig, template: str, directory: Path) -> int:
+def _save_adapter(adapter: Adapter, prep: Prepared, template: str, result: EvalResult, directory: Path) -> int:
+    """Weights, tunelab_adapter.json and a model card; the base model named the same on every machine."""
+    cfg = prep.cfg
+    base = portable_name(cfg.model.name)
+    versions = envinfo.versions()
     with atomic_directory(directory) as tmp:
         adapter.save_weights(tmp)
-        write_meta(tmp, adapter, {"base_model": cfg.model.name, "template": template,
-                                  "system_prompt": cfg.data.system_prompt,
-                                  "tunelab_version": envinfo.versions()["tunelab"]})
+        write_meta(tmp, adapter, {"base_model": base, "template": template,
+                                  "system_prompt": cfg.data.system_prompt, "tunelab_version": versions["tunelab"]})
+        finish_adapter_dir(tmp, CardInfo(
+            base, prep.method.name, prep.task.name, result.metrics, result.ci,
+            len(prep.task.train) if prep.method.trains else 0, len(prep.task.eval),
+            equivalent_command(to_dict(cfg), to_dict(RunConfig())), asdict(prep.method_cfg), versions))
     return directory_bytes(directory)
 
 
