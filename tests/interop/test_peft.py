@@ -120,7 +120,8 @@ def _tunelab_answer(adapter: Path, max_new: int) -> str:
     from tunelab.protocols import load_for_eval
 
     loaded = load_for_eval(None, str(adapter))
-    example = Example("x", "Rewrite the date in the form 'Month D, YYYY'.", "2025-10-24", "October 24, 2025")
+    example = Example(id="x", task="date_format", instruction="Rewrite the date in the form 'Month D, YYYY'.",
+                      input="2025-10-24", output="October 24, 2025")  # the snippet's example
     prompts = prompts_for([example], loaded.tokenizer, loaded.template, None, loaded.system_prompt, 1024)
     return generate(loaded.adapter, loaded.tokenizer, prompts, GenerationConfig(max_new_tokens=max_new))[0].strip()
 
@@ -168,7 +169,8 @@ def test_peft_generate_with_a_prompt_on_smollm2(real_prompt_adapter):
     from tunelab.protocols import load_for_eval
 
     loaded = load_for_eval(None, str(real_prompt_adapter))
-    example = Example("x", "Rewrite the date in the form 'Month D, YYYY'.", "2025-10-24", "October 24, 2025")
+    example = Example(id="x", task="date_format", instruction="Rewrite the date in the form 'Month D, YYYY'.",
+                      input="2025-10-24", output="October 24, 2025")  # the snippet's example
     (ids,) = prompts_for([example], loaded.tokenizer, loaded.template, None, None, 1024)
     base, tokenizer = load_model("smollm2-135m")
     model = PeftModel.from_pretrained(base, str(real_prompt_adapter)).eval()
