@@ -158,6 +158,7 @@ def test_compare_cells_pass_report_through_without_changing_their_key():
     (plain,) = expand(parse_grid(raw))
     (tracked,) = expand(parse_grid({**raw, "report": {"to": ["mlflow"]}}))
     assert tracked.config.report.to == ["mlflow"]
+    assert tracked.config.report.run_name == "grid/icl(k=0)-date_format-seed0"  # the label the report uses
     assert tracked.key == plain.key  # tracking is not part of a cell's identity
     with pytest.raises(ConfigError, match="report.to"):
         parse_grid({**raw, "report": {"to": ["nope"]}})

@@ -310,6 +310,10 @@ def _cell(grid: GridConfig, task: TaskSpec, task_data: dict[str, Any], spec: Met
     raw = _merge(raw, {"method": {"name": spec.name, **options}, "train": {"seed": seed}})
     if size is not None:
         raw["data"]["max_train"] = size
+    if raw["report"].get("to") and not raw["report"].get("run_name"):  # trackers name a cell by its label
+        raw["report"]["run_name"] = "-".join([f"{grid.name}/{spec.display}", task.label, f"seed{seed}",
+                                             *([f"n{size}"] if size is not None else []),
+                                             *([f"len{length}"] if length is not None else [])])
     cfg = from_dict(RunConfig, raw)
     effective_length = length if length is not None else options.get(PROMPT_LENGTH_FIELD)
     return Cell(cell_key(cfg, task), spec.display, spec.name, task.label, seed, cfg.data.max_train, effective_length,
