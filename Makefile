@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 # the quick comparison grid (zero-shot, random ICL, prompt tuning, LoRA x 2 seeds on the embedded model):
-# ~4 minutes here; prints where report.md / report.html are
+# ~4 minutes here; ends with a table (score, trainable params, train time, bytes per method; claim verdicts)
+# and the paths of report.md / report.html
 demo: $(STAMP)
 	$(VENV)/bin/tunelab compare --preset quick --out runs/demo
 

@@ -104,6 +104,25 @@ class EvalConfig:
     loss: bool = True  # teacher-forced loss on the eval rows and as many training rows (the overfitting gap)
 
 
+TRACKERS = ("mlflow", "tensorboard", "wandb", "trackio")  # report.to names (tunelab.tracking)
+
+
+@dataclass
+class ReportConfig:
+    """Experiment tracking (``report.to``, like Trainer's ``report_to``); see ``tunelab.tracking``."""
+
+    to: list[str] = field(default_factory=list)  # any of mlflow, tensorboard, wandb, trackio; [] = none
+    mlflow_uri: str = "sqlite:///runs/mlflow.db"  # MLflow tracking URI (a local sqlite store; no server)
+    experiment: str = "tunelab"  # MLflow experiment, W&B and Trackio project
+    dir: str | None = None  # TensorBoard / W&B / Trackio files; None = OUT/tracking (runs/tracking without --out)
+    run_name: str | None = None  # None = METHOD-TASK-seedS
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.to if t not in TRACKERS]
+        if unknown:
+            raise ConfigError(f"report.to: unknown tracker {unknown[0]!r}; choose any of {', '.join(TRACKERS)}")
+
+
 @dataclass
 class MethodConfig:
     """Options shared by all methods; each method subclasses this with its own fields (``tunelab.methods``).
@@ -154,6 +173,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     out: str | None = None
 
     @property

@@ -96,6 +96,11 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
+def is_main_process() -> bool:
+    """True outside accelerate launch / torchrun, and in its process 0."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def world_size() -> int:
     """Processes started by accelerate launch / torchrun (1 for a plain process)."""
     return int(os.environ.get("WORLD_SIZE", "1"))

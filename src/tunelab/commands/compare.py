@@ -48,6 +48,11 @@ def compare_command(
                   + (f", {s.reused} recovered from disk" if s.reused else "") + f" in {s.seconds:.0f}s")
     for failure in s.failures:
         console.print(f"  [red]failed[/red] {failure}", highlight=False)
+    from tunelab.compare.store import open_existing
+    from tunelab.compare.summary import print_summary
+
+    with open_existing(outcome.store) as db:  # what was compared and what held, without opening a file
+        print_summary(console, db, keys=[c.key for c in outcome.cells])
     console.print(f"store:  {outcome.store}\nreport: {outcome.report_md}\n        {outcome.report_html}")
 
 

@@ -21,6 +21,7 @@ from tunelab.config import (
     DataConfig,
     EvalConfig,
     ModelConfig,
+    ReportConfig,
     RunConfig,
     TrainConfig,
     apply_overrides,
@@ -31,7 +32,8 @@ from tunelab.config import (
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.validation import at_least, each_of
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig,
+            "report": ReportConfig}
 METHOD_RESERVED = ("name", "label", "tasks", "seeds", "tune", *SECTIONS)  # keys of a method entry that are not method options
 PROMPT_LENGTH_FIELD = "num_virtual_tokens"  # the option `prompt_lengths` sweeps, for methods that have it
 
@@ -118,6 +120,7 @@ class GridConfig:
     resources: dict[str, Any] = field(default_factory=dict)  # per cell: {cpus: 4, gpus: 1}; compare.backends
     tune: TuneSettings = field(default_factory=TuneSettings)
     margins: dict[str, float] = field(default_factory=dict)  # metric -> equivalence margin (claims' TOST)
+    report: dict[str, Any] = field(default_factory=dict)  # experiment tracking of every cell (report.to)
 
 
 @dataclass(frozen=True)
@@ -348,6 +351,7 @@ def cell_key(cfg: RunConfig, task: TaskSpec | None = None) -> str:
     """
     data = _non_default(to_dict(cfg), to_dict(RunConfig()))
     data.pop("out", None)
+    data.pop("report", None)  # where a cell is tracked does not change its result
     if task is not None and _has_subset(task):
         section = data.setdefault("data", {})
         section.pop("train", None)
@@ -438,6 +442,10 @@ def _cell(grid: GridConfig, task: TaskSpec, task_data: dict[str, Any], spec: Met
     raw = _merge(raw, {"method": {"name": spec.name, **options}, "train": {"seed": seed}})
     if size is not None:
         raw["data"]["max_train"] = size
+    if raw["report"].get("to") and not raw["report"].get("run_name"):  # trackers name a cell by its label
+        raw["report"]["run_name"] = "-".join([f"{grid.name}/{spec.display}", task.label, f"seed{seed}",
+                                             *([f"n{size}"] if size is not None else []),
+                                             *([f"len{length}"] if length is not None else [])])
     cfg = from_dict(RunConfig, raw)
     effective_length = length if length is not None else options.get(PROMPT_LENGTH_FIELD)
     return Cell(cell_key(cfg, task), spec.display, spec.name, task.label, seed, cfg.data.max_train, effective_length,

@@ -102,8 +102,10 @@ def load_adapter(directory: str | Path, model: PreTrainedModel, tokenizer: PreTr
     """
     directory = Path(directory)
     method, config, meta = read_checked_meta(directory)
-    saved_base = meta.get("base_model")
-    if base_model is not None and saved_base is not None and saved_base != base_model:
+    from tunelab.models import portable_name, resolve_base_model
+
+    saved_base = resolve_base_model(meta.get("base_model"))  # the adapter's portable name -> this machine's copy
+    if base_model is not None and saved_base is not None and saved_base != portable_name(base_model):
         raise TunelabError(f"adapter {directory} was trained on {saved_base!r}, not {base_model!r}; "
                            f"load it with --model {saved_base}")
     adapter = method.load(directory, model, config)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import PromptTuningConfig, TaskType
+from peft import PromptTuningConfig, PromptTuningInit, TaskType
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.data.example import Example
@@ -71,6 +71,28 @@ def transferred_prompt(source: Source, n: int, width: int) -> torch.Tensor:
     return prompt.clone()
 
 
+def init_text(config: PromptTuningMethodConfig, train: Sequence[Example]) -> str:
+    """The text an ``init=text`` prompt starts from: ``init_text``, else the first training instruction."""
+    return config.init_text or (train[0].instruction if train else "") or "Answer the question."
+
+
+def record_init(peft_config: PromptTuningConfig, config: PromptTuningMethodConfig, train: Sequence[Example],
+                tokenizer_name: str, transferred: bool) -> None:
+    """Make adapter_config.json name the initialisation actually used, in peft's terms (``TEXT`` with its
+    text, ``SAMPLE_VOCAB``, ``RANDOM``). A prompt transferred from another run (``init_from``) has no peft
+    name; it stays ``RANDOM`` there, and tunelab_adapter.json and the model card name the source run.
+    Set after ``get_peft_model`` so peft does not initialise the prompt itself (tunelab already has)."""
+    if transferred or config.init == "random":
+        return
+    if config.init == "vocab":
+        peft_config.prompt_tuning_init = PromptTuningInit.SAMPLE_VOCAB
+        return
+    peft_config.prompt_tuning_init = PromptTuningInit.TEXT
+    peft_config.prompt_tuning_init_text = init_text(config, train)
+    # peft requires a tokenizer with TEXT; run.py rewrites a local path to the portable base-model name
+    peft_config.tokenizer_name_or_path = tokenizer_name or "base_model"
+
+
 def initial_prompt(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: PromptTuningMethodConfig,
                    train: Sequence[Example], seed: int, source: Source | None = None) -> torch.Tensor:
     """(n, C) starting embeddings: a source run's prompt, or Lester et al.'s random, sampled-vocabulary
@@ -86,8 +108,7 @@ def initial_prompt(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, c
         special = set(tokenizer.all_special_ids)
         candidates = torch.tensor([i for i in range(min(table.shape[0], 5000)) if i not in special])
         return table[candidates[torch.randint(len(candidates), (n,), generator=generator)]].clone()
-    text = config.init_text or (train[0].instruction if train else "") or "Answer the question."
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
+    ids = tokenizer(init_text(config, train), add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
     tiled = (ids * (n // len(ids) + 1))[:n]
     return table[torch.tensor(tiled)].clone()
 
@@ -103,6 +124,8 @@ def build_soft_prompt(name: str, model: PreTrainedModel, tokenizer: PreTrainedTo
     with torch.no_grad():
         adapter = SoftPromptAdapter(wrapped, name, config)
         adapter.prompt_weight.copy_(initial_prompt(model, tokenizer, config, train, seed, source))
+    record_init(wrapped.peft_config["default"], config, train, getattr(model, "name_or_path", ""),
+                transferred=bool(source is not None and source.weights))
     adapter.folded_from = source.folded_from if source else None
     return adapter
 

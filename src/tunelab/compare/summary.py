@@ -1,0 +1,80 @@
+"""The short terminal summary `tunelab compare` ends with: per method its score and costs, then the claims.
+
+The full report (report.md / report.html) has every seed, plot and group; this is what a user should
+see without opening a file: what was compared, what it cost, and which claims held.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from statistics import mean, stdev
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from tunelab.compare.claims import evaluate_claims, summarise
+from tunelab.compare.store import Store
+
+
+def finished_rows(store: Store, keys: list[str] | None = None) -> list[dict[str, Any]]:
+    """The store's finished cells (only ``keys`` if given), with their task tags, as the report reads them."""
+    tags = store.task_tags()
+    return [{**r.data, "tags": tags.get(r.data["task"], [])} for r in store.rows(status="done", keys=keys)]
+
+
+def method_table(rows: list[dict[str, Any]]) -> Table:
+    """One line per (task, method): mean score ± std over seeds, trainable parameters, train time, bytes."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[(r["task"], r["method"])].append(r)
+    table = Table(title="methods (mean over seeds)", title_justify="left")
+    for name, justify in (("task", "left"), ("method", "left"), ("score", "right"), ("trainable params", "right"),
+                          ("train s", "right"), ("bytes", "right")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for (task, method), cells in groups.items():  # grid order: the store keeps the order cells ran in
+        values = [c["quality"] for c in cells if c["quality"] is not None]
+        spread = f" ± {stdev(values):.1f}" if len(values) > 1 else ""
+        score = f"{mean(values):.1f}{spread} {cells[0]['primary_metric']}" if values else "-"
+        table.add_row(task, method, score, _int(cells[0]["trainable_params"]),
+                      f"{mean(c['train_seconds'] or 0 for c in cells):.1f}", _int(cells[0]["adapter_bytes"]))
+    return table
+
+
+def claims_table(rows: list[dict[str, Any]], n_resamples: int = 1000) -> tuple[Table, int]:
+    """The claims the grid could measure, with their verdicts; and how many it could not."""
+    findings = evaluate_claims(rows, n_resamples)
+    verdicts = summarise(findings)
+    table = Table(title="claims", title_justify="left")
+    table.add_column("claim")
+    table.add_column("verdict")
+    skipped = 0
+    for claim_id, finding in {f.claim.id: f for f in findings}.items():
+        if verdicts[claim_id] == "not measured":
+            skipped += 1
+            continue
+        table.add_row(finding.claim.test, _coloured(verdicts[claim_id]))
+    return table, skipped
+
+
+def _coloured(verdict: str) -> str:
+    colour = "green" if verdict.startswith("supported") else "red" if verdict.startswith("contradicted") else "yellow"
+    return f"[{colour}]{verdict}[/{colour}]"
+
+
+def _int(value: Any) -> str:
+    return "-" if value is None else f"{int(value):,}"
+
+
+def print_summary(console: Console, store: Store, keys: list[str] | None = None) -> None:
+    """Print the method table and the measured claims of the cells ``keys`` (all cells without)."""
+    rows = finished_rows(store, keys)
+    if not rows:
+        console.print("no finished cells to summarise")
+        return
+    console.print(method_table(rows))
+    claims, skipped = claims_table(rows)
+    if claims.row_count:
+        console.print(claims)
+    console.print(f"{skipped} claims not measured by this grid (no cells for one side); see the report"
+                  if skipped else "every claim was measured; details in the report", highlight=False)
