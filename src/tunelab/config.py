@@ -73,6 +73,7 @@ class EvalConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     loss: bool = True  # teacher-forced loss on the eval rows and as many training rows (the overfitting gap)
+    precision: str = "auto"  # fp32 | bf16 | auto: prefill and decode each in bf16 where fast (tunelab.precision)
 
 
 @dataclass

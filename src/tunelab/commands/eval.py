@@ -59,21 +59,27 @@ def eval_command(
     temperature: Annotated[float, typer.Option()] = 1.0,
     top_p: Annotated[float, typer.Option()] = 1.0,
     resamples: Annotated[int, typer.Option(help="bootstrap resamples for the 95% intervals")] = 1000,
+    precision: Annotated[str, typer.Option(help="fp32 | bf16 | auto: prefill and decode each in bf16 where the "
+                                               "device is fast at it (docs/performance.md)")] = "auto",
     out: Annotated[str | None, typer.Option(help="write OUT/metrics.json and OUT/predictions.jsonl")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
     """Evaluate a model (and adapter) on a data file; prints scores with 95% bootstrap intervals."""
     from tunelab.config import EvalConfig
+    from tunelab.errors import ConfigError
+    from tunelab.precision import PRECISIONS
     from tunelab.progress import bar
     from tunelab.protocols import EvalRequest, run_eval, select_examples
 
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     console = Console()
     req = EvalRequest(data=data, model=model, adapter=adapter, protocol=protocol, k=k, tasks_file=tasks_file,
                       seen_from=seen_from, include_seen=include_seen,
                       metrics=[m.strip() for m in metrics.split(",") if m.strip()] if metrics else None,
                       max_eval=max_eval, max_per_task=max_per_task, template=template,
                       eval=EvalConfig(batch_size=batch_size, max_new_tokens=max_new_tokens, do_sample=sample,
-                                      temperature=temperature, top_p=top_p),
+                                      temperature=temperature, top_p=top_p, precision=precision),
                       n_resamples=resamples, out=out)
     n = len(select_examples(req)[0])  # validates data and flags before the model loads
     with bar("evaluating", n, not quiet) as advance:

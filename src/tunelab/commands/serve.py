@@ -25,22 +25,29 @@ def serve_command(
     max_tokens: Annotated[int, typer.Option(help="largest max_tokens a request may ask for")] = 512,
     max_body_bytes: Annotated[int, typer.Option()] = 1_000_000,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's)")] = None,
+    precision: Annotated[str, typer.Option(help="fp32 | bf16 | auto: prefill and decode each in bf16 where the "
+                                               "device is fast at it (docs/performance.md)")] = "auto",
 ) -> None:
     """Serve every adapter in --adapters over one base model: /v1/completions, /v1/chat/completions, /v1/models."""
     import torch
     import uvicorn
 
+    from tunelab.errors import ConfigError
     from tunelab.models import load_model
+    from tunelab.precision import PRECISIONS
     from tunelab.serve.app import ServeLimits, create_app
     from tunelab.serve.registry import AdapterRegistry
 
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if threads:
         torch.set_num_threads(threads)
     base, tokenizer = load_model(model)
     registry = AdapterRegistry(adapters, base, tokenizer, model, max_loaded, max_weight_adapters)
     limits = ServeLimits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_body_bytes=max_body_bytes)
-    app = create_app(registry, limits, api_key or None, window_ms=window_ms, max_batch=max_batch)
+    app = create_app(registry, limits, api_key or None, window_ms=window_ms, max_batch=max_batch,
+                     precision=precision)
     typer.echo(f"serving {model} + {len(registry.names())} adapters from {registry.root} on http://{host}:{port}"
                + (" (API key required)" if api_key else ""))
     uvicorn.run(app, host=host, port=port, log_level="warning")
