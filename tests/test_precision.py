@@ -133,3 +133,28 @@ def test_preallocated_layer_returns_what_concatenation_returns():
         got, ref = cache.update(k, v, 0), reference.update(k, v, 0)
         assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
         assert cache.get_seq_length() == reference.get_seq_length() == 6 + step
+
+
+def test_evaluate_generates_and_scores_in_eval_precision(fresh_tiny):
+    from tunelab.config import EvalConfig
+    from tunelab.data import load_task
+    from tunelab.evaluate import evaluate
+
+    adapters, tok = _adapters(fresh_tiny)
+    seen = []
+    hook = adapters[0].model.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    examples = load_task("date_format").eval[:3]
+    evaluate(adapters[1], tok, examples, ["exact_match"], EvalConfig(precision="bf16", max_new_tokens=3), "plain",
+             n_resamples=10)
+    hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}
+
+
+def test_cli_rejects_an_unknown_precision_before_loading_anything():
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    result = CliRunner().invoke(app, ["eval", "--model", "tiny", "--data", "date_format", "--precision", "fp16"])
+    assert isinstance(result.exception, ConfigError)
+    assert "--precision 'fp16'; choose one of fp32, bf16, auto" in str(result.exception)
