@@ -83,10 +83,19 @@ def resolve(name: str | PhasePrecision, device: torch.device | str = "cpu", key:
 _COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _floating_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+def _floating_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    # parameters only: buffers such as the rotary inverse frequencies stay fp32 (in bf16 a position's
+    # angle would be off by up to ~0.5 rad at position 150)
+    for name, tensor in model.named_parameters():
         if tensor.is_floating_point():
             yield name, tensor
+
+
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast ``model``'s floating parameters to ``dtype`` for good (``serve``: one weight set, no swaps)."""
+    with torch.no_grad():
+        for _, tensor in _floating_tensors(model):
+            tensor.data = tensor.data.to(dtype)
 
 
 @contextlib.contextmanager

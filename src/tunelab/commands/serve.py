@@ -34,7 +34,8 @@ def serve_command(
 
     from tunelab.errors import ConfigError
     from tunelab.models import load_model
-    from tunelab.precision import PRECISIONS
+    from tunelab.precision import PRECISIONS, cast_parameters
+    from tunelab.precision import resolve as resolve_precision
     from tunelab.serve.app import ServeLimits, create_app
     from tunelab.serve.registry import AdapterRegistry
 
@@ -44,6 +45,11 @@ def serve_command(
     if threads:
         torch.set_num_threads(threads)
     base, tokenizer = load_model(model)
+    phases = resolve_precision(precision, base.get_input_embeddings().weight.device, "--precision")
+    if phases.prefill == phases.decode:
+        # cast once: no per-batch weight swap (precision.weights_in) that a concurrent adapter load
+        # (registry: a deep copy of the base model for LoRA / full weights) could observe half-done
+        cast_parameters(base, phases.prefill_dtype)
     registry = AdapterRegistry(adapters, base, tokenizer, model, max_loaded, max_weight_adapters)
     limits = ServeLimits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_body_bytes=max_body_bytes)
     app = create_app(registry, limits, api_key or None, window_ms=window_ms, max_batch=max_batch,
