@@ -168,11 +168,11 @@ def main() -> None:
     parser.add_argument("--roofline", action="store_true", help="also measure prefill / decode steps vs the limits")
     parser.add_argument("--roofline-steps", type=int, default=16, help="decode steps timed per batch size")
     parser.add_argument("--quick", action="store_true",
-                        help="~5 minutes: --examples 16 --single 2 --new-tokens 16 --repeats 1 --score-examples 32 "
+                        help="~5 minutes: --examples 16 --single 2 --new-tokens 16 --repeats 1 --score-examples 16 "
                              "--methods base,prompt_tuning,ipt,icl,prefix_tuning --roofline --roofline-steps 8")
     args = parser.parse_args()
     if args.quick:
-        args.examples, args.single, args.new_tokens, args.repeats, args.score_examples = 16, 2, 16, 1, 32
+        args.examples, args.single, args.new_tokens, args.repeats, args.score_examples = 16, 2, 16, 1, 16
         args.methods, args.roofline, args.roofline_steps = "base,prompt_tuning,ipt,icl,prefix_tuning", True, 8
     from tunelab import precision as prec
     from tunelab.generate import _eos_ids, generate_ids
