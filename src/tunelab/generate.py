@@ -8,6 +8,11 @@ Fast path (``generate_rows``, which ``generate`` uses): an adapter's virtual tok
 same base model share a batch, and a token prefix common to the rows of one adapter in a batch (system
 prompt, instruction, shared demonstrations) is computed once and only the suffixes are prefilled.
 ``generate_ids`` is the plain per-batch path, kept as the reference the fast path must reproduce.
+
+Precision (``GenerationConfig.precision``: fp32 | bf16 | auto, ``tunelab.precision``): the prefill runs with the
+weights in the prefill phase's dtype, the decode loop in the decode phase's (the cache is cast between them when
+they differ). The decode loop (``_decode_fast``) writes into a cache allocated once (``tunelab.kvcache``);
+``fast_decode(False)`` selects the 2026-11 loop (``_decode``), which gives the same tokens.
 """
 
 from __future__ import annotations
