@@ -14,8 +14,18 @@ on one loaded model, on E2E test inputs.
 - Checks: our batched output == our one-by-one output == the plain per-row path with the cache off;
   for peft, how many rows differ between its batched and one-by-one output.
 
+- Paths (``--path before|now|both``): "before" is the 2026-11 path (fp32, ``generate.fast_decode(False)``:
+  DynamicCache growth, per-row Python per step); "now" is ``--precision`` (default auto: bf16 per phase
+  where the CPU has bf16 units) with the pre-allocated cache and the lighter loop. With both, every row
+  prints before / now / peft side by side, and the share of greedy outputs "now" keeps identical to "before".
+- ``--roofline``: the machine's limits (bench_gemm: GEMM peaks, memory bandwidth), then prefill tok/s at
+  batch 16 and the time per decode step at batch 1 / 16 / 64 for before, now and peft (the base model;
+  per-step times of the other methods at batch 16 show what their virtual tokens cost per step), each
+  against its limit (``roofline.py``: the arithmetic is printed).
+
 Ours and peft alternate within one run (the machine is shared; only same-run ratios mean anything).
 Run: .venv/bin/python benchmarks/bench_generate.py [--examples 16] [--new-tokens 24] [--repeats 2]
+     .venv/bin/python benchmarks/bench_generate.py --quick     # everything of issue 16 in ~5 minutes
 """
 
 from __future__ import annotations
@@ -84,10 +94,10 @@ def peft_of(adapter):
 SCORE_BATCH = 16
 
 
-def score_ours(adapter, encoded):
+def score_ours(adapter, encoded, path="now"):
     from tunelab.modeling import score_sequences
 
-    return torch.tensor(score_sequences(adapter, encoded, 2, SCORE_BATCH))
+    return torch.tensor(score_sequences(adapter, encoded, 2, SCORE_BATCH, precision=PATHS[path][0]))
 
 
 def score_peft(adapter, encoded):
@@ -109,10 +119,16 @@ def score_peft(adapter, encoded):
     return torch.cat(out)
 
 
-def gen_ours(adapter, tok, prompts, new, batch):
-    from tunelab.generate import GenerationConfig, generate
+PATHS = {"before": ("fp32", False)}  # path -> (precision, fast decode); "now" is filled from --precision
 
-    return generate(adapter, tok, prompts, GenerationConfig(max_new_tokens=new), batch_size=batch)
+
+def gen_ours(adapter, tok, prompts, new, batch, path="now"):
+    from tunelab.generate import GenerationConfig, fast_decode, generate
+
+    precision, fast = PATHS[path]
+    with fast_decode(fast):
+        return generate(adapter, tok, prompts, GenerationConfig(max_new_tokens=new, precision=precision),
+                        batch_size=batch)
 
 
 def gen_peft(adapter, tok, prompts, new, batch):
@@ -146,56 +162,156 @@ def main() -> None:
     parser.add_argument("--methods", default="base,prompt_tuning,icl,ipt,prefix_tuning",
                         help="icl = the base model on IPT's prompts (IPT's speed reference)")
     parser.add_argument("--score-only", action="store_true", help="skip generation (minutes) and its checks")
+    parser.add_argument("--path", choices=("before", "now", "both"), default="both",
+                        help="before = the fp32 path of 2026-11; now = --precision with the lighter decode loop")
+    parser.add_argument("--precision", default="auto", help="fp32 | bf16 | auto: the 'now' path's precision")
+    parser.add_argument("--roofline", action="store_true", help="also measure prefill / decode steps vs the limits")
+    parser.add_argument("--roofline-steps", type=int, default=16, help="decode steps timed per batch size")
+    parser.add_argument("--quick", action="store_true",
+                        help="~5 minutes: --examples 16 --single 2 --new-tokens 16 --repeats 1 --score-examples 16 "
+                             "--methods base,prompt_tuning,ipt,icl,prefix_tuning --roofline --roofline-steps 8")
     args = parser.parse_args()
+    if args.quick:
+        args.examples, args.single, args.new_tokens, args.repeats, args.score_examples = 16, 2, 16, 1, 16
+        args.methods, args.roofline, args.roofline_steps = "base,prompt_tuning,ipt,icl,prefix_tuning", True, 8
+    from tunelab import precision as prec
     from tunelab.generate import _eos_ids, generate_ids
     from tunelab.modeling import virtual_kv_cache
 
+    PATHS["now"] = (args.precision, True)
+    paths = ["before", "now"] if args.path == "both" else [args.path]
+    phases = prec.resolve(args.precision, "cpu")
+    print(f"now = precision {args.precision} -> prefill {phases.prefill}, decode {phases.decode}; "
+          f"before = fp32, the 2026-11 decode loop")
+    if args.roofline:
+        args.examples = max(args.examples, 64)  # decode at batch 64 needs 64 prompts
     model, tok, adapters, data = build(args)
     results = {}
-    print(f"{'method':14} {'measure':16} {'ours':>9} {'peft':>9} {'ratio':>6}  check")
+    head = " ".join(f"{p:>9}" for p in paths)
+    print(f"{'method':14} {'measure':16} {head} {'peft':>9} {'now/peft':>8}  check")
+    main_path = paths[-1]
     for name in args.methods.split(","):
         adapter, (prompts, encoded) = adapters[name], data[name]
+        prompts = prompts[:16] if args.roofline else prompts
         real = sum(len(e.input_ids) for e in encoded)
         row = results[name] = {}
         # scoring: interleave ours / peft
         t_peft, s_peft = timed(lambda: score_peft(adapter, encoded), args.repeats)  # noqa: B023
-        t_ours, s_ours = timed(lambda: score_ours(adapter, encoded), args.repeats)  # noqa: B023
-        diff = float((s_ours - s_peft).abs().max())
-        row["score"] = {"ours_tok_s": real / t_ours, "peft_tok_s": real / t_peft, "max_abs_diff": diff}
-        print(f"{name:14} {'score tok/s':16} {real / t_ours:9.1f} {real / t_peft:9.1f} {t_peft / t_ours:6.2f}  "
-              f"max |logprob diff| {diff:.1e}", flush=True)
+        ours = {p: timed(lambda p=p: score_ours(adapter, encoded, p), args.repeats) for p in paths}  # noqa: B023
+        diffs = {p: float((s - s_peft).abs().max()) for p, (_, s) in ours.items()}
+        row["score"] = {**{f"{p}_tok_s": real / t for p, (t, _) in ours.items()}, "peft_tok_s": real / t_peft,
+                        **{f"{p}_max_abs_diff": d for p, d in diffs.items()}}
+        cells = " ".join(f"{real / ours[p][0]:9.1f}" for p in paths)
+        print(f"{name:14} {'score tok/s':16} {cells} {real / t_peft:9.1f} {t_peft / ours[main_path][0]:8.2f}  "
+              f"max |logprob diff| vs peft {', '.join(f'{p} {d:.1e}' for p, d in diffs.items())}", flush=True)
         if args.score_only:
             continue
         single = prompts[: args.single]
         for batch, subset in ((1, single), (16, prompts)):
             t_p, out_p = timed(lambda s=subset, b=batch: gen_peft(adapter, tok, s, args.new_tokens, b), 1)  # noqa: B023
-            t_o, out_o = timed(lambda s=subset, b=batch: gen_ours(adapter, tok, s, args.new_tokens, b), 1)  # noqa: B023
-            row[f"gen_b{batch}"] = {"ours_tok_s": n_tokens(tok, out_o) / t_o, "peft_tok_s": n_tokens(tok, out_p) / t_p,
-                                    "ours": out_o, "peft": out_p}
-            print(f"{name:14} {f'gen b={batch} tok/s':16} {n_tokens(tok, out_o) / t_o:9.1f} "
-                  f"{n_tokens(tok, out_p) / t_p:9.1f} {(n_tokens(tok, out_o) / t_o) / (n_tokens(tok, out_p) / t_p):6.2f}",
-                  flush=True)
-        # correctness: batched == one-by-one (ours, and peft) on the batch-1 subset, and == the plain path
-        ours_b16 = row["gen_b16"]["ours"][: args.single]
+            outs = {p: timed(lambda s=subset, b=batch, p=p: gen_ours(adapter, tok, s, args.new_tokens, b, p), 1)  # noqa: B023
+                    for p in paths}
+            rate = {p: n_tokens(tok, o) / t for p, (t, o) in outs.items()}
+            peft_rate = n_tokens(tok, out_p) / t_p
+            row[f"gen_b{batch}"] = {**{f"{p}_tok_s": r for p, r in rate.items()}, "peft_tok_s": peft_rate,
+                                    **{p: o for p, (_, o) in outs.items()}, "peft": out_p}
+            same = ""
+            if len(paths) == 2:
+                same_rows = sum(a == b for a, b in zip(outs["before"][1], outs["now"][1], strict=True))
+                row[f"gen_b{batch}"]["now_identical_to_before"] = same_rows / len(subset)
+                same = f"now == before on {same_rows}/{len(subset)} rows; now/before {rate['now'] / rate['before']:.2f}x"
+            cells = " ".join(f"{rate[p]:9.1f}" for p in paths)
+            print(f"{name:14} {f'gen b={batch} tok/s':16} {cells} {peft_rate:9.1f} {rate[main_path] / peft_rate:8.2f}  "
+                  f"{same}", flush=True)
+        # correctness: batched == one-by-one (each path, and peft) on the batch-1 subset, and == the plain path
         with virtual_kv_cache(False):
             plain = [tok.decode(generate_ids(adapter, [p], _gen_cfg(args), _eos_ids(model, tok), tok.pad_token_id)[0],
                                 skip_special_tokens=True) for p in single]
         peft_b16 = row["gen_b16"]["peft"][: args.single]
-        row["check"] = {"ours_batched_eq_single": ours_b16 == row["gen_b1"]["ours"],
-                        "ours_eq_plain_path": row["gen_b1"]["ours"] == plain,
+        row["check"] = {**{f"{p}_batched_eq_single": row["gen_b16"][p][: args.single] == row["gen_b1"][p]
+                           for p in paths},
+                        "fp32_eq_plain_path": row["gen_b1"]["before" if "before" in paths else "now"] == plain,
                         "peft_rows_differing_batched_vs_single": sum(
                             a != b for a, b in zip(peft_b16, row["gen_b1"]["peft"], strict=True))}
         print(f"{name:14} {'check':16} {json.dumps(row['check'])}", flush=True)
-    print("\nvs the base model on the same text at the same batch size (ours; IPT's reference is ICL with its"
-          " demonstrations):")
-    for name in results:
-        reference = "icl" if name == "ipt" else "base"
-        if name not in ("base", "icl") and reference in results and not args.score_only:
-            for b in (1, 16):
-                r = results[name][f"gen_b{b}"]["ours_tok_s"] / results[reference][f"gen_b{b}"]["ours_tok_s"]
-                print(f"{name:14} gen b={b:<3} {r:6.2f}x {reference}")
-    print("RESULT " + json.dumps({k: {m: {x: y for x, y in v.items() if x not in ("ours", "peft")}
-                                      for m, v in r.items()} for k, r in results.items()}))
+    if not args.score_only:
+        print("\nvs the base model on the same text at the same batch size (IPT's reference is ICL with its"
+              " demonstrations):")
+        for name in results:
+            reference = "icl" if name == "ipt" else "base"
+            if name not in ("base", "icl") and reference in results:
+                for b in (1, 16):
+                    r = {p: results[name][f"gen_b{b}"][f"{p}_tok_s"] / results[reference][f"gen_b{b}"][f"{p}_tok_s"]
+                         for p in paths}
+                    print(f"{name:14} gen b={b:<3} " + "  ".join(f"{p} {v:5.2f}x" for p, v in r.items()) + f" {reference}")
+    if args.roofline:
+        results["roofline"] = roofline(args, model, tok, adapters, data, paths)
+    print("RESULT " + json.dumps({k: {m: ({x: y for x, y in v.items() if x not in ("before", "now", "peft")}
+                                          if isinstance(v, dict) else v) for m, v in r.items()}
+                                  for k, r in results.items()}))
+
+
+def roofline(args, model, tok, adapters, data, paths) -> dict:
+    """Prefill tok/s at batch 16 and decode step times at batch 1 / 16 / 64 against the machine's limits."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_gemm import measure
+    from roofline import (
+        decode_step_limit,
+        facts_of,
+        ours_prefill_and_decode,
+        peft_prefill_and_decode,
+        prefill_limit,
+    )
+
+    from tunelab import precision as prec
+
+    hw = measure(quick=True)
+    facts = facts_of(model)
+    print(f"\nroofline: GEMM peak fp32 {hw['fp32_peak_gflops']} / bf16 {hw['bf16_peak_gflops']} GFLOP/s, "
+          f"memory {hw['bandwidth_gbs']} GB/s; {facts.params / 1e6:.1f}M parameters "
+          f"({facts.embedding / 1e6:.1f}M embedding/head), KV {facts.kv_bytes_per_token(4) / 1024:.0f} KB/token in fp32")
+    peak = {"fp32": hw["fp32_peak_gflops"], "bf16": hw["bf16_peak_gflops"]}
+    nbytes = {"fp32": 4, "bf16": 2}
+    sides = {p: PATHS[p] for p in paths}
+    out: dict = {"hardware": hw}
+    prompts = data["base"][0]
+    steps = args.roofline_steps
+    pad = tok.pad_token_id
+    base = adapters["base"]
+    ours_prefill_and_decode(base, prompts[:2], 2, PATHS[paths[-1]][0], True, pad)  # warm-up (and the bf16 copy)
+    print(f"{'phase':12} {'side':7} {'measured':>12} {'limit':>12} {'reached':>8}  limit arithmetic")
+    for batch in (1, 16, 64):
+        rows = (prompts * (batch // len(prompts) + 1))[:batch]
+        context = sum(map(len, rows)) / batch + steps / 2
+        measured = {}
+        for side, (precision, fast) in sides.items():
+            pre, step = ours_prefill_and_decode(base, rows, steps, precision, fast, pad)
+            p = prec.resolve(precision, "cpu")
+            measured[side] = (pre, step, p)
+        measured["peft"] = (*peft_prefill_and_decode(model, rows, steps, pad), prec.PhasePrecision())
+        for side, (pre, step, p) in measured.items():
+            if batch == 16:
+                tokens = sum(map(len, rows))
+                limit, text = prefill_limit(facts, peak[p.prefill], (context - steps / 2) / 2)  # causal: T/2
+                out[f"prefill_{side}"] = {"tok_s": tokens / pre, "limit_tok_s": limit}
+                print(f"{'prefill b16':12} {side:7} {tokens / pre:8.0f} t/s {limit:8.0f} t/s {tokens / pre / limit:7.0%}  "
+                      f"{p.prefill}: {text}")
+            t_min, text = decode_step_limit(facts, batch, context, nbytes[p.decode], nbytes[p.decode],
+                                            hw["bandwidth_gbs"], peak[p.decode])
+            out[f"decode_b{batch}_{side}"] = {"step_ms": step * 1e3, "tok_s": batch / step,
+                                              "limit_tok_s": batch / t_min, "reached": t_min / step}
+            print(f"{f'decode b{batch}':12} {side:7} {batch / step:8.1f} t/s {batch / t_min:8.1f} t/s "
+                  f"{t_min / step:7.0%}  {p.decode}: {step * 1e3:.1f} ms/step vs {text}", flush=True)
+    print("\nper decode step at batch 16, by method (what virtual tokens cost per step):")
+    for name in args.methods.split(","):
+        rows = data[name][0][:16]
+        times = {side: ours_prefill_and_decode(adapters[name], rows, steps, precision, fast, pad)[1]
+                 for side, (precision, fast) in sides.items()}
+        out[f"step_b16_{name}"] = {f"{side}_ms": t * 1e3 for side, t in times.items()}
+        print(f"{name:14} " + "  ".join(f"{side} {t * 1e3:7.1f} ms" for side, t in times.items()), flush=True)
+    return out
 
 
 def _gen_cfg(args):

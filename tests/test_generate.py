@@ -83,7 +83,14 @@ def test_sampling_is_seeded_and_near_zero_temperature_is_greedy(tiny):
 
 
 @pytest.mark.real_model
-def test_real_model_batched_equals_one_at_a_time(real_model):
+@pytest.mark.parametrize("precision", [
+    "fp32",
+    # measured 2026-12-02: 1 of these 8 rows differs batched vs alone in bf16 (a near-tie flips after a few
+    # tokens: bf16 GEMMs of different row counts round differently); the tiny model's bf16 rows all agree
+    pytest.param("bf16", marks=pytest.mark.xfail(reason="bf16 matmuls are not batch-invariant on SmolLM2-135M",
+                                                  strict=False)),
+])
+def test_real_model_batched_equals_one_at_a_time(real_model, precision):
     adapter, tok = _frozen(real_model)
     from tunelab.data import Example
 
@@ -94,7 +101,7 @@ def test_real_model_batched_equals_one_at_a_time(real_model):
                  "Say hi.", "List three fruits."]
     prompts = [encode_prompt(tok, build_prompt(tok, "chat", Example(id=str(i), task="t", instruction=q)), 512)
                for i, q in enumerate(questions)]
-    cfg = GenerationConfig(max_new_tokens=20)
+    cfg = GenerationConfig(max_new_tokens=20, precision=precision)
     batched = generate(adapter, tok, prompts, cfg, batch_size=8)
     single = [generate(adapter, tok, [p], cfg, batch_size=1)[0] for p in prompts]
     assert batched == single

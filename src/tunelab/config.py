@@ -102,6 +102,10 @@ class EvalConfig:
     temperature: float = above(0, 1.0)
     top_p: float = between(0, 1, 1.0, low_open=True)
     loss: bool = True  # teacher-forced loss on the eval rows and as many training rows (the overfitting gap)
+    # fp32 | bf16 | auto: prefill and decode each in bf16 where fast (tunelab.precision). fp32 by default: bf16
+    # rounding differs with the batch's shape, so on a real model a greedy near-tie can flip between batched and
+    # one-by-one output (docs/performance.md); fp32 keeps them equal, and stored cells comparable
+    precision: str = choice("tunelab.precision:PRECISIONS", "fp32")
 
 
 TRACKERS = ("mlflow", "tensorboard", "wandb", "trackio")  # report.to names (tunelab.tracking)
@@ -222,6 +226,7 @@ class ServeConfig:
     max_tokens: int = at_least(1, 512)  # largest max_tokens a request may ask for
     max_body_bytes: int = at_least(1, 1_000_000)
     threads: int | None = at_least(1, None)  # torch threads; None = torch's default
+    precision: str = choice("tunelab.precision:PRECISIONS", "fp32")  # fp32 | bf16 | auto (as eval.precision)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

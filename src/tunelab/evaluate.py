@@ -54,7 +54,7 @@ def prompts_for(tokenizer, layout: PromptLayout, examples: Sequence[Example]) ->
 
 @torch.no_grad()
 def rank_options(adapter, tokenizer, layout: PromptLayout, examples: Sequence[Example],
-                 batch_size: int = 16) -> list[list[float]]:
+                 batch_size: int = 16, precision: str = "fp32") -> list[list[float]]:
     """Log-likelihood of each option of each example (summed over the option's tokens and EOS).
 
     The option is scored exactly as a training target is supervised (``formatting.encode``: target
@@ -71,14 +71,15 @@ def rank_options(adapter, tokenizer, layout: PromptLayout, examples: Sequence[Ex
         pairs += [(i, encode(tokenizer, prompt, target_text(layout, dataclasses.replace(e, output=o)),
                              layout.max_length)) for o in e.options]
     scores: list[list[float]] = [[] for _ in examples]
-    values = score_sequences(adapter, [enc for _, enc in pairs], tokenizer.pad_token_id, batch_size)
+    values = score_sequences(adapter, [enc for _, enc in pairs], tokenizer.pad_token_id, batch_size,
+                             precision=precision)
     for (i, _), value in zip(pairs, values, strict=True):
         scores[i].append(value)
     return scores
 
 
 def reference_nll(adapter, tokenizer, layout: PromptLayout, examples: Sequence[Example],
-                  batch_size: int = 16) -> list[tuple[float, int]]:
+                  batch_size: int = 16, precision: str = "fp32") -> list[tuple[float, int]]:
     """Per example: summed negative log-likelihood of its reference (teacher-forced) and its token count.
 
     The reference is encoded exactly as a training target (``encode_example``), so the mean over
@@ -87,7 +88,7 @@ def reference_nll(adapter, tokenizer, layout: PromptLayout, examples: Sequence[E
     """
     adapter.eval()
     encoded = [encode_example(tokenizer, layout, e) for e in examples]
-    values = score_sequences(adapter, encoded, tokenizer.pad_token_id, batch_size)
+    values = score_sequences(adapter, encoded, tokenizer.pad_token_id, batch_size, precision=precision)
     return [(-v, sum(label != -100 for label in enc.labels[1:])) for v, enc in zip(values, encoded, strict=True)]
 
 
@@ -105,11 +106,12 @@ def evaluate(adapter, tokenizer, layout: PromptLayout | str, examples: Sequence[
         prompts = prompts_for(tokenizer, layout, examples)
         gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens or cfg.max_new_tokens
                                    or derive_max_new_tokens(tokenizer, examples),
-                                   do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p)
+                                   do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p,
+                                   precision=cfg.precision)
         preds = [p.strip() for p in generate(adapter, tokenizer, prompts, gen_cfg, cfg.batch_size, progress)]
     option_scores = ranked = None
     if any(n in M.RANKED for n in metric_names):
-        option_scores = rank_options(adapter, tokenizer, layout, examples, cfg.batch_size)
+        option_scores = rank_options(adapter, tokenizer, layout, examples, cfg.batch_size, cfg.precision)
         ranked = [e.options[max(range(len(s)), key=s.__getitem__)] for e, s in zip(examples, option_scores,
                                                                                     strict=True)]
         if progress and all(n in M.RANKED for n in metric_names):

@@ -8,15 +8,23 @@ Fast path (``generate_rows``, which ``generate`` uses): an adapter's virtual tok
 same base model share a batch, and a token prefix common to the rows of one adapter in a batch (system
 prompt, instruction, shared demonstrations) is computed once and only the suffixes are prefilled.
 ``generate_ids`` is the plain per-batch path, kept as the reference the fast path must reproduce.
+
+Precision (``GenerationConfig.precision``: fp32 | bf16 | auto, ``tunelab.precision``): the prefill runs with the
+weights in the prefill phase's dtype, the decode loop in the decode phase's (the cache is cast between them when
+they differ). The decode loop (``_decode_fast``) writes into a cache allocated once (``tunelab.kvcache``);
+``fast_decode(False)`` selects the 2026-11 loop (``_decode``), which gives the same tokens.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from tunelab import kvcache, precision
 from tunelab.modeling import (
     PrefixKV,
     _decoder_and_head,
@@ -43,6 +51,7 @@ class GenerationConfig:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()  # stop strings, cut from the output
     seed: int = 0
+    precision: str = "fp32"  # fp32 | bf16 | auto, per phase (tunelab.precision); eval and serve default to auto
 
 
 def _next_tokens(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
@@ -56,24 +65,94 @@ def _next_tokens(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.G
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+_FAST_DECODE = contextvars.ContextVar("tunelab_fast_decode", default=True)
+
+
+@contextlib.contextmanager
+def fast_decode(enabled: bool) -> Iterator[None]:
+    """Turn the lighter decode loop (pre-allocated cache, tokens kept on the tensor side) on/off (on by default);
+    off gives the loop of 2026-11 ("before" in benchmarks/bench_generate.py); both give the same tokens."""
+    token = _FAST_DECODE.set(enabled)
+    try:
+        yield
+    finally:
+        _FAST_DECODE.reset(token)
+
+
 @torch.no_grad()
 def generate_ids(adapter, prompts: Sequence[list[int]], cfg: GenerationConfig, eos_ids: Sequence[int],
                  pad_id: int, stop_check: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
     """Decode one left-padded batch; returns the new token ids of each row (EOS excluded)."""
     model = adapter.model
     device = model.get_input_embeddings().weight.device
+    phases = precision.resolve(cfg.precision, device)
     ids = pad_batch(list(prompts), pad_id, side="left").to(device)  # (B, T)
     mask = mask_for(list(prompts), side="left").to(device)
-    hidden, cache, inputs, are_logits = hidden_states(adapter, ids, mask, use_cache=True)
-    logits = hidden[:, -1] if are_logits else model.get_output_embeddings()(hidden[:, -1])  # (B, V)
-    return _decode(model, logits, cache, inputs.attention_mask, inputs.position_ids[:, -1] + 1, cfg, eos_ids,
-                   pad_id, stop_check)
+    with precision.weights_in(model, phases.prefill_dtype):
+        hidden, cache, inputs, are_logits = hidden_states(adapter, ids, mask, use_cache=True)
+        logits = hidden[:, -1] if are_logits else model.get_output_embeddings()(hidden[:, -1])  # (B, V)
+    return _decode_in(phases, model, logits, cache, inputs.attention_mask, inputs.position_ids[:, -1] + 1, cfg,
+                      eos_ids, pad_id, stop_check)
+
+
+def _decode_in(phases: precision.PhasePrecision, model, logits: torch.Tensor, cache, attn: torch.Tensor,
+               next_pos: torch.Tensor, cfg: GenerationConfig, eos_ids: Sequence[int], pad_id: int,
+               stop_check: Callable[[int, list[int]], bool] | None) -> list[list[int]]:
+    """Decode with the weights (and the prefilled cache) in the decode phase's precision."""
+    if phases.decode != phases.prefill:
+        precision.cast_cache(cache, phases.decode_dtype)
+    with precision.weights_in(model, phases.decode_dtype):
+        if _FAST_DECODE.get():
+            return _decode_fast(model, logits, cache, attn, next_pos, cfg, eos_ids, pad_id, stop_check)
+        return _decode(model, logits, cache, attn, next_pos, cfg, eos_ids, pad_id, stop_check)
+
+
+def _decode_fast(model, logits: torch.Tensor, cache, attn: torch.Tensor, next_pos: torch.Tensor,
+                 cfg: GenerationConfig, eos_ids: Sequence[int], pad_id: int,
+                 stop_check: Callable[[int, list[int]], bool] | None) -> list[list[int]]:
+    """``_decode`` with less work per step, same tokens: the cache and the attention mask are allocated once
+    for all ``max_new_tokens`` (``kvcache.preallocate``: no per-layer ``torch.cat`` of the whole cache each
+    step), and the new tokens stay in one (B, steps) tensor, turned into lists once at the end; the only
+    per-row Python work left in a step is the stop-string check, when there are stop strings."""
+    batch, width, steps = logits.shape[0], attn.shape[1], cfg.max_new_tokens
+    device = logits.device
+    generator = torch.Generator().manual_seed(cfg.seed) if cfg.do_sample else None
+    eos = torch.tensor(list(eos_ids), device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens = torch.full((batch, steps), pad_id, dtype=torch.long, device=device)
+    keep = torch.zeros(batch, steps, dtype=torch.bool, device=device)  # token t of row b is output
+    mask = torch.cat([attn, attn.new_zeros(batch, steps)], dim=1)  # (B, T + steps), filled column by column
+    cache = kvcache.preallocate(cache, steps)
+    out: list[list[int]] = [[] for _ in range(batch)]
+    taken = 0
+    for step in range(steps):
+        token = torch.where(done, pad_id, _next_tokens(logits, cfg, generator))  # (B,)
+        finished_now = torch.isin(token, eos) & ~done
+        tokens[:, step], keep[:, step] = token, ~done & ~finished_now
+        taken = step + 1
+        if stop_check is not None:
+            for row in keep[:, step].nonzero().flatten().tolist():
+                out[row].append(int(token[row]))
+                if stop_check(row, out[row]):
+                    finished_now[row] = True
+        done |= finished_now
+        if bool(done.all()):
+            break
+        mask[:, width + step] = (~done).long()
+        step_out = model(input_ids=token.unsqueeze(-1), attention_mask=mask[:, :width + step + 1],
+                         position_ids=next_pos.unsqueeze(-1), **cache_kwargs(model, cache), use_cache=True)
+        cache, logits = output_cache(step_out), step_out.logits[:, -1]
+        next_pos = next_pos + 1
+    if stop_check is not None:
+        return out
+    rows, kept = tokens[:, :taken].tolist(), keep[:, :taken].tolist()
+    return [[t for t, k in zip(r, m, strict=True) if k] for r, m in zip(rows, kept, strict=True)]
 
 
 def _decode(model, logits: torch.Tensor, cache, attn: torch.Tensor, next_pos: torch.Tensor, cfg: GenerationConfig,
             eos_ids: Sequence[int], pad_id: int, stop_check: Callable[[int, list[int]], bool] | None) -> list[list[int]]:
     """The decoding loop after prefill: ``logits`` (B, V) of the last prompt token, ``attn`` the mask so far,
-    ``next_pos`` (B,) the position of each row's next token."""
+    ``next_pos`` (B,) the position of each row's next token. The reference for ``_decode_fast``."""
     batch = logits.shape[0]
     generator = torch.Generator().manual_seed(cfg.seed) if cfg.do_sample else None
     eos = torch.tensor(list(eos_ids), device=logits.device)
@@ -155,14 +234,26 @@ def _generate_batch(batch: Sequence[tuple[object, list[int]]], tokenizer, cfg: G
     eos_ids, pad_id = _eos_ids(model, tokenizer), tokenizer.pad_token_id
     body, head = _decoder_and_head(model)
     adapters = {id(a): a for a, _ in batch}
-    if body is None or any(a.soft_prompt(1) is not None and virtual_kv(a) is None for a in adapters.values()):
-        # unusual architecture: the plain path, one adapter at a time
+    if body is None:  # unusual architecture (no virtual_kv either): the plain path, one adapter at a time
         out: list[list[int]] = [[] for _ in batch]
         for key, adapter in adapters.items():
             idx = [i for i, (a, _) in enumerate(batch) if id(a) == key]
             for i, ids in zip(idx, generate_ids(adapter, [batch[i][1] for i in idx], cfg, eos_ids, pad_id), strict=True):
                 out[i] = ids
         return out
+    phases = precision.resolve(cfg.precision, model.get_input_embeddings().weight.device)
+    # the two phases in sequence, never nested: each swaps the weights to its own dtype and back
+    with precision.weights_in(model, phases.prefill_dtype):
+        logits, cache, mask, next_pos = _prefill(batch, adapters, body, head, pad_id, shared, shared_prefix_min,
+                                                 phases.prefill)
+    return _decode_in(phases, model, logits, cache, mask, next_pos, cfg, eos_ids, pad_id, stop_check)
+
+
+def _prefill(batch: Sequence[tuple[object, list[int]]], adapters: dict, body, head, pad_id: int, shared: dict,
+             shared_prefix_min: int, phase: str) -> tuple[torch.Tensor, object, torch.Tensor, torch.Tensor]:
+    """Each row's virtual tokens (and opt-in shared prefix) from the caches, then one forward over the
+    suffixes; returns (last logits (B, V), cache, attention mask, next positions (B,))."""
+    model = batch[0][0].model
     prefixes: list[PrefixKV | None] = [None] * len(batch)
     suffixes: list[list[int]] = [list(p) for _, p in batch]
     for key, adapter in adapters.items():
@@ -172,10 +263,10 @@ def _generate_batch(batch: Sequence[tuple[object, list[int]]], tokenizer, cfg: G
         n = min(n, min(len(batch[i][1]) for i in idx) - 1)
         kv = virtual_kv(adapter)
         if shared_prefix_min > 0 and n >= shared_prefix_min:
-            head_ids = tuple(batch[idx[0]][1][:n])
-            if (key, head_ids) not in shared:
-                shared[(key, head_ids)] = extend_kv(adapter, head_ids, kv)
-            kv = shared[(key, head_ids)]
+            head_ids = (key, tuple(batch[idx[0]][1][:n]), phase)
+            if head_ids not in shared:
+                shared[head_ids] = extend_kv(adapter, head_ids[1], kv)
+            kv = shared[head_ids]
             for i in idx:
                 suffixes[i] = suffixes[i][n:]
         for i in idx:
@@ -185,8 +276,7 @@ def _generate_batch(batch: Sequence[tuple[object, list[int]]], tokenizer, cfg: G
     ids = pad_batch(suffixes, pad_id, side="left")
     positions = positions_from_mask(mask)[:, pmask.shape[1]:]
     out = body(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_kwargs(body, cache), use_cache=True)
-    logits = head(out.last_hidden_state[:, -1])
-    return _decode(model, logits, output_cache(out), mask, positions[:, -1] + 1, cfg, eos_ids, pad_id, stop_check)
+    return head(out.last_hidden_state[:, -1]), output_cache(out), mask, positions[:, -1] + 1
 
 
 def generate(adapter, tokenizer, prompts: Sequence[list[int]], cfg: GenerationConfig, batch_size: int = 16,

@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from tunelab import precision as inference_precision
 from tunelab.formatting import IGNORE_INDEX
+from tunelab.precision import cast_cache
 
 if TYPE_CHECKING:
     from tunelab.methods.base import Adapter
@@ -115,23 +117,28 @@ def virtual_kv(adapter: Adapter) -> PrefixKV | None:
     """
     prefix = adapter.prefix_cache(1)
     soft = adapter.soft_prompt(1)
+    dtype = adapter.model.get_input_embeddings().weight.dtype  # bf16 inside precision.weights_in
     if soft is None:
-        return None if prefix is None else _kv_of(prefix)
+        return None if prefix is None else _kv_of(cast_cache(prefix, dtype))
     soft = soft.detach()
-    hit = _VIRTUAL_CACHE.get(adapter)
+    hit = _VIRTUAL_CACHE.get(adapter, {}).get(dtype)  # one entry per weight dtype (fp32 / bf16 inference)
     if hit is not None and hit[0].shape == soft.shape and torch.equal(hit[0], soft):
         return hit[1]
+    if prefix is not None:
+        cast_cache(prefix, dtype)
     body, _ = _decoder_and_head(adapter.model)
     if body is None:
         return None  # unusual architecture: keep the plain path
     n_prefix = 0 if prefix is None else prefix.get_seq_length()
     n = soft.shape[1]
     mask = torch.ones(1, n_prefix + n, dtype=torch.long, device=soft.device)
-    out = body(inputs_embeds=soft.to(adapter.model.get_input_embeddings().weight.dtype), attention_mask=mask,
+    out = body(inputs_embeds=soft.to(dtype), attention_mask=mask,
                position_ids=torch.arange(n_prefix, n_prefix + n, device=soft.device).unsqueeze(0),
                **cache_kwargs(body, prefix), use_cache=True)
     kv = _kv_of(output_cache(out))
-    _VIRTUAL_CACHE[adapter] = (soft.clone(), kv)
+    entries = _VIRTUAL_CACHE.get(adapter) or {}
+    entries[dtype] = (soft.clone(), kv)
+    _VIRTUAL_CACHE[adapter] = entries
     return kv
 
 
@@ -202,6 +209,8 @@ def build_inputs(adapter: Adapter, input_ids: torch.Tensor, attention_mask: torc
             return ModelInputs(embeds, mask, positions_from_mask(mask)[:, kv.length:], cache, 0)
     soft = adapter.soft_prompt(batch)  # (B, n, C) or None
     prefix = adapter.prefix_cache(batch)
+    if prefix is not None and not torch.is_grad_enabled():
+        cast_cache(prefix, embeds.dtype)  # inference with bf16 weights (precision.weights_in)
     n_soft = 0 if soft is None else soft.shape[1]
     if soft is not None:
         embeds = torch.cat([soft.to(embeds.dtype), embeds], dim=1)
@@ -274,7 +283,7 @@ SHARED_PREFIX_MIN = 8  # shorter common prefixes are not worth a separate forwar
 
 @torch.no_grad()
 def score_sequences(adapter: Adapter, encoded: Sequence, pad_id: int, batch_size: int = 16,
-                    shared_prefix: bool = True) -> list[float]:
+                    shared_prefix: bool = True, precision: str = "fp32") -> list[float]:
     """Summed label log-probability of each encoded (input_ids, labels) sequence, in input order.
 
     - Rows are batched longest-first, so a batch pads only to a similar length (E2E inputs in file order:
@@ -282,9 +291,17 @@ def score_sequences(adapter: Adapter, encoded: Sequence, pad_id: int, batch_size
     - ``shared_prefix``: the tokens every sequence starts with (a template's system prompt and instruction:
       47 of ~127 tokens on E2E) are run once (``extend_kv``, after the adapter's virtual tokens) and every
       batch forwards only its suffixes. Equal to scoring each row alone up to float rounding.
+    - ``precision``: fp32 | bf16 | auto, the prefill phase of ``tunelab.precision`` (bf16 weights inside).
     """
     if not encoded:
         return []
+    phases = inference_precision.resolve(precision, adapter.model.get_input_embeddings().weight.device)
+    with inference_precision.weights_in(adapter.model, phases.prefill_dtype):
+        return _score_sequences(adapter, encoded, pad_id, batch_size, shared_prefix)
+
+
+def _score_sequences(adapter: Adapter, encoded: Sequence, pad_id: int, batch_size: int,
+                     shared_prefix: bool) -> list[float]:
     prefix, start = None, 0
     if shared_prefix:
         start = _scoring_prefix_length(encoded)

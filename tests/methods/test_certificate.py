@@ -184,15 +184,20 @@ def test_save_then_load_gives_identical_greedy_outputs(name, examples, tmp_path)
     assert gen.generate(reloaded, tok, prompts, cfg) == before
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("name", list(METHODS))
-def test_batched_and_one_by_one_generation_agree(name, examples):
+def test_batched_and_one_by_one_generation_agree(name, precision, examples):
+    """Within each inference precision (bf16: the weights' bf16 copy), and for the old decode loop too."""
     run = _run(name, examples)
     adapter, tok, demos = run.adapter, run.tok, run.demos
     prompts = _prompts(adapter, tok, demos, examples[:4]) + [tok("x", add_special_tokens=False)["input_ids"]]
     assert len({len(p) for p in prompts}) > 1  # left padding really happens
-    cfg = gen.GenerationConfig(max_new_tokens=8)
+    cfg = gen.GenerationConfig(max_new_tokens=8, precision=precision)
     batched = gen.generate(adapter, tok, prompts, cfg, batch_size=len(prompts))
     assert batched == [gen.generate(adapter, tok, [p], cfg, batch_size=1)[0] for p in prompts]
+    with gen.fast_decode(False):  # the 2026-11 loop (DynamicCache growth, per-row Python) gives the same tokens
+        assert gen.generate(adapter, tok, prompts, cfg, batch_size=len(prompts)) == batched
+    assert all(p.dtype == torch.float32 for p in adapter.model.parameters())  # bf16 only inside generation
 
 
 @pytest.mark.parametrize("name", list(METHODS))

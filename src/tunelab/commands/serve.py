@@ -34,6 +34,8 @@ def serve_command(
     max_tokens: Annotated[int | None, typer.Option(help="largest max_tokens a request may ask for (default: 512)")] = None,
     max_body_bytes: Annotated[int | None, typer.Option(help="(default: 1000000)")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's)")] = None,
+    precision: Annotated[str | None, typer.Option(help="fp32 | bf16 | auto: prefill and decode each in bf16 where the "
+                                                      "device is fast at it (docs/performance.md) (default: fp32)")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML file with ServeConfig keys")] = None,
     overrides: Overrides = None,
 ) -> None:
@@ -47,7 +49,7 @@ def serve_command(
     flags = {"adapters": adapters, "model": model, "host": host, "port": port, "api_key": api_key or None,
              "max_loaded": max_loaded, "max_weight_adapters": max_weight_adapters, "max_batch": max_batch,
              "window_ms": window_ms, "max_prompt_tokens": max_prompt_tokens, "max_tokens": max_tokens,
-             "max_body_bytes": max_body_bytes, "threads": threads}
+             "max_body_bytes": max_body_bytes, "threads": threads, "precision": precision}
     serve(build(ServeConfig, config, overrides, flags))
 
 
@@ -57,6 +59,8 @@ def serve(cfg: ServeConfig) -> None:
     import uvicorn
 
     from tunelab.models import load_model
+    from tunelab.precision import cast_parameters
+    from tunelab.precision import resolve as resolve_precision
     from tunelab.serve.app import ServeLimits, create_app
     from tunelab.serve.registry import AdapterRegistry
 
@@ -64,10 +68,16 @@ def serve(cfg: ServeConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     base, tokenizer = load_model(cfg.model)
+    phases = resolve_precision(cfg.precision, base.get_input_embeddings().weight.device, "precision")
+    if phases.prefill == phases.decode:
+        # cast once: no per-batch weight swap (precision.weights_in) that a concurrent adapter load
+        # (registry: a deep copy of the base model for LoRA / full weights) could observe half-done
+        cast_parameters(base, phases.prefill_dtype)
     registry = AdapterRegistry(cfg.adapters, base, tokenizer, cfg.model, cfg.max_loaded, cfg.max_weight_adapters)
     limits = ServeLimits(max_prompt_tokens=cfg.max_prompt_tokens, max_tokens=cfg.max_tokens,
                          max_body_bytes=cfg.max_body_bytes)
-    app = create_app(registry, limits, cfg.api_key or None, window_ms=cfg.window_ms, max_batch=cfg.max_batch)
+    app = create_app(registry, limits, cfg.api_key or None, window_ms=cfg.window_ms, max_batch=cfg.max_batch,
+                     precision=cfg.precision)
     typer.echo(f"serving {cfg.model} + {len(registry.names())} adapters from {registry.root} on "
                f"http://{cfg.host}:{cfg.port}" + (" (API key required)" if cfg.api_key else ""))
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")

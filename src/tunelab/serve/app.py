@@ -112,8 +112,9 @@ class BodyLimit:
 
 def create_app(registry: AdapterRegistry, limits: ServeLimits | None = None, api_key: str | None = None,
                window_ms: float = 5.0, max_batch: int = 32, mix_adapters: bool = True,
-               hot_prompts: int = 32) -> FastAPI:
+               hot_prompts: int = 32, precision: str = "fp32") -> FastAPI:
     """The server over ``registry``; requests need ``Authorization: Bearer <api_key>`` when one is set.
+    ``precision``: fp32 | bf16 | auto for every request's prefill and decode (``tunelab.precision``).
     ``mix_adapters=False`` runs each adapter's rows in their own forward passes (a baseline);
     ``hot_prompts`` soft prompts keep their virtual-token key/values cached (see ``batcher.HotPrompts``)."""
     limits = limits or ServeLimits()
@@ -173,7 +174,7 @@ def create_app(registry: AdapterRegistry, limits: ServeLimits | None = None, api
         if len(stops) > limits.max_stop:
             raise APIError(400, f"at most {limits.max_stop} stop strings")
         return GenerationConfig(max_new_tokens=budget, do_sample=req.temperature > 0, temperature=req.temperature,
-                                top_p=req.top_p, stop=stops, seed=req.seed or 0)
+                                top_p=req.top_p, stop=stops, seed=req.seed or 0, precision=precision)
 
     def tokenize(text: str) -> list[int]:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -1,0 +1,59 @@
+"""A decode cache allocated once: keys/values written in place instead of a ``torch.cat`` per layer per step.
+
+transformers' ``DynamicLayer`` grows by concatenation, so every decode step copies the whole cache of every
+layer (B x heads x T x head_dim, keys and values): at batch 64 and ~150 cached tokens that is as many
+bytes as the fp32 weights themselves, and virtual tokens (prompt/prefix tuning) lengthen every copy.
+``preallocate`` moves each layer of a prefilled cache into a buffer with room for the tokens still to come;
+``update`` then writes one column and returns views of the filled part, which hold the same values as the
+concatenated tensors (so attention computes the same numbers).
+
+Unlike transformers' ``StaticCache`` this keeps the dynamic cache's interface (no cache_position, masks
+sized to the filled length), so the one generation path and its left-padded batch caches are unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys/values live in a buffer of ``capacity`` positions, filled from the left."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
+        super().__init__()
+        batch, heads, length, _ = keys.shape
+        self._keys = keys.new_empty(batch, heads, max(capacity, length), keys.shape[-1])
+        self._values = values.new_empty(batch, heads, max(capacity, length), values.shape[-1])
+        self._keys[:, :, :length].copy_(keys)
+        self._values[:, :, :length].copy_(values)
+        self.length, self.device, self.dtype, self.is_initialized = length, keys.device, keys.dtype, True
+        self._view()
+
+    def _view(self) -> None:
+        self.keys, self.values = self._keys[:, :, :self.length], self._values[:, :, :self.length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + key_states.shape[-2]
+        if end > self._keys.shape[-2]:  # more tokens than planned: grow like a dynamic layer
+            self._keys = torch.cat([self.keys, key_states], dim=-2)
+            self._values = torch.cat([self.values, value_states], dim=-2)
+        else:
+            self._keys[:, :, self.length:end].copy_(key_states)
+            self._values[:, :, self.length:end].copy_(value_states)
+        self.length = end
+        self._view()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+
+def preallocate(cache, extra: int):
+    """``cache`` (a prefilled transformers ``DynamicCache``) with room for ``extra`` more tokens per layer."""
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer or layer.keys is None for layer in layers):
+        return cache  # sliding-window or other layer kinds: keep the cache as transformers built it
+    cache.layers = [PreallocatedLayer(layer.keys, layer.values, layer.keys.shape[-2] + extra) for layer in layers]
+    return cache

@@ -1,0 +1,138 @@
+"""Inference precision chosen per phase: prefill/scoring and decode (``eval.precision``, ``serve --precision``).
+
+``fp32`` | ``bf16`` | ``auto``. Unlike training (bf16 *autocast*, fp32 master weights), inference in bf16 runs
+on a bf16 copy of the model's weights: decode at small batch is bound by reading the weights once per step,
+and autocast would re-cast (read fp32, write bf16) every weight in every step. The copy is made once per
+model and kept (``weights_in``); it is rebuilt only for parameters that changed since (training in place).
+
+``auto`` decides the two phases separately, from the device and never from a timing of this process, so
+every process of a machine makes the same choice:
+- prefill / scoring are matrix-multiply-bound: bf16 where the device has bf16 units (CUDA with bf16; a CPU
+  with ``avx512_bf16`` / ``amx_bf16``; elsewhere the GEMM probe of ``tunelab.distributed`` decides);
+- decode reads every weight once per step: bf16 halves those bytes, so it takes bf16 on the same condition
+  (at one row the bf16 GEMV kernel is even with fp32 on a cache-resident matrix, MODELS.md, but a decode
+  step streams ~540 MB of fp32 weights from memory, where halving the bytes is what counts).
+
+Batched output equals one-by-one output in fp32 for every method. In bf16 it does on the tiny model
+(tests/test_precision.py) but not always on SmolLM2-135M: bf16 matmuls of different row counts round
+differently and a greedy near-tie can flip (docs/performance.md, "bf16 and batch invariance"); use fp32
+where exact batch invariance matters. Across precisions greedy outputs may differ too
+(benchmarks/bench_eval.py measures the share of identical outputs and the metric difference with its CI).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from tunelab.errors import ConfigError
+
+PRECISIONS = ("fp32", "bf16", "auto")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class PhasePrecision:
+    """The resolved precision (``fp32`` | ``bf16``) of each inference phase."""
+
+    prefill: str = "fp32"  # prompt prefill and scoring (teacher-forced log-likelihoods)
+    decode: str = "fp32"  # one token per row per step
+
+    @property
+    def prefill_dtype(self) -> torch.dtype:
+        return DTYPES[self.prefill]
+
+    @property
+    def decode_dtype(self) -> torch.dtype:
+        return DTYPES[self.decode]
+
+
+def _fast_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        from tunelab.distributed import cpu_has_fast_bf16
+
+        return cpu_has_fast_bf16()
+    return False
+
+
+@functools.lru_cache(maxsize=16)
+def _resolve(name: str, device_type: str) -> PhasePrecision:
+    if name != "auto":
+        return PhasePrecision(name, name)
+    fast = _fast_bf16(torch.device(device_type))
+    choice = "bf16" if fast else "fp32"
+    return PhasePrecision(prefill=choice, decode=choice)
+
+
+def resolve(name: str | PhasePrecision, device: torch.device | str = "cpu", key: str = "eval.precision"
+            ) -> PhasePrecision:
+    """``fp32`` | ``bf16`` | ``auto`` (or an already resolved value) -> the precision of each phase."""
+    if isinstance(name, PhasePrecision):
+        return name
+    if name not in PRECISIONS:
+        raise ConfigError(f"{key}={name!r}; choose one of {', '.join(PRECISIONS)}")
+    return _resolve(name, torch.device(device).type)
+
+
+# model -> {dtype: {parameter/buffer name: (version of the fp32 tensor, its copy in dtype)}}
+_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _floating_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    # parameters only: buffers such as the rotary inverse frequencies stay fp32 (in bf16 a position's
+    # angle would be off by up to ~0.5 rad at position 150)
+    for name, tensor in model.named_parameters():
+        if tensor.is_floating_point():
+            yield name, tensor
+
+
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast ``model``'s floating parameters to ``dtype`` for good (``serve``: one weight set, no swaps)."""
+    with torch.no_grad():
+        for _, tensor in _floating_tensors(model):
+            tensor.data = tensor.data.to(dtype)
+
+
+@contextlib.contextmanager
+def weights_in(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """Run ``model`` with its floating weights in ``dtype`` inside the block; restores them on exit.
+
+    The copies are kept per model and reused by the next block (no cast per call); a tensor changed in place
+    since (an optimizer step bumps its version) is copied again. A model already in ``dtype`` is untouched.
+    Not for training: gradients would go to the copies. Peak memory: the fp32 weights plus their copy.
+    """
+    tensors = [(n, t) for n, t in _floating_tensors(model) if t.dtype != dtype]
+    if not tensors:
+        yield
+        return
+    copies = _COPIES.setdefault(model, {}).setdefault(dtype, {})
+    originals = []
+    with torch.no_grad():
+        for name, tensor in tensors:
+            hit = copies.get(name)
+            version = (tensor.data_ptr(), tensor._version)
+            if hit is None or hit[0] != version:
+                hit = copies[name] = (version, tensor.detach().to(dtype))
+            originals.append((tensor, tensor.data))
+            tensor.data = hit[1]
+    try:
+        yield
+    finally:
+        for tensor, data in originals:
+            tensor.data = data
+
+
+def cast_cache(cache, dtype: torch.dtype):
+    """A transformers cache with its keys/values in ``dtype`` (in place; between prefill and decode)."""
+    for layer in getattr(cache, "layers", ()):
+        if getattr(layer, "keys", None) is not None and layer.keys.dtype != dtype:
+            layer.keys, layer.values = layer.keys.to(dtype), layer.values.to(dtype)
+            layer.dtype = dtype
+    return cache
