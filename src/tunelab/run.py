@@ -30,6 +30,7 @@ from tunelab.paths import (
     directory_bytes,
 )
 from tunelab.progress import bar
+from tunelab.steplog import StepLog
 from tunelab.train import TrainStats, train
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
         result = evaluate(adapter, tokenizer, eval_examples, prep.metrics, cfg.eval, template, demos,
                           cfg.data.system_prompt, progress=advance)
     _add_demo_similarity(result, eval_examples, demos)
+    _add_demonstrations(result, eval_examples, demos)
     adapter_bytes = _save_adapter(adapter, cfg, template, out / "adapter") if out else 0
     summary = _summary(prep, adapter, stats, result, load_seconds, adapter_bytes, truncated, model)
     if prep.method.trains and cfg.eval.loss:
@@ -114,10 +116,21 @@ def _train(adapter: Adapter, tokenizer, prep: Prepared, template: str, demos, ou
                               cfg.data.max_length) for e in examples]
     lr = cfg.train.lr if cfg.train.lr is not None else prep.method_cfg.lr
     checkpoint_dir = out / "checkpoint" if out else None
-    with bar(f"training {prep.method.name}", cfg.train.steps, progress) as advance:
-        stats = train(adapter, encoded, cfg.train, lr, tokenizer.pad_token_id, checkpoint_dir,
-                      resume=cfg.train.resume, on_step=lambda step, loss: advance(loss=loss),
-                      identity=training_identity(cfg, prep.method_cfg, lr, encoded))
+    steps = StepLog(out, resume=cfg.train.resume) if out else None  # live loss curve for `tunelab board`
+
+    def on_step(step: int, loss: float) -> None:
+        advance(loss=loss)
+        if steps is not None:
+            steps.write(step, loss)
+
+    try:
+        with bar(f"training {prep.method.name}", cfg.train.steps, progress) as advance:
+            stats = train(adapter, encoded, cfg.train, lr, tokenizer.pad_token_id, checkpoint_dir,
+                          resume=cfg.train.resume, on_step=on_step,
+                          identity=training_identity(cfg, prep.method_cfg, lr, encoded))
+    finally:
+        if steps is not None:
+            steps.close()
     return stats, sum(e.truncated for e in encoded)
 
 
@@ -142,6 +155,15 @@ def _add_demo_similarity(result: EvalResult, examples, demos) -> None:
     if similarity is not None:
         for row, example in zip(result.predictions, examples, strict=True):
             row["demo_similarity"] = similarity(example)
+
+
+def _add_demonstrations(result: EvalResult, examples, demos) -> None:
+    """The demonstrations each example was shown (ids and text), for reading predictions example by example."""
+    if demos is None:
+        return
+    for row, example in zip(result.predictions, examples, strict=True):
+        row["demonstrations"] = [{"id": d.id, "instruction": d.instruction, "input": d.input, "output": d.output}
+                                 for d in demos(example)]
 
 
 def _save_adapter(adapter: Adapter, cfg: RunConfig, template: str, directory: Path) -> int:

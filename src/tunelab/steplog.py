@@ -1,0 +1,46 @@
+"""``OUT/train_log.jsonl``: one JSON line per optimizer step, flushed as it is written.
+
+A live reader (``tunelab board``'s loss curve) can tail it while the run trains; ``result.json``
+keeps the whole curve only once the run has finished.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import IO
+
+STEP_LOG = "train_log.jsonl"
+
+
+class StepLog:
+    """Append ``{"step", "loss", "time"}`` lines to ``directory/train_log.jsonl`` (a fresh file unless resuming)."""
+
+    def __init__(self, directory: Path, resume: bool = False) -> None:
+        self.path = Path(directory) / STEP_LOG
+        self._file: IO[str] | None = self.path.open("a" if resume else "w")
+
+    def write(self, step: int, loss: float) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps({"step": step, "loss": loss, "time": round(time.time(), 3)}) + "\n")
+            self._file.flush()  # the board reads it while training runs
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_step_log(directory: Path) -> list[dict]:
+    """The steps logged so far (a half-written last line is skipped)."""
+    path = Path(directory) / STEP_LOG
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
