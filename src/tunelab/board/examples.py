@@ -124,17 +124,17 @@ def _demo_text(row: dict[str, Any]) -> str:
 
 
 def example_frame(data: TaskExamples, ids: list[str], methods: list[str]) -> pd.DataFrame:
-    """One row per example: reference, then per method its prediction and score, then the demonstration
+    """One row per example: reference, then per method ``[score] prediction``, then the demonstration
     (the first method that showed one, e.g. IPT's) with its similarity."""
     records = []
     for i in ids:
         per = data.rows[i]
         first = next(iter(per.values()))
         record: dict[str, Any] = {"id": i, "reference": " | ".join(first.get("references", []))}
-        for m in methods:
+        for m in methods:  # "[score] prediction": one column per method keeps the table readable
             row = per.get(m)
-            record[m] = "" if row is None else row["prediction"]
-            record[f"{m} {data.metric or 'score'}"] = data.score(i, m)
+            score = data.score(i, m)
+            record[m] = "" if row is None else (f"[{score:g}] " if score is not None else "") + row["prediction"]
         shown = next((per[m] for m in methods if m in per and per[m].get("demonstrations")), None)
         record["demonstration"] = _demo_text(shown) if shown else ""
         record["demo similarity"] = shown.get(SIMILARITY_KEY) if shown else None
@@ -153,3 +153,8 @@ def word_diff(a: str, b: str) -> list[tuple[str, str | None]]:
             out += [(w, "-") for w in left[i1:i2]]
             out += [(w, "+") for w in right[j1:j2]]
     return out
+
+
+def spaced(diff: list[tuple[str, str | None]]) -> list[tuple[str, str | None]]:
+    """``word_diff`` with a space after each word, for display (adjacent words of one kind are merged)."""
+    return [(w + " ", kind) for w, kind in diff]

@@ -56,7 +56,8 @@ def _type_name(hint: Any) -> str:
 
 def templates() -> dict[str, str]:
     """Starting points for the YAML editor: every shipped grid preset and a single run."""
-    out = {f"grid preset: {name}": preset_path(name).read_text() for name in list_presets()}
+    names = sorted(list_presets(), key=lambda n: (n != "quick", n))  # the few-minutes grid first
+    out = {f"grid preset: {name}": preset_path(name).read_text() for name in names}
     out["single run"] = yaml.safe_dump(RUN_TEMPLATE, sort_keys=False)
     return out
 

@@ -32,11 +32,11 @@ def claims_frames(rows: list[dict[str, Any]], n_resamples: int = 1000) -> tuple[
     findings = evaluate_claims(done(rows), n_resamples)
     overall = summarise(findings)
     first = {f.claim.id: f for f in findings}
-    summary = pd.DataFrame([[f.claim.source, f.claim.test, overall[f.claim.id]] for f in first.values()],
-                           columns=["claim", "tested as", "verdict"])
-    detail = pd.DataFrame([[f.claim.test, f.group, f.effect, None if f.ci is None else f.ci[0],
-                            None if f.ci is None else f.ci[1], f.verdict, f.detail] for f in findings],
-                          columns=["tested as", "group", "effect (A − B)", "CI low", "CI high", "verdict", "measured"])
+    summary = pd.DataFrame([[overall[f.claim.id], f.claim.source, f.claim.test] for f in first.values()],
+                           columns=["verdict", "claim", "tested as"])
+    detail = pd.DataFrame([[f.verdict, f.claim.test, f.group, f.effect, None if f.ci is None else f.ci[0],
+                            None if f.ci is None else f.ci[1], f.detail] for f in findings],
+                          columns=["verdict", "tested as", "group", "effect (A − B)", "CI low", "CI high", "measured"])
     return summary, detail
 
 

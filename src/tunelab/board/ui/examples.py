@@ -67,7 +67,7 @@ def build(runs: Path) -> dict:
         per = data.rows.get(example_id, {})
         if a_name not in per or b_name not in per:
             return []
-        return examples.word_diff(per[a_name]["prediction"], per[b_name]["prediction"])
+        return examples.spaced(examples.word_diff(per[a_name]["prediction"], per[b_name]["prediction"]))
 
     view = [store, task, seed, methods, mode, a, b, by_diff]
     diff_inputs = [store, task, seed, a, b, example]

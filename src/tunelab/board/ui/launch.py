@@ -14,6 +14,8 @@ from tunelab.errors import TunelabError
 from tunelab.paths import atomic_write_text
 
 POLL_SECONDS = 2.0
+EMPTY_CELLS = pd.DataFrame(columns=["method", "task", "seed", "status", "step", "loss", "quality", "key"])
+EMPTY_LOSS = pd.DataFrame(columns=["cell", "step", "loss"])
 
 
 def _saved_dir(runs: Path) -> Path:
@@ -132,11 +134,11 @@ def build(runs: Path) -> dict:
 
     def watch(job_id: str | None):
         if not job_id:
-            return "no job yet: start one above", pd.DataFrame(), pd.DataFrame(columns=["cell", "step", "loss"]), ""
+            return "no job yet: start one above", EMPTY_CELLS, EMPTY_LOSS, ""
         try:
             current = jobs.get_job(runs, job_id)
         except TunelabError as exc:
-            return str(exc), pd.DataFrame(), pd.DataFrame(columns=["cell", "step", "loss"]), ""
+            return str(exc), EMPTY_CELLS, EMPTY_LOSS, ""
         table = jobs.progress(current)
         counts = table["status"].value_counts().to_dict() if len(table) else {}
         summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
