@@ -94,14 +94,20 @@ def test_form_has_every_config_field_and_turns_edits_into_overrides():
     assert paths == {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
     raw = forms.parse_yaml(forms.templates()["grid preset: quick"])
     assert forms.kind_of(raw) == "grid" and forms.default_name(raw) == "quick"
-    values = {p: forms.as_text(v) if not isinstance(v, bool) else v for p, v in forms.field_values(raw).items()}
-    assert values["train.steps"] == "40" and values["model.threads"] == ""
-    assert forms.overrides(raw, values) == []
+    baseline = forms.shown_values(raw)
+    assert baseline["train.steps"] == "40" and baseline["model.threads"] == "" and baseline["eval.loss"] is True
+    values = dict(baseline)
+    assert forms.overrides(baseline, values) == []
     values.update({"train.steps": "5", "model.name": "tiny", "eval.loss": False})
-    extra = forms.overrides(raw, values)
+    extra = forms.overrides(baseline, values)
     assert sorted(extra) == ["eval.loss=false", "model.name=tiny", "train.steps=5"]
     resolved = forms.resolved(raw, extra)
     assert resolved["train"]["steps"] == 5 and resolved["model"]["name"] == "tiny"
+    # the YAML is edited: untouched fields follow it, the user's edits stay
+    edited = {**raw, "train": {**raw["train"], "steps": 7, "batch_size": 2}}
+    kept = forms.refill(edited, baseline, values)
+    assert kept["train.steps"] == "5" and kept["train.batch_size"] == "2" and kept["model.name"] == "tiny"
+    assert sorted(forms.overrides(forms.shown_values(edited), kept)) == sorted(extra)
     with pytest.raises(ConfigError, match="stpes"):
         forms.resolved(raw, ["train.stpes=5"])
 

@@ -100,15 +100,27 @@ def from_text(text: str | bool | None) -> Any:
     return yaml.safe_load(text) if text.strip() else None
 
 
-def overrides(raw: dict[str, Any], form: dict[str, Any]) -> list[str]:
-    """Dotted overrides (``train.steps=5``) for the form fields that differ from what the YAML resolves to."""
-    current = field_values(raw)
+def shown_values(raw: dict[str, Any]) -> dict[str, Any]:
+    """The form's contents for this YAML: a checkbox's bool, else the value as text."""
+    return {p: v if isinstance(v, bool) else as_text(v) for p, v in field_values(raw).items()}
+
+
+def overrides(baseline: dict[str, Any], form: dict[str, Any]) -> list[str]:
+    """Dotted overrides (``train.steps=5``) for the fields the user changed from ``baseline`` (what the
+    form was filled with from the YAML); untouched fields follow the YAML."""
     out = []
     for path, shown in form.items():
         value = from_text(shown)
-        if path in current and value != current[path]:
+        if path in baseline and value != from_text(baseline[path]):
             out.append(f"{path}={'null' if value is None else as_text(value)}")
     return out
+
+
+def refill(raw: dict[str, Any], baseline: dict[str, Any], form: dict[str, Any]) -> dict[str, Any]:
+    """After the YAML changed: untouched fields take its new values, edited ones keep the user's value."""
+    fresh = shown_values(raw)
+    return {p: fresh[p] if p not in baseline or from_text(form[p]) == from_text(baseline[p]) else form[p]
+            for p in form}
 
 
 def resolved(raw: dict[str, Any], extra: list[str]) -> dict[str, Any]:

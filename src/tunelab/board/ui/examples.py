@@ -19,6 +19,7 @@ def build(runs: Path) -> dict:
         task = gr.Dropdown([], label="task", elem_id="examples-task", scale=2)
         seed = gr.Dropdown([], label="seed shown (a method without it shows its lowest)", elem_id="examples-seed",
                            scale=1)
+        refresh = gr.Button("refresh list", scale=1)
     methods = gr.CheckboxGroup([], label="methods shown", elem_id="examples-methods")
     with gr.Row():
         mode = gr.Radio(list(examples.FILTERS), value="all", label="filter", elem_id="examples-filter", scale=3)
@@ -82,4 +83,14 @@ def build(runs: Path) -> dict:
     for control in (seed, methods, mode, a, b, by_diff):
         control.input(show, view, [count, table, example]).then(show_diff, diff_inputs, [diff])
     example.input(show_diff, diff_inputs, [diff])
-    return {"on_load": lambda demo: chain(demo.load(pick_store, [store], [task])), "store": store}
+    def listed(current: str | None):
+        """The stores on disk now (a page load sees stores written since the board started)."""
+        found = find_stores(runs)
+        return gr.update(choices=found, value=current if current in found else next(iter(found), None))
+
+    refresh.click(listed, [store], [store]).then(pick_store, [store], [task])
+
+    def on_load(demo: gr.Blocks) -> None:
+        chain(demo.load(listed, [store], [store]).then(pick_store, [store], [task]))
+
+    return {"on_load": on_load, "store": store}

@@ -14,6 +14,7 @@ from tunelab.errors import TunelabError
 from tunelab.paths import atomic_write_text
 
 POLL_SECONDS = 2.0
+NAME = "(name)"  # key of the default output name in the form's baseline state
 EMPTY_CELLS = pd.DataFrame(columns=["method", "task", "seed", "status", "step", "loss", "quality", "key"])
 EMPTY_LOSS = pd.DataFrame(columns=["cell", "step", "loss"])
 
@@ -56,8 +57,8 @@ def build(runs: Path) -> dict:
     with gr.Row():
         name = gr.Textbox(label="name (output folder under the runs folder)", elem_id="launch-name", scale=2)
         workers = gr.Number(1, label="workers (grid cells at once)", precision=0, minimum=1, scale=1)
-    preview = gr.Code(label="command preview", language="shell", elem_id="launch-preview", interactive=False,
-                      lines=3)
+    preview = gr.Textbox(label="command preview (what the board runs, as you would type it)",
+                         elem_id="launch-preview", interactive=False, lines=2)
     with gr.Row():
         save = gr.Button("save YAML", elem_id="launch-save")
         start = gr.Button("start", variant="primary", elem_id="launch-start")
@@ -75,25 +76,36 @@ def build(runs: Path) -> dict:
     timer = gr.Timer(POLL_SECONDS)
     field_list = list(fields.values())
     paths = list(fields)
+    baseline = gr.State({})  # the fields as last filled from the YAML: a field differing from it is an override
 
-    def fill(text: str):
-        """The form fields as the YAML resolves them, and a default name."""
+    def reset(text: str):
+        """Template or saved config loaded: every field from the YAML, and a default name."""
         try:
             raw = forms.parse_yaml(text)
         except TunelabError:
-            return [gr.update() for _ in field_list] + [gr.update()]
-        values = forms.field_values(raw)
-        shown = [values[p] if isinstance(values[p], bool) else forms.as_text(values[p]) for p in paths]
-        return [*shown, forms.default_name(raw)]
+            return [gr.update() for _ in field_list] + [gr.update(), gr.update()]
+        shown = forms.shown_values(raw)
+        return [*(shown[p] for p in paths), forms.default_name(raw), {**shown, NAME: forms.default_name(raw)}]
 
-    def resolve(text: str, values: list):
+    def follow(text: str, base: dict, name_value: str, *values):
+        """The YAML was edited: untouched fields follow it, edited ones stay (they are the overrides)."""
+        try:
+            raw = forms.parse_yaml(text)
+        except TunelabError:
+            return [gr.update() for _ in field_list] + [gr.update(), gr.update()]
+        current = dict(zip(paths, values, strict=True))
+        kept = forms.refill(raw, base, current)
+        name_value = forms.default_name(raw) if name_value in ("", base.get(NAME)) else name_value  # unless typed
+        return [*(kept[p] for p in paths), name_value, {**forms.shown_values(raw), NAME: forms.default_name(raw)}]
+
+    def resolve(text: str, base: dict, values: list):
         raw = forms.parse_yaml(text)
-        extra = forms.overrides(raw, dict(zip(paths, values, strict=True)))
+        extra = forms.overrides(base, dict(zip(paths, values, strict=True)))
         return forms.resolved(raw, extra), extra
 
-    def show_preview(text: str, name_value: str, workers_value, *values):
+    def show_preview(text: str, base: dict, name_value: str, workers_value, *values):
         try:
-            data, extra = resolve(text, list(values))
+            data, extra = resolve(text, base, list(values))
         except TunelabError as exc:
             return f"# not valid yet: {exc}"
         config = _saved_dir(runs) / f"{name_value or forms.default_name(data)}.yaml"
@@ -103,9 +115,9 @@ def build(runs: Path) -> dict:
             lines.append("# the saved YAML has the form's overrides applied: " + " ".join(extra))
         return "\n".join(lines)
 
-    def do_save(text: str, name_value: str, *values):
+    def do_save(text: str, base: dict, name_value: str, *values):
         try:
-            data, _ = resolve(text, list(values))
+            data, _ = resolve(text, base, list(values))
         except TunelabError as exc:
             return f"**not saved**: {exc}", gr.update()
         path = _saved_dir(runs) / f"{name_value or forms.default_name(data)}.yaml"
@@ -117,9 +129,9 @@ def build(runs: Path) -> dict:
             return gr.update()
         return (_saved_dir(runs) / Path(file).name).read_text()
 
-    def do_start(text: str, name_value: str, workers_value, *values):
+    def do_start(text: str, base: dict, name_value: str, workers_value, *values):
         try:
-            data, _ = resolve(text, list(values))
+            data, _ = resolve(text, base, list(values))
             started = jobs.start_job(runs, data, name_value or forms.default_name(data), int(workers_value or 1))
         except TunelabError as exc:
             return f"**not started**: {exc}", gr.update()
@@ -154,14 +166,16 @@ def build(runs: Path) -> dict:
         chosen = (running or found or [None])[0]
         return gr.update(choices=_job_choices(runs), value=chosen.id if chosen else None)
 
-    form_inputs = [editor, name, workers, *field_list]
-    template.input(lambda key: choices[key], [template], [editor]).then(fill, [editor], [*field_list, name]).then(
+    form_inputs = [editor, baseline, name, workers, *field_list]
+    filled = [*field_list, name, baseline]
+    template.input(lambda key: choices[key], [template], [editor]).then(reset, [editor], filled).then(
         show_preview, form_inputs, [preview])
-    load_saved.click(do_load_saved, [saved], [editor]).then(fill, [editor], [*field_list, name]).then(
+    load_saved.click(do_load_saved, [saved], [editor]).then(reset, [editor], filled).then(
         show_preview, form_inputs, [preview])
-    for control in (editor, name, workers, *field_list):
+    editor.input(follow, [editor, baseline, name, *field_list], filled).then(show_preview, form_inputs, [preview])
+    for control in (name, workers, *field_list):
         control.input(show_preview, form_inputs, [preview])
-    save.click(do_save, [editor, name, *field_list], [message, saved])
+    save.click(do_save, [editor, baseline, name, *field_list], [message, saved])
     start.click(do_start, form_inputs, [message, job]).then(watch, [job], [state, cells, loss, tail])
     stop.click(do_stop, [job], [message]).then(watch, [job], [state, cells, loss, tail])
     refresh.click(lambda current: gr.update(choices=_job_choices(runs), value=current), [job], [job])
@@ -169,7 +183,7 @@ def build(runs: Path) -> dict:
     timer.tick(watch, [job], [state, cells, loss, tail])
 
     def on_load(demo: gr.Blocks) -> None:
-        demo.load(fill, [editor], [*field_list, name]).then(show_preview, form_inputs, [preview])
+        demo.load(reset, [editor], filled).then(show_preview, form_inputs, [preview])
         demo.load(latest, None, [job]).then(watch, [job], [state, cells, loss, tail])
 
     return {"on_load": on_load}

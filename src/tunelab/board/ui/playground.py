@@ -42,7 +42,11 @@ def build(runs: Path, engine: playground.Playground) -> dict:
             return f"**error**: {exc}", pd.DataFrame(columns=["adapter", "method", "completion"])
         return f"{len(rows)} answers", pd.DataFrame(rows, columns=["adapter", "method", "completion"])
 
-    folder.change(pick, [folder], [chosen, model])
-    refresh.click(lambda: gr.update(choices=playground.adapter_dirs(runs)), None, [folder])
+    def listed(current: str | None):
+        found = playground.adapter_dirs(runs)
+        return gr.update(choices=found, value=current if current in found else next(iter(found), None))
+
+    folder.input(pick, [folder], [chosen, model])
+    refresh.click(listed, [folder], [folder]).then(pick, [folder], [chosen, model])
     send.click(answer, [folder, model, chosen, instruction, text, max_tokens], [message, answers])
-    return {"on_load": lambda demo: demo.load(pick, [folder], [chosen, model])}
+    return {"on_load": lambda demo: demo.load(listed, [folder], [folder]).then(pick, [folder], [chosen, model])}

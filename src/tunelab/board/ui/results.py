@@ -69,4 +69,5 @@ def build(runs: Path) -> dict:
         return gr.update(choices=found, value=current if current in found else next(iter(found), None))
 
     refresh.click(refreshed, [store], [store]).then(load, [store, task, cost], outputs)
-    return {"on_load": lambda demo: demo.load(load, [store, task, cost], outputs), "store": store}
+    return {"on_load": lambda demo: demo.load(refreshed, [store], [store]).then(load, [store, task, cost], outputs),
+            "store": store}
