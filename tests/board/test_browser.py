@@ -73,7 +73,9 @@ def _open(page, name: str) -> None:
 
 
 def _pick(page, elem: str, option: str) -> None:
-    """Choose ``option`` in a Gradio dropdown."""
+    """Choose ``option`` in a Gradio dropdown (nothing to do when it is already chosen)."""
+    if page.locator(f"#{elem} input").input_value() == option:
+        return
     page.locator(f"#{elem} input").click()
     page.get_by_role("option", name=option, exact=True).click()
 
