@@ -6,12 +6,15 @@ keeps the whole curve only once the run has finished.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import time
 from pathlib import Path
 from typing import IO
 
 STEP_LOG = "train_log.jsonl"
+log = logging.getLogger(__name__)
 
 
 class StepLog:
@@ -19,17 +22,27 @@ class StepLog:
 
     def __init__(self, directory: Path, resume: bool = False) -> None:
         self.path = Path(directory) / STEP_LOG
-        self._file: IO[str] | None = self.path.open("a" if resume else "w")
+        self._file: IO[str] | None = None
+        try:
+            self._file = self.path.open("a" if resume else "w")
+        except OSError as exc:  # a progress log must never stop training; checkpoints report disk errors
+            log.warning("not logging steps to %s: %s", self.path, exc.strerror or exc)
 
     def write(self, step: int, loss: float) -> None:
-        if self._file is not None:
+        if self._file is None:
+            return
+        try:
             self._file.write(json.dumps({"step": step, "loss": loss, "time": round(time.time(), 3)}) + "\n")
             self._file.flush()  # the board reads it while training runs
+        except OSError as exc:
+            log.warning("stopped logging steps to %s: %s", self.path, exc.strerror or exc)
+            self.close()
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            with contextlib.suppress(OSError):  # the unflushed tail is lost; the log is advisory
+                file.close()
 
 
 def read_step_log(directory: Path) -> list[dict]:

@@ -135,3 +135,11 @@ def test_step_log_skips_a_half_written_line(tmp_path):
     assert len(read_step_log(tmp_path)) == 2
     StepLog(tmp_path).close()  # a fresh (not resumed) run starts a new curve
     assert read_step_log(tmp_path) == []
+
+
+def test_step_log_never_stops_training(tmp_path):
+    missing = tmp_path / "gone"  # the directory cannot be opened: logging is off, nothing raises
+    log = StepLog(missing)
+    log.write(1, 1.0)
+    log.close()
+    assert read_step_log(missing) == []
