@@ -23,4 +23,8 @@ def board_command(
     except ImportError as exc:
         raise TunelabError(f"tunelab board needs gradio ({exc.name} is missing): pip install 'tunelab[board]'") from None
     typer.echo(f"tunelab board on http://{host}:{port} (runs folder: {runs})")
-    serve(runs, host, port)
+    try:
+        serve(runs, host, port)
+    except OSError as exc:  # port taken, address not on this machine
+        raise TunelabError(f"cannot serve on {host}:{port}: {str(exc).split('. ')[0]}; choose another --port "
+                           "or --host") from None
