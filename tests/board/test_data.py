@@ -7,13 +7,13 @@ import dataclasses
 import pytest
 import yaml
 
-from tunelab.board import examples, forms, results
-from tunelab.board.stores import find_stores, store_path, store_rows
-from tunelab.compare.grid import SECTIONS
-from tunelab.errors import ConfigError, TunelabError
-from tunelab.steplog import StepLog, read_step_log
+pytest.importorskip("pandas", reason="the board's tables are pandas frames: pip install 'tunelab[board]'")
 
-pytest.importorskip("pandas", reason="the board's tables are pandas frames (installed with gradio)")
+from tunelab.board import examples, forms, results  # noqa: E402
+from tunelab.board.stores import find_stores, store_path, store_rows  # noqa: E402
+from tunelab.compare.grid import SECTIONS  # noqa: E402
+from tunelab.errors import ConfigError, TunelabError  # noqa: E402
+from tunelab.steplog import StepLog, read_step_log  # noqa: E402
 
 
 @pytest.fixture(scope="module")

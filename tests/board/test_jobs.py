@@ -7,7 +7,9 @@ import time
 import psutil
 import pytest
 
-from tunelab.board import jobs
+pytest.importorskip("pandas", reason="the board's tables are pandas frames: pip install 'tunelab[board]'")
+
+from tunelab.board import jobs  # noqa: E402
 
 
 def _wait(job: jobs.Job, timeout: float = 120) -> str:
