@@ -23,6 +23,8 @@ class StepLog:
     def __init__(self, directory: Path, resume: bool = False) -> None:
         self.path = Path(directory) / STEP_LOG
         self._file: IO[str] | None = None
+        # steps logged after the checkpoint a resumed run starts from are run again: drop them on resume
+        self._pending = read_step_log(directory) if resume else []
         try:
             self._file = self.path.open("a" if resume else "w")
         except OSError as exc:  # a progress log must never stop training; checkpoints report disk errors
@@ -32,11 +34,20 @@ class StepLog:
         if self._file is None:
             return
         try:
+            if self._pending and self._pending[-1]["step"] >= step:
+                self._rewrite([r for r in self._pending if r["step"] < step])
+            self._pending = []
             self._file.write(json.dumps({"step": step, "loss": loss, "time": round(time.time(), 3)}) + "\n")
             self._file.flush()  # the board reads it while training runs
         except OSError as exc:
             log.warning("stopped logging steps to %s: %s", self.path, exc.strerror or exc)
             self.close()
+
+    def _rewrite(self, rows: list[dict]) -> None:
+        assert self._file is not None
+        self._file.close()
+        self._file = self.path.open("w")
+        self._file.write("".join(json.dumps(r) + "\n" for r in rows))
 
     def close(self) -> None:
         if self._file is not None:

@@ -133,6 +133,10 @@ def test_step_log_skips_a_half_written_line(tmp_path):
     assert [r["step"] for r in read_step_log(tmp_path)] == [1, 2]
     StepLog(tmp_path, resume=True).close()
     assert len(read_step_log(tmp_path)) == 2
+    resumed = StepLog(tmp_path, resume=True)  # from a checkpoint at step 1: step 2 runs again
+    resumed.write(2, 1.5)
+    resumed.close()
+    assert [(r["step"], r["loss"]) for r in read_step_log(tmp_path)] == [(1, 2.5), (2, 1.5)]
     StepLog(tmp_path).close()  # a fresh (not resumed) run starts a new curve
     assert read_step_log(tmp_path) == []
 
