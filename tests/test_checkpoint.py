@@ -193,7 +193,8 @@ def test_nan_loss_stops_the_run_keeps_the_last_good_checkpoint_and_writes_no_res
     message = str(info.value)
     assert f"loss became {bad}" in message and "at step 5" in message and "train.lr" in message
     assert "step-00000004" in message
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint"]  # no result, adapter, predictions
+    # no result, adapter, predictions; the step log keeps the steps before the divergence
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint", "train_log.jsonl"]
     kept = latest_checkpoint(tmp_path / "out" / "checkpoint")
     meta = json.loads((kept / "state.json").read_text())
     assert meta["step"] == 4 and all(np.isfinite(meta["losses"])) and len(meta["losses"]) == 4

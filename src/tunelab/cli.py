@@ -99,6 +99,7 @@ def demo(steps: Annotated[int, typer.Option(help="prompt-tuning steps")] = 60,
     run_demo(console, task=task, model=model, steps=steps, out=out)
 
 
+from tunelab.commands.board import board_command  # noqa: E402
 from tunelab.commands.compare import compare_command, report_command, size_command  # noqa: E402
 from tunelab.commands.data import app as data_app  # noqa: E402
 from tunelab.commands.eval import eval_command  # noqa: E402  (one module per command group)
@@ -111,6 +112,7 @@ app.command("serve")(serve_command)
 app.command("compare")(compare_command)
 app.command("report")(report_command)
 app.command("size")(size_command)
+app.command("board")(board_command)
 
 
 def main() -> None:

@@ -32,6 +32,7 @@ from tunelab.paths import (
     directory_bytes,
 )
 from tunelab.progress import bar
+from tunelab.steplog import StepLog
 from tunelab.train import TrainStats, lr_lambda, train
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,7 @@ def _run(prep: Prepared, out: Path | None, tracker: tracking.Trackers, progress:
     with bar("evaluating", len(prep.task.eval), progress) as advance:
         result = evaluate(adapter, tokenizer, layout, eval_examples, prep.metrics, cfg.eval, progress=advance)
     _add_demo_similarity(result, eval_examples, demos)
+    _add_demonstrations(result, eval_examples, demos)
     adapter_bytes = _save_adapter(adapter, prep, layout, result, out / "adapter") if out else 0
     summary = _summary(prep, adapter, stats, result, load_seconds, adapter_bytes, truncated, model)
     if prep.method.trains and cfg.eval.loss:
@@ -159,14 +161,22 @@ def _train(adapter: Adapter, tokenizer, prep: Prepared, layout: PromptLayout, ou
     lr = cfg.train.lr if cfg.train.lr is not None else prep.method_cfg.lr
     checkpoint_dir = out / "checkpoint" if out else None
     schedule = lr_lambda(cfg.train.warmup_steps, cfg.train.steps, cfg.train.schedule)  # as train() sets it
-    with bar(f"training {prep.method.name}", cfg.train.steps, progress) as advance:
-        def on_step(step: int, loss: float) -> None:
-            advance(loss=loss)
-            tracker.log_metrics({"train/loss": loss, "train/learning_rate": lr * schedule(step - 1)}, step=step)
+    steps = StepLog(out, resume=cfg.train.resume) if out else None  # live loss curve for `tunelab board`
 
-        stats = train(adapter, encoded, cfg.train, lr, tokenizer.pad_token_id, checkpoint_dir,
-                      resume=cfg.train.resume, on_step=on_step,
-                      identity=training_identity(cfg, prep.method_cfg, lr, encoded))
+    def on_step(step: int, loss: float) -> None:
+        advance(loss=loss)
+        tracker.log_metrics({"train/loss": loss, "train/learning_rate": lr * schedule(step - 1)}, step=step)
+        if steps is not None:
+            steps.write(step, loss)
+
+    try:
+        with bar(f"training {prep.method.name}", cfg.train.steps, progress) as advance:
+            stats = train(adapter, encoded, cfg.train, lr, tokenizer.pad_token_id, checkpoint_dir,
+                          resume=cfg.train.resume, on_step=on_step,
+                          identity=training_identity(cfg, prep.method_cfg, lr, encoded))
+    finally:
+        if steps is not None:
+            steps.close()
     for step, loss in enumerate(stats.losses[: stats.resumed_from or 0], start=1):  # the curve before a resume
         tracker.log_metrics({"train/loss": loss, "train/learning_rate": lr * schedule(step - 1)}, step=step)
     return stats, sum(e.truncated for e in encoded)
@@ -192,6 +202,15 @@ def _add_demo_similarity(result: EvalResult, examples, demos) -> None:
     if similarity is not None:
         for row, example in zip(result.predictions, examples, strict=True):
             row["demo_similarity"] = similarity(example)
+
+
+def _add_demonstrations(result: EvalResult, examples, demos) -> None:
+    """The demonstrations each example was shown (ids and text), for reading predictions example by example."""
+    if demos is None:
+        return
+    for row, example in zip(result.predictions, examples, strict=True):
+        row["demonstrations"] = [{"id": d.id, "instruction": d.instruction, "input": d.input, "output": d.output}
+                                 for d in demos(example)]
 
 
 def _save_adapter(adapter: Adapter, prep: Prepared, layout: PromptLayout, result: EvalResult, directory: Path) -> int:

@@ -97,14 +97,14 @@ def test_similarity_buckets_follow_the_data(tmp_path, monkeypatch):
 def test_quality_table_orders_numbers_as_numbers_and_lists_every_commit(tiny_report, tmp_path):
     import shutil
 
-    from tunelab.compare.report import _quality_table
+    from tunelab.compare.report import quality_table
 
     with Store(tiny_report.store) as store:
         rows = [r.data for r in store.rows(status="done")]
         facts = build_report(store).facts
     pt = [r for r in rows if r["method"] == "pt"]
     swept = [{**r, "prompt_length": length, "seed": r["seed"]} for length in (50, 5, 20) for r in pt]
-    table_rows = [row for row in _quality_table(swept).rows if row[1] == "pt"]
+    table_rows = [row for row in quality_table(swept).rows if row[1] == "pt"]
     lengths = [row[3] for row in table_rows]  # per (task, train size): 5, 20, 50, not the string order 20, 5, 50
     assert lengths == ["5", "20", "50"] * (len(lengths) // 3) and lengths
     assert any(f.startswith("model: ") for f in facts) and "(" not in next(f for f in facts if f.startswith("model"))

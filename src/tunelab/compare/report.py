@@ -60,7 +60,7 @@ def build_report(store: Store, keys: list[str] | None = None, n_resamples: int =
         versions = first.get("versions") or {}
         facts.append("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     sections: list[tuple[str, list[Table | Figure | str]]] = [
-        ("Quality per method and task", [_quality_table(done),
+        ("Quality per method and task", [quality_table(done),
                                         Figure("quality", "every seed (dots), mean ± std (squares)",
                                                plots.quality_by_method(done))]),
         ("Quality against cost (Pareto)", [Figure(f"pareto_{c}", f"quality vs {label}", plots.pareto(done, c),
@@ -123,7 +123,7 @@ def _numeric_order(coords: tuple) -> tuple:
     return tuple((0, -1) if v is None else (1, v) if isinstance(v, (int, float)) else (2, str(v)) for v in coords)
 
 
-def _quality_table(rows: list[dict[str, Any]]) -> Table:
+def quality_table(rows: list[dict[str, Any]]) -> Table:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["task"], r["method"], r["train_size"], r["prompt_length"])].append(r)
@@ -149,7 +149,19 @@ def _cpu(cells: list[dict[str, Any]]) -> str:
 
 
 def _similarity(rows: list[dict[str, Any]]) -> Figure:
-    """Bucket examples by IPT's demonstration similarity; plot mean (IPT - PT) per quintile and task.
+    """Bucket examples by IPT's demonstration similarity; plot mean (IPT - PT) per quintile and task."""
+    buckets = similarity_buckets(rows)
+    if not buckets:
+        return Figure("similarity", "IPT − PT by demonstration-similarity quintile", None,
+                      f"not measured: needs IPT and PT cells on the same task, with per-example `{SIMILARITY_KEY}` "
+                      "in the IPT predictions rows")
+    return Figure("similarity", "IPT − PT by demonstration-similarity quintile", plots.similarity_buckets(buckets),
+                  "per example: IPT score minus PT score (each averaged over seeds); error bars: standard error")
+
+
+def similarity_buckets(rows: list[dict[str, Any]]) -> dict[str, list[tuple[str, float, float, int]]]:
+    """{"task (metric)": [(quintile, mean IPT − PT, standard error, n), ...]} over examples bucketed by
+    IPT's demonstration similarity (tasks with IPT and PT cells and at least 10 shared examples).
 
     The two sides are those of the claims table's similarity claim, so the figure and the claim compare
     the same cells."""
@@ -178,12 +190,7 @@ def _similarity(rows: list[dict[str, Any]]) -> Figure:
                 sem = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
                 bars.append((f"Q{q + 1}", float(d.mean()), sem, len(d)))
         buckets[f"{task} ({metric})"] = bars
-    if not buckets:
-        return Figure("similarity", "IPT − PT by demonstration-similarity quintile", None,
-                      f"not measured: needs IPT and PT cells on the same task, with per-example `{SIMILARITY_KEY}` "
-                      "in the IPT predictions rows")
-    return Figure("similarity", "IPT − PT by demonstration-similarity quintile", plots.similarity_buckets(buckets),
-                  "per example: IPT score minus PT score (each averaged over seeds); error bars: standard error")
+    return buckets
 
 
 def _per_example_diff(ipt: list[tuple[dict, ...]], pt: list[tuple[dict, ...]], metric: str
