@@ -290,7 +290,7 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
     if isinstance(hint, type) and issubclass(hint, MethodConfig):
         return _method(value, path)
     if dataclasses.is_dataclass(hint):
-        return value if isinstance(value, hint) else from_dict(hint, value, path)
+        return value if isinstance(value, hint) else from_dict(hint, value, path)  # type: ignore[arg-type]
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):

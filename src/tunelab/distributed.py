@@ -21,6 +21,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -112,7 +113,7 @@ class Parallel:
 
     rank: int = 0
     world: int = 1
-    accelerator: object | None = None  # accelerate.Accelerator when world > 1
+    accelerator: Any = None  # accelerate.Accelerator when world > 1
     kind: str = "none"  # accelerate's distributed type: MULTI_CPU, MULTI_GPU (DDP), FSDP, DEEPSPEED
 
     @property

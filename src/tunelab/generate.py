@@ -21,6 +21,7 @@ import contextlib
 import contextvars
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -228,7 +229,7 @@ def generate_rows(rows: Sequence[tuple[object, list[int]]], tokenizer, cfg: Gene
     return texts
 
 
-def _generate_batch(batch: Sequence[tuple[object, list[int]]], tokenizer, cfg: GenerationConfig, stop_check,
+def _generate_batch(batch: Sequence[tuple[Any, list[int]]], tokenizer, cfg: GenerationConfig, stop_check,
                     shared: dict, shared_prefix_min: int) -> list[list[int]]:
     model = batch[0][0].model
     eos_ids, pad_id = _eos_ids(model, tokenizer), tokenizer.pad_token_id
@@ -249,7 +250,7 @@ def _generate_batch(batch: Sequence[tuple[object, list[int]]], tokenizer, cfg: G
     return _decode_in(phases, model, logits, cache, mask, next_pos, cfg, eos_ids, pad_id, stop_check)
 
 
-def _prefill(batch: Sequence[tuple[object, list[int]]], adapters: dict, body, head, pad_id: int, shared: dict,
+def _prefill(batch: Sequence[tuple[Any, list[int]]], adapters: dict, body, head, pad_id: int, shared: dict,
              shared_prefix_min: int, phase: str) -> tuple[torch.Tensor, object, torch.Tensor, torch.Tensor]:
     """Each row's virtual tokens (and opt-in shared prefix) from the caches, then one forward over the
     suffixes; returns (last logits (B, V), cache, attention mask, next positions (B,))."""

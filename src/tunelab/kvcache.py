@@ -37,14 +37,14 @@ class PreallocatedLayer(DynamicLayer):
                ) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + key_states.shape[-2]
         if end > self._keys.shape[-2]:  # more tokens than planned: grow like a dynamic layer
-            self._keys = torch.cat([self.keys, key_states], dim=-2)
-            self._values = torch.cat([self.values, value_states], dim=-2)
+            self._keys = torch.cat([self._keys[:, :, :self.length], key_states], dim=-2)
+            self._values = torch.cat([self._values[:, :, :self.length], value_states], dim=-2)
         else:
             self._keys[:, :, self.length:end].copy_(key_states)
             self._values[:, :, self.length:end].copy_(value_states)
         self.length = end
         self._view()
-        return self.keys, self.values
+        return self._keys[:, :, :self.length], self._values[:, :, :self.length]
 
     def get_seq_length(self) -> int:
         return self.length

@@ -20,7 +20,7 @@ import inspect
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -46,14 +46,14 @@ class ModelInputs:
 
 
 @functools.cache
-def _cache_argument(model_class: type) -> str:
+def _cache_argument(model_class: Any) -> str:
     # transformers 5.24 renamed past_key_values to cache (the old name warns, and goes in 5.40)
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def cache_kwargs(model, cache) -> dict:
     """The key/value cache as the keyword this transformers version's ``model.forward`` takes."""
-    return {_cache_argument(type(model)): cache}
+    return {_cache_argument(type(model)): cache}  # type: ignore[arg-type]
 
 
 def output_cache(out):
@@ -129,7 +129,7 @@ def virtual_kv(adapter: Adapter) -> PrefixKV | None:
     body, _ = _decoder_and_head(adapter.model)
     if body is None:
         return None  # unusual architecture: keep the plain path
-    n_prefix = 0 if prefix is None else prefix.get_seq_length()
+    n_prefix = 0 if prefix is None else prefix.get_seq_length()  # type: ignore[union-attr]
     n = soft.shape[1]
     mask = torch.ones(1, n_prefix + n, dtype=torch.long, device=soft.device)
     out = body(inputs_embeds=soft.to(dtype), attention_mask=mask,
@@ -156,13 +156,16 @@ def batch_cache(model, prefixes: Sequence[PrefixKV | None]) -> tuple[DynamicCach
     mask = torch.zeros(len(prefixes), width, dtype=torch.long, device=device)
     if width == 0:
         return None, mask
+    assert template is not None  # width > 0: some row has a prefix
     cache = DynamicCache(config=model.config)
     for layer in range(len(template.keys)):
-        keys, values = [], []
+        keys: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
         for row, prefix in enumerate(prefixes):
             n = 0 if prefix is None else prefix.length
             mask[row, width - n:] = 1
-            for src, dst in ((prefix.keys if n else None, keys), (prefix.values if n else None, values)):
+            for src, dst in ((prefix.keys if prefix is not None and n else None, keys),
+                             (prefix.values if prefix is not None and n else None, values)):
                 like = (template.keys if dst is keys else template.values)[layer]
                 pad = like.new_zeros(1, like.shape[1], width - n, like.shape[3])
                 dst.append(pad if src is None else torch.cat([pad, src[layer]], dim=-2) if width > n else src[layer])
@@ -216,7 +219,7 @@ def build_inputs(adapter: Adapter, input_ids: torch.Tensor, attention_mask: torc
         embeds = torch.cat([soft.to(embeds.dtype), embeds], dim=1)
         ones = attention_mask.new_ones(batch, n_soft)
         attention_mask = torch.cat([ones, attention_mask], dim=1)
-    n_prefix = 0 if prefix is None else prefix.get_seq_length()
+    n_prefix = 0 if prefix is None else prefix.get_seq_length()  # type: ignore[union-attr]
     if n_prefix:
         attention_mask = torch.cat([attention_mask.new_ones(batch, n_prefix), attention_mask], dim=1)
     positions = positions_from_mask(attention_mask)[:, n_prefix:]

@@ -255,6 +255,7 @@ def decide(findings: list[Finding], margins: dict[str, float] | None = None, alp
     for f, p in zip(tested, holm([f.p_tost for f in tested]), strict=True):
         f.p_tost_adjusted = p
     for f in tested:
+        assert f.p_adjusted is not None and f.p_tost_adjusted is not None and f.effect is not None
         if f.p_adjusted < alpha:
             f.verdict = "supported" if f.effect > 0 else "contradicted"
         elif f.p_tost_adjusted < alpha:
@@ -451,7 +452,7 @@ def _loss_gap(claim: Claim, group: str, a_rows: list[dict], b_rows: list[dict], 
     rows (same task and size), which pairs them.
     """
     n = {"a_seeds": len(a_rows), "b_seeds": len(b_rows)}
-    gaps = [(r.get("result") or {}).get("generalization") for r in a_rows + b_rows]
+    gaps: list[Any] = [(r.get("result") or {}).get("generalization") for r in a_rows + b_rows]
     if any(g is None for g in gaps):
         return Finding(claim, group, verdict="not measured", n=n,
                        detail="cells without a held-out loss (`generalization` in result.json; eval.loss=true)")

@@ -144,7 +144,7 @@ def quality_table(rows: list[dict[str, Any]]) -> Table:
 
 
 def _cpu(cells: list[dict[str, Any]]) -> str:
-    values = [c.get("cpu_seconds") for c in cells if c.get("cpu_seconds") is not None]
+    values = [float(c["cpu_seconds"]) for c in cells if c.get("cpu_seconds") is not None]
     return f"{mean(values):.1f}" if values else "-"
 
 

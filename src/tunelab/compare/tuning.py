@@ -163,6 +163,7 @@ def run_study(grid: GridConfig, spec: MethodSpec, base: Cell, name: str, store: 
         if kind == "grid":
             with warnings.catch_warnings():  # PartialFixedSampler is marked experimental; it fixes every value here
                 warnings.simplefilter("ignore")
+                assert combos is not None
                 study.sampler = optuna.samplers.PartialFixedSampler(combos[k], optuna.samplers.RandomSampler(seed=k))
         else:  # reseeded per trial: the same finished trials give the same next configuration after a kill
             study.sampler = optuna.samplers.TPESampler(seed=settings.seed + k,

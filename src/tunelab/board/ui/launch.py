@@ -168,13 +168,13 @@ def build(runs: Path) -> dict:
 
     form_inputs = [editor, baseline, name, workers, *field_list]
     filled = [*field_list, name, baseline]
-    template.input(lambda key: choices[key], [template], [editor]).then(reset, [editor], filled).then(
-        show_preview, form_inputs, [preview])
+    template.input(lambda key: choices[key], [template], [editor]).then(  # type: ignore[attr-defined]
+        reset, [editor], filled).then(show_preview, form_inputs, [preview])
     load_saved.click(do_load_saved, [saved], [editor]).then(reset, [editor], filled).then(
         show_preview, form_inputs, [preview])
     editor.input(follow, [editor, baseline, name, *field_list], filled).then(show_preview, form_inputs, [preview])
     for control in (name, workers, *field_list):
-        control.input(show_preview, form_inputs, [preview])
+        control.input(show_preview, form_inputs, [preview])  # type: ignore[attr-defined]
     save.click(do_save, [editor, baseline, name, *field_list], [message, saved])
     start.click(do_start, form_inputs, [message, job]).then(watch, [job], [state, cells, loss, tail])
     stop.click(do_stop, [job], [message]).then(watch, [job], [state, cells, loss, tail])
