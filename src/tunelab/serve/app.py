@@ -174,7 +174,7 @@ def create_app(registry: AdapterRegistry, limits: ServeLimits | None = None, api
     app = FastAPI(title="tunelab serve", version="1", lifespan=lifespan,
                   description="Many task adapters over one frozen base model, OpenAI-compatible.")
     app.state.registry, app.state.batcher, app.state.limits = registry, batcher, limits
-    app.state.scheduler, app.state.metrics = engine, metrics
+    app.state.scheduler, app.state.metrics, app.state.grace_s = engine, metrics, grace_s
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
     app.add_middleware(CountRequests, metrics=metrics)
     bearer = HTTPBearer(auto_error=False)
