@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -234,7 +235,7 @@ class Prefilled:
 
 
 @torch.no_grad()
-def prefill_rows(rows: Sequence[tuple[object, list[int]]], pad_id: int) -> Prefilled:
+def prefill_rows(rows: Sequence[tuple[Any, list[int]]], pad_id: int) -> Prefilled:
     """Prefill (adapter, prompt_ids) rows that share one base model object (``_batch_key``), each row after
     its own adapter's virtual-token / prefix key/values (``virtual_kv``), left-padded as in ``_generate_batch``."""
     model = rows[0][0].model

@@ -54,6 +54,7 @@ def serve_command(
                + f" ({scheduler} batching" + (", API key required)" if api_key else ")"))
     server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                            timeout_graceful_shutdown=int(grace_s) + 5))
+    server.engine, server.grace_s = app.state.scheduler, grace_s
     server.run()
     typer.echo(f"stopped: {server.drained_by or 'shutdown'}")
 
@@ -66,11 +67,12 @@ def _draining_server_class():
         and the process then exits 0 instead of re-raising the signal (uvicorn >= 0.29 re-raises it)."""
 
         drained_by: str | None = None
+        engine = None  # the app's Scheduler (None under --scheduler static)
+        grace_s = 10.0
 
         def handle_exit(self, sig, frame) -> None:
-            engine = getattr(self.config.app.state, "scheduler", None)
-            if engine is not None and self.drained_by is None:
-                engine.drain(getattr(self.config.app.state, "grace_s", 10.0))
+            if self.engine is not None and self.drained_by is None:
+                self.engine.drain(self.grace_s)
             self.drained_by = signal.Signals(sig).name
             super().handle_exit(sig, frame)
             captured = getattr(self, "_captured_signals", None)

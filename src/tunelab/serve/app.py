@@ -168,7 +168,7 @@ def create_app(registry: AdapterRegistry, limits: ServeLimits | None = None, api
         yield
         if engine is not None:
             await run_in_threadpool(engine.close, grace_s)
-        else:
+        elif batcher is not None:
             batcher.close()
 
     app = FastAPI(title="tunelab serve", version="1", lifespan=lifespan,
@@ -198,7 +198,7 @@ def create_app(registry: AdapterRegistry, limits: ServeLimits | None = None, api
     def health() -> dict:
         return {"status": "ok", "model": registry.model_name, "adapters_loaded": registry.loaded(),
                 "adapter_loads": registry.loads, "scheduler": scheduler,
-                "batching": asdict(engine.stats if engine is not None else batcher.stats)}
+                "batching": asdict(engine.stats) if engine is not None else asdict(_static(batcher).stats)}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def prometheus() -> PlainTextResponse:
@@ -246,7 +246,7 @@ def create_app(registry: AdapterRegistry, limits: ServeLimits | None = None, api
         prompts = [tokenize(t) for t in texts]
         metrics.prompt_tokens.inc(amount=sum(len(p) for p in prompts))
         if engine is None:  # the static batcher
-            futures = [batcher.submit(Job(served, ids, cfg)) for ids in prompts]
+            futures = [_static(batcher).submit(Job(served, ids, cfg)) for ids in prompts]
             if stream:
                 return _sse(_replay_stream(futures, model, kind, cfg, tokenizer))
             texts = await _gather(futures)
@@ -312,6 +312,11 @@ def create_app(registry: AdapterRegistry, limits: ServeLimits | None = None, api
                               choices=[choice], usage=_usage(prompts, [result]))
 
     return app
+
+
+def _static(batcher: Batcher | None) -> Batcher:
+    assert batcher is not None  # create_app builds exactly one of the scheduler and the batcher
+    return batcher
 
 
 def _count(tokenizer, text: str) -> int:

@@ -106,6 +106,6 @@ class ServeMetrics:
 
     def render(self) -> str:
         """The text exposition format (``text/plain; version=0.0.4``)."""
-        parts = [self.requests, self.tokens, self.prompt_tokens, self.finished, self.queue_length, self.running,
+        parts: list[Counter | Gauge | Histogram] = [self.requests, self.tokens, self.prompt_tokens, self.finished, self.queue_length, self.running,
                  self.batch_occupancy, self.ttft, self.tpot]
         return "\n".join(line for part in parts for line in part.render()) + "\n"

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -88,7 +89,7 @@ class Request:
 @dataclass
 class _Row:
     request: Request
-    adapter: object
+    adapter: Any  # tunelab.methods.base.Adapter (None for a row never admitted)
     stop: Callable[[int, list[int]], bool] | None
     generator: torch.Generator | None
     ids: list[int] = field(default_factory=list)
@@ -100,7 +101,7 @@ class _Row:
 class _Lane:
     """The running batch of one base model object."""
 
-    model: object
+    model: Any
     eos: torch.Tensor
     rows: list[_Row]
     state: Prefilled
