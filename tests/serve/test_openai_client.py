@@ -3,13 +3,16 @@ completions, chat, token streaming, errors, client disconnects, and /metrics."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import httpx
 import pytest
 from tests.serve.conftest import running
 
+from tunelab.generate import GenerationConfig
 from tunelab.serve.app import ServeLimits
+from tunelab.serve.scheduler import Request
 
 openai = pytest.importorskip("openai", reason="the official client: pip install openai (in the dev extra)")
 
@@ -81,25 +84,70 @@ def test_errors_come_back_as_the_clients_exceptions(client):
         client.chat.completions.create(model="task01", messages=[], max_tokens=2)
 
 
+class Stall:
+    """A white-box row that can stop the scheduler loop (its streaming callback waits while the gate is shut),
+    so a test can disconnect a client while that client's row is certainly still in the batch."""
+
+    def __init__(self, server) -> None:
+        self.engine, self.gate = server.app.state.scheduler, threading.Event()
+        self.gate.set()
+        self.row = Request(server.registry.base, [5, 6, 7], GenerationConfig(max_new_tokens=LONG),
+                           on_text=lambda _piece: self.gate.wait(30))
+        self.engine.submit(self.row)
+
+    def rows_of(self, name: str) -> list:
+        return [r for lane in list(self.engine._lanes.values()) for r in lane.rows if r.request.served.name == name]
+
+    def close(self) -> None:
+        self.row.cancel()
+        self.gate.set()
+
+
 def test_a_disconnected_streaming_client_cancels_its_row(server):
-    engine = server.app.state.scheduler
+    engine, stall = server.app.state.scheduler, Stall(server)
     cancelled = engine.stats.cancelled
     body = {"model": "task05", "prompt": "go on", "max_tokens": LONG, "temperature": 0, "stream": True}
-    with httpx.Client(base_url=server.url, timeout=60) as http, http.stream("POST", "/v1/completions", json=body) as r:
-        lines = r.iter_lines()
-        assert next(line for line in lines if line.startswith("data: "))  # decoding has started
-        assert engine.running() >= 1
-    # the connection is closed: the row leaves the batch without generating its remaining tokens
-    assert _wait_until(lambda: engine.stats.cancelled > cancelled and engine.running() == 0)
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as http, \
+                http.stream("POST", "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))  # decoding has started
+            assert _wait_until(lambda: len(stall.rows_of("task05")) == 1)
+            stall.gate.clear()  # the loop stops at its next step, with the row in the batch
+        # the connection is closed: the server marks the row cancelled ...
+        assert _wait_until(lambda: all(r.request.cancelled for r in stall.rows_of("task05")))
+        stall.gate.set()
+        # ... and it leaves the batch at the next step without generating its remaining tokens
+        assert _wait_until(lambda: engine.stats.cancelled > cancelled and not stall.rows_of("task05"))
+    finally:
+        stall.close()
+    assert _wait_until(lambda: engine.running() == 0)
 
 
 def test_a_non_streaming_client_that_gives_up_cancels_its_row(server):
-    engine = server.app.state.scheduler
+    engine, stall = server.app.state.scheduler, Stall(server)
     cancelled = engine.stats.cancelled
     body = {"model": "task06", "prompt": "go on", "max_tokens": LONG, "temperature": 0}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.url}/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.3))
-    assert _wait_until(lambda: engine.stats.cancelled > cancelled and engine.running() == 0)
+    gave_up = threading.Event()
+
+    def impatient() -> None:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server.url}/v1/completions", json=body, timeout=httpx.Timeout(60, read=1.0))
+        gave_up.set()
+
+    try:
+        client = threading.Thread(target=impatient)
+        client.start()
+        assert _wait_until(lambda: len(stall.rows_of("task06")) == 1)
+        stall.gate.clear()  # the row cannot finish before its client gives up
+        assert gave_up.wait(30)
+        assert _wait_until(lambda: all(r.request.cancelled for r in stall.rows_of("task06")))
+        stall.gate.set()
+        assert _wait_until(lambda: engine.stats.cancelled > cancelled and not stall.rows_of("task06"))
+        client.join()
+    finally:
+        stall.close()
+    assert _wait_until(lambda: engine.running() == 0)
 
 
 def test_metrics_are_in_the_prometheus_text_format(client, server):

@@ -16,14 +16,16 @@ from tests.serve.test_app import offline
 
 from tunelab.config import build_config
 from tunelab.errors import ConfigError
+from tunelab.formatting import PromptLayout
 from tunelab.generate import GenerationConfig, Prefilled, decode_step, generate_rows, prefill_rows
 from tunelab.methods.base import MethodConfig
 from tunelab.methods.icl import FrozenAdapter
 from tunelab.modeling import cache_tensors, merge_rows, select_rows
+from tunelab.models import load_model
 from tunelab.run import run
 from tunelab.serve.app import create_app
 from tunelab.serve.examples import write_prompt_adapters
-from tunelab.serve.registry import AdapterRegistry
+from tunelab.serve.registry import AdapterRegistry, Served
 from tunelab.serve.scheduler import Request, Scheduler, _safe_prefix
 
 # one method per serving path (a run costs ~10 s here): soft prompt + demonstrations (IPT), demonstrations
@@ -95,16 +97,13 @@ def test_rows_join_a_running_batch_and_equal_generating_alone(tiny, tmp_path):
 
 def test_a_cancelled_row_leaves_the_batch_and_the_others_go_on(tiny):
     model, tokenizer = tiny
-    registry = AdapterRegistry.__new__(AdapterRegistry)  # only .base is needed
     base = FrozenAdapter(model, "base", MethodConfig()).eval()
-    from tunelab.formatting import PromptLayout
-    from tunelab.serve.registry import Served
-    registry.base = Served("tiny", base, "base", PromptLayout().resolved(tokenizer))
+    served = Served("tiny", base, "base", PromptLayout().resolved(tokenizer))
     scheduler = Scheduler(tokenizer)
     started = threading.Event()
     try:
-        doomed = Request(registry.base, [5, 6, 7], GenerationConfig(max_new_tokens=400), on_text=lambda _: started.set())
-        other = Request(registry.base, [8, 9], GenerationConfig(max_new_tokens=30))
+        doomed = Request(served, [5, 6, 7], GenerationConfig(max_new_tokens=400), on_text=lambda _: started.set())
+        other = Request(served, [8, 9], GenerationConfig(max_new_tokens=30))
         scheduler.submit(doomed)
         assert started.wait(60)
         scheduler.submit(other)
@@ -125,7 +124,6 @@ def method_root(tmp_path_factory):
               "data.max_train=8", "data.max_eval=1"]
     for name, extra in METHODS.items():
         run(build_config(None, [*common, f"method.name={name}", *extra, f"out={root / name}"]), progress=False)
-    from tunelab.models import load_model
     model, tokenizer = load_model("tiny", seed=0)
     write_prompt_adapters(model, tokenizer, "tiny", root, 8, num_virtual_tokens=4, prefix="noise")
     return root
