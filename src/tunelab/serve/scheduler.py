@@ -240,11 +240,14 @@ class Scheduler:
         for key in list(self._lanes):
             lane = self._lanes[key]
             tokens, keep = [], []
+            greedy = lane.state.logits.argmax(-1).tolist()  # one call for the batch; sampled rows draw below
             for i, row in enumerate(lane.rows):
                 if row.request.cancelled or expired:
                     self._finish(row, "cancelled")
                     continue
-                reason = self._advance(row, lane, lane.state.logits[i])
+                token = next_token(lane.state.logits[i], row.request.cfg, row.generator) \
+                    if row.request.cfg.do_sample else int(greedy[i])
+                reason = self._advance(row, lane, token)
                 if reason is not None:
                     self._finish(row, reason)
                     continue
@@ -267,10 +270,9 @@ class Scheduler:
         self.metrics.running.set(running)
         self.metrics.batch_occupancy.observe(running)
 
-    def _advance(self, row: _Row, lane: _Lane, logits: torch.Tensor) -> str | None:
+    def _advance(self, row: _Row, lane: _Lane, token: int) -> str | None:
         """Append the row's next token and stream what became safe to send; the finish reason, if it ended."""
         cfg = row.request.cfg
-        token = next_token(logits, cfg, row.generator)
         now = time.monotonic()
         if row.first_token_at is None:
             row.first_token_at = now
