@@ -1,6 +1,14 @@
 """`tunelab serve` under load: many soft-prompt adapters mixed in one batch vs one adapter at a time.
 
 Run: .venv/bin/python benchmarks/bench_serve.py [--model smollm2-135m] [--clients 8] [--requests 96]
+     .venv/bin/python benchmarks/bench_serve.py --poisson --adapters 100 --rates 2,8,32 [--prefix-share 0.5]
+
+``--poisson`` (issue 18): open-loop Poisson arrivals at each of ``--rates`` requests/s over ``--adapters``
+adapters (prompt tuning, and a ``--prefix-share`` of prefix-tuning adapters), streaming, for the
+``continuous`` scheduler and the ``static`` batcher, mixed over all adapters and on one adapter only:
+throughput, p50/p95 time to first token (first streamed piece), p50/p95 time per output token, and the
+unloaded TTFT (one request at a time) of each scheduler; plus the ratios the issue's "done when" names.
+IPT and LoRA adapters need a `tunelab run` each and are not generated here.
 
 Starts the server on 127.0.0.1 (a free port) over ``--adapters`` random prompt-tuning adapters
 (20 virtual tokens, written through the method's save path; untrained, which changes no cost) and
@@ -40,7 +48,7 @@ from tunelab.modeling import virtual_kv
 from tunelab.models import load_model
 from tunelab.serve.app import ServeLimits, create_app
 from tunelab.serve.batcher import SoftPromptRow
-from tunelab.serve.examples import write_prompt_adapters
+from tunelab.serve.examples import write_prefix_adapters, write_prompt_adapters
 from tunelab.serve.local import serve_in_thread
 from tunelab.serve.registry import AdapterRegistry
 
@@ -161,6 +169,100 @@ def run_mode(registry: AdapterRegistry, names: list[str], mix: bool, args) -> di
     return result
 
 
+def _quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return round(values[min(len(values) - 1, int(q * len(values)))], 4)
+
+
+def poisson_load(url: str, names: list[str], rate: float, requests: int, max_tokens: int, seed: int = 0) -> dict:
+    """Open loop: ``requests`` streamed completions whose start times are a Poisson process of ``rate``/s
+    (each on its own thread, so a slow answer never delays the next arrival); per request its time to the
+    first streamed piece and its time per output token after that."""
+    import random
+
+    rng = random.Random(seed)
+    ttft: list[float] = []
+    tpot: list[float] = []
+    tokens, errors, lock = [0], [0], threading.Lock()
+
+    def one(i: int) -> None:
+        body = {"model": names[rng.randrange(len(names))] if len(names) > 1 else names[0],
+                "prompt": INPUTS[i % len(INPUTS)], "max_tokens": max_tokens, "temperature": 0, "stream": True}
+        start, first, pieces = time.perf_counter(), None, 0
+        try:
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as r:
+                if r.status_code != 200:
+                    raise RuntimeError(r.status_code)
+                for line in r.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        raise RuntimeError(chunk["error"])
+                    if chunk["choices"][0]["text"]:
+                        pieces += 1
+                        first = first or time.perf_counter()
+        except Exception:
+            with lock:
+                errors[0] += 1
+            return
+        end = time.perf_counter()
+        with lock:
+            tokens[0] += pieces
+            if first is not None:
+                ttft.append(first - start)
+                if pieces > 1:
+                    tpot.append((end - first) / (pieces - 1))
+
+    threads, start = [], time.perf_counter()
+    for i in range(requests):
+        t = threading.Thread(target=one, args=(i,))
+        t.start()
+        threads.append(t)
+        time.sleep(rng.expovariate(rate))
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    return {"rate": rate, "requests": requests, "errors": errors[0], "seconds": round(wall, 2),
+            "streamed_pieces_per_second": round(tokens[0] / wall, 1),
+            "p50_ttft_s": _quantile(ttft, 0.5), "p95_ttft_s": _quantile(ttft, 0.95),
+            "p50_tpot_s": _quantile(tpot, 0.5), "p95_tpot_s": _quantile(tpot, 0.95)}
+
+
+def poisson_modes(registry: AdapterRegistry, names: list[str], args) -> dict:
+    """Every (scheduler, traffic, rate) cell of the ``--poisson`` benchmark, and the issue's ratios."""
+    rates = [float(r) for r in args.rates.split(",")]
+    out: dict = {}
+    for scheduler in ("continuous", "static"):
+        app = create_app(registry, ServeLimits(max_tokens=max(512, args.max_tokens)), window_ms=args.window_ms,
+                         max_batch=args.max_batch, scheduler=scheduler)
+        with serve_in_thread(app) as url:
+            for name in names:  # load every adapter before timing
+                registry.get(name)
+            poisson_load(url, names, 1000, min(8, args.requests), args.max_tokens)  # warm-up
+            cell = {"unloaded": poisson_load(url, names, 0.5, 4, args.max_tokens)}
+            for traffic, pool in (("mixed", names), ("single", names[:1])):
+                for rate in rates:
+                    cell[f"{traffic}@{rate:g}"] = poisson_load(url, pool, rate, args.requests, args.max_tokens)
+        out[scheduler] = cell
+    ratios = {}
+    for rate in rates:
+        c, s = out["continuous"], out["static"]
+        single = c[f"single@{rate:g}"]["streamed_pieces_per_second"]
+        ratios[f"mixed_over_single_throughput@{rate:g}"] = (
+            round(c[f"mixed@{rate:g}"]["streamed_pieces_per_second"] / single, 3) if single else None)
+        if s[f"mixed@{rate:g}"]["p95_ttft_s"] and c[f"mixed@{rate:g}"]["p95_ttft_s"]:
+            ratios[f"continuous_over_static_p95_ttft@{rate:g}"] = round(
+                c[f"mixed@{rate:g}"]["p95_ttft_s"] / s[f"mixed@{rate:g}"]["p95_ttft_s"], 3)
+            if s["unloaded"]["p95_ttft_s"]:
+                ratios[f"static_p95_ttft_over_unloaded@{rate:g}"] = round(
+                    s[f"mixed@{rate:g}"]["p95_ttft_s"] / s["unloaded"]["p95_ttft_s"], 3)
+    out["ratios"] = ratios
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -173,12 +275,29 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--memory-copies", type=int, default=10, help="registries loading every adapter")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--poisson", action="store_true", help="the open-loop scheduler benchmark (see above)")
+    parser.add_argument("--rates", default="2,8,32", help="--poisson: arrival rates, requests/s")
+    parser.add_argument("--prefix-share", type=float, default=0.5, help="--poisson: share of prefix adapters")
+    parser.add_argument("--max-batch", type=int, default=32, help="--poisson: rows per forward pass")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
         torch.set_num_threads(args.threads)
 
     model, tokenizer = load_model(args.model)
+    if args.poisson:
+        with tempfile.TemporaryDirectory() as tmp:
+            n_prefix = round(args.adapters * args.prefix_share)
+            names = write_prompt_adapters(model, tokenizer, args.model, Path(tmp), args.adapters - n_prefix)
+            names += write_prefix_adapters(model, tokenizer, args.model, Path(tmp), n_prefix)
+            registry = AdapterRegistry(tmp, model, tokenizer, args.model, max_loaded=args.adapters)
+            report = {"model": args.model, "adapters": args.adapters, "prefix_adapters": n_prefix,
+                      "max_tokens": args.max_tokens, "torch_threads": torch.get_num_threads(),
+                      "cpu_count": os.cpu_count(), **poisson_modes(registry, names, args)}
+        print(json.dumps(report, indent=2))
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         names = write_prompt_adapters(model, tokenizer, args.model, Path(tmp), args.adapters)
         memory = memory_in_fresh_process(tmp, args.model, names, args.memory_copies)

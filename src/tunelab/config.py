@@ -221,7 +221,9 @@ class ServeConfig:
     max_loaded: int = at_least(1, 64)  # adapters kept in memory (least recently used evicted)
     max_weight_adapters: int = at_least(1, 2)  # LoRA / full-weight adapters kept (each holds a model copy)
     max_batch: int = at_least(1, 32)  # rows per forward pass
-    window_ms: float = at_least(0, 5.0)  # how long the batcher collects requests
+    scheduler: str = choice("tunelab.serve.app:SCHEDULERS", "continuous")  # continuous | static (for comparison)
+    window_ms: float = at_least(0, 5.0)  # how long the static batcher collects requests
+    grace_s: float = at_least(0, 10.0)  # on SIGTERM: running rows get this long, then the rest are cancelled
     max_prompt_tokens: int = at_least(1, 2048)
     max_tokens: int = at_least(1, 512)  # largest max_tokens a request may ask for
     max_body_bytes: int = at_least(1, 1_000_000)

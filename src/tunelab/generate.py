@@ -307,3 +307,68 @@ def _eos_ids(model, tokenizer) -> list[int]:
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
     return sorted(i for i in ids if i is not None)
+
+
+# --- step-wise generation for the serving scheduler (tunelab.serve.scheduler) ---------------------------
+# The same forwards as ``_generate_batch`` (prefill) and ``_decode`` (one step), split so that a scheduler
+# can add rows to and remove rows from a running batch between decode steps.
+
+
+@dataclass
+class Prefilled:
+    """Rows after prefill: their cache, attention mask (B, L), next positions (B,) and last logits (B, V)."""
+
+    cache: object
+    mask: torch.Tensor
+    next_pos: torch.Tensor
+    logits: torch.Tensor
+
+
+@torch.no_grad()
+def prefill_rows(rows: Sequence[tuple[Any, list[int]]], pad_id: int) -> Prefilled:
+    """Prefill (adapter, prompt_ids) rows that share one base model object (``_batch_key``), each row after
+    its own adapter's virtual-token / prefix key/values (``virtual_kv``), left-padded as in ``_generate_batch``."""
+    model = rows[0][0].model
+    body, head = _decoder_and_head(model)
+    if body is None or any(a.soft_prompt(1) is not None and virtual_kv(a) is None for a, _ in rows):
+        if len({id(a) for a, _ in rows}) > 1:
+            raise ValueError("prefill_rows: on this architecture rows of different adapters cannot share a batch")
+        adapter = rows[0][0]
+        device = model.get_input_embeddings().weight.device
+        prompts = [list(p) for _, p in rows]
+        ids = pad_batch(prompts, pad_id, side="left").to(device)
+        hidden, cache, inputs, are_logits = hidden_states(adapter, ids, mask_for(prompts, side="left").to(device),
+                                                          use_cache=True)
+        logits = hidden[:, -1] if are_logits else model.get_output_embeddings()(hidden[:, -1])
+        return Prefilled(cache, inputs.attention_mask, inputs.position_ids[:, -1] + 1, logits)
+    prompts = [list(p) for _, p in rows]
+    cache, pmask = batch_cache(model, [virtual_kv(a) for a, _ in rows])
+    mask = torch.cat([pmask, mask_for(prompts, side="left").to(pmask.device)], dim=1)
+    ids = pad_batch(prompts, pad_id, side="left").to(mask.device)
+    positions = positions_from_mask(mask)[:, pmask.shape[1]:]
+    out = body(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_kwargs(body, cache), use_cache=True)
+    return Prefilled(output_cache(out), mask, positions[:, -1] + 1, head(out.last_hidden_state[:, -1]))
+
+
+@torch.no_grad()
+def decode_step(model, tokens: torch.Tensor, state: Prefilled) -> Prefilled:
+    """Feed one token per row (B,) to the running rows: the forward of one ``_decode`` iteration."""
+    mask = torch.cat([state.mask, state.mask.new_ones(state.mask.shape[0], 1)], dim=-1)
+    step = model(input_ids=tokens.unsqueeze(-1), attention_mask=mask, position_ids=state.next_pos.unsqueeze(-1),
+                 **cache_kwargs(model, state.cache), use_cache=True)
+    return Prefilled(output_cache(step), mask, state.next_pos + 1, step.logits[:, -1])
+
+
+def next_token(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> int:
+    """One row's next token from its logits (V,): greedy, or sampled with ``generator``."""
+    return int(_next_tokens(logits.unsqueeze(0), cfg, generator)[0])
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    """Token ids that end a completion (the tokenizer's and the model's generation config's)."""
+    return _eos_ids(model, tokenizer)
+
+
+def stop_checker(tokenizer, stop: Sequence[str]) -> Callable[[int, list[int]], bool]:
+    """Whether a row's ids so far contain a stop string (the check ``generate_rows`` uses)."""
+    return _stop_checker(tokenizer, stop)

@@ -349,3 +349,53 @@ def pad_batch(sequences: list[list[int]], pad_value: int, side: str = "right") -
 def mask_for(sequences: list[list[int]], side: str = "right") -> torch.Tensor:
     """Attention mask matching ``pad_batch``."""
     return pad_batch([[1] * len(s) for s in sequences], 0, side)
+
+
+# --- row-level cache surgery for the serving scheduler (tunelab.serve.scheduler) -------------------------
+
+def cache_tensors(cache) -> PrefixKV:
+    """The per-layer (B, heads, L, head_dim) keys/values of a transformers cache."""
+    return _kv_of(cache)
+
+
+def cache_from(model, kv: PrefixKV) -> DynamicCache:
+    """A new transformers cache holding ``kv`` (one (B, heads, L, head_dim) pair per layer)."""
+    cache = DynamicCache(config=model.config)
+    for layer, (keys, values) in enumerate(zip(kv.keys, kv.values, strict=True)):
+        cache.update(keys, values, layer)
+    return cache
+
+
+def merge_rows(model, parts: Sequence[tuple[PrefixKV, torch.Tensor]]) -> tuple[DynamicCache, torch.Tensor]:
+    """Stack batches of cached rows whose caches have different lengths into one cache and mask.
+
+    Each part is (keys/values (B_i, heads, L_i, head_dim) per layer, attention mask (B_i, L_i)); the
+    shorter ones are left-padded with zero keys/values and mask zeros, as ``batch_cache`` pads prefixes.
+    Positions are passed explicitly in every later forward, so a row's outputs do not depend on the pad.
+    """
+    width = max(int(mask.shape[1]) for _, mask in parts)
+    n_layers = len(parts[0][0].keys)
+    keys: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
+    for layer in range(n_layers):
+        for store, pick in ((keys, lambda kv: kv.keys), (values, lambda kv: kv.values)):
+            chunks = []
+            for kv, mask in parts:
+                t = pick(kv)[layer]
+                short = width - int(mask.shape[1])
+                chunks.append(torch.cat([t.new_zeros(t.shape[0], t.shape[1], short, t.shape[3]), t], dim=-2)
+                              if short else t)
+            store.append(torch.cat(chunks))
+    masks = [torch.cat([mask.new_zeros(mask.shape[0], width - mask.shape[1]), mask], dim=1) for _, mask in parts]
+    return cache_from(model, PrefixKV(keys, values)), torch.cat(masks)
+
+
+def select_rows(model, cache, mask: torch.Tensor, keep: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
+    """Only rows ``keep`` (indices) of a cache and its mask, with the columns no kept row attends dropped."""
+    kv = _kv_of(cache)
+    mask = mask.index_select(0, keep)
+    attended = mask.any(0).nonzero()
+    start = int(attended[0]) if attended.numel() else mask.shape[1]
+    kv = PrefixKV([k.index_select(0, keep)[:, :, start:] for k in kv.keys],
+                  [v.index_select(0, keep)[:, :, start:] for v in kv.values])
+    return cache_from(model, kv), mask[:, start:]

@@ -31,11 +31,12 @@ class Live:
 
 @contextmanager
 def running(root: Path, limits: ServeLimits | None = None, api_key: str | None = None, model_name: str = "tiny",
-            **registry_options) -> Iterator[Live]:
-    """Start the server over ``root`` on a free loopback port; stop it on exit."""
+            app_options: dict | None = None, **registry_options) -> Iterator[Live]:
+    """Start the server over ``root`` on a free loopback port; stop it on exit. ``app_options`` go to
+    ``create_app`` (e.g. ``scheduler="static"``)."""
     model, tokenizer = load_model(model_name, seed=0)
     registry = AdapterRegistry(root, model, tokenizer, model_name, **registry_options)
-    app = create_app(registry, limits, api_key)
+    app = create_app(registry, limits, api_key, **(app_options or {}))
     with serve_in_thread(app) as url:
         yield Live(url, root, registry.names(), registry, app)
 

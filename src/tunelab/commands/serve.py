@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -29,7 +30,14 @@ def serve_command(
     max_weight_adapters: Annotated[int | None, typer.Option(help="LoRA / full-weight adapters kept (each holds a "
                                                                  "copy of the model) (default: 2)")] = None,
     max_batch: Annotated[int | None, typer.Option(help="rows per forward pass (default: 32)")] = None,
-    window_ms: Annotated[float | None, typer.Option(help="how long the batcher collects requests (default: 5.0)")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="continuous: rows join and leave the running batch at every "
+                                                       "decode step; static: collect for --window-ms, run to the end "
+                                                       "(default: continuous)")] = None,
+    window_ms: Annotated[float | None, typer.Option(help="how long the static batcher collects requests "
+                                                         "(default: 5.0)")] = None,
+    grace_s: Annotated[float | None, typer.Option(help="on SIGTERM/SIGINT: stop admitting, let running rows finish "
+                                                       "for this long, then cancel the rest and exit 0 "
+                                                       "(default: 10.0)")] = None,
     max_prompt_tokens: Annotated[int | None, typer.Option(help="(default: 2048)")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="largest max_tokens a request may ask for (default: 512)")] = None,
     max_body_bytes: Annotated[int | None, typer.Option(help="(default: 1000000)")] = None,
@@ -48,7 +56,8 @@ def serve_command(
 
     flags = {"adapters": adapters, "model": model, "host": host, "port": port, "api_key": api_key or None,
              "max_loaded": max_loaded, "max_weight_adapters": max_weight_adapters, "max_batch": max_batch,
-             "window_ms": window_ms, "max_prompt_tokens": max_prompt_tokens, "max_tokens": max_tokens,
+             "scheduler": scheduler, "window_ms": window_ms, "grace_s": grace_s,
+             "max_prompt_tokens": max_prompt_tokens, "max_tokens": max_tokens,
              "max_body_bytes": max_body_bytes, "threads": threads, "precision": precision}
     serve(build(ServeConfig, config, overrides, flags))
 
@@ -77,7 +86,35 @@ def serve(cfg: ServeConfig) -> None:
     limits = ServeLimits(max_prompt_tokens=cfg.max_prompt_tokens, max_tokens=cfg.max_tokens,
                          max_body_bytes=cfg.max_body_bytes)
     app = create_app(registry, limits, cfg.api_key or None, window_ms=cfg.window_ms, max_batch=cfg.max_batch,
-                     precision=cfg.precision)
+                     precision=cfg.precision, scheduler=cfg.scheduler, grace_s=cfg.grace_s)
     typer.echo(f"serving {cfg.model} + {len(registry.names())} adapters from {registry.root} on "
-               f"http://{cfg.host}:{cfg.port}" + (" (API key required)" if cfg.api_key else ""))
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+               f"http://{cfg.host}:{cfg.port} ({cfg.scheduler} batching"
+               + (", API key required)" if cfg.api_key else ")"))
+    server = _draining_server_class()(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
+                                                     timeout_graceful_shutdown=int(cfg.grace_s) + 5))
+    server.engine, server.grace_s = app.state.scheduler, cfg.grace_s
+    server.run()
+    typer.echo(f"stopped: {server.drained_by or 'shutdown'}")
+
+
+def _draining_server_class():
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn, but a SIGTERM/SIGINT first tells the scheduler to stop admitting and start its grace period,
+        and the process then exits 0 instead of re-raising the signal (uvicorn >= 0.29 re-raises it)."""
+
+        drained_by: str | None = None
+        engine = None  # the app's Scheduler (None under --scheduler static)
+        grace_s = 10.0
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.engine is not None and self.drained_by is None:
+                self.engine.drain(self.grace_s)
+            self.drained_by = signal.Signals(sig).name
+            super().handle_exit(sig, frame)
+            captured = getattr(self, "_captured_signals", None)
+            if isinstance(captured, list):
+                captured.clear()  # a drained shutdown is a normal exit
+
+    return DrainingServer

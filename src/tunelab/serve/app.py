@@ -1,11 +1,15 @@
 """The FastAPI application of `tunelab serve`: OpenAI-compatible routes over the adapter registry.
 
-Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``
-(both with ``stream: true`` as server-sent events). Requests are validated and tokenized in the
-handler, then queued on the ``Batcher``, which runs rows for many adapters in shared forward passes.
+Routes: ``GET /health``, ``GET /metrics`` (Prometheus text), ``GET /v1/models``, ``POST /v1/completions``,
+``POST /v1/chat/completions`` (both with ``stream: true`` as server-sent events). Requests are validated and
+tokenized in the handler, then queued on the engine:
 
-Streaming sends the finished completion as one event per token: the generation loop has no
-per-token callback, so the first byte arrives when the whole row is done (no earlier time-to-first-token).
+- ``scheduler="continuous"`` (default): ``serve.scheduler.Scheduler``, iteration-level batching; rows join and
+  leave the running batch between decode steps and stream each piece of text as it is decoded. A client that
+  disconnects cancels its rows; ``Scheduler.drain`` (SIGTERM) stops admitting (503) and cancels what still
+  runs after the grace period.
+- ``scheduler="static"``: the older ``serve.batcher.Batcher`` (collect for ``window_ms``, run the batch to
+  completion), kept for comparison; its streaming replays the finished completion.
 """
 
 from __future__ import annotations
@@ -23,14 +27,17 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from tunelab.errors import TunelabError
+from tunelab.errors import ConfigError, TunelabError
 from tunelab.generate import GenerationConfig
 from tunelab.serve.batcher import Batcher, Job
+from tunelab.serve.metrics import ServeMetrics
 from tunelab.serve.prompts import BadRequest, chat_prompt, completion_prompt
 from tunelab.serve.registry import AdapterNotFound, AdapterRegistry, Served
+from tunelab.serve.scheduler import Rejected, Result, Scheduler
+from tunelab.serve.scheduler import Request as Row
 from tunelab.serve.schemas import (
     ChatChoice,
     ChatCompletion,
@@ -71,7 +78,8 @@ def _error(status: int, message: str, kind: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "code": str(status)}}, status_code=status)
 
 
-ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 500)}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 500, 503)}
+SCHEDULERS = ("continuous", "static")
 
 
 class BodyLimit:
@@ -110,26 +118,68 @@ class BodyLimit:
         return await self.app(scope, replay, send)
 
 
+class CountRequests:
+    """ASGI middleware: count HTTP requests by route and status code for ``/metrics``."""
+
+    def __init__(self, app, metrics: ServeMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = {"code": 500}
+
+        async def counting_send(message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            path = scope.get("path", "")
+            route = path if path in _ROUTES else "other"
+            self.metrics.requests.inc(f'route="{route}",code="{status["code"]}"')
+
+
+_ROUTES = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
+
+
 def create_app(registry: AdapterRegistry, limits: ServeLimits | None = None, api_key: str | None = None,
                window_ms: float = 5.0, max_batch: int = 32, mix_adapters: bool = True,
-               hot_prompts: int = 32, precision: str = "fp32") -> FastAPI:
+               hot_prompts: int = 32, precision: str = "fp32", scheduler: str = "continuous",
+               grace_s: float = 10.0) -> FastAPI:
     """The server over ``registry``; requests need ``Authorization: Bearer <api_key>`` when one is set.
-    ``precision``: fp32 | bf16 | auto for every request's prefill and decode (``tunelab.precision``).
-    ``mix_adapters=False`` runs each adapter's rows in their own forward passes (a baseline);
-    ``hot_prompts`` soft prompts keep their virtual-token key/values cached (see ``batcher.HotPrompts``)."""
+    ``precision``: fp32 | bf16 | auto for every request's prefill and decode (``tunelab.precision``; the
+    continuous scheduler runs on the weights as `tunelab serve` cast them).
+    ``scheduler``: "continuous" (iteration-level batching, true streaming) or "static" (the collect-then-run
+    ``Batcher``, for comparison; ``window_ms`` and ``mix_adapters=False`` apply to it only);
+    ``hot_prompts`` soft prompts keep their virtual-token key/values cached (see ``batcher.HotPrompts``);
+    ``grace_s``: on shutdown, rows still running after this long are cancelled."""
+    if scheduler not in SCHEDULERS:
+        raise ConfigError(f"--scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
     limits = limits or ServeLimits()
     tokenizer = registry.tokenizer
-    batcher = Batcher(tokenizer, window_ms=window_ms, max_batch=max_batch, mix=mix_adapters, hot_prompts=hot_prompts)
+    metrics = ServeMetrics()
+    engine = Scheduler(tokenizer, max_batch=max_batch, hot_prompts=hot_prompts, metrics=metrics) \
+        if scheduler == "continuous" else None
+    batcher = None if engine is not None else Batcher(tokenizer, window_ms=window_ms, max_batch=max_batch,
+                                                      mix=mix_adapters, hot_prompts=hot_prompts)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
-        batcher.close()
+        if engine is not None:
+            await run_in_threadpool(engine.close, grace_s)
+        elif batcher is not None:
+            batcher.close()
 
     app = FastAPI(title="tunelab serve", version="1", lifespan=lifespan,
                   description="Many task adapters over one frozen base model, OpenAI-compatible.")
     app.state.registry, app.state.batcher, app.state.limits = registry, batcher, limits
+    app.state.scheduler, app.state.metrics, app.state.grace_s = engine, metrics, grace_s
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+    app.add_middleware(CountRequests, metrics=metrics)
     bearer = HTTPBearer(auto_error=False)
 
     def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
@@ -150,7 +200,15 @@ def create_app(registry: AdapterRegistry, limits: ServeLimits | None = None, api
     @app.get("/health")
     def health() -> dict:
         return {"status": "ok", "model": registry.model_name, "adapters_loaded": registry.loaded(),
-                "adapter_loads": registry.loads, "batching": asdict(batcher.stats)}
+                "adapter_loads": registry.loads, "scheduler": scheduler,
+                "batching": asdict(engine.stats) if engine is not None else asdict(_static(batcher).stats)}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def prometheus() -> PlainTextResponse:
+        if engine is not None:
+            metrics.queue_length.set(engine.queued())
+            metrics.running.set(engine.running())
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models", response_model=ModelList, responses=ERRORS, dependencies=[Depends(authorize)])
     def models() -> ModelList:
@@ -185,10 +243,39 @@ def create_app(registry: AdapterRegistry, limits: ServeLimits | None = None, api
                                 f"demonstrations); this server's limit is {limits.max_prompt_tokens}")
         return ids
 
-    async def complete(served: Served, texts: list[str], cfg: GenerationConfig) -> tuple[list[list[int]], list]:
+    async def complete(served: Served, texts: list[str], cfg: GenerationConfig, http: Request, kind: str,
+                       model: str, stream: bool):
+        """Queue the prompts; the streaming response, or (prompt ids, one ``Result`` per prompt)."""
         prompts = [tokenize(t) for t in texts]
-        futures = [batcher.submit(Job(served, ids, cfg)) for ids in prompts]
-        return prompts, futures
+        metrics.prompt_tokens.inc(amount=sum(len(p) for p in prompts))
+        if engine is None:  # the static batcher
+            futures = [_static(batcher).submit(Job(served, ids, cfg)) for ids in prompts]
+            if stream:
+                return _sse(_replay_stream(futures, model, kind, cfg, tokenizer))
+            texts = await _gather(futures)
+            return prompts, [Result(t, _finish(tokenizer, t, cfg), _count(tokenizer, t)) for t in texts]
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue = asyncio.Queue()
+        rows = []
+        for index, ids in enumerate(prompts):
+            sink = None
+            if stream:
+                def sink(piece: str, index: int = index) -> None:  # called on the scheduler thread
+                    loop.call_soon_threadsafe(pieces.put_nowait, (index, piece))
+            rows.append(Row(served, ids, cfg, on_text=sink))
+        try:
+            for row in rows:
+                engine.submit(row)
+        except Rejected:
+            for row in rows:
+                row.cancel()
+            raise APIError(503, "the server is shutting down; retry on another replica", "server_error") from None
+        if stream:
+            for index, row in enumerate(rows):
+                row.future.add_done_callback(
+                    lambda _f, index=index: loop.call_soon_threadsafe(pieces.put_nowait, (index, None)))
+            return _sse(_live_stream(rows, pieces, model, kind))
+        return prompts, await _results(rows, http)
 
     async def prompts_of(served: Served, build: Callable[[], list[str]]) -> list[str]:
         try:
@@ -197,7 +284,7 @@ def create_app(registry: AdapterRegistry, limits: ServeLimits | None = None, api
             raise APIError(400, str(exc)) from None
 
     @app.post("/v1/completions", response_model=Completion, responses=ERRORS, dependencies=[Depends(authorize)])
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, http: Request):
         texts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
         if not 1 <= len(texts) <= limits.max_prompts:
             raise APIError(400, f"send 1 to {limits.max_prompts} prompts")
@@ -205,30 +292,34 @@ def create_app(registry: AdapterRegistry, limits: ServeLimits | None = None, api
         served = await served_for(req.model)
         built = await prompts_of(served, lambda: [completion_prompt(served, tokenizer, t, req.instruction, req.raw)
                                                   for t in texts])
-        prompts, futures = await complete(served, built, cfg)
+        answer = await complete(served, built, cfg, http, "text_completion", req.model, req.stream)
         if req.stream:
-            return _sse(_stream(futures, req.model, "text_completion", cfg, tokenizer))
-        outs = await _gather(futures)
-        choices = [CompletionChoice(index=i, text=t, finish_reason=_finish(tokenizer, t, cfg))
-                   for i, t in enumerate(outs)]
+            return answer
+        prompts, outs = answer
+        choices = [CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason) for i, r in enumerate(outs)]
         return Completion(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=req.model,
-                          choices=choices, usage=_usage(tokenizer, prompts, outs))
+                          choices=choices, usage=_usage(prompts, outs))
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS,
               dependencies=[Depends(authorize)])
-    async def chat_completions(req: ChatRequest):
+    async def chat_completions(req: ChatRequest, http: Request):
         cfg = settings(req, req.max_completion_tokens or req.max_tokens)
         served = await served_for(req.model)
         built = await prompts_of(served, lambda: [chat_prompt(served, tokenizer, req.messages)])
-        prompts, futures = await complete(served, built, cfg)
+        answer = await complete(served, built, cfg, http, "chat.completion.chunk", req.model, req.stream)
         if req.stream:
-            return _sse(_stream(futures, req.model, "chat.completion.chunk", cfg, tokenizer))
-        (text,) = await _gather(futures)
-        choice = ChatChoice(index=0, message=ChatMessage(content=text), finish_reason=_finish(tokenizer, text, cfg))
+            return answer
+        prompts, (result,) = answer
+        choice = ChatChoice(index=0, message=ChatMessage(content=result.text), finish_reason=result.finish_reason)
         return ChatCompletion(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=req.model,
-                              choices=[choice], usage=_usage(tokenizer, prompts, [text]))
+                              choices=[choice], usage=_usage(prompts, [result]))
 
     return app
+
+
+def _static(batcher: Batcher | None) -> Batcher:
+    assert batcher is not None  # create_app builds exactly one of the scheduler and the batcher
+    return batcher
 
 
 def _count(tokenizer, text: str) -> int:
@@ -240,10 +331,36 @@ def _finish(tokenizer, text: str, cfg: GenerationConfig) -> str:
     return "length" if _count(tokenizer, text) >= cfg.max_new_tokens else "stop"
 
 
-def _usage(tokenizer, prompts: list[list[int]], outs: list[str]) -> Usage:
+def _usage(prompts: list[list[int]], outs: list[Result]) -> Usage:
     prompt = sum(len(p) for p in prompts)
-    completion = sum(_count(tokenizer, t) for t in outs)
+    completion = sum(r.completion_tokens for r in outs)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+async def _results(rows: list[Row], http: Request, poll_s: float = 0.25) -> list[Result]:
+    """Wait for the rows' results; a client that disconnects meanwhile cancels its rows."""
+    waiting = [asyncio.wrap_future(r.future) for r in rows]
+    try:
+        while True:
+            _done, pending = await asyncio.wait(waiting, timeout=poll_s)
+            if not pending:
+                break
+            if await http.is_disconnected():
+                for row in rows:
+                    row.cancel()
+                raise APIError(499, "client disconnected", "cancelled")
+        results = [f.result() for f in waiting]
+    except APIError:
+        raise
+    except Exception as exc:
+        raise APIError(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error") from None
+    finally:
+        for row in rows:  # also when this handler itself is cancelled
+            if not row.future.done():
+                row.cancel()
+    if any(r.finish_reason == "cancelled" for r in results):
+        raise APIError(503, "cancelled: the server is shutting down", "server_error")
+    return results
 
 
 async def _gather(futures: list) -> list[str]:
@@ -267,8 +384,8 @@ def _pieces(tokenizer, text: str) -> list[str]:
     return pieces
 
 
-async def _stream(futures: list, model: str, kind: str, cfg: GenerationConfig, tokenizer) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk format, one per token piece, then ``data: [DONE]``."""
+def _chunker(model: str, kind: str) -> Callable[..., str]:
+    """One server-sent event in OpenAI's chunk format (completions or chat)."""
     ident, created = f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
 
     def event(index: int, piece: str | None, finish: str | None, first: bool = False) -> str:
@@ -279,6 +396,50 @@ async def _stream(futures: list, model: str, kind: str, cfg: GenerationConfig, t
             choice = {"index": index, "delta": delta, "finish_reason": finish}
         body = {"id": ident, "object": kind, "created": created, "model": model, "choices": [choice]}
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    return event
+
+
+def _error_event(message: str, code: int) -> str:
+    kind = "server_error" if code >= 500 else "invalid_request_error"
+    return f"data: {json.dumps({'error': {'message': message, 'type': kind, 'code': str(code)}})}\n\n"
+
+
+async def _live_stream(rows: list[Row], pieces: asyncio.Queue, model: str, kind: str) -> AsyncIterator[str]:
+    """Server-sent events as the scheduler decodes: one per piece of text, a finish event per prompt, then
+    ``data: [DONE]``. When the client goes away the response task is cancelled here, and so are the rows."""
+    event = _chunker(model, kind)
+    try:
+        if kind != "text_completion":
+            for index in range(len(rows)):
+                yield event(index, None, None, first=True)
+        open_rows = len(rows)
+        while open_rows:
+            index, piece = await pieces.get()
+            if piece is not None:
+                yield event(index, piece, None)
+                continue
+            open_rows -= 1
+            try:
+                result = rows[index].future.result()
+            except Exception as exc:
+                yield _error_event(f"generation failed: {type(exc).__name__}: {exc}", 500)
+                break
+            if result.finish_reason == "cancelled":
+                yield _error_event("cancelled: the server is shutting down", 503)
+                break
+            yield event(index, None, result.finish_reason)
+        yield "data: [DONE]\n\n"
+    finally:
+        for row in rows:
+            if not row.future.done():
+                row.cancel()
+
+
+async def _replay_stream(futures: list, model: str, kind: str, cfg: GenerationConfig,
+                         tokenizer) -> AsyncIterator[str]:
+    """The static batcher's streaming: the finished completion replayed as one event per token piece."""
+    event = _chunker(model, kind)
 
     for index, future in enumerate(futures):
         try:

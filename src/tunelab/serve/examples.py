@@ -11,6 +11,7 @@ from pathlib import Path
 from tunelab.formatting import PromptLayout
 from tunelab.methods import METHODS
 from tunelab.methods.io import save_adapter
+from tunelab.methods.prefix_tuning import PrefixTuningMethodConfig
 from tunelab.methods.prompt_tuning import PromptTuningMethodConfig
 from tunelab.paths import atomic_directory
 
@@ -22,6 +23,20 @@ def write_prompt_adapters(model, tokenizer, model_name: str, root: str | Path, c
     for i in range(count):
         config = PromptTuningMethodConfig(num_virtual_tokens=num_virtual_tokens, init="random")
         adapter = METHODS["prompt_tuning"].build(model, tokenizer, config, [], seed=1000 + i)
+        name = f"{prefix}{i:02d}"
+        with atomic_directory(Path(root) / name) as tmp:
+            save_adapter(adapter, tmp, model_name, PromptLayout().resolved(tokenizer))
+        names.append(name)
+    return names
+
+
+def write_prefix_adapters(model, tokenizer, model_name: str, root: str | Path, count: int,
+                          num_virtual_tokens: int = 20, prefix: str = "prefix") -> list[str]:
+    """Write ``count`` random prefix-tuning adapters (peft's N(0, 1) key/values) as ``root/{prefix}{i:02d}``."""
+    names = []
+    for i in range(count):
+        config = PrefixTuningMethodConfig(num_virtual_tokens=num_virtual_tokens, init="random")
+        adapter = METHODS["prefix_tuning"].build(model, tokenizer, config, [], seed=2000 + i)
         name = f"{prefix}{i:02d}"
         with atomic_directory(Path(root) / name) as tmp:
             save_adapter(adapter, tmp, model_name, PromptLayout().resolved(tokenizer))

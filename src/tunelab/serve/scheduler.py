@@ -1,0 +1,325 @@
+"""Iteration-level (continuous) batching for `tunelab serve`: requests join and leave the running batch
+between decode steps.
+
+One background thread loops:
+1. **admit** queued requests (up to ``max_batch`` running rows): the new rows are prefilled together
+   (``generate.prefill_rows``: each row after its own adapter's virtual-token / prefix key/values, the
+   demonstrations already in its prompt) and their key/value caches are merged into the running batch of
+   their base model object (``modeling.merge_rows`` left-pads the shorter caches and masks the pads);
+2. **pick** each running row's next token from its last logits, stream its new text (incremental
+   detokenisation that holds back a possible stop-string start or a half UTF-8 character), and finish it on
+   EOS, a stop string or its token budget; cancelled rows (client gone, shutdown) finish too;
+3. **remove** finished rows at once (``modeling.select_rows``), then run **one decode step**
+   (``generate.decode_step``) for all rows still running.
+
+Rows of adapters that leave the base weights alone (soft prompts, prefixes, IPT, ICL, the bare model) share
+one running batch ("lane"); a weight-changing adapter (LoRA, full weights) has a private model copy and so
+a lane of its own. Positions come from the attention mask, so greedy output equals offline
+`tunelab eval` (``generate.generate_rows``) whatever a row is batched with. Sampled rows draw from a
+generator of their own seeded with the request's seed (so, unlike offline, independent of batch-mates).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tunelab.generate import (
+    GenerationConfig,
+    Prefilled,
+    _batch_key,
+    cut_at_stop,
+    decode_step,
+    eos_ids,
+    next_token,
+    prefill_rows,
+    stop_checker,
+)
+from tunelab.modeling import cache_tensors, merge_rows, select_rows
+from tunelab.serve.batcher import HotPrompts
+from tunelab.serve.metrics import ServeMetrics
+from tunelab.serve.registry import Served
+
+log = logging.getLogger(__name__)
+
+
+class Rejected(Exception):
+    """The scheduler is shutting down and takes no new requests (HTTP 503)."""
+
+
+@dataclass
+class Result:
+    """A finished row: its text (stop string cut), why it ended, how many tokens it generated."""
+
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop string), "length" (token budget), "cancelled"
+    completion_tokens: int
+
+
+@dataclass
+class Request:
+    """One prompt to complete. ``on_text`` (called on the scheduler thread) receives each new piece of text
+    as soon as it is safe to send; ``future`` resolves to a ``Result``. ``cancel()`` removes the row."""
+
+    served: Served
+    prompt_ids: list[int]
+    cfg: GenerationConfig
+    on_text: Callable[[str], None] | None = None
+    future: Future = field(default_factory=Future)
+    submitted: float = field(default_factory=time.monotonic)
+    _cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """Ask the scheduler to drop this row at its next step (no-op once finished)."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+
+@dataclass
+class _Row:
+    request: Request
+    adapter: Any  # tunelab.methods.base.Adapter (None for a row never admitted)
+    stop: Callable[[int, list[int]], bool] | None
+    generator: torch.Generator | None
+    ids: list[int] = field(default_factory=list)
+    sent: str = ""
+    first_token_at: float | None = None
+
+
+@dataclass
+class _Lane:
+    """The running batch of one base model object."""
+
+    model: Any
+    eos: torch.Tensor
+    rows: list[_Row]
+    state: Prefilled
+
+
+@dataclass
+class SchedulerStats:
+    """Counters for /health, tests and the benchmark."""
+
+    steps: int = 0  # decode iterations
+    admitted: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    max_running: int = 0  # most rows ever in the running batches at once
+    mixed_steps: int = 0  # steps in which one forward held rows of more than one adapter
+
+
+class Scheduler:
+    """Continuous batching over the registry's adapters on one background thread."""
+
+    def __init__(self, tokenizer, max_batch: int = 32, hot_prompts: int = 32,
+                 metrics: ServeMetrics | None = None) -> None:
+        self.tokenizer, self.max_batch = tokenizer, max_batch
+        self.hot = HotPrompts(hot_prompts)
+        self.metrics = metrics or ServeMetrics()
+        self.stats = SchedulerStats()
+        self._queue: queue.Queue[Request] = queue.Queue()
+        self._lanes: dict[Hashable, _Lane] = {}
+        self._wake = threading.Event()
+        self._admitting = True
+        self._stop = False
+        self._deadline: float | None = None  # shutdown: cancel what still runs after this time
+        self._thread = threading.Thread(target=self._loop, name="tunelab-scheduler", daemon=True)
+        self._thread.start()
+
+    # --- called from request handlers -----------------------------------------------------------------
+    def submit(self, request: Request) -> Future:
+        """Queue a request; its future resolves to a ``Result``. Raises ``Rejected`` while shutting down."""
+        if not self._admitting:
+            raise Rejected("the server is shutting down")
+        self._queue.put(request)
+        self.metrics.queue_length.set(self._queue.qsize())
+        self._wake.set()
+        return request.future
+
+    def running(self) -> int:
+        """Rows in the running batches now."""
+        return sum(len(lane.rows) for lane in list(self._lanes.values()))
+
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    def drain(self, grace_s: float) -> None:
+        """Stop admitting; rows still running ``grace_s`` seconds from now are cancelled."""
+        self._admitting = False
+        self._deadline = time.monotonic() + grace_s
+        self._wake.set()
+
+    def close(self, grace_s: float = 0.0) -> None:
+        """Drain (see ``drain``), wait for the loop to empty, then stop the thread."""
+        if self._deadline is None:
+            self.drain(grace_s)
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=grace_s + 30)
+
+    # --- the loop ------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            if not self._lanes and self._queue.empty():
+                if self._stop:
+                    return
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                self._admit()
+                self._step()
+            except Exception as exc:  # a broken step fails its rows; the server keeps running
+                log.exception("scheduler step failed")
+                for lane in self._lanes.values():
+                    for row in lane.rows:
+                        if not row.request.future.done():
+                            row.request.future.set_exception(exc)
+                self._lanes.clear()
+
+    def _admit(self) -> None:
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            while not self._queue.empty():  # not started before the grace period ran out
+                self._finish(_Row(self._queue.get_nowait(), None, None, None), "cancelled")
+        room = self.max_batch - self.running()
+        new: dict[Hashable, list[_Row]] = {}
+        while room > 0:
+            try:
+                request = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if request.cancelled or not request.future.set_running_or_notify_cancel():
+                self._finish(_Row(request, None, None, None), "cancelled")
+                continue
+            served = request.served
+            adapter = self.hot.row(served) if served.soft is not None else served.adapter
+            cfg = request.cfg
+            row = _Row(request, adapter, stop_checker(self.tokenizer, cfg.stop) if cfg.stop else None,
+                       torch.Generator().manual_seed(cfg.seed) if cfg.do_sample else None)
+            new.setdefault(_batch_key(adapter), []).append(row)
+            room -= 1
+        self.metrics.queue_length.set(self._queue.qsize())
+        for key, rows in new.items():
+            try:
+                state = prefill_rows([(r.adapter, r.request.prompt_ids) for r in rows], self.tokenizer.pad_token_id)
+            except Exception as exc:
+                log.exception("prefill failed for %d rows", len(rows))
+                for r in rows:
+                    r.request.future.set_exception(exc)
+                continue
+            self.stats.admitted += len(rows)
+            lane = self._lanes.get(key)
+            if lane is None:
+                model = rows[0].adapter.model
+                eos = torch.tensor(eos_ids(model, self.tokenizer), device=state.logits.device)
+                self._lanes[key] = _Lane(model, eos, rows, state)
+            else:
+                cache, mask = merge_rows(lane.model, [(cache_tensors(lane.state.cache), lane.state.mask),
+                                                      (cache_tensors(state.cache), state.mask)])
+                lane.state = Prefilled(cache, mask, torch.cat([lane.state.next_pos, state.next_pos]),
+                                       torch.cat([lane.state.logits, state.logits]))
+                lane.rows.extend(rows)
+        running = self.running()
+        self.stats.max_running = max(self.stats.max_running, running)
+        self.metrics.running.set(running)
+
+    def _step(self) -> None:
+        expired = self._deadline is not None and time.monotonic() > self._deadline
+        for key in list(self._lanes):
+            lane = self._lanes[key]
+            tokens, keep = [], []
+            greedy = lane.state.logits.argmax(-1).tolist()  # one call for the batch; sampled rows draw below
+            for i, row in enumerate(lane.rows):
+                if row.request.cancelled or expired:
+                    self._finish(row, "cancelled")
+                    continue
+                token = next_token(lane.state.logits[i], row.request.cfg, row.generator) \
+                    if row.request.cfg.do_sample else int(greedy[i])
+                reason = self._advance(row, lane, token)
+                if reason is not None:
+                    self._finish(row, reason)
+                    continue
+                tokens.append(row.ids[-1])
+                keep.append(i)
+            if not keep:
+                del self._lanes[key]
+                continue
+            if len(keep) < len(lane.rows):
+                index = torch.tensor(keep, device=lane.state.mask.device)
+                cache, mask = select_rows(lane.model, lane.state.cache, lane.state.mask, index)
+                lane.state = Prefilled(cache, mask, lane.state.next_pos.index_select(0, index),
+                                       lane.state.logits.index_select(0, index))
+                lane.rows = [lane.rows[i] for i in keep]
+            if len({id(r.request.served) for r in lane.rows}) > 1:
+                self.stats.mixed_steps += 1
+            lane.state = decode_step(lane.model, torch.tensor(tokens, device=lane.state.mask.device), lane.state)
+            self.stats.steps += 1
+        running = self.running()
+        self.metrics.running.set(running)
+        self.metrics.batch_occupancy.observe(running)
+
+    def _advance(self, row: _Row, lane: _Lane, token: int) -> str | None:
+        """Append the row's next token and stream what became safe to send; the finish reason, if it ended."""
+        cfg = row.request.cfg
+        now = time.monotonic()
+        if row.first_token_at is None:
+            row.first_token_at = now
+            self.metrics.ttft.observe(now - row.request.submitted)
+        if bool((lane.eos == token).any()):
+            return "stop"
+        row.ids.append(token)
+        self.metrics.tokens.inc()
+        if row.stop is not None and row.stop(0, row.ids):
+            return "stop"
+        if len(row.ids) >= cfg.max_new_tokens:
+            return "length"
+        self._emit(row, _safe_prefix(self.tokenizer.decode(row.ids, skip_special_tokens=True), cfg.stop))
+        return None
+
+    def _emit(self, row: _Row, text: str) -> None:
+        # only text that extends what was sent goes out (a detokeniser may revise its last characters)
+        if row.request.on_text is not None and len(text) > len(row.sent) and text.startswith(row.sent):
+            piece, row.sent = text[len(row.sent):], text
+            try:
+                row.request.on_text(piece)
+            except Exception:  # the client's sink failing is the client's problem: drop its row
+                log.exception("streaming callback failed")
+                row.request.cancel()
+
+    def _finish(self, row: _Row, reason: str) -> None:
+        request = row.request
+        text = cut_at_stop(self.tokenizer.decode(row.ids, skip_special_tokens=True), request.cfg.stop)
+        if reason != "cancelled":
+            self._emit(row, text)
+            self.stats.finished += 1
+            if row.first_token_at is not None and len(row.ids) > 1:
+                self.metrics.tpot.observe((time.monotonic() - row.first_token_at) / (len(row.ids) - 1))
+        else:
+            self.stats.cancelled += 1
+        self.metrics.finished.inc(reason)
+        if not request.future.done():
+            request.future.set_result(Result(text, reason, len(row.ids)))
+
+
+def _safe_prefix(text: str, stop: tuple[str, ...]) -> str:
+    """``text`` less what may still change: a trailing half character, or a tail that could begin a stop string."""
+    if text.endswith("\ufffd"):
+        text = text.rstrip("\ufffd")
+    for s in stop:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                text = text[:-k]
+                break
+    return text
