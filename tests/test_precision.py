@@ -157,4 +157,4 @@ def test_cli_rejects_an_unknown_precision_before_loading_anything():
 
     result = CliRunner().invoke(app, ["eval", "--model", "tiny", "--data", "date_format", "--precision", "fp16"])
     assert isinstance(result.exception, ConfigError)
-    assert "--precision 'fp16'; choose one of fp32, bf16, auto" in str(result.exception)
+    assert "eval.precision: got 'fp16', expected one of fp32, bf16, auto" in str(result.exception)

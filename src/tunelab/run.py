@@ -219,7 +219,8 @@ def _save_adapter(adapter: Adapter, prep: Prepared, layout: PromptLayout, result
     base = portable_name(cfg.model.name)
     versions = envinfo.versions()
     with atomic_directory(directory) as tmp:
-        save_adapter(adapter, tmp, base, layout, to_dict(cfg))
+        # the run config, so eval and serve rebuild demonstrations from its data; not where it wrote (`out`)
+        save_adapter(adapter, tmp, base, layout, {k: v for k, v in to_dict(cfg).items() if k != "out"})
         finish_adapter_dir(tmp, CardInfo(
             base, prep.method.name, prep.task.name, result.metrics, result.ci,
             len(prep.task.train) if prep.method.trains else 0, len(prep.task.eval),

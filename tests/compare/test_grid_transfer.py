@@ -34,7 +34,7 @@ def test_reference_resolves_to_the_source_cell_and_runs_after_it(tmp_path):
     (transfer,) = [c for c in cells if c.method == "transfer"]
     source = next(c for c in cells if c.method == "pt" and c.seed == 0)
     assert transfer.source_key == source.key
-    assert transfer.config.method["init_from"] == str(tmp_path.resolve() / "cells" / source.key)
+    assert transfer.config.method.init_from == str(tmp_path.resolve() / "cells" / source.key)
     first, later = waves(cells)
     assert later == [transfer] and source in first
     other = resolve_sources(expand(grid), tmp_path / "elsewhere")

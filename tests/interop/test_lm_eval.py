@@ -11,6 +11,7 @@ a row, so the chosen option and the accuracy are the same, and the log-likelihoo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -65,7 +66,7 @@ def scored(request, tmp_path_factory):
     loaded = load_for_eval(None, str(adapter))
     examples, _ = select_examples(req)
     eos = loaded.tokenizer.eos_token
-    docs = [{"prompt": build_prompt(e, loaded.tokenizer, loaded.template, (), loaded.system_prompt),
+    docs = [{"prompt": build_prompt(loaded.tokenizer, dataclasses.replace(loaded.layout, demos=None), e),
              "choices": [o + eos for o in e.options], "label": list(e.options).index(e.output)} for e in examples]
     data = root / "mc.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in docs))

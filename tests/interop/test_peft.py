@@ -7,6 +7,7 @@ cases are strict expected failures, so a fixed peft release turns them into erro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -43,8 +44,7 @@ def trained(tmp_path_factory):
                                 f"eval.max_new_tokens={MAX_NEW}", "eval.loss=false", f"out={root / method}"]),
             progress=False)
         loaded = load_for_eval(None, str(root / method / "adapter"))  # the run's template and demonstrations
-        prompts = prompts_for(load_task("date_format").eval[:3], loaded.tokenizer, loaded.template, loaded.demos,
-                              loaded.system_prompt, 1024)
+        prompts = prompts_for(loaded.tokenizer, loaded.layout, load_task("date_format").eval[:3])
         predictions = [json.loads(line)["prediction"]
                        for line in (root / method / "predictions.jsonl").read_text().splitlines()]
         out[method] = (root / method / "adapter", prompts, predictions)
@@ -122,7 +122,7 @@ def _tunelab_answer(adapter: Path, max_new: int) -> str:
     loaded = load_for_eval(None, str(adapter))
     example = Example(id="x", task="date_format", instruction="Rewrite the date in the form 'Month D, YYYY'.",
                       input="2025-10-24", output="October 24, 2025")  # the snippet's example
-    prompts = prompts_for([example], loaded.tokenizer, loaded.template, None, loaded.system_prompt, 1024)
+    prompts = prompts_for(loaded.tokenizer, dataclasses.replace(loaded.layout, demos=None), [example])
     return generate(loaded.adapter, loaded.tokenizer, prompts, GenerationConfig(max_new_tokens=max_new))[0].strip()
 
 
@@ -171,7 +171,7 @@ def test_peft_generate_with_a_prompt_on_smollm2(real_prompt_adapter):
     loaded = load_for_eval(None, str(real_prompt_adapter))
     example = Example(id="x", task="date_format", instruction="Rewrite the date in the form 'Month D, YYYY'.",
                       input="2025-10-24", output="October 24, 2025")  # the snippet's example
-    (ids,) = prompts_for([example], loaded.tokenizer, loaded.template, None, None, 1024)
+    (ids,) = prompts_for(loaded.tokenizer, dataclasses.replace(loaded.layout, demos=None, system_prompt=None), [example])
     base, tokenizer = load_model("smollm2-135m")
     model = PeftModel.from_pretrained(base, str(real_prompt_adapter)).eval()
     assert peft_generate(model, tokenizer, ids, 10) == forward_greedy(model, tokenizer, ids, 10)

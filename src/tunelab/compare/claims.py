@@ -41,7 +41,7 @@ ACROSS_TASKS = "all tasks"  # group name of a claim's pooled test over its tasks
 
 
 def _opts(row: dict[str, Any]) -> dict[str, Any]:
-    return row["config"]["method"]
+    return (row.get("config") or {}).get("method") or {}
 
 
 def is_method(name: str) -> Selector:

@@ -465,7 +465,7 @@ SOURCE_PLACEHOLDER = "cell:"  # method.init_from of a cell whose source cell is 
 
 def depends_on(cell: Cell) -> dict[str, str] | None:
     """The {method, task} of the cell this one starts from, if any."""
-    value = cell.config.method.get("init_from")
+    value = getattr(cell.config.method, "init_from", None)
     if isinstance(value, str) and value.startswith(SOURCE_PLACEHOLDER):
         method, _, task = value[len(SOURCE_PLACEHOLDER):].partition("@")
         return {"method": method, "task": task}
@@ -490,7 +490,7 @@ def resolve_sources(cells: list[Cell], out_dir: Path) -> list[Cell]:
         if not candidates:
             raise ConfigError(f"{cell.method} on {cell.task}: init_from names {ref['method']} on {ref['task']}, "
                               "which the grid does not run (check that method's `tasks`)")
-        length = cell.config.method.get(PROMPT_LENGTH_FIELD)
+        length = getattr(cell.config.method, PROMPT_LENGTH_FIELD, None)
         same_length = [c for c in candidates if c.prompt_length in (None, length)] or candidates
         source = next((c for c in same_length if c.seed == cell.seed), same_length[0])
         raw = to_dict(cell.config)
