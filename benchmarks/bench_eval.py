@@ -46,12 +46,13 @@ def roofline_bound(args, report, precision: str, hw: dict) -> tuple[float, float
 
     from tunelab import precision as prec
     from tunelab.evaluate import prompts_for
+    from tunelab.formatting import PromptLayout
     from tunelab.models import load_model
     from tunelab.protocols import select_examples
 
     model, tok = load_model(args.model)
     examples = select_examples(_request(args))[0]
-    prompts = prompts_for(examples, tok, report.info["template"], None, None, 1024)
+    prompts = prompts_for(tok, PromptLayout(report.info["template"]), examples)  # the bare model's layout
     generated = [len(tok(p["prediction"], add_special_tokens=False)["input_ids"]) + 1 for p in report.predictions]
     phases = prec.resolve(precision, "cpu")
     facts = facts_of(model)
