@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from roofline import seconds  # noqa: E402  (the benchmarks' one median timer)
 
 # (M, K, N): square, and SmolLM2-135M training/prefill shapes (8 x 128 tokens, hidden 576, MLP 1536, vocab 49152)
 SHAPES = [(2048, 2048, 2048), (1024, 576, 1536), (1024, 1536, 576), (1024, 576, 576), (256, 576, 49152)]
@@ -25,12 +29,7 @@ DECODE_ROWS = (1, 4, 16, 64)
 
 def _median_seconds(fn, repeats: int) -> float:
     fn()  # warm up (oneDNN kernel selection)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return seconds(fn, repeats)
 
 
 def gflops(m: int, k: int, n: int, dtype: torch.dtype, repeats: int = 5) -> float:

@@ -11,19 +11,17 @@ a timing depends on the machine's load, so it lives here and the tests check the
 from __future__ import annotations
 
 import argparse
-import statistics
+import sys
 import tempfile
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 def _median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    from roofline import seconds  # the benchmarks' one median timer
+
+    return seconds(fn, repeats)
 
 
 def main() -> None:

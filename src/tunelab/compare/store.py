@@ -244,14 +244,7 @@ class Store:
         sql, args = "SELECT * FROM trials", []
         if study is not None:
             sql, args = sql + " WHERE study = ?", [study]
-        cursor = self.conn.execute(sql + " ORDER BY study, number", args)
-        names = [d[0] for d in cursor.description]
-        out = []
-        for values in cursor.fetchall():
-            data = dict(zip(names, values, strict=True))
-            data["params"] = json.loads(data["params"])
-            out.append(data)
-        return out
+        return _with_params(self.conn.execute(sql + " ORDER BY study, number", args))
 
     def record_tuned(self, values: dict[str, Any]) -> None:
         row = {**values, "params": json.dumps(values["params"], sort_keys=True, default=str)}
@@ -261,17 +254,19 @@ class Store:
                          [row.get(n) for n in names])
 
     def tuned(self) -> list[dict[str, Any]]:
-        cursor = self.conn.execute("SELECT * FROM tuned ORDER BY study")
-        names = [d[0] for d in cursor.description]
-        out = []
-        for values in cursor.fetchall():
-            data = dict(zip(names, values, strict=True))
-            data["params"] = json.loads(data["params"])
-            out.append(data)
-        return out
+        return _with_params(self.conn.execute("SELECT * FROM tuned ORDER BY study"))
 
     def count(self) -> dict[str, int]:
         return dict(self.conn.execute("SELECT status, COUNT(*) FROM cells GROUP BY status").fetchall())
+
+
+def _with_params(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
+    """Rows of the trials / tuned tables as dicts, their JSON ``params`` decoded."""
+    names = [d[0] for d in cursor.description]
+    rows = [dict(zip(names, values, strict=True)) for values in cursor.fetchall()]
+    for row in rows:
+        row["params"] = json.loads(row["params"])
+    return rows
 
 
 def open_existing(path: str | Path) -> Store:
