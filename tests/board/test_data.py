@@ -67,6 +67,9 @@ def test_examples_side_by_side_with_demonstrations(rows):
     assert record["pt · len=4"] == "[0] x" and record["ipt · len=4"] == "[100] the y"
     assert record["reference"] == "ref-e1"
     assert record["demonstration"] == "in-e1 → out-e1" and record["demo similarity"] == pytest.approx(0.6)
+    for row in data.rows["e1"].values():  # several references (E2E has up to ~10): the first, and a count
+        row["references"] = ["first ref", "second", "third"]
+    assert examples.example_frame(data, ["e1"], ["pt · len=4"]).iloc[0]["reference"] == "first ref (+2 more)"
 
 
 def test_filters_and_sorting(rows):

@@ -130,7 +130,10 @@ def example_frame(data: TaskExamples, ids: list[str], methods: list[str]) -> pd.
     for i in ids:
         per = data.rows[i]
         first = next(iter(per.values()))
-        record: dict[str, Any] = {"id": i, "reference": " | ".join(first.get("references", []))}
+        refs = first.get("references", [])
+        # the first reference, and how many more: E2E rows carry up to ~10, which would crowd the predictions out
+        record: dict[str, Any] = {"id": i, "reference": (refs[0] if refs else "")
+                                  + (f" (+{len(refs) - 1} more)" if len(refs) > 1 else "")}
         for m in methods:  # "[score] prediction": one column per method keeps the table readable
             row = per.get(m)
             score = data.score(i, m)

@@ -59,7 +59,12 @@ def build(runs: Path) -> dict:
         seeds = ", ".join(f"{m}: seed {data.seeds[m]}" for m in shown)
         text = (f"**{len(ids)}** of {len(data.order)} examples · per-example score: "
                 f"`{data.metric or 'none'}` · {seeds}")
-        return text, examples.example_frame(data, ids, shown), gr.update(choices=ids, value=ids[0] if ids else None)
+        frame = examples.example_frame(data, ids, shown)
+        # id narrow; reference, each prediction and the demonstration share the width; similarity narrow
+        wide = f"{84 // (len(frame.columns) - 2)}%" if len(frame.columns) > 2 else "40%"
+        widths = ["8%"] + [wide] * (len(frame.columns) - 2) + ["8%"] if len(frame.columns) > 2 else None
+        return (text, gr.update(value=frame, column_widths=widths),
+                gr.update(choices=ids, value=ids[0] if ids else None))
 
     def show_diff(name, task_name, seed_value, a_name, b_name, example_id):
         if not (name and task_name and a_name and b_name and example_id):
