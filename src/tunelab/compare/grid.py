@@ -30,7 +30,7 @@ from tunelab.config import (
     to_dict,
 )
 from tunelab.errors import ConfigError, TunelabError
-from tunelab.validation import at_least, each_of
+from tunelab.validation import at_least, choice, each_of
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig,
             "report": ReportConfig}
@@ -60,6 +60,11 @@ class TuneSettings:
     seed: int = 0  # sampler seed, dev split seed and the training seed of every trial
     dev_rows: int = 50  # dev rows drawn (seeded) from the training data; trials train on the rest
     startup_trials: int = 3  # TPE: random trials before it models the scores
+    # pruning (Optuna MedianPruner) on the dev loss, measured teacher-forced on the dev rows during a trial
+    pruner: str = choice("tunelab.compare.pruning:PRUNERS", "none")  # none | median (stop a trial worse than the median)
+    prune_every: int = at_least(1, 25)  # optimizer steps between a trial's dev-loss measurements (pruner: median)
+    prune_startup_trials: int = at_least(0, 3)  # finished trials before any is pruned (MedianPruner n_startup_trials)
+    prune_warmup_steps: int = at_least(0, 0)  # no pruning before this step (MedianPruner n_warmup_steps)
 
 
 @dataclass
