@@ -47,7 +47,7 @@ class DevMonitor(Protocol):
     every: int  # optimizer steps between two measurements
 
     def __call__(self, step: int, dev_loss: float) -> bool:
-        """Called after steps every, 2 * every, ...; True stops training there."""
+        """Called after steps every, 2 * every, ... before the last one; True stops training there."""
         ...
 
 
@@ -99,9 +99,10 @@ def run(cfg: RunConfig, progress: bool = True, monitor: DevMonitor | None = None
     run deletes its checkpoint (``adapter/`` holds the weights).
 
     With ``monitor``, the mean teacher-forced loss on the eval rows is measured every
-    ``monitor.every`` steps (logged as ``dev_loss`` in ``train_log.jsonl``) and handed to it; when it
-    says stop, the run ends there without evaluating: ``OUT/stopped.json`` (step, dev loss) is
-    written instead of ``result.json`` and the returned dict is ``{"stopped": {...}}``.
+    ``monitor.every`` steps before the last (logged as ``dev_loss`` in ``train_log.jsonl``) and handed
+    to it; a run that trained to the end is always evaluated. When the monitor says stop, the run ends
+    there without evaluating: ``OUT/stopped.json`` (step, dev loss) is written instead of
+    ``result.json`` and the returned dict is ``{"stopped": {...}}``.
     """
     prep = prepare(cfg)
     if monitor is not None and distributed.world_size() > 1:
@@ -203,7 +204,7 @@ def _train(adapter: Adapter, tokenizer, prep: Prepared, layout: PromptLayout, ou
         advance(loss=loss)
         tracker.log_metrics({"train/loss": loss, "train/learning_rate": lr * schedule(step - 1)}, step=step)
         dev_loss, stop = None, False
-        if monitor is not None and step % monitor.every == 0:
+        if monitor is not None and step % monitor.every == 0 and step < cfg.train.steps:
             dev_loss = _mean_loss(reference_nll(adapter, tokenizer, layout, dev_rows, cfg.eval.batch_size,
                                                 cfg.eval.precision))
             adapter.train()  # reference_nll scores in eval mode; training goes on

@@ -110,11 +110,11 @@ def test_pruning_that_could_never_measure_is_refused(tmp_path):
     from tunelab.errors import TunelabError
 
     grid = parse_grid({"model": {"name": "tiny"}, "train": {"steps": 4},
-                       "tune": {"pruner": "median", "prune_every": 5, "dev_rows": 5},
+                       "tune": {"pruner": "median", "prune_every": 4, "dev_rows": 5},
                        "methods": [{"name": "lora", "tune": {"space": {"train.lr": [0.1, 1.0]}}}],
                        "tasks": ["date_format"]})
     (cell,) = expand(grid)
-    with pytest.raises(TunelabError, match="tune.prune_every=5 is more than train.steps=4"):
+    with pytest.raises(TunelabError, match="tune.prune_every=4 is not below train.steps=4"):
         run_study(grid, grid.methods[0], cell, "s", Store(tmp_path / "r.sqlite"), None, tmp_path)
 
 
@@ -165,7 +165,7 @@ def test_a_pruned_trial_is_stored_once_never_chosen_and_shown(tuned_run):
     finished = [t for t in trials if t[3] == "done"]
     # the median of the two finished trials' dev losses at step 1 is lower (better) than the pruned one's
     assert loss > sum(json.loads(t[7])[0][1] for t in finished) / 2
-    assert all([s for s, _ in json.loads(t[7])] == [1, 2] for t in finished)  # finished ones: measured every step
+    assert all([s for s, _ in json.loads(t[7])] == [1] for t in finished)  # every step but the last (scored)
     (study,) = optuna.get_all_study_summaries(f"sqlite:///{out / 'results.optuna.sqlite'}")
     states = {t.number: t.state.name for t in optuna.load_study(study_name=study.study_name,
                                                                 storage=f"sqlite:///{out / 'results.optuna.sqlite'}").trials}
@@ -345,3 +345,14 @@ def test_a_trial_stored_before_the_study_was_told_gets_its_dev_losses_again(tmp_
     assert told == [(t.params, t.state.name, t.value, t.intermediate_values) for t in clean.trials]
     assert [t["status"] for t in store.trials("s")] == [t.state.name.lower().replace("complete", "done")
                                                         for t in clean.trials]
+
+
+@pytest.mark.parametrize("name", ["paper", "instruction"])
+def test_the_presets_prune_every_tuned_method_before_its_last_step(name):
+    from tunelab.compare.grid import load_grid, preset_path
+
+    grid = load_grid(preset_path(name))
+    assert grid.tune.pruner == "median" and grid.eval["precision"] == "auto"
+    tuned = [m for m in grid.methods if m.tune is not None]
+    assert tuned and all(grid.tune.prune_every < {**grid.train, **m.overrides.get("train", {})}["steps"] for m in tuned)
+    assert grid.tune.prune_startup_trials < grid.tune.trials  # some trial can be pruned at all

@@ -364,7 +364,10 @@ def cell_key(cfg: RunConfig, task: TaskSpec | None = None) -> str:
         section["subset"] = {k: getattr(task, k) for k in ("train", "eval", "train_tasks", "eval_tasks",
                                                             "eval_per_task")}
     data.get("train", {}).pop("resume", None)
-    data.get("eval", {}).pop("batch_size", None)  # greedy decoding: batch size changes speed, not outputs
+    if data.get("eval", {}).get("precision", "fp32") == "fp32":  # left at its default (fp32) or set to it
+        # greedy fp32 decoding: batch size changes speed, not outputs; in bf16 which rows share a batch can
+        # flip a near-tie (docs/performance.md, "bf16 and batch invariance"), so there it counts
+        data.get("eval", {}).pop("batch_size", None)
     data.get("model", {}).pop("threads", None)  # speed only (--workers splits the cores between cells)
     data["method"] = cfg.method.as_given()  # options as given (not resolved: old stores keep their keys); the name always counts
     source = data["method"].get("init_from")

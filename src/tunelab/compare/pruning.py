@@ -2,7 +2,8 @@
 
 A trial is a cell run in its own process (``compare/runner.py``). With ``tune.pruner: median`` that
 process measures the teacher-forced mean loss on the trial's dev rows every ``tune.prune_every``
-optimizer steps (``tunelab.run``'s ``DevMonitor`` hook: scoring only, no generation), reports it to
+optimizer steps before the last (``tunelab.run``'s ``DevMonitor`` hook: scoring only, no generation;
+a trial that trains to the end is always scored on its dev metric), reports it to
 its trial in the study file beside the store, and asks the pruner whether to stop. The study
 maximises the dev score, so the loss is reported negated (higher is better for the pruner too). The
 grid process then tells Optuna the trial was pruned and stores it once, with its last dev loss.

@@ -219,8 +219,8 @@ def _prunes(grid: GridConfig, spec: MethodSpec, trial_base: RunConfig, name: str
         raise TunelabError(f"{name}: tune.pruner {settings.pruner} measures the dev loss inside a single-process "
                            "trial; set resources.processes: 1 or tune.pruner: none")
     steps = trial_base.train.steps
-    if settings.prune_every > steps:
-        raise TunelabError(f"{name}: tune.prune_every={settings.prune_every} is more than train.steps={steps}, so no "
+    if settings.prune_every >= steps:  # a trial is measured before its last step only (then it is scored)
+        raise TunelabError(f"{name}: tune.prune_every={settings.prune_every} is not below train.steps={steps}, so no "
                            "trial would ever be measured; lower tune.prune_every or set tune.pruner: none")
     return True
 
