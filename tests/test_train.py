@@ -86,3 +86,19 @@ def test_gradient_checkpointing_refuses_prefix_tuning():
     adapter = METHODS["prefix_tuning"].build(model, tok, METHODS["prefix_tuning"].Config(), examples, 0)
     with pytest.raises(TunelabError, match="gradient_checkpointing.*prefix_tuning"):
         train(adapter, data, TrainConfig(steps=1, gradient_checkpointing=True), lr=0.01, pad_id=tok.pad_token_id)
+
+
+def test_on_step_returning_true_stops_training_there(fresh_tiny, tmp_path):
+    adapter, data, tok = _setup(fresh_tiny)
+    seen: list[int] = []
+
+    def stop_at_3(step, _loss):
+        seen.append(step)
+        return step == 3
+
+    stats = train(adapter, data, TrainConfig(steps=8, batch_size=4, checkpoint_every=2), lr=0.1,
+                  pad_id=tok.pad_token_id, checkpoint_dir=tmp_path, on_step=stop_at_3)
+    assert seen == [1, 2, 3] and stats.stopped and stats.steps == 3 and len(stats.losses) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000002"]  # no checkpoint of the stopped step
+    assert not train(adapter, data, TrainConfig(steps=2, batch_size=4), lr=0.1, pad_id=tok.pad_token_id,
+                     on_step=lambda step, loss: None).stopped

@@ -8,7 +8,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -16,6 +16,7 @@ from tunelab import distributed, envinfo, tracking
 from tunelab.checkpoint import training_identity
 from tunelab.config import ReportConfig, RunConfig, to_dict
 from tunelab.data import TaskData, load_task
+from tunelab.errors import TunelabError
 from tunelab.evaluate import EvalResult, evaluate, reference_nll
 from tunelab.formatting import DemoSelector, PromptLayout, encode_example
 from tunelab.methods import get_method
@@ -36,6 +37,18 @@ from tunelab.steplog import StepLog
 from tunelab.train import TrainStats, lr_lambda, train
 
 log = logging.getLogger(__name__)
+
+STOPPED_FILE = "stopped.json"  # written instead of result.json when a monitor stopped training
+
+
+class DevMonitor(Protocol):
+    """Watches a run's teacher-forced loss on its eval rows while it trains (e.g. a tuning trial's pruner)."""
+
+    every: int  # optimizer steps between two measurements
+
+    def __call__(self, step: int, dev_loss: float) -> bool:
+        """Called after steps every, 2 * every, ... before the last one; True stops training there."""
+        ...
 
 
 @dataclass
@@ -77,19 +90,27 @@ def prepare(cfg: RunConfig) -> Prepared:
     return Prepared(cfg, method, method_cfg, task, metric_names)
 
 
-def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
+def run(cfg: RunConfig, progress: bool = True, monitor: DevMonitor | None = None) -> dict[str, Any]:
     """Train (if the method trains) and evaluate one method on one task; write results to ``cfg.out``.
 
     ``OUT/result.json`` is written last, so it exists only for a finished run. A failed run
     (``TrainingDiverged``, a disk error) raises, and a killed one dies, before writing it;
     ``OUT/checkpoint/`` then holds the last good training state for ``train.resume``. A finished
     run deletes its checkpoint (``adapter/`` holds the weights).
+
+    With ``monitor``, the mean teacher-forced loss on the eval rows is measured every
+    ``monitor.every`` steps before the last (logged as ``dev_loss`` in ``train_log.jsonl``) and handed
+    to it; a run that trained to the end is always evaluated. When the monitor says stop, the run ends
+    there without evaluating: ``OUT/stopped.json`` (step, dev loss) is written instead of
+    ``result.json`` and the returned dict is ``{"stopped": {...}}``.
     """
     prep = prepare(cfg)
+    if monitor is not None and distributed.world_size() > 1:
+        raise TunelabError("a dev-loss monitor (tune.pruner) needs a single-process run; set resources.processes: 1")
     out = check_writable_dir(cfg.out) if cfg.out else None  # fail before hours of training, not after
     report = cfg.report if distributed.is_main_process() else ReportConfig()  # process 0 reports
     with tracking.open_trackers(report, run_name(prep), out, to_dict(cfg)) as tracker:
-        return _run(prep, out, tracker, progress)
+        return _run(prep, out, tracker, progress, monitor)
 
 
 def run_name(prep: Prepared) -> str:
@@ -101,7 +122,8 @@ def run_name(prep: Prepared) -> str:
     return f"{prep.method.name}-{prep.task.name}-seed{cfg.train.seed}{size}"
 
 
-def _run(prep: Prepared, out: Path | None, tracker: tracking.Trackers, progress: bool) -> dict[str, Any]:
+def _run(prep: Prepared, out: Path | None, tracker: tracking.Trackers, progress: bool,
+         monitor: DevMonitor | None = None) -> dict[str, Any]:
     cfg = prep.cfg
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)
@@ -117,9 +139,11 @@ def _run(prep: Prepared, out: Path | None, tracker: tracking.Trackers, progress:
 
     stats, truncated = TrainStats(), 0
     if prep.method.trains:
-        stats, truncated = _train(adapter, tokenizer, prep, layout, out, progress, tracker)
+        stats, truncated, dev_losses = _train(adapter, tokenizer, prep, layout, out, progress, tracker, monitor)
         if stats.rank != 0:  # under accelerate launch, process 0 evaluates and writes; the others are done
             return {"rank": stats.rank, "train": {"losses": stats.losses, "tokens": stats.tokens}}
+        if stats.stopped:
+            return _stopped(stats, dev_losses, out)
     eval_examples = [adapter.rewrite(e) for e in prep.task.eval]  # a discrete prompt swaps the instruction
     with bar("evaluating", len(prep.task.eval), progress) as advance:
         result = evaluate(adapter, tokenizer, layout, eval_examples, prep.metrics, cfg.eval, progress=advance)
@@ -153,21 +177,43 @@ def tracking_summary(summary: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in values.items() if isinstance(v, int | float)}
 
 
+def _stopped(stats: TrainStats, dev_losses: list[tuple[int, float]], out: Path | None) -> dict[str, Any]:
+    """A run its monitor stopped: no evaluation, no adapter; ``stopped.json`` says where and why."""
+    info = {"step": stats.steps, "dev_loss": dev_losses[-1][1] if dev_losses else None}
+    if out:
+        atomic_write_json(out / STOPPED_FILE, info)
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)  # a stopped run is not resumed
+    return {"stopped": info}
+
+
 def _train(adapter: Adapter, tokenizer, prep: Prepared, layout: PromptLayout, out: Path | None,
-           progress: bool, tracker: tracking.Trackers) -> tuple[TrainStats, int]:
+           progress: bool, tracker: tracking.Trackers, monitor: DevMonitor | None = None
+           ) -> tuple[TrainStats, int, list[tuple[int, float]]]:
+    """Train; returns the stats, the number of truncated examples and the (step, dev loss) measured."""
     cfg = prep.cfg
     examples = [adapter.rewrite(e) for e in prep.task.train]
     encoded = [encode_example(tokenizer, layout, e) for e in examples]
+    dev_rows = [adapter.rewrite(e) for e in prep.task.eval] if monitor is not None else []
     lr = cfg.train.lr if cfg.train.lr is not None else prep.method_cfg.lr
     checkpoint_dir = out / "checkpoint" if out else None
     schedule = lr_lambda(cfg.train.warmup_steps, cfg.train.steps, cfg.train.schedule)  # as train() sets it
     steps = StepLog(out, resume=cfg.train.resume) if out else None  # live loss curve for `tunelab board`
+    dev_losses: list[tuple[int, float]] = []
 
-    def on_step(step: int, loss: float) -> None:
+    def on_step(step: int, loss: float) -> bool:
         advance(loss=loss)
         tracker.log_metrics({"train/loss": loss, "train/learning_rate": lr * schedule(step - 1)}, step=step)
+        dev_loss, stop = None, False
+        if monitor is not None and step % monitor.every == 0 and step < cfg.train.steps:
+            dev_loss = _mean_loss(reference_nll(adapter, tokenizer, layout, dev_rows, cfg.eval.batch_size,
+                                                cfg.eval.precision))
+            adapter.train()  # reference_nll scores in eval mode; training goes on
+            dev_losses.append((step, dev_loss))
+            tracker.log_metrics({"eval/loss": dev_loss}, step=step)
+            stop = bool(monitor(step, dev_loss))
         if steps is not None:
-            steps.write(step, loss)
+            steps.write(step, loss, dev_loss)
+        return stop
 
     try:
         with bar(f"training {prep.method.name}", cfg.train.steps, progress) as advance:
@@ -179,7 +225,12 @@ def _train(adapter: Adapter, tokenizer, prep: Prepared, layout: PromptLayout, ou
             steps.close()
     for step, loss in enumerate(stats.losses[: stats.resumed_from or 0], start=1):  # the curve before a resume
         tracker.log_metrics({"train/loss": loss, "train/learning_rate": lr * schedule(step - 1)}, step=step)
-    return stats, sum(e.truncated for e in encoded)
+    return stats, sum(e.truncated for e in encoded), dev_losses
+
+
+def _mean_loss(per_example: list[tuple[float, int]]) -> float:
+    """Token-weighted mean of (summed NLL, tokens) pairs: the training loss's own average."""
+    return sum(n for n, _ in per_example) / max(1, sum(t for _, t in per_example))
 
 
 def _generalization(adapter: Adapter, tokenizer, prep: Prepared, layout: PromptLayout,
@@ -189,7 +240,7 @@ def _generalization(adapter: Adapter, tokenizer, prep: Prepared, layout: PromptL
     train_examples = [adapter.rewrite(e) for e in prep.task.train[: len(eval_examples)]]
     per_split = {split: reference_nll(adapter, tokenizer, layout, rows, cfg.eval.batch_size)
                  for split, rows in (("train", train_examples), ("eval", eval_examples))}
-    loss = {split: sum(n for n, _ in v) / max(1, sum(t for _, t in v)) for split, v in per_split.items()}
+    loss = {split: _mean_loss(v) for split, v in per_split.items()}
     return {"train_loss": round(loss["train"], 5), "eval_loss": round(loss["eval"], 5),
             "gap": round(loss["eval"] - loss["train"], 5),
             "train_nll": [[round(n, 4), t] for n, t in per_split["train"]],  # per example: summed NLL, tokens

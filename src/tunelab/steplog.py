@@ -18,7 +18,10 @@ log = logging.getLogger(__name__)
 
 
 class StepLog:
-    """Append ``{"step", "loss", "time"}`` lines to ``directory/train_log.jsonl`` (a fresh file unless resuming)."""
+    """Append ``{"step", "loss", "time"}`` lines to ``directory/train_log.jsonl`` (a fresh file unless resuming).
+
+    A step whose dev loss was measured (``run``'s monitor) also carries ``"dev_loss"``.
+    """
 
     def __init__(self, directory: Path, resume: bool = False) -> None:
         self.path = Path(directory) / STEP_LOG
@@ -30,14 +33,17 @@ class StepLog:
         except OSError as exc:  # a progress log must never stop training; checkpoints report disk errors
             log.warning("not logging steps to %s: %s", self.path, exc.strerror or exc)
 
-    def write(self, step: int, loss: float) -> None:
+    def write(self, step: int, loss: float, dev_loss: float | None = None) -> None:
         if self._file is None:
             return
         try:
             if self._pending and self._pending[-1]["step"] >= step:
                 self._rewrite([r for r in self._pending if r["step"] < step])
             self._pending = []
-            self._file.write(json.dumps({"step": step, "loss": loss, "time": round(time.time(), 3)}) + "\n")
+            row = {"step": step, "loss": loss, "time": round(time.time(), 3)}
+            if dev_loss is not None:
+                row["dev_loss"] = dev_loss
+            self._file.write(json.dumps(row) + "\n")
             self._file.flush()  # the board reads it while training runs
         except OSError as exc:
             log.warning("stopped logging steps to %s: %s", self.path, exc.strerror or exc)

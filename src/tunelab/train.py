@@ -39,6 +39,7 @@ class TrainStats:
     processes: int = 1  # data-parallel processes (accelerate launch)
     rank: int = 0  # this process's index among them (0 writes checkpoints and results)
     parallel: str = "none"  # how accelerate wrapped training: MULTI_CPU / MULTI_GPU (DDP), FSDP, DEEPSPEED
+    stopped: bool = False  # on_step asked to stop before cfg.steps (e.g. a pruned tuning trial)
 
     @property
     def final_loss(self) -> float | None:
@@ -126,12 +127,16 @@ def lr_lambda(warmup: int, total: int, kind: str = "linear") -> Callable[[int], 
 
 def train(adapter, data: Sequence[Encoded], cfg: TrainConfig, lr: float, pad_id: int,
           checkpoint_dir: Path | None = None, resume: bool = False,
-          on_step: Callable[[int, float], None] | None = None, identity: dict[str, Any] | None = None) -> TrainStats:
+          on_step: Callable[[int, float], bool | None] | None = None,
+          identity: dict[str, Any] | None = None) -> TrainStats:
     """Train ``adapter``'s trainable parameters on encoded examples for ``cfg.steps`` optimizer steps.
 
     With ``checkpoint_dir``, state is saved every ``cfg.checkpoint_every`` steps and at the end;
     ``resume`` continues from the newest checkpoint there, refusing one whose ``identity``
     (``checkpoint.training_identity``) differs. A NaN/inf loss raises ``TrainingDiverged``.
+
+    ``on_step(step, loss)`` runs after each optimizer step (``step`` counts from 1), before that step's
+    checkpoint; a true return stops training there (``stats.stopped``), without a checkpoint of that step.
 
     Under ``accelerate launch`` with N processes, ``cfg.batch_size`` is per process (as Trainer's
     per-device batch): an optimizer step sees ``batch_size * grad_accum * N`` examples, each process
@@ -179,8 +184,9 @@ def train(adapter, data: Sequence[Encoded], cfg: TrainConfig, lr: float, pad_id:
                                    + (f"; the last good checkpoint is kept in {kept}" if kept else ""))
         step += 1
         stats.losses.append(loss_value)
-        if on_step:
-            on_step(step, loss_value)
+        if on_step and on_step(step, loss_value):
+            stats.stopped = True
+            break
         if checkpoint_dir is not None and (step == cfg.steps or cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
             if parallel.is_main:
                 _checkpoint(checkpoint_dir, step, named, optimizer, stats, identity)

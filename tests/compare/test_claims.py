@@ -232,3 +232,42 @@ def test_transfer_claim_pairs_the_transferred_prompt_with_retrieved_icl(tmp_path
     assert found.verdict == "supported" and found.effect == pytest.approx(transfer["quality"] - icl["quality"])
     (ipt,) = _by_id(findings, "ipt_beats_pt")  # the transferred cell is not an IPT run of its own
     assert ipt.n["a_seeds"] == 1 and ipt.effect == pytest.approx(trained_ipt["quality"] - pt["quality"])
+
+
+def test_a_claims_tost_mde_and_both_holm_families_agree_with_statsmodels(tmp_path):
+    """One seed each, a per-example mean metric: each quality test is the paired t test on row differences, so
+    its effect, p, TOST p and MDE match statsmodels / scipy computed on the raw rows (up to the bootstrap's
+    standard error, within a few %), and both Holm families are statsmodels' Holm of the claim's own p-values."""
+    import numpy as np
+    from scipy import stats as sps
+    from statsmodels.stats.multitest import multipletests
+    from statsmodels.stats.weightstats import ttost_paired
+
+    rng = np.random.default_rng(7)
+    rows, pairs = [], {}
+    for t, shift in enumerate((0.0, 1.5, 4.0)):  # no difference, near and beyond the 2-point exact-match margin
+        a = rng.normal(50, 6, 400)
+        noise = rng.normal(0, 4, 400)
+        b = a - shift + (noise - noise.mean())  # A − B averages exactly `shift`
+        rows += [_cell(tmp_path, "ipt", 0, list(a), task=f"t{t}"), _cell(tmp_path, "pt", 0, list(b), task=f"t{t}")]
+        pairs[f"t{t}"] = (a, b)
+    findings = evaluate_claims(rows, n_resamples=4000)
+    tested = [f for f in findings if f.tested]
+    per_task = [f for f in tested if f.claim.id == "ipt_beats_pt" and f.group != "all tasks"]
+    assert sorted(f.group.split(" ")[0] for f in per_task) == ["t0", "t1", "t2"]
+    for f in per_task:
+        a, b = pairs[f.group.split(" ")[0]]
+        d = a - b
+        se = d.std(ddof=1) / np.sqrt(len(d))
+        assert f.margin == 2.0 and f.df == len(d) - 1 and f.effect == pytest.approx(d.mean(), abs=1e-9)
+        assert f.effect == pytest.approx({"t0": 0.0, "t1": 1.5, "t2": 4.0}[f.group.split(" ")[0]], abs=1e-9)
+        assert f.se == pytest.approx(se, rel=0.05)
+        assert f.p_value == pytest.approx(sps.ttest_rel(a, b).pvalue, abs=0.01)
+        assert f.p_tost == pytest.approx(ttost_paired(a, b, -2.0, 2.0)[0], abs=0.01)
+        assert f.mde == pytest.approx((sps.norm.ppf(0.975) + sps.norm.ppf(0.8)) * se, rel=0.06)  # ~2.80 se, n=400
+    verdicts = {f.group.split(" ")[0]: f.verdict for f in per_task}
+    assert verdicts == {"t0": "equivalent", "t1": "supported", "t2": "supported"}
+    np.testing.assert_allclose([f.p_adjusted for f in tested], multipletests([f.p_value for f in tested],
+                                                                              method="holm")[1], rtol=1e-12)
+    np.testing.assert_allclose([f.p_tost_adjusted for f in tested], multipletests([f.p_tost for f in tested],
+                                                                                   method="holm")[1], rtol=1e-12)

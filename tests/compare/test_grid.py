@@ -78,6 +78,17 @@ def test_cell_key_ignores_output_place_but_not_settings(grid_file):
     assert not {x.key for x in a} & {x.key for x in c if x.method_name != "icl"}
 
 
+def test_eval_batch_size_counts_in_the_key_once_eval_is_not_fp32(grid_file):
+    """bf16 greedy output may depend on which rows share a batch: such cells are keyed by their batch size."""
+    def keys(**eval_section):
+        return [x.key for x in expand(load_grid(grid_file(eval={"max_new_tokens": 4, **eval_section})))]
+
+    assert keys(batch_size=2, precision="fp32") == keys(batch_size=8, precision="fp32") == keys(batch_size=8)
+    for precision in ("auto", "bf16"):
+        assert keys(batch_size=8, precision=precision) != keys(batch_size=2, precision=precision)
+        assert set(keys(batch_size=8, precision=precision)).isdisjoint(keys(batch_size=8))
+
+
 def test_method_tasks_restricts_cells(grid_file):
     grid = load_grid(grid_file(tasks=["date_format", "sentiment"],
                                methods=[{"name": "icl", "k": 0}, {"name": "prompt_tuning", "tasks": ["sentiment"]}]))

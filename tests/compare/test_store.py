@@ -83,6 +83,24 @@ def test_older_store_gains_new_columns(tmp_path):
         assert store.rows()[0].cpu_seconds == 1.5
 
 
+def test_a_trials_table_without_pruning_columns_gains_them(tmp_path):
+    path = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE trials (study TEXT NOT NULL, key TEXT NOT NULL, number INTEGER NOT NULL, "
+                 "params TEXT NOT NULL, status TEXT NOT NULL, metric TEXT, dev_score REAL, cpu_seconds REAL, "
+                 "out_dir TEXT, finished_at REAL NOT NULL, PRIMARY KEY (study, key))")
+    conn.execute("INSERT INTO trials VALUES ('s', 'k0', 0, '{\"train.lr\": 0.1}', 'done', 'bleu', 3.0, 1.0, NULL, 0)")
+    conn.commit()
+    conn.close()
+    with Store(path) as store:
+        store.record_trial({"study": "s", "key": "k1", "number": 1, "params": {"train.lr": 1.0}, "status": "pruned",
+                            "dev_loss": 2.5, "dev_losses": [(1, 2.0), (2, 2.5)], "pruned_step": 2, "cpu_seconds": 0.4})
+        old, pruned = store.trials("s")
+        assert old["dev_loss"] is None and old["dev_losses"] == [] and old["dev_score"] == 3.0
+        assert pruned["status"] == "pruned" and pruned["dev_losses"] == [(1, 2.0), (2, 2.5)]
+        assert pruned["pruned_step"] == 2 and store.trial("s", "k1")["dev_loss"] == 2.5
+
+
 def test_task_tags_merge_across_grids(tmp_path):
     with Store(tmp_path / "results.sqlite") as store:
         assert store.task_tags() == {}

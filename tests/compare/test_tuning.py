@@ -1,4 +1,8 @@
-"""Equal-budget tuning: `tune:` blocks pick the best dev score, never read the test split, survive SIGKILL."""
+"""Equal-budget tuning: `tune:` blocks pick the best dev score, never read the test split, survive SIGKILL.
+
+The tuned grid prunes (median of 2 finished trials, dev loss measured every step): its third trial,
+the diverging learning rate, stops at step 1, so every test here also covers pruning.
+"""
 
 from __future__ import annotations
 
@@ -41,7 +45,8 @@ def _task_dir(root: Path, corrupt: bool = False) -> Path:
 def _grid(root: Path, task: Path) -> Path:
     grid = {"name": "tuned", "model": {"name": "tiny"}, "data": {"max_eval": 6, "max_train": 16},
             "train": {"steps": 2, "batch_size": 4}, "eval": {"batch_size": 8, "max_new_tokens": 4},
-            "tune": {"trials": 3, "dev_rows": 6, "seed": 0},
+            "tune": {"trials": 3, "dev_rows": 6, "seed": 0, "pruner": "median", "prune_every": 1,
+                     "prune_startup_trials": 2},
             "methods": [{"name": "lora", "label": "lora", "tune": {"space": SPACE}}],
             "tasks": [{"task": str(task), "name": "dates", "metrics": ["chrf"]}], "seeds": [0]}
     path = root / f"grid-{task.name}.yaml"
@@ -52,7 +57,8 @@ def _grid(root: Path, task: Path) -> Path:
 def _trials(store: Path) -> list[tuple]:
     conn = sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=30)
     try:
-        return conn.execute("SELECT number, params, dev_score, status FROM trials ORDER BY number").fetchall()
+        return conn.execute("SELECT number, params, dev_score, status, dev_loss, pruned_step, cpu_seconds, dev_losses "
+                            "FROM trials ORDER BY number").fetchall()
     except sqlite3.OperationalError:
         return []
     finally:
@@ -62,7 +68,7 @@ def _trials(store: Path) -> list[tuple]:
 def _tuned(store: Path) -> list[tuple]:
     conn = sqlite3.connect(store)
     try:
-        return conn.execute("SELECT study, params, dev_score, trials FROM tuned").fetchall()
+        return conn.execute("SELECT study, params, dev_score, trials, cpu_seconds FROM tuned").fetchall()
     finally:
         conn.close()
 
@@ -89,6 +95,27 @@ def test_tune_block_is_validated():
             parse_grid({**base, "methods": [{"name": "prompt_tuning", "tune": {"space": bad}}]})
     with pytest.raises(ConfigError, match="tune.sampler"):
         parse_grid({**base, "tune": {"sampler": "bayes"}})
+    assert grid.tune.pruner == "none" and grid.tune.prune_startup_trials == 3  # pruning is opt-in
+    for bad, message in (({"pruner": "hyperband"}, "tune.pruner: got 'hyperband', expected one of none, median"),
+                         ({"prune_every": 0}, "tune.prune_every: got 0, expected an integer >= 1"),
+                         ({"prune_warmup_steps": -1}, "tune.prune_warmup_steps"), ({"prune_evry": 5}, "prune_evry")):
+        with pytest.raises(ConfigError, match=message):
+            parse_grid({**base, "tune": bad})
+
+
+def test_pruning_that_could_never_measure_is_refused(tmp_path):
+    from tunelab.compare.grid import expand
+    from tunelab.compare.store import Store
+    from tunelab.compare.tuning import run_study
+    from tunelab.errors import TunelabError
+
+    grid = parse_grid({"model": {"name": "tiny"}, "train": {"steps": 4},
+                       "tune": {"pruner": "median", "prune_every": 4, "dev_rows": 5},
+                       "methods": [{"name": "lora", "tune": {"space": {"train.lr": [0.1, 1.0]}}}],
+                       "tasks": ["date_format"]})
+    (cell,) = expand(grid)
+    with pytest.raises(TunelabError, match="tune.prune_every=4 is not below train.steps=4"):
+        run_study(grid, grid.methods[0], cell, "s", Store(tmp_path / "r.sqlite"), None, tmp_path)
 
 
 def test_grid_sampler_walks_every_choice_once_in_a_seeded_order():
@@ -100,16 +127,21 @@ def test_grid_sampler_walks_every_choice_once_in_a_seeded_order():
     assert order == grid_order(space, 0, "s") and grid_order({"train.lr": {"low": 0.1, "high": 1}}, 0, "s") is None
 
 
+def _outcome(trials: list[tuple]) -> list[tuple]:
+    """What must not change between two runs of a study: each trial's configuration, status and dev values."""
+    return [(json.loads(p), status, score, loss, step) for _, p, score, status, loss, step, _, _ in trials]
+
+
 def test_tuned_cells_use_the_best_dev_configuration(tuned_run):
     root, out, outcome = tuned_run
     store = out / "results.sqlite"
     trials = _trials(store)
-    assert [t[0] for t in trials] == [0, 1, 2] and all(t[3] == "done" for t in trials)
-    scores = [t[2] for t in trials]
-    assert len(set(scores)) > 1, "the trials tie: the test would not show a choice"
-    best = max(range(3), key=lambda i: (scores[i], -i))
-    ((study, params, dev_score, count),) = _tuned(store)
-    assert json.loads(params) == json.loads(trials[best][1]) and dev_score == scores[best] and count == 3
+    assert [t[0] for t in trials] == [0, 1, 2]
+    done = [t for t in trials if t[3] == "done"]
+    assert len(done) == 2 and len({t[2] for t in done}) == 2, "two finished trials with distinct scores: a choice"
+    best = max(done, key=lambda t: (t[2], -t[0]))
+    ((study, params, dev_score, count, cost),) = _tuned(store)
+    assert json.loads(params) == json.loads(best[1]) and dev_score == best[2] and count == 3
     (cell,) = outcome.cells
     assert cell.config.train.lr == pytest.approx(json.loads(params)["train.lr"])
     conn = sqlite3.connect(store)
@@ -118,10 +150,36 @@ def test_tuned_cells_use_the_best_dev_configuration(tuned_run):
     assert (out / "results.optuna.sqlite").is_file()  # the study, beside the store
     report = outcome.report_md.read_text()
     assert "## Tuning" in report and study in report
+    assert cost == pytest.approx(sum(t[6] for t in trials), abs=0.01)  # pruned trials cost too
+
+
+def test_a_pruned_trial_is_stored_once_never_chosen_and_shown(tuned_run):
+    import optuna
+
+    root, out, outcome = tuned_run
+    trials = _trials(out / "results.sqlite")
+    (pruned,) = [t for t in trials if t[3] == "pruned"]
+    number, params, score, _, loss, step, cpu, losses = pruned
+    assert score is None and step == 1 and cpu > 0  # stopped at the first measurement, before train.steps=2
+    assert json.loads(losses) == [[1, loss]]  # its last (only) dev loss
+    finished = [t for t in trials if t[3] == "done"]
+    # the median of the two finished trials' dev losses at step 1 is lower (better) than the pruned one's
+    assert loss > sum(json.loads(t[7])[0][1] for t in finished) / 2
+    assert all([s for s, _ in json.loads(t[7])] == [1] for t in finished)  # every step but the last (scored)
+    (study,) = optuna.get_all_study_summaries(f"sqlite:///{out / 'results.optuna.sqlite'}")
+    states = {t.number: t.state.name for t in optuna.load_study(study_name=study.study_name,
+                                                                storage=f"sqlite:///{out / 'results.optuna.sqlite'}").trials}
+    assert states == {t[0]: {"done": "COMPLETE", "pruned": "PRUNED"}[t[3]] for t in trials}
+    (pruned_dir,) = sqlite3.connect(out / "results.sqlite").execute(
+        "SELECT out_dir FROM trials WHERE number = ?", (number,)).fetchone()
+    assert json.loads((Path(pruned_dir) / "stopped.json").read_text()) == {"step": 1, "dev_loss": loss}
+    assert not (Path(pruned_dir) / "result.json").exists()  # never evaluated: pruning saves the generation too
+    report = outcome.report_md.read_text()
+    assert "pruned at step 1" in report and "3 (1 pruned)" in report
 
 
 def test_the_test_split_is_never_read_while_tuning(tuned_run, tmp_path):
-    """Corrupted test outputs: the trials score exactly the same and choose the same configuration."""
+    """Corrupted test outputs: the trials score and prune exactly the same and choose the same configuration."""
     from rich.console import Console
 
     from tunelab.compare import compare
@@ -130,7 +188,7 @@ def test_the_test_split_is_never_read_while_tuning(tuned_run, tmp_path):
     corrupted = _task_dir(tmp_path, corrupt=True)
     outcome = compare(_grid(tmp_path, corrupted), tmp_path / "out", progress=False, console=Console(quiet=True))
     clean, dirty = _trials(out / "results.sqlite"), _trials(tmp_path / "out" / "results.sqlite")
-    assert [(json.loads(p), s) for _, p, s, _ in clean] == [(json.loads(p), s) for _, p, s, _ in dirty]
+    assert _outcome(clean) == _outcome(dirty)  # dev scores and dev losses alike
     assert json.loads(_tuned(out / "results.sqlite")[0][1]) == json.loads(_tuned(tmp_path / "out" / "results.sqlite")[0][1])
     conn = sqlite3.connect(tmp_path / "out" / "results.sqlite")
     assert conn.execute("SELECT quality FROM cells").fetchone()[0] < 5  # the test cells do read the corrupted split
@@ -173,8 +231,7 @@ def test_sigkill_during_tuning_three_times_then_rerun(tuned_run, tmp_path):
     store = rerun_out / "results.sqlite"
     trials = _trials(store)
     assert [t[0] for t in trials] == [0, 1, 2]  # every trial stored once
-    clean = _trials(out / "results.sqlite")
-    assert [(json.loads(p), s) for _, p, s, _ in trials] == [(json.loads(p), s) for _, p, s, _ in clean]
+    assert _outcome(trials) == _outcome(_trials(out / "results.sqlite"))  # the same trials pruned at the same step
     assert json.loads(_tuned(store)[0][1]) == json.loads(_tuned(out / "results.sqlite")[0][1])
     conn = sqlite3.connect(store)
     assert conn.execute("SELECT COUNT(*), MAX(attempts) FROM cells WHERE status = 'done'").fetchone() == (1, 1)
@@ -194,25 +251,39 @@ def _fake_runs(monkeypatch, calls: list, fail_at: int | None = None):
     """run_cell replaced by a score of the configuration (fast); optionally dies inside one call."""
     import tunelab.compare.runner as runner
 
-    def fake(grid, cell, out_dir, progress=False):
+    def fake(grid, cell, out_dir, progress=False, monitor=None):
         lr = cell.config.train.lr
         calls.append(lr)
         if fail_at is not None and len(calls) == fail_at:
             raise KeyboardInterrupt  # as if the grid were killed inside this trial
+        if monitor is None:
+            return {"status": "done", "primary_metric": "chrf", "quality": -abs(lr - 0.3), "cpu_seconds": 1.0,
+                    "out_dir": str(out_dir)}
+        # a measured trial: the real trial-side pruner sees dev losses 1 + |lr - 0.3| / step at steps 1..3
+        trial_dir = Path(out_dir) / f"lr{lr:.6f}"
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        watch, rows = monitor(trial_dir), []
+        for step in range(1, 4):
+            rows.append({"step": step, "loss": 0.0, "dev_loss": 1.0 + abs(lr - 0.3) / step})
+            (trial_dir / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            if watch(step, rows[-1]["dev_loss"]):
+                return {"status": "stopped", "stopped": {"step": step, "dev_loss": rows[-1]["dev_loss"]},
+                        "cpu_seconds": 0.5, "out_dir": str(trial_dir)}
         return {"status": "done", "primary_metric": "chrf", "quality": -abs(lr - 0.3), "cpu_seconds": 1.0,
-                "out_dir": str(out_dir)}
+                "out_dir": str(trial_dir)}
 
     monkeypatch.setattr(runner, "run_cell", fake)
 
 
-def _study(tmp: Path, name: str):
+def _study(tmp: Path, name: str, prune: bool = False):
     import optuna
 
     from tunelab.compare.grid import expand
     from tunelab.compare.store import Store
     from tunelab.compare.tuning import optuna_path, run_study
 
-    grid = parse_grid({"name": name, "model": {"name": "tiny"}, "tune": {"trials": 6, "dev_rows": 5},
+    pruning = {"pruner": "median", "prune_every": 1, "prune_startup_trials": 2} if prune else {}
+    grid = parse_grid({"name": name, "model": {"name": "tiny"}, "tune": {"trials": 6, "dev_rows": 5, **pruning},
                        "methods": [{"name": "lora", "tune": {"space": {"train.lr": {"low": 0.01, "high": 1.0}}}}],
                        "tasks": ["date_format"]})
     (cell,) = expand(grid)
@@ -240,3 +311,48 @@ def test_tpe_study_resumed_after_an_interrupted_trial_asks_the_same_configuratio
     stored = [t["params"]["train.lr"] for t in store.trials("s")]
     assert stored == pytest.approx(clean_calls)  # the same six configurations, each stored once, in order
     assert calls[:3] == pytest.approx(clean_calls[:3]) and calls[3] == pytest.approx(calls[4])  # the killed one, asked again
+
+
+def test_a_trial_stored_before_the_study_was_told_gets_its_dev_losses_again(tmp_path, monkeypatch):
+    """Killed between the store row and `study.tell`: the rerun tells the study the same values and history."""
+    import optuna
+
+    from tunelab.compare.store import Store
+
+    _fake_runs(monkeypatch, [])
+    run, _ = _study(tmp_path / "a", "a", prune=True)
+    best = run()
+    clean = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'a' / 'results.optuna.sqlite'}")
+    assert {t.state.name for t in clean.trials} == {"COMPLETE", "PRUNED"}, "the fake study should prune some"
+
+    record = Store.record_trial
+    written: list = []
+
+    def record_then_die(self, values):
+        record(self, values)
+        written.append(values["number"])
+        if len(written) == 4:
+            raise KeyboardInterrupt  # the row is in the store; the study never heard of the trial
+
+    monkeypatch.setattr(Store, "record_trial", record_then_die)
+    run, store = _study(tmp_path / "b", "b", prune=True)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(Store, "record_trial", record)
+    assert run() == best
+    resumed = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'b' / 'results.optuna.sqlite'}")
+    told = [(t.params, t.state.name, t.value, t.intermediate_values) for t in resumed.trials if t.state.name != "FAIL"]
+    assert told == [(t.params, t.state.name, t.value, t.intermediate_values) for t in clean.trials]
+    assert [t["status"] for t in store.trials("s")] == [t.state.name.lower().replace("complete", "done")
+                                                        for t in clean.trials]
+
+
+@pytest.mark.parametrize("name", ["paper", "instruction"])
+def test_the_presets_prune_every_tuned_method_before_its_last_step(name):
+    from tunelab.compare.grid import load_grid, preset_path
+
+    grid = load_grid(preset_path(name))
+    assert grid.tune.pruner == "median" and grid.eval["precision"] == "auto"
+    tuned = [m for m in grid.methods if m.tune is not None]
+    assert tuned and all(grid.tune.prune_every < {**grid.train, **m.overrides.get("train", {})}["steps"] for m in tuned)
+    assert grid.tune.prune_startup_trials < grid.tune.trials  # some trial can be pruned at all

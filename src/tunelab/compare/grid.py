@@ -30,7 +30,7 @@ from tunelab.config import (
     to_dict,
 )
 from tunelab.errors import ConfigError, TunelabError
-from tunelab.validation import at_least, each_of
+from tunelab.validation import at_least, choice, each_of
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig,
             "report": ReportConfig}
@@ -60,6 +60,11 @@ class TuneSettings:
     seed: int = 0  # sampler seed, dev split seed and the training seed of every trial
     dev_rows: int = 50  # dev rows drawn (seeded) from the training data; trials train on the rest
     startup_trials: int = 3  # TPE: random trials before it models the scores
+    # pruning (Optuna MedianPruner) on the dev loss, measured teacher-forced on the dev rows during a trial
+    pruner: str = choice("tunelab.compare.pruning:PRUNERS", "none")  # none | median (stop a trial worse than the median)
+    prune_every: int = at_least(1, 25)  # optimizer steps between a trial's dev-loss measurements (pruner: median)
+    prune_startup_trials: int = at_least(0, 3)  # finished trials before any is pruned (MedianPruner n_startup_trials)
+    prune_warmup_steps: int = at_least(0, 0)  # no pruning before this step (MedianPruner n_warmup_steps)
 
 
 @dataclass
@@ -359,7 +364,10 @@ def cell_key(cfg: RunConfig, task: TaskSpec | None = None) -> str:
         section["subset"] = {k: getattr(task, k) for k in ("train", "eval", "train_tasks", "eval_tasks",
                                                             "eval_per_task")}
     data.get("train", {}).pop("resume", None)
-    data.get("eval", {}).pop("batch_size", None)  # greedy decoding: batch size changes speed, not outputs
+    if data.get("eval", {}).get("precision", "fp32") == "fp32":  # left at its default (fp32) or set to it
+        # greedy fp32 decoding: batch size changes speed, not outputs; in bf16 which rows share a batch can
+        # flip a near-tie (docs/performance.md, "bf16 and batch invariance"), so there it counts
+        data.get("eval", {}).pop("batch_size", None)
     data.get("model", {}).pop("threads", None)  # speed only (--workers splits the cores between cells)
     data["method"] = cfg.method.as_given()  # options as given (not resolved: old stores keep their keys); the name always counts
     source = data["method"].get("init_from")

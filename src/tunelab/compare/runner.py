@@ -15,9 +15,10 @@ import resource
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
@@ -30,8 +31,14 @@ from tunelab.compare.store import Store
 from tunelab.config import RunConfig, from_dict, to_dict
 from tunelab.paths import atomic_write_json
 
+if TYPE_CHECKING:
+    from tunelab.run import DevMonitor
+
 ERROR_FILE = "error.json"
 USAGE_FILE = "usage.json"  # CPU seconds of the cell's process, written beside result.json
+
+# builds, inside the cell's own process, the monitor that watches its dev loss; picklable (it crosses a fork)
+MonitorFactory = Callable[[Path], "DevMonitor"]
 
 
 @dataclass
@@ -128,20 +135,23 @@ def _run_on_backend(grid: GridConfig, todo: list[Cell], store: Store, out_dir: P
             pool.close()
 
 
-def run_cell(grid: GridConfig, cell: Cell, out_dir: Path, progress: bool = False) -> dict[str, Any]:
+def run_cell(grid: GridConfig, cell: Cell, out_dir: Path, progress: bool = False,
+             monitor: MonitorFactory | None = None) -> dict[str, Any]:
     """Run one cell (in its own process, resuming its checkpoint) and return its store row, unrecorded.
 
     The one entry point for work outside the grid loop (tuning trials, compare/tuning.py); a trial
-    could equally be submitted to a backend as ``timed_run``.
+    could equally be submitted to a backend as ``timed_run``. With ``monitor``, the cell's process
+    calls ``monitor(out)`` and trains under the ``tunelab.run.DevMonitor`` it returns; a cell it stops
+    comes back with status ``stopped`` and ``stopped`` = {step, dev_loss} (never a row of ``cells``).
     """
-    return timed_run(grid, cell, out_dir, progress)
+    return timed_run(grid, cell, out_dir, progress, monitor=monitor)
 
 
-def timed_run(grid: GridConfig, cell: Cell, out_dir: Path, progress: bool, gpus: list[str] | None = None
-               ) -> dict[str, Any]:
+def timed_run(grid: GridConfig, cell: Cell, out_dir: Path, progress: bool, gpus: list[str] | None = None,
+              monitor: MonitorFactory | None = None) -> dict[str, Any]:
     """Run one cell (pinned to ``gpus`` where given) and return its store row, with ``cell_seconds``."""
     cell_start = time.perf_counter()
-    row = _run_one(grid, cell, out_dir, progress, gpus)
+    row = _run_one(grid, cell, out_dir, progress, gpus, monitor)
     row["cell_seconds"] = round(time.perf_counter() - cell_start, 3)
     return row
 
@@ -200,24 +210,42 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def _run_one(grid: GridConfig, cell: Cell, out_dir: Path, progress: bool, gpus: list[str] | None
-             ) -> dict[str, Any]:
+def _run_one(grid: GridConfig, cell: Cell, out_dir: Path, progress: bool, gpus: list[str] | None,
+             monitor: MonitorFactory | None = None) -> dict[str, Any]:
+    from tunelab.run import STOPPED_FILE
+
     cfg = cell_config(cell, out_dir)
     out = Path(cfg.out)
     result = _finished_on_disk(out, cell)
     if result is not None:
         return {**_row(grid, cell, cfg, result, None), "reused": True}
-    (out / ERROR_FILE).unlink(missing_ok=True)
-    (out / USAGE_FILE).unlink(missing_ok=True)
+    for name in (ERROR_FILE, USAGE_FILE, STOPPED_FILE):  # a stale stop is not this run's: it trains again
+        (out / name).unlink(missing_ok=True)
     processes = grid.resources.get("processes") or 1
     if processes > 1:
+        if monitor is not None:
+            return _row(grid, cell, cfg, None, "a dev-loss monitor (tune.pruner) needs single-process cells; "
+                                               "set resources.processes: 1 or tune.pruner: none")
         error = launch_cell(cfg, processes, gpus)
     else:
-        error = _in_child(cfg, progress, gpus) if _can_fork_server() else _in_process(cfg, progress)
+        error = (_in_child(cfg, progress, gpus, monitor) if _can_fork_server()
+                 else _in_process(cfg, progress, monitor(out) if monitor else None))
+    if error is None and (out / STOPPED_FILE).is_file():
+        return _stopped_row(grid, cell, cfg)
     result = _finished_on_disk(out, cell) if error is None else None
     if error is None and result is None:
         error = f"the cell finished without writing {out / 'result.json'}"
     return _row(grid, cell, cfg, result, error)
+
+
+def _stopped_row(grid: GridConfig, cell: Cell, cfg: RunConfig) -> dict[str, Any]:
+    """A cell its monitor stopped during training: where, its last dev loss and the CPU it took."""
+    from tunelab.run import STOPPED_FILE
+
+    usage_path = Path(cfg.out) / USAGE_FILE
+    return {**cell.coords(), "key": cell.key, "grid": grid.name, "config": to_dict(cfg), "out_dir": cfg.out,
+            "status": "stopped", "stopped": json.loads((Path(cfg.out) / STOPPED_FILE).read_text()),
+            "cpu_seconds": json.loads(usage_path.read_text())["cpu_seconds"] if usage_path.is_file() else None}
 
 
 def _finished_on_disk(out: Path, cell: Cell) -> dict[str, Any] | None:
@@ -268,9 +296,10 @@ def _context() -> Any:
     return _CONTEXT
 
 
-def _in_child(cfg: RunConfig, progress: bool, gpus: list[str] | None = None) -> str | None:
+def _in_child(cfg: RunConfig, progress: bool, gpus: list[str] | None = None,
+              monitor: MonitorFactory | None = None) -> str | None:
     """Run the cell in a forked child (seeing only ``gpus`` where given); None on success, else the error text."""
-    process = _context().Process(target=_child_main, args=(to_dict(cfg), progress, os.getpid(), gpus),
+    process = _context().Process(target=_child_main, args=(to_dict(cfg), progress, os.getpid(), gpus, monitor),
                                  name="tunelab-cell")
     process.start()
     try:
@@ -289,13 +318,20 @@ def _in_child(cfg: RunConfig, progress: bool, gpus: list[str] | None = None) -> 
     return None
 
 
-def _child_main(cfg_dict: dict[str, Any], progress: bool, grid_pid: int, gpus: list[str] | None = None) -> None:
+def _child_main(cfg_dict: dict[str, Any], progress: bool, grid_pid: int, gpus: list[str] | None = None,
+                monitor: MonitorFactory | None = None) -> None:
     """Entry point of a cell's process: run it, and leave error.json behind if it fails."""
     _exit_with_parent(grid_pid)
     if gpus is not None:  # before torch touches CUDA (the fork server imported torch, not CUDA): pins the cell
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     cfg = from_dict(RunConfig, cfg_dict)
-    error = _in_process(cfg, progress)
+    error = None
+    try:
+        watcher = monitor(Path(cfg.out)) if monitor is not None else None
+    except Exception as exc:  # e.g. the study file cannot be opened: this cell fails, with the reason
+        error = f"{type(exc).__name__}: {exc}"
+    if error is None:
+        error = _in_process(cfg, progress, watcher)
     usage = resource.getrusage(resource.RUSAGE_SELF)  # a forked child's counters start at zero
     atomic_write_json(Path(cfg.out) / USAGE_FILE, {"cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3)})
     if error is not None:
@@ -303,12 +339,12 @@ def _child_main(cfg_dict: dict[str, Any], progress: bool, grid_pid: int, gpus: l
         os._exit(1)
 
 
-def _in_process(cfg: RunConfig, progress: bool) -> str | None:
+def _in_process(cfg: RunConfig, progress: bool, monitor: DevMonitor | None = None) -> str | None:
     from tunelab.errors import TunelabError
     from tunelab.run import run
 
     try:
-        run(cfg, progress=progress)
+        run(cfg, progress=progress, monitor=monitor)
     except TunelabError as exc:
         return f"{type(exc).__name__}: {exc}"
     except Exception as exc:  # any bug or library error fails this cell only; the traceback is kept

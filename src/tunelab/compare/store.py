@@ -61,12 +61,15 @@ CREATE TABLE IF NOT EXISTS trials (
     key TEXT NOT NULL,             -- the trial cell's config hash (one row per configuration)
     number INTEGER NOT NULL,       -- order in the study (0, 1, ...)
     params TEXT NOT NULL,          -- the sampled configuration as JSON
-    status TEXT NOT NULL,          -- done | failed
+    status TEXT NOT NULL,          -- done | pruned | failed
     metric TEXT,
-    dev_score REAL,                -- primary metric on the dev split (drawn from the training data)
+    dev_score REAL,                -- primary metric on the dev split (drawn from the training data), NULL if pruned
     cpu_seconds REAL,
     out_dir TEXT,
     finished_at REAL NOT NULL,
+    dev_loss REAL,                 -- last teacher-forced dev loss measured (tune.pruner), NULL without pruning
+    dev_losses TEXT,               -- every [step, dev loss] measured, as JSON
+    pruned_step INTEGER,           -- the step a pruned trial stopped at
     PRIMARY KEY (study, key)
 );
 CREATE TABLE IF NOT EXISTS tuned (
@@ -85,6 +88,8 @@ COLUMNS = ("key", "grid", "method", "method_name", "task", "seed", "train_size",
            "n_train", "n_eval", "trainable_params", "train_seconds", "eval_seconds", "cell_seconds",
            "peak_rss_mb", "cpu_seconds", "adapter_bytes", "versions", "git_commit", "result", "finished_at", "attempts")
 JSON_COLUMNS = ("config", "metrics", "versions", "result")
+TRIAL_COLUMNS = ("study", "key", "number", "params", "status", "metric", "dev_score", "cpu_seconds", "out_dir",
+                 "finished_at", "dev_loss", "dev_losses", "pruned_step")
 
 
 @dataclass
@@ -124,13 +129,15 @@ class Store:
 
     def _add_new_columns(self) -> None:
         """A store written by an older tunelab gains the columns added since (all nullable)."""
-        have = {row[1] for row in self.conn.execute("PRAGMA table_info(cells)")}
-        cells_table = SCHEMA.split("CREATE TABLE IF NOT EXISTS meta")[0]  # the other tables reuse column names
-        for line in cells_table.splitlines():
-            definition = line.split("--")[0].strip().rstrip(",")
-            name = definition.split(" ")[0] if definition else ""
-            if name in COLUMNS and name not in have and ("NOT NULL" not in definition or "DEFAULT" in definition):
-                self.conn.execute(f"ALTER TABLE cells ADD COLUMN {definition}")
+        for table, names in (("cells", COLUMNS), ("trials", TRIAL_COLUMNS)):
+            have = {row[1] for row in self.conn.execute(f"PRAGMA table_info({table})")}
+            # the table's own CREATE statement: the tables reuse column names
+            definitions = SCHEMA.split(f"CREATE TABLE IF NOT EXISTS {table} (")[1].split(");")[0]
+            for line in definitions.splitlines():
+                definition = line.split("--")[0].strip().rstrip(",")
+                name = definition.split(" ")[0] if definition else ""
+                if name in names and name not in have and ("NOT NULL" not in definition or "DEFAULT" in definition):
+                    self.conn.execute(f"ALTER TABLE {table} ADD COLUMN {definition}")
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -226,16 +233,14 @@ class Store:
         values = cursor.fetchone()
         if values is None:
             return None
-        data = dict(zip([d[0] for d in cursor.description], values, strict=True))
-        data["params"] = json.loads(data["params"])
-        return data
+        return _decoded(dict(zip([d[0] for d in cursor.description], values, strict=True)))
 
     def record_trial(self, values: dict[str, Any]) -> None:
         """Insert one finished trial (a rerun of the same configuration replaces it: stored once)."""
         row = {**values, "params": json.dumps(values["params"], sort_keys=True, default=str),
+               "dev_losses": json.dumps(values.get("dev_losses") or []),
                "finished_at": values.get("finished_at") or time.time()}
-        names = ("study", "key", "number", "params", "status", "metric", "dev_score", "cpu_seconds", "out_dir",
-                 "finished_at")
+        names = TRIAL_COLUMNS
         with self.transaction() as conn:
             conn.execute(f"INSERT OR REPLACE INTO trials ({', '.join(names)}) VALUES ({', '.join('?' for _ in names)})",
                          [row.get(n) for n in names])
@@ -263,10 +268,14 @@ class Store:
 def _with_params(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
     """Rows of the trials / tuned tables as dicts, their JSON ``params`` decoded."""
     names = [d[0] for d in cursor.description]
-    rows = [dict(zip(names, values, strict=True)) for values in cursor.fetchall()]
-    for row in rows:
-        row["params"] = json.loads(row["params"])
-    return rows
+    return [_decoded(dict(zip(names, values, strict=True))) for values in cursor.fetchall()]
+
+
+def _decoded(row: dict[str, Any]) -> dict[str, Any]:
+    row["params"] = json.loads(row["params"])
+    if "dev_losses" in row:  # trials: [[step, loss], ...] as (step, loss) pairs
+        row["dev_losses"] = [tuple(v) for v in json.loads(row["dev_losses"] or "[]")]
+    return row
 
 
 def open_existing(path: str | Path) -> Store:

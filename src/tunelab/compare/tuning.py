@@ -13,6 +13,11 @@ Resumable like the store: the study lives in an Optuna RDB file beside the resul
 table (one per configuration), and a trial killed mid-run is marked failed and asked again. The
 sampler for the k-th trial is seeded with ``seed + k`` and sees only finished trials, so a killed and
 rerun study asks the very same configurations as an uninterrupted one.
+
+Pruning (``tune.pruner: median``, ``compare/pruning.py``): a trial's process measures its dev loss
+every ``tune.prune_every`` steps and stops when Optuna's ``MedianPruner`` says it is worse than the
+median of the finished trials at that step. A pruned trial is stored once with status ``pruned`` and
+its last dev loss, is never the winner, and its CPU seconds count in the tuning cost.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from tunelab.compare.grid import (
     cell_key,
     with_params,
 )
+from tunelab.compare.pruning import PruneProbe, dev_losses, make_pruner
 from tunelab.compare.store import Store
 from tunelab.config import RunConfig, from_dict, to_dict
 from tunelab.errors import TunelabError
@@ -150,13 +156,17 @@ def run_study(grid: GridConfig, spec: MethodSpec, base: Cell, name: str, store: 
         n_trials = min(n_trials, len(combos))
     distributions = {k: _distribution(v) for k, v in space.items()}
     trial_base = dev_config(base, settings.seed, settings.dev_rows, out_dir)
-    study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True, direction="maximize")
+    prunes = _prunes(grid, spec, trial_base, name)
+    study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True, direction="maximize",
+                                pruner=make_pruner(settings.pruner, settings.prune_startup_trials,
+                                                   settings.prune_warmup_steps))
     while True:
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             # left RUNNING by a killed grid (one process runs a study): ask its configuration again below
             study.tell(t.number, state=TrialState.FAIL)
         finished = [t for t in study.get_trials(deepcopy=False)
-                    if t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and "error" in t.user_attrs)]
+                    if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+                    or (t.state == TrialState.FAIL and "error" in t.user_attrs)]
         k = len(finished)
         if k >= n_trials:
             break
@@ -175,21 +185,64 @@ def run_study(grid: GridConfig, spec: MethodSpec, base: Cell, name: str, store: 
         if stored is None:
             console.print(f"[bold]tune {name}[/bold] trial {k + 1}/{n_trials} ({kind}): {_fmt(params)}",
                           highlight=False)
-            row = run_cell(grid, cell, out_dir / TUNING_DIR, progress)
-            stored = {"study": name, "key": cell.key, "number": k, "params": params, "status": row["status"],
-                      "metric": row.get("primary_metric"), "dev_score": row.get("quality"),
-                      "cpu_seconds": row.get("cpu_seconds"), "out_dir": row.get("out_dir")}
+            probe = None
+            if prunes:
+                probe = PruneProbe(storage.url, name, trial.number, settings.prune_every,
+                                   settings.prune_startup_trials, settings.prune_warmup_steps)
+            row = run_cell(grid, cell, out_dir / TUNING_DIR, progress, monitor=probe)
+            stored = _trial_row(name, cell.key, k, params, row)
             store.record_trial(stored)
-            if row["status"] != "done":
-                console.print(f"  [red]trial failed[/red]: {(row.get('error') or '').splitlines()[0]}", highlight=False)
-            else:
-                console.print(f"  dev {row['primary_metric']} = {row['quality']:.2f}", highlight=False)
+            _print_trial(console, row, stored)
+            replay = bool(row.get("reused"))  # result.json of a killed grid: no process reported this time
+        else:  # stored by a grid killed before it told the study
+            replay = True
+        for step, loss in (stored["dev_losses"] or []) if replay else []:
+            trial.report(-loss, step)  # the pruner of later trials sees what an uninterrupted study saw
         if stored["status"] == "done" and stored["dev_score"] is not None:
             study.tell(trial, float(stored["dev_score"]))
+        elif stored["status"] == "pruned":
+            study.tell(trial, state=TrialState.PRUNED)
         else:
             trial.set_user_attr("error", "the trial cell failed")
             study.tell(trial, state=TrialState.FAIL)
     return _record_winner(store, name, base, n_trials)
+
+
+def _prunes(grid: GridConfig, spec: MethodSpec, trial_base: RunConfig, name: str) -> bool:
+    """Whether this study's trials are pruned: a pruner is set and the method trains (a declared capability)."""
+    from tunelab.methods import get_method
+
+    settings = grid.tune
+    if settings.pruner == "none" or not get_method(spec.name).trains:
+        return False
+    if (grid.resources.get("processes") or 1) > 1:
+        raise TunelabError(f"{name}: tune.pruner {settings.pruner} measures the dev loss inside a single-process "
+                           "trial; set resources.processes: 1 or tune.pruner: none")
+    steps = trial_base.train.steps
+    if settings.prune_every >= steps:  # a trial is measured before its last step only (then it is scored)
+        raise TunelabError(f"{name}: tune.prune_every={settings.prune_every} is not below train.steps={steps}, so no "
+                           "trial would ever be measured; lower tune.prune_every or set tune.pruner: none")
+    return True
+
+
+def _trial_row(name: str, key: str, number: int, params: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+    """The store's trials row of one trial cell: done, pruned (the runner's ``stopped``) or failed."""
+    status = {"done": "done", "stopped": "pruned"}.get(row["status"], "failed")
+    losses = dev_losses(Path(row["out_dir"])) if row.get("out_dir") and status != "failed" else []
+    return {"study": name, "key": key, "number": number, "params": params, "status": status,
+            "metric": row.get("primary_metric"), "dev_score": row.get("quality") if status == "done" else None,
+            "dev_loss": losses[-1][1] if losses else None, "dev_losses": losses,
+            "pruned_step": row["stopped"]["step"] if status == "pruned" else None,
+            "cpu_seconds": row.get("cpu_seconds"), "out_dir": row.get("out_dir")}
+
+
+def _print_trial(console: Console, row: dict[str, Any], stored: dict[str, Any]) -> None:
+    if stored["status"] == "done":
+        console.print(f"  dev {row['primary_metric']} = {row['quality']:.2f}", highlight=False)
+    elif stored["status"] == "pruned":
+        console.print(f"  pruned at step {stored['pruned_step']} (dev loss {stored['dev_loss']:.4f})", highlight=False)
+    else:
+        console.print(f"  [red]trial failed[/red]: {(row.get('error') or '').splitlines()[0]}", highlight=False)
 
 
 def _record_winner(store: Store, name: str, base: Cell, n_trials: int) -> dict[str, Any]:
@@ -198,8 +251,8 @@ def _record_winner(store: Store, name: str, base: Cell, n_trials: int) -> dict[s
     if not done:
         raise TunelabError(f"{name}: every tuning trial failed; see the trials' error.json under "
                            f"{TUNING_DIR}/cells/ and fix the search space")
-    best = max(done, key=lambda t: (t["dev_score"], -t["number"]))  # ties: the earlier trial
-    cost = sum(t["cpu_seconds"] or 0.0 for t in trials)
+    best = max(done, key=lambda t: (t["dev_score"], -t["number"]))  # ties: the earlier trial (never a pruned one)
+    cost = sum(t["cpu_seconds"] or 0.0 for t in trials)  # pruned and failed trials cost too
     store.record_tuned({"study": name, "method": base.method, "task": base.task, "params": best["params"],
                         "dev_score": best["dev_score"], "trials": len(trials), "cpu_seconds": round(cost, 3)})
     return dict(best["params"])
@@ -266,19 +319,33 @@ def tuning_tables(store: Store) -> list[Any]:
     tuned = store.tuned()
     if not tuned:
         return []
+    trials = store.trials()
+    pruned = {t["study"]: sum(x["status"] == "pruned" for x in trials if x["study"] == t["study"]) for t in tuned}
     summary = Table(["method", "task", "study", "trials", "chosen configuration", "best dev score",
                      "tuning CPU s"],
-                    [[t["method"], t["task"], t["study"], str(t["trials"]), _fmt(t["params"]),
-                      "-" if t["dev_score"] is None else f"{t['dev_score']:.2f}",
+                    [[t["method"], t["task"], t["study"],
+                      f"{t['trials']} ({pruned[t['study']]} pruned)" if pruned[t["study"]] else str(t["trials"]),
+                      _fmt(t["params"]), "-" if t["dev_score"] is None else f"{t['dev_score']:.2f}",
                       "-" if t["cpu_seconds"] is None else f"{t['cpu_seconds']:.1f}"] for t in tuned])
     winners = {t["study"]: t["params"] for t in tuned}
-    trials = Table(["study", "trial", "configuration", "dev metric", "dev score", "CPU s", "chosen"],
-                   [[t["study"], str(t["number"]), _fmt(t["params"]), t["metric"] or "-",
-                     "failed" if t["dev_score"] is None else f"{t['dev_score']:.2f}",
-                     "-" if t["cpu_seconds"] is None else f"{t['cpu_seconds']:.1f}",
-                     "yes" if t["params"] == winners.get(t["study"]) else ""] for t in store.trials()])
+    table = Table(["study", "trial", "configuration", "dev metric", "dev score", "dev loss", "CPU s", "chosen"],
+                  [[t["study"], str(t["number"]), _fmt(t["params"]), t["metric"] or "-", _score_cell(t),
+                    "-" if t["dev_loss"] is None else f"{t['dev_loss']:.4f}",
+                    "-" if t["cpu_seconds"] is None else f"{t['cpu_seconds']:.1f}",
+                    "yes" if t["status"] == "done" and t["params"] == winners.get(t["study"]) else ""]
+                   for t in trials])
     note = ("Each tuned method ran the same number of trials per task on a dev split drawn (seeded) from its "
             "training data, never from the test split; the best dev score chose the configuration its test cells "
-            "use. Tuning CPU seconds are the trials' own processes; add them to a method's training cost when "
-            "comparing what it took to reach its score.")
-    return [note, summary, trials]
+            "use. Tuning CPU seconds are the trials' own processes, pruned ones included; add them to a method's "
+            "training cost when comparing what it took to reach its score.")
+    if any(t["status"] == "pruned" for t in trials):
+        note += (" A pruned trial stopped training early because its dev loss (teacher-forced, on the dev rows) "
+                 "was worse than the median of the finished trials at the same step (tune.pruner: median); it has "
+                 "no dev score and is never chosen.")
+    return [note, summary, table]
+
+
+def _score_cell(trial: dict[str, Any]) -> str:
+    if trial["status"] == "pruned":
+        return f"pruned at step {trial['pruned_step']}"
+    return "failed" if trial["dev_score"] is None else f"{trial['dev_score']:.2f}"
