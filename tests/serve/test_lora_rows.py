@@ -103,3 +103,29 @@ def test_slots_evict_the_least_recently_used_idle_adapter_and_never_a_busy_one(t
     slots.release(second)
     assert slots.acquire("lora02", deltas["lora02"]) == first  # lora00 (least recently used) evicted
     assert slots.loaded() == ["lora01", "lora02"] and slots.stats.evictions == 1
+
+
+def test_full_weights_and_folded_lora_keep_private_copies(tiny, mixed_root, tmp_path):
+    import json
+    import shutil
+
+    from tunelab.formatting import PromptLayout
+    from tunelab.methods import METHODS
+    from tunelab.methods.base import ADAPTER_META
+    from tunelab.methods.full_finetune import FullFinetuneConfig
+    from tunelab.methods.io import load_low_rank_delta, save_adapter
+
+    model, tokenizer = tiny
+    root = tmp_path / "private"
+    root.mkdir()
+    full = METHODS["full_finetune"].build(load_model("tiny", seed=0)[0], tokenizer, FullFinetuneConfig(), [], seed=0)
+    save_adapter(full, root / "full", "tiny", PromptLayout().resolved(tokenizer))
+    registry = AdapterRegistry(root, model, tokenizer, "tiny")
+    served = registry.get("full")
+    assert served.lora is None and not served.shares_base and served.adapter.model is not model
+    folded = tmp_path / "folded"
+    shutil.copytree(mixed_root / "lora00", folded)
+    meta = json.loads((folded / ADAPTER_META).read_text())
+    (folded / ADAPTER_META).write_text(json.dumps({**meta, "folded_from": str(mixed_root / "lora01")}))
+    assert load_low_rank_delta(folded, tokenizer, "tiny") is None  # W' = W + folded delta is not low rank over W
+    assert load_low_rank_delta(mixed_root / "lora00", tokenizer, "tiny") is not None
