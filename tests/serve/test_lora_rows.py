@@ -129,3 +129,17 @@ def test_full_weights_and_folded_lora_keep_private_copies(tiny, mixed_root, tmp_
     (folded / ADAPTER_META).write_text(json.dumps({**meta, "folded_from": str(mixed_root / "lora01")}))
     assert load_low_rank_delta(folded, tokenizer, "tiny") is None  # W' = W + folded delta is not low rank over W
     assert load_low_rank_delta(mixed_root / "lora00", tokenizer, "tiny") is not None
+
+
+def test_the_static_batcher_serves_lora_rows_on_the_shared_model_like_offline(mixed_root):
+    from tunelab.serve.batcher import HotPrompts, Job, run_group
+
+    model, tokenizer = load_model("tiny", seed=0)
+    registry = AdapterRegistry(mixed_root, model, tokenizer, "tiny", max_lora_adapters=1)
+    cfg = GenerationConfig(max_new_tokens=8)
+    names = ["lora00", "task00", "lora01", "lora00", "prefix00"]
+    jobs = [Job(registry.get(n), [5 + i, 6, 7 + i], cfg) for i, n in enumerate(names)]
+    texts = run_group(jobs, tokenizer, HotPrompts(4), registry.lora)
+    for name, job, text in zip(names, jobs, texts, strict=True):
+        assert text == offline_ids(mixed_root / name, job.prompt_ids, cfg), name
+    assert registry.lora.stats.evictions == 1  # one slot, two LoRA adapters in turn

@@ -201,7 +201,7 @@ def create_app(registry: AdapterRegistry, limits: ServeLimits | None = None, api
     def health() -> dict:
         return {"status": "ok", "model": registry.model_name, "adapters_loaded": registry.loaded(),
                 "adapter_loads": registry.loads, "scheduler": scheduler,
-                "lora_slots": {"loaded": registry.lora.loaded(), "bytes": registry.lora.nbytes(),
+                "lora_slots": {"capacity": registry.lora.capacity, "loaded": registry.lora.loaded(), "bytes": registry.lora.nbytes(),
                                **asdict(registry.lora.stats)},
                 "batching": asdict(engine.stats) if engine is not None else asdict(_static(batcher).stats)}
 
