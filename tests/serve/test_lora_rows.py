@@ -143,3 +143,14 @@ def test_the_static_batcher_serves_lora_rows_on_the_shared_model_like_offline(mi
     for name, job, text in zip(names, jobs, texts, strict=True):
         assert text == offline_ids(mixed_root / name, job.prompt_ids, cfg), name
     assert registry.lora.stats.evictions == 1  # one slot, two LoRA adapters in turn
+
+
+def test_instruction_tuning_declares_its_lora_weights_a_low_rank_delta_and_full_weights_not(mixed_root):
+    from tunelab.methods import METHODS
+    from tunelab.methods.instruction_tuning import InstructionTuningConfig
+
+    method = METHODS["instruction_tuning"]
+    assert method.capabilities.low_rank_delta and not METHODS["full_finetune"].capabilities.low_rank_delta
+    delta = method.low_rank_delta(mixed_root / "lora00", InstructionTuningConfig(weights="lora"))
+    assert delta is not None and delta.scaling == 16 / 8
+    assert method.low_rank_delta(mixed_root / "lora00", InstructionTuningConfig(weights="full")) is None
