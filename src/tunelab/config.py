@@ -219,7 +219,8 @@ class ServeConfig:
     port: int = between(0, 65535, 8000)  # 0 = any free port
     api_key: str | None = None  # require `Authorization: Bearer KEY` (the flag also reads TUNELAB_API_KEY)
     max_loaded: int = at_least(1, 64)  # adapters kept in memory (least recently used evicted)
-    max_weight_adapters: int = at_least(1, 2)  # LoRA / full-weight adapters kept (each holds a model copy)
+    max_weight_adapters: int = at_least(1, 2)  # full-weight adapters kept (each holds a model copy)
+    max_lora_adapters: int = at_least(1, 32)  # LoRA adapters stacked as rows of the shared batch (LRU slots)
     max_batch: int = at_least(1, 32)  # rows per forward pass
     scheduler: str = choice("tunelab.serve.app:SCHEDULERS", "continuous")  # continuous | static (for comparison)
     window_ms: float = at_least(0, 5.0)  # how long the static batcher collects requests

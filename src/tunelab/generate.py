@@ -31,12 +31,16 @@ from tunelab.modeling import (
     _decoder_and_head,
     batch_cache,
     cache_kwargs,
+    cache_tensors,
     extend_kv,
     hidden_states,
     mask_for,
+    merge_rows,
     output_cache,
     pad_batch,
     positions_from_mask,
+    row_slots,
+    select_rows,
     virtual_kv,
 )
 
@@ -316,47 +320,81 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 @dataclass
 class Prefilled:
-    """Rows after prefill: their cache, attention mask (B, L), next positions (B,) and last logits (B, V)."""
+    """Rows after prefill: their cache, attention mask (B, L), next positions (B,) and last logits (B, V);
+    ``slots`` (B,) the LoRA slot of each row (``serve.lora_rows``), None when no row has one (no LoRA work)."""
 
     cache: object
     mask: torch.Tensor
     next_pos: torch.Tensor
     logits: torch.Tensor
+    slots: torch.Tensor | None = None
+
+
+def _slot_tensor(slots: Sequence[int] | torch.Tensor | None, device) -> torch.Tensor | None:
+    """(B,) long slots on ``device``, or None when no row has a slot (so LoRA hooks do nothing)."""
+    if slots is None:
+        return None
+    t = torch.as_tensor(slots, dtype=torch.long).to(device)
+    return t if bool(t.any()) else None
 
 
 @torch.no_grad()
-def prefill_rows(rows: Sequence[tuple[Any, list[int]]], pad_id: int) -> Prefilled:
+def prefill_rows(rows: Sequence[tuple[Any, list[int]]], pad_id: int, slots: Sequence[int] | None = None) -> Prefilled:
     """Prefill (adapter, prompt_ids) rows that share one base model object (``_batch_key``), each row after
-    its own adapter's virtual-token / prefix key/values (``virtual_kv``), left-padded as in ``_generate_batch``."""
+    its own adapter's virtual-token / prefix key/values (``virtual_kv``), left-padded as in ``_generate_batch``;
+    ``slots``: each row's LoRA slot (``serve.lora_rows``; 0 = none), applied in this forward and every
+    ``decode_step`` after it."""
     model = rows[0][0].model
     body, head = _decoder_and_head(model)
+    device = model.get_input_embeddings().weight.device
+    row_slot = _slot_tensor(slots, device)
     if body is None or any(a.soft_prompt(1) is not None and virtual_kv(a) is None for a, _ in rows):
         if len({id(a) for a, _ in rows}) > 1:
             raise ValueError("prefill_rows: on this architecture rows of different adapters cannot share a batch")
         adapter = rows[0][0]
-        device = model.get_input_embeddings().weight.device
         prompts = [list(p) for _, p in rows]
         ids = pad_batch(prompts, pad_id, side="left").to(device)
-        hidden, cache, inputs, are_logits = hidden_states(adapter, ids, mask_for(prompts, side="left").to(device),
-                                                          use_cache=True)
+        with row_slots(row_slot):
+            hidden, cache, inputs, are_logits = hidden_states(adapter, ids, mask_for(prompts, side="left").to(device),
+                                                              use_cache=True)
         logits = hidden[:, -1] if are_logits else model.get_output_embeddings()(hidden[:, -1])
-        return Prefilled(cache, inputs.attention_mask, inputs.position_ids[:, -1] + 1, logits)
+        return Prefilled(cache, inputs.attention_mask, inputs.position_ids[:, -1] + 1, logits, row_slot)
     prompts = [list(p) for _, p in rows]
-    cache, pmask = batch_cache(model, [virtual_kv(a) for a, _ in rows])
+    cache, pmask = batch_cache(model, [virtual_kv(a) for a, _ in rows])  # outside row_slots: one row each
     mask = torch.cat([pmask, mask_for(prompts, side="left").to(pmask.device)], dim=1)
     ids = pad_batch(prompts, pad_id, side="left").to(mask.device)
     positions = positions_from_mask(mask)[:, pmask.shape[1]:]
-    out = body(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_kwargs(body, cache), use_cache=True)
-    return Prefilled(output_cache(out), mask, positions[:, -1] + 1, head(out.last_hidden_state[:, -1]))
+    with row_slots(row_slot):
+        out = body(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_kwargs(body, cache),
+                   use_cache=True)
+    return Prefilled(output_cache(out), mask, positions[:, -1] + 1, head(out.last_hidden_state[:, -1]), row_slot)
 
 
 @torch.no_grad()
 def decode_step(model, tokens: torch.Tensor, state: Prefilled) -> Prefilled:
     """Feed one token per row (B,) to the running rows: the forward of one ``_decode`` iteration."""
     mask = torch.cat([state.mask, state.mask.new_ones(state.mask.shape[0], 1)], dim=-1)
-    step = model(input_ids=tokens.unsqueeze(-1), attention_mask=mask, position_ids=state.next_pos.unsqueeze(-1),
-                 **cache_kwargs(model, state.cache), use_cache=True)
-    return Prefilled(output_cache(step), mask, state.next_pos + 1, step.logits[:, -1])
+    with row_slots(state.slots):
+        step = model(input_ids=tokens.unsqueeze(-1), attention_mask=mask, position_ids=state.next_pos.unsqueeze(-1),
+                     **cache_kwargs(model, state.cache), use_cache=True)
+    return Prefilled(output_cache(step), mask, state.next_pos + 1, step.logits[:, -1], state.slots)
+
+
+def merge_prefilled(model, parts: Sequence[Prefilled]) -> Prefilled:
+    """Running rows and newly prefilled ones as one batch (``modeling.merge_rows``), slots carried along."""
+    cache, mask = merge_rows(model, [(cache_tensors(p.cache), p.mask) for p in parts])
+    slots = None
+    if any(p.slots is not None for p in parts):
+        slots = torch.cat([p.slots if p.slots is not None else p.next_pos.new_zeros(p.next_pos.shape[0])
+                           for p in parts])
+    return Prefilled(cache, mask, torch.cat([p.next_pos for p in parts]), torch.cat([p.logits for p in parts]), slots)
+
+
+def select_prefilled(model, state: Prefilled, keep: torch.Tensor) -> Prefilled:
+    """Only rows ``keep`` (indices) of ``state`` (``modeling.select_rows``), slots carried along."""
+    cache, mask = select_rows(model, state.cache, state.mask, keep)
+    slots = None if state.slots is None else _slot_tensor(state.slots.index_select(0, keep), keep.device)
+    return Prefilled(cache, mask, state.next_pos.index_select(0, keep), state.logits.index_select(0, keep), slots)
 
 
 def next_token(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> int:

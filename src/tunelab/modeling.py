@@ -353,6 +353,25 @@ def mask_for(sequences: list[list[int]], side: str = "right") -> torch.Tensor:
 
 # --- row-level cache surgery for the serving scheduler (tunelab.serve.scheduler) -------------------------
 
+_ROW_SLOTS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("tunelab_row_slots", default=None)
+
+
+@contextlib.contextmanager
+def row_slots(slots: torch.Tensor | None) -> Iterator[None]:
+    """The weight-delta slot of each row, (B,) long (0 = none), or one slot for every row (a 0-dim tensor),
+    for the forwards run inside; ``serve.lora_rows`` hooks read it. None (the default): no row has a delta."""
+    token = _ROW_SLOTS.set(slots)
+    try:
+        yield
+    finally:
+        _ROW_SLOTS.reset(token)
+
+
+def current_row_slots() -> torch.Tensor | None:
+    """The slots ``row_slots`` set for the forward running now (None outside one)."""
+    return _ROW_SLOTS.get()
+
+
 def cache_tensors(cache) -> PrefixKV:
     """The per-layer (B, heads, L, head_dim) keys/values of a transformers cache."""
     return _kv_of(cache)

@@ -17,7 +17,8 @@ def test_tunelab_serve_command_serves_the_adapter_directory(adapter_root):
     port = free_port()
     env = {**os.environ, "TUNELAB_API_KEY": "k3y", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "serve", "--model", "tiny", "--adapters",
-                             str(adapter_root), "--port", str(port), "--max-tokens", "8"],
+                             str(adapter_root), "--port", str(port), "--max-tokens", "8",
+                             "--max-lora-adapters", "3"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -29,6 +30,7 @@ def test_tunelab_serve_command_serves_the_adapter_directory(adapter_root):
             except httpx.TransportError:
                 assert proc.poll() is None, proc.stdout.read()
                 time.sleep(0.2)
+        assert httpx.get(f"{url}/health", timeout=5).json()["lora_slots"]["capacity"] == 3  # --max-lora-adapters
         body = {"model": "task02", "prompt": "hello", "max_tokens": 4}
         assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 401
         ok = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer k3y"}, timeout=60)

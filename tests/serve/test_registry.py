@@ -69,7 +69,9 @@ def test_ipt_demonstrations_and_lora_weights_are_served_like_offline_eval(run_ro
                                                                  "March 5, 2024", 10), name
         served = {n: live.registry.get(n) for n in ["ipt", "lora"]}
         assert served["ipt"].layout.demos is not None  # the run's training split, as `tunelab eval` uses it
-        assert served["lora"].adapter.model is not live.registry.model  # LoRA patched a private copy
+        # LoRA is a row of the shared batch: its factors in a slot, no peft layer patched into the shared model
+        assert served["lora"].lora is not None and served["lora"].adapter.model is live.registry.model
+        assert not any("lora_" in n for n, _ in live.registry.model.named_modules())
         base_prompt = {"model": "tiny", "prompt": "March 5, 2024", "max_tokens": 10, "instruction": instruction}
         first = client.post("/v1/completions", json=base_prompt).json()["choices"][0]["text"]
         model, tokenizer = load_model("tiny", seed=0)

@@ -27,8 +27,11 @@ def serve_command(
                                                 help="require `Authorization: Bearer KEY`")] = None,
     max_loaded: Annotated[int | None, typer.Option(help="adapters kept in memory (least recently used evicted) "
                                                         "(default: 64)")] = None,
-    max_weight_adapters: Annotated[int | None, typer.Option(help="LoRA / full-weight adapters kept (each holds a "
-                                                                 "copy of the model) (default: 2)")] = None,
+    max_weight_adapters: Annotated[int | None, typer.Option(help="full-weight adapters kept (each holds a copy of "
+                                                                 "the model) (default: 2)")] = None,
+    max_lora_adapters: Annotated[int | None, typer.Option(help="LoRA adapters kept as slots of the shared batch "
+                                                               "(least recently used idle slot evicted) "
+                                                               "(default: 32)")] = None,
     max_batch: Annotated[int | None, typer.Option(help="rows per forward pass (default: 32)")] = None,
     scheduler: Annotated[str | None, typer.Option(help="continuous: rows join and leave the running batch at every "
                                                        "decode step; static: collect for --window-ms, run to the end "
@@ -55,7 +58,8 @@ def serve_command(
     from tunelab.config import ServeConfig, build
 
     flags = {"adapters": adapters, "model": model, "host": host, "port": port, "api_key": api_key or None,
-             "max_loaded": max_loaded, "max_weight_adapters": max_weight_adapters, "max_batch": max_batch,
+             "max_loaded": max_loaded, "max_weight_adapters": max_weight_adapters,
+             "max_lora_adapters": max_lora_adapters, "max_batch": max_batch,
              "scheduler": scheduler, "window_ms": window_ms, "grace_s": grace_s,
              "max_prompt_tokens": max_prompt_tokens, "max_tokens": max_tokens,
              "max_body_bytes": max_body_bytes, "threads": threads, "precision": precision}
@@ -80,9 +84,10 @@ def serve(cfg: ServeConfig) -> None:
     phases = resolve_precision(cfg.precision, base.get_input_embeddings().weight.device, "precision")
     if phases.prefill == phases.decode:
         # cast once: no per-batch weight swap (precision.weights_in) that a concurrent adapter load
-        # (registry: a deep copy of the base model for LoRA / full weights) could observe half-done
+        # (registry: a deep copy of the base model for full weights) could observe half-done
         cast_parameters(base, phases.prefill_dtype)
-    registry = AdapterRegistry(cfg.adapters, base, tokenizer, cfg.model, cfg.max_loaded, cfg.max_weight_adapters)
+    registry = AdapterRegistry(cfg.adapters, base, tokenizer, cfg.model, cfg.max_loaded, cfg.max_weight_adapters,
+                               cfg.max_lora_adapters)
     limits = ServeLimits(max_prompt_tokens=cfg.max_prompt_tokens, max_tokens=cfg.max_tokens,
                          max_body_bytes=cfg.max_body_bytes)
     app = create_app(registry, limits, cfg.api_key or None, window_ms=cfg.window_ms, max_batch=cfg.max_batch,

@@ -60,11 +60,26 @@ class Capabilities:
     soft_prompt: bool = False  # learned input embeddings before the text (prompt tuning, IPT, P-tuning)
     prefix: bool = False  # learned per-layer key/value prefix (prefix tuning)
     rewrites_input: bool = False  # changes the example's text before layout (a discrete prompt)
+    low_rank_delta: bool = False  # its weight change can be a low-rank delta on named Linear modules (LoRA):
+    # served as rows of the shared batch when ``Method.low_rank_delta`` returns one (serve.lora_rows)
 
     def describe(self) -> str:
         """The true flags, comma-separated (``tunelab ls methods``)."""
         names = [f.name for f in dataclass_fields(self) if getattr(self, f.name)]
         return ", ".join(names) or "-"
+
+
+@dataclass
+class LowRankDelta:
+    """A weight change ``W x + scaling * B (A x)`` on named ``nn.Linear`` modules of the base model (LoRA,
+    Hu et al. 2021, Sec. 4.1), as plain tensors: what serving needs to apply it per row of a shared batch."""
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (A (r, in), B (out, r))
+    scaling: float  # alpha / r (alpha / sqrt(r) with rsLoRA)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.factors.values())
 
 
 BASE_CAPABILITIES = Capabilities()  # the bare base model: nothing added, nothing changed
@@ -142,6 +157,8 @@ class Method(Protocol):
 
     def prepare_data(self, config: MethodConfig, task: TaskData, seed: int) -> TaskData: ...
 
+    def low_rank_delta(self, directory: Path, config: MethodConfig) -> LowRankDelta | None: ...
+
 
 class MethodDefaults:
     """Defaults for the optional parts of ``Method``: no demonstrations, data used as loaded."""
@@ -159,6 +176,11 @@ class MethodDefaults:
     def prepare_data(self, config: MethodConfig, task: TaskData, seed: int) -> TaskData:
         """Adjust the task's splits before caps apply (instruction tuning holds out whole tasks)."""
         return task
+
+    def low_rank_delta(self, directory: Path, config: MethodConfig) -> LowRankDelta | None:
+        """The saved adapter's weight change as a ``LowRankDelta`` (methods declaring
+        ``Capabilities.low_rank_delta``); None: it is not one and must be served on a private model copy."""
+        return None
 
 
 class PeftAdapter(Adapter):

@@ -24,9 +24,9 @@ from tunelab.data import TaskData
 from tunelab.data.example import Example
 from tunelab.data.mixtures import by_task, mix
 from tunelab.errors import ConfigError, DataError
-from tunelab.methods.base import Adapter, Capabilities, MethodDefaults
+from tunelab.methods.base import Adapter, Capabilities, LowRankDelta, MethodDefaults
 from tunelab.methods.full_finetune import build_full, load_full
-from tunelab.methods.lora import LoraMethodConfig, build_lora, load_lora
+from tunelab.methods.lora import LoraMethodConfig, build_lora, load_lora, lora_delta
 from tunelab.validation import at_least, choice
 
 WEIGHTS = ("lora", "full")
@@ -76,7 +76,10 @@ def held_out(config: InstructionTuningConfig, train_tasks: set[str], eval_tasks:
 class InstructionTuning(MethodDefaults):
     name = "instruction_tuning"
     Config = InstructionTuningConfig
-    capabilities = Capabilities(trains=True, changes_weights=True)
+    capabilities = Capabilities(trains=True, changes_weights=True, low_rank_delta=True)  # with weights=lora
+
+    def low_rank_delta(self, directory: Path, config: InstructionTuningConfig) -> LowRankDelta | None:
+        return lora_delta(directory) if config.weights == "lora" else None
 
     def prepare_data(self, config: InstructionTuningConfig, task: TaskData, seed: int) -> TaskData:
         train_tasks = {e.task for e in task.train}

@@ -26,6 +26,7 @@ from tunelab.formatting import DemoSelector, PromptLayout
 from tunelab.methods.base import (
     ADAPTER_META,
     Adapter,
+    LowRankDelta,
     Method,
     MethodConfig,
     freeze,
@@ -102,18 +103,54 @@ def load_adapter(directory: str | Path, model: PreTrainedModel, tokenizer: PreTr
     """
     directory = Path(directory)
     method, config, meta = read_checked_meta(directory)
+    check_base_model(directory, meta, base_model)
+    adapter = method.load(directory, model, config)
+    layout = PromptLayout.from_meta(meta)
+    if tokenizer is not None:
+        layout = saved_layout(directory, method, config, meta, tokenizer)
+    return Loaded(adapter, method, config, layout, meta, directory)
+
+
+@dataclass
+class LoadedDelta:
+    """A low-rank adapter read as plain tensors (no model patched), with its method and prompt layout."""
+
+    delta: LowRankDelta
+    method: Method
+    layout: PromptLayout
+
+
+def load_low_rank_delta(directory: str | Path, tokenizer: PreTrainedTokenizerBase,
+                        base_model: str | None = None) -> LoadedDelta | None:
+    """The adapter in ``directory`` as a ``LowRankDelta`` when its method declares
+    ``Capabilities.low_rank_delta`` and it was not trained on a folded ``init_from`` (whose folded weights
+    are not a low-rank delta of the base model); None otherwise. The same checks as ``load_adapter``."""
+    directory = Path(directory)
+    method, config, meta = read_checked_meta(directory)
+    if not method.capabilities.low_rank_delta or meta.get("folded_from"):
+        return None
+    check_base_model(directory, meta, base_model)
+    delta = method.low_rank_delta(directory, config)
+    if delta is None:
+        return None
+    return LoadedDelta(delta, method, saved_layout(directory, method, config, meta, tokenizer))
+
+
+def check_base_model(directory: Path, meta: dict[str, Any], base_model: str | None) -> None:
+    """Refuse an adapter trained on another base model than ``base_model`` (None: no check)."""
     from tunelab.models import portable_name, resolve_base_model
 
     saved_base = resolve_base_model(meta.get("base_model"))  # the adapter's portable name -> this machine's copy
     if base_model is not None and saved_base is not None and saved_base != portable_name(base_model):
         raise TunelabError(f"adapter {directory} was trained on {saved_base!r}, not {base_model!r}; "
                            f"load it with --model {saved_base}")
-    adapter = method.load(directory, model, config)
-    layout = PromptLayout.from_meta(meta)
-    if tokenizer is not None:
-        demos = run_demonstrations(directory, method, config, meta) if method.capabilities.demonstrations else None
-        layout = PromptLayout.from_meta(meta, demos).resolved(tokenizer)
-    return Loaded(adapter, method, config, layout, meta, directory)
+
+
+def saved_layout(directory: Path, method: Method, config: MethodConfig, meta: dict[str, Any],
+                 tokenizer: PreTrainedTokenizerBase) -> PromptLayout:
+    """The adapter's prompt layout resolved for ``tokenizer``, its demonstrations rebuilt from its run."""
+    demos = run_demonstrations(directory, method, config, meta) if method.capabilities.demonstrations else None
+    return PromptLayout.from_meta(meta, demos).resolved(tokenizer)
 
 
 def load_base(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layout: PromptLayout | None = None) -> Loaded:

@@ -6,11 +6,13 @@ it, called through tunelab's forward like every other method. Saved in the PEFT 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from peft import LoraConfig, TaskType
+from peft.utils import load_peft_weights
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.data.example import Example
@@ -18,6 +20,7 @@ from tunelab.errors import ConfigError
 from tunelab.methods.base import (
     Adapter,
     Capabilities,
+    LowRankDelta,
     MethodConfig,
     MethodDefaults,
     PeftAdapter,
@@ -82,10 +85,40 @@ def load_lora(name: str, directory: Path, model: PreTrainedModel, config: LoraMe
     return LoraAdapter(peft_model(model, directory=directory), name, config)
 
 
+PEFT_PREFIX = "base_model.model."  # peft's saved keys: PEFT_PREFIX + module name + ".lora_A.weight"
+
+
+def lora_delta(directory: Path) -> LowRankDelta | None:
+    """A saved LoRA adapter's factors per target module, read with peft's own loaders without patching any
+    model; None for what plain ``x A^T B^T`` cannot express (DoRA, per-module rank/alpha patterns, trained
+    biases, extra saved modules, LoRA on embeddings)."""
+    cfg = LoraConfig.from_pretrained(str(directory))
+    if cfg.use_dora or cfg.rank_pattern or cfg.alpha_pattern or cfg.bias != "none" or cfg.modules_to_save:
+        return None
+    weights = load_peft_weights(str(directory), device="cpu")
+    factors = {}
+    for key, a in weights.items():
+        if key.endswith(".lora_B.weight"):
+            continue
+        if not (key.startswith(PEFT_PREFIX) and key.endswith(".lora_A.weight")):
+            return None
+        name = key[len(PEFT_PREFIX):-len(".lora_A.weight")]
+        b = weights.get(f"{PEFT_PREFIX}{name}.lora_B.weight")
+        if b is None or a.dim() != 2 or b.dim() != 2:
+            return None
+        factors[name] = (a, b)  # (r, in), (out, r)
+    if len(factors) * 2 != len(weights):
+        return None
+    return LowRankDelta(factors, cfg.lora_alpha / (math.sqrt(cfg.r) if cfg.use_rslora else cfg.r))
+
+
 class Lora(MethodDefaults):
     name = "lora"
     Config = LoraMethodConfig
-    capabilities = Capabilities(trains=True, changes_weights=True)
+    capabilities = Capabilities(trains=True, changes_weights=True, low_rank_delta=True)
+
+    def low_rank_delta(self, directory: Path, config: LoraMethodConfig) -> LowRankDelta | None:
+        return lora_delta(directory)
 
     def build(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: LoraMethodConfig,
               train: Sequence[Example], seed: int) -> Adapter:

@@ -161,10 +161,10 @@ def create_app(registry: AdapterRegistry, limits: ServeLimits | None = None, api
     limits = limits or ServeLimits()
     tokenizer = registry.tokenizer
     metrics = ServeMetrics()
-    engine = Scheduler(tokenizer, max_batch=max_batch, hot_prompts=hot_prompts, metrics=metrics) \
-        if scheduler == "continuous" else None
+    engine = Scheduler(tokenizer, max_batch=max_batch, hot_prompts=hot_prompts, metrics=metrics,
+                       lora=registry.lora) if scheduler == "continuous" else None
     batcher = None if engine is not None else Batcher(tokenizer, window_ms=window_ms, max_batch=max_batch,
-                                                      mix=mix_adapters, hot_prompts=hot_prompts)
+                                                      mix=mix_adapters, hot_prompts=hot_prompts, lora=registry.lora)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -201,6 +201,8 @@ def create_app(registry: AdapterRegistry, limits: ServeLimits | None = None, api
     def health() -> dict:
         return {"status": "ok", "model": registry.model_name, "adapters_loaded": registry.loaded(),
                 "adapter_loads": registry.loads, "scheduler": scheduler,
+                "lora_slots": {"capacity": registry.lora.capacity, "loaded": registry.lora.loaded(), "bytes": registry.lora.nbytes(),
+                               **asdict(registry.lora.stats)},
                 "batching": asdict(engine.stats) if engine is not None else asdict(_static(batcher).stats)}
 
     @app.get("/metrics", response_class=PlainTextResponse)

@@ -4,8 +4,10 @@ A background thread takes the first queued request, keeps collecting for ``windo
 ``max_batch``), then hands the rows to the one generation path, ``tunelab.generate.generate_rows``,
 one call per set of decoding settings (one ``GenerationConfig`` per call). There, rows of every adapter
 that leaves the base weights alone (prompt tuning, IPT, P-tuning, prefix tuning, ICL, discrete prompt,
-the bare base model) share forward passes, each row with its own virtual-token key/values; LoRA and
-full-weight adapters are batched per adapter, on their own copy of the model.
+the bare base model) share forward passes, each row with its own virtual-token key/values; LoRA adapters
+are batched per adapter on the shared model (one slot of ``serve.lora_rows`` for the whole call), and
+full-weight adapters per adapter on their own copy of the model. (The continuous scheduler puts LoRA rows
+in the shared batch; this batcher is kept as the baseline it is compared with.)
 
 Greedy rows give the same text batched as alone (positions come from the attention mask, see
 ``tunelab.modeling``), so a served completion equals offline generation whatever it was batched with.
@@ -27,6 +29,8 @@ import torch
 
 from tunelab.generate import GenerationConfig, generate_rows
 from tunelab.methods.base import Adapter, MethodConfig
+from tunelab.modeling import row_slots
+from tunelab.serve.lora_rows import LoraSlots
 from tunelab.serve.registry import Served
 
 log = logging.getLogger(__name__)
@@ -89,23 +93,54 @@ def mix_key(job: Job, mix: bool = True) -> Hashable:
     return (() if mix else job.served.name), astuple(job.cfg)
 
 
-def run_group(jobs: Sequence[Job], tokenizer, hot: HotPrompts) -> list[str]:
+def run_group(jobs: Sequence[Job], tokenizer, hot: HotPrompts, lora: LoraSlots | None = None) -> list[str]:
     """Generate for one group of jobs with ``tunelab.generate.generate_rows``; texts in ``jobs`` order.
 
     Rows of soft-prompt, prefix and text-only adapters all run on the shared base model, so
     ``generate_rows`` puts them in one batch, each row with its own virtual-token key/values; rows
-    of weight-changing adapters (LoRA, full weights) are batched per adapter.
+    of weight-changing adapters (full weights) are batched per adapter; LoRA rows per adapter, inside
+    ``modeling.row_slots`` with the adapter's slot.
     """
+    texts: list[str] = [""] * len(jobs)
     rows: list = []
+    plain: list[int] = []
     local: dict = {}
-    for job in jobs:
+    by_lora: dict[str, list[int]] = {}
+    for i, job in enumerate(jobs):
         served = job.served
+        if served.lora is not None:
+            by_lora.setdefault(served.name, []).append(i)
+            continue
         if served.soft is not None:  # one row adapter per adapter per call, shared by its rows
             local.setdefault(served.name, hot.row(served))
             rows.append((local[served.name], job.prompt_ids))
         else:
             rows.append((served.adapter, job.prompt_ids))
-    return generate_rows(rows, tokenizer, jobs[0].cfg, batch_size=len(rows))
+        plain.append(i)
+    if rows:
+        for i, text in zip(plain, generate_rows(rows, tokenizer, jobs[0].cfg, batch_size=len(rows)), strict=True):
+            texts[i] = text
+    for members in by_lora.values():
+        for i, text in zip(members, _lora_rows([jobs[i] for i in members], tokenizer, lora), strict=True):
+            texts[i] = text
+    return texts
+
+
+def _lora_rows(jobs: Sequence[Job], tokenizer, lora: LoraSlots | None) -> list[str]:
+    """The rows of one LoRA adapter, on the shared base model with that adapter's slot for every row."""
+    served = jobs[0].served
+    assert served.lora is not None
+    if lora is None:
+        raise ValueError("a LoRA row needs the registry's LoraSlots: Batcher(lora=registry.lora)")
+    slot = lora.acquire(served.name, served.lora)
+    if slot is None:
+        raise RuntimeError("every LoRA slot is in use")  # cannot happen: this thread releases every slot it takes
+    try:
+        with row_slots(torch.tensor(slot)):
+            return generate_rows([(served.adapter, j.prompt_ids) for j in jobs], tokenizer, jobs[0].cfg,
+                                 batch_size=len(jobs))
+    finally:
+        lora.release(slot)
 
 
 @dataclass
@@ -122,8 +157,9 @@ class Batcher:
     """Collects jobs from request handlers and runs them in mixed batches on one background thread."""
 
     def __init__(self, tokenizer, window_ms: float = 5.0, max_batch: int = 32, mix: bool = True,
-                 hot_prompts: int = 32) -> None:
+                 hot_prompts: int = 32, lora: LoraSlots | None = None) -> None:
         self.tokenizer, self.window, self.max_batch, self.mix = tokenizer, window_ms / 1000, max_batch, mix
+        self.lora = lora
         self.hot = HotPrompts(hot_prompts)
         self.stats = BatchStats()
         self._queue: queue.Queue[Job | None] = queue.Queue()
@@ -170,7 +206,7 @@ class Batcher:
 
     def _run(self, group: list[Job]) -> None:
         try:
-            texts = run_group(group, self.tokenizer, self.hot)
+            texts = run_group(group, self.tokenizer, self.hot, self.lora)
         except Exception as exc:  # reported to each waiting request; the server keeps running
             log.exception("generation failed for a batch of %d rows", len(group))
             for job in group:

@@ -9,10 +9,13 @@ pickle; demonstrations rebuilt from the run's own prepared training pool).
 
 Adapters whose method leaves the base weights untouched (``Capabilities.changes_weights`` false:
 prompt tuning, IPT, P-tuning, prefix tuning, ICL, discrete prompts) share the one frozen base model
-and cost only their own tensors. Methods that change weights (LoRA, full fine-tuning, instruction
-tuning), and any adapter trained on a folded ``init_from``, get a private copy of the base model, so
-they can never leak into other rows; they are capped separately (``max_weight_adapters``) because
-each copy costs a whole model.
+and cost only their own tensors. LoRA adapters (a method declaring ``Capabilities.low_rank_delta`` whose
+saved weights are one, no folded ``init_from``: LoRA, instruction tuning with LoRA weights) are read as
+plain factors (``methods.io.load_low_rank_delta``) and run as rows of the shared batch through the slots of
+``serve.lora_rows`` (``max_lora_adapters`` of them stacked at once). Other weight-changing adapters (full
+fine-tuning, full-weight instruction tuning, anything trained on a folded ``init_from``) get a private copy
+of the base model, so they can never leak into other rows; they are capped separately
+(``max_weight_adapters``) because each copy costs a whole model.
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ import torch
 
 from tunelab.errors import TunelabError
 from tunelab.formatting import PromptLayout
-from tunelab.methods.base import ADAPTER_META, MethodConfig, freeze, read_meta
+from tunelab.methods.base import ADAPTER_META, LowRankDelta, MethodConfig, freeze, read_meta
 from tunelab.methods.icl import FrozenAdapter
-from tunelab.methods.io import load_adapter, read_checked_meta
+from tunelab.methods.io import load_adapter, load_low_rank_delta, read_checked_meta
 from tunelab.paths import safe_child
+from tunelab.serve.lora_rows import LoraSlots
 
 
 class AdapterNotFound(TunelabError):
@@ -48,13 +52,14 @@ class Served:
     layout: PromptLayout  # template resolved; demonstrations (ICL, IPT) drawn from the run's own pool
     shares_base: bool = True
     soft: torch.Tensor | None = None  # (n, C) soft prompt of prompt tuning / IPT / P-tuning, kept alone
+    lora: LowRankDelta | None = None  # a LoRA row's factors (serve.lora_rows); adapter is then the bare base
 
 
 class AdapterRegistry:
     """Adapters under ``root`` loaded on first use over one frozen base model; least recently used evicted."""
 
     def __init__(self, root: str | Path, model, tokenizer, model_name: str, max_loaded: int = 64,
-                 max_weight_adapters: int = 2) -> None:
+                 max_weight_adapters: int = 2, max_lora_adapters: int = 32) -> None:
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise TunelabError(f"--adapters {root} is not a directory; pass the folder holding one "
@@ -63,6 +68,7 @@ class AdapterRegistry:
         self.max_loaded, self.max_weight_adapters = max(1, max_loaded), max(1, max_weight_adapters)
         freeze(model)
         model.eval()
+        self.lora = LoraSlots(model, max_lora_adapters)  # hooks on the shared model; slots filled by the scheduler
         self.base = Served(model_name, FrozenAdapter(model, "base", MethodConfig()).eval(), "base",
                            PromptLayout().resolved(tokenizer))
         self._loaded: OrderedDict[str, Served] = OrderedDict()
@@ -120,6 +126,10 @@ class AdapterRegistry:
 
     def _load(self, path: Path, name: str) -> Served:
         method, _config, meta = read_checked_meta(path)
+        delta = load_low_rank_delta(path, self.tokenizer, base_model=self.model_name)
+        if delta is not None:  # a LoRA row on the shared base model
+            self.loads += 1
+            return Served(name, self.base.adapter, delta.method.name, delta.layout, lora=delta.delta)
         shares = not method.capabilities.changes_weights and not meta.get("folded_from")
         # weight-changing adapters are patched into a private copy, never into the shared base model
         model = self.model if shares else copy.deepcopy(self.model)

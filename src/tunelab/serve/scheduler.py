@@ -12,9 +12,12 @@ One background thread loops:
 3. **remove** finished rows at once (``modeling.select_rows``), then run **one decode step**
    (``generate.decode_step``) for all rows still running.
 
-Rows of adapters that leave the base weights alone (soft prompts, prefixes, IPT, ICL, the bare model) share
-one running batch ("lane"); a weight-changing adapter (LoRA, full weights) has a private model copy and so
-a lane of its own. Positions come from the attention mask, so greedy output equals offline
+Rows of adapters that leave the base weights alone (soft prompts, prefixes, IPT, ICL, the bare model) and
+LoRA rows share one running batch ("lane"): a LoRA row takes a slot of ``serve.lora_rows.LoraSlots`` at
+admission (waiting in the queue while every slot is held by running rows) and gives it back when it
+finishes; its slot index travels with the row through prefill, merges, removals and decode steps
+(``Prefilled.slots``). Only adapters on a private model copy (full weights, a folded ``init_from``) have a
+lane of their own. Positions come from the attention mask, so greedy output equals offline
 `tunelab eval` (``generate.generate_rows``) whatever a row is batched with. Sampled rows draw from a
 generator of their own seeded with the request's seed (so, unlike offline, independent of batch-mates).
 """
@@ -25,6 +28,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -39,12 +43,14 @@ from tunelab.generate import (
     cut_at_stop,
     decode_step,
     eos_ids,
+    merge_prefilled,
     next_token,
     prefill_rows,
+    select_prefilled,
     stop_checker,
 )
-from tunelab.modeling import cache_tensors, merge_rows, select_rows
 from tunelab.serve.batcher import HotPrompts
+from tunelab.serve.lora_rows import LoraSlots
 from tunelab.serve.metrics import ServeMetrics
 from tunelab.serve.registry import Served
 
@@ -95,6 +101,7 @@ class _Row:
     ids: list[int] = field(default_factory=list)
     sent: str = ""
     first_token_at: float | None = None
+    slot: int = 0  # LoRA slot (serve.lora_rows); 0 = none
 
 
 @dataclass
@@ -123,12 +130,13 @@ class Scheduler:
     """Continuous batching over the registry's adapters on one background thread."""
 
     def __init__(self, tokenizer, max_batch: int = 32, hot_prompts: int = 32,
-                 metrics: ServeMetrics | None = None) -> None:
-        self.tokenizer, self.max_batch = tokenizer, max_batch
+                 metrics: ServeMetrics | None = None, lora: LoraSlots | None = None) -> None:
+        self.tokenizer, self.max_batch, self.lora = tokenizer, max_batch, lora
         self.hot = HotPrompts(hot_prompts)
         self.metrics = metrics or ServeMetrics()
         self.stats = SchedulerStats()
         self._queue: queue.Queue[Request] = queue.Queue()
+        self._held: deque[Request] = deque()  # LoRA requests waiting for a free slot (scheduler thread only)
         self._lanes: dict[Hashable, _Lane] = {}
         self._wake = threading.Event()
         self._admitting = True
@@ -152,7 +160,7 @@ class Scheduler:
         return sum(len(lane.rows) for lane in list(self._lanes.values()))
 
     def queued(self) -> int:
-        return self._queue.qsize()
+        return self._queue.qsize() + len(self._held)
 
     def drain(self, grace_s: float) -> None:
         """Stop admitting; rows still running ``grace_s`` seconds from now are cancelled."""
@@ -172,7 +180,7 @@ class Scheduler:
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while True:
-            if not self._lanes and self._queue.empty():
+            if not self._lanes and self._queue.empty() and not self._held:
                 if self._stop:
                     return
                 self._wake.wait(timeout=0.5)
@@ -185,38 +193,55 @@ class Scheduler:
                 log.exception("scheduler step failed")
                 for lane in self._lanes.values():
                     for row in lane.rows:
+                        self._release(row)
                         if not row.request.future.done():
                             row.request.future.set_exception(exc)
                 self._lanes.clear()
 
     def _admit(self) -> None:
         if self._deadline is not None and time.monotonic() > self._deadline:
+            while self._held:
+                self._finish(_Row(self._held.popleft(), None, None, None), "cancelled")
             while not self._queue.empty():  # not started before the grace period ran out
                 self._finish(_Row(self._queue.get_nowait(), None, None, None), "cancelled")
         room = self.max_batch - self.running()
         new: dict[Hashable, list[_Row]] = {}
+        waiting, self._held = self._held, deque()
         while room > 0:
-            try:
-                request = self._queue.get_nowait()
-            except queue.Empty:
+            request = waiting.popleft() if waiting else self._next_queued()
+            if request is None:
                 break
-            if request.cancelled or not request.future.set_running_or_notify_cancel():
+            if request.cancelled or request.future.cancelled():
                 self._finish(_Row(request, None, None, None), "cancelled")
+                continue
+            try:
+                slot = self._slot_for(request)
+            except ValueError as exc:
+                request.future.set_exception(exc)
+                continue
+            if slot is None:  # every LoRA slot is held by running rows: wait (still pending) for one to finish
+                self._held.append(request)
+                continue
+            if not request.future.set_running_or_notify_cancel():
+                self._finish(_Row(request, None, None, None, slot=slot), "cancelled")
                 continue
             served = request.served
             adapter = self.hot.row(served) if served.soft is not None else served.adapter
             cfg = request.cfg
             row = _Row(request, adapter, stop_checker(self.tokenizer, cfg.stop) if cfg.stop else None,
-                       torch.Generator().manual_seed(cfg.seed) if cfg.do_sample else None)
+                       torch.Generator().manual_seed(cfg.seed) if cfg.do_sample else None, slot=slot)
             new.setdefault(_batch_key(adapter), []).append(row)
             room -= 1
+        self._held.extend(waiting)
         self.metrics.queue_length.set(self._queue.qsize())
         for key, rows in new.items():
             try:
-                state = prefill_rows([(r.adapter, r.request.prompt_ids) for r in rows], self.tokenizer.pad_token_id)
+                state = prefill_rows([(r.adapter, r.request.prompt_ids) for r in rows], self.tokenizer.pad_token_id,
+                                     [r.slot for r in rows])
             except Exception as exc:
                 log.exception("prefill failed for %d rows", len(rows))
                 for r in rows:
+                    self._release(r)
                     r.request.future.set_exception(exc)
                 continue
             self.stats.admitted += len(rows)
@@ -226,14 +251,30 @@ class Scheduler:
                 eos = torch.tensor(eos_ids(model, self.tokenizer), device=state.logits.device)
                 self._lanes[key] = _Lane(model, eos, rows, state)
             else:
-                cache, mask = merge_rows(lane.model, [(cache_tensors(lane.state.cache), lane.state.mask),
-                                                      (cache_tensors(state.cache), state.mask)])
-                lane.state = Prefilled(cache, mask, torch.cat([lane.state.next_pos, state.next_pos]),
-                                       torch.cat([lane.state.logits, state.logits]))
+                lane.state = merge_prefilled(lane.model, [lane.state, state])
                 lane.rows.extend(rows)
         running = self.running()
         self.stats.max_running = max(self.stats.max_running, running)
         self.metrics.running.set(running)
+
+    def _next_queued(self) -> Request | None:
+        try:
+            return self._queue.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _slot_for(self, request: Request) -> int | None:
+        """The LoRA slot of the request's row (0 for a row without LoRA); None while all slots are busy."""
+        if request.served.lora is None:
+            return 0
+        if self.lora is None:
+            raise ValueError("a LoRA row needs the registry's LoraSlots: Scheduler(lora=registry.lora)")
+        return self.lora.acquire(request.served.name, request.served.lora)
+
+    def _release(self, row: _Row) -> None:
+        if row.slot and self.lora is not None:
+            self.lora.release(row.slot)
+            row.slot = 0
 
     def _step(self) -> None:
         expired = self._deadline is not None and time.monotonic() > self._deadline
@@ -258,9 +299,7 @@ class Scheduler:
                 continue
             if len(keep) < len(lane.rows):
                 index = torch.tensor(keep, device=lane.state.mask.device)
-                cache, mask = select_rows(lane.model, lane.state.cache, lane.state.mask, index)
-                lane.state = Prefilled(cache, mask, lane.state.next_pos.index_select(0, index),
-                                       lane.state.logits.index_select(0, index))
+                lane.state = select_prefilled(lane.model, lane.state, index)
                 lane.rows = [lane.rows[i] for i in keep]
             if len({id(r.request.served) for r in lane.rows}) > 1:
                 self.stats.mixed_steps += 1
@@ -299,6 +338,7 @@ class Scheduler:
                 row.request.cancel()
 
     def _finish(self, row: _Row, reason: str) -> None:
+        self._release(row)
         request = row.request
         text = cut_at_stop(self.tokenizer.decode(row.ids, skip_special_tokens=True), request.cfg.stop)
         if reason != "cancelled":
