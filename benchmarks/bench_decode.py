@@ -4,13 +4,13 @@ Steps (``tunelab.fastdecode.mode``), each in fp32 and bf16 weights (``precision.
 - ``hf``: today's path before the lean step: the transformers forward in ``generate._decode_fast``
   (pre-allocated cache);
 - ``lean``: ``fastdecode.step`` (fused QKV and gate/up, F.rms_norm, SDPA with GQA, LM head on one position);
-- ``compiled``: the same under ``torch.compile(dynamic=True)`` (``--compile``; first-call compile time printed).
+(torch.compile of the lean step was tried and not kept: docs/performance.md.)
 
 Bound of a step of B rows = max(bytes / bandwidth, FLOPs / GEMM peak), bytes = weights + B x context x KV
 (``roofline.decode_step_limit``), bandwidth and peaks from bench_gemm's probe of this run. The prompts are
 E2E test inputs (~127 tokens), the base model; EOS never stops a row. Medians of ``--repeats`` runs.
 
-Run: .venv/bin/python benchmarks/bench_decode.py [--batches 1,16,64] [--steps 16] [--repeats 3] [--compile]
+Run: .venv/bin/python benchmarks/bench_decode.py [--batches 1,16,64] [--steps 16] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -55,7 +54,6 @@ def main() -> None:
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed per run")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd lean step")
     args = parser.parse_args()
 
     import torch
@@ -76,16 +74,13 @@ def main() -> None:
     facts = facts_of(model)
     print(f"load average {os.getloadavg()[0]:.2f}; bandwidth {bandwidth:.1f} GB/s; GEMM fp32 {peak['fp32']:.0f} / "
           f"bf16 {peak['bf16']:.0f} GFLOP/s; {torch.get_num_threads()} threads")
-    modes = ["hf", "lean"] + (["compiled"] if args.compile else [])
+    modes = ["hf", "lean"]
     nbytes = {"fp32": 4, "bf16": 2}
     pad = tok.pad_token_id
     results: dict = {"bandwidth_gbs": bandwidth, "peak_gflops": peak}
     for precision in args.precisions.split(","):
-        for mode in modes:  # warm-up: the bf16 copy, fused weights, oneDNN kernels, and the compile
-            start = time.perf_counter()
+        for mode in modes:  # warm-up: the bf16 copy, the fused weights, oneDNN's kernels
             step_seconds(adapter, prompts[:2], 3, precision, mode, pad)
-            if mode == "compiled":
-                print(f"compile + first calls ({precision}): {time.perf_counter() - start:.1f} s", flush=True)
         for batch in batches:
             rows = (prompts * (batch // len(prompts) + 1))[:batch]
             context = sum(map(len, rows)) / batch + args.steps / 2

@@ -225,18 +225,8 @@ def _layers(w: Weights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, b
     return w.head(F.rms_norm(x, (width,), w.norm, w.eps))  # (B, V)
 
 
-_COMPILED: dict[str, object] = {}
-
-
-def _compiled_layers():
-    if "layers" not in _COMPILED:
-        _COMPILED["layers"] = torch.compile(_layers, dynamic=True)
-    return _COMPILED["layers"]
-
-
 @torch.no_grad()
-def step(model, w: Weights, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache,
-         compiled: bool = False) -> torch.Tensor:
+def step(model, w: Weights, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
     """One decode step: ``tokens`` (B,) at ``positions`` (B,), ``mask`` (B, L + 1) including the new column,
     ``cache`` (``kvcache.PreallocatedLayer``s holding L entries per row) extended in place. -> logits (B, V)."""
     layers = cache.layers
@@ -247,22 +237,23 @@ def step(model, w: Weights, tokens: torch.Tensor, mask: torch.Tensor, positions:
     cos, sin = _body(model).rotary_emb(x, positions.unsqueeze(-1))  # (B, 1, D) each: the model's own RoPE
     bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(mask == 0, float("-inf"))
     bias = bias[:, None, None, :]  # (B, 1, 1, L + 1)
-    run = _compiled_layers() if compiled else _layers
-    logits = run(w, x, cos.unsqueeze(1), sin.unsqueeze(1), bias, [layer._keys for layer in layers],  # type: ignore[operator]
+    logits = _layers(w, x, cos.unsqueeze(1), sin.unsqueeze(1), bias, [layer._keys for layer in layers],
                  [layer._values for layer in layers], length)
     for layer in layers:
         layer.advance(1)
     return logits
 
 
-MODES = ("hf", "lean", "compiled")  # the transformers forward | ``step`` eager | ``step`` under torch.compile
+# the transformers forward | ``step``. torch.compile of ``step`` was tried and not kept (docs/performance.md):
+# inductor cannot lower oneDNN's packed linear, and with plain weights a dynamic-shape compile ran > 4 minutes
+MODES = ("hf", "lean")
 _MODE = contextvars.ContextVar("tunelab_decode_step", default="lean")
 
 
 @contextlib.contextmanager
 def mode(name: str) -> Iterator[None]:
-    """Select the decode step inside the block: ``lean`` (default), ``compiled`` or ``hf`` (the transformers
-    forward, "before" in the benchmarks); models or caches ``step`` does not cover always get ``hf``."""
+    """Select the decode step inside the block: ``lean`` (default) or ``hf`` (the transformers forward, "before"
+    in the benchmarks); models or caches ``step`` does not cover always get ``hf``."""
     if name not in MODES:
         raise ValueError(f"decode step {name!r}; choose one of {', '.join(MODES)}")
     token = _MODE.set(name)
@@ -284,9 +275,9 @@ def stepper(model, cache) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor,
         return None
     if not supports(model):
         return None
-    w, compiled = weights(model), chosen == "compiled"
+    w = weights(model)
 
     def run(tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-        return step(model, w, tokens, mask, positions, cache, compiled)
+        return step(model, w, tokens, mask, positions, cache)
 
     return run
