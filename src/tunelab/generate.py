@@ -12,7 +12,9 @@ prompt, instruction, shared demonstrations) is computed once and only the suffix
 Precision (``GenerationConfig.precision``: fp32 | bf16 | auto, ``tunelab.precision``): the prefill runs with the
 weights in the prefill phase's dtype, the decode loop in the decode phase's (the cache is cast between them when
 they differ). The decode loop (``_decode_fast``) writes into a cache allocated once (``tunelab.kvcache``);
-``fast_decode(False)`` selects the 2026-11 loop (``_decode``), which gives the same tokens.
+``fast_decode(False)`` selects the 2026-11 loop (``_decode``), which gives the same tokens. Each decode step (here and
+in ``decode_step``, the serve scheduler's) runs ``tunelab.fastdecode.step`` where it covers the model (Llama family
+without LoRA layers), else the transformers forward; ``fastdecode.mode("hf")`` forces the latter.
 """
 
 from __future__ import annotations
