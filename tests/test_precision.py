@@ -72,16 +72,21 @@ def _adapters(model_tok):
     return [base, soft, prefix], tok
 
 
-def test_bf16_generation_runs_in_bf16_and_mixed_batches_equal_each_row_alone(fresh_tiny):
+def _logit_dtypes(monkeypatch) -> list:
+    """The dtype of the logits of every step, prefill first (the lean decode step calls no head module)."""
+    seen: list = []
+    choose = gen._next_tokens
+    monkeypatch.setattr(gen, "_next_tokens", lambda logits, *a: seen.append(logits.dtype) or choose(logits, *a))
+    return seen
+
+
+def test_bf16_generation_runs_in_bf16_and_mixed_batches_equal_each_row_alone(fresh_tiny, monkeypatch):
     adapters, tok = _adapters(fresh_tiny)
-    model = adapters[0].model
-    seen = []
-    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     rows = [(adapters[i % 3], tok(t)["input_ids"]) for i, t in enumerate(TEXTS * 2)]
     cfg = gen.GenerationConfig(max_new_tokens=8, precision="bf16")
+    seen = _logit_dtypes(monkeypatch)
     alone = [gen.generate_rows([r], tok, cfg, batch_size=1)[0] for r in rows]
-    hook.remove()
-    assert set(seen) == {torch.bfloat16}
+    assert set(seen) == {torch.bfloat16} and len(seen) > len(rows)
     assert gen.generate_rows(rows, tok, cfg, batch_size=16) == alone
     with gen.fast_decode(False):
         assert gen.generate_rows(rows, tok, cfg, batch_size=4) == alone
@@ -91,13 +96,11 @@ def test_bf16_generation_runs_in_bf16_and_mixed_batches_equal_each_row_alone(fre
 def test_prefill_and_decode_may_differ(fresh_tiny, monkeypatch):
     adapters, tok = _adapters(fresh_tiny)
     monkeypatch.setattr(precision, "resolve", lambda name, device="cpu", key="": precision.PhasePrecision("bf16", "fp32"))
-    seen = []
-    hook = adapters[0].model.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     rows = [(adapters[i % 3], tok(t)["input_ids"]) for i, t in enumerate(TEXTS)]
     cfg = gen.GenerationConfig(max_new_tokens=4, precision="auto")
+    seen = _logit_dtypes(monkeypatch)
     batched = gen.generate_rows(rows, tok, cfg, batch_size=8)
-    hook.remove()
-    assert seen[0] == torch.bfloat16 and set(seen[1:]) == {torch.float32}  # prefill bf16, decode fp32
+    assert len(seen) > 1 and seen[0] == torch.bfloat16 and set(seen[1:]) == {torch.float32}  # prefill bf16, decode fp32
     assert batched == [gen.generate_rows([r], tok, cfg, batch_size=1)[0] for r in rows]
 
 

@@ -12,7 +12,9 @@ prompt, instruction, shared demonstrations) is computed once and only the suffix
 Precision (``GenerationConfig.precision``: fp32 | bf16 | auto, ``tunelab.precision``): the prefill runs with the
 weights in the prefill phase's dtype, the decode loop in the decode phase's (the cache is cast between them when
 they differ). The decode loop (``_decode_fast``) writes into a cache allocated once (``tunelab.kvcache``);
-``fast_decode(False)`` selects the 2026-11 loop (``_decode``), which gives the same tokens.
+``fast_decode(False)`` selects the 2026-11 loop (``_decode``), which gives the same tokens. Each decode step (here and
+in ``decode_step``, the serve scheduler's) runs ``tunelab.fastdecode.step`` where it covers the model (Llama family
+without LoRA layers), else the transformers forward; ``fastdecode.mode("hf")`` forces the latter.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 
 import torch
 
-from tunelab import kvcache, precision
+from tunelab import fastdecode, kvcache, precision
 from tunelab.modeling import (
     PrefixKV,
     _decoder_and_head,
@@ -128,6 +130,7 @@ def _decode_fast(model, logits: torch.Tensor, cache, attn: torch.Tensor, next_po
     keep = torch.zeros(batch, steps, dtype=torch.bool, device=device)  # token t of row b is output
     mask = torch.cat([attn, attn.new_zeros(batch, steps)], dim=1)  # (B, T + steps), filled column by column
     cache = kvcache.preallocate(cache, steps)
+    lean = fastdecode.stepper(model, cache)  # None: the transformers forward (other architectures, LoRA layers)
     out: list[list[int]] = [[] for _ in range(batch)]
     taken = 0
     for step in range(steps):
@@ -144,9 +147,12 @@ def _decode_fast(model, logits: torch.Tensor, cache, attn: torch.Tensor, next_po
         if bool(done.all()):
             break
         mask[:, width + step] = (~done).long()
-        step_out = model(input_ids=token.unsqueeze(-1), attention_mask=mask[:, :width + step + 1],
-                         position_ids=next_pos.unsqueeze(-1), **cache_kwargs(model, cache), use_cache=True)
-        cache, logits = output_cache(step_out), step_out.logits[:, -1]
+        if lean is not None:
+            logits = lean(token, mask[:, :width + step + 1], next_pos, cache)
+        else:
+            step_out = model(input_ids=token.unsqueeze(-1), attention_mask=mask[:, :width + step + 1],
+                             position_ids=next_pos.unsqueeze(-1), **cache_kwargs(model, cache), use_cache=True)
+            cache, logits = output_cache(step_out), step_out.logits[:, -1]
         next_pos = next_pos + 1
     if stop_check is not None:
         return out
@@ -372,11 +378,18 @@ def prefill_rows(rows: Sequence[tuple[Any, list[int]]], pad_id: int, slots: Sequ
 
 @torch.no_grad()
 def decode_step(model, tokens: torch.Tensor, state: Prefilled) -> Prefilled:
-    """Feed one token per row (B,) to the running rows: the forward of one ``_decode`` iteration."""
+    """Feed one token per row (B,) to the running rows: the forward of one ``_decode_fast`` iteration (the lean
+    step where it covers the model). The cache is turned into a pre-allocated one that grows by doubling."""
     mask = torch.cat([state.mask, state.mask.new_ones(state.mask.shape[0], 1)], dim=-1)
+    cache = kvcache.preallocate(state.cache, 1)
+    # rows with LoRA slots need the per-row low-rank hooks on the projections, which only the module forward
+    # runs; the lean step reads the fused weights directly, so it takes only slot-free batches
+    lean = fastdecode.stepper(model, cache) if state.slots is None else None
+    if lean is not None:
+        return Prefilled(cache, mask, state.next_pos + 1, lean(tokens, mask, state.next_pos, cache), None)
     with row_slots(state.slots):
         step = model(input_ids=tokens.unsqueeze(-1), attention_mask=mask, position_ids=state.next_pos.unsqueeze(-1),
-                     **cache_kwargs(model, state.cache), use_cache=True)
+                     **cache_kwargs(model, cache), use_cache=True)
     return Prefilled(output_cache(step), mask, state.next_pos + 1, step.logits[:, -1], state.slots)
 
 

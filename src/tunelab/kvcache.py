@@ -33,17 +33,29 @@ class PreallocatedLayer(DynamicLayer):
     def _view(self) -> None:
         self.keys, self.values = self._keys[:, :, :self.length], self._values[:, :, :self.length]
 
+    def reserve(self, extra: int) -> None:
+        """Room for ``extra`` more positions; when full, grow by at least the filled length (amortised copies)."""
+        end = self.length + extra
+        if end > self._keys.shape[-2]:
+            capacity = max(end, 2 * self.length, 64)
+            for name in ("_keys", "_values"):
+                old = getattr(self, name)
+                new = old.new_empty(old.shape[0], old.shape[1], capacity, old.shape[3])
+                new[:, :, :self.length].copy_(old[:, :, :self.length])
+                setattr(self, name, new)
+
+    def advance(self, extra: int) -> None:
+        """Count ``extra`` positions written into the buffers directly (``tunelab.fastdecode``)."""
+        self.length += extra
+        self._view()
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + key_states.shape[-2]
-        if end > self._keys.shape[-2]:  # more tokens than planned: grow like a dynamic layer
-            self._keys = torch.cat([self._keys[:, :, :self.length], key_states], dim=-2)
-            self._values = torch.cat([self._values[:, :, :self.length], value_states], dim=-2)
-        else:
-            self._keys[:, :, self.length:end].copy_(key_states)
-            self._values[:, :, self.length:end].copy_(value_states)
-        self.length = end
-        self._view()
+        n = key_states.shape[-2]
+        self.reserve(n)
+        self._keys[:, :, self.length:self.length + n].copy_(key_states)
+        self._values[:, :, self.length:self.length + n].copy_(value_states)
+        self.advance(n)
         return self._keys[:, :, :self.length], self._values[:, :, :self.length]
 
     def get_seq_length(self) -> int:
@@ -51,8 +63,13 @@ class PreallocatedLayer(DynamicLayer):
 
 
 def preallocate(cache, extra: int):
-    """``cache`` (a prefilled transformers ``DynamicCache``) with room for ``extra`` more tokens per layer."""
+    """``cache`` (a prefilled transformers ``DynamicCache``) with room for ``extra`` more tokens per layer;
+    a cache already pre-allocated is kept (with at least that room)."""
     layers = getattr(cache, "layers", None)
+    if layers and all(type(layer) is PreallocatedLayer for layer in layers):
+        for layer in layers:
+            layer.reserve(extra)
+        return cache
     if not layers or any(type(layer) is not DynamicLayer or layer.keys is None for layer in layers):
         return cache  # sliding-window or other layer kinds: keep the cache as transformers built it
     cache.layers = [PreallocatedLayer(layer.keys, layer.values, layer.keys.shape[-2] + extra) for layer in layers]

@@ -1,0 +1,103 @@
+"""Time per decode step at batch 1 / 16 / 64 against the memory-bandwidth bound of its weight format.
+
+Steps (``tunelab.fastdecode.mode``), each in fp32 and bf16 weights (``precision.weights_in``):
+- ``hf``: today's path before the lean step: the transformers forward in ``generate._decode_fast``
+  (pre-allocated cache);
+- ``lean``: ``fastdecode.step`` (fused QKV and gate/up, F.rms_norm, SDPA with GQA, LM head on one position);
+(torch.compile of the lean step was tried and not kept: docs/performance.md.)
+
+Bound of a step of B rows = max(bytes / bandwidth, FLOPs / GEMM peak), bytes = weights + B x context x KV
+(``roofline.decode_step_limit``), bandwidth and peaks from bench_gemm's probe of this run. The prompts are
+E2E test inputs (~127 tokens), the base model; EOS never stops a row. Medians of ``--repeats`` runs.
+
+Run: .venv/bin/python benchmarks/bench_decode.py [--batches 1,16,64] [--steps 16] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e"
+
+
+def prompts_of(tok, data: Path, n: int) -> list[list[int]]:
+    from tunelab.data import load_examples
+    from tunelab.formatting import PromptLayout, build_prompt, encode_prompt, resolve_template
+
+    template = resolve_template("auto", tok)
+    test = load_examples(data / "test.jsonl")[:n]
+    return [encode_prompt(tok, build_prompt(tok, PromptLayout(template), e), 1024) for e in test]
+
+
+def step_seconds(adapter, rows: list[list[int]], steps: int, precision: str, mode: str, pad: int) -> float:
+    """Seconds per decode step of one batch (``roofline.ours_prefill_and_decode`` under ``mode``)."""
+    from roofline import ours_prefill_and_decode
+
+    from tunelab import fastdecode
+
+    with fastdecode.mode(mode):
+        return ours_prefill_and_decode(adapter, rows, steps, precision, True, pad)[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--batches", default="1,16,64")
+    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--steps", type=int, default=16, help="decode steps timed per run")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    import torch
+    from bench_gemm import bandwidth_gbs, gflops
+    from roofline import decode_step_limit, facts_of
+
+    from tunelab.methods.base import MethodConfig, freeze
+    from tunelab.methods.icl import FrozenAdapter
+    from tunelab.models import load_model
+
+    model, tok = load_model(args.model)
+    freeze(model)
+    adapter = FrozenAdapter(model, "base", MethodConfig())
+    batches = [int(b) for b in args.batches.split(",")]
+    prompts = prompts_of(tok, args.data, max(batches))
+    bandwidth = bandwidth_gbs()
+    peak = {"fp32": gflops(1024, 576, 1536, torch.float32), "bf16": gflops(1024, 576, 1536, torch.bfloat16)}
+    facts = facts_of(model)
+    print(f"load average {os.getloadavg()[0]:.2f}; bandwidth {bandwidth:.1f} GB/s; GEMM fp32 {peak['fp32']:.0f} / "
+          f"bf16 {peak['bf16']:.0f} GFLOP/s; {torch.get_num_threads()} threads")
+    modes = ["hf", "lean"]
+    nbytes = {"fp32": 4, "bf16": 2}
+    pad = tok.pad_token_id
+    results: dict = {"bandwidth_gbs": bandwidth, "peak_gflops": peak}
+    for precision in args.precisions.split(","):
+        for mode in modes:  # warm-up: the bf16 copy, the fused weights, oneDNN's kernels
+            step_seconds(adapter, prompts[:2], 3, precision, mode, pad)
+        for batch in batches:
+            rows = (prompts * (batch // len(prompts) + 1))[:batch]
+            context = sum(map(len, rows)) / batch + args.steps / 2
+            bound, text = decode_step_limit(facts, batch, context, nbytes[precision], nbytes[precision],
+                                            bandwidth, peak[precision])
+            for mode in modes:
+                times = [step_seconds(adapter, rows, args.steps, precision, mode, pad) for _ in range(args.repeats)]
+                t = statistics.median(times)
+                results[f"{precision}_b{batch}_{mode}"] = {"step_ms": t * 1e3, "bound_ms": bound * 1e3,
+                                                           "reached": bound / t, "runs_ms": [x * 1e3 for x in times]}
+                print(f"{precision} b{batch:<3} {mode:9} {t * 1e3:8.2f} ms/step  {batch / t:8.1f} tok/s  "
+                      f"bound {bound * 1e3:6.2f} ms  reached {bound / t:5.0%}  (runs "
+                      f"{', '.join(f'{x * 1e3:.1f}' for x in times)} ms)", flush=True)
+            print(f"   bound: {text}")
+    results["load_average_end"] = os.getloadavg()[0]
+    print("RESULT " + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

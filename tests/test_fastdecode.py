@@ -1,0 +1,83 @@
+"""The lean decode step (tunelab.fastdecode): same logits as the transformers forward, cached weights that
+follow parameter changes, the transformers forward kept for LoRA layers, batch-invariant projections."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tunelab import fastdecode
+from tunelab import generate as gen
+from tunelab.methods.base import MethodConfig, freeze
+from tunelab.methods.icl import FrozenAdapter
+
+TEXTS = ["x", "Translate to French: good morning", "A longer prompt with several more words in it, about the sea."]
+
+
+def _rows(model_tok):
+    model, tok = model_tok
+    freeze(model)
+    adapter = FrozenAdapter(model, "base", MethodConfig())
+    return model, [(adapter, tok(t)["input_ids"]) for t in TEXTS]
+
+
+def _decode(model, rows, mode: str, steps: int = 5) -> list[torch.Tensor]:
+    """Logits of ``steps`` decode steps of the serve path (prefill_rows + decode_step), feeding greedy tokens."""
+    state = gen.prefill_rows(rows, pad_id=2)
+    out = []
+    with fastdecode.mode(mode):
+        for _ in range(steps):
+            state = gen.decode_step(model, state.logits.argmax(-1), state)
+            out.append(state.logits)
+    return out
+
+
+def test_lean_step_matches_the_transformers_forward_on_a_left_padded_batch(fresh_tiny):
+    model, rows = _rows(fresh_tiny)
+    assert fastdecode.supports(model)  # the tiny model is a LlamaForCausalLM like SmolLM2
+    lean, hf = _decode(model, rows, "lean"), _decode(model, rows, "hf")
+    for a, b in zip(lean, hf, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert not torch.equal(lean[0], lean[-1])  # the steps really advance
+
+
+def test_fused_weights_are_cached_and_rebuilt_when_a_parameter_changes(fresh_tiny):
+    model, rows = _rows(fresh_tiny)
+    first = fastdecode.weights(model)
+    assert fastdecode.weights(model) is first
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(1.5)  # an in-place update, as an optimizer step makes
+    assert fastdecode.weights(model) is not first
+    for a, b in zip(_decode(model, rows, "lean", 2), _decode(model, rows, "hf", 2), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_lora_layers_keep_the_transformers_forward(fresh_tiny):
+    from tunelab.methods import METHODS
+
+    model, tok = fresh_tiny
+    adapter = METHODS["lora"].build(model, tok, METHODS["lora"].Config(r=4, dropout=0.0), [], 0)
+    assert not fastdecode.supports(adapter.model)
+    state = gen.prefill_rows([(adapter, tok("hello")["input_ids"])], pad_id=2)
+    from tunelab import kvcache
+
+    assert fastdecode.stepper(adapter.model, kvcache.preallocate(state.cache, 4)) is None
+
+
+def test_an_unknown_mode_is_refused():
+    with pytest.raises(ValueError, match="choose one of hf, lean"), fastdecode.mode("fast"):
+        pass
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_wide_projection_gives_each_row_the_same_bits_in_any_batch(dtype):
+    # SmolLM2's down projection (1536 -> 576): split into input chunks of <= MAX_K columns
+    weight = torch.randn(576, 1536, generator=torch.Generator().manual_seed(0)).to(dtype)
+    linear = fastdecode._prepare(weight, None, pack=True)
+    assert len(linear.chunks) == 2
+    x = torch.randn(16, 1536, generator=torch.Generator().manual_seed(1)).to(dtype)
+    batched = linear(x)
+    torch.testing.assert_close(batched.float(), (x.float() @ weight.float().T), atol=0.5, rtol=0.02)
+    for m in (1, 3, 16):
+        for row in range(m):
+            assert torch.equal(linear(x[:m])[row], batched[row])
