@@ -265,12 +265,19 @@ def mode(name: str) -> Iterator[None]:
 
 def stepper(model, cache) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, object], torch.Tensor] | None:
     """``(tokens, mask, positions, cache) -> logits`` for the selected mode when it covers ``model`` and
-    ``cache`` (all ``kvcache.PreallocatedLayer``s), else None: use the transformers forward. Checks the modules
+    ``cache`` (all ``kvcache.PreallocatedLayer``s) and no per-row weight deltas are active
+    (``modeling.row_slots``), else None: use the transformers forward. Checks the modules
     and the weights once, so call it once per decode loop (the weights cannot change inside one)."""
     from tunelab.kvcache import PreallocatedLayer
 
+    from tunelab.modeling import current_row_slots
+
     chosen = _MODE.get()
     layers = getattr(cache, "layers", None)
+    # per-row weight deltas (serve's LoRA slots) live in hooks on the projections, which only the module
+    # forward runs: the lean step, which reads the fused weights directly, would skip them
+    if current_row_slots() is not None:
+        return None
     if chosen == "hf" or not layers or any(type(layer) is not PreallocatedLayer for layer in layers):
         return None
     if not supports(model):
