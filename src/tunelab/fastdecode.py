@@ -269,7 +269,6 @@ def stepper(model, cache) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor,
     (``modeling.row_slots``), else None: use the transformers forward. Checks the modules
     and the weights once, so call it once per decode loop (the weights cannot change inside one)."""
     from tunelab.kvcache import PreallocatedLayer
-
     from tunelab.modeling import current_row_slots
 
     chosen = _MODE.get()
