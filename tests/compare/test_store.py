@@ -70,28 +70,32 @@ def test_several_writer_processes(tmp_path):
     assert sorted(keys) == sorted(f"w{w}-{i}" for w in range(3) for i in range(40))
 
 
-def test_older_store_gains_new_columns(tmp_path):
+def _older_store(tmp_path, *statements: str):
+    """A store file written by an older tunelab: only ``statements`` ran on it."""
     path = tmp_path / "old.sqlite"
     conn = sqlite3.connect(path)
-    conn.execute("CREATE TABLE cells (key TEXT PRIMARY KEY, grid TEXT NOT NULL, method TEXT NOT NULL, "
-                 "method_name TEXT NOT NULL, task TEXT NOT NULL, seed INTEGER NOT NULL, status TEXT NOT NULL, "
-                 "config TEXT NOT NULL, finished_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 1)")
+    for statement in statements:
+        conn.execute(statement)
     conn.commit()
     conn.close()
+    return path
+
+
+def test_older_store_gains_new_columns(tmp_path):
+    path = _older_store(tmp_path, "CREATE TABLE cells (key TEXT PRIMARY KEY, grid TEXT NOT NULL, method TEXT NOT NULL, "
+                        "method_name TEXT NOT NULL, task TEXT NOT NULL, seed INTEGER NOT NULL, status TEXT NOT NULL, "
+                        "config TEXT NOT NULL, finished_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 1)")
     with Store(path) as store:
         store.record(_row("a", cpu_seconds=1.5))
         assert store.rows()[0].cpu_seconds == 1.5
 
 
 def test_a_trials_table_without_pruning_columns_gains_them(tmp_path):
-    path = tmp_path / "old.sqlite"
-    conn = sqlite3.connect(path)
-    conn.execute("CREATE TABLE trials (study TEXT NOT NULL, key TEXT NOT NULL, number INTEGER NOT NULL, "
-                 "params TEXT NOT NULL, status TEXT NOT NULL, metric TEXT, dev_score REAL, cpu_seconds REAL, "
-                 "out_dir TEXT, finished_at REAL NOT NULL, PRIMARY KEY (study, key))")
-    conn.execute("INSERT INTO trials VALUES ('s', 'k0', 0, '{\"train.lr\": 0.1}', 'done', 'bleu', 3.0, 1.0, NULL, 0)")
-    conn.commit()
-    conn.close()
+    path = _older_store(tmp_path,
+                        "CREATE TABLE trials (study TEXT NOT NULL, key TEXT NOT NULL, number INTEGER NOT NULL, "
+                        "params TEXT NOT NULL, status TEXT NOT NULL, metric TEXT, dev_score REAL, cpu_seconds REAL, "
+                        "out_dir TEXT, finished_at REAL NOT NULL, PRIMARY KEY (study, key))",
+                        "INSERT INTO trials VALUES ('s', 'k0', 0, '{\"train.lr\": 0.1}', 'done', 'bleu', 3.0, 1.0, NULL, 0)")
     with Store(path) as store:
         store.record_trial({"study": "s", "key": "k1", "number": 1, "params": {"train.lr": 1.0}, "status": "pruned",
                             "dev_loss": 2.5, "dev_losses": [(1, 2.0), (2, 2.5)], "pruned_step": 2, "cpu_seconds": 0.4})
