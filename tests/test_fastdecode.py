@@ -81,3 +81,16 @@ def test_a_wide_projection_gives_each_row_the_same_bits_in_any_batch(dtype):
     for m in (1, 3, 16):
         for row in range(m):
             assert torch.equal(linear(x[:m])[row], batched[row])
+
+
+def test_row_slots_without_a_delta_provider_keep_the_transformers_forward(fresh_tiny):
+    """Per-row deltas that live only in module hooks (no modeling.row_deltas) would be skipped by the lean step."""
+    from tunelab import kvcache
+    from tunelab.modeling import row_slots
+
+    model, rows = _rows(fresh_tiny)
+    state = gen.prefill_rows(rows, pad_id=2)
+    cache = kvcache.preallocate(state.cache, 4)
+    assert fastdecode.stepper(model, cache) is not None
+    with row_slots(torch.tensor([1, 0, 0])):
+        assert fastdecode.stepper(model, cache) is None

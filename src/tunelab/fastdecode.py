@@ -18,7 +18,9 @@ virtual-token / prefix key/values and left padding, the attention mask, each row
 generation, evaluation and the serve scheduler keep one path. ``supports`` decides from the modules themselves
 (config ``model_type == "llama"``, every projection a plain ``nn.Linear``, SiLU MLP, RMSNorm, full-attention
 cache layers); anything else -- peft LoRA layers (unmerged), other architectures such as Gemma 3 -- keeps
-the transformers forward. Greedy tokens equal the transformers forward's in fp32 (tests/test_fastdecode.py).
+the transformers forward. Serve's LoRA rows (per-row low-rank deltas on the frozen model's plain projections,
+``serve.lora_rows``) run in the lean step too: it adds each projection's delta from ``modeling.row_deltas``,
+computed by the same function as the module hooks of the transformers forward. Greedy tokens equal the transformers forward's in fp32 (tests/test_fastdecode.py).
 """
 
 from __future__ import annotations
@@ -72,15 +74,39 @@ def _prepare(weight: torch.Tensor, bias: torch.Tensor | None, pack: bool) -> _Li
 
 
 @dataclass(frozen=True)
+class _Group:
+    """Projections run as one matmul (q/k/v, gate/up, or a single one): the fused weight, and each member's
+    module name (as ``model.named_modules()`` calls it) and output width, for per-row deltas."""
+
+    linear: _Linear
+    names: tuple[str, ...]
+    widths: tuple[int, ...]
+
+    def __call__(self, x: torch.Tensor, deltas: Deltas | None) -> torch.Tensor:  # (B, in) -> (B, out)
+        y = self.linear(x)
+        if deltas is None:
+            return y
+        parts = [deltas(name, x) for name in self.names]
+        if all(p is None for p in parts):
+            return y
+        return y + torch.cat([p if p is not None else y.new_zeros(y.shape[0], width)
+                              for p, width in zip(parts, self.widths, strict=True)], dim=-1)
+
+
+# (module name, its input (B, in)) -> the per-row delta to add to its output (B, out), or None (no delta there)
+Deltas = Callable[[str, torch.Tensor], "torch.Tensor | None"]
+
+
+@dataclass(frozen=True)
 class _Layer:
     """One decoder layer's weights, q/k/v and gate/up fused."""
 
     norm_in: torch.Tensor  # (C,)
-    qkv: _Linear  # C -> (H + 2 KV) D
-    o: _Linear  # H D -> C
+    qkv: _Group  # C -> (H + 2 KV) D
+    o: _Group  # H D -> C
     norm_post: torch.Tensor  # (C,)
-    gate_up: _Linear  # C -> 2 I
-    down: _Linear  # I -> C
+    gate_up: _Group  # C -> 2 I
+    down: _Group  # I -> C
 
 
 @dataclass(frozen=True)
@@ -151,19 +177,25 @@ def _fused(linears, pack: bool) -> _Linear:
     return _prepare(torch.cat([lin.weight for lin in linears]), _cat_bias(*linears), pack)
 
 
+def _group(linears, pack: bool, names: dict[int, str]) -> _Group:
+    return _Group(_fused(linears, pack), tuple(names[id(lin)] for lin in linears),
+                  tuple(lin.weight.shape[0] for lin in linears))
+
+
 def _build(model, key: tuple) -> Weights:
     body, cfg = _body(model), model.config
     embed = body.embed_tokens.weight.detach()
     pack = embed.device.type == "cpu" and embed.dtype in (torch.float32, torch.bfloat16) and \
         torch.backends.mkldnn.is_available()
+    names = {id(module): name for name, module in model.named_modules()}
     layers = []
     for layer in body.layers:
         att, mlp = layer.self_attn, layer.mlp
         layers.append(_Layer(
             layer.input_layernorm.weight.detach(),
-            _fused((att.q_proj, att.k_proj, att.v_proj), pack), _fused((att.o_proj,), pack),
+            _group((att.q_proj, att.k_proj, att.v_proj), pack, names), _group((att.o_proj,), pack, names),
             layer.post_attention_layernorm.weight.detach(),
-            _fused((mlp.gate_proj, mlp.up_proj), pack), _fused((mlp.down_proj,), pack)))
+            _group((mlp.gate_proj, mlp.up_proj), pack, names), _group((mlp.down_proj,), pack, names)))
     head = _fused((model.get_output_embeddings(),), pack)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return Weights(key, tuple(layers), embed, body.norm.weight.detach(), head,
@@ -207,28 +239,32 @@ def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: 
 
 
 def _layers(w: Weights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
-            keys: list[torch.Tensor], values: list[torch.Tensor], length: int) -> torch.Tensor:
+            keys: list[torch.Tensor], values: list[torch.Tensor], length: int,
+            deltas: Deltas | None = None) -> torch.Tensor:
     """The decoder layers and the LM head for one token per row: ``x`` (B, C) embeddings, ``cos``/``sin``
     (B, 1, 1, D), ``bias`` (B, 1, 1, length + 1) fp32 attention bias; ``keys``/``values`` per layer (B, KV, capacity, D)
-    buffers whose first ``length`` positions are filled: position ``length`` is written here. -> (B, V)."""
+    buffers whose first ``length`` positions are filled: position ``length`` is written here; ``deltas``: per-row
+    additions to the projections' outputs (serve's LoRA rows). -> (B, V)."""
     batch, width = x.shape
     h, kv, d = w.heads, w.kv_heads, w.head_dim
     for lw, kbuf, vbuf in zip(w.layers, keys, values, strict=True):
-        qkv = lw.qkv(F.rms_norm(x, (width,), lw.norm_in, w.eps))  # (B, (H + 2 KV) D)
+        qkv = lw.qkv(F.rms_norm(x, (width,), lw.norm_in, w.eps), deltas)  # (B, (H + 2 KV) D)
         q, k, v = qkv.view(batch, h + 2 * kv, 1, d).split((h, kv, kv), dim=1)  # (B, heads, 1, D)
         kbuf[:, :, length:length + 1].copy_(_rope(k, cos, sin))
         vbuf[:, :, length:length + 1].copy_(v)
         att = _attention(_rope(q, cos, sin), kbuf[:, :, :length + 1], vbuf[:, :, :length + 1], bias)  # (B, H, 1, D)
-        x = x + lw.o(att.reshape(batch, h * d))
-        gate, up = lw.gate_up(F.rms_norm(x, (width,), lw.norm_post, w.eps)).chunk(2, -1)  # (B, I) each
-        x = x + lw.down(F.silu(gate) * up)
+        x = x + lw.o(att.reshape(batch, h * d), deltas)
+        gate, up = lw.gate_up(F.rms_norm(x, (width,), lw.norm_post, w.eps), deltas).chunk(2, -1)  # (B, I) each
+        x = x + lw.down(F.silu(gate) * up, deltas)
     return w.head(F.rms_norm(x, (width,), w.norm, w.eps))  # (B, V)
 
 
 @torch.no_grad()
-def step(model, w: Weights, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+def step(model, w: Weights, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache,
+         deltas: Deltas | None = None) -> torch.Tensor:
     """One decode step: ``tokens`` (B,) at ``positions`` (B,), ``mask`` (B, L + 1) including the new column,
-    ``cache`` (``kvcache.PreallocatedLayer``s holding L entries per row) extended in place. -> logits (B, V)."""
+    ``cache`` (``kvcache.PreallocatedLayer``s holding L entries per row) extended in place, ``deltas`` added to
+    the projections. -> logits (B, V)."""
     layers = cache.layers
     length = layers[0].length
     for layer in layers:
@@ -238,7 +274,7 @@ def step(model, w: Weights, tokens: torch.Tensor, mask: torch.Tensor, positions:
     bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(mask == 0, float("-inf"))
     bias = bias[:, None, None, :]  # (B, 1, 1, L + 1)
     logits = _layers(w, x, cos.unsqueeze(1), sin.unsqueeze(1), bias, [layer._keys for layer in layers],
-                 [layer._values for layer in layers], length)
+                 [layer._values for layer in layers], length, deltas)
     for layer in layers:
         layer.advance(1)
     return logits
@@ -265,17 +301,18 @@ def mode(name: str) -> Iterator[None]:
 
 def stepper(model, cache) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, object], torch.Tensor] | None:
     """``(tokens, mask, positions, cache) -> logits`` for the selected mode when it covers ``model`` and
-    ``cache`` (all ``kvcache.PreallocatedLayer``s) and no per-row weight deltas are active
-    (``modeling.row_slots``), else None: use the transformers forward. Checks the modules
-    and the weights once, so call it once per decode loop (the weights cannot change inside one)."""
+    ``cache`` (all ``kvcache.PreallocatedLayer``s), else None: use the transformers forward. Per-row weight
+    deltas active at call time (``modeling.row_slots``: serve's LoRA rows) are added from the model's
+    ``modeling.row_deltas`` with the formula of its module hooks; a model whose deltas live only in hooks
+    gets None. Checks the modules and the weights once, so call it once per decode loop (the weights
+    cannot change inside one)."""
     from tunelab.kvcache import PreallocatedLayer
-    from tunelab.modeling import current_row_slots
+    from tunelab.modeling import current_row_slots, row_deltas
 
     chosen = _MODE.get()
     layers = getattr(cache, "layers", None)
-    # per-row weight deltas (serve's LoRA slots) live in hooks on the projections, which only the module
-    # forward runs: the lean step, which reads the fused weights directly, would skip them
-    if current_row_slots() is not None:
+    provider = row_deltas(model)
+    if current_row_slots() is not None and provider is None:  # the lean step would skip the hooks' deltas
         return None
     if chosen == "hf" or not layers or any(type(layer) is not PreallocatedLayer for layer in layers):
         return None
@@ -284,6 +321,15 @@ def stepper(model, cache) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor,
     w = weights(model)
 
     def run(tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-        return step(model, w, tokens, mask, positions, cache)
+        slots = current_row_slots()
+        deltas: Deltas | None = None
+        if slots is not None:
+            if provider is None:
+                raise RuntimeError("per-row weight deltas became active after fastdecode.stepper chose the lean "
+                                   "step for a model without modeling.row_deltas; call stepper inside row_slots")
+            def deltas(name: str, x: torch.Tensor) -> torch.Tensor | None:  # x (B, in): the hooks see (B, 1, in)
+                d = provider.delta(name, x.unsqueeze(1), slots)
+                return None if d is None else d.squeeze(1)
+        return step(model, w, tokens, mask, positions, cache, deltas)
 
     return run

@@ -382,12 +382,10 @@ def decode_step(model, tokens: torch.Tensor, state: Prefilled) -> Prefilled:
     step where it covers the model). The cache is turned into a pre-allocated one that grows by doubling."""
     mask = torch.cat([state.mask, state.mask.new_ones(state.mask.shape[0], 1)], dim=-1)
     cache = kvcache.preallocate(state.cache, 1)
-    # rows with LoRA slots need the per-row low-rank hooks on the projections, which only the module forward
-    # runs; the lean step reads the fused weights directly, so it takes only slot-free batches
-    lean = fastdecode.stepper(model, cache) if state.slots is None else None
-    if lean is not None:
-        return Prefilled(cache, mask, state.next_pos + 1, lean(tokens, mask, state.next_pos, cache), None)
-    with row_slots(state.slots):
+    with row_slots(state.slots):  # LoRA rows: the module hooks, or the lean step's deltas (modeling.row_deltas)
+        lean = fastdecode.stepper(model, cache)
+        if lean is not None:
+            return Prefilled(cache, mask, state.next_pos + 1, lean(tokens, mask, state.next_pos, cache), state.slots)
         step = model(input_ids=tokens.unsqueeze(-1), attention_mask=mask, position_ids=state.next_pos.unsqueeze(-1),
                      **cache_kwargs(model, cache), use_cache=True)
     return Prefilled(output_cache(step), mask, state.next_pos + 1, step.logits[:, -1], state.slots)

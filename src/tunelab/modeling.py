@@ -20,7 +20,7 @@ import inspect
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -370,6 +370,29 @@ def row_slots(slots: torch.Tensor | None) -> Iterator[None]:
 def current_row_slots() -> torch.Tensor | None:
     """The slots ``row_slots`` set for the forward running now (None outside one)."""
     return _ROW_SLOTS.get()
+
+
+class RowDeltas(Protocol):
+    """What adds the per-row weight deltas of ``row_slots`` to a projection's output (``serve.lora_rows``)."""
+
+    def delta(self, name: str, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor | None:
+        """The delta to add to module ``name``'s output for input ``x`` (B, T, in) and ``slots``; None when
+        ``name`` has none."""
+        ...
+
+
+_ROW_DELTAS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its RowDeltas
+
+
+def register_row_deltas(model, deltas: RowDeltas) -> None:
+    """Declare where the per-row deltas of ``model``'s projections come from, so that a forward which reads
+    the weights directly (``fastdecode.step``) can add them as the module hooks do."""
+    _ROW_DELTAS[model] = deltas
+
+
+def row_deltas(model) -> RowDeltas | None:
+    """The ``RowDeltas`` registered for ``model`` (None: its per-row deltas live only in module hooks)."""
+    return _ROW_DELTAS.get(model)
 
 
 def cache_tensors(cache) -> PrefixKV:

@@ -154,3 +154,49 @@ def test_instruction_tuning_declares_its_lora_weights_a_low_rank_delta_and_full_
     delta = method.low_rank_delta(mixed_root / "lora00", InstructionTuningConfig(weights="lora"))
     assert delta is not None and delta.scaling == 16 / 8
     assert method.low_rank_delta(mixed_root / "lora00", InstructionTuningConfig(weights="full")) is None
+
+
+def test_lora_rows_decode_in_the_lean_step_with_the_hooks_deltas(mixed_root, monkeypatch):
+    """A batch with LoRA rows takes the lean decode step (not the transformers forward), which adds the same
+    per-row deltas as the module hooks: its logits match the hooked transformers forward step after step, and
+    the LoRA rows differ from what the lean step gives without their slots."""
+    from tunelab import fastdecode
+    from tunelab.generate import decode_step
+
+    model, tokenizer = load_model("tiny", seed=0)
+    registry = AdapterRegistry(mixed_root, model, tokenizer, "tiny", max_lora_adapters=2)
+    base = registry.base.adapter
+    slots = [registry.lora.acquire(n, registry.get(n).lora) for n in ("lora00", "lora01")]
+    rows = [(base, [5, 6, 7]), (base, [8, 9]), (base, [10, 11, 12, 13])]
+    row_slots = [slots[0], 0, slots[1]]
+    calls = []
+    real_step = fastdecode.step
+
+    def spy(*args, **kwargs):  # step(model, w, tokens, mask, positions, cache, deltas)
+        calls.append(args[6] if len(args) > 6 else kwargs.get("deltas"))
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(fastdecode, "step", spy)
+
+    def run(mode: str, with_slots: bool) -> list[torch.Tensor]:
+        state = prefill_rows(rows, tokenizer.pad_token_id, row_slots if with_slots else None)
+        out = []
+        with fastdecode.mode(mode):
+            for _ in range(4):
+                state = decode_step(model, state.logits.argmax(-1), state)
+                out.append(state.logits)
+        return out
+
+    try:
+        hf = run("hf", True)
+        assert not calls
+        lean = run("lean", True)
+        assert len(calls) == 4 and all(d is not None for d in calls)  # every step lean, with deltas
+        plain = run("lean", False)
+    finally:
+        for s in slots:
+            registry.lora.release(s)
+    for a, b in zip(lean, hf, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(lean[0][0], plain[0][0])  # the LoRA rows' deltas were really added
+    torch.testing.assert_close(lean[0][1], plain[0][1], atol=1e-5, rtol=1e-5)  # the slot-0 row: no delta

@@ -31,7 +31,7 @@ from torch import nn
 
 from tunelab.errors import TunelabError
 from tunelab.methods.base import LowRankDelta
-from tunelab.modeling import current_row_slots
+from tunelab.modeling import current_row_slots, register_row_deltas
 
 
 @dataclass
@@ -69,6 +69,7 @@ class LoraSlots:
         self._scale = torch.zeros(1)  # (n_slots,)
         self._slots: OrderedDict[str, _Slot] = OrderedDict()  # adapter name -> slot, least recent first
         self._lock = threading.Lock()
+        register_row_deltas(model, self)  # the lean decode step adds the same deltas (fastdecode)
 
     # --- slots ---------------------------------------------------------------------------------------
     def acquire(self, name: str, delta: LowRankDelta) -> int | None:
@@ -167,19 +168,28 @@ class LoraSlots:
             stack.b = _grown(stack.b, (n, module.out_features, rank))
         return stack
 
+    def delta(self, name: str, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor | None:
+        """``scale[s] * (x A[s]^T) B[s]^T`` of module ``name`` for input ``x`` (B, T, in) and the rows' ``slots``
+        ((B,), or one 0-dim slot for every row); None when no loaded adapter targets ``name``. The one formula
+        of the module hooks and of the lean decode step (``fastdecode``, ``modeling.row_deltas``)."""
+        stack = self._stacks.get(name)
+        if stack is None:
+            return None
+        if slots.dim() == 0:  # one slot for every row: the two matmuls of peft's LoRA layer
+            a, b = stack.a[slots].to(x.dtype), stack.b[slots].to(x.dtype)
+            return (x @ a.T @ b.T) * self._scale[slots].to(x.dtype)
+        a = stack.a.index_select(0, slots).to(x.dtype)  # (B, r, in)
+        b = stack.b.index_select(0, slots).to(x.dtype)  # (B, out, r)
+        scale = self._scale.index_select(0, slots).to(x.dtype)[:, None, None]  # (B, 1, 1)
+        return torch.bmm(torch.bmm(x, a.mT), b.mT) * scale  # (B, T, out)
+
     def _hook(self, name: str):
         def add_delta(_module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
             slots = current_row_slots()
             if slots is None:  # no LoRA row in this batch (or a forward outside the server)
                 return None
-            stack, x = self._stacks[name], args[0]
-            if slots.dim() == 0:  # one slot for every row: the two matmuls of peft's LoRA layer
-                a, b = stack.a[slots].to(x.dtype), stack.b[slots].to(x.dtype)
-                return output + (x @ a.T @ b.T) * self._scale[slots].to(x.dtype)
-            a = stack.a.index_select(0, slots).to(x.dtype)  # (B, r, in)
-            b = stack.b.index_select(0, slots).to(x.dtype)  # (B, out, r)
-            scale = self._scale.index_select(0, slots).to(x.dtype)[:, None, None]  # (B, 1, 1)
-            return output + torch.bmm(torch.bmm(x, a.mT), b.mT) * scale  # (B, T, out)
+            delta = self.delta(name, args[0], slots)
+            return None if delta is None else output + delta
 
         return add_delta
 
