@@ -52,16 +52,33 @@ def test_fused_weights_are_cached_and_rebuilt_when_a_parameter_changes(fresh_tin
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_lora_layers_keep_the_transformers_forward(fresh_tiny):
+def test_peft_lora_layers_decode_in_the_lean_step_with_their_own_deltas(fresh_tiny):
+    """`tunelab eval` of a LoRA adapter (peft layers patched in, unmerged): the lean step adds each LoRA layer's
+    B(A(x)) * scaling after the fused base projections and matches the transformers forward through peft."""
     from tunelab.methods import METHODS
 
     model, tok = fresh_tiny
     adapter = METHODS["lora"].build(model, tok, METHODS["lora"].Config(r=4, dropout=0.0), [], 0)
-    assert not fastdecode.supports(adapter.model)
-    state = gen.prefill_rows([(adapter, tok("hello")["input_ids"])], pad_id=2)
+    with torch.no_grad():  # peft starts B at zero: make the delta real
+        for name, p in adapter.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    assert fastdecode.supports(adapter.model)
+    rows = [(adapter, tok(t)["input_ids"]) for t in TEXTS]
+    lean, hf = _decode(adapter.model, rows, "lean"), _decode(adapter.model, rows, "hf")
+    for a, b in zip(lean, hf, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    state = gen.prefill_rows(rows, pad_id=2)
     from tunelab import kvcache
 
-    assert fastdecode.stepper(adapter.model, kvcache.preallocate(state.cache, 4)) is None
+    assert fastdecode.stepper(adapter.model, kvcache.preallocate(state.cache, 4)) is not None
+    adapter.model.get_submodule("model.layers.0.self_attn.q_proj").merge()  # merged: not a plain delta any more
+    assert not fastdecode.supports(adapter.model)
+    adapter.model.get_submodule("model.layers.0.self_attn.q_proj").unmerge()
+    with adapter.peft_model.disable_adapter():
+        assert not fastdecode.supports(adapter.model)  # disabled layers: the transformers forward
+        off = _decode(adapter.model, rows, "lean")
+    assert not torch.allclose(lean[0], off[0])  # the deltas really change the logits
 
 
 def test_an_unknown_mode_is_refused():

@@ -17,8 +17,10 @@ It consumes and produces what ``generate.decode_step`` does (a transformers cach
 virtual-token / prefix key/values and left padding, the attention mask, each row's next position), so
 generation, evaluation and the serve scheduler keep one path. ``supports`` decides from the modules themselves
 (config ``model_type == "llama"``, every projection a plain ``nn.Linear``, SiLU MLP, RMSNorm, full-attention
-cache layers); anything else -- peft LoRA layers (unmerged), other architectures such as Gemma 3 -- keeps
-the transformers forward. Serve's LoRA rows (per-row low-rank deltas on the frozen model's plain projections,
+cache layers); anything else -- quantised or DoRA layers, other architectures such as Gemma 3 -- keeps the
+transformers forward. peft LoRA layers (unmerged, as ``tunelab eval`` loads a LoRA adapter) decode here too:
+the base projections fused and packed as for the bare model, each LoRA layer's own ``B(A(x)) * scaling`` added
+after them (its modules called as its forward calls them). Serve's LoRA rows (per-row low-rank deltas on the frozen model's plain projections,
 ``serve.lora_rows``) run in the lean step too: it adds each projection's delta from ``modeling.row_deltas``,
 computed by the same function as the module hooks of the transformers forward. Greedy tokens equal the transformers forward's in fp32 (tests/test_fastdecode.py).
 """
@@ -89,8 +91,9 @@ class _Group:
         parts = [deltas(name, x) for name in self.names]
         if all(p is None for p in parts):
             return y
-        return y + torch.cat([p if p is not None else y.new_zeros(y.shape[0], width)
-                              for p, width in zip(parts, self.widths, strict=True)], dim=-1)
+        delta = torch.cat([p if p is not None else y.new_zeros(y.shape[0], width)
+                           for p, width in zip(parts, self.widths, strict=True)], dim=-1)
+        return (y + delta).to(y.dtype)  # as peft's LoRA layer: result + delta, back in the result's dtype
 
 
 # (module name, its input (B, in)) -> the per-row delta to add to its output (B, out), or None (no delta there)
@@ -132,19 +135,50 @@ def _body(model):
     return getattr(model, "model", None)
 
 
+def _peft_lora(module) -> bool:
+    """A peft LoRA ``Linear`` on a plain ``nn.Linear`` whose forward is ``base(x) + B(A(dropout(x))) * scaling``
+    summed over its active adapters (not merged, not disabled, no DoRA or other variant)."""
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    if type(module) is not LoraLinear or type(module.base_layer) is not torch.nn.Linear:
+        return False
+    return not module.merged and not module.disable_adapters and \
+        not any(name in module.lora_variant for name in module.active_adapters)
+
+
+def _peft_delta(module, x: torch.Tensor) -> torch.Tensor | None:
+    """What a peft LoRA ``Linear`` (``_peft_lora``) adds to its base layer's output for ``x`` (B, in): its own
+    modules, in the order of its forward."""
+    out = None
+    for name in module.active_adapters:
+        if name not in module.lora_A:
+            continue
+        a = module.lora_A[name]
+        d = module.lora_B[name](a(module.lora_dropout[name](module._cast_input_dtype(x, a.weight.dtype))))
+        d = d * module.scaling[name]
+        out = d if out is None else out + d
+    return out
+
+
 def supports(model) -> bool:
-    """Whether ``step`` computes this model's forward: a plain Llama (no LoRA or other wrapped layers)."""
+    """Whether ``step`` computes this model's forward: a plain Llama, whose projections may carry peft LoRA
+    layers (their deltas are added after the fused base projections); no other wrapped layers."""
     cfg, body = getattr(model, "config", None), _body(model)
     if cfg is None or body is None or getattr(cfg, "model_type", None) != "llama":
         return False
     if getattr(cfg, "hidden_act", None) != "silu" or getattr(cfg, "pretraining_tp", 1) != 1:
         return False
     head = model.get_output_embeddings()
-    if type(head) is not torch.nn.Linear or not hasattr(body, "rotary_emb") or not hasattr(body, "norm"):
+    if type(head) is not torch.nn.Linear or type(getattr(body, "embed_tokens", None)) is not torch.nn.Embedding:
+        return False  # e.g. peft's modules_to_save wrappers: their trained copy is not ``.weight``
+    if not hasattr(body, "rotary_emb") or not hasattr(body, "norm"):
         return False
     for layer in getattr(body, "layers", ()):
         for name in _PROJECTIONS:
-            if type(layer.get_submodule(name)) is not torch.nn.Linear:  # peft LoRA, quantised layers, ...
+            module = layer.get_submodule(name)
+            if type(module) is not torch.nn.Linear and not _peft_lora(module):  # quantised layers, DoRA, ...
                 return False
         if type(layer.input_layernorm).__name__ != "LlamaRMSNorm":
             return False
@@ -319,17 +353,24 @@ def stepper(model, cache) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor,
     if not supports(model):
         return None
     w = weights(model)
+    lora = {name: m for name, m in model.named_modules() if _peft_lora(m)}  # peft LoRA layers (offline eval)
 
     def run(tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         slots = current_row_slots()
-        deltas: Deltas | None = None
-        if slots is not None:
-            if provider is None:
-                raise RuntimeError("per-row weight deltas became active after fastdecode.stepper chose the lean "
-                                   "step for a model without modeling.row_deltas; call stepper inside row_slots")
-            def deltas(name: str, x: torch.Tensor) -> torch.Tensor | None:  # x (B, in): the hooks see (B, 1, in)
-                d = provider.delta(name, x.unsqueeze(1), slots)
-                return None if d is None else d.squeeze(1)
+        if slots is not None and provider is None:
+            raise RuntimeError("per-row weight deltas became active after fastdecode.stepper chose the lean "
+                               "step for a model without modeling.row_deltas; call stepper inside row_slots")
+        if slots is None and not lora:
+            return step(model, w, tokens, mask, positions, cache)
+
+        def deltas(name: str, x: torch.Tensor) -> torch.Tensor | None:  # x (B, in)
+            d = _peft_delta(lora[name], x) if name in lora else None
+            if slots is not None and provider is not None:
+                r = provider.delta(name, x.unsqueeze(1), slots)  # the hooks see (B, 1, in)
+                if r is not None:
+                    d = r.squeeze(1) if d is None else d + r.squeeze(1)
+            return d
+
         return step(model, w, tokens, mask, positions, cache, deltas)
 
     return run

@@ -13,8 +13,8 @@ Precision (``GenerationConfig.precision``: fp32 | bf16 | auto, ``tunelab.precisi
 weights in the prefill phase's dtype, the decode loop in the decode phase's (the cache is cast between them when
 they differ). The decode loop (``_decode_fast``) writes into a cache allocated once (``tunelab.kvcache``);
 ``fast_decode(False)`` selects the 2026-11 loop (``_decode``), which gives the same tokens. Each decode step (here and
-in ``decode_step``, the serve scheduler's) runs ``tunelab.fastdecode.step`` where it covers the model (Llama family
-without LoRA layers), else the transformers forward; ``fastdecode.mode("hf")`` forces the latter.
+in ``decode_step``, the serve scheduler's) runs ``tunelab.fastdecode.step`` where it covers the model (Llama family,
+peft LoRA layers and serve's LoRA rows included), else the transformers forward; ``fastdecode.mode("hf")`` forces the latter.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def _decode_fast(model, logits: torch.Tensor, cache, attn: torch.Tensor, next_po
     keep = torch.zeros(batch, steps, dtype=torch.bool, device=device)  # token t of row b is output
     mask = torch.cat([attn, attn.new_zeros(batch, steps)], dim=1)  # (B, T + steps), filled column by column
     cache = kvcache.preallocate(cache, steps)
-    lean = fastdecode.stepper(model, cache)  # None: the transformers forward (other architectures, LoRA layers)
+    lean = fastdecode.stepper(model, cache)  # None: the transformers forward (other architectures, DoRA, ...)
     out: list[list[int]] = [[] for _ in range(batch)]
     taken = 0
     for step in range(steps):
