@@ -275,7 +275,8 @@ def _fake_runs(monkeypatch, calls: list, fail_at: int | None = None):
     monkeypatch.setattr(runner, "run_cell", fake)
 
 
-def _study(tmp: Path, name: str, prune: bool = False):
+def _study(tmp: Path, name: str, prune: bool = False, space: dict | None = None, trials: int = 6,
+           startup: int | None = None):
     import optuna
 
     from tunelab.compare.grid import expand
@@ -283,8 +284,10 @@ def _study(tmp: Path, name: str, prune: bool = False):
     from tunelab.compare.tuning import optuna_path, run_study
 
     pruning = {"pruner": "median", "prune_every": 1, "prune_startup_trials": 2} if prune else {}
-    grid = parse_grid({"name": name, "model": {"name": "tiny"}, "tune": {"trials": 6, "dev_rows": 5, **pruning},
-                       "methods": [{"name": "lora", "tune": {"space": {"train.lr": {"low": 0.01, "high": 1.0}}}}],
+    tune = {"trials": trials, "dev_rows": 5, **pruning, **({"startup_trials": startup} if startup else {})}
+    space = space or {"train.lr": {"low": 0.01, "high": 1.0}}
+    grid = parse_grid({"name": name, "model": {"name": "tiny"}, "tune": tune,
+                       "methods": [{"name": "lora", "tune": {"space": space}}],
                        "tasks": ["date_format"]})
     (cell,) = expand(grid)
     store = Store(tmp / "results.sqlite")
@@ -345,6 +348,41 @@ def test_a_trial_stored_before_the_study_was_told_gets_its_dev_losses_again(tmp_
     assert told == [(t.params, t.state.name, t.value, t.intermediate_values) for t in clean.trials]
     assert [t["status"] for t in store.trials("s")] == [t.state.name.lower().replace("complete", "done")
                                                         for t in clean.trials]
+
+
+def test_tpe_in_a_small_choice_space_never_spends_a_trial_on_a_scored_configuration(tmp_path, monkeypatch):
+    """TPE's random startup draws with replacement: in the paper preset's 4 x 2 space 3 trials once scored only
+    2 distinct configurations. Startup trials walk the seeded grid; a repeated TPE proposal is replaced."""
+    space = {"train.lr": [0.01, 0.03, 0.1, 0.3], "r": [4, 8]}
+    calls: list = []
+    _fake_runs(monkeypatch, calls)
+    run, store = _study(tmp_path / "a", "a", space=space, trials=7, startup=3)
+    run()
+    configs = [tuple(sorted(t["params"].items())) for t in store.trials("s")]
+    assert len(configs) == 7 and len(set(configs)) == 7  # 7 of the 8 configurations, none twice
+    again: list = []
+    _fake_runs(monkeypatch, again, fail_at=5)
+    rerun, store_b = _study(tmp_path / "b", "b", space=space, trials=7, startup=3)
+    with pytest.raises(KeyboardInterrupt):
+        rerun()
+    _fake_runs(monkeypatch, again)
+    rerun()
+    assert [tuple(sorted(t["params"].items())) for t in store_b.trials("s")] == configs  # resumable as before
+
+
+def test_a_tie_on_the_dev_score_goes_to_the_lower_dev_loss(tmp_path):
+    from tunelab.compare.grid import expand
+    from tunelab.compare.store import Store
+    from tunelab.compare.tuning import _record_winner
+
+    store = Store(tmp_path / "results.sqlite")
+    for number, (loss, score) in enumerate([(1.9, 0.0), (1.4, 0.0), (1.2, None)]):  # the last one was pruned
+        store.record_trial({"study": "s", "key": f"k{number}", "number": number, "params": {"train.lr": number},
+                            "status": "done" if score is not None else "pruned", "metric": "sql_exact_match",
+                            "dev_score": score, "dev_loss": loss, "dev_losses": [[20, loss]], "pruned_step": None,
+                            "cpu_seconds": 1.0, "out_dir": None})
+    grid = parse_grid({"name": "t", "model": {"name": "tiny"}, "methods": ["lora"], "tasks": ["date_format"]})
+    assert _record_winner(store, "s", expand(grid)[0], 3) == {"train.lr": 1}
 
 
 @pytest.mark.parametrize("name", ["paper", "instruction"])

@@ -2,10 +2,12 @@
 
 For every (method, task, training-set size, prompt length) group of a tuned method, an Optuna study
 runs the same number of trials (``tune.trials``, unless the method sets its own): seeded TPE, or a
-seeded walk through the grid for small all-choice spaces. A trial is a normal cell run (through
+seeded walk through the grid for small all-choice spaces. In an all-choice space no trial repeats a scored
+configuration: TPE's random startup trials walk the seeded grid instead, and a later TPE proposal already
+scored is replaced by the next untried configuration of that walk. A trial is a normal cell run (through
 ``runner.run_cell``) that trains on the training data minus a seeded dev split and is scored on that
 dev split; the test split is never loaded for scoring and never chosen from. The best dev score wins
-(ties: the earlier trial), and every seed of the winning configuration then runs on the test split
+(ties: the lower final dev loss where pruning measured it, then the earlier trial), and every seed of the winning configuration then runs on the test split
 as the grid's ordinary cells.
 
 Resumable like the store: the study lives in an Optuna RDB file beside the results store
@@ -170,15 +172,23 @@ def run_study(grid: GridConfig, spec: MethodSpec, base: Cell, name: str, store: 
         k = len(finished)
         if k >= n_trials:
             break
+        tried = [dict(t.params) for t in finished]
         if kind == "grid":
-            with warnings.catch_warnings():  # PartialFixedSampler is marked experimental; it fixes every value here
-                warnings.simplefilter("ignore")
-                assert combos is not None
-                study.sampler = optuna.samplers.PartialFixedSampler(combos[k], optuna.samplers.RandomSampler(seed=k))
+            assert combos is not None
+            trial = _ask_fixed(optuna, study, distributions, combos[k], k)
+        elif combos is not None and k < settings.startup_trials:
+            # TPE's startup is random *with* replacement: in a small all-choice space it repeats configurations
+            # (3 trials once tried 2 distinct ones). Walk the seeded grid instead: distinct, still seeded.
+            trial = _ask_fixed(optuna, study, distributions, _untried(combos, tried), k)
         else:  # reseeded per trial: the same finished trials give the same next configuration after a kill
             study.sampler = optuna.samplers.TPESampler(seed=settings.seed + k,
                                                        n_startup_trials=settings.startup_trials)
-        trial = study.ask(distributions)
+            trial = study.ask(distributions)
+            if combos is not None and dict(trial.params) in tried and len(tried) < len(combos):
+                # a configuration already scored would spend a trial on nothing: the next untried one instead
+                # (the duplicate is told FAIL without an error: it is neither counted nor seen by TPE)
+                study.tell(trial, state=TrialState.FAIL)
+                trial = _ask_fixed(optuna, study, distributions, _untried(combos, tried), k)
         params = dict(trial.params)
         cell = trial_cell(base, trial_base, params)
         stored = store.trial(name, cell.key)
@@ -206,6 +216,19 @@ def run_study(grid: GridConfig, spec: MethodSpec, base: Cell, name: str, store: 
             trial.set_user_attr("error", "the trial cell failed")
             study.tell(trial, state=TrialState.FAIL)
     return _record_winner(store, name, base, n_trials)
+
+
+def _ask_fixed(optuna, study, distributions: dict[str, Any], params: dict[str, Any], k: int):
+    """A trial of ``study`` with exactly ``params``."""
+    with warnings.catch_warnings():  # PartialFixedSampler is marked experimental; it fixes every value here
+        warnings.simplefilter("ignore")
+        study.sampler = optuna.samplers.PartialFixedSampler(params, optuna.samplers.RandomSampler(seed=k))
+    return study.ask(distributions)
+
+
+def _untried(combos: list[dict[str, Any]], tried: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first configuration of the seeded grid order not scored yet (the grid's first when all were)."""
+    return next((c for c in combos if c not in tried), combos[0])
 
 
 def _prunes(grid: GridConfig, spec: MethodSpec, trial_base: RunConfig, name: str) -> bool:
@@ -251,7 +274,10 @@ def _record_winner(store: Store, name: str, base: Cell, n_trials: int) -> dict[s
     if not done:
         raise TunelabError(f"{name}: every tuning trial failed; see the trials' error.json under "
                            f"{TUNING_DIR}/cells/ and fix the search space")
-    best = max(done, key=lambda t: (t["dev_score"], -t["number"]))  # ties: the earlier trial (never a pruned one)
+    # ties (e.g. every trial at 0 exact match on a hard task): the lower final dev loss where it was measured
+    # (tune.pruner probes), then the earlier trial; never a pruned one
+    best = max(done, key=lambda t: (t["dev_score"], -(t["dev_loss"] if t.get("dev_loss") is not None else 0.0),
+                                    -t["number"]))
     cost = sum(t["cpu_seconds"] or 0.0 for t in trials)  # pruned and failed trials cost too
     store.record_tuned({"study": name, "method": base.method, "task": base.task, "params": best["params"],
                         "dev_score": best["dev_score"], "trials": len(trials), "cpu_seconds": round(cost, 3)})
