@@ -146,6 +146,8 @@ def test_claims_section_shows_holm_tost_mde_and_sizing(tmp_path):
     sizing = sections["Sizing: rows and seeds for a decisive verdict"]
     table = next(item for item in sizing if hasattr(item, "headers"))
     assert [r[1].split(" ")[0] for r in table.rows] == ["t0", "t1"] and "rows @ 10 seeds" in table.headers
+    verdicts = {r[1]: r[table.headers.index("verdict now")] for r in table.rows}  # the claims table's own verdicts
+    assert verdicts == {r[1]: r[detail.headers.index("verdict")] for r in rows if r[1] in verdicts}
 
 
 def test_size_command_prints_the_rows_each_claim_needs(tmp_path, capsys, monkeypatch):

@@ -46,12 +46,12 @@ def size_claims(rows: list[dict[str, Any]], margins: dict[str, float] | None = N
 def sizing_table(sizings: list[ClaimSizing]) -> tuple[list[str], list[list[str]]]:
     """Headers and rows of the sizing table (report section and `tunelab size`)."""
     seeds = sorted({s for c in sizings for s in c.sizing.rows_needed})
-    headers = ["tested as", "group", "metric", "margin", "rows x seeds now", "se now", "se needed",
+    headers = ["tested as", "group", "verdict now", "metric", "margin", "rows x seeds now", "se now", "se needed",
                *[f"rows @ {s} seeds" for s in seeds]]
     body = []
     for c in sizings:
         z = c.sizing
-        body.append([c.finding.claim.test, c.finding.group, c.finding.metric or "-", f"±{z.margin:g}",
+        body.append([c.finding.claim.test, c.finding.group, c.finding.verdict, c.finding.metric or "-", f"±{z.margin:g}",
                      f"{z.rows_now} x {z.seeds_now}", f"{z.se_now:.2f}", f"{z.se_needed:.2f}",
                      *["-" if s not in z.rows_needed else "never" if z.rows_needed[s] is None
                        else f"{z.rows_needed[s]:,}" for s in seeds]])
@@ -64,4 +64,6 @@ def sizing_note(sizings: list[ClaimSizing]) -> str:
             f"margin, and 80% power to show equivalence when there is none), at alpha = {alpha:.3g} (0.05 over "
             "the report's quality tests: the strictest Holm step). From the pilot's variance split "
             "se² = example variance / rows + seed variance / seeds; *never*: the seed-to-seed spread alone exceeds "
-            "the target at that many seeds.")
+            "the target at that many seeds. A test whose verdict is already supported, contradicted or "
+            "equivalent needs no more: its effect is far enough from 0 (or inside the margin) at today's error; "
+            "the rows shown are what would make *any* effect of this test decisive.")
