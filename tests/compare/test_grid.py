@@ -168,22 +168,24 @@ def test_subset_cells_keep_their_keys_under_another_out_dir(tmp_path, monkeypatc
 
 
 @pytest.mark.shared_data
-@pytest.mark.parametrize("name", ["paper", "instruction"])
-def test_docs_results_are_reports_of_the_whole_preset(name, tmp_path, monkeypatch):
-    """docs/results/NAME holds the report of `tunelab compare --preset NAME_v1` (the preset it was run with, kept
-    unchanged): every cell of it, none failed; its README names the next preset (`--preset NAME`) to run."""
+@pytest.mark.parametrize(("folder", "preset", "command"), [
+    ("paper", "paper", "tunelab compare --preset paper --out runs/paper"),
+    ("paper/v1", "paper_v1", "tunelab compare --preset paper_v1 --out runs/paper"),
+    ("instruction", "instruction_v1", "tunelab compare --preset instruction_v1 --out runs/instruction"),
+])
+def test_docs_results_are_reports_of_the_whole_preset(folder, preset, command, tmp_path, monkeypatch):
+    """docs/results/FOLDER holds the report of `tunelab compare --preset PRESET` (the preset as it was run): every
+    cell of it, none failed, and its README gives the command."""
     shared_path()
     root = Path(__file__).resolve().parents[2]
     monkeypatch.chdir(root)
-    folder = root / "docs" / "results" / name
-    readme = (folder / "README.md").read_text()
-    assert f"tunelab compare --preset {name}_v1 --out runs/{name}" in readme
-    assert f"tunelab compare --preset {name} --out runs/{name}2" in readme
-    _, cells = plan(preset_path(f"{name}_v1"), out=tmp_path)
-    report = (folder / "report.md").read_text()
+    folder_path = root / "docs" / "results" / folder
+    assert command in (folder_path / "README.md").read_text()
+    _, cells = plan(preset_path(preset), out=tmp_path)
+    report = (folder_path / "report.md").read_text()
     assert f"- cells: {len(cells)} done, 0 failed" in report
     grid_line = next(line for line in report.splitlines() if line.startswith("- grid: "))
-    assert name in grid_line[len("- grid: "):].split(", ")  # cells resumed from another grid keep its name too
+    assert preset.removesuffix("_v1") in grid_line[len("- grid: "):].split(", ")  # resumed cells keep their grid
 
 
 def test_method_seeds_override(grid_file):
