@@ -81,6 +81,33 @@ def test_peft_lora_layers_decode_in_the_lean_step_with_their_own_deltas(fresh_ti
     assert not torch.allclose(lean[0], off[0])  # the deltas really change the logits
 
 
+def test_the_lora_layer_map_is_cached_and_follows_set_adapter(fresh_tiny):
+    """The decode step finds peft's LoRA layers once per weight set, not by a module walk per step; switching the
+    active adapter (no tensor changes) rebuilds it, and the lean step then adds the new adapter's deltas."""
+    from tunelab.methods import METHODS
+
+    model, tok = fresh_tiny
+    adapter = METHODS["lora"].build(model, tok, METHODS["lora"].Config(r=4, dropout=0.0), [], 0)
+    peft_model = adapter.peft_model
+    peft_model.add_adapter("other", peft_model.peft_config["default"])
+    with torch.no_grad():
+        for name, p in adapter.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name) + ("other" in name)))
+    first = fastdecode.weights(adapter.model)
+    walked = {n for n, m in adapter.model.named_modules() if fastdecode._peft_lora(m)}
+    assert set(first.lora) == walked and walked  # the LoRA layers the config targets
+    assert fastdecode.weights(adapter.model) is first  # cached: nothing changed
+    rows = [(adapter, tok(t)["input_ids"]) for t in TEXTS]
+    default = _decode(adapter.model, rows, "lean")
+    peft_model.set_adapter("other")
+    assert fastdecode.weights(adapter.model) is not first  # same tensors, other active adapter: rebuilt
+    other, hf = _decode(adapter.model, rows, "lean"), _decode(adapter.model, rows, "hf")
+    for a, b in zip(other, hf, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(default[0], other[0])
+
+
 def test_an_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="choose one of hf, lean"), fastdecode.mode("fast"):
         pass

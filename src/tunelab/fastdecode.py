@@ -116,7 +116,8 @@ class _Layer:
 class Weights:
     """A model's decode weights in one dtype, built once (``weights``) and reused while its parameters stand."""
 
-    key: tuple  # (data_ptr, version) of every source tensor: any change (training, a dtype swap) rebuilds
+    key: tuple  # every source tensor's (data_ptr, version, dtype) and every projection module's identity and LoRA
+    # state: any change (training, a dtype swap, LoRA layers injected, merged, disabled or switched) rebuilds
     layers: tuple[_Layer, ...]
     embed: torch.Tensor  # (V, C)
     norm: torch.Tensor  # (C,)
@@ -125,6 +126,7 @@ class Weights:
     heads: int
     kv_heads: int
     head_dim: int
+    lora: dict[str, torch.nn.Module]  # module name -> its peft LoRA layer (``_peft_lora``): deltas added per step
 
 
 _PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -196,8 +198,19 @@ def _source(model) -> list[torch.Tensor]:
     return tensors
 
 
+def _lora_state(module) -> tuple:
+    """What decides a projection's decode: the module itself and, for a peft LoRA layer, whether it is merged or
+    disabled and which adapters are active (``set_adapter`` swaps them without touching a tensor)."""
+    if type(module) is torch.nn.Linear:
+        return (id(module),)
+    return (id(module), type(module), getattr(module, "merged", None), getattr(module, "disable_adapters", None),
+            tuple(getattr(module, "active_adapters", ()) or ()))
+
+
 def _key(model) -> tuple:
-    return tuple((t.data_ptr(), t._version, t.dtype) for t in _source(model))
+    body = _body(model)
+    modules = tuple(_lora_state(layer.get_submodule(name)) for layer in body.layers for name in _PROJECTIONS)
+    return tuple((t.data_ptr(), t._version, t.dtype) for t in _source(model)) + modules
 
 
 def _cat_bias(*linears) -> torch.Tensor | None:
@@ -232,8 +245,10 @@ def _build(model, key: tuple) -> Weights:
             _group((mlp.gate_proj, mlp.up_proj), pack, names), _group((mlp.down_proj,), pack, names)))
     head = _fused((model.get_output_embeddings(),), pack)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    lora = {names[id(module)]: module for layer in body.layers for name in _PROJECTIONS
+            if _peft_lora(module := layer.get_submodule(name))}
     return Weights(key, tuple(layers), embed, body.norm.weight.detach(), head,
-                   float(cfg.rms_norm_eps), cfg.num_attention_heads, cfg.num_key_value_heads, head_dim)
+                   float(cfg.rms_norm_eps), cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, lora)
 
 
 # model -> {dtype of its embedding: Weights}; precision.weights_in swaps parameters to a bf16 copy, so fp32 and
@@ -243,7 +258,8 @@ _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 @torch.no_grad()
 def weights(model) -> Weights:
-    """The model's fused decode weights in its current dtype, rebuilt if any parameter changed since."""
+    """The model's fused decode weights in its current dtype and its peft LoRA layers, rebuilt if any parameter
+    or projection module changed since (no ``named_modules`` walk per decode step)."""
     key = _key(model)
     per_dtype = _CACHE.setdefault(model, {})
     dtype = model.get_input_embeddings().weight.dtype
@@ -353,7 +369,7 @@ def stepper(model, cache) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor,
     if not supports(model):
         return None
     w = weights(model)
-    lora = {name: m for name, m in model.named_modules() if _peft_lora(m)}  # peft LoRA layers (offline eval)
+    lora = w.lora  # peft LoRA layers (offline eval), cached with the fused weights
 
     def run(tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         slots = current_row_slots()

@@ -111,6 +111,19 @@ def test_across_tasks_pools_a_consistent_gain_no_single_task_shows(tmp_path):
     assert pooled.p_value < min(f.p_value for f in per_task)
 
 
+def test_the_pooled_margin_is_the_mean_of_the_groups_metric_margins(tmp_path):
+    """BLEU (±1) on one task and SQL exact match (±2) on another: their mean effect is judged at ±1.5, and a
+    grid's own margins count; the pooled test does not fall back to the default ±1."""
+    rows = []
+    for t, metric in (("text", "bleu"), ("sql", "sql_exact_match")):
+        a = _scores(0.5, n=100, seed=300 + len(t))
+        rows += [_cell(tmp_path, "ipt", 0, a, task=t, metric=metric), _cell(tmp_path, "pt", 0, a, task=t, metric=metric)]
+    pooled = next(f for f in evaluate_claims(rows, n_resamples=200) if f.group == "all tasks")
+    assert pooled.margin == pytest.approx(1.5) and "margin ±1.5" in pooled.detail
+    pooled = next(f for f in evaluate_claims(rows, 200, margins={"bleu": 3.0}) if f.group == "all tasks")
+    assert pooled.margin == pytest.approx(2.5)
+
+
 def test_seed_variance_claim(tmp_path):
     rows = [_cell(tmp_path, "pt", s, _scores(p, seed=s)) for s, p in enumerate([0.1, 0.5, 0.9, 0.2])]
     rows += [_cell(tmp_path, "ipt", s, _scores(0.5, seed=20 + s)) for s in range(4)]

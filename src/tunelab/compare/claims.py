@@ -184,7 +184,7 @@ def evaluate_claims(rows: list[dict[str, Any]], n_resamples: int = 1000,
     test's p-value is Holm-adjusted across the whole list and verdicts are set (``decide``).
     """
     out = _measure(rows, n_resamples)
-    out = _with_pooled(out)
+    out = _with_pooled(out, margins)
     return decide(out, margins)
 
 
@@ -209,11 +209,13 @@ def _measure(rows: list[dict[str, Any]], n_resamples: int) -> list[Finding]:
     return out
 
 
-def _with_pooled(findings: list[Finding]) -> list[Finding]:
+def _with_pooled(findings: list[Finding], margins: dict[str, float] | None = None) -> list[Finding]:
     """After each quality claim's groups, its test across them: the mean effect over groups.
 
     Each group's bootstrap resamples its own rows and seeds independently, so averaging the groups'
-    r-th resampled differences is one draw of the stratified bootstrap (strata: the groups).
+    r-th resampled differences is one draw of the stratified bootstrap (strata: the groups). The pooled
+    equivalence margin is the mean of the groups' own margins (each from its metric: BLEU ±1 and exact match
+    ±2 pool to ±1.5), as the pooled effect is the mean of their effects.
     """
     out: list[Finding] = []
     by_claim: dict[str, list[Finding]] = defaultdict(list)
@@ -235,7 +237,8 @@ def _with_pooled(findings: list[Finding]) -> list[Finding]:
                          n={"examples": rows, "groups": len(tested)},
                          metric=metrics[0] if len(metrics) == 1 else None,
                          se=float(np.std(diffs, ddof=1)), df=max(1, rows - len(tested)), diffs=diffs,
-                         margin=float(np.mean([f.margin for f in tested if f.margin is not None] or [0.0])) or None)
+                         margin=float(np.mean([f.margin if f.margin is not None else margin_for(f.metric, margins)
+                                               for f in tested])))
         pooled.p_value = t_test(effect, pooled.se, pooled.df)
         out.append(pooled)
     return out
