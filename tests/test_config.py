@@ -53,3 +53,16 @@ def test_method_options_validated_against_method_dataclass():
         method_config({"name": "promt_tuning"})
     with pytest.raises(ConfigError, match="^method.num_virtual_tokens: got 0, expected an integer >= 1$"):
         method_config({"name": "prompt_tuning", "num_virtual_tokens": 0})
+
+
+def test_a_dotted_override_can_index_a_list_and_leaves_the_input_alone():
+    from tunelab.config import apply_overrides
+
+    data = {"tasks": [{"task": "a", "eval_per_task": 25}, {"task": "b"}], "train": {"steps": 5}}
+    out = apply_overrides(data, ["tasks.0.eval_per_task=100", "tasks.1.max_eval=20", "train.steps=7"])
+    assert out["tasks"] == [{"task": "a", "eval_per_task": 100}, {"task": "b", "max_eval": 20}]
+    assert data["tasks"][0]["eval_per_task"] == 25 and "max_eval" not in data["tasks"][1]  # a copy was changed
+    with pytest.raises(ConfigError, match=r"'2' is not an index of that list \(0 to 1\)"):
+        apply_overrides(data, ["tasks.2.max_eval=5"])
+    with pytest.raises(ConfigError, match="'steps' is not a section"):
+        apply_overrides(data, ["train.steps.x=1"])

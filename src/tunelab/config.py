@@ -380,12 +380,27 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def _set(data: dict[str, Any], parts: list[str], value: Any, what: str) -> None:
-    node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
+    """Set ``parts`` (dotted keys) in ``data``; a number picks an entry of a list (``tasks.0.max_eval=600``)."""
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{what}: '{part}' is not an index of that list (0 to {len(node) - 1})")
+            if last:
+                node[int(part)] = value
+                return
+            node = node[int(part)]
+            continue
         if not isinstance(node, dict):
-            raise ConfigError(f"{what}: '{part}' is not a section")
-    node[parts[-1]] = value
+            raise ConfigError(f"{what}: '{parts[i - 1]}' is not a section")
+        if last:
+            node[part] = value
+            return
+        child = node.setdefault(part, {})
+        if isinstance(child, list):
+            node[part] = child = copy.deepcopy(child)  # the caller's data stays as it was, as with _deep_copy
+        node = child
 
 
 def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
