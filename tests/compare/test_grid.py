@@ -171,7 +171,8 @@ def test_subset_cells_keep_their_keys_under_another_out_dir(tmp_path, monkeypatc
 @pytest.mark.parametrize(("folder", "preset", "command"), [
     ("paper", "paper", "tunelab compare --preset paper --out runs/paper"),
     ("paper/v1", "paper_v1", "tunelab compare --preset paper_v1 --out runs/paper"),
-    ("instruction", "instruction_v1", "tunelab compare --preset instruction_v1 --out runs/instruction"),
+    ("instruction", "instruction", "tunelab compare --preset instruction --out runs/instruction2"),
+    ("instruction/v1", "instruction_v1", "tunelab compare --preset instruction_v1 --out runs/instruction"),
 ])
 def test_docs_results_are_reports_of_the_whole_preset(folder, preset, command, tmp_path, monkeypatch):
     """docs/results/FOLDER holds the report of `tunelab compare --preset PRESET` (the preset as it was run): every
