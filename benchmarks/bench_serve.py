@@ -12,7 +12,10 @@ demonstrations come from a real run's pool), streaming, for the ``continuous`` s
 token (first streamed piece), p50/p95 time per output token, and the unloaded TTFT (one request at a time)
 of each scheduler; the share of a streamed 64-token completion's time spent before its first token; the
 memory each extra adapter of each kind adds (LoRA: one slot of the stacked factors, no model copy); plus the
-ratios the issue's "done when" names. ``--quick`` runs all of it small and prints those ratios.
+ratios the issue's "done when" names. ``--quick`` runs all of it small and prints those ratios. Before the
+clock starts every adapter serves one request (the steady state of a running server: its soft prompts'
+key/values cached, its LoRA slots filled). "One adapter" traffic uses one adapter of each kind, request i
+of the same kind as in the mixed traffic (same arrival time and prompt): only the number of adapters differs.
 
 Starts the server on 127.0.0.1 (a free port) over ``--adapters`` random prompt-tuning adapters
 (20 virtual tokens, written through the method's save path; untrained, which changes no cost) and
@@ -235,8 +238,28 @@ def poisson_load(url: str, names: list[str], rate: float, requests: int, max_tok
             "p50_tpot_s": _quantile(tpot, 0.5), "p95_tpot_s": _quantile(tpot, 0.95)}
 
 
-def poisson_modes(registry: AdapterRegistry, names: list[str], args) -> dict:
-    """Every (scheduler, traffic, rate) cell of the ``--poisson`` benchmark, and the issue's ratios."""
+def warm_every_adapter(url: str, names: list[str], concurrency: int = 16) -> None:
+    """One 1-token completion per adapter, ``concurrency`` at a time: the server's per-adapter state (the
+    virtual-token key/values of ``--hot-prompts`` soft prompts, LoRA slots) is filled before the clock starts,
+    as in a server that has been up for a while (S-LoRA and Punica also measure the steady state)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(name: str) -> None:
+        r = httpx.post(f"{url}/v1/completions", json={"model": name, "prompt": INPUTS[0], "max_tokens": 1,
+                                                      "temperature": 0}, timeout=600)
+        r.raise_for_status()
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, names))
+
+
+def poisson_modes(registry: AdapterRegistry, names: list[str], args, single: list[str] | None = None) -> dict:
+    """Every (scheduler, traffic, rate) cell of the ``--poisson`` benchmark, and the issue's ratios.
+
+    ``single``: the one-adapter pool, as long as ``names`` with each name replaced by its kind's first adapter,
+    so that request i has the same arrival time, prompt and kind (prompt tuning, prefix, LoRA or IPT: IPT rows
+    carry a demonstration, so kinds differ in work) in both traffics and only the number of adapters differs;
+    default ``names[:1]``."""
     rates = [float(r) for r in args.rates.split(",")]
     out: dict = {}
     for scheduler in ("continuous", "static"):
@@ -245,18 +268,19 @@ def poisson_modes(registry: AdapterRegistry, names: list[str], args) -> dict:
         with serve_in_thread(app) as url:
             for name in names:  # load every adapter before timing
                 registry.get(name)
+            warm_every_adapter(url, names)  # steady state: each adapter served once (its caches filled)
             poisson_load(url, names, 1000, min(8, args.requests), args.max_tokens)  # warm-up
             cell = {"unloaded": poisson_load(url, names, 0.5, 4, args.max_tokens)}
-            for traffic, pool in (("mixed", names), ("single", names[:1])):
+            for traffic, pool in (("mixed", names), ("single", single or names[:1])):
                 for rate in rates:
                     cell[f"{traffic}@{rate:g}"] = poisson_load(url, pool, rate, args.requests, args.max_tokens)
         out[scheduler] = cell
     ratios = {}
     for rate in rates:
         c, s = out["continuous"], out["static"]
-        single = c[f"single@{rate:g}"]["streamed_pieces_per_second"]
+        one = c[f"single@{rate:g}"]["streamed_pieces_per_second"]
         ratios[f"mixed_over_single_throughput@{rate:g}"] = (
-            round(c[f"mixed@{rate:g}"]["streamed_pieces_per_second"] / single, 3) if single else None)
+            round(c[f"mixed@{rate:g}"]["streamed_pieces_per_second"] / one, 3) if one else None)
         if s[f"mixed@{rate:g}"]["p95_ttft_s"] and c[f"mixed@{rate:g}"]["p95_ttft_s"]:
             ratios[f"continuous_over_static_p95_ttft@{rate:g}"] = round(
                 c[f"mixed@{rate:g}"]["p95_ttft_s"] / s[f"mixed@{rate:g}"]["p95_ttft_s"], 3)
@@ -359,12 +383,13 @@ def poisson_main(model, tokenizer, args) -> dict:
                    "lora": write_lora_adapters(model, tokenizer, args.model, root, counts["lora"]),
                    "ipt": write_ipt_adapters(args.model, root, counts["ipt"], Path(work))}
         names = [n for i in range(args.adapters) for kind in by_kind.values() if i < len(kind) for n in [kind[i]]]
+        first = {n: kind[0] for kind in by_kind.values() for n in kind}  # one adapter per kind: the single pool
         registry = AdapterRegistry(tmp, model, tokenizer, args.model, max_loaded=args.adapters,
                                    max_lora_adapters=args.max_lora_adapters)
         report = {"model": args.model, "adapters": counts, "max_tokens": args.max_tokens,
                   "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                   "load_average": os.getloadavg(), "memory_by_kind": memory_by_kind(registry, by_kind),
-                  **poisson_modes(registry, names, args)}
+                  **poisson_modes(registry, names, args, [first[n] for n in names])}
         report["stream"] = stream_share(registry, names)
         report["lora_slots"] = vars(registry.lora.stats)
     r = report["ratios"]

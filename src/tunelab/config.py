@@ -222,6 +222,7 @@ class ServeConfig:
     max_weight_adapters: int = at_least(1, 2)  # full-weight adapters kept (each holds a model copy)
     max_lora_adapters: int = at_least(1, 32)  # LoRA adapters stacked as rows of the shared batch (LRU slots)
     max_batch: int = at_least(1, 32)  # rows per forward pass
+    hot_prompts: int = at_least(0, 256)  # soft prompts whose virtual-token key/values stay cached (LRU; serve.batcher)
     scheduler: str = choice("tunelab.serve.app:SCHEDULERS", "continuous")  # continuous | static (for comparison)
     window_ms: float = at_least(0, 5.0)  # how long the static batcher collects requests
     grace_s: float = at_least(0, 10.0)  # on SIGTERM: running rows get this long, then the rest are cancelled

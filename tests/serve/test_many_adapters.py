@@ -34,3 +34,33 @@ def test_a_thousand_requests_over_a_hundred_adapters_give_no_server_error(tmp_pa
     assert codes == Counter({200: 1000})
     assert health["batching"]["finished"] == 1000 and health["batching"]["mixed_steps"] > 0
     assert health["lora_slots"]["evictions"] > 0
+
+
+def test_example_adapters_are_the_same_files_in_every_process(tmp_path):
+    """The benchmark's random adapters come from their seeds only (peft's prefix init draws from the global
+    generator, which the writer seeds per adapter), whatever was drawn before."""
+    import torch
+
+    model, tokenizer = load_model("tiny", seed=0)
+    written = []
+    for run in ("a", "b"):
+        torch.manual_seed(len(run) * 7 if run == "a" else 12345)  # a different global state before each write
+        torch.rand(3)
+        names = write_prefix_adapters(model, tokenizer, "tiny", tmp_path / run, 2, num_virtual_tokens=4)
+        written.append([sorted((p.relative_to(tmp_path / run), p.read_bytes()) for p in (tmp_path / run / n).rglob(
+            "*.safetensors")) for n in names])
+    assert written[0] == written[1] and written[0][0]
+
+
+def test_the_serve_config_default_keeps_every_hot_prompt_the_scheduler_keeps():
+    """`tunelab serve`'s --hot-prompts default is the scheduler's own (a cap below the adapters in use makes
+    random traffic recompute virtual tokens at every request), and a negative cap is refused."""
+    import pytest
+
+    from tunelab.config import ServeConfig, build
+    from tunelab.errors import ConfigError
+    from tunelab.serve.batcher import HOT_PROMPTS
+
+    assert build(ServeConfig, None, ["adapters=x"]).hot_prompts == HOT_PROMPTS >= 100
+    with pytest.raises(ConfigError, match="hot_prompts"):
+        build(ServeConfig, None, ["adapters=x", "hot_prompts=-1"])

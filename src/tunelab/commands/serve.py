@@ -33,6 +33,9 @@ def serve_command(
                                                                "(least recently used idle slot evicted) "
                                                                "(default: 32)")] = None,
     max_batch: Annotated[int | None, typer.Option(help="rows per forward pass (default: 32)")] = None,
+    hot_prompts: Annotated[int | None, typer.Option(help="soft-prompt adapters whose virtual-token key/values stay "
+                                                         "cached, least recently used evicted (~0.9 MB each on "
+                                                         "SmolLM2-135M) (default: 256)")] = None,
     scheduler: Annotated[str | None, typer.Option(help="continuous: rows join and leave the running batch at every "
                                                        "decode step; static: collect for --window-ms, run to the end "
                                                        "(default: continuous)")] = None,
@@ -59,7 +62,7 @@ def serve_command(
 
     flags = {"adapters": adapters, "model": model, "host": host, "port": port, "api_key": api_key or None,
              "max_loaded": max_loaded, "max_weight_adapters": max_weight_adapters,
-             "max_lora_adapters": max_lora_adapters, "max_batch": max_batch,
+             "max_lora_adapters": max_lora_adapters, "max_batch": max_batch, "hot_prompts": hot_prompts,
              "scheduler": scheduler, "window_ms": window_ms, "grace_s": grace_s,
              "max_prompt_tokens": max_prompt_tokens, "max_tokens": max_tokens,
              "max_body_bytes": max_body_bytes, "threads": threads, "precision": precision}
@@ -91,7 +94,7 @@ def serve(cfg: ServeConfig) -> None:
     limits = ServeLimits(max_prompt_tokens=cfg.max_prompt_tokens, max_tokens=cfg.max_tokens,
                          max_body_bytes=cfg.max_body_bytes)
     app = create_app(registry, limits, cfg.api_key or None, window_ms=cfg.window_ms, max_batch=cfg.max_batch,
-                     precision=cfg.precision, scheduler=cfg.scheduler, grace_s=cfg.grace_s)
+                     hot_prompts=cfg.hot_prompts, precision=cfg.precision, scheduler=cfg.scheduler, grace_s=cfg.grace_s)
     typer.echo(f"serving {cfg.model} + {len(registry.names())} adapters from {registry.root} on "
                f"http://{cfg.host}:{cfg.port} ({cfg.scheduler} batching"
                + (", API key required)" if cfg.api_key else ")"))

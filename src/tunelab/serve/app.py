@@ -32,7 +32,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.generate import GenerationConfig
-from tunelab.serve.batcher import Batcher, Job
+from tunelab.serve.batcher import HOT_PROMPTS, Batcher, Job
 from tunelab.serve.metrics import ServeMetrics
 from tunelab.serve.prompts import BadRequest, chat_prompt, completion_prompt
 from tunelab.serve.registry import AdapterNotFound, AdapterRegistry, Served
@@ -147,7 +147,7 @@ _ROUTES = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/com
 
 def create_app(registry: AdapterRegistry, limits: ServeLimits | None = None, api_key: str | None = None,
                window_ms: float = 5.0, max_batch: int = 32, mix_adapters: bool = True,
-               hot_prompts: int = 32, precision: str = "fp32", scheduler: str = "continuous",
+               hot_prompts: int = HOT_PROMPTS, precision: str = "fp32", scheduler: str = "continuous",
                grace_s: float = 10.0) -> FastAPI:
     """The server over ``registry``; requests need ``Authorization: Bearer <api_key>`` when one is set.
     ``precision``: fp32 | bf16 | auto for every request's prefill and decode (``tunelab.precision``; the

@@ -64,7 +64,9 @@ def _write_adapters(method: str, config, model, tokenizer, model_name: str, root
     """``count`` untrained adapters of ``method`` (one seed each) through the method's own save path."""
     names = []
     for i in range(count):
-        adapter = METHODS[method].build(model, tokenizer, config, [], seed=first_seed + i)
+        with torch.random.fork_rng():  # peft's random inits (prefix tuning) draw from the global generator
+            torch.manual_seed(first_seed + i)
+            adapter = METHODS[method].build(model, tokenizer, config, [], seed=first_seed + i)
         name = f"{prefix}{i:02d}"
         with atomic_directory(Path(root) / name) as tmp:
             save_adapter(adapter, tmp, model_name, PromptLayout().resolved(tokenizer))

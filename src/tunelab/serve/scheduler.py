@@ -49,7 +49,7 @@ from tunelab.generate import (
     select_prefilled,
     stop_checker,
 )
-from tunelab.serve.batcher import HotPrompts
+from tunelab.serve.batcher import HOT_PROMPTS, HotPrompts
 from tunelab.serve.lora_rows import LoraSlots
 from tunelab.serve.metrics import ServeMetrics
 from tunelab.serve.registry import Served
@@ -129,7 +129,7 @@ class SchedulerStats:
 class Scheduler:
     """Continuous batching over the registry's adapters on one background thread."""
 
-    def __init__(self, tokenizer, max_batch: int = 32, hot_prompts: int = 32,
+    def __init__(self, tokenizer, max_batch: int = 32, hot_prompts: int = HOT_PROMPTS,
                  metrics: ServeMetrics | None = None, lora: LoraSlots | None = None) -> None:
         self.tokenizer, self.max_batch, self.lora = tokenizer, max_batch, lora
         self.hot = HotPrompts(hot_prompts)
