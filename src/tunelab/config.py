@@ -398,14 +398,20 @@ def _set(data: dict[str, Any], parts: list[str], value: Any, what: str) -> None:
         if last:
             node[part] = value
             return
-        child = node.setdefault(part, {})
-        if isinstance(child, list):
-            node[part] = child = copy.deepcopy(child)  # the caller's data stays as it was, as with _deep_copy
-        node = child
+        node = node.setdefault(part, {})
 
 
 def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
-    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
+    return {k: _copy(v) for k, v in data.items()}
+
+
+def _copy(value: Any) -> Any:
+    """A copy of nested dicts and lists (YAML data), so overrides never change the caller's."""
+    if isinstance(value, dict):
+        return _deep_copy(value)
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

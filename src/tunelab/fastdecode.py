@@ -187,20 +187,9 @@ def supports(model) -> bool:
     return len(getattr(body, "layers", ())) > 0
 
 
-def _source(model) -> list[torch.Tensor]:
-    body = _body(model)
-    tensors = [body.embed_tokens.weight, body.norm.weight, model.get_output_embeddings().weight]
-    for layer in body.layers:
-        tensors += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
-        for name in _PROJECTIONS:
-            lin = layer.get_submodule(name)
-            tensors += [lin.weight] + ([lin.bias] if lin.bias is not None else [])
-    return tensors
-
-
 def _lora_state(module) -> tuple:
-    """What decides a projection's decode: the module itself and, for a peft LoRA layer, whether it is merged or
-    disabled and which adapters are active (``set_adapter`` swaps them without touching a tensor)."""
+    """What decides a projection's decode besides its tensors: the module itself and, for a peft LoRA layer,
+    whether it is merged or disabled and which adapters are active (``set_adapter`` touches no tensor)."""
     if type(module) is torch.nn.Linear:
         return (id(module),)
     return (id(module), type(module), getattr(module, "merged", None), getattr(module, "disable_adapters", None),
@@ -208,9 +197,18 @@ def _lora_state(module) -> tuple:
 
 
 def _key(model) -> tuple:
+    """Every source tensor's (data_ptr, version, dtype) and every projection module's ``_lora_state``, in one
+    walk over the layers (it runs at every decode step)."""
     body = _body(model)
-    modules = tuple(_lora_state(layer.get_submodule(name)) for layer in body.layers for name in _PROJECTIONS)
-    return tuple((t.data_ptr(), t._version, t.dtype) for t in _source(model)) + modules
+    tensors = [body.embed_tokens.weight, body.norm.weight, model.get_output_embeddings().weight]
+    states = []
+    for layer in body.layers:
+        tensors += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+        for name in _PROJECTIONS:
+            lin = layer.get_submodule(name)
+            states.append(_lora_state(lin))
+            tensors += [lin.weight] + ([lin.bias] if lin.bias is not None else [])
+    return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors) + tuple(states)
 
 
 def _cat_bias(*linears) -> torch.Tensor | None:
