@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from tunelab import fastdecode, precision
 from tunelab import generate as gen
-from tunelab import precision
 from tunelab.errors import ConfigError
 from tunelab.kvcache import PreallocatedLayer, preallocate
 from tunelab.methods import METHODS
@@ -80,16 +80,37 @@ def _logit_dtypes(monkeypatch) -> list:
     return seen
 
 
+def _native_weight_dtypes(monkeypatch) -> list:
+    """The weight dtype of every native decode step (it reads bf16 weights and returns fp32 logits)."""
+    from tunelab.kernels import llama as native
+
+    seen: list = []
+    real = native.step
+    monkeypatch.setattr(native, "step", lambda model, w, *a, **k: seen.append(w.dtype) or real(model, w, *a, **k))
+    return seen
+
+
 def test_bf16_generation_runs_in_bf16_and_mixed_batches_equal_each_row_alone(fresh_tiny, monkeypatch):
+    from tunelab import kernels
+
     adapters, tok = _adapters(fresh_tiny)
     rows = [(adapters[i % 3], tok(t)["input_ids"]) for i, t in enumerate(TEXTS * 2)]
     cfg = gen.GenerationConfig(max_new_tokens=8, precision="bf16")
-    seen = _logit_dtypes(monkeypatch)
+    seen, native = _logit_dtypes(monkeypatch), _native_weight_dtypes(monkeypatch)
     alone = [gen.generate_rows([r], tok, cfg, batch_size=1)[0] for r in rows]
-    assert set(seen) == {torch.bfloat16} and len(seen) > len(rows)
+    assert len(seen) > len(rows)
+    if kernels.library() is not None:  # the native step: bf16 weights, fp32 activations and logits
+        assert set(native) == {torch.bfloat16} and len(native) == len(seen) - len(rows)  # every decode step
+        assert set(seen) == {torch.bfloat16, torch.float32}
+    else:
+        assert set(seen) == {torch.bfloat16}
     assert gen.generate_rows(rows, tok, cfg, batch_size=16) == alone
+    with fastdecode.mode("lean"):  # the PyTorch lean step in bf16: batch-invariant on its own terms
+        lean_alone = [gen.generate_rows([r], tok, cfg, batch_size=1)[0] for r in rows]
+        assert gen.generate_rows(rows, tok, cfg, batch_size=16) == lean_alone
     with gen.fast_decode(False):
-        assert gen.generate_rows(rows, tok, cfg, batch_size=4) == alone
+        slow_alone = [gen.generate_rows([r], tok, cfg, batch_size=1)[0] for r in rows]
+        assert gen.generate_rows(rows, tok, cfg, batch_size=4) == slow_alone
     assert len(set(alone)) > 1
 
 

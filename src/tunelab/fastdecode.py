@@ -328,16 +328,18 @@ def step(model, w: Weights, tokens: torch.Tensor, mask: torch.Tensor, positions:
     return logits
 
 
-# the transformers forward | ``step``. torch.compile of ``step`` was tried and not kept (docs/performance.md):
-# inductor cannot lower oneDNN's packed linear, and with plain weights a dynamic-shape compile ran > 4 minutes
-MODES = ("hf", "lean")
-_MODE = contextvars.ContextVar("tunelab_decode_step", default="lean")
+# the transformers forward | ``step`` (PyTorch ops) | ``kernels.llama.step`` (one compiled C call per step).
+# torch.compile of ``step`` was tried and not kept (docs/performance.md): inductor cannot lower oneDNN's packed
+# linear, and with plain weights a dynamic-shape compile ran > 4 minutes
+MODES = ("hf", "lean", "native")
+_MODE = contextvars.ContextVar("tunelab_decode_step", default="native")
 
 
 @contextlib.contextmanager
 def mode(name: str) -> Iterator[None]:
-    """Select the decode step inside the block: ``lean`` (default) or ``hf`` (the transformers forward, "before"
-    in the benchmarks); models or caches ``step`` does not cover always get ``hf``."""
+    """Select the decode step inside the block: ``native`` (default: the compiled kernel of
+    ``tunelab.kernels``, else ``lean``), ``lean`` (this module's PyTorch step) or ``hf`` (the transformers
+    forward, "before" in the benchmarks); models or caches the lean step does not cover always get ``hf``."""
     if name not in MODES:
         raise ValueError(f"decode step {name!r}; choose one of {', '.join(MODES)}")
     token = _MODE.set(name)
@@ -345,6 +347,22 @@ def mode(name: str) -> Iterator[None]:
         yield
     finally:
         _MODE.reset(token)
+
+
+def _deltas(lora: dict[str, torch.nn.Module], provider, slots) -> Deltas | None:
+    """The per-row deltas of one step: peft LoRA layers' (offline eval) and serve's LoRA rows' (``slots``)."""
+    if slots is None and not lora:
+        return None
+
+    def deltas(name: str, x: torch.Tensor) -> torch.Tensor | None:  # x (B, in)
+        d = _peft_delta(lora[name], x) if name in lora else None
+        if slots is not None and provider is not None:
+            r = provider.delta(name, x.unsqueeze(1), slots)  # the hooks see (B, 1, in)
+            if r is not None:
+                d = r.squeeze(1) if d is None else d + r.squeeze(1)
+        return d
+
+    return deltas
 
 
 def stepper(model, cache) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, object], torch.Tensor] | None:
@@ -366,25 +384,31 @@ def stepper(model, cache) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor,
         return None
     if not supports(model):
         return None
-    w = weights(model)
-    lora = w.lora  # peft LoRA layers (offline eval), cached with the fused weights
 
-    def run(tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+    def slots_now():
         slots = current_row_slots()
         if slots is not None and provider is None:
-            raise RuntimeError("per-row weight deltas became active after fastdecode.stepper chose the lean "
-                               "step for a model without modeling.row_deltas; call stepper inside row_slots")
-        if slots is None and not lora:
-            return step(model, w, tokens, mask, positions, cache)
+            raise RuntimeError("per-row weight deltas became active after fastdecode.stepper chose its step for "
+                               "a model without modeling.row_deltas; call stepper inside row_slots")
+        return slots
 
-        def deltas(name: str, x: torch.Tensor) -> torch.Tensor | None:  # x (B, in)
-            d = _peft_delta(lora[name], x) if name in lora else None
-            if slots is not None and provider is not None:
-                r = provider.delta(name, x.unsqueeze(1), slots)  # the hooks see (B, 1, in)
-                if r is not None:
-                    d = r.squeeze(1) if d is None else d + r.squeeze(1)
-            return d
+    if chosen == "native":
+        from tunelab.kernels import llama as native
 
-        return step(model, w, tokens, mask, positions, cache, deltas)
+        if native.covers(model):
+            nw = native.weights(model, _key(model))
+
+            def run_native(tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+                deltas = _deltas(nw.lora, provider, slots_now())
+                out = native.step(model, nw, tokens, mask, positions, cache, deltas)
+                if out is None:  # a cache the kernel does not read (another dtype): the PyTorch step
+                    return step(model, weights(model), tokens, mask, positions, cache, deltas)
+                return out
+
+            return run_native
+    w = weights(model)
+
+    def run(tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        return step(model, w, tokens, mask, positions, cache, _deltas(w.lora, provider, slots_now()))
 
     return run

@@ -144,7 +144,7 @@ def _decode_fast(model, logits: torch.Tensor, cache, attn: torch.Tensor, next_po
                 if stop_check(row, out[row]):
                     finished_now[row] = True
         done |= finished_now
-        if bool(done.all()):
+        if bool(done.all()) or step == steps - 1:  # no step after the last token: its logits would go unused
             break
         mask[:, width + step] = (~done).long()
         if lean is not None:
