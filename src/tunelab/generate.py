@@ -45,6 +45,7 @@ from tunelab.modeling import (
     select_rows,
     virtual_kv,
 )
+from tunelab.rowattention import exact_rows
 
 
 @dataclass
@@ -286,7 +287,9 @@ def _prefill(batch: Sequence[tuple[Any, list[int]]], adapters: dict, body, head,
     mask = torch.cat([pmask, mask_for(suffixes, side="left")], dim=1)
     ids = pad_batch(suffixes, pad_id, side="left")
     positions = positions_from_mask(mask)[:, pmask.shape[1]:]
-    out = body(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_kwargs(body, cache), use_cache=True)
+    with exact_rows():  # each row's attention as alone: batched == one-by-one, also in bf16
+        out = body(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_kwargs(body, cache),
+                   use_cache=True)
     return head(out.last_hidden_state[:, -1]), output_cache(out), mask, positions[:, -1] + 1
 
 
@@ -370,7 +373,7 @@ def prefill_rows(rows: Sequence[tuple[Any, list[int]]], pad_id: int, slots: Sequ
     mask = torch.cat([pmask, mask_for(prompts, side="left").to(pmask.device)], dim=1)
     ids = pad_batch(prompts, pad_id, side="left").to(mask.device)
     positions = positions_from_mask(mask)[:, pmask.shape[1]:]
-    with row_slots(row_slot):
+    with row_slots(row_slot), exact_rows():
         out = body(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_kwargs(body, cache),
                    use_cache=True)
     return Prefilled(output_cache(out), mask, positions[:, -1] + 1, head(out.last_hidden_state[:, -1]), row_slot)

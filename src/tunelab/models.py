@@ -25,6 +25,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from tunelab import rowattention
 from tunelab.errors import ModelError
 from tunelab.paths import atomic_directory, cache_dir
 from tunelab.safety import check_model_dir
@@ -232,6 +233,7 @@ def load_model(name: str = "smollm2-135m", dtype: str = "float32", trust_remote_
             raise ModelError(f"cannot load model {name!r}: {exc}") from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    rowattention.install(model)  # generation prefills each row to the bits of its one-by-one prefill
     model.eval()
     log.info("loaded %s in %.2fs", name, time.perf_counter() - start)
     return model, tokenizer
