@@ -74,50 +74,109 @@ static inline __m512 load16(const void *p, int64_t i, int bf16, __mmask16 mk) {
 
 static inline __mmask16 tail(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1u); }
 
-/* y[m, n] (+)= sum_k x[m, k] W[n, k] for m < M, n < N (x (M, K) fp32 rows of stride K, y rows of stride ldy).
- * Orphaned ``omp for ... nowait``: the caller puts the barrier after the GEMVs it runs together. */
-static void gemv(const void *W, int bf16, const float *x, float *y, int64_t ldy, int64_t M, int64_t N, int64_t K,
-                 int add) {
+#define MR 4 /* batch rows per tile: a tile reads each weight chunk once for MR rows */
+/* The dot products of one tile: MRV rows of x (stride K) against NRV weight rows at ``w`` (stride K), into y.
+ * Every (m, n) gets the same sequence whatever the tile shape, M or the thread: acc = 0; for each chunk of
+ * 16 (fp32) or 32 (bf16) inputs, acc = fma(w, x, acc) (bf16: vdpbf16ps, pairs summed in hardware; x rounded
+ * to bf16 first, as oneDNN's bf16 kernels do); the last chunk masked; then one horizontal sum. */
+#define TILE(NAME, MRV, NRV, T, STEP, LOAD, LOAD_M, MASK_T, MASK_OF, MAC)                                      \
+static inline void NAME(const T *w, const T *x, int64_t K, float *y, int64_t ldy, int add) {                  \
+    __m512 acc[MRV][NRV];                                                                                      \
+    for (int i = 0; i < MRV; i++)                                                                              \
+        for (int r = 0; r < NRV; r++) acc[i][r] = _mm512_setzero_ps();                                         \
+    int64_t k = 0;                                                                                             \
+    for (; k + STEP <= K; k += STEP) {                                                                         \
+        __m512 wv[NRV];                                                                                        \
+        for (int r = 0; r < NRV; r++) wv[r] = LOAD(w + r * K + k);                                             \
+        for (int i = 0; i < MRV; i++) {                                                                        \
+            const __m512 xv = LOAD(x + i * K + k);                                                             \
+            for (int r = 0; r < NRV; r++) acc[i][r] = MAC(acc[i][r], wv[r], xv);                               \
+        }                                                                                                      \
+    }                                                                                                          \
+    if (k < K) {                                                                                               \
+        const MASK_T mk = MASK_OF(K - k);                                                                      \
+        __m512 wv[NRV];                                                                                        \
+        for (int r = 0; r < NRV; r++) wv[r] = LOAD_M(mk, w + r * K + k);                                      \
+        for (int i = 0; i < MRV; i++) {                                                                        \
+            const __m512 xv = LOAD_M(mk, x + i * K + k);                                                       \
+            for (int r = 0; r < NRV; r++) acc[i][r] = MAC(acc[i][r], wv[r], xv);                               \
+        }                                                                                                      \
+    }                                                                                                          \
+    for (int i = 0; i < MRV; i++)                                                                              \
+        for (int r = 0; r < NRV; r++) {                                                                        \
+            const float s = _mm512_reduce_add_ps(acc[i][r]);                                                   \
+            float *out = y + i * ldy + r;                                                                      \
+            *out = add ? *out + s : s;                                                                         \
+        }                                                                                                      \
+}
+
+#define F32_MAC(acc, w, x) _mm512_fmadd_ps(w, x, acc)
+#define F32_MASK_OF(n) tail(n)
+TILE(f32_4x4, MR, R, float, 16, _mm512_loadu_ps, _mm512_maskz_loadu_ps, __mmask16, F32_MASK_OF, F32_MAC)
+TILE(f32_1x4, 1, R, float, 16, _mm512_loadu_ps, _mm512_maskz_loadu_ps, __mmask16, F32_MASK_OF, F32_MAC)
+TILE(f32_4x1, MR, 1, float, 16, _mm512_loadu_ps, _mm512_maskz_loadu_ps, __mmask16, F32_MASK_OF, F32_MAC)
+TILE(f32_1x1, 1, 1, float, 16, _mm512_loadu_ps, _mm512_maskz_loadu_ps, __mmask16, F32_MASK_OF, F32_MAC)
+
+static inline __mmask32 tail32(int64_t n) { return n >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << n) - 1u); }
+#define BF_LOAD(p) _mm512_castsi512_ps(_mm512_loadu_si512(p))
+#define BF_LOAD_M(mk, p) _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(mk, p))
+#ifdef __AVX512BF16__
+#define BF_MAC(acc, w, x) _mm512_dpbf16_ps(acc, (__m512bh)_mm512_castps_si512(w), (__m512bh)_mm512_castps_si512(x))
+#else /* the same pairs, widened exactly and multiplied in fp32 (no AVX512-BF16 on this CPU) */
+static inline __m512 bf_mac(__m512 acc, __m512 w, __m512 x) {
+    const __m512i wi = _mm512_castps_si512(w), xi = _mm512_castps_si512(x), hi = _mm512_set1_epi32((int)0xffff0000u);
+    acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(wi, 16)), _mm512_castsi512_ps(_mm512_slli_epi32(xi, 16)), acc);
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(wi, hi)), _mm512_castsi512_ps(_mm512_and_si512(xi, hi)), acc);
+}
+#define BF_MAC(acc, w, x) bf_mac(acc, w, x)
+#endif
+TILE(bf_4x4, MR, R, uint16_t, 32, BF_LOAD, BF_LOAD_M, __mmask32, tail32, BF_MAC)
+TILE(bf_1x4, 1, R, uint16_t, 32, BF_LOAD, BF_LOAD_M, __mmask32, tail32, BF_MAC)
+TILE(bf_4x1, MR, 1, uint16_t, 32, BF_LOAD, BF_LOAD_M, __mmask32, tail32, BF_MAC)
+TILE(bf_1x1, 1, 1, uint16_t, 32, BF_LOAD, BF_LOAD_M, __mmask32, tail32, BF_MAC)
+
+/* y[m, n] (+)= sum_k x[m, k] W[n, k] for m < M, n < N (x (M, K) rows of stride K, fp32, or ``xb`` its bf16
+ * rounding for bf16 weights; y rows of stride ldy). Orphaned ``omp for ... nowait``: the caller puts the
+ * barrier after the GEMVs it runs together. */
+static void gemv(const void *W, int bf16, const float *x, const uint16_t *xb, float *y, int64_t ldy, int64_t M,
+                 int64_t N, int64_t K, int add) {
     const int64_t blocks = (N + R - 1) / R;
     #pragma omp for schedule(static) nowait
     for (int64_t b = 0; b < blocks; b++) {
-        const int64_t n0 = b * R, nr = N - n0 < R ? N - n0 : R;
-        for (int64_t m = 0; m < M; m++) {
-            const float *xm = x + m * K;
-            __m512 acc[R];
-            for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
-            int64_t k = 0;
+        const int64_t n0 = b * R;
+        if (n0 + R <= N) {
+            int64_t m = 0;
             if (bf16) {
                 const uint16_t *w = (const uint16_t *)W + n0 * K;
-                for (; k + 32 <= K; k += 32) {
-                    const __m512 x0 = _mm512_loadu_ps(xm + k), x1 = _mm512_loadu_ps(xm + k + 16);
-                    for (int r = 0; r < nr; r++) {
-                        const uint16_t *p = w + r * K + k;
-                        if (m == 0) _mm_prefetch((const char *)(p + R * K), _MM_HINT_T0); /* the next block */
-                        const __m512i v = _mm512_loadu_si512(p);
-                        acc[r] = _mm512_fmadd_ps(widen(_mm512_castsi512_si256(v)), x0, acc[r]);
-                        acc[r] = _mm512_fmadd_ps(widen(_mm512_extracti64x4_epi64(v, 1)), x1, acc[r]);
-                    }
-                }
+                for (; m + MR <= M; m += MR) bf_4x4(w, xb + m * K, K, y + m * ldy + n0, ldy, add);
+                for (; m < M; m++) bf_1x4(w, xb + m * K, K, y + m * ldy + n0, ldy, add);
             } else {
                 const float *w = (const float *)W + n0 * K;
-                for (; k + 16 <= K; k += 16) {
-                    const __m512 x0 = _mm512_loadu_ps(xm + k);
-                    for (int r = 0; r < nr; r++) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w + r * K + k), x0, acc[r]);
+                for (; m + MR <= M; m += MR) f32_4x4(w, x + m * K, K, y + m * ldy + n0, ldy, add);
+                for (; m < M; m++) f32_1x4(w, x + m * K, K, y + m * ldy + n0, ldy, add);
+            }
+        } else { /* the last, partial block: one weight row at a time (the same per-element sequence) */
+            for (int64_t n = n0; n < N; n++) {
+                int64_t m = 0;
+                if (bf16) {
+                    const uint16_t *w = (const uint16_t *)W + n * K;
+                    for (; m + MR <= M; m += MR) bf_4x1(w, xb + m * K, K, y + m * ldy + n, ldy, add);
+                    for (; m < M; m++) bf_1x1(w, xb + m * K, K, y + m * ldy + n, ldy, add);
+                } else {
+                    const float *w = (const float *)W + n * K;
+                    for (; m + MR <= M; m += MR) f32_4x1(w, x + m * K, K, y + m * ldy + n, ldy, add);
+                    for (; m < M; m++) f32_1x1(w, x + m * K, K, y + m * ldy + n, ldy, add);
                 }
-            }
-            for (; k < K; k += 16) { /* the tail, 16 at a time, masked */
-                const __mmask16 mk = tail(K - k);
-                const __m512 x0 = _mm512_maskz_loadu_ps(mk, xm + k);
-                for (int r = 0; r < nr; r++) acc[r] = _mm512_fmadd_ps(load16(W, (n0 + r) * K + k, bf16, mk), x0, acc[r]);
-            }
-            for (int r = 0; r < nr; r++) {
-                const float s = _mm512_reduce_add_ps(acc[r]);
-                float *out = y + m * ldy + n0 + r;
-                *out = add ? *out + s : s;
             }
         }
     }
+}
+
+/* xb = x rounded to bf16 (nearest even), rows in parallel (barrier at the end) */
+static void to_bf16(const float *x, uint16_t *xb, int64_t M, int64_t K) {
+    #pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < K; k++) xb[m * K + k] = f2bf(x[m * K + k]);
 }
 
 /* out[m] = w * (x[m] / sqrt(mean(x[m]^2) + eps)), rows in parallel (barrier at the end) */
@@ -194,14 +253,15 @@ static void add_rows(float *x, const float *y, int64_t n) {
  *   head:   x += y; h = norm(x); logits = W_head h
  * Between phases the caller may add per-row deltas to what the phase's projections wrote (qkv, y, gate and
  * up, y); without deltas the whole step is one call and the same arithmetic. */
-static void phase(const Step *s, int64_t p, int t, int64_t *pos, float *score) {
+static void phase(const Step *s, int64_t p, int t, int64_t *pos, float *score, uint16_t *xb) {
     const int64_t B = s->batch, C = s->hidden, H = s->heads, KV = s->kv_heads, D = s->head_dim, I = s->inter;
     const int64_t L = s->length, n = L + 1, cap = s->capacity, QKV = (H + 2 * KV) * D, l = p / 4;
     const int bf16 = (int)s->bf16;
     if (l == s->layers) {
         add_rows(s->x, s->y, B * C);
         rms_norm(s->x, s->norm, bf16, s->h, B, C, s->eps);
-        gemv(s->head, bf16, s->h, s->logits, s->vocab, B, s->vocab, C, 0);
+        if (bf16) to_bf16(s->h, xb, B, C);
+        gemv(s->head, bf16, s->h, xb, s->logits, s->vocab, B, s->vocab, C, 0);
         #pragma omp barrier
         return;
     }
@@ -215,9 +275,10 @@ static void phase(const Step *s, int64_t p, int t, int64_t *pos, float *score) {
             add_rows(s->x, s->y, B * C);
         }
         rms_norm(s->x, s->norm_in[l], bf16, s->h, B, C, s->eps);
-        gemv(s->wq[l], bf16, s->h, s->qkv, QKV, B, H * D, C, 0);
-        gemv(s->wk[l], bf16, s->h, s->qkv + H * D, QKV, B, KV * D, C, 0);
-        gemv(s->wv[l], bf16, s->h, s->qkv + (H + KV) * D, QKV, B, KV * D, C, 0);
+        if (bf16) to_bf16(s->h, xb, B, C);
+        gemv(s->wq[l], bf16, s->h, xb, s->qkv, QKV, B, H * D, C, 0);
+        gemv(s->wk[l], bf16, s->h, xb, s->qkv + H * D, QKV, B, KV * D, C, 0);
+        gemv(s->wv[l], bf16, s->h, xb, s->qkv + (H + KV) * D, QKV, B, KV * D, C, 0);
         break;
     case 1: {
         #pragma omp for schedule(static)
@@ -239,19 +300,22 @@ static void phase(const Step *s, int64_t p, int t, int64_t *pos, float *score) {
             attend(query, (const char *)s->keys[l] + base * size, (const char *)s->values[l] + base * size,
                    s->mask + m * n, n, D, bf16, pos + t * n, score + t * n, s->att + m * H * D + head * D);
         }
-        gemv(s->wo[l], bf16, s->att, s->y, C, B, C, H * D, 0);
+        if (bf16) to_bf16(s->att, xb, B, H * D);
+        gemv(s->wo[l], bf16, s->att, xb, s->y, C, B, C, H * D, 0);
         break;
     }
     case 2:
         add_rows(s->x, s->y, B * C);
         rms_norm(s->x, s->norm_post[l], bf16, s->h, B, C, s->eps);
-        gemv(s->wgate[l], bf16, s->h, s->gate, I, B, I, C, 0);
-        gemv(s->wup[l], bf16, s->h, s->up, I, B, I, C, 0);
+        if (bf16) to_bf16(s->h, xb, B, C);
+        gemv(s->wgate[l], bf16, s->h, xb, s->gate, I, B, I, C, 0);
+        gemv(s->wup[l], bf16, s->h, xb, s->up, I, B, I, C, 0);
         break;
     default:
         #pragma omp for schedule(static)
         for (int64_t i = 0; i < B * I; i++) s->gate[i] = s->gate[i] / (1.0f + expf(-s->gate[i])) * s->up[i];
-        gemv(s->wdown[l], bf16, s->gate, s->y, C, B, C, I, 0);
+        if (bf16) to_bf16(s->gate, xb, B, I);
+        gemv(s->wdown[l], bf16, s->gate, xb, s->y, C, B, C, I, 0);
         break;
     }
     #pragma omp barrier
@@ -262,19 +326,23 @@ static void phase(const Step *s, int64_t p, int t, int64_t *pos, float *score) {
 int tunelab_decode(const Step *s, int64_t start, int64_t end) {
     const int threads = s->threads > 0 ? (int)s->threads : omp_get_max_threads();
     const int64_t n = s->length + 1;
+    const int64_t widest = s->inter > s->hidden ? s->inter : s->hidden, att = s->heads * s->head_dim;
     float *score = malloc(sizeof(float) * threads * n);
     int64_t *pos = malloc(sizeof(int64_t) * threads * n);
-    if (!score || !pos) {
+    uint16_t *xb = malloc(sizeof(uint16_t) * s->batch * (widest > att ? widest : att));
+    if (!score || !pos || !xb) {
         free(score);
         free(pos);
+        free(xb);
         return -1;
     }
     #pragma omp parallel num_threads(threads)
     {
         const int t = omp_get_thread_num();
-        for (int64_t p = start; p < end; p++) phase(s, p, t, pos, score);
+        for (int64_t p = start; p < end; p++) phase(s, p, t, pos, score, xb);
     }
     free(score);
     free(pos);
+    free(xb);
     return 0;
 }
