@@ -18,7 +18,10 @@ from transformers.cache_utils import DynamicLayer
 
 
 class PreallocatedLayer(DynamicLayer):
-    """A ``DynamicLayer`` whose keys/values live in a buffer of ``capacity`` positions, filled from the left."""
+    """A ``DynamicLayer`` whose keys/values live in a buffer of ``capacity`` positions, filled from the left.
+
+    ``keys`` / ``values`` are views of the filled positions, made when read (a decode step that writes the
+    buffers directly only counts ``length`` up); assigning them replaces the buffers (``precision.cast_cache``)."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
         super().__init__()
@@ -28,10 +31,24 @@ class PreallocatedLayer(DynamicLayer):
         self._keys[:, :, :length].copy_(keys)
         self._values[:, :, :length].copy_(values)
         self.length, self.device, self.dtype, self.is_initialized = length, keys.device, keys.dtype, True
-        self._view()
 
-    def _view(self) -> None:
-        self.keys, self.values = self._keys[:, :, :self.length], self._values[:, :, :self.length]
+    @property  # type: ignore[override]
+    def keys(self) -> torch.Tensor | None:
+        return self._keys[:, :, :self.length] if "_keys" in self.__dict__ else None
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        if value is not None:  # None: DynamicLayer.__init__, before the buffers exist
+            self._keys, self.length, self.dtype = value.contiguous(), value.shape[-2], value.dtype
+
+    @property  # type: ignore[override]
+    def values(self) -> torch.Tensor | None:
+        return self._values[:, :, :self.length] if "_values" in self.__dict__ else None
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        if value is not None:
+            self._values, self.length = value.contiguous(), value.shape[-2]
 
     def reserve(self, extra: int) -> None:
         """Room for ``extra`` more positions; when full, grow by at least the filled length (amortised copies)."""
@@ -47,7 +64,6 @@ class PreallocatedLayer(DynamicLayer):
     def advance(self, extra: int) -> None:
         """Count ``extra`` positions written into the buffers directly (``tunelab.fastdecode``)."""
         self.length += extra
-        self._view()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,9 @@ be added to the projections' outputs, with the same arithmetic for the rows that
 from __future__ import annotations
 
 import ctypes
+import dataclasses
+import itertools
+import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +38,7 @@ class _Step(ctypes.Structure):  # mirrors ``Step`` in decode.c, field for field
 
 
 _PROJ = ("q", "k", "v", "o", "gate", "up", "down")
+_SERIAL = itertools.count()
 _MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
             "mlp.up_proj", "mlp.down_proj")
 
@@ -52,6 +56,7 @@ class Weights:
     names: tuple[dict[str, str], ...]  # per layer: projection -> module name (for deltas)
     lora: dict[str, torch.nn.Module]  # module name -> its peft LoRA layer (fastdecode._peft_lora)
     tensors: tuple[torch.Tensor, ...]  # every tensor pointed to (kept alive here)
+    serial: int = dataclasses.field(default_factory=lambda: next(_SERIAL))  # unique for the process's life
 
 
 def covers(model) -> bool:
@@ -123,6 +128,27 @@ def weights(model, key: tuple) -> Weights:
 Deltas = Callable[[str, torch.Tensor], "torch.Tensor | None"]
 
 
+_SCRATCH = threading.local()  # per thread: the last (weights, batch)'s activation buffers and Step
+
+
+def _scratch(w: Weights, batch: int) -> tuple[dict[str, torch.Tensor], _Step]:
+    """Activation buffers (fp32, rows of each width) and a ``_Step`` with the model's constant fields, reused
+    by the steps of one decode loop (one thread's; a new batch size or weight set replaces them)."""
+    key = (w.serial, batch)  # not id(w): a later Weights may reuse a freed one's id
+    if getattr(_SCRATCH, "key", None) != key:
+        d = w.dims
+        qkv = (d["heads"] + 2 * d["kv_heads"]) * d["head_dim"]
+        buf = {name: torch.empty(batch, width) for name, width in (
+            ("x", d["hidden"]), ("h", d["hidden"]), ("qkv", qkv), ("att", d["heads"] * d["head_dim"]),
+            ("gate", d["inter"]), ("up", d["inter"]), ("y", d["hidden"]))}
+        s = _Step(batch=batch, bf16=int(w.dtype == torch.bfloat16), eps=w.eps, norm=w.norm, embed=w.embed,
+                  head=w.head, **dict(d.items()), **{f"w{p}": w.arrays[p] for p in _PROJ},
+                  norm_in=w.arrays["norm_in"], norm_post=w.arrays["norm_post"],
+                  **{name: t.data_ptr() for name, t in buf.items()})
+        _SCRATCH.key, _SCRATCH.value = key, (buf, s)
+    return _SCRATCH.value
+
+
 @torch.no_grad()
 def step(model, w: Weights, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache,
          deltas: Deltas | None = None) -> torch.Tensor | None:
@@ -136,36 +162,31 @@ def step(model, w: Weights, tokens: torch.Tensor, mask: torch.Tensor, positions:
     length = layers[0].length
     for layer in layers:
         layer.reserve(1)
-    d = w.dims
-    batch, hidden, inter = tokens.shape[0], d["hidden"], d["inter"]
-    qkv_width = (d["heads"] + 2 * d["kv_heads"]) * d["head_dim"]
-    cos, sin = model.model.rotary_emb(torch.empty(0), positions.reshape(batch, 1))  # fp32, the model's own RoPE
-    cos, sin = cos.reshape(batch, -1).contiguous(), sin.reshape(batch, -1).contiguous()
-    tokens = tokens.to(torch.int64).contiguous()
+    batch, d = tokens.shape[0], w.dims
     attend = (mask != 0).to(torch.uint8).contiguous()
     if attend.shape != (batch, length + 1):
         raise ValueError(f"mask {tuple(mask.shape)} for {batch} rows and {length} cached positions + 1")
-    buf = {name: torch.empty(batch, width) for name, width in (
-        ("x", hidden), ("h", hidden), ("qkv", qkv_width), ("att", d["heads"] * d["head_dim"]), ("gate", inter),
-        ("up", inter), ("y", hidden), ("logits", d["vocab"]))}
+    cos, sin = model.model.rotary_emb(torch.empty(0), positions.reshape(batch, 1))  # fp32, the model's own RoPE
+    cos, sin = cos.reshape(batch, -1).contiguous(), sin.reshape(batch, -1).contiguous()
+    tokens = tokens.to(torch.int64).contiguous()
+    logits = torch.empty(batch, d["vocab"])  # new each step: the caller keeps it
+    buf, s = _scratch(w, batch)
     keys = (ctypes.c_void_p * len(layers))(*[layer._keys.data_ptr() for layer in layers])
     values = (ctypes.c_void_p * len(layers))(*[layer._values.data_ptr() for layer in layers])
-    s = _Step(batch=batch, length=length, capacity=layers[0]._keys.shape[2], bf16=int(w.dtype == torch.bfloat16),
-              threads=torch.get_num_threads(), eps=w.eps, norm=w.norm, embed=w.embed, head=w.head,
-              keys=keys, values=values, tokens=tokens.data_ptr(), cos=cos.data_ptr(), sin=sin.data_ptr(),
-              mask=attend.data_ptr(), **{k: v for k, v in d.items()},
-              **{f"w{p}": w.arrays[p] for p in _PROJ}, norm_in=w.arrays["norm_in"], norm_post=w.arrays["norm_post"],
-              **{name: t.data_ptr() for name, t in buf.items()})
+    s.length, s.capacity, s.threads = length, layers[0]._keys.shape[2], torch.get_num_threads()
+    s.keys, s.values = keys, values
+    s.tokens, s.cos, s.sin, s.mask, s.logits = (tokens.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                                attend.data_ptr(), logits.data_ptr())
     phases = 4 * d["layers"] + 1
     spans = [(0, phases)] if deltas is None else [(p, p + 1) for p in range(phases)]  # deltas between phases
     for start, end in spans:
         if lib.tunelab_decode(ctypes.byref(s), start, end) != 0:
-            raise MemoryError("the native decode step could not allocate its attention scratch")
+            raise MemoryError("the native decode step could not allocate its scratch")
         if deltas is not None and start < phases - 1:
             _add_deltas(w, buf, start // 4, start % 4, deltas, d)
     for layer in layers:
         layer.advance(1)
-    return buf["logits"]
+    return logits
 
 
 def _add_deltas(w: Weights, buf: dict[str, torch.Tensor], layer: int, part: int, deltas: Deltas,
