@@ -110,4 +110,5 @@ def peft_prefill_and_decode(model, prompts: list[list[int]], steps: int, pad_id:
 
     one = seconds(lambda: run(1))
     many = seconds(lambda: run(steps))
-    return one, max(many - one, 1e-9) / max(steps - 1, 1)
+    # nan, printed as such, when machine noise made the longer run no slower than the 1-token one
+    return one, (many - one) / max(steps - 1, 1) if many > one else float("nan")

@@ -23,6 +23,10 @@ the base projections fused and packed as for the bare model, each LoRA layer's o
 after them (its modules called as its forward calls them). Serve's LoRA rows (per-row low-rank deltas on the frozen model's plain projections,
 ``serve.lora_rows``) run in the lean step too: it adds each projection's delta from ``modeling.row_deltas``,
 computed by the same function as the module hooks of the transformers forward. Greedy tokens equal the transformers forward's in fp32 (tests/test_fastdecode.py).
+
+``stepper`` prefers the native step (``mode("native")``, the default): the same layers in one compiled call
+(``tunelab.kernels``), batch-invariant by construction and 2x faster at batch 1; this module's PyTorch step
+(``mode("lean")``) runs where that kernel cannot (no C compiler, no AVX-512, other dtypes).
 """
 
 from __future__ import annotations
