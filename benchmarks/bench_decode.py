@@ -5,7 +5,7 @@ Steps (``tunelab.fastdecode.mode``), each in fp32 and bf16 weights (``precision.
   (pre-allocated cache);
 - ``lean``: ``fastdecode.step`` (fused QKV and gate/up, F.rms_norm, grouped-query attention as two matmuls,
   oneDNN's packed GEMVs; PyTorch ops);
-- ``native``: ``tunelab.kernels`` (the whole step in one compiled call: decode.c), the default where it builds;
+- ``native``: ``tunelab.native`` (the whole step in one compiled call: decode.c), the default where it builds;
 (torch.compile of the lean step was tried and not kept: docs/performance.md.)
 
 Bound of a step of B rows = max(bytes / bandwidth, FLOPs / GEMM peak), bytes = weights + B x context x KV
@@ -82,11 +82,11 @@ def main() -> None:
     facts = facts_of(model)
     print(f"load average {os.getloadavg()[0]:.2f}; bandwidth {bandwidth:.1f} GB/s; GEMM fp32 {peak['fp32']:.0f} / "
           f"bf16 {peak['bf16']:.0f} GFLOP/s; {torch.get_num_threads()} threads")
-    from tunelab import kernels
+    from tunelab import native
 
-    modes = [m for m in args.modes.split(",") if m != "native" or kernels.library() is not None]
+    modes = [m for m in args.modes.split(",") if m != "native" or native.library() is not None]
     if "native" in args.modes.split(",") and "native" not in modes:
-        print(f"native step unavailable: {kernels.reason()}")
+        print(f"native step unavailable: {native.reason()}")
     nbytes = {"fp32": 4, "bf16": 2}
     pad = tok.pad_token_id
     results: dict = {"bandwidth_gbs": bandwidth, "peak_gflops": peak}

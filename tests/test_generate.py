@@ -2,7 +2,7 @@
 
 import pytest
 
-from tunelab import kernels
+from tunelab import native
 from tunelab.formatting import build_prompt, encode_prompt
 from tunelab.generate import GenerationConfig, cut_at_stop, generate, generate_ids
 from tunelab.methods.base import MethodConfig, freeze
@@ -86,7 +86,7 @@ def test_sampling_is_seeded_and_near_zero_temperature_is_greedy(tiny):
 @pytest.mark.real_model
 @pytest.mark.parametrize("precision", [
     "fp32",
-    pytest.param("bf16", marks=pytest.mark.xfail(kernels.library() is None, strict=False,
+    pytest.param("bf16", marks=pytest.mark.xfail(native.library() is None, strict=False,
                                                   reason="the PyTorch decode step is not batch-invariant in bf16")),
 ])
 def test_real_model_batched_equals_one_at_a_time(real_model, precision):

@@ -1,4 +1,4 @@
-"""The native decode step (tunelab.kernels, decode.c): the transformers forward's logits, every row's bits
+"""The native decode step (tunelab.native, decode.c): the transformers forward's logits, every row's bits
 independent of the batch it decodes in (fp32 and bf16), per-row deltas between its phases, and the PyTorch
 step wherever the kernel cannot run."""
 
@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tunelab import fastdecode, kernels, kvcache, precision
+from tunelab import fastdecode, kvcache, native, precision
 from tunelab import generate as gen
-from tunelab.kernels import llama as native
 from tunelab.methods import METHODS
 from tunelab.methods.base import MethodConfig, freeze
 from tunelab.methods.icl import FrozenAdapter
+from tunelab.native import llama
 
-pytestmark = pytest.mark.skipif(kernels.library() is None, reason=f"native kernel unavailable: {kernels.reason()}")
+pytestmark = pytest.mark.skipif(native.library() is None, reason=f"native kernel unavailable: {native.reason()}")
 
 TEXTS = ["x", "Translate to French: good morning", "A longer prompt with several more words in it, about the sea."]
 
@@ -40,7 +40,7 @@ def _decode(model, state: gen.Prefilled, mode: str, steps: int = 5) -> list[torc
 def test_native_step_matches_the_transformers_forward_on_a_left_padded_batch(fresh_tiny):
     model, tok, (base, soft) = _adapters(fresh_tiny)
     rows = [(base if i % 2 else soft, tok(t)["input_ids"]) for i, t in enumerate(TEXTS)]
-    assert native.covers(model)
+    assert llama.covers(model)
     got = _decode(model, gen.prefill_rows(rows, pad_id=2), "native")
     want = _decode(model, gen.prefill_rows(rows, pad_id=2), "hf")
     for a, b in zip(got, want, strict=True):
@@ -79,7 +79,7 @@ def test_bf16_weights_decode_close_to_fp32(fresh_tiny):
 
 
 def _count_calls(monkeypatch) -> list:
-    lib = kernels.library()
+    lib = native.library()
     calls: list = []
     real = lib.tunelab_decode
     monkeypatch.setattr(lib, "tunelab_decode", lambda s, start, end: calls.append((start, end)) or real(s, start, end))
@@ -95,7 +95,7 @@ def test_peft_lora_deltas_are_added_between_the_phases(fresh_tiny, monkeypatch):
         for name, p in adapter.model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
-    assert native.covers(adapter.model)
+    assert llama.covers(adapter.model)
     rows = [(adapter, tok(t)["input_ids"]) for t in TEXTS]
     calls = _count_calls(monkeypatch)
     got = _decode(adapter.model, gen.prefill_rows(rows, pad_id=2), "native", steps=3)
@@ -121,8 +121,8 @@ def test_rows_without_a_delta_get_the_bits_of_the_one_call_step(fresh_tiny, monk
         state = gen.prefill_rows(rows, pad_id=2)
         cache = kvcache.preallocate(state.cache, 2)
         mask = torch.cat([state.mask, state.mask.new_ones(len(rows), 1)], dim=1)
-        w = native.weights(model, fastdecode._key(model))
-        results.append(native.step(model, w, state.logits.argmax(-1), mask, state.next_pos, cache, deltas))
+        w = llama.weights(model, fastdecode._key(model))
+        results.append(llama.step(model, w, state.logits.argmax(-1), mask, state.next_pos, cache, deltas))
     phases = 4 * len(model.model.layers) + 1
     assert calls == [(0, phases)] + [(p, p + 1) for p in range(phases)] * 2
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
@@ -137,10 +137,10 @@ def test_the_pytorch_step_runs_where_the_kernel_cannot(fresh_tiny, monkeypatch):
     real_step = fastdecode.step
     monkeypatch.setattr(fastdecode, "step", lambda *a, **k: lean_calls.append(1) or real_step(*a, **k))
     monkeypatch.setenv("TUNELAB_NATIVE", "0")
-    kernels._reset()
+    native._reset()
     try:
-        assert kernels.library() is None and kernels.reason() == "TUNELAB_NATIVE=0"
-        assert not native.covers(model)
+        assert native.library() is None and native.reason() == "TUNELAB_NATIVE=0"
+        assert not llama.covers(model)
         run = fastdecode.stepper(model, cache)
         assert run is not None
         mask = torch.cat([state.mask, state.mask.new_ones(len(rows), 1)], dim=1)
@@ -148,18 +148,18 @@ def test_the_pytorch_step_runs_where_the_kernel_cannot(fresh_tiny, monkeypatch):
         assert lean_calls == [1]
     finally:
         monkeypatch.delenv("TUNELAB_NATIVE")
-        kernels._reset()
-    assert kernels.library() is not None
+        native._reset()
+    assert native.library() is not None
 
 
 def test_a_failed_build_says_why(monkeypatch, tmp_path):
     monkeypatch.setenv("TUNELAB_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
-    kernels._reset()
+    native._reset()
     try:
-        assert kernels.library() is None
-        assert "failed" in kernels.reason()
+        assert native.library() is None
+        assert "failed" in native.reason()
     finally:
         monkeypatch.delenv("CC")
         monkeypatch.delenv("TUNELAB_KERNEL_CACHE")
-        kernels._reset()
+        native._reset()

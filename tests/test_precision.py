@@ -82,25 +82,25 @@ def _logit_dtypes(monkeypatch) -> list:
 
 def _native_weight_dtypes(monkeypatch) -> list:
     """The weight dtype of every native decode step (it reads bf16 weights and returns fp32 logits)."""
-    from tunelab.kernels import llama as native
+    from tunelab.native import llama
 
     seen: list = []
-    real = native.step
-    monkeypatch.setattr(native, "step", lambda model, w, *a, **k: seen.append(w.dtype) or real(model, w, *a, **k))
+    real = llama.step
+    monkeypatch.setattr(llama, "step", lambda model, w, *a, **k: seen.append(w.dtype) or real(model, w, *a, **k))
     return seen
 
 
 def test_bf16_generation_runs_in_bf16_and_mixed_batches_equal_each_row_alone(fresh_tiny, monkeypatch):
-    from tunelab import kernels
+    from tunelab import native
 
     adapters, tok = _adapters(fresh_tiny)
     rows = [(adapters[i % 3], tok(t)["input_ids"]) for i, t in enumerate(TEXTS * 2)]
     cfg = gen.GenerationConfig(max_new_tokens=8, precision="bf16")
-    seen, native = _logit_dtypes(monkeypatch), _native_weight_dtypes(monkeypatch)
+    seen, steps = _logit_dtypes(monkeypatch), _native_weight_dtypes(monkeypatch)
     alone = [gen.generate_rows([r], tok, cfg, batch_size=1)[0] for r in rows]
     assert len(seen) > len(rows)
-    if kernels.library() is not None:  # the native step: bf16 weights, fp32 activations and logits
-        assert set(native) == {torch.bfloat16} and len(native) == len(seen) - len(rows)  # every decode step
+    if native.library() is not None:  # the native step: bf16 weights, fp32 activations and logits
+        assert set(steps) == {torch.bfloat16} and len(steps) == len(seen) - len(rows)  # every decode step
         assert set(seen) == {torch.bfloat16, torch.float32}
     else:
         assert set(seen) == {torch.bfloat16}

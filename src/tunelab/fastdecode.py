@@ -25,7 +25,7 @@ after them (its modules called as its forward calls them). Serve's LoRA rows (pe
 computed by the same function as the module hooks of the transformers forward. Greedy tokens equal the transformers forward's in fp32 (tests/test_fastdecode.py).
 
 ``stepper`` prefers the native step (``mode("native")``, the default): the same layers in one compiled call
-(``tunelab.kernels``), batch-invariant by construction and 2x faster at batch 1; this module's PyTorch step
+(``tunelab.native``), batch-invariant by construction and 2x faster at batch 1; this module's PyTorch step
 (``mode("lean")``) runs where that kernel cannot (no C compiler, no AVX-512, other dtypes).
 """
 
@@ -332,7 +332,7 @@ def step(model, w: Weights, tokens: torch.Tensor, mask: torch.Tensor, positions:
     return logits
 
 
-# the transformers forward | ``step`` (PyTorch ops) | ``kernels.llama.step`` (one compiled C call per step).
+# the transformers forward | ``step`` (PyTorch ops) | ``native.llama.step`` (one compiled C call per step).
 # torch.compile of ``step`` was tried and not kept (docs/performance.md): inductor cannot lower oneDNN's packed
 # linear, and with plain weights a dynamic-shape compile ran > 4 minutes
 MODES = ("hf", "lean", "native")
@@ -342,7 +342,7 @@ _MODE = contextvars.ContextVar("tunelab_decode_step", default="native")
 @contextlib.contextmanager
 def mode(name: str) -> Iterator[None]:
     """Select the decode step inside the block: ``native`` (default: the compiled kernel of
-    ``tunelab.kernels``, else ``lean``), ``lean`` (this module's PyTorch step) or ``hf`` (the transformers
+    ``tunelab.native``, else ``lean``), ``lean`` (this module's PyTorch step) or ``hf`` (the transformers
     forward, "before" in the benchmarks); models or caches the lean step does not cover always get ``hf``."""
     if name not in MODES:
         raise ValueError(f"decode step {name!r}; choose one of {', '.join(MODES)}")
@@ -397,7 +397,7 @@ def stepper(model, cache) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor,
         return slots
 
     if chosen == "native":
-        from tunelab.kernels import llama as native
+        from tunelab.native import llama as native
 
         if native.covers(model):
             nw = native.weights(model, _key(model))

@@ -1,4 +1,4 @@
-"""Native CPU kernels, compiled from their C source on first use and cached.
+"""Native CPU kernels (``tunelab.native``; not ``kernels``: Hugging Face's ``kernels`` package owns that name), compiled from their C source on first use and cached.
 
 ``decode.c`` runs a whole Llama decode step in one call (``tunelab.fastdecode``'s ``native`` step). It is built
 with the system C compiler (``$CC``, else ``cc``/``gcc``) for this CPU (``-march=native``) into

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tunelab import kernels
+from tunelab import native
 
 _I64 = ctypes.c_int64
 _P = ctypes.c_void_p
@@ -77,7 +77,7 @@ def covers(model) -> bool:
         return False
     if any(w.dtype != dtype or w.device.type != "cpu" or not w.is_contiguous() for w in weights):
         return False
-    return kernels.library() is not None
+    return native.library() is not None
 
 
 def _build(model, key: tuple) -> Weights:
@@ -154,7 +154,7 @@ def step(model, w: Weights, tokens: torch.Tensor, mask: torch.Tensor, positions:
          deltas: Deltas | None = None) -> torch.Tensor | None:
     """One decode step as ``fastdecode.step`` (same arguments, cache extended in place) -> fp32 logits (B, V);
     None, with nothing changed, when the cache is not one the kernel reads (another dtype, not contiguous)."""
-    lib = kernels.library()
+    lib = native.library()
     layers = cache.layers
     if lib is None or any(layer._keys.dtype != w.dtype or not layer._keys.is_contiguous()
                           or not layer._values.is_contiguous() for layer in layers):
