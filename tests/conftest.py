@@ -42,3 +42,16 @@ def real_model():
     from tunelab.models import load_model
 
     return load_model("smollm2-135m")
+
+
+def base_and_soft_prompt(model_tok, virtual: int = 4):
+    """(model, tokenizer, [the frozen base model's adapter, a random prompt-tuning adapter on it])."""
+    from tunelab.methods import METHODS
+    from tunelab.methods.base import MethodConfig, freeze
+    from tunelab.methods.icl import FrozenAdapter
+
+    model, tok = model_tok
+    freeze(model)
+    pt = METHODS["prompt_tuning"]
+    soft = pt.build(model, tok, pt.Config(num_virtual_tokens=virtual, init="random"), [], 0)
+    return model, tok, [FrozenAdapter(model, "base", MethodConfig()), soft]

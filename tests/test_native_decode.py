@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.conftest import base_and_soft_prompt
 
 from tunelab import fastdecode, kvcache, native, precision
 from tunelab import generate as gen
 from tunelab.methods import METHODS
-from tunelab.methods.base import MethodConfig, freeze
-from tunelab.methods.icl import FrozenAdapter
 from tunelab.native import llama
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason=f"native kernel unavailable: {native.reason()}")
@@ -20,12 +19,7 @@ TEXTS = ["x", "Translate to French: good morning", "A longer prompt with several
 
 
 def _adapters(model_tok):
-    model, tok = model_tok
-    freeze(model)
-    base = FrozenAdapter(model, "base", MethodConfig())
-    pt = METHODS["prompt_tuning"]
-    soft = pt.build(model, tok, pt.Config(num_virtual_tokens=4, init="random"), [], 0)
-    return model, tok, [base, soft]
+    return base_and_soft_prompt(model_tok)
 
 
 def _decode(model, state: gen.Prefilled, mode: str, steps: int = 5) -> list[torch.Tensor]:

@@ -5,23 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.conftest import base_and_soft_prompt
 
 from tunelab import generate as gen
 from tunelab import precision, rowattention
-from tunelab.methods import METHODS
-from tunelab.methods.base import MethodConfig, freeze
-from tunelab.methods.icl import FrozenAdapter
 
 TEXTS = ["x", "Translate to French: good morning", "A longer prompt with several more words in it, about the sea.",
          "Two words"]
 
 
 def _rows(model_tok):
-    model, tok = model_tok
-    freeze(model)
-    base = FrozenAdapter(model, "base", MethodConfig())
-    pt = METHODS["prompt_tuning"]
-    soft = pt.build(model, tok, pt.Config(num_virtual_tokens=4, init="random"), [], 0)
+    model, tok, (base, soft) = base_and_soft_prompt(model_tok)
     return model, [(base if i % 2 else soft, tok(t)["input_ids"]) for i, t in enumerate(TEXTS)]
 
 

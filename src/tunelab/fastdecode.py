@@ -258,17 +258,23 @@ def _build(model, key: tuple) -> Weights:
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def cached(cache: weakref.WeakKeyDictionary, model, key: tuple, build: Callable):
+    """``cache[model][dtype of its embedding]``, rebuilt by ``build(model, key)`` when missing or built under
+    another ``key`` (``_key``: any tensor, dtype or LoRA state changed since). fp32 and bf16 decode
+    (``precision.weights_in`` swaps in a bf16 copy) each keep their own entry."""
+    per_dtype = cache.setdefault(model, {})
+    dtype = model.get_input_embeddings().weight.dtype
+    hit = per_dtype.get(dtype)
+    if hit is None or hit.key != key:
+        hit = per_dtype[dtype] = build(model, key)
+    return hit
+
+
 @torch.no_grad()
 def weights(model) -> Weights:
     """The model's fused decode weights in its current dtype and its peft LoRA layers, rebuilt if any parameter
     or projection module changed since (no ``named_modules`` walk per decode step)."""
-    key = _key(model)
-    per_dtype = _CACHE.setdefault(model, {})
-    dtype = model.get_input_embeddings().weight.dtype
-    hit = per_dtype.get(dtype)
-    if hit is None or hit.key != key:
-        hit = per_dtype[dtype] = _build(model, key)
-    return hit
+    return cached(_CACHE, model, _key(model), _build)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -116,12 +116,9 @@ _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {dty
 
 def weights(model, key: tuple) -> Weights:
     """The model's native decode weights for its current parameters (``key``: ``fastdecode._key(model)``)."""
-    per_dtype = _CACHE.setdefault(model, {})
-    dtype = model.get_input_embeddings().weight.dtype
-    hit = per_dtype.get(dtype)
-    if hit is None or hit.key != key:
-        hit = per_dtype[dtype] = _build(model, key)
-    return hit
+    from tunelab.fastdecode import cached
+
+    return cached(_CACHE, model, key, _build)
 
 
 # (module name, its input (B, in) fp32) -> the delta to add to its output (B, out), or None
