@@ -55,3 +55,32 @@ def base_and_soft_prompt(model_tok, virtual: int = 4):
     pt = METHODS["prompt_tuning"]
     soft = pt.build(model, tok, pt.Config(num_virtual_tokens=virtual, init="random"), [], 0)
     return model, tok, [FrozenAdapter(model, "base", MethodConfig()), soft]
+
+
+def decode_steps(model, state, mode: str, steps: int = 5) -> list:
+    """Logits of ``steps`` decode steps of the serve path (``generate.decode_step`` from a ``Prefilled``
+    ``state``) under ``fastdecode.mode(mode)``, feeding greedy tokens."""
+    from tunelab import fastdecode
+    from tunelab import generate as gen
+
+    out = []
+    with fastdecode.mode(mode):
+        for _ in range(steps):
+            state = gen.decode_step(model, state.logits.argmax(-1), state)
+            out.append(state.logits)
+    return out
+
+
+def lora_with_deltas(model, tok, r: int = 4):
+    """A LoRA adapter (peft layers patched into ``model``, unmerged) whose B factors are random, not peft's
+    zeros, so that its deltas change the logits."""
+    import torch
+
+    from tunelab.methods import METHODS
+
+    adapter = METHODS["lora"].build(model, tok, METHODS["lora"].Config(r=r, dropout=0.0), [], 0)
+    with torch.no_grad():
+        for name, p in adapter.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    return adapter

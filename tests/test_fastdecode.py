@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.conftest import decode_steps, lora_with_deltas
 
 from tunelab import fastdecode
 from tunelab import generate as gen
@@ -23,13 +24,7 @@ def _rows(model_tok):
 
 def _decode(model, rows, mode: str, steps: int = 5) -> list[torch.Tensor]:
     """Logits of ``steps`` decode steps of the serve path (prefill_rows + decode_step), feeding greedy tokens."""
-    state = gen.prefill_rows(rows, pad_id=2)
-    out = []
-    with fastdecode.mode(mode):
-        for _ in range(steps):
-            state = gen.decode_step(model, state.logits.argmax(-1), state)
-            out.append(state.logits)
-    return out
+    return decode_steps(model, gen.prefill_rows(rows, pad_id=2), mode, steps)
 
 
 def test_lean_step_matches_the_transformers_forward_on_a_left_padded_batch(fresh_tiny):
@@ -55,14 +50,9 @@ def test_fused_weights_are_cached_and_rebuilt_when_a_parameter_changes(fresh_tin
 def test_peft_lora_layers_decode_in_the_lean_step_with_their_own_deltas(fresh_tiny):
     """`tunelab eval` of a LoRA adapter (peft layers patched in, unmerged): the lean step adds each LoRA layer's
     B(A(x)) * scaling after the fused base projections and matches the transformers forward through peft."""
-    from tunelab.methods import METHODS
 
     model, tok = fresh_tiny
-    adapter = METHODS["lora"].build(model, tok, METHODS["lora"].Config(r=4, dropout=0.0), [], 0)
-    with torch.no_grad():  # peft starts B at zero: make the delta real
-        for name, p in adapter.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    adapter = lora_with_deltas(model, tok)
     assert fastdecode.supports(adapter.model)
     rows = [(adapter, tok(t)["input_ids"]) for t in TEXTS]
     lean, hf = _decode(adapter.model, rows, "lean"), _decode(adapter.model, rows, "hf")

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.conftest import base_and_soft_prompt
+from tests.conftest import base_and_soft_prompt, decode_steps, lora_with_deltas
 
 from tunelab import fastdecode, kvcache, native, precision
 from tunelab import generate as gen
-from tunelab.methods import METHODS
 from tunelab.native import llama
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason=f"native kernel unavailable: {native.reason()}")
@@ -22,13 +21,7 @@ def _adapters(model_tok):
     return base_and_soft_prompt(model_tok)
 
 
-def _decode(model, state: gen.Prefilled, mode: str, steps: int = 5) -> list[torch.Tensor]:
-    out = []
-    with fastdecode.mode(mode):
-        for _ in range(steps):
-            state = gen.decode_step(model, state.logits.argmax(-1), state)
-            out.append(state.logits)
-    return out
+_decode = decode_steps
 
 
 def test_native_step_matches_the_transformers_forward_on_a_left_padded_batch(fresh_tiny):
@@ -84,11 +77,7 @@ def test_peft_lora_deltas_are_added_between_the_phases(fresh_tiny, monkeypatch):
     """A LoRA adapter (peft layers, unmerged): the native step runs phase by phase, adding each LoRA layer's
     delta after its projection, and matches the transformers forward through peft."""
     model, tok = fresh_tiny
-    adapter = METHODS["lora"].build(model, tok, METHODS["lora"].Config(r=4, dropout=0.0), [], 0)
-    with torch.no_grad():  # peft starts B at zero: make the delta real
-        for name, p in adapter.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    adapter = lora_with_deltas(model, tok)
     assert llama.covers(adapter.model)
     rows = [(adapter, tok(t)["input_ids"]) for t in TEXTS]
     calls = _count_calls(monkeypatch)
