@@ -99,7 +99,7 @@ def test_bf16_generation_runs_in_bf16_and_mixed_batches_equal_each_row_alone(fre
     seen, steps = _logit_dtypes(monkeypatch), _native_weight_dtypes(monkeypatch)
     alone = [gen.generate_rows([r], tok, cfg, batch_size=1)[0] for r in rows]
     assert len(seen) > len(rows)
-    if native.library() is not None:  # the native step: bf16 weights, fp32 activations and logits
+    if native.library() is not None:  # the native step: bf16 weights, fp32 residual stream and logits
         assert set(steps) == {torch.bfloat16} and len(steps) == len(seen) - len(rows)  # every decode step
         assert set(seen) == {torch.bfloat16, torch.float32}
     else:

@@ -3,12 +3,13 @@
  * Why: at batch 1 a decode step must stream every weight from memory once, and that is all it should do. The
  * eager PyTorch step (fastdecode.step) spends ~1,000 small ops per step around its GEMVs and its GEMV library
  * streams bf16 weights well below the read bandwidth (docs/performance.md). Here the whole step is one OpenMP
- * parallel region (torch's own libgomp, so one thread pool): the GEMVs stream the weights with software
- * prefetch, and norms, RoPE, the cache write, attention and SiLU run in between at the cost of a barrier.
+ * parallel region (torch's own libgomp, so one thread pool): the GEMVs stream the weights (batched rows in 4x4
+ * register tiles), and norms, RoPE, the cache write, attention and SiLU run in between at the cost of a barrier.
  *
- * Numerics: weights, norms, the embedding and the KV cache are fp32 or bf16 (all the same; ``bf16`` flag);
- * activations and accumulation are always fp32 (bf16 weights are widened exactly before the multiply-add);
- * keys/values are rounded to the cache dtype when written, as the transformers forward stores them.
+ * Numerics: weights, norms, the embedding and the KV cache are fp32 or bf16 (all the same; ``bf16`` flag). The
+ * residual stream, norms, RoPE, attention and SiLU are fp32. With bf16 weights each GEMV's input is rounded to
+ * bf16 and the products are summed by vdpbf16ps into fp32 (oneDNN's bf16 numerics). Keys/values are rounded to
+ * the cache dtype when written, as the transformers forward stores them.
  *
  * Batch invariance by construction: every output element of every row is computed by the same instruction
  * sequence whatever the batch size, the other rows, their padding or the thread count: GEMV outputs are
