@@ -271,10 +271,11 @@ def cached(cache: weakref.WeakKeyDictionary, model, key: tuple, build: Callable)
 
 
 @torch.no_grad()
-def weights(model) -> Weights:
+def weights(model, key: tuple | None = None) -> Weights:
     """The model's fused decode weights in its current dtype and its peft LoRA layers, rebuilt if any parameter
-    or projection module changed since (no ``named_modules`` walk per decode step)."""
-    return cached(_CACHE, model, _key(model), _build)
+    or projection module changed since (no ``named_modules`` walk per decode step); ``key``: ``_key(model)``
+    when the caller has it."""
+    return cached(_CACHE, model, _key(model) if key is None else key, _build)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -402,21 +403,23 @@ def stepper(model, cache) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor,
                                "a model without modeling.row_deltas; call stepper inside row_slots")
         return slots
 
+    key = _key(model)  # one walk over the weights per call (serve calls this every step)
     if chosen == "native":
-        from tunelab.native import llama as native
+        from tunelab import native
+        from tunelab.native import llama
 
-        if native.covers(model):
-            nw = native.weights(model, _key(model))
+        nw = llama.weights(model, key) if native.library() is not None else None
+        if nw is not None:
 
             def run_native(tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
                 deltas = _deltas(nw.lora, provider, slots_now())
-                out = native.step(model, nw, tokens, mask, positions, cache, deltas)
+                out = llama.step(model, nw, tokens, mask, positions, cache, deltas)
                 if out is None:  # a cache the kernel does not read (another dtype): the PyTorch step
-                    return step(model, weights(model), tokens, mask, positions, cache, deltas)
+                    return step(model, weights(model, key), tokens, mask, positions, cache, deltas)
                 return out
 
             return run_native
-    w = weights(model)
+    w = weights(model, key)
 
     def run(tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         return step(model, w, tokens, mask, positions, cache, _deltas(w.lora, provider, slots_now()))

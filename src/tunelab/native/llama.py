@@ -59,9 +59,9 @@ class Weights:
     serial: int = dataclasses.field(default_factory=lambda: next(_SERIAL))  # unique for the process's life
 
 
-def covers(model) -> bool:
-    """Whether ``step`` can run ``model`` (``fastdecode.supports`` already holds): every weight a contiguous
-    CPU tensor of one dtype, fp32 or bf16, no biases, and the native kernel available on this machine."""
+def _weights_fit(model) -> bool:
+    """Every weight a contiguous CPU tensor of one dtype, fp32 or bf16, and no biases (``fastdecode.supports``
+    already holds)."""
     body = model.model
     weights = [body.embed_tokens.weight, body.norm.weight, model.get_output_embeddings().weight]
     for layer in body.layers:
@@ -75,14 +75,27 @@ def covers(model) -> bool:
     dtype = weights[0].dtype
     if dtype not in (torch.float32, torch.bfloat16) or model.get_output_embeddings().bias is not None:
         return False
-    if any(w.dtype != dtype or w.device.type != "cpu" or not w.is_contiguous() for w in weights):
-        return False
-    return native.library() is not None
+    return all(w.dtype == dtype and w.device.type == "cpu" and w.is_contiguous() for w in weights)
 
 
-def _build(model, key: tuple) -> Weights:
+@dataclass(frozen=True)
+class _NotCovered:  # cached like Weights, so that the check runs once per weight set, not per decode step
+    key: tuple
+
+
+def covers(model) -> bool:
+    """Whether ``step`` can run ``model`` (``fastdecode.supports`` already holds): the native kernel is available
+    here and its weights fit (``_weights_fit``)."""
+    from tunelab.fastdecode import _key
+
+    return native.library() is not None and weights(model, _key(model)) is not None
+
+
+def _build(model, key: tuple) -> Weights | _NotCovered:
     from tunelab.fastdecode import _peft_lora
 
+    if not _weights_fit(model):
+        return _NotCovered(key)
     body, cfg = model.model, model.config
     names = {id(module): name for name, module in model.named_modules()}
     per: dict[str, list[torch.Tensor]] = {p: [] for p in (*_PROJ, "norm_in", "norm_post")}
@@ -114,11 +127,13 @@ def _build(model, key: tuple) -> Weights:
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {dtype: Weights}
 
 
-def weights(model, key: tuple) -> Weights:
-    """The model's native decode weights for its current parameters (``key``: ``fastdecode._key(model)``)."""
+def weights(model, key: tuple) -> Weights | None:
+    """The model's native decode weights for its current parameters (``key``: ``fastdecode._key(model)``);
+    None when they do not fit the kernel (``_weights_fit``). Checked and built once per weight set."""
     from tunelab.fastdecode import cached
 
-    return cached(_CACHE, model, key, _build)
+    hit = cached(_CACHE, model, key, _build)
+    return hit if isinstance(hit, Weights) else None
 
 
 # (module name, its input (B, in) fp32) -> the delta to add to its output (B, out), or None
