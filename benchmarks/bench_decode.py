@@ -16,7 +16,8 @@ is the stricter one) and "reached" is the median over runs of bound(that probe) 
 The prompts are E2E test inputs (~127 tokens), the base model; EOS never stops a row. Medians of
 ``--repeats`` runs.
 
-Run: .venv/bin/python benchmarks/bench_decode.py [--batches 1,16,64] [--steps 16] [--repeats 3]
+Run: .venv/bin/python benchmarks/bench_decode.py [--batches 1,16,64] [--steps 16] [--repeats 3] [--isa avx2]
+(``--isa`` / ``TUNELAB_NATIVE_ISA`` picks the native step's build: auto, avx512, avx2, generic; it is printed.)
 """
 
 from __future__ import annotations
@@ -62,7 +63,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed per run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", default="hf,lean,native", help="decode steps to time (fastdecode.MODES)")
+    parser.add_argument("--isa", choices=("auto", "avx512", "avx2", "generic"),
+                        help="build of the native step (sets TUNELAB_NATIVE_ISA; default: that variable, else auto)")
     args = parser.parse_args()
+    if args.isa:
+        os.environ["TUNELAB_NATIVE_ISA"] = args.isa
 
     import torch
     from bench_gemm import bandwidth_gbs, gflops
@@ -87,9 +92,12 @@ def main() -> None:
     modes = [m for m in args.modes.split(",") if m != "native" or native.library() is not None]
     if "native" in args.modes.split(",") and "native" not in modes:
         print(f"native step unavailable: {native.reason()}")
+    elif "native" in modes:
+        print(f"native step: the {native.isa()} build ({native.ISA_ENV}="
+              f"{os.environ.get(native.ISA_ENV, 'auto')}; {native.library()._name})")
     nbytes = {"fp32": 4, "bf16": 2}
     pad = tok.pad_token_id
-    results: dict = {"bandwidth_gbs": bandwidth, "peak_gflops": peak}
+    results: dict = {"bandwidth_gbs": bandwidth, "peak_gflops": peak, "native_isa": native.isa()}
     big = torch.ones(256 * 2**20 // 4)
 
     def probe() -> float:  # GB/s: the best of 3 sums over 256 MB

@@ -1,8 +1,12 @@
 """The native decode step (tunelab.native, decode.c): the transformers forward's logits, every row's bits
 independent of the batch it decodes in (fp32 and bf16), per-row deltas between its phases, and the PyTorch
-step wherever the kernel cannot run."""
+step wherever the kernel cannot run. The numerics tests run once per build this CPU runs (``isa``: avx512 where
+the CPU has it, avx2 on any x86-64 with AVX2 + FMA, generic everywhere), each forced by TUNELAB_NATIVE_ISA."""
 
 from __future__ import annotations
+
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -10,9 +14,24 @@ from tests.conftest import base_and_soft_prompt, decode_steps, lora_with_deltas
 
 from tunelab import fastdecode, kvcache, native, precision
 from tunelab import generate as gen
+from tunelab.errors import ConfigError
 from tunelab.native import llama
 
-pytestmark = pytest.mark.skipif(native.library() is None, reason=f"native kernel unavailable: {native.reason()}")
+pytestmark = pytest.mark.skipif(native.compiler() is None, reason="no C compiler: the PyTorch decode step runs")
+
+
+@pytest.fixture(params=native.runnable())
+def isa(request, monkeypatch):
+    """The build ``request.param``, forced by TUNELAB_NATIVE_ISA; the test must run its decode step."""
+    monkeypatch.setenv(native.ISA_ENV, request.param)
+    lib = native.library()
+    assert lib is not None, native.reason()
+    assert native.isa() == request.param
+    ran: list = []
+    real = lib.tunelab_decode
+    monkeypatch.setattr(lib, "tunelab_decode", lambda s, start, end: ran.append(native.isa()) or real(s, start, end))
+    yield request.param
+    assert set(ran) == {request.param}  # this build's kernel, not a fallback, decoded
 
 TEXTS = ["x", "Translate to French: good morning", "A longer prompt with several more words in it, about the sea."]
 
@@ -24,7 +43,7 @@ def _adapters(model_tok):
 _decode = decode_steps
 
 
-def test_native_step_matches_the_transformers_forward_on_a_left_padded_batch(fresh_tiny):
+def test_native_step_matches_the_transformers_forward_on_a_left_padded_batch(isa, fresh_tiny):
     model, tok, (base, soft) = _adapters(fresh_tiny)
     rows = [(base if i % 2 else soft, tok(t)["input_ids"]) for i, t in enumerate(TEXTS)]
     assert llama.covers(model)
@@ -37,7 +56,7 @@ def test_native_step_matches_the_transformers_forward_on_a_left_padded_batch(fre
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_each_row_decodes_to_the_same_bits_in_any_batch(fresh_tiny, dtype):
+def test_each_row_decodes_to_the_same_bits_in_any_batch(isa, fresh_tiny, dtype):
     """Rows prefilled alone, then decoded alone or merged into one left-padded batch (as the serve scheduler
     merges them), some with virtual tokens: every step's logits are bitwise those of the row alone."""
     model, tok, (base, soft) = _adapters(fresh_tiny)
@@ -54,7 +73,7 @@ def test_each_row_decodes_to_the_same_bits_in_any_batch(fresh_tiny, dtype):
             assert torch.equal(logits[i], alone[i][step][0]), (i, step)
 
 
-def test_bf16_weights_decode_close_to_fp32(fresh_tiny):
+def test_bf16_weights_decode_close_to_fp32(isa, fresh_tiny):
     model, tok, (base, _) = _adapters(fresh_tiny)
     rows = [(base, tok(t)["input_ids"]) for t in TEXTS]
     fp32 = gen.prefill_rows(rows, pad_id=2)
@@ -73,7 +92,7 @@ def _count_calls(monkeypatch) -> list:
     return calls
 
 
-def test_peft_lora_deltas_are_added_between_the_phases(fresh_tiny, monkeypatch):
+def test_peft_lora_deltas_are_added_between_the_phases(isa, fresh_tiny, monkeypatch):
     """A LoRA adapter (peft layers, unmerged): the native step runs phase by phase, adding each LoRA layer's
     delta after its projection, and matches the transformers forward through peft."""
     model, tok = fresh_tiny
@@ -92,7 +111,7 @@ def test_peft_lora_deltas_are_added_between_the_phases(fresh_tiny, monkeypatch):
     assert not torch.allclose(got[0], off[0])  # the deltas really changed the logits
 
 
-def test_rows_without_a_delta_get_the_bits_of_the_one_call_step(fresh_tiny, monkeypatch):
+def test_rows_without_a_delta_get_the_bits_of_the_one_call_step(isa, fresh_tiny, monkeypatch):
     """Phase by phase (deltas present) and one call (none) are the same arithmetic: deltas of zeros, or none,
     change no bit."""
     model, tok, (base, _) = _adapters(fresh_tiny)
@@ -146,3 +165,66 @@ def test_a_failed_build_says_why(monkeypatch, tmp_path):
         monkeypatch.delenv("CC")
         monkeypatch.delenv("TUNELAB_KERNEL_CACHE")
         native._reset()
+
+
+X86_AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx2", "fma"}
+
+
+@pytest.mark.parametrize(("asked", "flags", "machine", "want"), [
+    ("auto", X86_AVX512, "x86_64", "avx512"),  # the widest build the CPU runs
+    ("auto", {"avx2", "fma"}, "x86_64", "avx2"),  # AVX2-only (AMD Zen 3)
+    ("auto", {"sse4_2"}, "x86_64", "generic"),
+    ("auto", set(), "aarch64", "generic"),  # ARM: the portable build
+    ("avx2", X86_AVX512, "x86_64", "avx2"),  # forced narrower on an AVX-512 CPU
+    ("generic", X86_AVX512, "x86_64", "generic"),
+])
+def test_the_build_is_chosen_from_the_cpu_flags_or_the_setting(asked, flags, machine, want):
+    chosen, why = native.choose(asked, flags, machine)
+    assert chosen is not None and chosen.name == want and why == ""
+
+
+def test_a_forced_build_the_cpu_lacks_is_refused_with_the_reason(monkeypatch):
+    assert native.choose("avx512", {"avx2", "fma"}, "x86_64") == (
+        None, "TUNELAB_NATIVE_ISA=avx512, but the CPU lacks avx512f, avx512bw, avx512vl")
+    assert native.choose("avx2", set(), "aarch64")[1] == \
+        "TUNELAB_NATIVE_ISA=avx2, but the CPU lacks an x86_64/AMD64 CPU (this is aarch64)"
+    monkeypatch.setattr(native, "_cpu_flags", lambda: {"avx2", "fma"})  # an AVX2-only CPU, through library()
+    monkeypatch.setenv(native.ISA_ENV, "avx512")
+    native._reset()
+    try:
+        assert native.library() is None and native.isa() is None and not native.streams_bf16_weights()
+        assert "lacks avx512f" in native.reason()
+    finally:
+        native._reset()
+
+
+def test_an_unknown_isa_setting_is_a_config_error(monkeypatch):
+    monkeypatch.setenv(native.ISA_ENV, "avx1024")
+    with pytest.raises(ConfigError, match="TUNELAB_NATIVE_ISA='avx1024'; choose one of auto, avx512, avx2, generic"):
+        native.library()
+
+
+def test_avx2_and_avx512_run_on_x86_cpus_with_them():
+    """No CPU kind of x86-64 with AVX2 + FMA skips the native tests: avx2 runs on each, avx512 where it can."""
+    flags = native._cpu_flags()
+    if {"avx2", "fma"} <= flags:
+        assert "avx2" in native.runnable()
+    if {"avx512f", "avx512bw", "avx512vl"} <= flags:
+        assert "avx512" in native.runnable()
+    assert "generic" in native.runnable()
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump (binutils) not installed")
+@pytest.mark.parametrize("name", native.runnable())
+def test_each_build_uses_only_its_own_vector_width(name, monkeypatch):
+    """The avx2 build holds no 512-bit instruction (so it runs on an AVX2-only CPU); the avx512 build does; each
+    says so (``isa()``) and whether it streams bf16 weights (``precision``'s auto decode asks)."""
+    monkeypatch.setenv(native.ISA_ENV, name)
+    lib = native.library()
+    assert lib is not None and native.isa() == name, native.reason()
+    code = subprocess.run(["objdump", "-d", lib._name], capture_output=True, text=True, check=True).stdout
+    if name == "avx2":
+        assert "%zmm" not in code and "%ymm" in code
+    elif name == "avx512":
+        assert "%zmm" in code
+    assert native.streams_bf16_weights() == native.ISAS[name].fast_bf16_weights

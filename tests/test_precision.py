@@ -27,16 +27,20 @@ def test_resolve_names_each_phase_and_rejects_unknown_names():
         precision.resolve("fp16")
 
 
-def test_auto_follows_the_cpu_bf16_units(monkeypatch):
-    from tunelab import distributed
+@pytest.mark.parametrize(("bf16_units", "native_bf16", "want"), [
+    (False, False, ("fp32", "fp32")),  # no bf16 units, no native step: fp32 throughout
+    (False, True, ("fp32", "bf16")),  # AVX2-only: torch's bf16 GEMM is slow, the native GEMV streams bf16 fine
+    (True, False, ("bf16", "bf16")),
+    (True, True, ("bf16", "bf16")),
+])
+def test_auto_follows_the_cpu_bf16_units_and_the_native_step(monkeypatch, bf16_units, native_bf16, want):
+    from tunelab import distributed, native
 
     precision._resolve.cache_clear()
     try:
-        monkeypatch.setattr(distributed, "cpu_has_fast_bf16", lambda: False)
-        assert precision.resolve("auto", "cpu") == precision.PhasePrecision("fp32", "fp32")
-        precision._resolve.cache_clear()
-        monkeypatch.setattr(distributed, "cpu_has_fast_bf16", lambda: True)
-        assert precision.resolve("auto", "cpu") == precision.PhasePrecision("bf16", "bf16")
+        monkeypatch.setattr(distributed, "cpu_has_fast_bf16", lambda: bf16_units)
+        monkeypatch.setattr(native, "streams_bf16_weights", lambda: native_bf16)
+        assert precision.resolve("auto", "cpu") == precision.PhasePrecision(*want)
     finally:
         precision._resolve.cache_clear()
 

@@ -11,7 +11,11 @@ every process of a machine makes the same choice:
   with ``avx512_bf16`` / ``amx_bf16``; elsewhere the GEMM probe of ``tunelab.distributed`` decides);
 - decode reads every weight once per step: bf16 halves those bytes, so it takes bf16 on the same condition
   (at one row the bf16 GEMV kernel is even with fp32 on a cache-resident matrix, MODELS.md, but a decode
-  step streams ~540 MB of fp32 weights from memory, where halving the bytes is what counts).
+  step streams ~540 MB of fp32 weights from memory, where halving the bytes is what counts), and also on a
+  CPU without bf16 units where the native decode step runs (``tunelab.native.streams_bf16_weights``: its
+  AVX2 and AVX-512 builds widen bf16 weights to fp32 in registers), so an AVX2-only CPU prefills in fp32
+  (torch's bf16 GEMM is several times slower than fp32 there) and decodes in bf16. A model the native step does not cover then
+  decodes through torch's bf16 ops.
 
 Batched output equals one-by-one output in fp32 for every method. In bf16 it does on the tiny model
 (tests/test_precision.py) but not always on SmolLM2-135M: bf16 matmuls of different row counts round
@@ -53,13 +57,9 @@ class PhasePrecision:
 
 
 def _fast_bf16(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    if device.type == "cpu":
-        from tunelab.distributed import cpu_has_fast_bf16
+    from tunelab.distributed import fast_bf16  # the one device decision, shared with training's autocast
 
-        return cpu_has_fast_bf16()
-    return False
+    return fast_bf16(device)
 
 
 @functools.lru_cache(maxsize=16)
@@ -68,7 +68,15 @@ def _resolve(name: str, device_type: str) -> PhasePrecision:
         return PhasePrecision(name, name)
     fast = _fast_bf16(torch.device(device_type))
     choice = "bf16" if fast else "fp32"
-    return PhasePrecision(prefill=choice, decode=choice)
+    return PhasePrecision(prefill=choice, decode="bf16" if fast or _native_bf16_decode(device_type) else "fp32")
+
+
+def _native_bf16_decode(device_type: str) -> bool:
+    """The native decode step reads bf16 weights without bf16 units (``tunelab.native``'s ``Isa`` says which
+    builds do), so decode halves its bytes in bf16 even where torch's bf16 GEMM is slow (AVX2: no bf16 units)."""
+    from tunelab import native
+
+    return device_type == "cpu" and native.streams_bf16_weights()
 
 
 def resolve(name: str | PhasePrecision, device: torch.device | str = "cpu", key: str = "eval.precision"

@@ -3,20 +3,29 @@
  * Why: at batch 1 a decode step must stream every weight from memory once, and that is all it should do. The
  * eager PyTorch step (fastdecode.step) spends ~1,000 small ops per step around its GEMVs and its GEMV library
  * streams bf16 weights well below the read bandwidth (docs/performance.md). Here the whole step is one OpenMP
- * parallel region (torch's own libgomp, so one thread pool): the GEMVs stream the weights (batched rows in 4x4
+ * parallel region (torch's own libgomp, so one thread pool): the GEMVs stream the weights (batched rows in
  * register tiles), and norms, RoPE, the cache write, attention and SiLU run in between at the cost of a barrier.
  *
  * Numerics: weights, norms, the embedding and the KV cache are fp32 or bf16 (all the same; ``bf16`` flag). The
- * residual stream, norms, RoPE, attention and SiLU are fp32. With bf16 weights each GEMV's input is rounded to
- * bf16 and the products are summed by vdpbf16ps into fp32 (oneDNN's bf16 numerics). Keys/values are rounded to
- * the cache dtype when written, as the transformers forward stores them.
+ * residual stream, norms, RoPE, attention and SiLU are fp32. Keys/values are rounded to the cache dtype when
+ * written, as the transformers forward stores them. The GEMVs with bf16 weights depend on the build (ISA below):
+ * AVX-512 rounds each GEMV's input to bf16 and sums the products by vdpbf16ps into fp32 (oneDNN's bf16 numerics;
+ * without AVX512-BF16 the same pairs widened and multiplied in fp32); AVX2 and the generic build widen the bf16
+ * weights to fp32 in registers (a 16-bit shift: exact) and multiply them with the fp32 input by FMA, which needs
+ * no bf16 units and still streams half the bytes of fp32 weights.
  *
- * Batch invariance by construction: every output element of every row is computed by the same instruction
- * sequence whatever the batch size, the other rows, their padding or the thread count: GEMV outputs are
+ * ISA, chosen when it is built (tunelab.native, from the CPU's flags or TUNELAB_NATIVE_ISA): one -D flag
+ * selects the vector layer below, and everything after it is written once against that layer:
+ *   TUNELAB_ISA_AVX512   512-bit vectors (AVX-512 F/BW/VL + FMA), 4x4 register tiles
+ *   TUNELAB_ISA_AVX2     256-bit vectors (AVX2 + FMA), 2x4 tiles
+ *   TUNELAB_ISA_GENERIC  GCC/Clang vector extensions (8 lanes) that the compiler lowers for any CPU (ARM NEON);
+ *                        built with -ffp-contract=off, so a multiply-add is the same two roundings everywhere
+ *
+ * Batch invariance by construction (in each build): every output element of every row is computed by the same
+ * instruction sequence whatever the batch size, the other rows, their padding or the thread count: GEMV outputs are
  * independent dot products in a fixed order; attention first compacts the row's attended key positions (its
  * mask), so left padding or virtual tokens in other rows change nothing in this row's sums.
  */
-#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -44,7 +53,205 @@ typedef struct {
     float *logits;                                          /* (batch, vocab) */
 } Step;
 
-#define R 4 /* output rows per GEMV block: one W block stays in L1 while the batch's rows pass over it */
+/* ---- The vector layer: V fp32 lanes per ``vf``; loads of the first n values (the rest zero); MR x R GEMV tiles
+ * (MR batch rows, each weight chunk loaded once for them; R weight rows per block: one block stays in L1 while
+ * the batch's rows pass over it); and how bf16 weights meet their input (BF_*). ---- */
+#if defined(TUNELAB_ISA_AVX512)
+#if !(defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__FMA__))
+#error "TUNELAB_ISA_AVX512 needs AVX-512 F/BW/VL and FMA"
+#endif
+#include <immintrin.h>
+#define ISA "avx512"
+#define V 16
+#define MR 4
+#define R 4
+typedef __m512 vf;
+static inline __mmask16 tail(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1u); }
+static inline vf vzero(void) { return _mm512_setzero_ps(); }
+static inline vf vset1(float f) { return _mm512_set1_ps(f); }
+static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); } /* a * b + c */
+static inline float vsum(vf v) { return _mm512_reduce_add_ps(v); }
+static inline vf vload(const float *p) { return _mm512_loadu_ps(p); }
+static inline vf vload_n(const float *p, int64_t n) { return _mm512_maskz_loadu_ps(tail(n), p); }
+static inline void vstore_n(float *p, vf v, int64_t n) { _mm512_mask_storeu_ps(p, tail(n), v); }
+static inline vf vload_bf_n(const uint16_t *p, int64_t n) { /* widened exactly: bf16 is fp32's top half */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(tail(n), p)), 16));
+}
+/* bf16 GEMVs: 32 weights and 32 inputs (rounded to bf16) per step, their pairs summed into 16 fp32 lanes */
+#define BF16_ROUNDS_X 1
+typedef uint16_t bfx_t;
+#define BF_STEP 32
+static inline __mmask32 tail32(int64_t n) { return n >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << n) - 1u); }
+#define BF_LW(p) _mm512_castsi512_ps(_mm512_loadu_si512(p))
+#define BF_LW_N(p, n) _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(tail32(n), p))
+#define BF_LX BF_LW
+#define BF_LX_N BF_LW_N
+#ifdef __AVX512BF16__
+#define BF_MAC(acc, w, x) _mm512_dpbf16_ps(acc, (__m512bh)_mm512_castps_si512(w), (__m512bh)_mm512_castps_si512(x))
+#else /* the same pairs, widened exactly and multiplied in fp32 (no AVX512-BF16 on this CPU) */
+static inline __m512 bf_mac(__m512 acc, __m512 w, __m512 x) {
+    const __m512i wi = _mm512_castps_si512(w), xi = _mm512_castps_si512(x), hi = _mm512_set1_epi32((int)0xffff0000u);
+    acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(wi, 16)), _mm512_castsi512_ps(_mm512_slli_epi32(xi, 16)), acc);
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(wi, hi)), _mm512_castsi512_ps(_mm512_and_si512(xi, hi)), acc);
+}
+#define BF_MAC(acc, w, x) bf_mac(acc, w, x)
+#endif
+
+#elif defined(TUNELAB_ISA_AVX2)
+#if !(defined(__AVX2__) && defined(__FMA__))
+#error "TUNELAB_ISA_AVX2 needs AVX2 and FMA"
+#endif
+#include <immintrin.h>
+#define ISA "avx2"
+#define V 8
+#define MR 2 /* 2x4 tiles: 8 accumulators + 4 weight vectors + 1 input in the 16 ymm registers, no spills */
+#define R 4
+typedef __m256 vf;
+static inline __m256i lanes(int64_t n) { /* the first min(n, 8) lanes set */
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n < V ? n : V)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+static inline vf vzero(void) { return _mm256_setzero_ps(); }
+static inline vf vset1(float f) { return _mm256_set1_ps(f); }
+static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline float vsum(vf v) { /* fixed order: the two halves, then pairs, then the last two */
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+static inline vf vload(const float *p) { return _mm256_loadu_ps(p); }
+static inline vf vload_n(const float *p, int64_t n) { return n >= V ? vload(p) : _mm256_maskload_ps(p, lanes(n)); }
+static inline void vstore_n(float *p, vf v, int64_t n) {
+    if (n >= V) _mm256_storeu_ps(p, v);
+    else _mm256_maskstore_ps(p, lanes(n), v);
+}
+static inline vf vload_bf(const uint16_t *p) { /* 8 bf16 widened to fp32 in registers: a 16-bit shift, exact */
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+static inline vf vload_bf_n(const uint16_t *p, int64_t n) {
+    if (n >= V) return vload_bf(p);
+    uint16_t part[V] = {0};
+    memcpy(part, p, sizeof(uint16_t) * (size_t)n);
+    return vload_bf(part);
+}
+/* bf16 GEMVs: 8 weights widened, times 8 fp32 inputs (not rounded), by FMA: no bf16 units needed */
+#define BF16_ROUNDS_X 0
+typedef float bfx_t;
+#define BF_STEP V
+#define BF_LW vload_bf
+#define BF_LW_N vload_bf_n
+#define BF_LX vload
+#define BF_LX_N vload_n
+#define BF_MAC(acc, w, x) vfma(w, x, acc)
+
+#elif defined(TUNELAB_ISA_GENERIC)
+/* GCC/Clang vector extensions: the compiler lowers them to what the CPU has (NEON, SSE, ...) */
+#define ISA "generic"
+#define V 8
+#define MR 2
+#define R 4
+typedef float vf __attribute__((vector_size(32)));
+typedef uint32_t vu __attribute__((vector_size(32)));
+typedef uint16_t vh __attribute__((vector_size(16)));
+static inline vf vzero(void) { return (vf){0, 0, 0, 0, 0, 0, 0, 0}; }
+static inline vf vset1(float f) { return (vf){f, f, f, f, f, f, f, f}; }
+static inline vf vmul(vf a, vf b) { return a * b; }
+static inline vf vfma(vf a, vf b, vf c) { return a * b + c; } /* -ffp-contract=off: never fused */
+static inline float vsum(vf v) {
+    float s = v[0];
+    for (int i = 1; i < V; i++) s += v[i];
+    return s;
+}
+static inline vf vload(const float *p) {
+    vf v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline vf vload_n(const float *p, int64_t n) {
+    if (n >= V) return vload(p);
+    vf v = vzero();
+    memcpy(&v, p, sizeof(float) * (size_t)n);
+    return v;
+}
+static inline void vstore_n(float *p, vf v, int64_t n) { memcpy(p, &v, sizeof(float) * (size_t)(n < V ? n : V)); }
+static inline vf vload_bf(const uint16_t *p) {
+    vh h;
+    memcpy(&h, p, sizeof h);
+    const vu u = __builtin_convertvector(h, vu) << 16;
+    vf v;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+static inline vf vload_bf_n(const uint16_t *p, int64_t n) {
+    if (n >= V) return vload_bf(p);
+    uint16_t part[V] = {0};
+    memcpy(part, p, sizeof(uint16_t) * (size_t)n);
+    return vload_bf(part);
+}
+#define BF16_ROUNDS_X 0
+typedef float bfx_t;
+#define BF_STEP V
+#define BF_LW vload_bf
+#define BF_LW_N vload_bf_n
+#define BF_LX vload
+#define BF_LX_N vload_n
+#define BF_MAC(acc, w, x) vfma(w, x, acc)
+
+#else
+#error "define one of TUNELAB_ISA_AVX512, TUNELAB_ISA_AVX2, TUNELAB_ISA_GENERIC (tunelab.native does)"
+#endif
+
+/* the build's ISA, as tunelab.native.isa() reports it */
+const char *tunelab_isa(void) { return ISA; }
+
+/* the first min(n, V) values at p[i..] (fp32 or bf16), widened to fp32; the other lanes zero */
+static inline vf load_any_n(const void *p, int64_t i, int bf16, int64_t n) {
+    return bf16 ? vload_bf_n((const uint16_t *)p + i, n) : vload_n((const float *)p + i, n);
+}
+
+/* The dot products of one tile: MRV rows of x (stride K) against NRV weight rows at ``w`` (stride K), into y.
+ * Every (m, n) gets the same sequence whatever the tile shape, M or the thread: acc = 0; for each chunk of STEP
+ * inputs, acc = MAC(acc, w, x); the last chunk zero-padded; then one horizontal sum (vsum, a fixed order). */
+#define TILE(NAME, MRV, NRV, TW, TX, STEP, LW, LW_N, LX, LX_N, MAC)                                           \
+static inline void NAME(const TW *w, const TX *x, int64_t K, float *y, int64_t ldy, int add) {                 \
+    vf acc[MRV][NRV];                                                                                          \
+    for (int i = 0; i < MRV; i++)                                                                              \
+        for (int r = 0; r < NRV; r++) acc[i][r] = vzero();                                                     \
+    int64_t k = 0;                                                                                             \
+    for (; k + STEP <= K; k += STEP) {                                                                         \
+        vf wv[NRV];                                                                                            \
+        for (int r = 0; r < NRV; r++) wv[r] = LW(w + r * K + k);                                               \
+        for (int i = 0; i < MRV; i++) {                                                                        \
+            const vf xv = LX(x + i * K + k);                                                                   \
+            for (int r = 0; r < NRV; r++) acc[i][r] = MAC(acc[i][r], wv[r], xv);                               \
+        }                                                                                                      \
+    }                                                                                                          \
+    if (k < K) {                                                                                               \
+        vf wv[NRV];                                                                                            \
+        for (int r = 0; r < NRV; r++) wv[r] = LW_N(w + r * K + k, K - k);                                      \
+        for (int i = 0; i < MRV; i++) {                                                                        \
+            const vf xv = LX_N(x + i * K + k, K - k);                                                          \
+            for (int r = 0; r < NRV; r++) acc[i][r] = MAC(acc[i][r], wv[r], xv);                               \
+        }                                                                                                      \
+    }                                                                                                          \
+    for (int i = 0; i < MRV; i++)                                                                              \
+        for (int r = 0; r < NRV; r++) {                                                                        \
+            const float s = vsum(acc[i][r]);                                                                   \
+            float *out = y + i * ldy + r;                                                                      \
+            *out = add ? *out + s : s;                                                                         \
+        }                                                                                                      \
+}
+
+#define F32_MAC(acc, w, x) vfma(w, x, acc)
+TILE(f32_tile, MR, R, float, float, V, vload, vload_n, vload, vload_n, F32_MAC)
+TILE(f32_row, 1, R, float, float, V, vload, vload_n, vload, vload_n, F32_MAC)
+TILE(f32_col, MR, 1, float, float, V, vload, vload_n, vload, vload_n, F32_MAC)
+TILE(f32_one, 1, 1, float, float, V, vload, vload_n, vload, vload_n, F32_MAC)
+TILE(bf_tile, MR, R, uint16_t, bfx_t, BF_STEP, BF_LW, BF_LW_N, BF_LX, BF_LX_N, BF_MAC)
+TILE(bf_row, 1, R, uint16_t, bfx_t, BF_STEP, BF_LW, BF_LW_N, BF_LX, BF_LX_N, BF_MAC)
+TILE(bf_col, MR, 1, uint16_t, bfx_t, BF_STEP, BF_LW, BF_LW_N, BF_LX, BF_LX_N, BF_MAC)
+TILE(bf_one, 1, 1, uint16_t, bfx_t, BF_STEP, BF_LW, BF_LW_N, BF_LX, BF_LX_N, BF_MAC)
 
 static inline float bf2f(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -65,82 +272,17 @@ static inline float at(const void *p, int64_t i, int bf16) {
     return bf16 ? bf2f(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
-static inline __m512 widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
-
-/* 16 values from p[i..] (fewer with ``mk``), widened to fp32 */
-static inline __m512 load16(const void *p, int64_t i, int bf16, __mmask16 mk) {
-    if (bf16) return widen(_mm256_maskz_loadu_epi16(mk, (const uint16_t *)p + i));
-    return _mm512_maskz_loadu_ps(mk, (const float *)p + i);
-}
-
-static inline __mmask16 tail(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1u); }
-
-#define MR 4 /* batch rows per tile: a tile reads each weight chunk once for MR rows */
-/* The dot products of one tile: MRV rows of x (stride K) against NRV weight rows at ``w`` (stride K), into y.
- * Every (m, n) gets the same sequence whatever the tile shape, M or the thread: acc = 0; for each chunk of
- * 16 (fp32) or 32 (bf16) inputs, acc = fma(w, x, acc) (bf16: vdpbf16ps, pairs summed in hardware; x rounded
- * to bf16 first, as oneDNN's bf16 kernels do); the last chunk masked; then one horizontal sum. */
-#define TILE(NAME, MRV, NRV, T, STEP, LOAD, LOAD_M, MASK_T, MASK_OF, MAC)                                      \
-static inline void NAME(const T *w, const T *x, int64_t K, float *y, int64_t ldy, int add) {                  \
-    __m512 acc[MRV][NRV];                                                                                      \
-    for (int i = 0; i < MRV; i++)                                                                              \
-        for (int r = 0; r < NRV; r++) acc[i][r] = _mm512_setzero_ps();                                         \
-    int64_t k = 0;                                                                                             \
-    for (; k + STEP <= K; k += STEP) {                                                                         \
-        __m512 wv[NRV];                                                                                        \
-        for (int r = 0; r < NRV; r++) wv[r] = LOAD(w + r * K + k);                                             \
-        for (int i = 0; i < MRV; i++) {                                                                        \
-            const __m512 xv = LOAD(x + i * K + k);                                                             \
-            for (int r = 0; r < NRV; r++) acc[i][r] = MAC(acc[i][r], wv[r], xv);                               \
-        }                                                                                                      \
-    }                                                                                                          \
-    if (k < K) {                                                                                               \
-        const MASK_T mk = MASK_OF(K - k);                                                                      \
-        __m512 wv[NRV];                                                                                        \
-        for (int r = 0; r < NRV; r++) wv[r] = LOAD_M(mk, w + r * K + k);                                      \
-        for (int i = 0; i < MRV; i++) {                                                                        \
-            const __m512 xv = LOAD_M(mk, x + i * K + k);                                                       \
-            for (int r = 0; r < NRV; r++) acc[i][r] = MAC(acc[i][r], wv[r], xv);                               \
-        }                                                                                                      \
-    }                                                                                                          \
-    for (int i = 0; i < MRV; i++)                                                                              \
-        for (int r = 0; r < NRV; r++) {                                                                        \
-            const float s = _mm512_reduce_add_ps(acc[i][r]);                                                   \
-            float *out = y + i * ldy + r;                                                                      \
-            *out = add ? *out + s : s;                                                                         \
-        }                                                                                                      \
-}
-
-#define F32_MAC(acc, w, x) _mm512_fmadd_ps(w, x, acc)
-#define F32_MASK_OF(n) tail(n)
-TILE(f32_4x4, MR, R, float, 16, _mm512_loadu_ps, _mm512_maskz_loadu_ps, __mmask16, F32_MASK_OF, F32_MAC)
-TILE(f32_1x4, 1, R, float, 16, _mm512_loadu_ps, _mm512_maskz_loadu_ps, __mmask16, F32_MASK_OF, F32_MAC)
-TILE(f32_4x1, MR, 1, float, 16, _mm512_loadu_ps, _mm512_maskz_loadu_ps, __mmask16, F32_MASK_OF, F32_MAC)
-TILE(f32_1x1, 1, 1, float, 16, _mm512_loadu_ps, _mm512_maskz_loadu_ps, __mmask16, F32_MASK_OF, F32_MAC)
-
-static inline __mmask32 tail32(int64_t n) { return n >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << n) - 1u); }
-#define BF_LOAD(p) _mm512_castsi512_ps(_mm512_loadu_si512(p))
-#define BF_LOAD_M(mk, p) _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(mk, p))
-#ifdef __AVX512BF16__
-#define BF_MAC(acc, w, x) _mm512_dpbf16_ps(acc, (__m512bh)_mm512_castps_si512(w), (__m512bh)_mm512_castps_si512(x))
-#else /* the same pairs, widened exactly and multiplied in fp32 (no AVX512-BF16 on this CPU) */
-static inline __m512 bf_mac(__m512 acc, __m512 w, __m512 x) {
-    const __m512i wi = _mm512_castps_si512(w), xi = _mm512_castps_si512(x), hi = _mm512_set1_epi32((int)0xffff0000u);
-    acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(wi, 16)), _mm512_castsi512_ps(_mm512_slli_epi32(xi, 16)), acc);
-    return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(wi, hi)), _mm512_castsi512_ps(_mm512_and_si512(xi, hi)), acc);
-}
-#define BF_MAC(acc, w, x) bf_mac(acc, w, x)
-#endif
-TILE(bf_4x4, MR, R, uint16_t, 32, BF_LOAD, BF_LOAD_M, __mmask32, tail32, BF_MAC)
-TILE(bf_1x4, 1, R, uint16_t, 32, BF_LOAD, BF_LOAD_M, __mmask32, tail32, BF_MAC)
-TILE(bf_4x1, MR, 1, uint16_t, 32, BF_LOAD, BF_LOAD_M, __mmask32, tail32, BF_MAC)
-TILE(bf_1x1, 1, 1, uint16_t, 32, BF_LOAD, BF_LOAD_M, __mmask32, tail32, BF_MAC)
-
 /* y[m, n] (+)= sum_k x[m, k] W[n, k] for m < M, n < N (x (M, K) rows of stride K, fp32, or ``xb`` its bf16
- * rounding for bf16 weights; y rows of stride ldy). Orphaned ``omp for ... nowait``: the caller puts the
- * barrier after the GEMVs it runs together. */
+ * rounding for bf16 weights where the build multiplies bf16 pairs (BF16_ROUNDS_X); y rows of stride ldy).
+ * Orphaned ``omp for ... nowait``: the caller puts the barrier after the GEMVs it runs together. */
 static void gemv(const void *W, int bf16, const float *x, const uint16_t *xb, float *y, int64_t ldy, int64_t M,
                  int64_t N, int64_t K, int add) {
+#if BF16_ROUNDS_X
+    const bfx_t *xw = xb;
+#else
+    const bfx_t *xw = x;
+    (void)xb;
+#endif
     const int64_t blocks = (N + R - 1) / R;
     #pragma omp for schedule(static) nowait
     for (int64_t b = 0; b < blocks; b++) {
@@ -149,24 +291,24 @@ static void gemv(const void *W, int bf16, const float *x, const uint16_t *xb, fl
             int64_t m = 0;
             if (bf16) {
                 const uint16_t *w = (const uint16_t *)W + n0 * K;
-                for (; m + MR <= M; m += MR) bf_4x4(w, xb + m * K, K, y + m * ldy + n0, ldy, add);
-                for (; m < M; m++) bf_1x4(w, xb + m * K, K, y + m * ldy + n0, ldy, add);
+                for (; m + MR <= M; m += MR) bf_tile(w, xw + m * K, K, y + m * ldy + n0, ldy, add);
+                for (; m < M; m++) bf_row(w, xw + m * K, K, y + m * ldy + n0, ldy, add);
             } else {
                 const float *w = (const float *)W + n0 * K;
-                for (; m + MR <= M; m += MR) f32_4x4(w, x + m * K, K, y + m * ldy + n0, ldy, add);
-                for (; m < M; m++) f32_1x4(w, x + m * K, K, y + m * ldy + n0, ldy, add);
+                for (; m + MR <= M; m += MR) f32_tile(w, x + m * K, K, y + m * ldy + n0, ldy, add);
+                for (; m < M; m++) f32_row(w, x + m * K, K, y + m * ldy + n0, ldy, add);
             }
         } else { /* the last, partial block: one weight row at a time (the same per-element sequence) */
             for (int64_t n = n0; n < N; n++) {
                 int64_t m = 0;
                 if (bf16) {
                     const uint16_t *w = (const uint16_t *)W + n * K;
-                    for (; m + MR <= M; m += MR) bf_4x1(w, xb + m * K, K, y + m * ldy + n, ldy, add);
-                    for (; m < M; m++) bf_1x1(w, xb + m * K, K, y + m * ldy + n, ldy, add);
+                    for (; m + MR <= M; m += MR) bf_col(w, xw + m * K, K, y + m * ldy + n, ldy, add);
+                    for (; m < M; m++) bf_one(w, xw + m * K, K, y + m * ldy + n, ldy, add);
                 } else {
                     const float *w = (const float *)W + n * K;
-                    for (; m + MR <= M; m += MR) f32_4x1(w, x + m * K, K, y + m * ldy + n, ldy, add);
-                    for (; m < M; m++) f32_1x1(w, x + m * K, K, y + m * ldy + n, ldy, add);
+                    for (; m + MR <= M; m += MR) f32_col(w, x + m * K, K, y + m * ldy + n, ldy, add);
+                    for (; m < M; m++) f32_one(w, x + m * K, K, y + m * ldy + n, ldy, add);
                 }
             }
         }
@@ -185,12 +327,12 @@ static void rms_norm(const float *x, const void *w, int bf16, float *out, int64_
     #pragma omp for schedule(static)
     for (int64_t m = 0; m < M; m++) {
         const float *xm = x + m * C;
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t c = 0; c < C; c += 16) {
-            const __m512 v = _mm512_maskz_loadu_ps(tail(C - c), xm + c);
-            acc = _mm512_fmadd_ps(v, v, acc);
+        vf acc = vzero();
+        for (int64_t c = 0; c < C; c += V) {
+            const vf v = vload_n(xm + c, C - c);
+            acc = vfma(v, v, acc);
         }
-        const float inv = 1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)C + (float)eps);
+        const float inv = 1.0f / sqrtf(vsum(acc) / (float)C + (float)eps);
         for (int64_t c = 0; c < C; c++) out[m * C + c] = at(w, c, bf16) * (xm[c] * inv);
     }
 }
@@ -214,12 +356,10 @@ static void attend(const float *q, const void *keys, const void *values, const u
         if (mask[j]) pos[used++] = j;
     float top = -INFINITY;
     for (int64_t i = 0; i < used; i++) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t d = 0; d < D; d += 16) {
-            const __mmask16 mk = tail(D - d);
-            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q + d), load16(keys, pos[i] * D + d, bf16, mk), acc);
-        }
-        score[i] = _mm512_reduce_add_ps(acc) * scale;
+        vf acc = vzero();
+        for (int64_t d = 0; d < D; d += V)
+            acc = vfma(vload_n(q + d, D - d), load_any_n(keys, pos[i] * D + d, bf16, D - d), acc);
+        score[i] = vsum(acc) * scale;
         if (score[i] > top) top = score[i];
     }
     float total = 0.0f;
@@ -227,12 +367,11 @@ static void attend(const float *q, const void *keys, const void *values, const u
         score[i] = expf(score[i] - top);
         total += score[i];
     }
-    for (int64_t d = 0; d < D; d += 16) {
-        const __mmask16 mk = tail(D - d);
-        __m512 acc = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += V) {
+        vf acc = vzero();
         for (int64_t i = 0; i < used; i++)
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(score[i]), load16(values, pos[i] * D + d, bf16, mk), acc);
-        _mm512_mask_storeu_ps(out + d, mk, _mm512_mul_ps(acc, _mm512_set1_ps(1.0f / total)));
+            acc = vfma(vset1(score[i]), load_any_n(values, pos[i] * D + d, bf16, D - d), acc);
+        vstore_n(out + d, vmul(acc, vset1(1.0f / total)), D - d);
     }
 }
 
@@ -261,7 +400,7 @@ static void phase(const Step *s, int64_t p, int t, int64_t *pos, float *score, u
     if (l == s->layers) {
         add_rows(s->x, s->y, B * C);
         rms_norm(s->x, s->norm, bf16, s->h, B, C, s->eps);
-        if (bf16) to_bf16(s->h, xb, B, C);
+        if (bf16 && BF16_ROUNDS_X) to_bf16(s->h, xb, B, C);
         gemv(s->head, bf16, s->h, xb, s->logits, s->vocab, B, s->vocab, C, 0);
         #pragma omp barrier
         return;
@@ -276,7 +415,7 @@ static void phase(const Step *s, int64_t p, int t, int64_t *pos, float *score, u
             add_rows(s->x, s->y, B * C);
         }
         rms_norm(s->x, s->norm_in[l], bf16, s->h, B, C, s->eps);
-        if (bf16) to_bf16(s->h, xb, B, C);
+        if (bf16 && BF16_ROUNDS_X) to_bf16(s->h, xb, B, C);
         gemv(s->wq[l], bf16, s->h, xb, s->qkv, QKV, B, H * D, C, 0);
         gemv(s->wk[l], bf16, s->h, xb, s->qkv + H * D, QKV, B, KV * D, C, 0);
         gemv(s->wv[l], bf16, s->h, xb, s->qkv + (H + KV) * D, QKV, B, KV * D, C, 0);
@@ -301,21 +440,21 @@ static void phase(const Step *s, int64_t p, int t, int64_t *pos, float *score, u
             attend(query, (const char *)s->keys[l] + base * size, (const char *)s->values[l] + base * size,
                    s->mask + m * n, n, D, bf16, pos + t * n, score + t * n, s->att + m * H * D + head * D);
         }
-        if (bf16) to_bf16(s->att, xb, B, H * D);
+        if (bf16 && BF16_ROUNDS_X) to_bf16(s->att, xb, B, H * D);
         gemv(s->wo[l], bf16, s->att, xb, s->y, C, B, C, H * D, 0);
         break;
     }
     case 2:
         add_rows(s->x, s->y, B * C);
         rms_norm(s->x, s->norm_post[l], bf16, s->h, B, C, s->eps);
-        if (bf16) to_bf16(s->h, xb, B, C);
+        if (bf16 && BF16_ROUNDS_X) to_bf16(s->h, xb, B, C);
         gemv(s->wgate[l], bf16, s->h, xb, s->gate, I, B, I, C, 0);
         gemv(s->wup[l], bf16, s->h, xb, s->up, I, B, I, C, 0);
         break;
     default:
         #pragma omp for schedule(static)
         for (int64_t i = 0; i < B * I; i++) s->gate[i] = s->gate[i] / (1.0f + expf(-s->gate[i])) * s->up[i];
-        if (bf16) to_bf16(s->gate, xb, B, I);
+        if (bf16 && BF16_ROUNDS_X) to_bf16(s->gate, xb, B, I);
         gemv(s->wdown[l], bf16, s->gate, xb, s->y, C, B, C, I, 0);
         break;
     }
