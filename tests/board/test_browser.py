@@ -181,3 +181,45 @@ def test_playground_answers_side_by_side(page):
 
 def test_no_request_left_loopback(page):
     assert page.outside == []  # type: ignore[attr-defined]
+
+
+HEADER_SPLITS = """(sel) => {
+  const split = [];
+  for (const cell of document.querySelectorAll(`${sel} .header-cell`)) {
+    const walker = document.createTreeWalker(cell, NodeFilter.SHOW_TEXT);
+    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+      for (const m of node.textContent.matchAll(/\\S+/g)) {
+        const range = document.createRange();
+        range.setStart(node, m.index);
+        range.setEnd(node, m.index + m[0].length);
+        const lines = new Set(Array.from(range.getClientRects()).filter(r => r.width > 0).map(r => Math.round(r.top)));
+        if (lines.size > 1) split.push(m[0]);
+      }
+    }
+  }
+  return split;
+}"""
+
+
+def test_table_headers_wrap_between_words_only(runs, page):
+    """At a narrow width, no header word of the Results tables is split across lines (Gradio's wrapped
+    cells break anywhere: "trainab|le_params"). A board over conftest's hand-written store, in a new tab
+    of the module's browser."""
+    from tunelab.board.app import serve
+    from tunelab.serve.local import free_port
+
+    port = free_port()
+    demo = serve(runs, port=port, block=False)
+    tab = page.context.browser.new_page(viewport={"width": 640, "height": 900})
+    try:
+        tab.goto(f"http://127.0.0.1:{port}/")
+        sync_api.expect(tab.locator("#results-quality")).to_contain_text("zero_shot", timeout=60_000)
+        tab.get_by_text("claims: every group measured").click()
+        sync_api.expect(tab.locator("#results-claims-detail .header-cell").first).to_be_visible(timeout=60_000)
+        time.sleep(1)  # column widths settle after the data arrives
+        for table in ("#results-quality", "#results-claims", "#results-claims-detail"):
+            assert tab.locator(f"{table} .header-cell").count() >= 3
+            assert tab.evaluate(HEADER_SPLITS, table) == [], table
+    finally:
+        tab.close()
+        demo.close()

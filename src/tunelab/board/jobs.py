@@ -24,7 +24,7 @@ import pandas as pd
 import psutil
 import yaml
 
-from tunelab.board import forms
+from tunelab.board import confine, forms
 from tunelab.board.stores import BOARD_DIR
 from tunelab.compare import STORE_NAME
 from tunelab.errors import TunelabError
@@ -61,16 +61,21 @@ def jobs_dir(runs: str | Path) -> Path:
     return Path(runs) / BOARD_DIR / "jobs"
 
 
-def start_job(runs: str | Path, raw: dict[str, Any], name: str, workers: int = 1, cwd: str | Path | None = None) -> Job:
-    """Save ``raw`` (a resolved run or grid mapping) and start it under ``RUNS/name``; returns the job."""
+def start_job(runs: str | Path, raw: dict[str, Any], name: str, workers: int = 1, cwd: str | Path | None = None,
+              allow_remote_code: bool = False) -> Job:
+    """Save ``raw`` (a resolved run or grid mapping) and start it under ``RUNS/name``; returns the job.
+
+    Refused (``confine.Refused``, nothing saved or started) when ``raw`` names a path outside ``runs`` or,
+    unless ``allow_remote_code``, sets a flag that runs a model directory's code."""
+    confine.check_launch(runs, raw, allow_remote_code)
     kind = forms.kind_of(raw)
     safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip(".-") or "job"
+    out = confine.child(runs, safe, "name")  # refuses a symlink leading out of the runs folder
     job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{safe}-{uuid.uuid4().hex[:4]}"
-    home = jobs_dir(runs) / job_id
+    home = confine.inside(runs, jobs_dir(runs), "jobs folder") / job_id
     home.mkdir(parents=True)
     config = home / "config.yaml"
     atomic_write_text(config, yaml.safe_dump(raw, sort_keys=False))
-    out = (Path(runs) / safe).resolve()
     cells = _cells(config, out) if kind == "grid" else [{"key": "", "method": _method(raw), "task": "",
                                                        "seed": (raw.get("train") or {}).get("seed", 0),
                                                        "steps": (raw.get("train") or {}).get("steps", 100)}]
@@ -94,8 +99,9 @@ def _method(raw: dict[str, Any]) -> str:
 
 
 def _env() -> dict[str, str]:
-    """This environment, with this tunelab importable and output unbuffered (the log tail is live)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", GRADIO_ANALYTICS_ENABLED="False")
+    """This environment, with this tunelab importable and output unbuffered (the log tail is live); the
+    working directory is not put on ``sys.path``, so no file there is imported in place of a module."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONSAFEPATH="1")
     source = str(Path(__file__).resolve().parents[2])  # the directory holding the tunelab package
     env["PYTHONPATH"] = os.pathsep.join(p for p in (source, env.get("PYTHONPATH")) if p)
     return env
@@ -112,13 +118,16 @@ def _cells(config: Path, out: Path) -> list[dict[str, Any]]:
 
 def list_jobs(runs: str | Path) -> list[Job]:
     """Jobs recorded under the runs folder, newest first."""
-    root = jobs_dir(runs)
+    root, top = jobs_dir(runs), Path(runs).resolve()
     jobs = []
     for path in sorted(root.glob("*/job.json"), reverse=True) if root.is_dir() else []:
         try:
-            jobs.append(Job(**json.loads(path.read_text())))
+            job = Job(**json.loads(path.read_text()))
         except (json.JSONDecodeError, TypeError):
             continue
+        # a job.json pointing elsewhere (edited by hand) is not followed: its log and outputs stay unread
+        if job.home.resolve() == path.parent.resolve() and Path(job.out).resolve().is_relative_to(top):
+            jobs.append(job)
     return jobs
 
 

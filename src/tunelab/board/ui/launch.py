@@ -8,7 +8,7 @@ import gradio as gr
 import pandas as pd
 import yaml
 
-from tunelab.board import forms, jobs
+from tunelab.board import confine, forms, jobs
 from tunelab.board.stores import BOARD_DIR
 from tunelab.errors import TunelabError
 from tunelab.paths import atomic_write_text
@@ -23,16 +23,31 @@ def _saved_dir(runs: Path) -> Path:
     return runs / BOARD_DIR / "configs"
 
 
+def _saved_path(runs: Path, name: str) -> Path:
+    """``RUNS/.board/configs/NAME`` for a plain name; refused when it would lead out of the runs folder."""
+    folder = confine.inside(runs, _saved_dir(runs), "saved configs folder")
+    return confine.child(folder, name, "name")
+
+
 def _saved(runs: Path) -> list[str]:
     folder = _saved_dir(runs)
-    return sorted(p.name for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    names = sorted(p.name for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    return [n for n in names if _loadable(runs, n)]
+
+
+def _loadable(runs: Path, name: str) -> bool:
+    try:
+        return _saved_path(runs, name).is_file()
+    except TunelabError:  # a symlink leading out of the runs folder: not offered
+        return False
 
 
 def _job_choices(runs: Path) -> list[tuple[str, str]]:
     return [(f"{j.id} · {jobs.status(j)}", j.id) for j in jobs.list_jobs(runs)]
 
 
-def build(runs: Path) -> dict:
+def build(runs: Path, allow_remote_code: bool = False) -> dict:
+    """Build the tab; launches that set a code flag (``confine.CODE_FLAGS``) need ``allow_remote_code``."""
     specs = forms.form_fields()
     choices = forms.templates()
     first = next(iter(choices))
@@ -52,8 +67,12 @@ def build(runs: Path) -> dict:
                     for spec in (s for s in specs if s.path.startswith(section + ".")):
                         label = f"{spec.path}  ({spec.type_name})"
                         elem = "launch-field-" + spec.path.replace(".", "-")
-                        fields[spec.path] = (gr.Checkbox(label=label, elem_id=elem) if spec.kind == "bool"
-                                             else gr.Textbox(label=label, elem_id=elem, max_lines=1))
+                        locked = spec.path in confine.CODE_FLAGS and not allow_remote_code
+                        if locked:
+                            label += f"  (off: the board was started without {confine.REMOTE_CODE_FLAG})"
+                        fields[spec.path] = (gr.Checkbox(label=label, elem_id=elem, interactive=not locked)
+                                             if spec.kind == "bool" else gr.Textbox(label=label, elem_id=elem,
+                                                                                    max_lines=1))
     with gr.Row():
         name = gr.Textbox(label="name (output folder under the runs folder)", elem_id="launch-name", scale=2)
         workers = gr.Number(1, label="workers (grid cells at once)", precision=0, minimum=1, scale=1)
@@ -108,6 +127,10 @@ def build(runs: Path) -> dict:
             data, extra = resolve(text, base, list(values))
         except TunelabError as exc:
             return f"# not valid yet: {exc}"
+        try:
+            confine.check_launch(runs, data, allow_remote_code)
+        except TunelabError as exc:
+            return f"# refused: {exc}"
         config = _saved_dir(runs) / f"{name_value or forms.default_name(data)}.yaml"
         out = runs / (name_value or forms.default_name(data))
         lines = [forms.preview(forms.kind_of(data), config, out, int(workers_value or 1))]
@@ -118,21 +141,25 @@ def build(runs: Path) -> dict:
     def do_save(text: str, base: dict, name_value: str, *values):
         try:
             data, _ = resolve(text, base, list(values))
+            path = _saved_path(runs, f"{name_value or forms.default_name(data)}.yaml")
+            atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
         except TunelabError as exc:
             return f"**not saved**: {exc}", gr.update()
-        path = _saved_dir(runs) / f"{name_value or forms.default_name(data)}.yaml"
-        atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
         return f"saved `{path}`", gr.update(choices=_saved(runs), value=path.name)
 
     def do_load_saved(file: str | None):
         if not file:
             return gr.update()
-        return (_saved_dir(runs) / Path(file).name).read_text()
+        try:
+            return _saved_path(runs, file).read_text()
+        except (TunelabError, OSError) as exc:
+            raise gr.Error(f"not loaded: {exc}") from None
 
     def do_start(text: str, base: dict, name_value: str, workers_value, *values):
         try:
             data, _ = resolve(text, base, list(values))
-            started = jobs.start_job(runs, data, name_value or forms.default_name(data), int(workers_value or 1))
+            started = jobs.start_job(runs, data, name_value or forms.default_name(data), int(workers_value or 1),
+                                     allow_remote_code=allow_remote_code)
         except TunelabError as exc:
             return f"**not started**: {exc}", gr.update()
         return (f"started `{started.id}` (pid {started.pid}) writing `{started.out}`",
@@ -170,13 +197,13 @@ def build(runs: Path) -> dict:
     filled = [*field_list, name, baseline]
     template.input(lambda key: choices[key], [template], [editor]).then(  # type: ignore[attr-defined]
         reset, [editor], filled).then(show_preview, form_inputs, [preview])
-    load_saved.click(do_load_saved, [saved], [editor]).then(reset, [editor], filled).then(
+    load_saved.click(do_load_saved, [saved], [editor], api_name="load_saved").then(reset, [editor], filled).then(
         show_preview, form_inputs, [preview])
     editor.input(follow, [editor, baseline, name, *field_list], filled).then(show_preview, form_inputs, [preview])
     for control in (name, workers, *field_list):
         control.input(show_preview, form_inputs, [preview])  # type: ignore[attr-defined]
-    save.click(do_save, [editor, baseline, name, *field_list], [message, saved])
-    start.click(do_start, form_inputs, [message, job]).then(watch, [job], [state, cells, loss, tail])
+    save.click(do_save, [editor, baseline, name, *field_list], [message, saved], api_name="save")
+    start.click(do_start, form_inputs, [message, job], api_name="start").then(watch, [job], [state, cells, loss, tail])
     stop.click(do_stop, [job], [message]).then(watch, [job], [state, cells, loss, tail])
     refresh.click(lambda current: gr.update(choices=_job_choices(runs), value=current), [job], [job])
     job.input(watch, [job], [state, cells, loss, tail])

@@ -31,13 +31,17 @@ def build(runs: Path, engine: playground.Playground) -> dict:
     def pick(name: str | None):
         if not name:
             return gr.update(choices=[], value=[]), gr.update()
-        path = runs / name
+        try:
+            path = playground.folder_of(runs, name)
+        except TunelabError as exc:
+            raise gr.Error(str(exc)) from None
         options = [(playground.BASE, playground.BASE)] + [(c.label, c.name) for c in playground.candidates(path)]
         return gr.update(choices=options, value=[]), playground.base_model_of(path) or "smollm2-135m"
 
     def answer(name, model_name, names, instruction_text, input_text, budget):
         try:
-            rows = engine.complete(runs / name, model_name, list(names or []), input_text, instruction_text, budget)
+            folder_path = playground.folder_of(runs, name or "")
+            rows = engine.complete(folder_path, model_name, list(names or []), input_text, instruction_text, budget)
         except TunelabError as exc:
             return f"**error**: {exc}", pd.DataFrame(columns=["adapter", "method", "completion"])
         return f"{len(rows)} answers", pd.DataFrame(rows, columns=["adapter", "method", "completion"])
@@ -46,7 +50,7 @@ def build(runs: Path, engine: playground.Playground) -> dict:
         found = playground.adapter_dirs(runs)
         return gr.update(choices=found, value=current if current in found else next(iter(found), None))
 
-    folder.input(pick, [folder], [chosen, model])
+    folder.input(pick, [folder], [chosen, model], api_name="adapters")
     refresh.click(listed, [folder], [folder]).then(pick, [folder], [chosen, model])
-    send.click(answer, [folder, model, chosen, instruction, text, max_tokens], [message, answers])
+    send.click(answer, [folder, model, chosen, instruction, text, max_tokens], [message, answers], api_name="send")
     return {"on_load": lambda demo: demo.load(listed, [folder], [folder]).then(pick, [folder], [chosen, model])}
