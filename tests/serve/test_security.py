@@ -70,8 +70,10 @@ def test_unknown_and_escaping_names_are_404_and_load_nothing(hostile_root, outsi
 
 def test_pickle_bearing_adapter_is_refused_not_loaded(hostile_root):
     with running(hostile_root) as live, httpx.Client(base_url=live.url, timeout=60) as client:
+        assert "pickled" not in {m["id"] for m in client.get("/v1/models").json()["data"]}
         r = client.post("/v1/completions", json={"model": "pickled", "prompt": "x", "max_tokens": 2})
-        assert r.status_code == 500 and "pickle" in r.json()["error"]["message"]
+        assert r.status_code == 404 and "not served" in r.json()["error"]["message"]
+        assert "pickle" in live.registry.refused()["pickled"]  # the reason is in the server log
         assert live.registry.loaded() == []
         assert client.post("/v1/completions", json={"model": "good", "prompt": "x",
                                                     "max_tokens": 2}).status_code == 200

@@ -10,16 +10,21 @@ tokenized in the handler, then queued on the engine:
   runs after the grace period.
 - ``scheduler="static"``: the older ``serve.batcher.Batcher`` (collect for ``window_ms``, run the batch to
   completion), kept for comparison; its streaming replays the finished completion.
+
+Every error is answered in the declared schema (``ErrorResponse``: ``{"error": {"message", "type", "code"}}``):
+validation and body-decoding errors are 400, unknown routes 404, and an exception no handler expected is
+logged and answered 500 (``AnswerErrors``) on a connection that stays open. Messages never name server paths.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -29,6 +34,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException
 
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.generate import GenerationConfig
@@ -74,11 +80,48 @@ class APIError(Exception):
         self.status, self.message, self.kind = status, message, kind
 
 
-def _error(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": str(status)}}, status_code=status)
+log = logging.getLogger(__name__)
+
+
+def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # a request's lone surrogate, escaped
+    return JSONResponse({"error": {"message": message, "type": kind, "code": str(status)}}, status_code=status,
+                        headers=headers)
+
+
+class AnswerErrors:
+    """ASGI middleware (innermost): an exception no handler expected is logged with its traceback and answered
+    500 in the error schema, instead of reaching uvicorn, which would drop the keep-alive connection."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            log.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
+            if not started:
+                await _error(500, f"internal error ({type(exc).__name__}); the server log has the details",
+                             "server_error")(scope, receive, send)
+        return None
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 500, 503)}
+# with "stream": true the 200 answer is server-sent events; the schema is one event's (as schemathesis and
+# OpenAPI 3.2's itemSchema read it): its data is an OpenAI chunk (JSON), an error (JSON), or the final [DONE]
+STREAMED: dict[int | str, dict[str, Any]] = {**ERRORS, 200: {"content": {"text/event-stream": {"schema": {
+    "type": "object", "required": ["data"], "properties": {"data": {"type": "string"}},
+    "description": "one server-sent event: a JSON chunk per piece of text, then data: [DONE]"}}}}}
 SCHEDULERS = ("continuous", "static")
 
 
@@ -168,6 +211,7 @@ def create_app(registry: AdapterRegistry, limits: ServeLimits | None = None, api
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(registry.names)  # check every adapter now: one log line for each one refused
         yield
         if engine is not None:
             await run_in_threadpool(engine.close, grace_s)
@@ -178,15 +222,18 @@ def create_app(registry: AdapterRegistry, limits: ServeLimits | None = None, api
                   description="Many task adapters over one frozen base model, OpenAI-compatible.")
     app.state.registry, app.state.batcher, app.state.limits = registry, batcher, limits
     app.state.scheduler, app.state.metrics, app.state.grace_s = engine, metrics, grace_s
+    app.add_middleware(AnswerErrors)  # first added: innermost, right around the routes
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
     app.add_middleware(CountRequests, metrics=metrics)
     bearer = HTTPBearer(auto_error=False)
 
     def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
-        if api_key is None:
-            return
-        if credentials is None or not secrets.compare_digest(credentials.credentials.encode(), api_key.encode()):
+        if api_key is not None and (credentials is None or not secrets.compare_digest(
+                credentials.credentials.encode(), api_key.encode())):
             raise APIError(401, "missing or wrong API key: send `Authorization: Bearer <key>`", "authentication_error")
+
+    # without a key the routes take none, and the OpenAPI schema declares none
+    auth = [Depends(authorize)] if api_key is not None else []
 
     @app.exception_handler(APIError)
     async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
@@ -194,8 +241,20 @@ def create_app(registry: AdapterRegistry, limits: ServeLimits | None = None, api
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        where = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
-        return _error(400, f"invalid request: {where}", "invalid_request_error")
+        return _error(400, f"invalid request: {_validation_message(exc.errors())}", "invalid_request_error")
+
+    @app.exception_handler(HTTPException)
+    async def _http(_request: Request, exc: HTTPException) -> JSONResponse:
+        """Starlette's own errors (unknown route, wrong method, a body FastAPI cannot decode) in the schema."""
+        message = str(exc.detail)
+        cause = exc.__cause__
+        if isinstance(cause, UnicodeDecodeError):
+            message = "the request body is not valid UTF-8 JSON"
+        elif isinstance(cause, RecursionError):
+            message = "the request body's JSON is nested too deeply"
+        kind = "not_found_error" if exc.status_code == 404 else (
+            "server_error" if exc.status_code >= 500 else "invalid_request_error")
+        return _error(exc.status_code, message, kind, dict(exc.headers or {}))
 
     @app.get("/health")
     def health() -> dict:
@@ -212,7 +271,7 @@ def create_app(registry: AdapterRegistry, limits: ServeLimits | None = None, api
             metrics.running.set(engine.running())
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models", response_model=ModelList, responses=ERRORS, dependencies=[Depends(authorize)])
+    @app.get("/v1/models", response_model=ModelList, responses=ERRORS, dependencies=auth)
     def models() -> ModelList:
         cards = [ModelCard(id=registry.model_name, method="base")]
         cards += [ModelCard(id=name, method=method) for name, method in registry.methods().items()]
@@ -221,10 +280,11 @@ def create_app(registry: AdapterRegistry, limits: ServeLimits | None = None, api
     async def served_for(name: str) -> Served:
         try:
             return await run_in_threadpool(registry.get, name)
-        except AdapterNotFound as exc:
+        except AdapterNotFound as exc:  # also an adapter that failed its checks (logged once, with the reason)
             raise APIError(404, str(exc), "not_found_error") from None
-        except TunelabError as exc:  # the adapter on disk is broken or unsafe: the server's problem
-            raise APIError(500, f"cannot load adapter {name!r}: {exc}", "server_error") from None
+        except TunelabError:  # the adapter on disk is broken: the server's problem; its message names paths
+            log.exception("cannot load adapter %r", name)
+            raise APIError(500, f"cannot load adapter {name!r}; the server log says why", "server_error") from None
 
     def settings(req: Sampling, max_tokens: int | None) -> GenerationConfig:
         budget = max_tokens or min(limits.default_max_tokens, limits.max_tokens)
@@ -285,7 +345,7 @@ def create_app(registry: AdapterRegistry, limits: ServeLimits | None = None, api
         except BadRequest as exc:
             raise APIError(400, str(exc)) from None
 
-    @app.post("/v1/completions", response_model=Completion, responses=ERRORS, dependencies=[Depends(authorize)])
+    @app.post("/v1/completions", response_model=Completion, responses=STREAMED, dependencies=auth)
     async def completions(req: CompletionRequest, http: Request):
         texts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
         if not 1 <= len(texts) <= limits.max_prompts:
@@ -302,12 +362,12 @@ def create_app(registry: AdapterRegistry, limits: ServeLimits | None = None, api
         return Completion(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=req.model,
                           choices=choices, usage=_usage(prompts, outs))
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS,
-              dependencies=[Depends(authorize)])
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=STREAMED,
+              dependencies=auth)
     async def chat_completions(req: ChatRequest, http: Request):
         cfg = settings(req, req.max_completion_tokens or req.max_tokens)
         served = await served_for(req.model)
-        built = await prompts_of(served, lambda: [chat_prompt(served, tokenizer, req.messages)])
+        built = await prompts_of(served, lambda: [chat_prompt(served, tokenizer, req.messages, req.raw)])
         answer = await complete(served, built, cfg, http, "chat.completion.chunk", req.model, req.stream)
         if req.stream:
             return answer
@@ -316,7 +376,63 @@ def create_app(registry: AdapterRegistry, limits: ServeLimits | None = None, api
         return ChatCompletion(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=req.model,
                               choices=[choice], usage=_usage(prompts, [result]))
 
+    _declare_errors_only(app)
     return app
+
+
+_UNION_TAGS = {"str", "int", "float", "bool", "none"}  # how pydantic names a union's plain variants in a loc
+
+
+def _validation_message(errors: Sequence[Any], most: int = 5) -> str:
+    """pydantic's errors as ``field: problem`` pairs, one per field: a union's variants are not spelled out
+    (``prompt``, not ``prompt.list[function-after[...]]``), and a wrong-type complaint yields to a more specific one.
+
+    >>> _validation_message([{"loc": ("body", "prompt", "str"), "msg": "Input should be a valid string",
+    ...                       "type": "string_type"},
+    ...                      {"loc": ("body", "prompt", "list[function-after[_unicode(), str]]"),
+    ...                       "msg": "List should have at least 1 item", "type": "too_short"}])
+    'body.prompt: List should have at least 1 item'
+    """
+    shown: dict[str, str] = {}
+    for error in sorted(errors, key=lambda e: str(e.get("type", "")).endswith("_type")):
+        where = ".".join(str(p) for p in error.get("loc", ()) if isinstance(p, int)
+                         or (str(p).isidentifier() and p not in _UNION_TAGS))
+        shown.setdefault(where[:100], str(error.get("msg", "")))
+    return "; ".join(f"{where}: {msg}" for where, msg in list(shown.items())[:most])
+
+
+def _exact_integer_bounds(node: Any) -> None:
+    """FastAPI writes every bound as a float (2**63 - 1 as 9.223372036854776e18); give integer fields their
+    bounds as exact integers again, so a client reading the schema sends what the server accepts."""
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+                if isinstance(node.get(key), float) and node[key].is_integer():
+                    node[key] = int(node[key])
+        for value in node.values():
+            _exact_integer_bounds(value)
+    elif isinstance(node, list):
+        for value in node:
+            _exact_integer_bounds(value)
+
+
+def _declare_errors_only(app: FastAPI) -> None:
+    """Drop FastAPI's automatic 422 responses from the OpenAPI schema: validation errors answer 400 here
+    (declared with every route's other errors, ``ERRORS``), so the schema says what the server does."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            _exact_integer_bounds(schema)
+        return app.openapi_schema  # type: ignore[return-value]  # set by generate()
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _static(batcher: Batcher | None) -> Batcher:

@@ -1,10 +1,13 @@
 """Request -> prompt text, through ``tunelab.formatting`` with the adapter's own template, system
-prompt, rewrite and demonstrations, so a served completion sees exactly the text `tunelab eval` would.
+prompt, task instruction and options, rewrite and demonstrations, so a served completion sees exactly
+the text its training and `tunelab eval` did for that input.
 
-- /v1/completions: ``prompt`` is the example's input and ``instruction`` (extension) its instruction;
-  ``raw`` sends the prompt untouched.
-- /v1/chat/completions: one user turn (after an optional system turn) is an example whose
-  instruction is the user's message; longer conversations are rendered by the model's chat template.
+- /v1/completions: ``prompt`` is the example's input; its instruction is the one the adapter's task
+  examples shared (``methods.io.TaskPrompt``, saved by `tunelab run`), unless the request sends
+  ``instruction`` (extension). ``raw`` sends the prompt untouched.
+- /v1/chat/completions: one user turn (after an optional system turn) is an example: its input when
+  the adapter recorded its task's instruction, else (older adapters, the base model) its instruction;
+  longer conversations, and any conversation sent with ``raw``, are rendered by the model's chat template.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from dataclasses import replace
 
 from tunelab.data.example import Example
 from tunelab.errors import TunelabError
-from tunelab.formatting import build_prompt
+from tunelab.formatting import build_prompt, chat_text
+from tunelab.methods.io import TaskPrompt
 from tunelab.serve.registry import Served
 from tunelab.serve.schemas import Message
 
@@ -30,23 +34,38 @@ def example_prompt(served: Served, tokenizer, example: Example, system_prompt: s
     return build_prompt(tokenizer, layout, example)
 
 
+def task_example(served: Served, text: str, instruction: str | None = None) -> Example:
+    """``text`` as the input of an example of ``served``'s task: the instruction and options its training
+    examples shared (``instruction`` replaces the instruction; none recorded: empty)."""
+    task = served.task or TaskPrompt()
+    return Example(id="request", task="serve", instruction=task.instruction if instruction is None else instruction,
+                   input=text, options=task.options)
+
+
 def completion_prompt(served: Served, tokenizer, text: str, instruction: str | None, raw: bool) -> str:
-    """/v1/completions: the input ``text`` (with ``instruction``) laid out by the adapter's template."""
+    """/v1/completions: the input ``text`` laid out as in training (``raw``: untouched)."""
     if raw:
         return text
-    return example_prompt(served, tokenizer, Example(id="request", task="serve", instruction=instruction or "",
-                                                     input=text))
+    return example_prompt(served, tokenizer, task_example(served, text, instruction))
 
 
-def chat_prompt(served: Served, tokenizer, messages: Sequence[Message]) -> str:
+def chat_prompt(served: Served, tokenizer, messages: Sequence[Message], raw: bool = False) -> str:
     """/v1/chat/completions: the conversation as prompt text ending where the assistant's reply starts."""
     if messages[-1].role != "user":
         raise BadRequest("the last message must have role 'user'")
+    if raw:
+        if not getattr(tokenizer, "chat_template", None):
+            raise BadRequest("raw chat needs a chat template, which this model has not; send a raw prompt to "
+                             "/v1/completions instead")
+        return chat_text(tokenizer, [{"role": m.role, "content": m.content} for m in messages],
+                         add_generation_prompt=True)
     system = messages[0].content if messages[0].role == "system" else None
     turns = list(messages[1:] if system is not None else messages)
     if len(turns) == 1:
-        return example_prompt(served, tokenizer, Example(id="request", task="serve", instruction=turns[0].content),
-                              system)
+        content = turns[0].content
+        example = task_example(served, content) if served.task is not None else \
+            Example(id="request", task="serve", instruction=content)
+        return example_prompt(served, tokenizer, example, system)
     if served.layout.template != "chat":
         raise BadRequest(f"model {served.name!r} uses the {served.layout.template} layout, which has one turn; "
                          "send a single user message (plus an optional system message)")

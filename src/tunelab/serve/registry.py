@@ -16,11 +16,18 @@ plain factors (``methods.io.load_low_rank_delta``) and run as rows of the shared
 fine-tuning, full-weight instruction tuning, anything trained on a folded ``init_from``) get a private copy
 of the base model, so they can never leak into other rows; they are capped separately
 (``max_weight_adapters``) because each copy costs a whole model.
+
+Each adapter is checked when it is first seen (``methods.io.check_adapter``: pickles, metadata, options, the
+base model it names, readable weight files, weight sizes against the served model), at start-up for those
+present then. One that fails is left out of ``names()`` (so of ``/v1/models``) and answers 404, and the
+reason is logged once, as one line (a changed directory is checked again). Messages that reach clients
+name the adapter, never a server path.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -31,15 +38,26 @@ import torch
 
 from tunelab.errors import TunelabError
 from tunelab.formatting import PromptLayout
-from tunelab.methods.base import ADAPTER_META, LowRankDelta, MethodConfig, freeze, read_meta
+from tunelab.methods.base import ADAPTER_META, LowRankDelta, MethodConfig, freeze
 from tunelab.methods.icl import FrozenAdapter
-from tunelab.methods.io import load_adapter, load_low_rank_delta, read_checked_meta
+from tunelab.methods.io import TaskPrompt, check_adapter, load_adapter, load_low_rank_delta, read_checked_meta
 from tunelab.paths import safe_child
 from tunelab.serve.lora_rows import LoraSlots
 
+log = logging.getLogger(__name__)
+
 
 class AdapterNotFound(TunelabError):
-    """No adapter of that name in the served directory (HTTP 404)."""
+    """No adapter of that name in the served directory, or one that failed its checks (HTTP 404)."""
+
+
+@dataclass(frozen=True)
+class Checked:
+    """The outcome of ``check_adapter`` for one adapter directory in one state (``stamp``)."""
+
+    stamp: tuple[int, int]  # mtimes of the directory and its metadata: a change means check again
+    method: str | None  # None: refused
+    reason: str = ""  # why it was refused (for the server log: may name server paths)
 
 
 @dataclass
@@ -53,6 +71,7 @@ class Served:
     shares_base: bool = True
     soft: torch.Tensor | None = None  # (n, C) soft prompt of prompt tuning / IPT / P-tuning, kept alone
     lora: LowRankDelta | None = None  # a LoRA row's factors (serve.lora_rows); adapter is then the bare base
+    task: TaskPrompt | None = None  # the instruction (and options) of its task; None: not recorded
 
 
 class AdapterRegistry:
@@ -72,28 +91,41 @@ class AdapterRegistry:
         self.base = Served(model_name, FrozenAdapter(model, "base", MethodConfig()).eval(), "base",
                            PromptLayout().resolved(tokenizer))
         self._loaded: OrderedDict[str, Served] = OrderedDict()
+        self._checked: dict[str, Checked] = {}
         self._lock = threading.RLock()  # one load at a time; lookups of loaded adapters are cheap
         self.loads = 0  # adapters loaded from disk since start (for /health and tests)
 
     def names(self) -> list[str]:
-        """Adapter names available under the root."""
-        found = []
-        for child in sorted(self.root.iterdir()):
-            try:
-                self._path(child.name)
-            except TunelabError:  # not an adapter, or a symlink leading outside the root: not served
-                continue
-            found.append(child.name)
-        return found
+        """Adapter names served from the root (those that passed their checks)."""
+        return list(self.methods())
 
     def methods(self) -> dict[str, str]:
-        """Adapter name -> the method that wrote it (unreadable metadata: left out)."""
+        """Adapter name -> the method that wrote it, for every adapter under the root that passed its checks."""
         out = {}
+        for child in sorted(self.root.iterdir()):
+            try:
+                out[child.name] = self._check(child.name)
+            except TunelabError:  # not an adapter, a symlink leading outside the root, or refused
+                continue
+        return out
+
+    def refused(self) -> dict[str, str]:
+        """Adapter name -> why it is not served (for the server log and tests)."""
+        with self._lock:
+            return {name: c.reason for name, c in self._checked.items() if c.method is None}
+
+    def unbatched(self) -> list[str]:
+        """Adapters that run on a private model copy, in batches of their own: they change weights and are not a
+        low-rank delta the shared batch applies per row (by their capabilities; `tunelab serve` says so at start)."""
+        out = []
         for name in self.names():
             try:
-                out[name] = str(read_meta(self._path(name)).get("method"))
+                method, config, meta = read_checked_meta(self._path(name))
             except TunelabError:
                 continue
+            caps = method.capabilities_for(config)
+            if caps.changes_weights and (not caps.low_rank_delta or meta.get("folded_from")):
+                out.append(name)
         return out
 
     def loaded(self) -> list[str]:
@@ -108,36 +140,74 @@ class AdapterRegistry:
             if name in self._loaded:
                 self._loaded.move_to_end(name)
                 return self._loaded[name]
-            served = self._load(self._path(name), name)
+            self._check(name)
+            try:
+                served = self._load(self._path(name), name)
+            except TunelabError as exc:  # broken in a way the checks could not see: not served from now on
+                self._refuse(name, self._checked[name].stamp, str(exc))
+                raise AdapterNotFound(self._not_served(name)) from None
             self._loaded[name] = served
             self._evict()
             return served
 
     def _path(self, name: str) -> Path:
+        missing = AdapterNotFound(f"no model named {name!r}; GET /v1/models lists them")
         try:
             path = safe_child(self.root, name)
-        except TunelabError:
-            raise AdapterNotFound(f"no adapter named {name!r}") from None
-        if (path / "adapter" / ADAPTER_META).is_file():  # a run directory
-            return path / "adapter"
-        if not (path / ADAPTER_META).is_file():
-            raise AdapterNotFound(f"no adapter named {name!r} in {self.root}; GET /v1/models lists them")
-        return path
+            if (path / "adapter" / ADAPTER_META).is_file():  # a run directory
+                return path / "adapter"
+            if (path / ADAPTER_META).is_file():
+                return path
+        except (TunelabError, OSError, ValueError):  # escapes the root, too long a name, a NUL byte
+            raise missing from None
+        raise missing
+
+    def _check(self, name: str) -> str:
+        """The method of adapter ``name`` once it passed ``check_adapter`` (checked once per state of its
+        directory); AdapterNotFound when there is none, or it failed (the reason logged the first time)."""
+        path = self._path(name)
+        try:
+            stamp = (path.stat().st_mtime_ns, (path / ADAPTER_META).stat().st_mtime_ns)
+        except OSError:
+            raise AdapterNotFound(f"no model named {name!r}; GET /v1/models lists them") from None
+        with self._lock:
+            known = self._checked.get(name)
+            if known is None or known.stamp != stamp:
+                try:
+                    method, _config, _meta = check_adapter(path, self.model, self.model_name)
+                    known = self._checked[name] = Checked(stamp, method.name)
+                except TunelabError as exc:
+                    known = self._refuse(name, stamp, str(exc))
+            if known.method is None:
+                raise AdapterNotFound(self._not_served(name))
+            return known.method
+
+    def _refuse(self, name: str, stamp: tuple[int, int], reason: str) -> Checked:
+        log.warning("not serving adapter %r: %s", name, reason)
+        self._checked[name] = Checked(stamp, None, reason)
+        self._loaded.pop(name, None)
+        return self._checked[name]
+
+    @staticmethod
+    def _not_served(name: str) -> str:
+        return f"model {name!r} is not served: its adapter failed the server's checks (the server log says why)"
 
     def _load(self, path: Path, name: str) -> Served:
-        method, _config, meta = read_checked_meta(path)
+        method, config, meta = read_checked_meta(path)  # load_* below run every check
+        caps = method.capabilities_for(config)  # the generic peft method's depend on its peft_type
         delta = load_low_rank_delta(path, self.tokenizer, base_model=self.model_name)
         if delta is not None:  # a LoRA row on the shared base model
             self.loads += 1
-            return Served(name, self.base.adapter, delta.method.name, delta.layout, lora=delta.delta)
-        shares = not method.capabilities.changes_weights and not meta.get("folded_from")
+            return Served(name, self.base.adapter, delta.method.name, delta.layout, lora=delta.delta,
+                          task=delta.task)
+        shares = not caps.changes_weights and not meta.get("folded_from")
         # weight-changing adapters are patched into a private copy, never into the shared base model
         model = self.model if shares else copy.deepcopy(self.model)
         loaded = load_adapter(path, model, self.tokenizer, base_model=self.model_name)
         adapter = loaded.adapter.eval()
         freeze(adapter)
-        served = Served(name, adapter, method.name, loaded.layout, shares)
-        if shares and method.capabilities.soft_prompt and not method.capabilities.prefix:
+        served = Served(name, adapter, method.name, loaded.layout, shares, task=loaded.task)
+        if shares and caps.soft_prompt and not caps.prefix:
             with torch.no_grad():
                 soft = adapter.soft_prompt(1)  # (1, n, C)
             # keep only the (n, C) tensor: the peft wrapper is dropped, so an adapter costs n*C floats

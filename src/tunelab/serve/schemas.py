@@ -3,29 +3,46 @@
 Fields OpenAI defines but tunelab does not use (``user``, ``logprobs``, ``presence_penalty``, ...) are
 accepted and ignored, so existing clients work unchanged. Two deviations, both documented on the
 fields: ``temperature`` defaults to 0 (greedy, like `tunelab eval`), and ``n`` must be 1.
+
+Request fields are strict: a value of another JSON type than the schema's (``"seed": false``, ``"max_tokens":
+"8"``) is refused, not converted, so the schema says exactly what is accepted. Every string a request sends
+must be valid Unicode: JSON allows a lone surrogate escape (``"\\ud800"``),
+which no tokenizer can encode, so it is refused here as a validation error (HTTP 400).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-MAX_SEED = 2**63 - 1
+SEED_BOUND = 2**63  # seeds are int64: below this (exact as a float too, so the OpenAPI schema states it exactly)
+
+
+def _unicode(text: str) -> str:
+    """``text`` unchanged when it encodes as UTF-8 (no lone surrogates), else a validation error."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("not valid Unicode (a lone surrogate such as \\ud800)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]  # any string a request sends
 
 
 class Sampling(BaseModel):
     """Decoding options shared by both endpoints."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)  # a JSON type the schema does not allow is refused
 
-    model: str = Field(description="an adapter name (GET /v1/models) or the base model's name")
+    model: Text = Field(description="an adapter name (GET /v1/models) or the base model's name")
     max_tokens: int | None = Field(None, ge=1, description="new tokens at most (default 16; capped by the server)")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy (tunelab's default, unlike OpenAI's 1)")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = Field(None, description="up to 4 stop strings, cut from the output")
+    stop: Text | list[Text] | None = Field(None, description="up to 4 stop strings, cut from the output")
     stream: bool = False
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="sampling seed (per batch; see docs)")
+    seed: int | None = Field(None, ge=0, lt=SEED_BOUND, description="sampling seed, 0 to 2**63 - 1 (per batch; see docs)")
     n: int = Field(1, ge=1, le=1, description="completions per prompt; only 1 is supported")
 
     def stop_strings(self) -> tuple[str, ...]:
@@ -34,19 +51,21 @@ class Sampling(BaseModel):
 
 
 class CompletionRequest(Sampling):
-    """/v1/completions. ``prompt`` is the example's input; the adapter's template lays it out as in training."""
+    """/v1/completions. ``prompt`` is the example's input; the adapter's layout (template, system prompt,
+    the task's instruction and options, demonstrations) lays it out as in training."""
 
-    prompt: str | list[str] = Field(description="the input text (or a list of inputs, one choice each)")
-    instruction: str | None = Field(None, description="tunelab extension: the task instruction shown before "
-                                                       "the input, as in the adapter's training data")
-    raw: bool = Field(False, description="tunelab extension: send the prompt as is, without the adapter's template")
+    prompt: Text | Annotated[list[Text], Field(min_length=1)] = Field(
+        description="the input text (or a non-empty list of inputs, one choice each)")
+    instruction: Text | None = Field(None, description="tunelab extension: the task instruction shown before the "
+                                                        "input (default: the one the adapter was trained with)")
+    raw: bool = Field(False, description="tunelab extension: send the prompt as is, without the adapter's layout")
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)  # a JSON type the schema does not allow is refused
 
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class ChatRequest(Sampling):
@@ -54,6 +73,8 @@ class ChatRequest(Sampling):
 
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="newer name of max_tokens")
+    raw: bool = Field(False, description="tunelab extension: render the messages with the model's chat template "
+                                         "only, without the adapter's layout (task instruction, template)")
 
 
 class Usage(BaseModel):
