@@ -153,7 +153,7 @@ def test_resume_with_other_settings_is_refused_naming_them(tmp_path):
         with pytest.raises(CheckpointMismatch, match="cannot resume") as info:
             train(fresh, data, cfg, lr=0.1, pad_id=tok.pad_token_id, checkpoint_dir=tmp_path, resume=True,
                   identity=_identity(**changed))
-        assert key in str(info.value) and "--resume" in str(info.value)
+        assert key in str(info.value) and "--restart" in str(info.value)
     fresh, _, _ = _setup()
     stats = train(fresh, data, cfg, lr=0.1, pad_id=tok.pad_token_id, checkpoint_dir=tmp_path, resume=True,
                   identity=_identity(**{"train.lr": 0.1}))
@@ -268,3 +268,60 @@ def test_resume_is_exact_for_every_trained_method(name, tmp_path):
     expected, got = trained(full), trained(resumed)
     assert stats.resumed_from == 2 and expected.keys() == got.keys()
     assert max((expected[k] - got[k]).abs().max().item() for k in expected) <= 1e-6
+
+
+# ---------------------------------------------------------------- rerunning into the same --out (#29)
+
+class _Crash:
+    """A dev-loss monitor that kills the run at step 3, after the checkpoints of steps 1 and 2."""
+
+    every = 3
+
+    def __call__(self, step: int, dev_loss: float) -> bool:
+        raise RuntimeError("killed")
+
+
+def _rerun_cfg(out, *extra: str):
+    from tunelab.config import build_config
+
+    return build_config(None, ["method.name=prompt_tuning", "method.num_virtual_tokens=4", "model.name=tiny",
+                               "data.task=date_format", "data.max_train=8", "data.max_eval=2", "train.steps=4",
+                               "train.batch_size=2", "train.checkpoint_every=1", "eval.loss=false",
+                               f"out={out}", *extra])
+
+
+def _killed_run(out) -> None:
+    from tunelab.checkpoint import latest_checkpoint
+    from tunelab.run import run
+
+    with pytest.raises(RuntimeError, match="killed"):
+        run(_rerun_cfg(out), progress=False, monitor=_Crash())
+    assert latest_checkpoint(out / "checkpoint").name == "step-00000002"
+
+
+def test_rerun_without_resume_continues_from_a_matching_checkpoint(tmp_path):
+    """It used to start again from step 1 and delete the checkpoint at its first save."""
+    from tunelab.run import run
+
+    _killed_run(tmp_path)
+    result = run(_rerun_cfg(tmp_path), progress=False)
+    assert result["train"]["resumed_from"] == 2 and result["train"]["steps"] == 4
+
+
+def test_rerun_with_other_settings_refuses_naming_them_and_keeps_the_checkpoint(tmp_path):
+    from tunelab.checkpoint import CheckpointMismatch, latest_checkpoint
+    from tunelab.run import run
+
+    _killed_run(tmp_path)
+    with pytest.raises(CheckpointMismatch, match=r"train\.lr.*--restart") as info:
+        run(_rerun_cfg(tmp_path, "train.lr=0.5"), progress=False)
+    assert "\n" not in str(info.value)
+    assert latest_checkpoint(tmp_path / "checkpoint").name == "step-00000002"
+
+
+def test_restart_throws_the_checkpoint_away(tmp_path):
+    from tunelab.run import run
+
+    _killed_run(tmp_path)
+    result = run(_rerun_cfg(tmp_path, "train.lr=0.5", "train.restart=true"), progress=False)
+    assert result["train"]["resumed_from"] is None and len(result["train"]["losses"]) == 4

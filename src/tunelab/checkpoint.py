@@ -163,4 +163,5 @@ def check_identity(meta: dict[str, Any], identity: dict[str, Any], path: Path) -
              for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
     raise CheckpointMismatch(
         f"cannot resume from {path}: it was made with other settings ({'; '.join(diffs) or 'unknown'}). "
-        f"Rerun with the checkpoint's settings, or drop --resume (or use a new --out) to start over")
+        f"Rerun with the checkpoint's settings, or add --restart (train.restart=true) to throw it away and "
+        f"start over, or use a new --out")

@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from tunelab.commands import console as make_console
 from tunelab.errors import TunelabError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Adapt causal language models with many methods and measure what each buys.")
-console = Console()
+console = make_console()
 
 Overrides = Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. train.lr=1e-3 method.k=2")]
 
@@ -24,6 +24,7 @@ Overrides = Annotated[list[str] | None, typer.Argument(help="dotted overrides, e
 RUN_FLAGS = {"method": "method.name", "task": "data.task", "model": "model.name", "steps": "train.steps",
              "seed": "train.seed", "out": "out", "lr": "train.lr", "batch_size": "train.batch_size",
              "max_train": "data.max_train", "max_eval": "data.max_eval", "resume": "train.resume",
+             "restart": "train.restart",
              "trust_remote_code": "model.trust_remote_code", "allow_pickle": "model.allow_pickle",
              "init_from": "method.init_from"}  # flag -> the config key it sets
 
@@ -40,7 +41,10 @@ def run(
     max_train: Annotated[int | None, typer.Option(help="cap on training examples")] = None,
     max_eval: Annotated[int | None, typer.Option(help="cap on evaluation examples")] = None,
     out: Annotated[str | None, typer.Option(help="output directory (result.json, adapter/, predictions)")] = None,
-    resume: Annotated[bool | None, typer.Option("--resume", help="continue from OUT/checkpoint")] = None,
+    resume: Annotated[bool | None, typer.Option("--resume", help="continue from OUT/checkpoint (the default when "
+                                                "it matches this run's settings)")] = None,
+    restart: Annotated[bool | None, typer.Option("--restart", help="throw OUT/checkpoint away and start from "
+                                                 "step 1")] = None,
     trust_remote_code: Annotated[bool | None, typer.Option("--trust-remote-code", help="run the model repo's own code")] = None,
     allow_pickle: Annotated[bool | None, typer.Option("--allow-pickle", help="load pickle-only model weights (can run code)")] = None,
     init_from: Annotated[str | None, typer.Option(help="start from another run's adapter (its --out DIR)")] = None,
@@ -50,14 +54,17 @@ def run(
 ) -> None:
     """Train and evaluate one method on one task; writes OUT/result.json."""
     from tunelab.config import RunConfig, build
-    from tunelab.run import run as run_one
+    from tunelab.prepare import prepare
 
     flags = dict(method=method, task=task, model=model, steps=steps, seed=seed, lr=lr, batch_size=batch_size,
-                 max_train=max_train, max_eval=max_eval, out=out, resume=resume,
+                 max_train=max_train, max_eval=max_eval, out=out, resume=resume, restart=restart,
                  trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, init_from=init_from)
     # defaults < --config < overrides < flags; flag values are set as typed, not re-read as YAML
     cfg = build(RunConfig, config, overrides, {RUN_FLAGS[k]: v for k, v in flags.items()})
-    result = run_one(cfg, progress=not quiet)
+    prepared = prepare(cfg)  # config, method options and data checked before torch loads
+    from tunelab.run import run as run_one
+
+    result = run_one(cfg, progress=not quiet, prepared=prepared)
     if result.get("rank"):  # a non-zero process under accelerate launch: process 0 reports
         return
     print_result(result)
@@ -92,7 +99,7 @@ def ls(what: Annotated[str, typer.Argument(help="models | tasks | methods | all"
 def demo(steps: Annotated[int, typer.Option(help="prompt-tuning steps")] = 60,
          task: Annotated[str, typer.Option()] = "date_format",
          model: Annotated[str, typer.Option()] = "smollm2-135m",
-         out: Annotated[str, typer.Option()] = "runs/demo") -> None:
+         out: Annotated[str, typer.Option(help="output folder (runs/demo is where `make demo` writes its grid)")] = "runs/demo-pt") -> None:
     """Zero-shot prompting vs prompt tuning on a built-in task, side by side."""
     from tunelab.demo import run_demo
 
@@ -103,6 +110,7 @@ from tunelab.commands.board import board_command  # noqa: E402
 from tunelab.commands.compare import compare_command, report_command, size_command  # noqa: E402
 from tunelab.commands.data import app as data_app  # noqa: E402
 from tunelab.commands.eval import eval_command  # noqa: E402  (one module per command group)
+from tunelab.commands.export import export_command  # noqa: E402
 from tunelab.commands.serve import serve_command  # noqa: E402
 
 app.add_typer(data_app, name="data")
@@ -113,6 +121,7 @@ app.command("compare")(compare_command)
 app.command("report")(report_command)
 app.command("size")(size_command)
 app.command("board")(board_command)
+app.command("export")(export_command)
 
 
 def main() -> None:
@@ -123,7 +132,7 @@ def main() -> None:
         console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        console.print("interrupted; rerun with --resume to continue from the last checkpoint")
+        console.print("interrupted; rerun the same command to continue from the last checkpoint")
         sys.exit(130)
 
 

@@ -19,11 +19,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, did_you_mean
 from tunelab.validation import above, at_least, between, check, choice, each_of, finite, matching, satisfying
 
 DEFAULT_METHOD = "prompt_tuning"  # what `tunelab run` trains when no method is named
@@ -90,7 +90,14 @@ class TrainConfig:
     precision: str = choice("tunelab.distributed:PRECISIONS", "auto")  # fp32 | bf16 (autocast) | auto: bf16 where measured faster (tunelab.distributed)
     checkpoint_every: int = at_least(0, 0)  # steps between resumable checkpoints; 0 = only at the end
     log_every: int = at_least(1, 10)
-    resume: bool = False  # continue from OUT/checkpoint if one exists
+    resume: bool = False  # continue from OUT/checkpoint (done anyway when one exists; with this flag, warn if none)
+    restart: bool = False  # throw OUT/checkpoint away and start from step 1 (otherwise a run resumes from it when
+    # it was made with this run's settings, and refuses, naming the settings that differ, when it was not)
+
+    def __post_init__(self) -> None:
+        if self.resume and self.restart:
+            raise ConfigError("train.resume and train.restart: choose one (--resume continues from OUT/checkpoint, "
+                              "--restart throws it away)")
 
 
 @dataclass
@@ -102,6 +109,8 @@ class EvalConfig:
     temperature: float = above(0, 1.0)
     top_p: float = between(0, 1, 1.0, low_open=True)
     loss: bool = True  # teacher-forced loss on the eval rows and as many training rows (the overfitting gap)
+    forgetting: bool = True  # general-text loss with the adapter minus the base model's (tunelab.forgetting)
+    forgetting_probe: str | None = None  # JSONL of general text ('output' / 'text'); None = shared Alpaca, else built-in
     # fp32 | bf16 | auto: prefill and decode each in bf16 where fast (tunelab.precision). fp32 by default: bf16
     # rounding differs with the batch's shape, so on a real model a greedy near-tie can flip between batched and
     # one-by-one output (docs/performance.md); fp32 keeps them equal, and stored cells comparable
@@ -206,6 +215,16 @@ class EvalCommandConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)  # batch size and decoding
     n_resamples: int = at_least(1, 1000)  # bootstrap resamples for the 95% intervals
     out: str | None = None  # write OUT/metrics.json and OUT/predictions.jsonl
+    skip_bad: bool = False  # skip malformed records (counted) instead of stopping, as data.skip_bad in a run
+
+    # `tunelab run`'s spelling of a key this command has (``data.max_eval=10`` means ``max_eval=10`` here)
+    ALIASES: ClassVar[dict[str, str]] = {
+        "data.max_eval": "max_eval", "data.template": "template", "data.system_prompt": "system_prompt",
+        "data.max_length": "max_length", "data.skip_bad": "skip_bad", "model.name": "model",
+        "eval.metrics": "metrics"}
+    # keys of a shared section (EvalConfig) that scoring a data file has no use for
+    UNUSED: ClassVar[dict[str, str]] = {
+        "eval.loss": "tunelab eval scores generations; the teacher-forced loss is measured by tunelab run"}
 
 
 @dataclass
@@ -263,7 +282,8 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
     if unknown:
         section = f"{path}: " if path else ""  # every message starts with the path it is about
         key = where + unknown[0]  # repr: a key with a newline still makes one line
-        raise ConfigError(f"{section}unknown config key {key!r}; valid keys: {', '.join(sorted(names))}")
+        raise ConfigError(f"{section}unknown config key {key!r}{did_you_mean(unknown[0], names)}; "
+                          f"valid keys: {', '.join(sorted(names))}")
     missing = [f.name for f in fields if f.name not in data and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
@@ -271,10 +291,20 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
                           "or with its flag")
     kwargs = {}
     for key, raw in data.items():
+        if isinstance(raw, dict) and raw and not _takes_mapping(hints[key]):  # `model.name=x` where model is a str
+            _not_a_section(cls, f"{where}{key}", next(iter(raw)))
         value = _coerce(hints[key], raw, f"{where}{key}")
         check(cls, key, hints[key], value, raw, f"{where}{key}")
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def _takes_mapping(hint: Any) -> bool:
+    """Whether a field of type ``hint`` can be given as a mapping (a section, a dict, a method spec)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_takes_mapping(a) for a in typing.get_args(hint))
+    return (hint is Any or hint is dict or typing.get_origin(hint) is dict or dataclasses.is_dataclass(hint)
+            or (isinstance(hint, type) and issubclass(hint, MethodConfig)))
 
 
 def _method(value: Any, path: str) -> MethodConfig:
@@ -433,16 +463,72 @@ def build(cls: type, yaml_path: str | Path | None = None, overrides: list[str] |
     """Defaults < ``base`` < YAML file < dotted overrides < ``flags``, validated into dataclass ``cls``.
 
     ``flags`` maps dotted keys to CLI flag values, set as they are (not re-parsed as YAML); a None
-    value is a flag not given.
+    value is a flag not given. A key written as another command spells it (``cls.ALIASES``) is renamed,
+    a key ``cls`` has but does not use (``cls.UNUSED``) is an error, and so is a dotted key under a
+    plain value (``data.max_eval`` where ``data`` is a path): no key is ever dropped in silence.
     """
     data: dict[str, Any] = _deep_copy(base or {})
     if yaml_path:
         data = _merge(data, load_yaml(yaml_path))
     data = _method_as_section(apply_overrides(_method_as_section(data), overrides or []))
+    data = _own_keys(cls, data)
     for key, value in (flags or {}).items():
         if value is not None:
+            _check_not_section(cls, data, key.split("."))
             _set(data, key.split("."), value, f"flag for {key}")
     return from_dict(cls, _method_as_section(data))
+
+
+def _own_keys(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with ``cls.ALIASES`` renamed to ``cls``'s own keys; a key in ``cls.UNUSED`` is an error."""
+    for dotted, reason in getattr(cls, "UNUSED", {}).items():
+        if _pop(data, dotted.split("."), keep=True) is not _ABSENT:
+            raise ConfigError(f"{dotted}: not used here ({reason}); drop it")
+    for dotted, own in getattr(cls, "ALIASES", {}).items():
+        value = _pop(data, dotted.split("."))
+        if value is not _ABSENT:
+            data.setdefault(own, value)
+    return data
+
+
+_ABSENT = object()
+
+
+def _pop(data: dict[str, Any], parts: list[str], keep: bool = False) -> Any:
+    """Remove (or with ``keep``, only look up) a dotted key of nested dicts; ``_ABSENT`` if it is not there.
+    A section left empty is removed with it."""
+    node: Any = data
+    for part in parts[:-1]:
+        node = node.get(part)
+        if not isinstance(node, dict):
+            return _ABSENT
+    if parts[-1] not in node:
+        return _ABSENT
+    if keep:
+        return node[parts[-1]]
+    value = node.pop(parts[-1])
+    if len(parts) > 1 and not node:
+        _pop(data, parts[:-1])
+    return value
+
+
+def _check_not_section(cls: type, data: dict[str, Any], parts: list[str]) -> None:
+    """A flag sets a plain value where the overrides made a section (``data.max_evl=3 --data f.jsonl``):
+    setting it would drop those keys in silence, so name them and the keys that exist instead."""
+    node: Any = data
+    for part in parts:
+        if not isinstance(node, dict) or part not in node:
+            return
+        node = node[part]
+    if isinstance(node, dict) and node:
+        _not_a_section(cls, ".".join(parts), next(iter(node)))
+
+
+def _not_a_section(cls: type, key: str, sub: str) -> None:
+    names = sorted(f.name for f in dataclasses.fields(cls) if f.init)
+    also = did_you_mean(f"{key}.{sub}", getattr(cls, "ALIASES", {}))  # data.max_evl -> data.max_eval
+    raise ConfigError(f"{key}: a value, not a section, so {key + '.' + str(sub)!r} is not a config key{also}; "
+                      f"valid keys: {', '.join(names)}")
 
 
 def _method_as_section(data: dict[str, Any]) -> dict[str, Any]:

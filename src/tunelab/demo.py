@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from rich.console import Console
+from rich.rule import Rule
 from rich.table import Table
 
 from tunelab.config import build_config
@@ -13,7 +14,7 @@ from tunelab.run import run
 
 
 def run_demo(console: Console, task: str = "date_format", model: str = "smollm2-135m", steps: int = 60,
-             out: str = "runs/demo", max_eval: int = 60) -> dict[str, dict]:
+             out: str = "runs/demo-pt", max_eval: int = 60) -> dict[str, dict]:
     """Run both arms and print metrics plus a few predictions; returns {arm: result}."""
     arms = {
         "zero-shot": ["method.name=icl", "method.k=0"],
@@ -21,7 +22,7 @@ def run_demo(console: Console, task: str = "date_format", model: str = "smollm2-
     }
     results = {}
     for arm, extra in arms.items():
-        console.rule(f"[bold]{arm}")
+        console.print(Rule(f"[bold]{arm}"), width=min(console.width, 100))
         slug = arm.replace(" ", "_").replace("-", "_")
         cfg = build_config(None, [f"data.task={task}", f"model.name={model}", f"data.max_eval={max_eval}",
                                   f"out={out}/{slug}", *extra])

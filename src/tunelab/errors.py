@@ -2,6 +2,19 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
+
+def did_you_mean(word: object, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices`` (difflib), or nothing when none is close.
+
+    >>> did_you_mean("prompt_tunning", ["icl", "prompt_tuning"])
+    " (did you mean 'prompt_tuning'?)"
+    """
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
 
 class TunelabError(Exception):
     """A problem the user can fix; the message says how."""

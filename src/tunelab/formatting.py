@@ -19,12 +19,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any
 
 from tunelab.data.example import Example
 from tunelab.errors import ConfigError
+
+if TYPE_CHECKING:  # type hints only: the prompt layout and its checks load without transformers
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
 TEMPLATES = ("auto", "chat", "alpaca", "plain")

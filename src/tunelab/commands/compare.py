@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
+from tunelab.commands import console as make_console
 from tunelab.errors import ConfigError
 
 
@@ -23,16 +23,22 @@ def compare_command(
     backend: Annotated[str, typer.Option(help="where cells run: local (this machine) | ray (a Ray cluster)")] = "local",
     address: Annotated[str | None, typer.Option(help="Ray cluster: auto | HOST:PORT (default: start a local one)")
                        ] = None,
+    until: Annotated[str | None, typer.Option(help="decisive: then add seeds/rows until every quality test "
+                                                   "is decided (grid key `until`)")] = None,
+    budget: Annotated[str | None, typer.Option(help="cell time --until may add, e.g. 3h, 90m (grid key `budget`)")
+                      ] = None,
     overrides: Annotated[list[str] | None, typer.Argument(help="grid overrides, e.g. train.steps=5 seeds=[0]")] = None,
 ) -> None:
     """Run a grid of methods x tasks x seeds x data sizes; finished cells are skipped on a rerun."""
     from tunelab.compare import compare, list_presets, plan, preset_path
 
+    overrides = [*(overrides or []), *([f"until={until}"] if until else []), *([f"budget={budget}"] if budget else [])]
+
     if (preset is None) == (config is None):
         raise ConfigError(f"give exactly one of --preset ({', '.join(list_presets())}) or --config grid.yaml")
     source = preset_path(preset) if preset else config
     assert source is not None  # exactly one of the two, checked above
-    console = Console()
+    console = make_console()
     if dry_run:
         grid, cells = plan(source, overrides or [], out or f"runs/compare-{preset or Path(source).stem}")
         for cell in cells:
@@ -57,25 +63,30 @@ def compare_command(
 
 
 def report_command(
-    store: Annotated[str, typer.Argument(help="results store written by tunelab compare")],
+    store: Annotated[str, typer.Argument(help="the folder `tunelab compare --out` wrote, or its results.sqlite")],
     out: Annotated[str | None, typer.Option(help="directory for report.md / report.html (default: beside STORE)")] = None,
 ) -> None:
     """Write report.md and a self-contained report.html (plots embedded) from a results store."""
-    from tunelab.compare import report_store
+    from tunelab.compare import STORE_NAME, report_store
 
-    md, html = report_store(store, out or Path(store).parent)
-    Console().print(f"report: {md}\n        {html}")
+    path = Path(store) / STORE_NAME if Path(store).is_dir() else Path(store)  # `report runs/demo` as compare --out
+    md, html = report_store(path, out or path.parent)
+    make_console().print(f"report: {md}\n        {html}")
 
 
 def size_command(
-    store: Annotated[str, typer.Argument(help="results store of a pilot grid (tunelab compare)")],
+    store: Annotated[str, typer.Argument(help="results store of a pilot grid (the folder tunelab compare --out "
+                                              "wrote, or its results.sqlite)")],
     margin: Annotated[list[str] | None, typer.Option(help="equivalence margin per metric, e.g. bleu=1.0 (repeat)")] = None,
 ) -> None:
     """How many test rows and seeds each quality claim needs to become decisive at its margin."""
     from rich.table import Table
 
+    from tunelab.compare import STORE_NAME
     from tunelab.compare.sizing import size_claims, sizing_note, sizing_table
     from tunelab.compare.store import open_existing
+
+    store = str(Path(store) / STORE_NAME) if Path(store).is_dir() else store
 
     margins = {}
     for item in margin or []:
@@ -90,7 +101,7 @@ def size_command(
         tags = db.task_tags()
         rows = [{**r.data, "tags": tags.get(r.data["task"], [])} for r in db.rows(status="done")]
         sizings = size_claims(rows, {**db.margins(), **margins})
-    console = Console()
+    console = make_console()
     if not sizings:
         console.print("no quality test in this store (a claim needs cells of both its methods on one task)")
         return

@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+from rich.rule import Rule
 from rich.table import Table
 
+from tunelab.commands import console as make_console
 from tunelab.data.example import Example
 
 app = typer.Typer(no_args_is_help=True, help="Inspect or convert datasets in their native formats.")
-console = Console()
+console = make_console()
 
 Format = Annotated[str | None, typer.Option("--format", help="force a format (default: detected); see `tunelab "
                                             "data formats`")]
@@ -104,11 +105,14 @@ def inspect(
     split: Split = "train", subset: Subset = None, rename: Rename = None,
 ) -> None:
     """Counts per task, a token-length histogram for MODEL's tokenizer, and rendered prompts."""
+    from tunelab.errors import DataError
     from tunelab.formatting import resolve_template
-    from tunelab.models import load_tokenizer
 
     examples, report = _load(path, fmt, mapping, skip_bad, templates, template_name, sni_encoding, tables, split,
                              subset, rename)
+    if not examples:  # as `tunelab eval` on the same file: nothing to inspect is an error, not a report
+        skipped = f" ({len(report.skipped)} malformed records skipped)" if report.skipped else ""
+        raise DataError(f"no examples in this file{skipped}", path=path)
     _print_report(report)
     tasks = Counter(e.task for e in examples)
     table = Table(title=f"{len(tasks)} task(s)")
@@ -124,8 +128,8 @@ def inspect(
              "multi-reference": sum(len(e.references) > 1 for e in examples),
              "no reference": sum(bool(e.meta.get("no_reference")) for e in examples)}
     console.print(", ".join(f"{n} {k}" for k, n in kinds.items() if n) or "single-turn examples")
-    if not examples:
-        return
+    from tunelab.models import load_tokenizer  # transformers: only once there is something to tokenize
+
     tokenizer = load_tokenizer(model)
     resolved = resolve_template(template, tokenizer)
     lengths = token_lengths(examples, tokenizer, resolved)
@@ -139,7 +143,7 @@ def inspect(
     rng = random.Random(0)
     for e in rng.sample(examples, min(show, len(examples))):
         prompt, target = render_example(e, tokenizer, resolved)
-        console.rule(f"{e.id} ({e.task})")
+        console.print(Rule(f"{e.id} ({e.task})"), width=min(console.width, 100))
         console.print(prompt, markup=False, highlight=False)
         console.print(f"[green]{target}[/green]" if not e.messages else f"[dim]{target}[/dim]", highlight=False)
 

@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tunelab.commands import console as make_console
+
 
 def _fmt(value: float, ci: list[float] | None) -> tuple[str, str]:
     return f"{value:.2f}", (f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
@@ -79,9 +81,9 @@ def eval_command(
     """
     from tunelab.config import EvalCommandConfig, build
     from tunelab.progress import bar
-    from tunelab.protocols import run_eval, select_examples
+    from tunelab.protocols import run_eval, select_examples  # torch loads with the model, not before
 
-    console = Console()
+    console = make_console()
     flags = {"data": data, "model": model, "adapter": adapter, "protocol": protocol, "k": k, "tasks_file": tasks_file,
              "seen_from": seen_from, "include_seen": include_seen, "metrics": metrics, "max_eval": max_eval,
              "max_per_task": max_per_task, "eval.batch_size": batch_size, "eval.max_new_tokens": max_new_tokens,

@@ -98,6 +98,9 @@ def serve(cfg: ServeConfig) -> None:
     typer.echo(f"serving {cfg.model} + {len(registry.names())} adapters from {registry.root} on "
                f"http://{cfg.host}:{cfg.port} ({cfg.scheduler} batching"
                + (", API key required)" if cfg.api_key else ")"))
+    if unbatched := registry.unbatched():
+        typer.echo(f"not batched with other adapters (weights changed, not a low-rank delta; a private model copy "
+                   f"each): {', '.join(unbatched)}")
     server = _draining_server_class()(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
                                                      timeout_graceful_shutdown=int(cfg.grace_s) + 5))
     server.engine, server.grace_s = app.state.scheduler, cfg.grace_s

@@ -67,19 +67,28 @@ def quality_by_method(rows: list[dict[str, Any]]) -> bytes | None:
     return _png(fig)
 
 
+def _pareto_points(rows: list[dict[str, Any]], cost: str) -> list[tuple[float, float, str]]:
+    """(mean cost, mean quality, method) per method setting that has the cost."""
+    points = []
+    for (method, _size, _length), cells in _by(rows, "method", "train_size", "prompt_length").items():
+        costs = [c[cost] for c in cells if c[cost] is not None]
+        if costs:
+            points.append((max(mean(costs), 1e-3), mean(c["quality"] for c in cells), method))
+    return points
+
+
 def pareto(rows: list[dict[str, Any]], cost: str) -> bytes | None:
-    """Per task: mean quality against a cost (log scale), the non-dominated methods joined by a line."""
-    tasks = sorted({r["task"] for r in rows})
+    """Per task: mean quality against a cost (log scale), the non-dominated methods joined by a line.
+
+    A task whose methods all share one cost (e.g. 0 trainable parameters: none of them trains) has nothing to
+    trade off and gets no panel; None when no task has one (``pareto_gap`` says why)."""
+    points_of = {t: _pareto_points([r for r in rows if r["task"] == t], cost) for t in sorted({r["task"] for r in rows})}
+    tasks = [t for t, points in points_of.items() if len({x for x, _, _ in points}) > 1]
     if not tasks:
         return None
     fig, axes = _grid(len(tasks))
     for ax, task in zip(axes, tasks, strict=False):
-        points = []
-        for (method, _size, _length), cells in _by([r for r in rows if r["task"] == task], "method", "train_size",
-                                                   "prompt_length").items():
-            costs = [c[cost] for c in cells if c[cost] is not None]
-            if costs:
-                points.append((max(mean(costs), 1e-3), mean(c["quality"] for c in cells), method))
+        points = points_of[task]
         labels: dict[tuple[float, float], list[str]] = defaultdict(list)
         for x, y, label in points:  # methods at the same spot (e.g. untrained ones at 0 s) share one label
             labels[(x, y)].append(label)
@@ -101,10 +110,27 @@ def pareto(rows: list[dict[str, Any]], cost: str) -> bytes | None:
     return _png(fig)
 
 
+def pareto_gap(rows: list[dict[str, Any]], cost: str) -> str:
+    """Why ``pareto(rows, cost)`` drew nothing, in words for the report."""
+    points = [p for t in {r["task"] for r in rows} for p in _pareto_points([r for r in rows if r["task"] == t], cost)]
+    if not points:
+        return f"no cell recorded its {COSTS[cost]}"
+    values = sorted({x for x, _, _ in points})
+    if values == [1e-3] and cost == "trainable_params":
+        return "no plot: every method here has 0 trainable parameters (none of them trains), so there is no trade-off"
+    return f"no plot: within each task every method has the same {COSTS[cost]}, so there is no trade-off to draw"
+
+
+def _swept(rows: list[dict[str, Any]], axis: str) -> bool:
+    """Whether some method of these rows (one task) was run at two or more values of ``axis``."""
+    return any(len({c[axis] for c in cells}) > 1 for cells in _by(rows, "method").values())
+
+
 def sweep(rows: list[dict[str, Any]], axis: str, label: str) -> bytes | None:
-    """Quality against ``axis`` (train_size or prompt_length), mean ± std over seeds, one line per method."""
+    """Quality against ``axis`` (train_size or prompt_length), mean ± std over seeds, one line per method;
+    None when no method of any task was run at two values (a panel would be empty axes)."""
     usable = [r for r in rows if r[axis] is not None]
-    tasks = sorted({r["task"] for r in usable if len({x[axis] for x in usable if x["task"] == r["task"]}) > 1})
+    tasks = sorted({r["task"] for r in usable if _swept([x for x in usable if x["task"] == r["task"]], axis)})
     if not tasks:
         return None
     fig, axes = _grid(len(tasks))

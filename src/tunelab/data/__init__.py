@@ -13,7 +13,7 @@ from tunelab.data.formats.base import LoadReport
 from tunelab.data.jsonl import load_jsonl
 from tunelab.data.mixtures import Source, by_task, mix, parse_source
 from tunelab.data.tasks import TASKS, TRAIN_SIZE
-from tunelab.errors import DataError
+from tunelab.errors import DataError, did_you_mean
 
 EVAL_SIZE = 200
 EVAL_NAMES = ("test", "eval", "dev", "validation")
@@ -116,8 +116,12 @@ def load_task(task: str, train: str | None = None, eval: str | None = None, *, s
     elif path.is_file():
         name = path.parent.name if path.stem in EVAL_NAMES + ("train",) else path.stem
         train_ex, eval_ex = _split_file(load(path), name)
+    elif path.suffix or len(path.parts) > 1:  # a path, not a task name
+        raise DataError(f"file not found: {path}; give a data file or a task directory "
+                        f"(or a built-in task: {', '.join(TASKS)})")
     else:
-        raise DataError(f"unknown task {task!r}: not a built-in task ({', '.join(TASKS)}), file or directory")
+        raise DataError(f"unknown task {task!r}{did_you_mean(task, TASKS)}: not a built-in task "
+                        f"({', '.join(TASKS)}), file or directory")
     data = TaskData(name, train_ex, eval_ex, default_metrics(eval_ex or train_ex), dev)
     return _mixed(data, task_cap, mixture, seed, load, reports)
 
