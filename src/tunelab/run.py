@@ -6,25 +6,22 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from tunelab import distributed, envinfo, tracking
-from tunelab.checkpoint import training_identity
+from tunelab import convergence, distributed, envinfo, forgetting, tracking
+from tunelab.checkpoint import latest_checkpoint, training_identity
 from tunelab.config import ReportConfig, RunConfig, to_dict
-from tunelab.data import TaskData, load_task
 from tunelab.errors import TunelabError
 from tunelab.evaluate import EvalResult, evaluate, reference_nll
 from tunelab.formatting import DemoSelector, PromptLayout, encode_example
-from tunelab.methods import get_method
-from tunelab.methods.base import Adapter, Method, MethodConfig
-from tunelab.methods.io import save_adapter
-from tunelab.metrics import check_names
+from tunelab.methods.base import Adapter
+from tunelab.methods.io import TaskPrompt, save_adapter
 from tunelab.modelcard import CardInfo, equivalent_command, finish_adapter_dir
-from tunelab.models import count_parameters, load_model, portable_name
+from tunelab.models import count_parameters, load_model, portable_name, random_weights
 from tunelab.paths import (
     atomic_directory,
     atomic_write_json,
@@ -32,6 +29,7 @@ from tunelab.paths import (
     check_writable_dir,
     directory_bytes,
 )
+from tunelab.prepare import Prepared, prepare, prepare_task  # noqa: F401  (run.prepare_task: eval, serve)
 from tunelab.progress import bar
 from tunelab.steplog import StepLog
 from tunelab.train import TrainStats, lr_lambda, train
@@ -51,46 +49,13 @@ class DevMonitor(Protocol):
         ...
 
 
-@dataclass
-class Prepared:
-    """Everything validated before the first byte is written or the model is loaded."""
-
-    cfg: RunConfig
-    method: Any
-    method_cfg: Any
-    task: TaskData
-    metrics: tuple[str, ...]
-
-
-def prepare_task(cfg: RunConfig, method: Method, method_cfg: MethodConfig) -> TaskData:
-    """The run's data as its method sees it: loaded with the run's options, then the method's
-    ``prepare_data``, then the caps. Evaluation and serving rebuild demonstrations through this too."""
-    task = load_task(cfg.data.task, cfg.data.train, cfg.data.eval, skip_bad=cfg.data.skip_bad,
-                     task_cap=cfg.data.task_cap, mixture=cfg.data.mixture, seed=cfg.train.seed,
-                     sni_encoding=cfg.data.sni_encoding)
-    task = method.prepare_data(method_cfg, task, cfg.train.seed)  # e.g. instruction tuning holds out tasks
-    if cfg.data.max_train is not None:
-        task.train = task.train[: cfg.data.max_train]
-    if cfg.data.max_eval is not None:
-        task.eval = task.eval[: cfg.data.max_eval]
-    return task
-
-
 def layout_of(cfg: RunConfig, demos: DemoSelector | None = None) -> PromptLayout:
     """The prompt layout a run trains, evaluates and saves with."""
     return PromptLayout(cfg.data.template, cfg.data.system_prompt, demos, cfg.data.max_length)
 
 
-def prepare(cfg: RunConfig) -> Prepared:
-    """Validate config, method options and data; raises TunelabError naming what to fix."""
-    method, method_cfg = get_method(cfg.method_name), cfg.method  # options validated when cfg was built
-    task = prepare_task(cfg, method, method_cfg)
-    metric_names = tuple(cfg.eval.metrics or task.metrics)
-    check_names(metric_names)
-    return Prepared(cfg, method, method_cfg, task, metric_names)
-
-
-def run(cfg: RunConfig, progress: bool = True, monitor: DevMonitor | None = None) -> dict[str, Any]:
+def run(cfg: RunConfig, progress: bool = True, monitor: DevMonitor | None = None,
+        prepared: Prepared | None = None) -> dict[str, Any]:
     """Train (if the method trains) and evaluate one method on one task; write results to ``cfg.out``.
 
     ``OUT/result.json`` is written last, so it exists only for a finished run. A failed run
@@ -104,7 +69,7 @@ def run(cfg: RunConfig, progress: bool = True, monitor: DevMonitor | None = None
     there without evaluating: ``OUT/stopped.json`` (step, dev loss) is written instead of
     ``result.json`` and the returned dict is ``{"stopped": {...}}``.
     """
-    prep = prepare(cfg)
+    prep = prepared or prepare(cfg)  # the CLI prepares first, before torch loads
     if monitor is not None and distributed.world_size() > 1:
         raise TunelabError("a dev-loss monitor (tune.pruner) needs a single-process run; set resources.processes: 1")
     out = check_writable_dir(cfg.out) if cfg.out else None  # fail before hours of training, not after
@@ -153,6 +118,8 @@ def _run(prep: Prepared, out: Path | None, tracker: tracking.Trackers, progress:
     summary = _summary(prep, adapter, stats, result, load_seconds, adapter_bytes, truncated, model)
     if prep.method.trains and cfg.eval.loss:
         summary["generalization"] = _generalization(adapter, tokenizer, prep, layout, eval_examples)
+    if prep.method.trains and cfg.eval.forgetting:
+        summary["forgetting"] = forgetting.measure(adapter, tokenizer, cfg)
     if out:
         atomic_write_text(out / "predictions.jsonl",
                           "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in result.predictions))
@@ -196,8 +163,9 @@ def _train(adapter: Adapter, tokenizer, prep: Prepared, layout: PromptLayout, ou
     dev_rows = [adapter.rewrite(e) for e in prep.task.eval] if monitor is not None else []
     lr = cfg.train.lr if cfg.train.lr is not None else prep.method_cfg.lr
     checkpoint_dir = out / "checkpoint" if out else None
+    resume = _resumes(cfg.train, checkpoint_dir)
     schedule = lr_lambda(cfg.train.warmup_steps, cfg.train.steps, cfg.train.schedule)  # as train() sets it
-    steps = StepLog(out, resume=cfg.train.resume) if out else None  # live loss curve for `tunelab board`
+    steps = StepLog(out, resume=resume) if out else None  # live loss curve for `tunelab board`
     dev_losses: list[tuple[int, float]] = []
 
     def on_step(step: int, loss: float) -> bool:
@@ -218,7 +186,7 @@ def _train(adapter: Adapter, tokenizer, prep: Prepared, layout: PromptLayout, ou
     try:
         with bar(f"training {prep.method.name}", cfg.train.steps, progress) as advance:
             stats = train(adapter, encoded, cfg.train, lr, tokenizer.pad_token_id, checkpoint_dir,
-                          resume=cfg.train.resume, on_step=on_step,
+                          resume=resume, on_step=on_step,
                           identity=training_identity(cfg, prep.method_cfg, lr, encoded))
     finally:
         if steps is not None:
@@ -226,6 +194,17 @@ def _train(adapter: Adapter, tokenizer, prep: Prepared, layout: PromptLayout, ou
     for step, loss in enumerate(stats.losses[: stats.resumed_from or 0], start=1):  # the curve before a resume
         tracker.log_metrics({"train/loss": loss, "train/learning_rate": lr * schedule(step - 1)}, step=step)
     return stats, sum(e.truncated for e in encoded), dev_losses
+
+
+def _resumes(train_cfg: Any, checkpoint_dir: Path | None) -> bool:
+    """Whether training continues from ``checkpoint_dir``: whenever it holds a checkpoint (``train`` refuses one
+    made with other settings and names them), unless ``train.restart`` throws it away first."""
+    if checkpoint_dir is None:
+        return False
+    if train_cfg.restart:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        return False
+    return train_cfg.resume or latest_checkpoint(checkpoint_dir) is not None
 
 
 def _mean_loss(per_example: list[tuple[float, int]]) -> float:
@@ -271,7 +250,9 @@ def _save_adapter(adapter: Adapter, prep: Prepared, layout: PromptLayout, result
     versions = envinfo.versions()
     with atomic_directory(directory) as tmp:
         # the run config, so eval and serve rebuild demonstrations from its data; not where it wrote (`out`)
-        save_adapter(adapter, tmp, base, layout, {k: v for k, v in to_dict(cfg).items() if k != "out"})
+        # and the instruction its examples shared, so a server lays out a bare input as training did
+        save_adapter(adapter, tmp, base, layout, {k: v for k, v in to_dict(cfg).items() if k != "out"},
+                     TaskPrompt.shared_by([*prep.task.train, *prep.task.eval]))
         finish_adapter_dir(tmp, CardInfo(
             base, prep.method.name, prep.task.name, result.metrics, result.ci,
             len(prep.task.train) if prep.method.trains else 0, len(prep.task.eval),
@@ -285,6 +266,8 @@ def _summary(prep: Prepared, adapter: Adapter, stats: TrainStats, result: EvalRe
         "method": prep.method.name,
         "task": prep.task.name,
         "model": prep.cfg.model.name,
+        # false for random-weight models (tiny, random:*): the speed figures hold, the metrics mean nothing
+        "quality_meaningful": not random_weights(prep.cfg.model.name),
         "metrics": result.metrics,
         "metrics_ci": result.ci,  # 95% bootstrap interval per metric (tunelab.stats)
         "n_train": len(prep.task.train) if prep.method.trains else 0,
@@ -296,6 +279,7 @@ def _summary(prep: Prepared, adapter: Adapter, stats: TrainStats, result: EvalRe
                   "parallel": stats.parallel, "seconds": round(stats.seconds, 3), "tokens": stats.tokens,
                   "tokens_per_second": round(stats.tokens / stats.seconds, 2) if stats.seconds else None,
                   "final_loss": stats.final_loss, "losses": stats.losses, "resumed_from": stats.resumed_from,
+                  "convergence": convergence.assess(stats.losses),  # had the loss flattened (None: too few steps)
                   "truncated_examples": truncated, "skipped_bad_records": prep.task.skipped},
         "eval": {"seconds": round(result.seconds, 3), "generated_tokens": result.generated_tokens,
                  "tokens_per_second": round(result.generated_tokens / result.seconds, 2) if result.seconds else None},

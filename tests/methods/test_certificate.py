@@ -35,7 +35,10 @@ OPTIONS = {
     "lora": {"r": 4, "dropout": 0.0},
     "full_finetune": {},
     "instruction_tuning": {"r": 4, "dropout": 0.0},
+    "peft": {"peft_type": "LORA", "options": {"r": 4, "lora_dropout": 0.0}},  # other types: tests/methods/test_peft_method.py
+    "prompt_optimization": {"candidates": 1, "n_dev": 2, "max_demos": 1, "max_new_tokens": 4, "template": "plain"},
 }
+NEEDS = {"prompt_optimization": "dspy"}  # methods whose optional extra must be installed (else skipped)
 # Learning rates for overfitting 8 examples, and the drop (nats over 15 steps) each seeded run clears.
 # A random 16-dim model gives prompts and prefixes little leverage (the measured drops are 0.11-0.18
 # nats), LoRA ~0.35, full weights ~3; each margin is about half of what the seeded run measured.
@@ -47,6 +50,7 @@ OVERFIT = {
     "lora": (0.01, 0.15),
     "full_finetune": (0.01, 1.0),
     "instruction_tuning": (0.01, 0.15),
+    "peft": (0.01, 0.15),
 }
 TEMPLATE = "plain"  # short prompts keep the certificate fast; the layout does not matter for what it checks
 
@@ -85,6 +89,8 @@ def _tiny():
 
 
 def _build(name, examples):
+    if name in NEEDS:
+        pytest.importorskip(NEEDS[name], reason=f"{name} needs the optional {NEEDS[name]} extra")
     model, tok = _tiny()
     method = METHODS[name]
     config = method.Config(**OPTIONS[name])
@@ -161,7 +167,7 @@ def test_loss_falls_when_overfitting_8_examples(name, examples):
 
 def test_exact_trainable_counts_on_the_tiny_model(examples):
     """Closed-form counts (hidden 16, 2 layers, 2 KV heads of dim 4, so K/V width 8)."""
-    counts = {name: _build(name, examples)[2].num_trainable() for name in METHODS}
+    counts = {name: _build(name, examples)[2].num_trainable() for name in METHODS if name not in NEEDS}
     model, _ = load_model("tiny")
     assert counts["icl"] == counts["discrete_prompt"] == 0
     assert counts["prompt_tuning"] == counts["ipt"] == 4 * 16  # n x hidden

@@ -24,7 +24,7 @@ from rich.console import Console
 
 from tunelab import envinfo
 from tunelab.compare import remote
-from tunelab.compare.backends import Backend, Resources, make_backend, resolve, visible_gpus
+from tunelab.compare.backends import Backend, Resources, make_backend, pin, resolve, visible_gpus
 from tunelab.compare.grid import Cell, GridConfig, cell_key
 from tunelab.compare.launch import launch_cell
 from tunelab.compare.store import Store
@@ -277,6 +277,7 @@ def _row(grid: GridConfig, cell: Cell, cfg: RunConfig, result: dict[str, Any] | 
             "n_eval": result.get("n_eval"), "trainable_params": result.get("trainable_params"),
             "train_seconds": result["train"]["seconds"], "eval_seconds": result["eval"]["seconds"],
             "peak_rss_mb": result.get("peak_rss_mb"), "adapter_bytes": result.get("adapter_bytes"),
+            "forgetting": (result.get("forgetting") or {}).get("delta"),
             "versions": result.get("versions"), "git_commit": result.get("git_commit"), "result": result}
 
 
@@ -322,8 +323,7 @@ def _child_main(cfg_dict: dict[str, Any], progress: bool, grid_pid: int, gpus: l
                 monitor: MonitorFactory | None = None) -> None:
     """Entry point of a cell's process: run it, and leave error.json behind if it fails."""
     _exit_with_parent(grid_pid)
-    if gpus is not None:  # before torch touches CUDA (the fork server imported torch, not CUDA): pins the cell
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    pin(gpus, os.environ)  # before torch touches CUDA (the fork server imported torch, not CUDA): pins the cell
     cfg = from_dict(RunConfig, cfg_dict)
     error = None
     try:

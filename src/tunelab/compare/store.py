@@ -49,6 +49,7 @@ CREATE TABLE IF NOT EXISTS cells (
     peak_rss_mb REAL,
     cpu_seconds REAL,              -- user + system CPU of the cell's process (wall time lies on a shared machine)
     adapter_bytes INTEGER,
+    forgetting REAL,               -- general-text NLL per token with the adapter minus the base model's (nats)
     versions TEXT,
     git_commit TEXT,
     result TEXT,                   -- the whole result.json
@@ -86,7 +87,7 @@ CREATE TABLE IF NOT EXISTS tuned (
 COLUMNS = ("key", "grid", "method", "method_name", "task", "seed", "train_size", "prompt_length", "unseen",
            "status", "error", "config", "metrics", "primary_metric", "quality", "predictions", "out_dir",
            "n_train", "n_eval", "trainable_params", "train_seconds", "eval_seconds", "cell_seconds",
-           "peak_rss_mb", "cpu_seconds", "adapter_bytes", "versions", "git_commit", "result", "finished_at", "attempts")
+           "peak_rss_mb", "cpu_seconds", "adapter_bytes", "forgetting", "versions", "git_commit", "result", "finished_at", "attempts")
 JSON_COLUMNS = ("config", "metrics", "versions", "result")
 TRIAL_COLUMNS = ("study", "key", "number", "params", "status", "metric", "dev_score", "cpu_seconds", "out_dir",
                  "finished_at", "dev_loss", "dev_losses", "pruned_step")
@@ -281,5 +282,6 @@ def _decoded(row: dict[str, Any]) -> dict[str, Any]:
 def open_existing(path: str | Path) -> Store:
     """Open a store that must already exist (for `tunelab report`)."""
     if not Path(path).is_file():
-        raise TunelabError(f"no results store at {path}; run `tunelab compare --store {path}` first")
+        raise TunelabError(f"no results store at {path}; `tunelab compare --preset quick --out DIR` (or --config "
+                           "GRID.yaml) writes DIR/results.sqlite: pass DIR or that file")
     return Store(path)

@@ -6,8 +6,8 @@ from dataclasses import fields
 from typing import Any
 
 from tunelab.config import DEFAULT_METHOD, from_dict
-from tunelab.errors import ConfigError
-from tunelab.methods.base import Adapter, Method, MethodConfig
+from tunelab.errors import ConfigError, did_you_mean
+from tunelab.methods.base import Method, MethodConfig
 from tunelab.methods.discrete_prompt import DiscretePrompt
 from tunelab.methods.full_finetune import FullFinetune
 from tunelab.methods.icl import ICL
@@ -15,7 +15,9 @@ from tunelab.methods.instruction_tuning import InstructionTuning
 from tunelab.methods.ipt import IPT
 from tunelab.methods.lora import Lora
 from tunelab.methods.p_tuning import PTuning
+from tunelab.methods.peft_method import Peft
 from tunelab.methods.prefix_tuning import PrefixTuning
+from tunelab.methods.prompt_optimization import PromptOptimization
 from tunelab.methods.prompt_tuning import PromptTuning
 
 METHODS: dict[str, Method] = {
@@ -28,13 +30,15 @@ METHODS: dict[str, Method] = {
     "lora": Lora(),
     "full_finetune": FullFinetune(),
     "instruction_tuning": InstructionTuning(),
+    "prompt_optimization": PromptOptimization(),
+    "peft": Peft(),
 }
 
 
 def get_method(name: str) -> Method:
     """The registered method called ``name``, or an error listing the valid names."""
     if not isinstance(name, str) or name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+        raise ConfigError(f"unknown method {name!r}{did_you_mean(name, METHODS)}; choose one of {', '.join(METHODS)}")
     return METHODS[name]
 
 
@@ -49,14 +53,15 @@ def method_config(spec: dict[str, Any] | MethodConfig, path: str = "method") -> 
     options = dict(spec)
     name = options.pop("name", DEFAULT_METHOD)
     if not isinstance(name, str) or name not in METHODS:
-        raise ConfigError(f"{path}.name: unknown method {name!r}; choose one of {', '.join(METHODS)}")
+        raise ConfigError(f"{path}.name: unknown method {name!r}{did_you_mean(name, METHODS)}; "
+                          f"choose one of {', '.join(METHODS)}")
     method = METHODS[name]
     try:
-        config = from_dict(method.Config, options, path=path)
+        config = from_dict(method.Config, method.parse_options(options), path=path)
     except TypeError as exc:  # __post_init__ signature problems surface as TypeError
         names = ", ".join(f.name for f in fields(method.Config))
         raise ConfigError(f"{path}: method {method.name}: {exc}; valid options: {names}") from None
     return method, config.bind(method.name, options)
 
 
-__all__ = ["METHODS", "Adapter", "Method", "MethodConfig", "get_method", "method_config"]
+__all__ = ["METHODS", "Method", "MethodConfig", "get_method", "method_config"]

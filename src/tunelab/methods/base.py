@@ -7,25 +7,28 @@ so training, evaluation and serving never branch on the method.
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-import torch
-from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
 from tunelab.config import MethodConfig  # the base of every method's options; lives with the other configs
 from tunelab.data.example import Example
-from tunelab.formatting import DemoSelector
-
-if TYPE_CHECKING:
-    from tunelab.data import TaskData
 from tunelab.errors import TunelabError
+
+if TYPE_CHECKING:  # torch, transformers and peft load where a model is built, not with the registry
+    import torch
+    from torch import nn
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from tunelab.data import TaskData
+    from tunelab.formatting import DemoSelector
+    from tunelab.methods.adapters import Adapter
+    from tunelab.methods.adapters import PeftAdapter as PeftAdapter
 
 ADAPTER_META = "tunelab_adapter.json"
 
@@ -85,59 +88,6 @@ class LowRankDelta:
 BASE_CAPABILITIES = Capabilities()  # the bare base model: nothing added, nothing changed
 
 
-class Adapter(nn.Module):
-    """A frozen-or-not base model plus a method's parameters, seen through one small interface."""
-
-    def __init__(self, model: PreTrainedModel, method: str, config: MethodConfig) -> None:
-        super().__init__()
-        self.model = model  # the transformers model to call (LoRA layers, if any, are patched in)
-        self.method = method
-        self.config = config
-        self.folded_from: str | None = None  # adapter folded into the base weights (init_from); loads fold it again
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Training loss (mean over label tokens) and label count; a forward, so DDP/FSDP can wrap the adapter."""
-        from tunelab.modeling import causal_lm_loss
-
-        return causal_lm_loss(self, input_ids, attention_mask, labels)
-
-    @property
-    def capabilities(self) -> Capabilities:
-        """The capabilities of the method that built this adapter (none for the bare base model)."""
-        from tunelab.methods import METHODS
-
-        method = METHODS.get(self.method)
-        return method.capabilities if method is not None else BASE_CAPABILITIES
-
-    def soft_prompt(self, batch_size: int) -> torch.Tensor | None:
-        """Learned input embeddings placed before the text, (B, n, C); None if the method has none."""
-        return None
-
-    def prefix_cache(self, batch_size: int):
-        """A transformers Cache holding per-layer key/value prefixes; None if the method has none."""
-        return None
-
-    def rewrite(self, example: Example) -> Example:
-        """The example as this adapter presents it to the model (a discrete prompt replaces the instruction)."""
-        return example
-
-    def merged_model(self) -> PreTrainedModel | None:
-        """The base model with this adapter folded into its weights (LoRA, full weights); None if it cannot be."""
-        return None
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
-
-    def num_trainable(self) -> int:
-        """Exact count of trainable parameters."""
-        return sum(p.numel() for p in self.trainable_parameters())
-
-    def save_weights(self, directory: Path) -> None:
-        """Write this method's weights (safetensors) into ``directory``."""
-        raise NotImplementedError
-
-
 class Method(Protocol):
     """One adaptation method. Implementations live one per module in ``tunelab.methods``."""
 
@@ -159,6 +109,10 @@ class Method(Protocol):
 
     def low_rank_delta(self, directory: Path, config: MethodConfig) -> LowRankDelta | None: ...
 
+    def capabilities_for(self, config: MethodConfig) -> Capabilities: ...
+
+    def parse_options(self, options: dict[str, Any]) -> dict[str, Any]: ...
+
 
 class MethodDefaults:
     """Defaults for the optional parts of ``Method``: no demonstrations, data used as loaded."""
@@ -169,6 +123,16 @@ class MethodDefaults:
     def trains(self) -> bool:
         """Whether the method has parameters to optimise (``capabilities.trains``)."""
         return self.capabilities.trains
+
+    def capabilities_for(self, config: MethodConfig) -> Capabilities:
+        """The capabilities with these options: ``capabilities`` for every method whose facts do not depend on
+        its options (the generic peft method's depend on ``peft_type``). Ask this wherever a config is at hand."""
+        return self.capabilities
+
+    def parse_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The options as given (without ``name``), shaped as ``Config`` takes them (the generic peft method
+        nests peft's own fields under ``options``)."""
+        return options
 
     def demonstrations(self, config: MethodConfig, train: Sequence[Example], seed: int) -> DemoSelector | None:
         return None
@@ -183,12 +147,25 @@ class MethodDefaults:
         return None
 
 
-class PeftAdapter(Adapter):
-    """An adapter whose trainable part lives in a peft model wrapped around the base model."""
+def __getattr__(name: str) -> Any:
+    """``Adapter`` and ``PeftAdapter`` are ``nn.Module`` classes (``tunelab.methods.adapters``): imported on first use."""
+    if name in ("Adapter", "PeftAdapter"):
+        from tunelab.methods import adapters
 
-    def __init__(self, peft_model, method: str, config: MethodConfig) -> None:
-        super().__init__(peft_model.get_base_model(), method, config)
-        self.peft_model = peft_model
+        return getattr(adapters, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def no_grad(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``@torch.no_grad()`` for method modules, which import torch at the point of use, not at import."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def freeze(model: nn.Module) -> None:

@@ -17,18 +17,20 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any
 
 from tunelab.config import EvalConfig
 from tunelab.data import TaskData, default_metrics
 from tunelab.data.example import Example
 from tunelab.errors import ConfigError, TunelabError
-from tunelab.formatting import build_prompt, encode, resolve_template, target_text
-from tunelab.methods.base import Adapter, Capabilities, MethodConfig, MethodDefaults, freeze
-from tunelab.modeling import mask_for, pad_batch, token_logprobs
+from tunelab.methods.base import Capabilities, MethodConfig, MethodDefaults, freeze, no_grad
 from tunelab.validation import at_least, choice
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from tunelab.methods.adapters import Adapter
+    from tunelab.methods.adapters import DiscretePromptAdapter as DiscretePromptAdapter
 
 CHOICE_FILE = "discrete_prompt.json"
 SCORES = ("loglik", "metric")
@@ -63,35 +65,33 @@ def fill(candidate: str, example: Example) -> Example:
     return dataclasses.replace(example, instruction=candidate.replace("{instruction}", example.instruction))
 
 
-class DiscretePromptAdapter(Adapter):
-    """The frozen base model plus one chosen instruction."""
+def __getattr__(name: str) -> Any:
+    if name == "DiscretePromptAdapter":  # an nn.Module: imported on first use (tunelab.methods.adapters)
+        from tunelab.methods.adapters import DiscretePromptAdapter
 
-    def __init__(self, model: PreTrainedModel, method: str, config: MethodConfig, choice: str,
-                 scores: dict[str, float]) -> None:
-        super().__init__(model, method, config)
-        self.choice, self.scores = choice, scores
-
-    def rewrite(self, example: Example) -> Example:
-        return fill(self.choice, example)
-
-    def save_weights(self, directory: Path) -> None:
-        (Path(directory) / CHOICE_FILE).write_text(json.dumps({"instruction": self.choice, "scores": self.scores},
-                                                              indent=2, ensure_ascii=False))
+        return DiscretePromptAdapter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-@torch.no_grad()
+@no_grad
 def loglik_score(adapter: Adapter, tokenizer: PreTrainedTokenizerBase, dev: Sequence[Example], template: str,
                  max_length: int, batch_size: int) -> float:
     """Mean over dev examples of the reference's mean per-token log-probability (higher is better)."""
+    import torch
+
+    from tunelab.formatting import build_prompt, encode, target_text
+    from tunelab.modeling import mask_for, pad_batch, token_logprobs
+
     per_example: list[float] = []
     for start in range(0, len(dev), batch_size):
         chunk = [encode(tokenizer, build_prompt(tokenizer, template, e), target_text(template, e), max_length)
                  for e in dev[start:start + batch_size]]
         ids = [c.input_ids for c in chunk]
-        logprobs, rows = token_logprobs(adapter, pad_batch(ids, tokenizer.pad_token_id), mask_for(ids),
-                                        pad_batch([c.labels for c in chunk], -100))
-        sums = torch.zeros(len(chunk)).index_add_(0, rows, logprobs.float())
-        counts = torch.zeros(len(chunk)).index_add_(0, rows, torch.ones_like(logprobs, dtype=torch.float))
+        device = adapter.model.get_input_embeddings().weight.device
+        logprobs, rows = token_logprobs(adapter, pad_batch(ids, tokenizer.pad_token_id).to(device),
+                                        mask_for(ids).to(device), pad_batch([c.labels for c in chunk], -100).to(device))
+        sums = logprobs.new_zeros(len(chunk), dtype=torch.float).index_add_(0, rows, logprobs.float())  # on its device
+        counts = torch.zeros_like(sums).index_add_(0, rows, torch.ones_like(logprobs, dtype=torch.float))
         per_example += (sums / counts.clamp(min=1)).tolist()
     return sum(per_example) / len(per_example)
 
@@ -118,6 +118,9 @@ class DiscretePrompt(MethodDefaults):
               train: Sequence[Example], seed: int) -> Adapter:
         if not train:
             raise TunelabError("discrete_prompt needs dev (or train) examples to score candidates on")
+        from tunelab.formatting import resolve_template
+        from tunelab.methods.adapters import DiscretePromptAdapter
+
         freeze(model)
         template = resolve_template(config.template, tokenizer)
         dev = random.Random(f"{seed}:dev").sample(list(train), min(config.n_dev, len(train)))
@@ -137,5 +140,7 @@ class DiscretePrompt(MethodDefaults):
         if not path.is_file():
             raise TunelabError(f"{directory}: no {CHOICE_FILE}; pass the adapter/ directory of a discrete_prompt run")
         saved = json.loads(path.read_text())
+        from tunelab.methods.adapters import DiscretePromptAdapter
+
         freeze(model)
         return DiscretePromptAdapter(model, self.name, config, saved["instruction"], saved["scores"])

@@ -5,14 +5,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-from safetensors.torch import load_file
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any
 
 from tunelab.data.example import Example
 from tunelab.errors import TunelabError
-from tunelab.methods.base import Adapter, Capabilities, MethodConfig, MethodDefaults
+from tunelab.methods.base import Capabilities, MethodConfig, MethodDefaults
 from tunelab.methods.transfer import require_no_prompt, start_from
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from tunelab.methods.adapters import Adapter, FullAdapter
 
 WEIGHTS = "model.safetensors"
 
@@ -22,15 +25,12 @@ class FullFinetuneConfig(MethodConfig):
     lr: float = 2e-5  # a typical full fine-tuning rate for ~100M-parameter decoders with AdamW
 
 
-class FullAdapter(Adapter):
-    """The whole model, all parameters trainable."""
+def __getattr__(name: str) -> Any:
+    if name == "FullAdapter":  # an nn.Module: imported on first use (tunelab.methods.adapters)
+        from tunelab.methods.adapters import FullAdapter
 
-    def merged_model(self) -> PreTrainedModel:
-        return self.model
-
-    def save_weights(self, directory: Path) -> None:
-        # a plain transformers directory: AutoModelForCausalLM.from_pretrained(directory) loads it too
-        self.model.save_pretrained(str(directory), safe_serialization=True)
+        return FullAdapter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def aliased_names(model: PreTrainedModel) -> set[str]:
@@ -46,6 +46,8 @@ def aliased_names(model: PreTrainedModel) -> set[str]:
 
 def load_full_weights(directory: Path, model: PreTrainedModel) -> PreTrainedModel:
     """Copy saved full weights into ``model`` (same architecture), checking every weight was found."""
+    from safetensors.torch import load_file
+
     path = Path(directory) / WEIGHTS
     if not path.is_file():
         raise TunelabError(f"{directory}: no {WEIGHTS}; pass the adapter/ directory of a full_finetune run")
@@ -59,6 +61,8 @@ def load_full_weights(directory: Path, model: PreTrainedModel) -> PreTrainedMode
 
 def build_full(name: str, model: PreTrainedModel, config: MethodConfig) -> FullAdapter:
     """Every weight trainable, starting from ``init_from``'s folded weights when given."""
+    from tunelab.methods.adapters import FullAdapter
+
     source = start_from(config.init_from, model)
     require_no_prompt(source, name)
     model = source.model if source else model
@@ -71,6 +75,8 @@ def build_full(name: str, model: PreTrainedModel, config: MethodConfig) -> FullA
 
 def load_full(name: str, directory: Path, model: PreTrainedModel, config: MethodConfig) -> FullAdapter:
     """Saved full weights, frozen. They already include whatever ``init_from`` folded in."""
+    from tunelab.methods.adapters import FullAdapter
+
     model = load_full_weights(directory, model)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -9,14 +9,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any
 
 from tunelab.data.example import Example
 from tunelab.errors import ConfigError
-from tunelab.methods.base import Adapter, Capabilities, MethodConfig, MethodDefaults, freeze
+from tunelab.methods.base import Capabilities, MethodConfig, MethodDefaults, freeze
 from tunelab.retrieval import SELECTIONS, DemoSelector, select_demos
 from tunelab.validation import at_least, choice
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from tunelab.methods.adapters import Adapter
+    from tunelab.methods.adapters import FrozenAdapter as FrozenAdapter
 
 
 @dataclass
@@ -29,11 +34,12 @@ class ICLConfig(MethodConfig):
             raise ConfigError("method.init_from: icl has no weights to start from; drop method.init_from / --init-from")
 
 
-class FrozenAdapter(Adapter):
-    """The base model untouched: nothing to train, nothing to save."""
+def __getattr__(name: str) -> Any:
+    if name == "FrozenAdapter":  # an nn.Module: imported on first use (tunelab.methods.adapters)
+        from tunelab.methods.adapters import FrozenAdapter
 
-    def save_weights(self, directory: Path) -> None:
-        return None
+        return FrozenAdapter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ICL(MethodDefaults):
@@ -43,10 +49,14 @@ class ICL(MethodDefaults):
 
     def build(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: ICLConfig,
               train: Sequence[Example], seed: int) -> Adapter:
+        from tunelab.methods.adapters import FrozenAdapter
+
         freeze(model)
         return FrozenAdapter(model, self.name, config)
 
     def load(self, directory: Path, model: PreTrainedModel, config: ICLConfig) -> Adapter:
+        from tunelab.methods.adapters import FrozenAdapter
+
         freeze(model)
         return FrozenAdapter(model, self.name, config)
 

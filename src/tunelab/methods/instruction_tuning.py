@@ -17,17 +17,21 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from tunelab.data import TaskData
 from tunelab.data.example import Example
 from tunelab.data.mixtures import by_task, mix
 from tunelab.errors import ConfigError, DataError
-from tunelab.methods.base import Adapter, Capabilities, LowRankDelta, MethodDefaults
+from tunelab.methods.base import Capabilities, LowRankDelta, MethodDefaults
 from tunelab.methods.full_finetune import build_full, load_full
 from tunelab.methods.lora import LoraMethodConfig, build_lora, load_lora, lora_delta
 from tunelab.validation import at_least, choice
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from tunelab.methods.adapters import Adapter
 
 WEIGHTS = ("lora", "full")
 DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}

@@ -14,14 +14,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from tunelab.data.example import Example
-from tunelab.methods.base import Adapter, Capabilities, MethodDefaults
+from tunelab.methods.base import Capabilities, MethodDefaults
 from tunelab.methods.prompt_tuning import PromptTuningMethodConfig, build_soft_prompt, load_soft_prompt
 from tunelab.retrieval import SELECTIONS, DemoSelector, select_demos
 from tunelab.validation import at_least, choice
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from tunelab.methods.adapters import Adapter
 
 
 @dataclass

@@ -11,22 +11,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-from peft import PromptEncoderConfig, TaskType
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from tunelab.data.example import Example
-from tunelab.methods.base import (
-    Adapter,
-    Capabilities,
-    MethodConfig,
-    MethodDefaults,
-    freeze,
-    peft_model,
-)
-from tunelab.methods.prompt_tuning import SoftPromptAdapter
+from tunelab.methods.base import Capabilities, MethodConfig, MethodDefaults, freeze, peft_model
 from tunelab.methods.transfer import base_model, require_no_prompt, start_from
 from tunelab.validation import at_least, choice
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from tunelab.methods.adapters import Adapter
 
 ENCODERS = ("MLP", "LSTM")
 
@@ -47,6 +42,10 @@ class PTuning(MethodDefaults):
 
     def build(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: PTuningConfig,
               train: Sequence[Example], seed: int) -> Adapter:
+        from peft import PromptEncoderConfig, TaskType
+
+        from tunelab.methods.adapters import SoftPromptAdapter
+
         source = start_from(config.init_from, model)
         require_no_prompt(source, self.name)
         model = source.model if source else model
@@ -61,6 +60,8 @@ class PTuning(MethodDefaults):
         return adapter
 
     def load(self, directory: Path, model: PreTrainedModel, config: PTuningConfig) -> Adapter:
+        from tunelab.methods.adapters import SoftPromptAdapter
+
         model = base_model(directory, model)
         freeze(model)
         return SoftPromptAdapter(peft_model(model, directory=directory), self.name, config)

@@ -15,25 +15,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from peft import PrefixTuningConfig, TaskType
-from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any
 
 from tunelab.data.example import Example
 from tunelab.errors import ConfigError
-from tunelab.methods.base import (
-    Adapter,
-    Capabilities,
-    MethodConfig,
-    MethodDefaults,
-    PeftAdapter,
-    freeze,
-    peft_model,
-)
+from tunelab.methods.base import Capabilities, MethodConfig, MethodDefaults, freeze, no_grad, peft_model
 from tunelab.methods.transfer import Source, base_model, start_from
-from tunelab.modeling import output_cache
 from tunelab.validation import at_least, choice
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from tunelab.methods.adapters import Adapter, PrefixAdapter
 
 INITS = ("text", "random")
 
@@ -48,17 +42,12 @@ class PrefixTuningMethodConfig(MethodConfig):
     init_text: str | None = None  # None = the task instruction of the first training example
 
 
-class PrefixAdapter(PeftAdapter):
-    """Base model + peft prefix encoder; the prefix reaches the model as a fresh key/value cache."""
+def __getattr__(name: str) -> Any:
+    if name == "PrefixAdapter":  # an nn.Module: imported on first use (tunelab.methods.adapters)
+        from tunelab.methods.adapters import PrefixAdapter
 
-    def prefix_cache(self, batch_size: int) -> Cache:
-        return self.peft_model.get_prompt(batch_size=batch_size)  # n_virtual entries in every layer
-
-    def trainable_parameters(self) -> list:
-        return [p for p in self.peft_model.prompt_encoder.parameters() if p.requires_grad]
-
-    def save_weights(self, directory: Path) -> None:
-        self.peft_model.save_pretrained(str(directory), safe_serialization=True)
+        return PrefixAdapter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def text_ids(tokenizer: PreTrainedTokenizerBase, text: str, n: int) -> list[int]:
@@ -67,10 +56,14 @@ def text_ids(tokenizer: PreTrainedTokenizerBase, text: str, n: int) -> list[int]
     return (ids * (n // len(ids) + 1))[:n]
 
 
-@torch.no_grad()
+@no_grad
 def prefix_from_text(model: PreTrainedModel, ids: list[int]) -> torch.Tensor:
     """(n, layers x 2 x KV width): the frozen model's keys and values for ``ids`` at positions 0..n-1,
     laid out as peft's prefix embedding (row i viewed as (layers x 2, heads, head_dim); 2l = K, 2l+1 = V)."""
+    import torch
+
+    from tunelab.modeling import output_cache
+
     cache = output_cache(model(input_ids=torch.tensor([ids]), use_cache=True))
     per_layer = [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]  # each (2, H, n, D)
     stacked = torch.stack(per_layer)  # (L, 2, H, n, D)
@@ -96,6 +89,10 @@ class PrefixTuning(MethodDefaults):
 
     def build(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: PrefixTuningMethodConfig,
               train: Sequence[Example], seed: int) -> Adapter:
+        from peft import PrefixTuningConfig, TaskType
+
+        from tunelab.methods.adapters import PrefixAdapter
+
         source = start_from(config.init_from, model)
         model = source.model if source else model
         freeze(model)
@@ -114,6 +111,8 @@ class PrefixTuning(MethodDefaults):
         return adapter
 
     def load(self, directory: Path, model: PreTrainedModel, config: PrefixTuningMethodConfig) -> Adapter:
+        from tunelab.methods.adapters import PrefixAdapter
+
         model = base_model(directory, model)
         freeze(model)
         return PrefixAdapter(peft_model(model, directory=directory), self.name, config)

@@ -11,24 +11,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from peft import PromptTuningConfig, PromptTuningInit, TaskType
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any
 
 from tunelab.data.example import Example
 from tunelab.errors import ConfigError
-from tunelab.methods.base import (
-    Adapter,
-    Capabilities,
-    MethodConfig,
-    MethodDefaults,
-    PeftAdapter,
-    freeze,
-    peft_model,
-)
+from tunelab.methods.base import Capabilities, MethodConfig, MethodDefaults, freeze, peft_model
 from tunelab.methods.transfer import Source, base_model, start_from
 from tunelab.validation import at_least, choice
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PromptTuningConfig
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from tunelab.methods.adapters import Adapter, SoftPromptAdapter
 
 INITS = ("random", "vocab", "text")
 
@@ -41,21 +37,12 @@ class PromptTuningMethodConfig(MethodConfig):
     init_text: str | None = None  # None = the task instruction of the first training example
 
 
-class SoftPromptAdapter(PeftAdapter):
-    """Base model + a peft prompt encoder whose output is placed before the text embeddings."""
+def __getattr__(name: str) -> Any:
+    if name == "SoftPromptAdapter":  # an nn.Module: imported on first use (tunelab.methods.adapters)
+        from tunelab.methods.adapters import SoftPromptAdapter
 
-    @property
-    def prompt_weight(self) -> torch.Tensor:
-        return self.peft_model.prompt_encoder["default"].embedding.weight  # (n, C)
-
-    def soft_prompt(self, batch_size: int) -> torch.Tensor:
-        return self.peft_model.get_prompt(batch_size=batch_size)  # (B, n, C)
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.peft_model.prompt_encoder.parameters() if p.requires_grad]
-
-    def save_weights(self, directory: Path) -> None:
-        self.peft_model.save_pretrained(str(directory), safe_serialization=True)
+        return SoftPromptAdapter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def transferred_prompt(source: Source, n: int, width: int) -> torch.Tensor:
@@ -82,6 +69,8 @@ def record_init(peft_config: PromptTuningConfig, config: PromptTuningMethodConfi
     text, ``SAMPLE_VOCAB``, ``RANDOM``). A prompt transferred from another run (``init_from``) has no peft
     name; it stays ``RANDOM`` there, and tunelab_adapter.json and the model card name the source run.
     Set after ``get_peft_model`` so peft does not initialise the prompt itself (tunelab already has)."""
+    from peft import PromptTuningInit
+
     if transferred or config.init == "random":
         return
     if config.init == "vocab":
@@ -97,6 +86,8 @@ def initial_prompt(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, c
                    train: Sequence[Example], seed: int, source: Source | None = None) -> torch.Tensor:
     """(n, C) starting embeddings: a source run's prompt, or Lester et al.'s random, sampled-vocabulary
     or text initialisation."""
+    import torch
+
     table: torch.Tensor = model.get_input_embeddings().weight.detach()  # type: ignore[operator]  # (V, C)
     n = config.num_virtual_tokens
     if source is not None and source.weights:
@@ -116,6 +107,11 @@ def initial_prompt(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, c
 def build_soft_prompt(name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                       config: PromptTuningMethodConfig, train: Sequence[Example], seed: int) -> SoftPromptAdapter:
     """A frozen model (with any ``init_from`` weights folded in) and a fresh or transferred soft prompt."""
+    import torch
+    from peft import PromptTuningConfig, TaskType
+
+    from tunelab.methods.adapters import SoftPromptAdapter
+
     source = start_from(config.init_from, model)
     model = source.model if source else model
     freeze(model)
@@ -133,6 +129,8 @@ def build_soft_prompt(name: str, model: PreTrainedModel, tokenizer: PreTrainedTo
 def load_soft_prompt(name: str, directory: Path, model: PreTrainedModel,
                      config: PromptTuningMethodConfig) -> SoftPromptAdapter:
     """A saved soft prompt on the model it was trained on."""
+    from tunelab.methods.adapters import SoftPromptAdapter
+
     model = base_model(directory, model)
     freeze(model)
     return SoftPromptAdapter(peft_model(model, directory=directory), name, config)

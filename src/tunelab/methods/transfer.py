@@ -16,13 +16,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-from safetensors.torch import load_file
-from transformers import PreTrainedModel
+from typing import TYPE_CHECKING
 
 from tunelab.errors import ConfigError
 from tunelab.methods.base import ADAPTER_META, read_meta
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 
@@ -50,13 +51,15 @@ def start_from(init_from: str | None, model: PreTrainedModel) -> Source | None:
     """Load the adapter ``init_from`` names onto ``model``; None when nothing is named."""
     if not init_from:
         return None
+    from safetensors.torch import load_file
+
     from tunelab.methods.io import adapter_dir, load_adapter
 
     directory = adapter_dir(init_from)
     loaded = load_adapter(directory, model)  # pickles refused, options validated, as everywhere
     method = loaded.method
     assert method is not None
-    if method.capabilities.changes_weights:
+    if method.capabilities_for(loaded.config).changes_weights:
         merged = loaded.adapter.merged_model()
         if merged is None:
             raise ConfigError(f"{directory}: a {method.name} adapter changes weights but cannot fold them into the "
