@@ -150,3 +150,31 @@ def test_paired_bootstrap_splits_example_and_seed_variance():
     result = stats.paired_bootstrap(a, b, n_resamples=2000, seed=0)
     assert result.example_var == pytest.approx(25.0, rel=0.25)  # per-example variance of A − B: 5²
     assert 1.0 < result.seed_var < 40.0 and result.se > np.sqrt(25.0 / 400)
+
+
+def test_welch_df_counts_seeds_not_rows_when_the_seed_spread_dominates():
+    assert stats.welch_df(0.0, 500, 4.0, 3, 4.0, 3) == pytest.approx(4.0)
+    assert stats.welch_df(1000.0, 500, 0.0, 1, 0.0, 1) == pytest.approx(499.0)
+    mixed = stats.welch_df(100.0, 500, 4.0, 5, 1.0, 5)
+    assert 4.0 < mixed < 499.0
+
+
+def test_spread_power_matches_a_simulated_f_test():
+    rng = np.random.default_rng(0)
+    a = rng.normal(0, 2.0, size=(4000, 10))
+    b = rng.normal(0, 1.0, size=(4000, 10))
+    f = a.var(1, ddof=1) / b.var(1, ddof=1)
+    lo, hi = scipy_stats.f.ppf([0.025, 0.975], 9, 9)
+    simulated = np.mean((f > hi) | (f < lo))
+    assert stats.spread_power(10, 10, 2.0) == pytest.approx(simulated, abs=0.03)
+    assert stats.spread_power(stats.seeds_for_spread(2.0), stats.seeds_for_spread(2.0)) >= 0.8
+    assert stats.spread_power(stats.seeds_for_spread(2.0) - 1, stats.seeds_for_spread(2.0) - 1) < 0.8
+
+
+def test_spread_test_is_brown_forsythe_with_a_ratio_interval():
+    rng = np.random.default_rng(3)
+    wide, narrow = rng.normal(50, 10, 15), rng.normal(50, 2, 15)
+    result = stats.spread_test(wide, narrow)
+    assert result.p_value == pytest.approx(scipy_stats.levene(wide, narrow, center="median").pvalue)
+    assert result.ratio == pytest.approx(np.std(wide, ddof=1) / np.std(narrow, ddof=1))
+    assert result.ci[0] > 1 and result.p_value < 0.05

@@ -71,6 +71,7 @@ class PairedResult:
     diffs: np.ndarray | None = None  # (R,) resampled differences (a stratified pooling across tasks averages them)
     example_var: float = 0.0  # n x variance of A − B from resampling examples only (seeds fixed)
     seed_var: float = 0.0  # variance of per-seed scores of A plus that of B (0 for a single seed)
+    seed_vars: tuple[float, float] = (0.0, 0.0)  # the two parts of seed_var: A's and B's
 
     @property
     def se(self) -> float:
@@ -119,7 +120,7 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, reduce: Reduce = mean_reduce,
     p_value = min(1.0, 2.0 * float(other_side)) if score_a != score_b else 1.0
     example_var = float(n * np.var(examples_a - examples_b, ddof=1)) if n_resamples > 1 else 0.0
     return PairedResult(score_a - score_b, (float(lo), float(hi)), p_value, score_a, score_b, n, n_resamples,
-                        diffs, example_var, spread_a + spread_b)
+                        diffs, example_var, spread_a + spread_b, (spread_a, spread_b))
 
 
 # ---------------------------------------------------------------- decisions: Holm, TOST, MDE, sizing
@@ -231,3 +232,89 @@ def size_for_margin(example_var: float, seed_var: float, rows_now: int, seeds_no
         room = target ** 2 - seed_var / seeds
         needed[seeds] = None if room <= 0 else int(np.ceil(example_var / room))
     return Sizing(margin, se_now, target, rows_now, seeds_now, needed)
+
+
+def welch_df(example_var: float, rows: int, seed_var_a: float, seeds_a: int, seed_var_b: float, seeds_b: int) -> float:
+    """Welch–Satterthwaite degrees of freedom of se² = example_var / rows + var_a / S_a + var_b / S_b.
+
+    Each variance is estimated from its own sample (rows − 1, S_a − 1, S_b − 1 degrees of freedom); a
+    side with one seed has no estimated seed variance and adds nothing. With few seeds and a large seed
+    spread this is close to S − 1, not rows − 1: what a t test of A − B can claim with that many seeds.
+
+    >>> round(welch_df(0.0, 100, 4.0, 3, 4.0, 3), 6)  # seeds only: 2 + 2
+    4.0
+    """
+    parts = [(example_var / max(rows, 1), rows - 1), (seed_var_a / max(seeds_a, 1), seeds_a - 1),
+             (seed_var_b / max(seeds_b, 1), seeds_b - 1)]
+    parts = [(v, df) for v, df in parts if v > 0 and df >= 1]
+    if not parts:
+        return float(max(rows - 1, 1))
+    return float(sum(v for v, _ in parts) ** 2 / sum(v ** 2 / df for v, df in parts))
+
+
+# ---------------------------------------------------------------- the spread over seeds (variance claims)
+
+SPREAD_MIN_SEEDS = 10  # seeds per side below which a spread test is never more than *underpowered*
+SPREAD_RATIO = 2.0  # the SD ratio the power is stated for: one method twice as spread out as the other
+
+
+@dataclass
+class SpreadTest:
+    """Is A's spread over seeds larger than B's? Brown–Forsythe test plus a bootstrap interval of the SD ratio."""
+
+    sd_a: float
+    sd_b: float
+    ratio: float  # sd_a / sd_b
+    ci: tuple[float, float]  # percentile bootstrap interval of the ratio (seeds resampled within each side)
+    p_value: float  # two-sided Brown–Forsythe (Levene with median centring) p-value
+    power: float  # power at these seed counts to detect an SD ratio of SPREAD_RATIO (two-sided F test)
+    seeds_needed: int  # seeds per side for 80% power at SPREAD_RATIO
+
+
+def spread_test(a: np.ndarray, b: np.ndarray, n_resamples: int = 2000, seed: int = 0,
+                alpha: float = ALPHA) -> SpreadTest:
+    """Compare the spread of per-seed scores ``a`` and ``b`` (one score per training seed).
+
+    ``scipy.stats.levene(center='median')`` is the Brown–Forsythe test (robust to non-normal scores);
+    its power is stated with the F test's (normal scores): the chance at these seed counts of finding an
+    SD ratio of ``SPREAD_RATIO``. The interval is of sd_a / sd_b, resampling seeds within each side.
+    """
+    from scipy import stats as sps
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    sd_a, sd_b = float(np.std(a, ddof=1)), float(np.std(b, ddof=1))
+    with np.errstate(divide="ignore", invalid="ignore"):  # two seeds a side: equal deviations, 0/0 (p = nan -> 1)
+        p = float(sps.levene(a, b, center="median").pvalue) if sd_a + sd_b > 0 else 1.0
+    rng = np.random.default_rng(seed)
+    boot_a = np.take(a, rng.integers(0, len(a), (n_resamples, len(a)))).std(1, ddof=1)
+    boot_b = np.take(b, rng.integers(0, len(b), (n_resamples, len(b)))).std(1, ddof=1)
+    ratios = np.where(boot_b > 0, boot_a / np.where(boot_b > 0, boot_b, 1.0), np.inf)  # a resample of equal seeds: sd 0
+    lo, hi = np.quantile(ratios, [alpha / 2, 1 - alpha / 2], method="inverted_cdf")  # no interpolation next to inf
+    ratio = sd_a / sd_b if sd_b > 0 else float("inf")
+    return SpreadTest(sd_a, sd_b, ratio, (float(lo), float(hi)), float(np.nan_to_num(p, nan=1.0)),
+                      spread_power(len(a), len(b), SPREAD_RATIO, alpha), seeds_for_spread(SPREAD_RATIO, alpha))
+
+
+def spread_power(seeds_a: int, seeds_b: int, sd_ratio: float = SPREAD_RATIO, alpha: float = ALPHA) -> float:
+    """Power of the two-sided F test of equal variances to detect ``sd_ratio`` (normal per-seed scores).
+
+    Under the alternative var_a / var_b = r², F = s_a² / s_b² is r² times an F(S_a − 1, S_b − 1) variable.
+
+    >>> round(spread_power(3, 3), 2), round(spread_power(10, 10), 2), round(spread_power(20, 20), 2)
+    (0.1, 0.5, 0.84)
+    """
+    from scipy import stats as sps
+
+    if seeds_a < 2 or seeds_b < 2:
+        return 0.0
+    d1, d2, r2 = seeds_a - 1, seeds_b - 1, sd_ratio ** 2
+    upper, lower = sps.f.ppf(1 - alpha / 2, d1, d2), sps.f.ppf(alpha / 2, d1, d2)
+    return float(sps.f.sf(upper / r2, d1, d2) + sps.f.cdf(lower / r2, d1, d2))
+
+
+def seeds_for_spread(sd_ratio: float = SPREAD_RATIO, alpha: float = ALPHA, power: float = POWER) -> int:
+    """Seeds per side the F test needs for ``power`` at ``sd_ratio`` (smallest S with enough power)."""
+    for seeds in range(2, 1000):
+        if spread_power(seeds, seeds, sd_ratio, alpha) >= power:
+            return seeds
+    return 1000

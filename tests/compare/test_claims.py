@@ -6,6 +6,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tunelab.compare.claims import evaluate_claims, summarise
@@ -124,12 +125,42 @@ def test_the_pooled_margin_is_the_mean_of_the_groups_metric_margins(tmp_path):
     assert pooled.margin == pytest.approx(2.5)
 
 
-def test_seed_variance_claim(tmp_path):
+def test_seed_variance_claim_with_few_seeds_is_underpowered_whatever_the_spread(tmp_path):
+    """Four seeds a side cannot carry a test of spread: the verdict says so and states the power."""
     rows = [_cell(tmp_path, "pt", s, _scores(p, seed=s)) for s, p in enumerate([0.1, 0.5, 0.9, 0.2])]
     rows += [_cell(tmp_path, "ipt", s, _scores(0.5, seed=20 + s)) for s in range(4)]
     (var,) = _by_id(evaluate_claims(rows, n_resamples=500), "pt_unstable")
-    assert var.effect > 20 and var.verdict in {"supported", "inconclusive"}
-    assert "std over seeds" in var.detail
+    assert var.effect > 3 and var.verdict == "underpowered"  # sd ratio PT / IPT
+    assert "Brown–Forsythe" in var.detail and "power to find a 2x sd ratio" in var.detail and ">= 10 seeds" in var.detail
+
+
+def _spread_rows(tmp_path, pt_ps, ipt_ps):
+    rows = [_cell(tmp_path, "pt", s, _scores(p, seed=s)) for s, p in enumerate(pt_ps)]
+    return rows + [_cell(tmp_path, "ipt", s, _scores(p, seed=50 + s)) for s, p in enumerate(ipt_ps)]
+
+
+def test_seed_variance_claim_is_brown_forsythe_on_per_seed_scores(tmp_path):
+    from scipy import stats as sps
+
+    rng = random.Random(0)
+    pt_ps = [rng.uniform(0.1, 0.9) for _ in range(12)]  # PT: the seed decides the score
+    rows = _spread_rows(tmp_path, pt_ps, [0.5] * 12)  # IPT: only row noise between seeds
+    (var,) = _by_id(evaluate_claims(rows, n_resamples=500), "pt_unstable")
+    pt = [r["quality"] for r in rows if r["method"] == "pt"]
+    ipt = [r["quality"] for r in rows if r["method"] == "ipt"]
+    assert var.spread_p == pytest.approx(sps.levene(pt, ipt, center="median").pvalue)
+    assert var.effect == pytest.approx(np.std(pt, ddof=1) / np.std(ipt, ddof=1))
+    assert var.verdict == "supported" and var.ci[0] > 1
+    (tmp_path / "r").mkdir()
+    reverse = _spread_rows(tmp_path / "r", [0.5] * 12, pt_ps)  # now IPT is the unstable one
+    (rev,) = _by_id(evaluate_claims(reverse, n_resamples=500), "pt_unstable")
+    assert rev.verdict == "contradicted"
+
+
+def test_seed_variance_claim_with_equal_spread_is_inconclusive(tmp_path):
+    rows = _spread_rows(tmp_path, [0.5] * 12, [0.5] * 12)
+    (var,) = _by_id(evaluate_claims(rows, n_resamples=500), "pt_unstable")
+    assert var.verdict == "inconclusive" and var.spread_p > 0.05
 
 
 def test_unseen_claim_uses_only_unseen_tasks(tmp_path):

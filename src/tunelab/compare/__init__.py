@@ -63,11 +63,10 @@ def compare(source: str | Path, out: str | Path, store: str | Path | None = None
     console = console or Console()
     check_backend(backend, workers, address)
     out = Path(out).resolve()
-    import tunelab.run  # noqa: F401  (torch and transformers: seconds of imports, not of validation)
-
     start = time.perf_counter()
-    grid, cells = plan(source, overrides, out)
+    grid, cells = plan(source, overrides, out)  # torch-free: a bad grid fails in a second
     console.print(f"grid {grid.name}: {len(cells)} cells validated in {time.perf_counter() - start:.2f}s")
+    import tunelab.run  # noqa: F401  (torch and transformers, once the grid is known to be valid)
     store_path = Path(store) if store else out / STORE_NAME
     with Store(store_path) as db:
         db.add_task_tags({t.label: list(t.tags) for t in grid.tasks if t.tags is not None})
@@ -83,6 +82,16 @@ def compare(source: str | Path, out: str | Path, store: str | Path | None = None
             part = run_grid(grid, wave, db, out, progress=progress, retry_failed=retry_failed, console=console,
                             workers=workers, backend=backend, address=address)
             summary = _add(summary, part)
+        if grid.until == "decisive":  # add seeds / rows where they narrow the open tests most (compare/adaptive.py)
+            from tunelab.compare.adaptive import parse_budget, until_decisive
+
+            def run_more(more: list[Cell]) -> None:
+                nonlocal summary
+                summary = _add(summary, run_grid(grid, more, db, out, progress=progress, retry_failed=retry_failed,
+                                                 console=console, workers=workers, backend=backend, address=address))
+
+            assert grid.budget is not None  # parse_grid requires it with until
+            cells = until_decisive(db, store_path, cells, parse_budget(grid.budget), run_more, console).cells
         md, html = write_report(build_report(db, keys=[c.key for c in cells]), out)
     return Outcome(grid, cells, summary, store_path, md, html)
 

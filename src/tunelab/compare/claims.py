@@ -29,9 +29,23 @@ from tunelab.compare.examples import (
     mean_by_id,
     read_predictions,
 )
-from tunelab.stats import ALPHA, holm, mde, paired_bootstrap, t_test, tost
+from tunelab.compare.sequential import FIXED, SEQUENTIAL, Look, look_key, sequential_p_values, with_look
+from tunelab.stats import (
+    ALPHA,
+    SPREAD_MIN_SEEDS,
+    SPREAD_RATIO,
+    holm,
+    mde,
+    paired_bootstrap,
+    se_needed,
+    spread_test,
+    t_test,
+    tost,
+    welch_df,
+)
 
 Selector = Callable[[dict[str, Any]], bool]
+FORGETTING_NOISE = 0.01  # nats per token: probe losses that close are the same (rounding, batch shape)
 NOISE = 0.15  # wall-time ratios within 15% of 1 are noise on this kind of machine (MODELS.md: runs vary 15-30%)
 # Equivalence margins (points of the metric): differences smaller than these do not matter to a reader.
 DEFAULT_MARGINS = {"bleu": 1.0, "chrf": 1.0, "rouge_l": 1.0, "token_f1": 2.0, "exact_match": 2.0,
@@ -136,6 +150,10 @@ CLAIMS: list[Claim] = [
           "instruction tuning train time > PT train time (any tasks, same steps)", "cost",
           is_method("instruction_tuning"), is_method("prompt_tuning"), "instruction tuning", "PT",
           cost="train_seconds", across_tasks=True),
+    Claim("ft_forgets", "Fine-tuning forgets more than prompt tuning",
+          "LoRA / full FT forgetting (general-text loss increase over the base model) > PT's", "cost",
+          any_of(is_method("lora"), is_method("full_finetune")), is_method("prompt_tuning"), "LoRA/full FT", "PT",
+          cost="forgetting"),
 ]
 
 
@@ -163,6 +181,17 @@ class Finding:
     diffs: Any = None  # (R,) bootstrap differences, for the pooled test across tasks
     example_var: float = 0.0
     seed_var: float = 0.0
+    seed_vars: tuple[float, float] = (0.0, 0.0)  # A's and B's spread of per-seed scores (variance)
+    welch_df: float | None = None  # degrees of freedom counting the seeds (sequential tests' t -> normal)
+    procedure: str = FIXED  # fixed-sample | sequential (anytime-valid: the grid added cells until decisive)
+    keys: tuple[list[str], list[str]] = ([], [])  # the A and B cells measured (the adaptive planner's sides)
+    unconverged: list[str] = field(default_factory=list)  # "PT (2 of 3 seeds)": sides whose loss still moved
+    spread_p: float | None = None  # variance claims: Brown–Forsythe p-value (its own Holm family)
+
+    @property
+    def caveat(self) -> str:
+        """What a reader must know beside the verdict: sides whose training had not flattened."""
+        return f"unconverged: {', '.join(self.unconverged)}" if self.unconverged else ""
 
     @property
     def tested(self) -> bool:
@@ -177,15 +206,18 @@ def margin_for(metric: str | None, margins: dict[str, float] | None = None) -> f
 
 
 def evaluate_claims(rows: list[dict[str, Any]], n_resamples: int = 1000,
-                    margins: dict[str, float] | None = None) -> list[Finding]:
+                    margins: dict[str, float] | None = None,
+                    looks: dict[str, list[Look]] | None = None) -> list[Finding]:
     """Every claim in ``CLAIMS`` measured on the store's finished rows (one Finding per group).
 
     Quality claims on several groups get one more Finding (group ``all tasks``); then every quality
-    test's p-value is Holm-adjusted across the whole list and verdicts are set (``decide``).
+    test's p-value is Holm-adjusted across the whole list and verdicts are set (``decide``). ``looks``:
+    the earlier looks of an ``until: decisive`` grid (``compare.sequential``); tests with looks are
+    decided by the anytime-valid procedure.
     """
     out = _measure(rows, n_resamples)
     out = _with_pooled(out, margins)
-    return decide(out, margins)
+    return decide(out, margins, looks=looks)
 
 
 def _measure(rows: list[dict[str, Any]], n_resamples: int) -> list[Finding]:
@@ -205,7 +237,21 @@ def _measure(rows: list[dict[str, Any]], n_resamples: int) -> list[Finding]:
         for group, a_rows, b_rows in pairs:
             measure = {"quality": _quality, "variance": _variance, "cost": _cost,
                        "similarity": _similarity_gap, "gap": _loss_gap}[claim.kind]
-            out.append(measure(claim, group, a_rows, b_rows, n_resamples))
+            finding = measure(claim, group, a_rows, b_rows, n_resamples)
+            finding.unconverged = _unconverged(claim, a_rows, b_rows)
+            out.append(finding)
+    return out
+
+
+def _unconverged(claim: Claim, a_rows: list[dict], b_rows: list[dict]) -> list[str]:
+    """Each side some of whose cells' training loss was still moving when training stopped."""
+    from tunelab.convergence import of_row
+
+    out = []
+    for name, side in ((claim.a_name, a_rows), (claim.b_name, b_rows)):
+        moving = sum(1 for r in side if (of_row(r) or {}).get("converged") is False)
+        if moving:
+            out.append(f"{name} ({moving} of {len(side)} cells)")
     return out
 
 
@@ -237,6 +283,8 @@ def _with_pooled(findings: list[Finding], margins: dict[str, float] | None = Non
                          n={"examples": rows, "groups": len(tested)},
                          metric=metrics[0] if len(metrics) == 1 else None,
                          se=float(np.std(diffs, ddof=1)), df=max(1, rows - len(tested)), diffs=diffs,
+                         welch_df=min(f.welch_df if f.welch_df is not None else f.df or 1 for f in tested),
+                         unconverged=sorted({u for f in tested for u in f.unconverged}),
                          margin=float(np.mean([f.margin if f.margin is not None else margin_for(f.metric, margins)
                                                for f in tested])))
         pooled.p_value = t_test(effect, pooled.se, pooled.df)
@@ -244,15 +292,28 @@ def _with_pooled(findings: list[Finding], margins: dict[str, float] | None = Non
     return out
 
 
-def decide(findings: list[Finding], margins: dict[str, float] | None = None, alpha: float = ALPHA) -> list[Finding]:
+def decide(findings: list[Finding], margins: dict[str, float] | None = None, alpha: float = ALPHA,
+           looks: dict[str, list[Look]] | None = None) -> list[Finding]:
     """Holm-adjust the p-values of every quality test (and, as a second family, their TOST p-values), then
-    set each test's verdict: supported / contradicted / equivalent / underpowered."""
+    set each test's verdict: supported / contradicted / equivalent / underpowered.
+
+    With ``looks`` (a grid that added cells until decisive), every quality test's p-values are the
+    anytime-valid ones over its earlier looks plus this one (``compare.sequential``), not the t test's.
+    Variance claims' Brown–Forsythe p-values are a family of their own (``_decide_spread``).
+    """
     tested = [f for f in findings if f.tested]
     for f in tested:
         if f.margin is None:
             f.margin = margin_for(f.metric, margins)
         f.p_tost = tost(f.effect, f.se, f.df, f.margin)
         f.mde = mde(f.se, f.df, alpha)
+        if looks is not None:
+            assert f.effect is not None and f.se is not None
+            level = alpha / len(tested)  # rho is tuned for the strictest Holm step, as the sizing is
+            history = with_look(looks.get(look_key(f.claim.id, f.group), []), look_of(f))
+            f.p_value, f.p_tost = sequential_p_values(history, f.margin, se_needed(f.margin, level), level)
+            f.procedure = SEQUENTIAL
+            f.n["looks"] = len(history)
     for f, p in zip(tested, holm([f.p_value for f in tested]), strict=True):
         f.p_adjusted = p
     for f, p in zip(tested, holm([f.p_tost for f in tested]), strict=True):
@@ -267,7 +328,32 @@ def decide(findings: list[Finding], margins: dict[str, float] | None = None, alp
             f.verdict = "underpowered"
         f.detail += (f"; MDE(80%) {f.mde:.2f}, margin ±{f.margin:g}, p={f.p_value:.3g} (Holm {f.p_adjusted:.3g}), "
                      f"TOST p={f.p_tost:.3g} (Holm {f.p_tost_adjusted:.3g})")
+        if f.procedure == SEQUENTIAL:
+            f.detail += f"; anytime-valid p over {f.n['looks']} looks"
+    _decide_spread(findings, alpha)
     return findings
+
+
+def look_of(f: Finding) -> Look:
+    """This measurement of a quality test as one look of the sequential procedure."""
+    assert f.effect is not None and f.se is not None
+    return Look(float(f.effect), float(f.se), float(f.welch_df if f.welch_df is not None else f.df or 1))
+
+
+def _decide_spread(findings: list[Finding], alpha: float) -> None:
+    """Variance claims: Holm over their Brown–Forsythe p-values; a verdict needs SPREAD_MIN_SEEDS seeds a side."""
+    spread = [f for f in findings if f.spread_p is not None]
+    for f, p in zip(spread, holm([f.spread_p for f in spread]), strict=True):
+        f.p_adjusted = p
+        enough = min(f.n["a_seeds"], f.n["b_seeds"]) >= SPREAD_MIN_SEEDS
+        if not enough:
+            f.verdict = "underpowered"
+            f.detail += f"; a verdict needs >= {SPREAD_MIN_SEEDS} seeds per side"
+        elif p < alpha:
+            f.verdict = "supported" if (f.effect or 0) > 1 else "contradicted"
+        else:
+            f.verdict = "inconclusive"
+        f.detail += f" (Holm p={p:.3g})"
 
 
 def _pairs(claim: Claim, rows: list[dict[str, Any]]) -> list[tuple[str, list[dict], list[dict]]]:
@@ -366,7 +452,10 @@ def _quality(claim: Claim, group: str, a_rows: list[dict], b_rows: list[dict], n
     df = max(1, result.n_examples - 1)
     return Finding(claim, group, result.delta, result.ci, "underpowered", detail, n, metric=metric, se=result.se,
                    df=df, p_value=t_test(result.delta, result.se, df), diffs=result.diffs,
-                   example_var=result.example_var, seed_var=result.seed_var)
+                   example_var=result.example_var, seed_var=result.seed_var, seed_vars=result.seed_vars,
+                   welch_df=welch_df(result.example_var, result.n_examples, result.seed_vars[0], len(a_rows),
+                                     result.seed_vars[1], len(b_rows)),
+                   keys=([r["key"] for r in a_rows if "key" in r], [r["key"] for r in b_rows if "key" in r]))
 
 
 def _group_seed(claim_id: str, group: str) -> int:
@@ -376,7 +465,13 @@ def _group_seed(claim_id: str, group: str) -> int:
 
 
 def _variance(claim: Claim, group: str, a_rows: list[dict], b_rows: list[dict], n_resamples: int) -> Finding:
-    """std over seeds of A minus that of B; bootstrap resamples examples (shared) and seeds (per method)."""
+    """Is A's score more spread out over seeds than B's? Brown–Forsythe on the per-seed scores.
+
+    Effect: sd_a / sd_b with a bootstrap interval (seeds resampled within each side); the p-value is the
+    Brown–Forsythe test's (``stats.spread_test``), Holm-adjusted across the report's spread tests in
+    ``decide``. With fewer than ``SPREAD_MIN_SEEDS`` seeds on a side the verdict is *underpowered* whatever
+    the data: at 3 seeds per side the test finds even a twofold SD ratio about one time in ten.
+    """
     n = {"a_seeds": len(a_rows), "b_seeds": len(b_rows)}
     if len(a_rows) < 2 or len(b_rows) < 2:
         return Finding(claim, group, verdict="inconclusive", detail="needs >= 2 seeds per method", n=n)
@@ -384,23 +479,16 @@ def _variance(claim: Claim, group: str, a_rows: list[dict], b_rows: list[dict], 
     if aligned is None:
         return Finding(claim, group, verdict="inconclusive", detail="cells share no evaluation examples", n=n)
     a, b, reduce, metric = aligned
-    rng = np.random.default_rng(0)
     count = a.shape[1]
-    weights = rng.multinomial(count, np.full(count, 1.0 / count), size=n_resamples).astype(np.float64)
-
-    def spread(stats: np.ndarray) -> tuple[float, np.ndarray]:
-        full = np.array([reduce(s.sum(0, keepdims=True), count)[0] for s in stats])
-        per_seed = np.stack([reduce(weights @ s, count) for s in stats], axis=1)  # (R, S)
-        picks = rng.integers(0, len(stats), size=per_seed.shape)
-        return float(np.std(full, ddof=1)), np.take_along_axis(per_seed, picks, axis=1).std(axis=1, ddof=1)
-
-    std_a, boot_a = spread(a)
-    std_b, boot_b = spread(b)
-    lo, hi = np.quantile(boot_a - boot_b, [0.025, 0.975])
-    ci = (float(lo), float(hi))
-    detail = (f"{metric} std over seeds: {claim.a_name} {std_a:.2f} ({len(a_rows)} seeds) vs "
-              f"{claim.b_name} {std_b:.2f} ({len(b_rows)} seeds); few seeds make this interval wide")
-    return Finding(claim, group, std_a - std_b, ci, _verdict(ci), detail, n)
+    scores = [np.array([reduce(s.sum(0, keepdims=True), count)[0] for s in side]) for side in (a, b)]
+    test = spread_test(scores[0], scores[1], n_resamples=max(n_resamples, 1000), seed=_group_seed(claim.id, group))
+    n["examples"] = count
+    detail = (f"{metric} sd over seeds: {claim.a_name} {test.sd_a:.2f} ({len(a_rows)} seeds) vs {claim.b_name} "
+              f"{test.sd_b:.2f} ({len(b_rows)} seeds); Brown–Forsythe p={test.p_value:.3g}; power to find a "
+              f"{SPREAD_RATIO:g}x sd ratio at these seeds {test.power:.0%} (F-test approximation; {test.seeds_needed} seeds "
+              "per side for 80%)")
+    return Finding(claim, group, test.ratio, test.ci, "underpowered", detail, n, metric=metric,
+                   spread_p=test.p_value)
 
 
 def _similarity_gap(claim: Claim, group: str, a_rows: list[dict], b_rows: list[dict],
@@ -488,6 +576,8 @@ def _cost(claim: Claim, group: str, a_rows: list[dict], b_rows: list[dict], n_re
     values_a = [r[claim.cost] for r in a_rows if r.get(claim.cost) is not None]
     values_b = [r[claim.cost] for r in b_rows if r.get(claim.cost) is not None]
     n = {"a_seeds": len(values_a), "b_seeds": len(values_b)}
+    if claim.cost == "forgetting" and values_a and values_b:
+        return _forgetting(claim, group, values_a, values_b, n)
     if not values_a or not values_b or not mean(values_b):
         verdict = "not measured" if claim.cost == "tuned_cpu_seconds" else "inconclusive"  # untuned grids
         return Finding(claim, group, verdict=verdict, detail=f"no {claim.cost} recorded", n=n)
@@ -502,6 +592,19 @@ def _cost(claim: Claim, group: str, a_rows: list[dict], b_rows: list[dict], n_re
               f"(ratio {ratio:.3g}; measured, no interval" + (f"; within ±{NOISE:.0%} counts as noise)"
                                                                if tolerance else ")"))
     return Finding(claim, group, ratio, None, verdict, detail, n)
+
+
+def _forgetting(claim: Claim, group: str, values_a: list[float], values_b: list[float],
+                n: dict[str, int]) -> Finding:
+    """A's forgetting (nats per token, vs the base model) minus B's: a difference, not a ratio (either may be
+    near 0 or negative); within FORGETTING_NOISE nats counts as no difference."""
+    diff = mean(values_a) - mean(values_b)
+    verdict = ("supported" if diff > FORGETTING_NOISE else "contradicted" if diff < -FORGETTING_NOISE
+               else "inconclusive")
+    detail = (f"forgetting: {claim.a_name} {mean(values_a):+.4f} vs {claim.b_name} {mean(values_b):+.4f} nats/token "
+              f"(difference {diff:+.4f}; measured on a fixed general-text probe, no interval; within "
+              f"±{FORGETTING_NOISE} counts as none)")
+    return Finding(claim, group, diff, None, verdict, detail, n)
 
 
 def summarise(findings: list[Finding]) -> dict[str, str]:
@@ -524,4 +627,8 @@ def summarise(findings: list[Finding]) -> dict[str, str]:
         else:
             out[cid] = ("not measured" if verdicts == {"not measured"}
                         else "underpowered" if "underpowered" in verdicts else "inconclusive")
+    for cid in out:  # the verdict says when a side's training had not flattened
+        moving = sorted({u.split(" (")[0] for f in findings if f.claim.id == cid for u in f.unconverged})
+        if moving:
+            out[cid] += f"; {', '.join(moving)} unconverged"
     return out

@@ -126,6 +126,8 @@ class GridConfig:
     tune: TuneSettings = field(default_factory=TuneSettings)
     margins: dict[str, float] = field(default_factory=dict)  # metric -> equivalence margin (claims' TOST)
     report: dict[str, Any] = field(default_factory=dict)  # experiment tracking of every cell (report.to)
+    until: str | None = None  # decisive: after the planned cells, add seeds/rows until every quality test is decided
+    budget: str | None = None  # cell time the additions may take (until: decisive), e.g. 3h, 90m, 600s
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,16 @@ def parse_grid(raw: dict[str, Any]) -> GridConfig:
         raise ConfigError(f"tune.sampler: {grid.tune.sampler!r}; choose auto, tpe or grid")
     if grid.tune.trials < 1 or grid.tune.dev_rows < 1:
         raise ConfigError("tune.trials and tune.dev_rows must be at least 1")
+    if grid.until is not None:
+        from tunelab.compare.adaptive import UNTIL, parse_budget
+
+        if grid.until not in UNTIL:
+            raise ConfigError(f"until: {grid.until!r}; choose {', '.join(UNTIL)} (or leave it out: the planned cells only)")
+        if grid.budget is None:
+            raise ConfigError("until: decisive needs a budget of cell time for the added cells, e.g. budget: 3h")
+        parse_budget(grid.budget)
+    elif grid.budget is not None:
+        raise ConfigError("budget: only counts with until: decisive (set it, or drop budget)")
     for metric, margin in grid.margins.items():
         if not isinstance(margin, (int, float)) or margin <= 0:
             raise ConfigError(f"margins.{metric}: expected a positive number of metric points, got {margin!r}")
@@ -517,7 +529,7 @@ def waves(cells: list[Cell]) -> list[list[Cell]]:
 
 def validate(cells: list[Cell]) -> None:
     """Run ``tunelab.run.prepare`` (method options, data files, metrics) once per distinct cell setup."""
-    from tunelab.run import prepare
+    from tunelab.prepare import prepare  # torch-free: a bad grid fails before the heavy imports
 
     seen: set[str] = set()
     for cell in cells:

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tunelab.compare.claims import evaluate_claims, summarise
+from tunelab.compare.sequential import Look, load_looks
 from tunelab.compare.store import Store
 
 
@@ -41,9 +42,11 @@ def method_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
-def claims_table(rows: list[dict[str, Any]], n_resamples: int = 1000) -> tuple[Table, int]:
-    """The claims the grid could measure, with their verdicts; and how many it could not."""
-    findings = evaluate_claims(rows, n_resamples)
+def claims_table(rows: list[dict[str, Any]], n_resamples: int = 1000,
+                 looks: dict[str, list[Look]] | None = None) -> tuple[Table, int]:
+    """The claims the grid could measure, with their verdicts; and how many it could not (``looks``: the
+    sequential tests' earlier looks, ``compare.sequential``)."""
+    findings = evaluate_claims(rows, n_resamples, looks=looks)
     verdicts = summarise(findings)
     table = Table(title="claims", title_justify="left")
     table.add_column("claim")
@@ -73,7 +76,7 @@ def print_summary(console: Console, store: Store, keys: list[str] | None = None)
         console.print("no finished cells to summarise")
         return
     console.print(method_table(rows))
-    claims, skipped = claims_table(rows)
+    claims, skipped = claims_table(rows, looks=load_looks(store.path) or None)
     if claims.row_count:
         console.print(claims)
     console.print(f"{skipped} claims not measured by this grid (no cells for one side); see the report"

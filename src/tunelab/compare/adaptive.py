@@ -1,0 +1,209 @@
+"""``until: decisive``: after the planned cells, add seeds (or test rows) where they help most, until every
+quality test is decisive or the budget is spent.
+
+Each round measures the claims (every quality test's look is recorded, ``compare.sequential``), and among
+the tests still *underpowered* prices every possible next addition by its expected reduction of their
+standard errors per second of cell time:
+
+- one more seed of a method on a group: its side's seed part of se² = example_var / rows + var_a / S_a +
+  var_b / S_b drops from var / S to var / (S + 1) (for every open test that side belongs to);
+- twice the test rows for a test's two sides, where the row term dominates its se²: the example part
+  halves; every cell of both sides is run again with ``data.max_eval`` doubled (and replaces the old ones).
+
+Reductions are counted relative to the se each test needs (``stats.se_needed``), summed over the tests a
+cell serves, and divided by the cells' expected seconds (the mean stored ``cell_seconds`` of that side).
+The verdicts of such a grid come from the anytime-valid procedure (``compare.sequential``), so stopping
+when the tests turn decisive does not inflate the false-positive rate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+from rich.console import Console
+
+from tunelab.compare.claims import ACROSS_TASKS, Finding, evaluate_claims, look_of
+from tunelab.compare.grid import Cell, with_params
+from tunelab.compare.sequential import load_looks, look_key, save_looks, with_look
+from tunelab.compare.store import Store
+from tunelab.errors import ConfigError
+from tunelab.stats import ALPHA, se_needed
+
+UNTIL = ("decisive",)
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_budget(text: str | float | int) -> float:
+    """Seconds from ``3h``, ``90m``, ``1h30m``, ``45s`` or a plain number of seconds.
+
+    >>> parse_budget("1h30m"), parse_budget("45s"), parse_budget(120)
+    (5400.0, 45.0, 120.0)
+    """
+    if (isinstance(text, (int, float)) and not isinstance(text, bool)) or re.fullmatch(r"\d+(\.\d+)?", str(text)):
+        seconds = float(text)
+    else:
+        parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smhd])", str(text).strip().lower())
+        if not parts or re.sub(r"(\d+(?:\.\d+)?)\s*([smhd])", "", str(text).strip().lower()).strip():
+            raise ConfigError(f"budget: {text!r} is not a duration; give e.g. 3h, 90m, 1h30m or 600s")
+        seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    if seconds <= 0:
+        raise ConfigError(f"budget: {text!r} must be a positive duration, e.g. 3h")
+    return seconds
+
+
+@dataclass
+class Step:
+    """The next cells to run, what they are expected to buy and cost, and the cells they replace."""
+
+    add: list[Cell]
+    gain: float  # summed over open tests: (se now − se expected) / se needed
+    seconds: float  # expected cell time of ``add``
+    reason: str
+    drop: list[str] = field(default_factory=list)  # keys of cells these replace (more test rows)
+
+    @property
+    def value(self) -> float:
+        return self.gain / max(self.seconds, 1e-9)
+
+
+def open_tests(findings: list[Finding]) -> list[Finding]:
+    """Quality tests (per group; the pooled ones follow from them) that are neither decided nor equivalent."""
+    return [f for f in findings if f.tested and f.group != ACROSS_TASKS and f.verdict == "underpowered"]
+
+
+def next_step(findings: list[Finding], rows: list[dict[str, Any]], cells: list[Cell],
+              alpha: float = ALPHA) -> Step | None:
+    """The addition with the largest expected reduction in standard error per second; None if none helps."""
+    tested = [f for f in findings if f.tested]
+    level = alpha / max(1, len(tested))
+    by_key = {c.key: c for c in cells}
+    seconds = {r["key"]: _seconds(r) for r in rows}
+    seeds: dict[tuple, Step] = {}
+    candidates: list[Step] = []
+    for f in open_tests(findings):
+        assert f.se is not None and f.margin is not None
+        target = se_needed(f.margin, level)
+        se2, n = f.se ** 2, max(f.n.get("examples", 1), 1)
+        counts = (f.n.get("a_seeds", 1), f.n.get("b_seeds", 1))
+        for keys, var, count in zip(f.keys, f.seed_vars, counts, strict=True):
+            side = [by_key[k] for k in keys if k in by_key]
+            if not side or count < 2 or var <= 0:  # one seed (e.g. a deterministic method): no seed spread to cut
+                continue
+            gain = (f.se - max(se2 - var / count + var / (count + 1), 0.0) ** 0.5) / target
+            template = side[0]
+            where = (template.method, template.task, template.train_size, template.prompt_length)
+            if where not in seeds:
+                new = reseeded(template, 1 + max(c.seed for c in cells if c.method == template.method))
+                seeds[where] = Step([new], 0.0, _mean([seconds.get(c.key) for c in side]),
+                                    f"seed {new.seed} of {template.method} on {_where(template)}")
+            seeds[where].gain += gain
+        rows_step = _more_rows(f, cells, by_key, seconds, se2, n, target)
+        if rows_step is not None:
+            candidates.append(rows_step)
+    candidates += list(seeds.values())
+    candidates = [c for c in candidates if c.gain > 0]
+    return max(candidates, key=lambda c: c.value) if candidates else None
+
+
+def _more_rows(f: Finding, cells: list[Cell], by_key: dict[str, Cell], seconds: dict[str, float | None],
+               se2: float, n: int, target: float) -> Step | None:
+    """Both sides again on twice the rows, where the example part of se² is the larger and the file has them."""
+    row_part = f.example_var / n
+    seed_part = sum(v / max(s, 1) for v, s in zip(f.seed_vars, (f.n.get("a_seeds", 1), f.n.get("b_seeds", 1)),
+                                                  strict=True))
+    side = [by_key[k] for k in (*f.keys[0], *f.keys[1]) if k in by_key]
+    if row_part <= seed_part or not side:
+        return None
+    limits = {c.config.data.max_eval for c in side}
+    if None in limits or any(n < limit for limit in limits if limit is not None):  # every row is used already
+        return None
+    new = [with_params(c, {"data.max_eval": 2 * n}) for c in side]
+    gain = (f.se - max(se2 - row_part / 2, 0.0) ** 0.5) / target
+    return Step(new, gain, sum(seconds.get(c.key) or 0.0 for c in side) * 2, f"{2 * n} test rows for "
+                f"{f.claim.test} on {f.group}", drop=[c.key for c in side])
+
+
+def reseeded(cell: Cell, seed: int) -> Cell:
+    """The same cell (tuned parameters and all) trained with another seed."""
+    return dataclasses.replace(with_params(cell, {"train.seed": seed}), seed=seed, prompt_length=cell.prompt_length)
+
+
+def _seconds(row: dict[str, Any]) -> float | None:
+    for name in ("cell_seconds", "cpu_seconds"):
+        if row.get(name):
+            return float(row[name])
+    if row.get("train_seconds") is not None:
+        return float(row["train_seconds"]) + float(row.get("eval_seconds") or 0.0)
+    return None
+
+
+def _mean(values: list[float | None]) -> float:
+    known = [v for v in values if v is not None]
+    return mean(known) if known else 1.0
+
+
+def _where(cell: Cell) -> str:
+    parts = [cell.task] + ([f"n={cell.train_size}"] if cell.train_size is not None else []) + (
+        [f"len={cell.prompt_length}"] if cell.prompt_length is not None else [])
+    return " ".join(parts)
+
+
+@dataclass
+class Outcome:
+    cells: list[Cell]  # the planned cells plus those added (minus those replaced by more rows)
+    rounds: int = 0
+    seconds: float = 0.0  # cell time spent on additions
+    stopped: str = ""  # why it stopped
+
+
+def until_decisive(store: Store, store_path: Path, cells: list[Cell], budget: float,
+                   run: Callable[[list[Cell]], Any], console: Console, n_resamples: int = 1000) -> Outcome:
+    """Add cells (``next_step``) and run them (``run``) until no quality test is underpowered or ``budget``
+    seconds of cell time are spent; every round's measurement is a look of the sequential tests."""
+    looks = load_looks(store_path)
+    outcome = Outcome(list(cells))
+    while True:
+        rows = _done_rows(store, outcome.cells)
+        findings = evaluate_claims(rows, n_resamples, store.margins(), looks=looks)
+        for f in findings:
+            if f.tested:
+                key = look_key(f.claim.id, f.group)
+                looks[key] = with_look(looks.get(key, []), look_of(f))
+        save_looks(store_path, looks)
+        waiting = open_tests(findings)
+        if not waiting:
+            outcome.stopped = "every quality test is decisive"
+            break
+        step = next_step(findings, rows, outcome.cells)
+        if step is None:
+            outcome.stopped = f"{len(waiting)} test(s) still underpowered; no seed or row can narrow them"
+            break
+        if outcome.seconds + step.seconds > budget:
+            outcome.stopped = (f"budget: {len(waiting)} test(s) still underpowered; the next addition ({step.reason}, "
+                               f"~{step.seconds:.0f}s) would pass the budget")
+            break
+        console.print(f"until decisive: {len(waiting)} test(s) underpowered; adding {step.reason} "
+                      f"(expected se cut {step.gain:.3f} of the target, ~{step.seconds:.0f}s)", highlight=False)
+        run(step.add)
+        added = {r["key"]: r for r in _done_rows(store, step.add, status=None)}
+        outcome.seconds += sum(_seconds(r) or 0.0 for r in added.values())
+        outcome.rounds += 1
+        if not any(r["status"] == "done" for r in added.values()):
+            outcome.stopped = f"the added cells failed ({step.reason}); stopping"
+            break
+        outcome.cells = [c for c in outcome.cells if c.key not in step.drop] + step.add
+    console.print(f"until decisive: {outcome.rounds} round(s), {outcome.seconds:.0f}s of cells; {outcome.stopped}",
+                  highlight=False)
+    return outcome
+
+
+def _done_rows(store: Store, cells: list[Cell], status: str | None = "done") -> list[dict[str, Any]]:
+    tags = store.task_tags()
+    return [{**r.data, "tags": tags.get(r.data["task"], [])}
+            for r in store.rows(status=status, keys=[c.key for c in cells])]

@@ -1,0 +1,156 @@
+"""``until: decisive``: seeds added where they narrow the open tests most, under the sequential procedure.
+
+No cell trains here: ``run`` writes synthetic store rows (per-example scores drawn from the cell's
+method and seed), so the loop, the planner, the looks and the report are tested in milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from tunelab.compare.adaptive import next_step, parse_budget, reseeded, until_decisive
+from tunelab.compare.claims import evaluate_claims
+from tunelab.compare.grid import expand, parse_grid
+from tunelab.compare.sequential import load_looks
+from tunelab.compare.store import Store
+from tunelab.config import to_dict
+from tunelab.errors import ConfigError
+
+ROWS = 150
+
+
+def _grid(seeds=(0, 1, 2)):
+    return parse_grid({"name": "g", "model": {"name": "tiny"}, "data": {"max_eval": ROWS},
+                       "methods": [{"name": "ipt", "label": "ipt"}, {"name": "prompt_tuning", "label": "pt"}],
+                       "tasks": ["date_format"], "seeds": list(seeds), "until": "decisive", "budget": "1h"})
+
+
+def _record(store: Store, tmp: Path, cell, gain: float, seed_sd: dict[str, float], seconds: float = 10.0) -> None:
+    """A finished cell: exact match per row; the method's mean plus a seed effect, plus shared row difficulty."""
+    rng = np.random.default_rng(1000 * (cell.method == "pt") + cell.seed)
+    difficulty = np.random.default_rng(7).uniform(0.2, 0.8, ROWS)  # the same rows for every cell
+    shift = (gain if cell.method == "ipt" else 0.0) + rng.normal(0, seed_sd[cell.method])
+    scores = 100.0 * (rng.random(ROWS) < np.clip(difficulty + shift, 0, 1))
+    path = tmp / f"{cell.key}.jsonl"
+    path.write_text("".join(json.dumps({"id": f"e{i}", "scores": {"exact_match": s}}) + "\n"
+                            for i, s in enumerate(scores)))
+    store.record({**cell.coords(), "key": cell.key, "grid": "g", "config": to_dict(cell.config), "status": "done",
+        "primary_metric": "exact_match", "quality": float(scores.mean()), "predictions": str(path),
+        "metrics": {"exact_match": float(scores.mean())}, "cell_seconds": seconds, "train_seconds": seconds,
+        "eval_seconds": 0.0, "out_dir": str(tmp), "unseen": 0})
+
+
+def _setup(tmp_path, gain, seed_sd, seeds=(0, 1, 2)):
+    cells = expand(_grid(seeds))
+    store = Store(tmp_path / "results.sqlite")
+    for cell in cells:
+        _record(store, tmp_path, cell, gain, seed_sd)
+    ran: list = []
+
+    def run(more):
+        ran.extend(more)
+        for cell in more:
+            _record(store, tmp_path, cell, gain, seed_sd)
+
+    return cells, store, run, ran
+
+
+def test_seeds_are_added_until_a_real_gain_is_decided_sequentially(tmp_path):
+    cells, store, run, ran = _setup(tmp_path, gain=0.06, seed_sd={"ipt": 0.05, "pt": 0.05})
+    rows = [r.data for r in store.rows()]
+    (before,) = [f for f in evaluate_claims(rows, 300) if f.claim.id == "ipt_beats_pt"]
+    assert before.verdict == "underpowered"
+    outcome = until_decisive(store, tmp_path / "results.sqlite", cells, 3600, run, Console(quiet=True), 300)
+    assert outcome.stopped == "every quality test is decisive" and ran and outcome.rounds == len(ran)
+    assert all(c.seed > 2 for c in ran) and len({c.key for c in outcome.cells}) == len(outcome.cells)
+    looks = load_looks(tmp_path / "results.sqlite")["ipt_beats_pt|date_format"]
+    assert len(looks) == outcome.rounds + 1  # the planned cells, then one look per addition
+    final = evaluate_claims([r.data for r in store.rows()], 300, looks=load_looks(tmp_path / "results.sqlite"))
+    (test,) = [f for f in final if f.claim.id == "ipt_beats_pt"]
+    assert test.verdict == "supported" and test.procedure == "sequential" and test.n["looks"] == len(looks)
+    assert outcome.seconds == pytest.approx(10.0 * len(ran))
+
+
+def test_the_budget_stops_the_additions(tmp_path):
+    cells, store, run, ran = _setup(tmp_path, gain=0.06, seed_sd={"ipt": 0.05, "pt": 0.05})
+    outcome = until_decisive(store, tmp_path / "results.sqlite", cells, 25, run, Console(quiet=True), 300)
+    assert len(ran) == 2 and outcome.stopped.startswith("budget")  # 10 s a cell: a third would pass 25 s
+
+
+def test_the_noisier_side_gets_the_next_seed(tmp_path):
+    cells, store, _, _ = _setup(tmp_path, gain=0.0, seed_sd={"ipt": 0.01, "pt": 0.12})
+    rows = [r.data for r in store.rows()]
+    step = next_step(evaluate_claims(rows, 300), rows, cells)
+    assert step is not None and [c.method for c in step.add] == ["pt"] and step.add[0].seed == 3
+    assert step.add[0].key not in {c.key for c in cells}
+
+
+def test_a_cheaper_side_wins_at_equal_noise(tmp_path):
+    cells, store, _, _ = _setup(tmp_path, gain=0.0, seed_sd={"ipt": 0.08, "pt": 0.08})
+    rows = [r.data for r in store.rows()]
+    for r in rows:  # IPT cells took 50x longer
+        r["cell_seconds"] = 500.0 if r["method"] == "ipt" else 10.0
+    step = next_step(evaluate_claims(rows, 300), rows, cells)
+    assert step is not None and step.add[0].method == "pt"
+
+
+def test_more_rows_when_the_row_term_dominates(tmp_path):
+    """No seed spread at all: only more test rows can narrow the interval; both sides rerun on twice the rows."""
+    cells, store, _, _ = _setup(tmp_path, gain=0.0, seed_sd={"ipt": 0.0, "pt": 0.0}, seeds=(0,))
+    rows = [r.data for r in store.rows()]
+    step = next_step(evaluate_claims(rows, 300), rows, cells)
+    assert step is not None and "300 test rows" in step.reason and sorted(step.drop) == sorted(c.key for c in cells)
+    assert {c.config.data.max_eval for c in step.add} == {2 * ROWS}
+
+
+def test_reseeded_cell_is_the_same_config_with_another_seed():
+    cell = expand(_grid())[0]
+    other = reseeded(cell, 9)
+    assert other.seed == 9 and other.config.train.seed == 9 and other.key != cell.key
+    assert other.config.method == cell.config.method and other.prompt_length == cell.prompt_length
+
+
+def test_grid_keys_and_budget_are_checked():
+    assert parse_budget("3h") == 10800 and parse_budget("90m") == 5400
+    for bad in ("3 hours", "-1", "0"):
+        with pytest.raises(ConfigError, match="budget"):
+            parse_budget(bad)
+    with pytest.raises(ConfigError, match="needs a budget"):
+        parse_grid({"methods": ["icl"], "tasks": ["date_format"], "until": "decisive"})
+    with pytest.raises(ConfigError, match="until: 'soon'"):
+        parse_grid({"methods": ["icl"], "tasks": ["date_format"], "until": "soon", "budget": "1h"})
+
+
+def test_compare_with_until_decisive_adds_cells_and_reports_them_as_sequential(tmp_path, monkeypatch):
+    """The wiring in ``compare``: run_grid (faked: synthetic rows, no training) for the plan, then the additions."""
+    import yaml
+
+    import tunelab.compare as compare_module
+    from tunelab.compare.runner import GridSummary
+
+    grid = {"name": "g", "model": {"name": "tiny"}, "data": {"max_eval": ROWS}, "train": {"steps": 2},
+            "methods": [{"name": "ipt", "label": "ipt"}, {"name": "prompt_tuning", "label": "pt"}],
+            "tasks": ["date_format"], "seeds": [0, 1, 2]}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    out = tmp_path / "out"
+    batches: list[list] = []
+
+    def fake_run_grid(grid, cells, store, out_dir, **kwargs):
+        batches.append(list(cells))
+        for cell in cells:
+            _record(store, tmp_path, cell, 0.1, {"ipt": 0.05, "pt": 0.05})
+        return GridSummary(done=len(cells))
+
+    monkeypatch.setattr(compare_module, "run_grid", fake_run_grid)
+    outcome = compare_module.compare(path, out, overrides=["until=decisive", "budget=10m"], progress=False,
+                                     console=Console(quiet=True))
+    assert len(batches) > 1 and all(len(b) == 1 for b in batches[1:])  # the plan, then one cell at a time
+    assert outcome.summary.done == sum(len(b) for b in batches) == len(outcome.cells)
+    report = outcome.report_md.read_text()
+    assert "| sequential |" in report and "supported" in report
