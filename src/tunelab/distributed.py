@@ -10,7 +10,11 @@ Precision: ``train.precision`` = ``fp32`` | ``bf16`` | ``auto``. bf16 means auto
 optimizer state stay fp32; matmuls run in bf16). ``auto`` picks bf16 where it is fast: on CUDA when
 the device supports it, on a CPU when it has bf16 units (the ``avx512_bf16`` / ``amx_bf16`` flags: ~3.7x
 fp32's GEMM speed measured here; CPUs without are up to 40x slower, MODELS.md). The flags make the choice
-the same in every process of a machine; where they cannot be read, a short GEMM probe decides.
+the same in every process of a machine; where they cannot be read, a short GEMM probe decides. ``fast_bf16`` is
+that one decision, for training's autocast and for inference's bf16 weights (``tunelab.precision``) alike.
+
+GPUs (docs/gpu.md): ``resolve_device`` applies ``TUNELAB_GPU_MEMORY_FRACTION`` (set by ``tunelab compare`` for
+a cell sharing its card with others) through ``torch.cuda.set_per_process_memory_fraction``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import contextlib
 import functools
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +65,17 @@ def cpu_has_fast_bf16() -> bool:
     return any(flag in flags for flag in BF16_CPU_FLAGS)
 
 
+def fast_bf16(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 matmuls fast: the one answer behind ``auto`` for training (autocast) and for
+    inference (bf16 weights, ``tunelab.precision``). CUDA with bf16 support (Ampere and later); a CPU with bf16
+    units; nothing else."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        return cpu_has_fast_bf16()
+    return False
+
+
 def default_device() -> torch.device:
     """cuda (this process's GPU under a launcher), then mps, then cpu."""
     if torch.cuda.is_available():
@@ -70,11 +86,47 @@ def default_device() -> torch.device:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``model.device``: ``auto`` = ``default_device()``; anything else as torch spells it."""
+    """``model.device``: ``auto`` = ``default_device()``; anything else as torch spells it. On CUDA this
+    process's share of the card is applied here (``cap_memory``), before anything is allocated on it."""
     try:
-        return default_device() if name == "auto" else torch.device(name)
+        device = default_device() if name == "auto" else torch.device(name)
     except RuntimeError as exc:
         raise TunelabError(f"model.device={name!r}: {exc}") from None
+    cap_memory(device)
+    return device
+
+
+# set by `tunelab compare` for a cell that shares its GPU with others (compare.backends.pin): 1/N of the card
+MEMORY_FRACTION_ENV = "TUNELAB_GPU_MEMORY_FRACTION"
+
+
+def cap_memory(device: torch.device, env: Mapping[str, str] | None = None) -> float | None:
+    """Cap this process's CUDA caching allocator at ``TUNELAB_GPU_MEMORY_FRACTION`` of ``device``'s memory
+    (``torch.cuda.set_per_process_memory_fraction``: going past it is an out-of-memory error in this cell only,
+    not in the others sharing the card); the fraction applied, or None (not CUDA, or no share set)."""
+    value = (os.environ if env is None else env).get(MEMORY_FRACTION_ENV)
+    if device.type != "cuda" or not value:
+        return None
+    try:
+        fraction = float(value)
+    except ValueError:
+        fraction = -1.0
+    if not 0 < fraction <= 1:
+        raise TunelabError(f"{MEMORY_FRACTION_ENV}={value!r}: give a fraction of the GPU's memory in (0, 1]")
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    return fraction
+
+
+def describe(device: torch.device) -> dict[str, Any]:
+    """What tunelab chose for ``device`` (benchmarks and GPU checks record it): its name, what ``auto`` picks
+    for training (autocast) and for inference (weights), and the attention prefill uses."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    auto = "bf16" if fast_bf16(device) else "fp32"
+    # rowattention's per-row prefill fixes the CPU SDPA kernel's batch dependence; elsewhere transformers' SDPA
+    # (flash / memory-efficient kernels on CUDA, as PyTorch dispatches them)
+    attention = "tunelab_rows (per-row SDPA)" if device.type == "cpu" else "sdpa (transformers' choice)"
+    return {"device": str(device), "name": name, "train_precision_auto": auto, "inference_precision_auto": auto,
+            "attention": attention, "torch": torch.__version__}
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -83,11 +135,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         raise TunelabError(f"train.precision={precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu":
-        return "bf16" if cpu_has_fast_bf16() else "fp32"
-    return "fp32"
+    return "bf16" if fast_bf16(device) else "fp32"
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:

@@ -26,7 +26,7 @@ computed by the same function as the module hooks of the transformers forward. G
 
 ``stepper`` prefers the native step (``mode("native")``, the default): the same layers in one compiled call
 (``tunelab.native``), batch-invariant by construction and 2x faster at batch 1; this module's PyTorch step
-(``mode("lean")``) runs where that kernel cannot (no C compiler, no AVX-512, other dtypes).
+(``mode("lean")``) runs where that kernel cannot (no C compiler, ``TUNELAB_NATIVE=0``, other dtypes).
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ class _Linear:
 
 
 def _prepare(weight: torch.Tensor, bias: torch.Tensor | None, pack: bool) -> _Linear:
-    n = -(-weight.shape[1] // MAX_K)  # ceil
+    # the split is for oneDNN's CPU kernels; on a GPU it would only add kernel launches (one matmul per weight)
+    n = -(-weight.shape[1] // MAX_K) if weight.device.type == "cpu" else 1  # ceil
     width = -(-weight.shape[1] // n)
     chunks = [c.contiguous() for c in weight.detach().split(width, dim=1)]
     if pack:
@@ -182,6 +183,8 @@ def supports(model) -> bool:
     if not hasattr(body, "rotary_emb") or not hasattr(body, "norm"):
         return False
     for layer in getattr(body, "layers", ()):
+        if type(getattr(layer, "self_attn", None)).__name__ != "LlamaAttention":
+            return False  # e.g. peft's adaption prompt wraps the attention module itself
         for name in _PROJECTIONS:
             module = layer.get_submodule(name)
             if type(module) is not torch.nn.Linear and not _peft_lora(module):  # quantised layers, DoRA, ...
@@ -376,6 +379,16 @@ def _deltas(lora: dict[str, torch.nn.Module], provider, slots) -> Deltas | None:
     return deltas
 
 
+def backend(chosen: str, device: torch.device) -> str:
+    """The step that runs under mode ``chosen`` for a model on ``device``: the native C step reads CPU memory
+    only, so a model anywhere else (CUDA) gets the PyTorch step, whose ops run on any device.
+
+    >>> backend("native", torch.device("cuda", 0)), backend("native", torch.device("cpu"))
+    ('lean', 'native')
+    """
+    return "lean" if chosen == "native" and device.type != "cpu" else chosen
+
+
 def stepper(model, cache) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, object], torch.Tensor] | None:
     """``(tokens, mask, positions, cache) -> logits`` for the selected mode when it covers ``model`` and
     ``cache`` (all ``kvcache.PreallocatedLayer``s), else None: use the transformers forward. Per-row weight
@@ -386,7 +399,7 @@ def stepper(model, cache) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor,
     from tunelab.kvcache import PreallocatedLayer
     from tunelab.modeling import current_row_slots, row_deltas
 
-    chosen = _MODE.get()
+    chosen = backend(_MODE.get(), model.get_input_embeddings().weight.device)
     layers = getattr(cache, "layers", None)
     provider = row_deltas(model)
     if current_row_slots() is not None and provider is None:  # the lean step would skip the hooks' deltas

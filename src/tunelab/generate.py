@@ -69,7 +69,12 @@ def _next_tokens(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.G
     if cfg.top_p < 1.0:
         sorted_p, order = probs.sort(-1, descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < cfg.top_p
+        keep[..., 0] = True  # the most probable token always stays (a top_p below float32's least is 0 here)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
+    if generator is not None and generator.device != probs.device:
+        # a seeded CPU generator (eval, serve) with a model on CUDA: draw where the generator is, so a seed
+        # gives the same draws on either device (and multinomial refuses a generator of another device)
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(probs.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from tunelab.models import model_spec
+from tunelab.models import model_spec, random_weights
 from tunelab.paths import atomic_write_json, atomic_write_text
 
 PEFT_CONFIG = "adapter_config.json"
@@ -116,8 +116,8 @@ def _weights_line(base_model: str) -> str:
 
 
 def _load_hint(base_model: str) -> str:
-    if base_model == "tiny":
-        return '`tunelab.models.load_model("tiny", seed=SEED)`, SEED = the run\'s train.seed'
+    if random_weights(base_model):  # tiny and the random: entries: rebuilt from the seed, nothing to download
+        return f'`tunelab.models.load_model("{base_model}", seed=SEED)`, SEED = the run\'s train.seed'
     if model_spec(base_model) is not None:
         return (f'`AutoModelForCausalLM.from_pretrained(tunelab.models.model_dir("{base_model}"))`, '
                 "tunelab's local copy")

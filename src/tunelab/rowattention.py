@@ -8,7 +8,7 @@ attended keys and real queries, with its own mask: the call a row alone makes, w
 The projections and MLPs around it are already row-count invariant in bf16 (measured), so bf16 generation
 prefills every row to the bits of its one-by-one prefill (tests/test_generate.py, real model).
 
-Everywhere else (training, scoring, no ``exact_rows``) it is transformers' SDPA unchanged. ``install`` sets it
+Everywhere else (training, scoring, no ``exact_rows``, a model on CUDA) it is transformers' SDPA unchanged. ``install`` sets it
 on full-attention Llama models loaded through ``models.load_model``.
 """
 
@@ -38,10 +38,10 @@ def exact_rows() -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
-def _allowed(mask: torch.Tensor | None, batch: int, q: int, k: int) -> torch.Tensor:
+def _allowed(mask: torch.Tensor | None, batch: int, q: int, k: int, device: torch.device) -> torch.Tensor:
     """(B, Q, K) bool: which key each query attends (SDPA's mask, or causal where transformers passes none)."""
     if mask is None:
-        return torch.ones(q, k, dtype=torch.bool, device="cpu").tril(k - q).expand(batch, q, k)
+        return torch.ones(q, k, dtype=torch.bool, device=device).tril(k - q).expand(batch, q, k)
     mask = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] == 0
     return mask.expand(batch, q, k)
 
@@ -53,12 +53,14 @@ def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     ((B, Q, H, D), None)."""
     batch, heads, q, dim = query.shape
     k = key.shape[2]
-    if not _ACTIVE.get() or torch.is_grad_enabled() or \
+    # CPU only: the batch dependence it removes is the CPU kernel's; on CUDA transformers' SDPA runs (flash /
+    # memory-efficient kernels), whose per-row loop here would serialise a batch's prefill
+    if not _ACTIVE.get() or torch.is_grad_enabled() or query.device.type != "cpu" or \
             any(kwargs.get(name) is not None for name in ("softcap", "s_aux", "sliding_window")):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     # a row alone takes this path too (not SDPA's unmasked causal kernel): the same call, batched or not
-    allowed = _allowed(attention_mask, batch, q, k).to(query.device)
+    allowed = _allowed(attention_mask, batch, q, k, query.device).to(query.device)
     keys_of = allowed[:, -1]  # the last query is a real token (left padding) and sees every key its row attends
     if not bool(keys_of.any(-1).all()):  # not a left-padded causal batch: transformers' SDPA
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

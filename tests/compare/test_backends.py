@@ -100,3 +100,71 @@ def test_a_cell_whose_ray_worker_kept_dying_is_stored_with_why():
 
     message = _ray_error(ray.exceptions.WorkerCrashedError(), retries=3)
     assert message.startswith("the Ray worker running the cell died 4 times (WorkerCrashedError")
+
+
+_four = threading.Barrier(4, timeout=30)
+
+
+def _together(i: int, *, gpus: list[str] | None) -> tuple[list[str] | None, float | None]:
+    _four.wait()  # all four units hold their GPU at once
+    return gpus, getattr(gpus, "memory_fraction", None)
+
+
+def test_one_gpu_runs_several_cells_at_once_each_capped_at_its_share(monkeypatch):
+    import torch
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one card, no CUDA_VISIBLE_DEVICES
+    backend = LocalBackend(workers=4)
+    for i in range(4):
+        backend.submit(i, _together, i, resources=backend.defaults())
+    got = [d.value for d in backend.results()]
+    backend.close()
+    assert got == [(["0"], 0.25)] * 4
+
+
+def test_several_gpus_pin_one_cell_per_card_with_no_cap():
+    backend = LocalBackend(workers=4, gpu_ids=["0", "1", "2", "3"])
+    for i in range(4):
+        backend.submit(i, _together, i, resources=backend.defaults())
+    got = [d.value for d in backend.results()]
+    backend.close()
+    assert sorted(ids[0] for ids, _ in got) == ["0", "1", "2", "3"] and {f for _, f in got} == {None}
+
+
+def test_a_shared_pool_spreads_cells_and_gives_multi_gpu_cells_whole_cards():
+    pool = GpuPool(["0", "1"], share=2)
+    a, b, c = pool.acquire(1), pool.acquire(1), pool.acquire(1)
+    assert [a, b, c] == [["0"], ["1"], ["0"]] and a.memory_fraction == 0.5  # least loaded card first
+    assert pool.free == []
+    pool.release(a), pool.release(b)
+    assert pool.free == ["1"]  # card 0 still runs c
+    pool.release(c)
+    whole = pool.acquire(2)
+    assert whole == ["0", "1"] and whole.memory_fraction is None and pool.free == []
+    pool.release(whole)
+    assert pool.free == ["0", "1"]
+
+
+def test_pin_sets_the_cells_gpus_and_share_and_clears_an_inherited_share():
+    from tunelab.compare.backends import Gpus, pin, ray_gpus
+    from tunelab.distributed import MEMORY_FRACTION_ENV
+
+    env = {MEMORY_FRACTION_ENV: "0.5"}  # left by another cell in a forked child
+    pin(["1"], env)
+    assert env == {"CUDA_VISIBLE_DEVICES": "1"}
+    pin(Gpus(["0"], memory_fraction=1 / 3), env)
+    assert env == {"CUDA_VISIBLE_DEVICES": "0", MEMORY_FRACTION_ENV: "0.333333"}
+    pin(None, env)  # no GPUs on the machine: left alone
+    assert env["CUDA_VISIBLE_DEVICES"] == "0"
+    # Ray: a task with num_gpus=0.25 shares its card, capped at a quarter; whole GPUs are its own
+    assert ray_gpus(["0"], 0.25).memory_fraction == 0.25 and ray_gpus(["0"], 1).memory_fraction is None
+
+
+def test_the_share_survives_the_trip_to_the_cells_process():
+    import pickle
+
+    from tunelab.compare.backends import Gpus
+
+    back = pickle.loads(pickle.dumps(Gpus(["0"], memory_fraction=0.25)))
+    assert back == ["0"] and back.memory_fraction == 0.25

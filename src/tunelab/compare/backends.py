@@ -3,8 +3,15 @@
 A backend takes callables with the resources each needs and hands results back as they finish, so the
 grid runner (cells) and the tuning trials use one scheduler. The contract of a submitted callable:
 it is a module-level function (Ray pickles it by reference), it takes a keyword ``gpus`` (the device
-ids it may use: ``[]`` = none, ``None`` = the machine has none to pin) and returns a picklable value. Only
+ids it may use: ``[]`` = none, ``None`` = the machine has none to pin; a ``Gpus`` list, which also says
+what share of a card's memory the unit may take when it shares the card) and returns a picklable value. Only
 the caller, in the driver process, acts on the results (the grid writes every store row itself).
+
+GPUs (docs/gpu.md): with ``--workers N`` and G visible GPUs, each card takes ceil(N / G) cells at once; a cell
+on a shared card is capped at that share of its memory (``pin`` -> ``distributed.cap_memory``:
+``torch.cuda.set_per_process_memory_fraction``), so one GPU runs N small cells side by side, and N GPUs run
+one cell each. A cell asking for several GPUs (``resources.gpus: 2``) takes whole, unshared cards. On Ray a
+fractional ``num_gpus`` (``resources.gpus: 0.25``) shares a card the same way, capped at that fraction.
 
 >>> backend = LocalBackend(workers=2)                        # doctest: +SKIP
 >>> backend.submit("a", fn, 1, resources=Resources(gpus=1))  # doctest: +SKIP
@@ -13,10 +20,11 @@ the caller, in the driver process, acts on the results (the grid writes every st
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -109,26 +117,73 @@ def _cuda_device_count() -> int:
         return 0
 
 
-class GpuPool:
-    """Hands each running unit its own GPUs and takes them back when it ends (blocking while none are free)."""
+class Gpus(list):
+    """The GPU ids handed to one unit (a ``list[str]``, as every callable takes them) and, on a card it shares
+    with other units, the fraction of the card's memory it may use (None: the cards are its own)."""
 
-    def __init__(self, ids: Sequence[str]) -> None:
-        self.free = list(ids)
-        self.size = len(self.free)
+    def __init__(self, ids: Sequence[str] = (), memory_fraction: float | None = None) -> None:
+        super().__init__(ids)
+        self.memory_fraction = memory_fraction
+
+
+def pin(gpus: Sequence[str] | None, env: MutableMapping[str, str]) -> None:
+    """Set a unit's process environment before torch touches CUDA: only its GPUs visible, and its memory share
+    (``distributed.MEMORY_FRACTION_ENV``, applied when the run resolves its device) where it shares a card.
+
+    >>> env = {}; pin(Gpus(["0"], memory_fraction=0.25), env); env
+    {'CUDA_VISIBLE_DEVICES': '0', 'TUNELAB_GPU_MEMORY_FRACTION': '0.25'}
+    """
+    from tunelab.distributed import MEMORY_FRACTION_ENV
+
+    if gpus is None:  # a machine without GPUs: nothing to pin
+        return
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    fraction = getattr(gpus, "memory_fraction", None)
+    if fraction:
+        env[MEMORY_FRACTION_ENV] = f"{fraction:.6g}"
+    else:
+        env.pop(MEMORY_FRACTION_ENV, None)  # a forked child may have inherited another cell's share
+
+
+class GpuPool:
+    """Hands each running unit its GPUs and takes them back when it ends (blocking while none are free).
+
+    ``share``: units one card may run at once. A unit asking for one GPU takes a place on the least loaded
+    card, capped at 1/share of its memory; a unit asking for several takes whole cards nobody uses.
+    """
+
+    def __init__(self, ids: Sequence[str], share: int = 1) -> None:
+        self.ids = list(ids)
+        self.size = len(self.ids)
+        self.share = max(1, share)
+        self._load = dict.fromkeys(self.ids, 0)  # units running on each card
         self._cond = threading.Condition()
 
-    def acquire(self, n: int) -> list[str]:
+    @property
+    def free(self) -> list[str]:
+        """Cards no unit is using."""
+        return [g for g in self.ids if not self._load[g]]
+
+    def acquire(self, n: int) -> Gpus:
         """``n`` distinct GPU ids, lowest first; waits for running units to release theirs."""
         if n > self.size:
             raise TunelabError(f"a cell asks for {n} GPUs but this machine shows {self.size}; lower resources.gpus")
         with self._cond:
+            if n == 1 and self.share > 1:
+                self._cond.wait_for(lambda: min(self._load.values()) < self.share)
+                card = min(self.ids, key=lambda g: self._load[g])  # least loaded; the lowest id on a tie
+                self._load[card] += 1
+                return Gpus([card], memory_fraction=1 / self.share)
             self._cond.wait_for(lambda: len(self.free) >= n)
-            taken, self.free = self.free[:n], self.free[n:]
-            return taken
+            taken = self.free[:n]
+            for g in taken:
+                self._load[g] = self.share  # whole cards: nobody shares them
+            return Gpus(taken)
 
     def release(self, ids: Sequence[str]) -> None:
         with self._cond:
-            self.free.extend(ids)
+            for g in ids:
+                self._load[g] -= 1 if len(ids) == 1 and self.share > 1 else self.share
             self._cond.notify_all()
 
 
@@ -136,7 +191,8 @@ class GpuPool:
 
 
 class LocalBackend:
-    """Up to ``workers`` units at once on this machine, each on its own GPU(s) where there are GPUs.
+    """Up to ``workers`` units at once on this machine, each on its own GPU(s) where there are GPUs, or on a
+    share of one when there are more workers than GPUs (ceil(workers / GPUs) per card, memory-capped).
 
     Each thread only waits on its unit; the grid's cells isolate themselves in child processes, so a
     crashed cell is an error result, not a dead pool (nothing to retry: a cell killed for memory would
@@ -147,7 +203,8 @@ class LocalBackend:
 
     def __init__(self, workers: int = 1, gpu_ids: Sequence[str] | None = None) -> None:
         self.workers = max(1, workers)
-        self.gpus = GpuPool(visible_gpus() if gpu_ids is None else gpu_ids)
+        ids = visible_gpus() if gpu_ids is None else list(gpu_ids)
+        self.gpus = GpuPool(ids, share=math.ceil(self.workers / len(ids)) if ids else 1)
         self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="tunelab-cell")
         self._futures: dict[Future[Any], Any] = {}
 
@@ -157,14 +214,14 @@ class LocalBackend:
     def submit(self, tag: Any, fn: Callable[..., Any], *args: Any, resources: Resources, **kwargs: Any) -> None:
         gpus = resources.gpus or 0
         if gpus != int(gpus):
-            raise ConfigError(f"resources.gpus: {gpus} GPUs; the local pool pins whole GPUs (use --backend ray "
-                              "to share one)")
+            raise ConfigError(f"resources.gpus: {gpus} GPUs; the local pool pins whole GPUs (--workers N with "
+                              "fewer GPUs shares each card between cells; --backend ray takes fractions)")
         self._futures[self._pool.submit(self._call, int(gpus), fn, args, kwargs)] = tag
 
     def _call(self, n: int, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not self.gpus.size:  # a machine without GPUs: nothing to pin
             return fn(*args, gpus=None, **kwargs)
-        ids = self.gpus.acquire(n) if n else []  # [] hides the GPUs from a cell that asked for none
+        ids = self.gpus.acquire(n) if n else Gpus()  # [] hides the GPUs from a cell that asked for none
         try:
             return fn(*args, gpus=ids, **kwargs)
         finally:
@@ -195,10 +252,21 @@ def _import_ray() -> Any:
 
 
 def _ray_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Body of every Ray task: Ray has set CUDA_VISIBLE_DEVICES to the task's GPUs; pass them on."""
+    """Body of every Ray task: Ray has set CUDA_VISIBLE_DEVICES to the task's GPUs; pass them on, with the
+    fraction of a card a fractional ``num_gpus`` asked for (Ray schedules fractions but caps no memory)."""
     import ray
 
-    return fn(*args, gpus=[str(g) for g in ray.get_gpu_ids()], **kwargs)
+    assigned = ray.get_runtime_context().get_assigned_resources().get("GPU", 0)
+    return fn(*args, gpus=ray_gpus([str(g) for g in ray.get_gpu_ids()], assigned), **kwargs)
+
+
+def ray_gpus(ids: Sequence[str], assigned: float) -> Gpus:
+    """A Ray task's GPUs: a share of one card (``num_gpus`` < 1) caps its memory at that share.
+
+    >>> ray_gpus(["0"], 0.25).memory_fraction, ray_gpus(["0", "1"], 2).memory_fraction
+    (0.25, None)
+    """
+    return Gpus(ids, memory_fraction=assigned if 0 < assigned < 1 else None)
 
 
 class RayBackend:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from tunelab.compare.backends import pin
 from tunelab.config import RunConfig, to_dict
 
 CONFIG_FILE = "cell.yaml"
@@ -43,8 +44,7 @@ def launch_cell(cfg: RunConfig, processes: int, gpus: list[str] | None) -> str |
     config = out / CONFIG_FILE
     config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     env = dict(os.environ)
-    if gpus is not None:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    pin(gpus, env)  # its GPUs, and its share of a card it shares
     if cfg.model.threads:
         env["OMP_NUM_THREADS"] = str(cfg.model.threads)  # per process; torchrun would otherwise pick 1
     with open(out / LOG_FILE, "w") as log:

@@ -16,6 +16,7 @@ import numpy as np
 from tunelab.compare import plots
 from tunelab.compare.claims import CLAIMS, evaluate_claims, summarise
 from tunelab.compare.examples import SIMILARITY_KEY, mean_by_id, read_predictions
+from tunelab.compare.sequential import Look, load_looks
 from tunelab.compare.store import Store
 from tunelab.paths import atomic_write_bytes, atomic_write_text
 
@@ -57,15 +58,18 @@ def build_report(store: Store, keys: list[str] | None = None, n_resamples: int =
         commits = Counter(r["git_commit"] or "unknown" for r in done)  # a resumed grid can span commits
         facts.append(f"model: {first['config']['model']['name']}; git commit: "
                      + ", ".join(f"{c} ({n} cells)" if len(commits) > 1 else c for c, n in commits.most_common()))
+        from tunelab.models import random_weights  # here: the report needs transformers for nothing else
+
+        if any(random_weights(r["config"]["model"]["name"]) for r in done):
+            facts.append("**quality is not meaningful**: random-weight model (tunelab.models); only speed and "
+                         "cost figures hold")
         versions = first.get("versions") or {}
         facts.append("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     sections: list[tuple[str, list[Table | Figure | str]]] = [
         ("Quality per method and task", [quality_table(done),
                                         Figure("quality", "every seed (dots), mean ± std (squares)",
                                                plots.quality_by_method(done))]),
-        ("Quality against cost (Pareto)", [Figure(f"pareto_{c}", f"quality vs {label}", plots.pareto(done, c),
-                                                  "dashed: methods no cheaper method beats")
-                                           for c, label in plots.COSTS.items()]),
+        ("Quality against cost (Pareto)", [_pareto(done, c, label) for c, label in plots.COSTS.items()]),
         ("Learning curves", [_figure_or_note("learning_curve", "quality vs training-set size",
                                              plots.sweep(done, "train_size", "training examples"),
                                              "the grid has one training-set size per task (set `train_sizes`)")]),
@@ -73,7 +77,8 @@ def build_report(store: Store, keys: list[str] | None = None, n_resamples: int =
                                                   plots.sweep(done, "prompt_length", "virtual tokens"),
                                                   "the grid has one prompt length per task (set `prompt_lengths`)")]),
         ("IPT minus PT by demonstration similarity", [_similarity(done)]),
-        *_claims_and_sizing(done, n_resamples, margins, sizing),
+        *_claims_and_sizing(done, n_resamples, margins, sizing, load_looks(store.path) or None),
+        ("Convergence", [_convergence(done)]),
     ]
     tuning = tuning_section(store)
     if tuning:
@@ -104,6 +109,13 @@ def _with_tuning_cost(rows: list[dict[str, Any]], store: Store) -> list[dict[str
 
 def _figure_or_note(name: str, title: str, png: bytes | None, note: str) -> Figure:
     return Figure(name, title, png, "" if png else note)
+
+
+def _pareto(rows: list[dict[str, Any]], cost: str, label: str) -> Figure:
+    """Quality against one cost, or the reason there is no such plot (nothing to trade off)."""
+    png = plots.pareto(rows, cost)
+    note = "dashed: methods no cheaper method beats" if png else plots.pareto_gap(rows, cost)
+    return Figure(f"pareto_{cost}", f"quality vs {label}", png, note)
 
 
 def _fmt_int(value: Any) -> str:
@@ -138,9 +150,16 @@ def quality_table(rows: list[dict[str, Any]]) -> Table:
                     _fmt_int(cells[0]["trainable_params"]),
                     f"{mean(c['train_seconds'] for c in cells):.1f}", f"{mean(c['eval_seconds'] for c in cells):.1f}",
                     _cpu(cells), f"{max(c['peak_rss_mb'] or 0 for c in cells):.0f}",
-                    _fmt_int(cells[0]["adapter_bytes"])])
+                    _fmt_int(cells[0]["adapter_bytes"]), _forgetting(cells)])
     return Table(["task", "method", "train size", "prompt len", "metric", "mean ± std", "per seed",
-                  "trainable params", "train s", "eval s", "cell CPU s", "peak RSS MB", "adapter bytes"], out)
+                  "trainable params", "train s", "eval s", "cell CPU s", "peak RSS MB", "adapter bytes",
+                  "forgetting"], out)
+
+
+def _forgetting(cells: list[dict[str, Any]]) -> str:
+    """Mean general-text loss increase over the base model (nats/token; tunelab.forgetting), '-' if not measured."""
+    values = [float(c["forgetting"]) for c in cells if c.get("forgetting") is not None]
+    return f"{mean(values):+.3f}" if values else "-"
 
 
 def _cpu(cells: list[dict[str, Any]]) -> str:
@@ -203,8 +222,9 @@ def _per_example_diff(ipt: list[tuple[dict, ...]], pt: list[tuple[dict, ...]], m
 
 
 def _claims_and_sizing(rows: list[dict[str, Any]], n_resamples: int, margins: dict[str, float],
-                       sizing: bool) -> list[tuple[str, list[Table | Figure | str]]]:
-    findings = evaluate_claims(rows, n_resamples, margins)
+                       sizing: bool, looks: dict[str, list[Look]] | None = None
+                       ) -> list[tuple[str, list[Table | Figure | str]]]:
+    findings = evaluate_claims(rows, n_resamples, margins, looks=looks)
     out: list[tuple[str, list[Table | Figure | str]]] = [("Claims", _claims(findings))]
     if sizing:
         from tunelab.compare.sizing import size_claims, sizing_note, sizing_table
@@ -214,6 +234,21 @@ def _claims_and_sizing(rows: list[dict[str, Any]], n_resamples: int, margins: di
             out.append(("Sizing: rows and seeds for a decisive verdict", [sizing_note(sizings),
                                                                          Table(*sizing_table(sizings))]))
     return out
+
+
+def _convergence(rows: list[dict[str, Any]]) -> Table | str:
+    """Cells whose training loss was still moving at the end (``tunelab.convergence``); a note if none."""
+    from tunelab.convergence import TOLERANCE, of_row
+
+    checked = [(r, of_row(r)) for r in rows]
+    moving = [(r, c) for r, c in checked if c is not None and not c["converged"]]
+    told = sum(1 for _, c in checked if c is not None)
+    if not moving:
+        return (f"Every trained cell's loss had flattened ({told} checked: the EMA-smoothed loss changed by at most "
+                f"{TOLERANCE:.0%} over the last quarter of training; runs under 16 steps are not judged).")
+    return Table(["method", "task", "seed", "steps", "loss change over the last quarter"],
+                 [[r["method"], r["task"], str(r["seed"]), str(c["steps"]), f"{c['relative_change']:+.1%}"]
+                  for r, c in moving])
 
 
 def _p(value: float | None) -> str:
@@ -226,12 +261,13 @@ def _claims(findings: list) -> list[Table | Figure | str]:
                     [[f.claim.source, f.claim.test, overall[f.claim.id]]
                      for f in {f.claim.id: f for f in findings}.values()])
     detail = Table(["tested as", "group", "n (rows x seeds)", "effect (A − B)", "95% CI", "MDE (80%)", "margin",
-                    "p (Holm)", "TOST p (Holm)", "verdict", "measured"],
+                    "p (Holm)", "TOST p (Holm)", "verdict", "procedure", "measured"],
                    [[f.claim.test, f.group, _n(f), "-" if f.effect is None else f"{f.effect:+.3g}",
                      "-" if f.ci is None else f"[{f.ci[0]:+.3g}, {f.ci[1]:+.3g}]",
                      "-" if f.mde is None else f"{f.mde:.3g}", "-" if f.margin is None else f"±{f.margin:g}",
                      "-" if f.p_value is None else f"{_p(f.p_value)} ({_p(f.p_adjusted)})",
-                     "-" if f.p_tost is None else f"{_p(f.p_tost)} ({_p(f.p_tost_adjusted)})", f.verdict, f.detail]
+                     "-" if f.p_tost is None else f"{_p(f.p_tost)} ({_p(f.p_tost_adjusted)})",
+                     f.verdict + (f" ({f.caveat})" if f.caveat else ""), f.procedure if f.tested else "-", f.detail]
                     for f in findings])
     tests = sum(1 for f in findings if f.tested)
     note = (f"Quality claims ({tests} tests): paired bootstrap (1,000 resamples) over evaluation rows (shared by both "
@@ -243,7 +279,12 @@ def _claims(findings: list) -> list[Table | Figure | str]:
             "difference a test with these rows and seeds finds with 80% power. *all tasks*: one test across the "
             "claim's groups (stratified bootstrap: rows resampled within each, groups weighted equally); it gives "
             "the claim's verdict. Cost claims compare measured means (effect = ratio A / B). *not measured*: the "
-            "grid has no cells for one side. A verdict holds for this model, data and budget only.")
+            "grid has no cells for one side. A verdict holds for this model, data and budget only. *procedure*: "
+            "fixed-sample (the t test above) or sequential (a grid run `until: decisive` added cells while looking at "
+            "these tests; its p-values are anytime-valid, from a normal-mixture confidence sequence, Howard et al. "
+            "2021). Variance claims: effect = sd over seeds of A / that of B, Brown–Forsythe test on the per-seed "
+            "scores (Holm across variance tests); fewer than 10 seeds a side is *underpowered* whatever the data. "
+            "*unconverged*: a side's training loss was still moving at the end (Convergence section).")
     return [note, summary, detail]
 
 
