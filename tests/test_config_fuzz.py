@@ -70,6 +70,7 @@ def test_value_gives_a_config_or_one_line_naming_the_field(path, make, value):
     except ConfigError as exc:
         message = str(exc)
         assert "\n" not in message, message
-        assert message.startswith(path), message
+        # the generic peft method's options are addressed by their own names (method.r), like flat overrides
+        assert message.startswith("method." if path == "method.options" else path), message
         return
     json.dumps(to_dict(cfg))  # a valid config is also one result.json / metrics.json can hold

@@ -129,12 +129,15 @@ def test_eligibility_comes_from_capabilities_not_names(tmp_path):
         def __init__(self, name, **caps):
             self.name, self.capabilities = name, Capabilities(trains=True, **caps)
 
-    check_distillable(tmp_path, Declared("my_prompt", soft_prompt=True), {})  # any name, a plain soft prompt
+        def capabilities_for(self, config):
+            return self.capabilities
+
+    check_distillable(tmp_path, Declared("my_prompt", soft_prompt=True), None, {})  # any name, a plain soft prompt
     for caps in ({"soft_prompt": True, "demonstrations": True}, {"prefix": True}, {"changes_weights": True}):
         with pytest.raises(ConfigError, match="declares"):
-            check_distillable(tmp_path, Declared("prompt_tuning", **caps), {})
+            check_distillable(tmp_path, Declared("prompt_tuning", **caps), None, {})
     with pytest.raises(ConfigError, match="folded"):
-        check_distillable(tmp_path, Declared("p", soft_prompt=True), {"folded_from": "/x"})
+        check_distillable(tmp_path, Declared("p", soft_prompt=True), None, {"folded_from": "/x"})
 
 
 def test_lora_adapter_is_refused_in_one_line_exit_2(tmp_path):

@@ -47,3 +47,23 @@ def test_the_claim_compares_forgetting_as_a_difference():
     assert _cost(claim, "t", rows(0.30, 0.20), rows(0.01, -0.01), 0).verdict == "supported"
     assert _cost(claim, "t", rows(0.0), rows(0.2), 0).verdict == "contradicted"
     assert _cost(claim, "t", rows(0.003), rows(0.0), 0).verdict == "inconclusive"
+
+
+def test_the_base_models_probe_loss_is_measured_once_per_model_and_probe(tmp_path, monkeypatch):
+    """A grid's cells share the base: the second cell reads its NLL from the cache instead of loading a model."""
+    import tunelab.models
+    import tunelab.paths
+
+    monkeypatch.setattr(tunelab.paths, "cache_dir", lambda: tmp_path / "cache")  # the models' cache stays
+    cfg = build_config(None, [*COMMON, "method.name=prompt_tuning"])
+    model, tokenizer = tunelab.models.load_model("tiny")
+    texts = list(forgetting.FALLBACK[:3])
+    first = forgetting.base_nll(cfg, tokenizer, texts, model.device)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the base model was loaded again")
+
+    monkeypatch.setattr(tunelab.models, "load_model", no_load)
+    assert forgetting.base_nll(cfg, tokenizer, texts, model.device) == first
+    with pytest.raises(AssertionError, match="loaded again"):  # another probe is another measurement
+        forgetting.base_nll(cfg, tokenizer, texts[:2], model.device)

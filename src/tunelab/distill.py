@@ -54,9 +54,10 @@ from tunelab.train import collate, train
 DISTILL_FILE = "distill.json"
 
 
-def check_distillable(directory: Path, method: Method, meta: dict[str, Any]) -> None:
-    """Refuse an adapter a LoRA on the plain base model cannot replace: decided by its capabilities."""
-    caps = method.capabilities
+def check_distillable(directory: Path, method: Method, config: Any, meta: dict[str, Any]) -> None:
+    """Refuse an adapter a LoRA on the plain base model cannot replace: decided by its capabilities (with its
+    options: the generic peft method's depend on its peft_type)."""
+    caps = method.capabilities_for(config)
     if not caps.soft_prompt or caps.demonstrations or caps.prefix or caps.changes_weights or caps.rewrites_input:
         raise ConfigError(f"{directory}: `tunelab export --to lora` distils a soft prompt shown without "
                           f"demonstrations; this {method.name} adapter declares {caps.describe()} (needs soft_prompt "
@@ -171,7 +172,7 @@ def export_lora(cfg: ExportConfig, progress: bool = True) -> dict[str, Any]:
 
     source = adapter_dir(cfg.adapter, "ADAPTER")
     method, method_cfg, meta = read_checked_meta(source)
-    check_distillable(source, method, meta)
+    check_distillable(source, method, method_cfg, meta)
     out = check_out(cfg.out, source)
     run_cfg = teacher_run(source, meta)
     lora_cfg = student_config(cfg)

@@ -11,6 +11,7 @@ Texts, first found: ``eval.forgetting_probe`` (a JSONL file: each row's ``output
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -73,18 +74,55 @@ def mean_nll(adapter: Any, tokenizer: Any, texts: list[str], batch_size: int = 1
     return -sum(logprobs) / max(tokens, 1)
 
 
-def measure(adapter: Any, tokenizer: Any, cfg: RunConfig) -> dict[str, Any]:
-    """The forgetting record of a run's trained adapter (``result.json``'s ``forgetting``): the adapter's mean
-    probe NLL, the base model's (a fresh copy: a weight-changing method has overwritten the run's), and the delta."""
+def _base_key(cfg: RunConfig, texts: list[str]) -> str | None:
+    """What the base model's probe NLL depends on, as a cache key; None where the weights behind the name can
+    change unseen (a local directory: keyed by its files' sizes and times, which a rewrite changes)."""
+    from tunelab.models import MODELS, random_weights
+
+    name = cfg.model.name
+    parts: list[Any] = [name, cfg.model.dtype, MAX_TOKENS, texts]
+    if random_weights(name):
+        parts.append(cfg.train.seed)
+    if name not in MODELS:
+        path = Path(name).expanduser()
+        if not path.exists():
+            return None  # a hub id: the cache of the hub may move on; measure it
+        files = sorted(path.rglob("*")) if path.is_dir() else [path]
+        parts.append([(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()])
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def base_nll(cfg: RunConfig, tokenizer: Any, texts: list[str], device: Any) -> float:
+    """The base model's mean probe NLL: a fresh copy of the base (a weight-changing method has overwritten the
+    run's), computed once per model and probe and then read from ``~/.cache/tunelab/forgetting`` (a grid's cells
+    share the base: loading and scoring it again in every cell would cost a model load each)."""
     from tunelab.methods.base import MethodConfig
     from tunelab.methods.icl import FrozenAdapter
     from tunelab.models import load_model
+    from tunelab.paths import atomic_write_json, cache_dir
 
-    texts, source = probe_texts(cfg.eval.forgetting_probe)
-    adapted = mean_nll(adapter, tokenizer, texts, cfg.eval.batch_size)
+    key = _base_key(cfg, texts)
+    cached = cache_dir() / "forgetting" / f"{key}.json" if key else None
+    if cached is not None and cached.is_file():
+        try:
+            return float(json.loads(cached.read_text())["base_nll"])
+        except (ValueError, KeyError, TypeError):
+            pass  # a damaged entry: measure again and overwrite it
     base_model, _ = load_model(cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code, cfg.train.seed,
                                allow_pickle=cfg.model.allow_pickle)
-    base_model.to(adapter.model.device)
-    base = mean_nll(FrozenAdapter(base_model, "base", MethodConfig()), tokenizer, texts, cfg.eval.batch_size)
+    base_model.to(device)
+    value = mean_nll(FrozenAdapter(base_model, "base", MethodConfig()), tokenizer, texts, cfg.eval.batch_size)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(cached, {"model": cfg.model.name, "base_nll": value})
+    return value
+
+
+def measure(adapter: Any, tokenizer: Any, cfg: RunConfig) -> dict[str, Any]:
+    """The forgetting record of a run's trained adapter (``result.json``'s ``forgetting``): the adapter's mean
+    probe NLL, the base model's (``base_nll``), and the delta."""
+    texts, source = probe_texts(cfg.eval.forgetting_probe)
+    adapted = mean_nll(adapter, tokenizer, texts, cfg.eval.batch_size)
+    base = base_nll(cfg, tokenizer, texts, adapter.model.device)
     return {"probe": source, "texts": len(texts), "adapter_nll": round(adapted, 5), "base_nll": round(base, 5),
             "delta": round(adapted - base, 5)}

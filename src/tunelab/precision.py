@@ -17,9 +17,11 @@ every process of a machine makes the same choice:
   (torch's bf16 GEMM is several times slower than fp32 there) and decodes in bf16. A model the native step does not cover then
   decodes through torch's bf16 ops.
 
-Batched output equals one-by-one output in fp32 for every method. In bf16 it does on the tiny model
-(tests/test_precision.py) but not always on SmolLM2-135M: bf16 matmuls of different row counts round
-differently and a greedy near-tie can flip (docs/performance.md, "bf16 and batch invariance"); use fp32
+Batched output equals one-by-one output in fp32 for every method. In bf16 the decode step is batch-invariant
+by construction (the native step) and the prefill attention runs per row (``tunelab.rowattention``), so batched
+bf16 equals one-by-one wherever the CPU's bf16 GEMM rounds a row the same at every row count
+(``bf16_gemm_row_invariant``: AVX512-BF16 CPUs); on AMX CPUs (Sapphire Rapids and later) oneDNN's kernels
+round by shape and a greedy near-tie can flip (docs/performance.md, "bf16 and batch invariance"); use fp32
 where exact batch invariance matters. Across precisions greedy outputs may differ too
 (benchmarks/bench_eval.py measures the share of identical outputs and the metric difference with its CI).
 """
@@ -87,6 +89,25 @@ def resolve(name: str | PhasePrecision, device: torch.device | str = "cpu", key:
     if name not in PRECISIONS:
         raise ConfigError(f"{key}={name!r}; choose one of {', '.join(PRECISIONS)}")
     return _resolve(name, torch.device(device).type)
+
+
+@functools.lru_cache(maxsize=1)
+def bf16_gemm_row_invariant() -> bool:
+    """Whether this machine's bf16 matmul (``F.linear``) gives a row the same bits at every row count.
+
+    True where oneDNN runs one kernel family for every shape (AVX512-BF16 without AMX: Zen 4/5, Cooper Lake);
+    False on CPUs with AMX (Sapphire Rapids and later), where oneDNN switches between AVX-512 and AMX tile
+    kernels by row count and blocks the AMX ones by shape (measured 2026-12-06: 4 of the first 33 rows differ
+    from the rows alone, and rows of 1000 differ from the same rows among 2048). There, bf16 prefill of a padded batch is close to, not bitwise, each row
+    alone, so batched bf16 generation can flip a greedy near-tie; fp32 (the default) is unaffected by this.
+    Probed once per process on one projection shape of SmolLM2 (a few ms).
+    """
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(1536, 576, generator=generator).to(torch.bfloat16)
+    x = torch.randn(1100, 576, generator=generator).to(torch.bfloat16)
+    alone = torch.cat([torch.nn.functional.linear(x[i:i + 1], weight) for i in range(64)])
+    return all(torch.equal(torch.nn.functional.linear(x[:rows], weight)[:64], alone[:rows])
+               for rows in (4, 17, 33, 64, 257, 1100))
 
 
 # model -> {dtype: {parameter/buffer name: (version of the fp32 tensor, its copy in dtype)}}

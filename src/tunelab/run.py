@@ -98,7 +98,9 @@ def _run(prep: Prepared, out: Path | None, tracker: tracking.Trackers, progress:
     load_seconds = time.perf_counter() - load_start
     device = distributed.resolve_device(cfg.model.device)
     torch.manual_seed(cfg.train.seed)
+    build_start = time.perf_counter()  # a search in build (prompt_optimization, discrete_prompt) is its training
     adapter = prep.method.build(model, tokenizer, prep.method_cfg, prep.task.train, cfg.train.seed).to(device)
+    build_seconds = time.perf_counter() - build_start
     demos = prep.method.demonstrations(prep.method_cfg, prep.task.train, cfg.train.seed)
     layout = layout_of(cfg, demos).resolved(tokenizer)
 
@@ -116,6 +118,7 @@ def _run(prep: Prepared, out: Path | None, tracker: tracking.Trackers, progress:
     _add_demonstrations(result, eval_examples, demos)
     adapter_bytes = _save_adapter(adapter, prep, layout, result, out / "adapter") if out else 0
     summary = _summary(prep, adapter, stats, result, load_seconds, adapter_bytes, truncated, model)
+    summary["train"]["build_seconds"] = round(build_seconds, 3)
     if prep.method.trains and cfg.eval.loss:
         summary["generalization"] = _generalization(adapter, tokenizer, prep, layout, eval_examples)
     if prep.method.trains and cfg.eval.forgetting:

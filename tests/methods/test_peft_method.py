@@ -95,6 +95,10 @@ def test_capabilities_come_from_peft_config():
      "method.targt_modules: not an option of peft's IA3Config (did you mean 'target_modules'?); valid: "),
     ({"peft_type": "IA3", "target_modules": ["q_proj"], "feedforward_modules": ["down_proj"]},
      "peft's IA3Config refuses these options: "),
+    ({"peft_type": "MULTITASK_PROMPT_TUNING", "prompt_tuning_init_state_dict_path": "soft.bin"},
+     "only a .safetensors file is read"),  # peft would torch.load it
+    ({"peft_type": "PROMPT_TUNING", "tokenizer_kwargs": {"trust_remote_code": True}},
+     "set model.trust_remote_code=true"),
 ])
 def test_options_are_checked_against_peft_config_class(options, message):
     with pytest.raises(ConfigError, match=None) as err:

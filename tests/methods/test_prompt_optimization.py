@@ -63,6 +63,11 @@ def test_run_saves_the_choice_trials_and_cost(optimized):
     # every candidate was scored on the dev rows (and bootstrapped on pool rows) by the local model
     assert saved["cost"]["lm_calls"] >= 5 * 3 and saved["cost"]["generated_tokens"] > 0
     assert saved["cost"]["cpu_seconds"] > 0
+    # the search is this method's adaptation cost: a grid's train_seconds counts it (the cost claims compare it)
+    from tunelab.compare.runner import _adapt_seconds
+
+    assert result["train"]["seconds"] == 0 and result["train"]["build_seconds"] >= saved["cost"]["seconds"] > 0
+    assert _adapt_seconds(result["train"]) == result["train"]["build_seconds"]
 
 
 def test_eval_loads_it_and_shows_what_the_optimizer_scored(optimized):

@@ -51,6 +51,12 @@ class GridSummary:
     failures: list[str] = field(default_factory=list)
 
 
+def _adapt_seconds(train: dict[str, Any]) -> float:
+    """What adapting the model took: training plus building the adapter (a prompt optimizer's search or a
+    discrete prompt's selection happens in build; for a trained method build is a blink)."""
+    return round(float(train["seconds"]) + float(train.get("build_seconds") or 0.0), 3)
+
+
 def cell_dir(cell: Cell, out_dir: Path) -> Path:
     """Where a cell's files live: ``OUT/cells/KEY``."""
     return Path(out_dir) / "cells" / cell.key
@@ -275,7 +281,7 @@ def _row(grid: GridConfig, cell: Cell, cfg: RunConfig, result: dict[str, Any] | 
             "quality": metrics.get(primary) if primary else None,
             "predictions": str(Path(cfg.out) / "predictions.jsonl"), "n_train": result.get("n_train"),
             "n_eval": result.get("n_eval"), "trainable_params": result.get("trainable_params"),
-            "train_seconds": result["train"]["seconds"], "eval_seconds": result["eval"]["seconds"],
+            "train_seconds": _adapt_seconds(result["train"]), "eval_seconds": result["eval"]["seconds"],
             "peak_rss_mb": result.get("peak_rss_mb"), "adapter_bytes": result.get("adapter_bytes"),
             "forgetting": (result.get("forgetting") or {}).get("delta"),
             "versions": result.get("versions"), "git_commit": result.get("git_commit"), "result": result}

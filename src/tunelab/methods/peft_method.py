@@ -90,6 +90,13 @@ def checked_options(cls: type, options: dict[str, Any]) -> dict[str, Any]:
         if key not in valid:
             raise ConfigError(f"method.{key}: not an option of peft's {cls.__name__}{suggestion(str(key), valid)}; "
                               f"valid: {', '.join(valid)}")
+        if key.endswith("state_dict_path") and value is not None and not str(value).endswith(".safetensors"):
+            # peft would torch.load any other file: tunelab reads no pickles from a config (tunelab.safety)
+            raise ConfigError(f"method.{key}={value!r}: only a .safetensors file is read (pickle files can run "
+                              "code when loaded); convert it with safetensors.torch.save_file")
+        if key == "tokenizer_kwargs" and isinstance(value, dict) and value.get("trust_remote_code"):
+            raise ConfigError("method.tokenizer_kwargs.trust_remote_code: not from method options; set "
+                              "model.trust_remote_code=true, which every loader honours")
         if isinstance(value, str) and "," in value and _admits_list(hints[key]):
             value = [v.strip() for v in value.split(",") if v.strip()]
         out[key] = value
@@ -132,6 +139,12 @@ class PeftMethodConfig(MethodConfig):
     def __post_init__(self) -> None:
         self.peft_type = canonical_type(self.peft_type)
         cls = config_class(self.peft_type)
+        if not isinstance(self.options, dict):
+            raise ConfigError(f"method.options: got {self.options!r}, expected a mapping of peft option -> value "
+                              "(or flat keys: method.r=8)")
+        bad = [k for k in self.options if not isinstance(k, str) or not k.isidentifier()]
+        if bad:
+            raise ConfigError(f"method.options: option names are peft config fields, got {bad[0]!r}")
         self.options = checked_options(cls, dict(self.options))
         build_peft_config(self.peft_type, self.options)  # peft's own value checks, once, at load time
 
