@@ -11,8 +11,9 @@
  * written, as the transformers forward stores them. The GEMVs with bf16 weights depend on the build (ISA below):
  * AVX-512 rounds each GEMV's input to bf16 and sums the products by vdpbf16ps into fp32 (oneDNN's bf16 numerics;
  * without AVX512-BF16 the same pairs widened and multiplied in fp32); AVX2 and the generic build widen the bf16
- * weights to fp32 in registers (a 16-bit shift: exact) and multiply them with the fp32 input by FMA, which needs
- * no bf16 units and still streams half the bytes of fp32 weights.
+ * weights to fp32 in registers (exact: AVX2 takes a lane's pair by a shift and a mask, with the input's even and
+ * odd elements laid out once per GEMV) and multiply them with the fp32 input by FMA, which needs no bf16 units
+ * and still streams half the bytes of fp32 weights.
  *
  * ISA, chosen when it is built (tunelab.native, from the CPU's flags or TUNELAB_NATIVE_ISA): one -D flag
  * selects the vector layer below, and everything after it is written once against that layer:
@@ -79,8 +80,10 @@ static inline vf vload_bf_n(const uint16_t *p, int64_t n) { /* widened exactly: 
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(tail(n), p)), 16));
 }
 /* bf16 GEMVs: 32 weights and 32 inputs (rounded to bf16) per step, their pairs summed into 16 fp32 lanes */
-#define BF16_ROUNDS_X 1
+#define BF_PREPARES_X 1 /* bf_prepare: each GEMV input rounded to bf16 once (xb, stride K) */
 typedef uint16_t bfx_t;
+typedef vf bfxv;
+#define BF_XSTRIDE(K) (K)
 #define BF_STEP 32
 static inline __mmask32 tail32(int64_t n) { return n >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << n) - 1u); }
 #define BF_LW(p) _mm512_castsi512_ps(_mm512_loadu_si512(p))
@@ -135,15 +138,35 @@ static inline vf vload_bf_n(const uint16_t *p, int64_t n) {
     memcpy(part, p, sizeof(uint16_t) * (size_t)n);
     return vload_bf(part);
 }
-/* bf16 GEMVs: 8 weights widened, times 8 fp32 inputs (not rounded), by FMA: no bf16 units needed */
-#define BF16_ROUNDS_X 0
+/* bf16 GEMVs: 16 weights per step in one 256-bit load, widened in registers without a shuffle: a 32-bit lane j
+ * holds the pair (w[2j], w[2j+1]), so w[2j] as fp32 is the lane shifted left by 16 and w[2j+1] the lane with its
+ * low half cleared. Each GEMV input is prepared once (bf_prepare: per chunk of 16, the even inputs then the odd
+ * ones, fp32, not rounded; rows of stride K rounded up to 16, zero-padded), so no shuffle runs per weight and
+ * the weight stream is the only traffic that scales with N. No bf16 units needed. */
+#define BF_PREPARES_X 1
 typedef float bfx_t;
-#define BF_STEP V
-#define BF_LW vload_bf
-#define BF_LW_N vload_bf_n
-#define BF_LX vload
-#define BF_LX_N vload_n
-#define BF_MAC(acc, w, x) vfma(w, x, acc)
+typedef struct { __m256 even, odd; } bfxv;
+#define BF_XSTRIDE(K) (((K) + 15) / 16 * 16)
+#define BF_STEP 16
+static inline vf bf_lw(const uint16_t *p) { return _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *)p)); }
+static inline vf bf_lw_n(const uint16_t *p, int64_t n) {
+    if (n >= 16) return bf_lw(p);
+    uint16_t part[16] = {0};
+    memcpy(part, p, sizeof(uint16_t) * (size_t)n);
+    return bf_lw(part);
+}
+static inline bfxv bf_lx(const float *p) { return (bfxv){_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+static inline bfxv bf_lx_n(const float *p, int64_t n) { (void)n; return bf_lx(p); } /* rows are zero-padded */
+static inline vf bf_mac(vf acc, vf w, bfxv x) {
+    const __m256i wi = _mm256_castps_si256(w);
+    acc = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(wi, 16)), x.even, acc);
+    return _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(wi, _mm256_set1_epi32((int)0xffff0000u))), x.odd, acc);
+}
+#define BF_LW bf_lw
+#define BF_LW_N bf_lw_n
+#define BF_LX bf_lx
+#define BF_LX_N bf_lx_n
+#define BF_MAC(acc, w, x) bf_mac(acc, w, x)
 
 #elif defined(TUNELAB_ISA_GENERIC)
 /* GCC/Clang vector extensions: the compiler lowers them to what the CPU has (NEON, SSE, ...) */
@@ -189,8 +212,10 @@ static inline vf vload_bf_n(const uint16_t *p, int64_t n) {
     memcpy(part, p, sizeof(uint16_t) * (size_t)n);
     return vload_bf(part);
 }
-#define BF16_ROUNDS_X 0
+#define BF_PREPARES_X 0 /* the GEMV reads its fp32 input as it is */
 typedef float bfx_t;
+typedef vf bfxv;
+#define BF_XSTRIDE(K) (K)
 #define BF_STEP V
 #define BF_LW vload_bf
 #define BF_LW_N vload_bf_n
@@ -210,11 +235,11 @@ static inline vf load_any_n(const void *p, int64_t i, int bf16, int64_t n) {
     return bf16 ? vload_bf_n((const uint16_t *)p + i, n) : vload_n((const float *)p + i, n);
 }
 
-/* The dot products of one tile: MRV rows of x (stride K) against NRV weight rows at ``w`` (stride K), into y.
+/* The dot products of one tile: MRV rows of x (stride KX) against NRV weight rows at ``w`` (stride K), into y.
  * Every (m, n) gets the same sequence whatever the tile shape, M or the thread: acc = 0; for each chunk of STEP
  * inputs, acc = MAC(acc, w, x); the last chunk zero-padded; then one horizontal sum (vsum, a fixed order). */
-#define TILE(NAME, MRV, NRV, TW, TX, STEP, LW, LW_N, LX, LX_N, MAC)                                           \
-static inline void NAME(const TW *w, const TX *x, int64_t K, float *y, int64_t ldy, int add) {                 \
+#define TILE(NAME, MRV, NRV, TW, TX, XV, STEP, LW, LW_N, LX, LX_N, MAC)                                       \
+static inline void NAME(const TW *w, const TX *x, int64_t K, int64_t KX, float *y, int64_t ldy, int add) {     \
     vf acc[MRV][NRV];                                                                                          \
     for (int i = 0; i < MRV; i++)                                                                              \
         for (int r = 0; r < NRV; r++) acc[i][r] = vzero();                                                     \
@@ -223,7 +248,7 @@ static inline void NAME(const TW *w, const TX *x, int64_t K, float *y, int64_t l
         vf wv[NRV];                                                                                            \
         for (int r = 0; r < NRV; r++) wv[r] = LW(w + r * K + k);                                               \
         for (int i = 0; i < MRV; i++) {                                                                        \
-            const vf xv = LX(x + i * K + k);                                                                   \
+            const XV xv = LX(x + i * KX + k);                                                                  \
             for (int r = 0; r < NRV; r++) acc[i][r] = MAC(acc[i][r], wv[r], xv);                               \
         }                                                                                                      \
     }                                                                                                          \
@@ -231,7 +256,7 @@ static inline void NAME(const TW *w, const TX *x, int64_t K, float *y, int64_t l
         vf wv[NRV];                                                                                            \
         for (int r = 0; r < NRV; r++) wv[r] = LW_N(w + r * K + k, K - k);                                      \
         for (int i = 0; i < MRV; i++) {                                                                        \
-            const vf xv = LX_N(x + i * K + k, K - k);                                                          \
+            const XV xv = LX_N(x + i * KX + k, K - k);                                                         \
             for (int r = 0; r < NRV; r++) acc[i][r] = MAC(acc[i][r], wv[r], xv);                               \
         }                                                                                                      \
     }                                                                                                          \
@@ -244,14 +269,14 @@ static inline void NAME(const TW *w, const TX *x, int64_t K, float *y, int64_t l
 }
 
 #define F32_MAC(acc, w, x) vfma(w, x, acc)
-TILE(f32_tile, MR, R, float, float, V, vload, vload_n, vload, vload_n, F32_MAC)
-TILE(f32_row, 1, R, float, float, V, vload, vload_n, vload, vload_n, F32_MAC)
-TILE(f32_col, MR, 1, float, float, V, vload, vload_n, vload, vload_n, F32_MAC)
-TILE(f32_one, 1, 1, float, float, V, vload, vload_n, vload, vload_n, F32_MAC)
-TILE(bf_tile, MR, R, uint16_t, bfx_t, BF_STEP, BF_LW, BF_LW_N, BF_LX, BF_LX_N, BF_MAC)
-TILE(bf_row, 1, R, uint16_t, bfx_t, BF_STEP, BF_LW, BF_LW_N, BF_LX, BF_LX_N, BF_MAC)
-TILE(bf_col, MR, 1, uint16_t, bfx_t, BF_STEP, BF_LW, BF_LW_N, BF_LX, BF_LX_N, BF_MAC)
-TILE(bf_one, 1, 1, uint16_t, bfx_t, BF_STEP, BF_LW, BF_LW_N, BF_LX, BF_LX_N, BF_MAC)
+TILE(f32_tile, MR, R, float, float, vf, V, vload, vload_n, vload, vload_n, F32_MAC)
+TILE(f32_row, 1, R, float, float, vf, V, vload, vload_n, vload, vload_n, F32_MAC)
+TILE(f32_col, MR, 1, float, float, vf, V, vload, vload_n, vload, vload_n, F32_MAC)
+TILE(f32_one, 1, 1, float, float, vf, V, vload, vload_n, vload, vload_n, F32_MAC)
+TILE(bf_tile, MR, R, uint16_t, bfx_t, bfxv, BF_STEP, BF_LW, BF_LW_N, BF_LX, BF_LX_N, BF_MAC)
+TILE(bf_row, 1, R, uint16_t, bfx_t, bfxv, BF_STEP, BF_LW, BF_LW_N, BF_LX, BF_LX_N, BF_MAC)
+TILE(bf_col, MR, 1, uint16_t, bfx_t, bfxv, BF_STEP, BF_LW, BF_LW_N, BF_LX, BF_LX_N, BF_MAC)
+TILE(bf_one, 1, 1, uint16_t, bfx_t, bfxv, BF_STEP, BF_LW, BF_LW_N, BF_LX, BF_LX_N, BF_MAC)
 
 static inline float bf2f(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -272,12 +297,13 @@ static inline float at(const void *p, int64_t i, int bf16) {
     return bf16 ? bf2f(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
-/* y[m, n] (+)= sum_k x[m, k] W[n, k] for m < M, n < N (x (M, K) rows of stride K, fp32, or ``xb`` its bf16
- * rounding for bf16 weights where the build multiplies bf16 pairs (BF16_ROUNDS_X); y rows of stride ldy).
+/* y[m, n] (+)= sum_k x[m, k] W[n, k] for m < M, n < N (x (M, K) rows of stride K, fp32; for bf16 weights ``xb``,
+ * x as bf_prepare laid it out, where the build prepares it (BF_PREPARES_X); y rows of stride ldy).
  * Orphaned ``omp for ... nowait``: the caller puts the barrier after the GEMVs it runs together. */
-static void gemv(const void *W, int bf16, const float *x, const uint16_t *xb, float *y, int64_t ldy, int64_t M,
+static void gemv(const void *W, int bf16, const float *x, const bfx_t *xb, float *y, int64_t ldy, int64_t M,
                  int64_t N, int64_t K, int add) {
-#if BF16_ROUNDS_X
+    const int64_t KX = bf16 ? BF_XSTRIDE(K) : K;
+#if BF_PREPARES_X
     const bfx_t *xw = xb;
 #else
     const bfx_t *xw = x;
@@ -291,35 +317,48 @@ static void gemv(const void *W, int bf16, const float *x, const uint16_t *xb, fl
             int64_t m = 0;
             if (bf16) {
                 const uint16_t *w = (const uint16_t *)W + n0 * K;
-                for (; m + MR <= M; m += MR) bf_tile(w, xw + m * K, K, y + m * ldy + n0, ldy, add);
-                for (; m < M; m++) bf_row(w, xw + m * K, K, y + m * ldy + n0, ldy, add);
+                for (; m + MR <= M; m += MR) bf_tile(w, xw + m * KX, K, KX, y + m * ldy + n0, ldy, add);
+                for (; m < M; m++) bf_row(w, xw + m * KX, K, KX, y + m * ldy + n0, ldy, add);
             } else {
                 const float *w = (const float *)W + n0 * K;
-                for (; m + MR <= M; m += MR) f32_tile(w, x + m * K, K, y + m * ldy + n0, ldy, add);
-                for (; m < M; m++) f32_row(w, x + m * K, K, y + m * ldy + n0, ldy, add);
+                for (; m + MR <= M; m += MR) f32_tile(w, x + m * K, K, K, y + m * ldy + n0, ldy, add);
+                for (; m < M; m++) f32_row(w, x + m * K, K, K, y + m * ldy + n0, ldy, add);
             }
         } else { /* the last, partial block: one weight row at a time (the same per-element sequence) */
             for (int64_t n = n0; n < N; n++) {
                 int64_t m = 0;
                 if (bf16) {
                     const uint16_t *w = (const uint16_t *)W + n * K;
-                    for (; m + MR <= M; m += MR) bf_col(w, xw + m * K, K, y + m * ldy + n, ldy, add);
-                    for (; m < M; m++) bf_one(w, xw + m * K, K, y + m * ldy + n, ldy, add);
+                    for (; m + MR <= M; m += MR) bf_col(w, xw + m * KX, K, KX, y + m * ldy + n, ldy, add);
+                    for (; m < M; m++) bf_one(w, xw + m * KX, K, KX, y + m * ldy + n, ldy, add);
                 } else {
                     const float *w = (const float *)W + n * K;
-                    for (; m + MR <= M; m += MR) f32_col(w, x + m * K, K, y + m * ldy + n, ldy, add);
-                    for (; m < M; m++) f32_one(w, x + m * K, K, y + m * ldy + n, ldy, add);
+                    for (; m + MR <= M; m += MR) f32_col(w, x + m * K, K, K, y + m * ldy + n, ldy, add);
+                    for (; m < M; m++) f32_one(w, x + m * K, K, K, y + m * ldy + n, ldy, add);
                 }
             }
         }
     }
 }
 
-/* xb = x rounded to bf16 (nearest even), rows in parallel (barrier at the end) */
-static void to_bf16(const float *x, uint16_t *xb, int64_t M, int64_t K) {
+/* xb = x laid out for the build's bf16 GEMVs (BF_PREPARES_X), rows in parallel (barrier at the end): AVX-512,
+ * rounded to bf16 (nearest even); AVX2, per chunk of 16 inputs the 8 even ones then the 8 odd ones (fp32), rows
+ * of stride BF_XSTRIDE(K), zero past K. */
+static void bf_prepare(const float *x, bfx_t *xb, int64_t M, int64_t K) {
+    const int64_t KX = BF_XSTRIDE(K);
     #pragma omp for schedule(static)
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t k = 0; k < K; k++) xb[m * K + k] = f2bf(x[m * K + k]);
+    for (int64_t m = 0; m < M; m++) {
+#if defined(TUNELAB_ISA_AVX2)
+        for (int64_t k = 0; k < KX; k++) {
+            const int64_t chunk = k / 16 * 16, j = k % 16, src = chunk + (j < 8 ? 2 * j : 2 * (j - 8) + 1);
+            xb[m * KX + k] = src < K ? x[m * K + src] : 0.0f;
+        }
+#elif BF_PREPARES_X
+        for (int64_t k = 0; k < K; k++) xb[m * KX + k] = f2bf(x[m * K + k]);
+#else
+        (void)x, (void)xb, (void)KX;
+#endif
+    }
 }
 
 /* out[m] = w * (x[m] / sqrt(mean(x[m]^2) + eps)), rows in parallel (barrier at the end) */
@@ -393,14 +432,14 @@ static void add_rows(float *x, const float *y, int64_t n) {
  *   head:   x += y; h = norm(x); logits = W_head h
  * Between phases the caller may add per-row deltas to what the phase's projections wrote (qkv, y, gate and
  * up, y); without deltas the whole step is one call and the same arithmetic. */
-static void phase(const Step *s, int64_t p, int t, int64_t *pos, float *score, uint16_t *xb) {
+static void phase(const Step *s, int64_t p, int t, int64_t *pos, float *score, bfx_t *xb) {
     const int64_t B = s->batch, C = s->hidden, H = s->heads, KV = s->kv_heads, D = s->head_dim, I = s->inter;
     const int64_t L = s->length, n = L + 1, cap = s->capacity, QKV = (H + 2 * KV) * D, l = p / 4;
     const int bf16 = (int)s->bf16;
     if (l == s->layers) {
         add_rows(s->x, s->y, B * C);
         rms_norm(s->x, s->norm, bf16, s->h, B, C, s->eps);
-        if (bf16 && BF16_ROUNDS_X) to_bf16(s->h, xb, B, C);
+        if (bf16 && BF_PREPARES_X) bf_prepare(s->h, xb, B, C);
         gemv(s->head, bf16, s->h, xb, s->logits, s->vocab, B, s->vocab, C, 0);
         #pragma omp barrier
         return;
@@ -415,7 +454,7 @@ static void phase(const Step *s, int64_t p, int t, int64_t *pos, float *score, u
             add_rows(s->x, s->y, B * C);
         }
         rms_norm(s->x, s->norm_in[l], bf16, s->h, B, C, s->eps);
-        if (bf16 && BF16_ROUNDS_X) to_bf16(s->h, xb, B, C);
+        if (bf16 && BF_PREPARES_X) bf_prepare(s->h, xb, B, C);
         gemv(s->wq[l], bf16, s->h, xb, s->qkv, QKV, B, H * D, C, 0);
         gemv(s->wk[l], bf16, s->h, xb, s->qkv + H * D, QKV, B, KV * D, C, 0);
         gemv(s->wv[l], bf16, s->h, xb, s->qkv + (H + KV) * D, QKV, B, KV * D, C, 0);
@@ -440,21 +479,21 @@ static void phase(const Step *s, int64_t p, int t, int64_t *pos, float *score, u
             attend(query, (const char *)s->keys[l] + base * size, (const char *)s->values[l] + base * size,
                    s->mask + m * n, n, D, bf16, pos + t * n, score + t * n, s->att + m * H * D + head * D);
         }
-        if (bf16 && BF16_ROUNDS_X) to_bf16(s->att, xb, B, H * D);
+        if (bf16 && BF_PREPARES_X) bf_prepare(s->att, xb, B, H * D);
         gemv(s->wo[l], bf16, s->att, xb, s->y, C, B, C, H * D, 0);
         break;
     }
     case 2:
         add_rows(s->x, s->y, B * C);
         rms_norm(s->x, s->norm_post[l], bf16, s->h, B, C, s->eps);
-        if (bf16 && BF16_ROUNDS_X) to_bf16(s->h, xb, B, C);
+        if (bf16 && BF_PREPARES_X) bf_prepare(s->h, xb, B, C);
         gemv(s->wgate[l], bf16, s->h, xb, s->gate, I, B, I, C, 0);
         gemv(s->wup[l], bf16, s->h, xb, s->up, I, B, I, C, 0);
         break;
     default:
         #pragma omp for schedule(static)
         for (int64_t i = 0; i < B * I; i++) s->gate[i] = s->gate[i] / (1.0f + expf(-s->gate[i])) * s->up[i];
-        if (bf16 && BF16_ROUNDS_X) to_bf16(s->gate, xb, B, I);
+        if (bf16 && BF_PREPARES_X) bf_prepare(s->gate, xb, B, I);
         gemv(s->wdown[l], bf16, s->gate, xb, s->y, C, B, C, I, 0);
         break;
     }
@@ -469,7 +508,8 @@ int tunelab_decode(const Step *s, int64_t start, int64_t end) {
     const int64_t widest = s->inter > s->hidden ? s->inter : s->hidden, att = s->heads * s->head_dim;
     float *score = malloc(sizeof(float) * threads * n);
     int64_t *pos = malloc(sizeof(int64_t) * threads * n);
-    uint16_t *xb = malloc(sizeof(uint16_t) * s->batch * (widest > att ? widest : att));
+    const int64_t wide = widest > att ? widest : att;
+    bfx_t *xb = malloc(sizeof(bfx_t) * s->batch * BF_XSTRIDE(wide));
     if (!score || !pos || !xb) {
         free(score);
         free(pos);
