@@ -23,7 +23,11 @@ from typing import Any, ClassVar
 
 import yaml
 
+from tunelab.choices import PRECISIONS, PROTOCOLS, SCHEDULERS, SCHEDULES
 from tunelab.errors import ConfigError, did_you_mean
+from tunelab.formatting import TEMPLATES
+from tunelab.metrics import METRICS
+from tunelab.models import DTYPES
 from tunelab.validation import above, at_least, between, check, choice, each_of, finite, matching, satisfying
 
 DEFAULT_METHOD = "prompt_tuning"  # what `tunelab run` trains when no method is named
@@ -48,7 +52,7 @@ def _sni_encoding(value: str) -> bool:
 class ModelConfig:
     name: str = satisfying(_non_empty, "a registry name, Hugging Face id or local directory",
                            "smollm2-135m")  # registry name, Hugging Face id, or local directory
-    dtype: str = choice("tunelab.models:DTYPES", "float32")  # bf16 is ~40x slower on CPUs without bf16 units
+    dtype: str = choice(DTYPES, "float32")  # bf16 is ~40x slower on CPUs without bf16 units
     threads: int | None = at_least(1, None)  # torch threads; None = all cores
     device: str = matching(DEVICES, "auto, cpu, cuda, cuda:N or mps",
                            "auto")  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:1 | mps
@@ -65,7 +69,7 @@ class DataConfig:
     max_train: int | None = at_least(1, None)  # cap on training examples (learning curves)
     max_eval: int | None = at_least(1, 100)  # cap on evaluation examples
     max_length: int = at_least(1, 512)  # tokens per training sequence; longer prompts are cut from the left
-    template: str = choice("tunelab.formatting:TEMPLATES", "auto")  # auto | chat | alpaca | plain
+    template: str = choice(TEMPLATES, "auto")  # auto | chat | alpaca | plain
     system_prompt: str | None = None  # chat template system message; None keeps the model's default
     skip_bad: bool = False  # skip malformed records (counted in result.json) instead of stopping
     task_cap: int | None = at_least(1, None)  # examples-proportional mixing of the train tasks, at most this many per task
@@ -81,13 +85,13 @@ class TrainConfig:
     batch_size: int = at_least(1, 8)
     grad_accum: int = at_least(1, 1)
     warmup_steps: int = at_least(0, 0)
-    schedule: str = choice("tunelab.train:SCHEDULES", "linear")  # linear: warmup then decay to 10% of lr | constant: warmup then flat
+    schedule: str = choice(SCHEDULES, "linear")  # linear: warmup then decay to 10% of lr | constant: warmup then flat
     group_by_length: bool = True  # batches of similar-length examples (less padding); order stays random
     weight_decay: float = at_least(0, 0.0)
     max_grad_norm: float = at_least(0, 1.0)  # 0 = no clipping
     seed: int = between(0, 2**32 - 1, 0)  # numpy's seed range
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
-    precision: str = choice("tunelab.distributed:PRECISIONS", "auto")  # fp32 | bf16 (autocast) | auto: bf16 where measured faster (tunelab.distributed)
+    precision: str = choice(PRECISIONS, "auto")  # fp32 | bf16 (autocast) | auto: bf16 where measured faster (tunelab.distributed)
     checkpoint_every: int = at_least(0, 0)  # steps between resumable checkpoints; 0 = only at the end
     log_every: int = at_least(1, 10)
     resume: bool = False  # continue from OUT/checkpoint (done anyway when one exists; with this flag, warn if none)
@@ -104,7 +108,7 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = at_least(1, 16)
     max_new_tokens: int | None = at_least(1, None)  # None = derived from the longest training reference
-    metrics: list[str] | None = each_of("tunelab.metrics:METRICS", None)  # None = the task's default metrics
+    metrics: list[str] | None = each_of(METRICS, None)  # None = the task's default metrics
     do_sample: bool = False
     temperature: float = above(0, 1.0)
     top_p: float = between(0, 1, 1.0, low_open=True)
@@ -114,7 +118,7 @@ class EvalConfig:
     # fp32 | bf16 | auto: prefill and decode each in bf16 where fast (tunelab.precision). fp32 by default: bf16
     # rounding differs with the batch's shape, so on a real model a greedy near-tie can flip between batched and
     # one-by-one output (docs/performance.md); fp32 keeps them equal, and stored cells comparable
-    precision: str = choice("tunelab.precision:PRECISIONS", "fp32")
+    precision: str = choice(PRECISIONS, "fp32")
 
 
 TRACKERS = ("mlflow", "tensorboard", "wandb", "trackio")  # report.to names (tunelab.tracking)
@@ -201,15 +205,15 @@ class EvalCommandConfig:
     data: str = satisfying(_non_empty, "a JSONL file or a task directory")  # its eval split for a directory
     model: str | None = None  # None = the adapter's base model, else smollm2-135m
     adapter: str | None = None  # directory holding tunelab_adapter.json
-    protocol: str = choice("tunelab.protocols:PROTOCOLS", "standard")  # standard | super_ni
+    protocol: str = choice(PROTOCOLS, "standard")  # standard | super_ni
     k: int = at_least(0, 2)  # super_ni: positive examples shown with the definition
     tasks_file: str | None = None  # super_ni: definitions and examples (default: DATA_DIR/tasks.jsonl)
     seen_from: str | None = None  # training data whose tasks are excluded (default: the adapter's run)
     include_seen: bool = False  # score tasks seen in training too (not the unseen-task protocol)
-    metrics: list[str] | None = each_of("tunelab.metrics:METRICS", None)  # None = the task's (super_ni: rouge_l)
+    metrics: list[str] | None = each_of(METRICS, None)  # None = the task's (super_ni: rouge_l)
     max_eval: int | None = at_least(1, None)  # cap on examples, after the per-task cap
     max_per_task: int | None = at_least(1, None)  # first N examples of each task
-    template: str = choice("tunelab.formatting:TEMPLATES", "auto")  # an adapter's own layout wins under auto
+    template: str = choice(TEMPLATES, "auto")  # an adapter's own layout wins under auto
     system_prompt: str | None = None
     max_length: int | None = at_least(1, None)  # prompt tokens; None = the adapter's own (1024 for the bare model)
     eval: EvalConfig = field(default_factory=EvalConfig)  # batch size and decoding
@@ -242,14 +246,14 @@ class ServeConfig:
     max_lora_adapters: int = at_least(1, 32)  # LoRA adapters stacked as rows of the shared batch (LRU slots)
     max_batch: int = at_least(1, 32)  # rows per forward pass
     hot_prompts: int = at_least(0, 256)  # soft prompts whose virtual-token key/values stay cached (LRU; serve.batcher)
-    scheduler: str = choice("tunelab.serve.app:SCHEDULERS", "continuous")  # continuous | static (for comparison)
+    scheduler: str = choice(SCHEDULERS, "continuous")  # continuous | static (for comparison)
     window_ms: float = at_least(0, 5.0)  # how long the static batcher collects requests
     grace_s: float = at_least(0, 10.0)  # on SIGTERM: running rows get this long, then the rest are cancelled
     max_prompt_tokens: int = at_least(1, 2048)
     max_tokens: int = at_least(1, 512)  # largest max_tokens a request may ask for
     max_body_bytes: int = at_least(1, 1_000_000)
     threads: int | None = at_least(1, None)  # torch threads; None = torch's default
-    precision: str = choice("tunelab.precision:PRECISIONS", "fp32")  # fp32 | bf16 | auto (as eval.precision)
+    precision: str = choice(PRECISIONS, "fp32")  # fp32 | bf16 | auto (as eval.precision)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

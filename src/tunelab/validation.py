@@ -15,7 +15,6 @@ stay in the dataclass's ``__post_init__``.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 import re
 import types
@@ -70,32 +69,18 @@ def between(low: float, high: float, default: Any = dataclasses.MISSING, *, low_
     return _field(Rule(test, span), default, None)
 
 
-def choice(choices: Sequence[Any] | str, default: Any = dataclasses.MISSING) -> Any:
-    """A field whose value must be one of ``choices``.
-
-    ``choices`` may name the tuple where it lives, ``"module:NAME"`` (e.g. ``"tunelab.train:SCHEDULES"``),
-    so the list keeps one home in the module that acts on it and is imported only when a value is checked.
-    """
-    allowed = _choices(choices)
-    return _field(Rule(lambda v: v in allowed(), lambda: f"one of {', '.join(map(str, allowed()))}", typed=False),
-                  default, None)
+def choice(choices: Sequence[Any], default: Any = dataclasses.MISSING) -> Any:
+    """A field whose value must be one of ``choices`` (a tuple, or a dict's keys), imported from the module
+    that owns the list (``tunelab.choices`` for lists owned by modules that import torch)."""
+    allowed = tuple(choices)
+    return _field(Rule(lambda v: v in allowed, f"one of {', '.join(map(str, allowed))}", typed=False), default, None)
 
 
-def each_of(choices: Sequence[Any] | str, default: Any = dataclasses.MISSING) -> Any:
-    """A list field whose every item must be one of ``choices`` (a tuple, or ``"module:NAME"`` as in ``choice``)."""
-    allowed = _choices(choices)
-    return _field(Rule(lambda v: all(x in allowed() for x in v), lambda: f"a list of: {', '.join(map(str, allowed()))}",
+def each_of(choices: Sequence[Any], default: Any = dataclasses.MISSING) -> Any:
+    """A list field whose every item must be one of ``choices`` (as in ``choice``)."""
+    allowed = tuple(choices)
+    return _field(Rule(lambda v: all(x in allowed for x in v), f"a list of: {', '.join(map(str, allowed))}",
                        typed=False), default, None)
-
-
-def _choices(choices: Sequence[Any] | str) -> Callable[[], tuple[Any, ...]]:
-    def allowed() -> tuple[Any, ...]:
-        if isinstance(choices, str):
-            module, _, name = choices.partition(":")
-            return tuple(getattr(importlib.import_module(module), name))
-        return tuple(choices)
-
-    return allowed
 
 
 def matching(pattern: str, expected: str, default: Any = dataclasses.MISSING) -> Any:
