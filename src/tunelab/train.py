@@ -17,10 +17,10 @@ import torch
 from tunelab import distributed
 from tunelab.checkpoint import fingerprint, latest_checkpoint, load_checkpoint, save_checkpoint
 from tunelab.choices import SCHEDULES
-from tunelab.config import TrainConfig
 from tunelab.errors import TunelabError
 from tunelab.formatting import IGNORE_INDEX, Encoded
 from tunelab.modeling import mask_for, pad_batch
+from tunelab.sections import TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tunelab.config import EvalConfig
 from tunelab.data import TaskData, default_metrics
 from tunelab.data.example import Example
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.formatting import TEMPLATES
 from tunelab.methods.base import Capabilities, MethodConfig, MethodDefaults, freeze, no_grad
+from tunelab.sections import EvalConfig
 from tunelab.validation import at_least, choice
 
 if TYPE_CHECKING:
