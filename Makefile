@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tunelab-installed
 
-.PHONY: demo test lint typecheck check browser clean-venv
+.PHONY: demo test lint typecheck imports check browser clean-venv
 
 # torch is pinned: 2.13.0 is the CPU build available on this machine; a looser spec pulls CUDA.
 $(STAMP): pyproject.toml
@@ -35,8 +35,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
+# no import cycle longer than 2 modules among src/tunelab's module-level imports (tools/import_graph.py
+# prints every cycle, function-level imports included, with the lines that close it)
+imports:
+	$(PY) tools/import_graph.py src/tunelab --max 2
+
 # what CI runs before the tests (.ci/run)
-check: lint typecheck
+check: lint typecheck imports
 
 clean-venv:
 	rm -rf $(VENV)

@@ -166,3 +166,20 @@ def test_sql_answers_default_to_sql_exact_match_first():
     assert default_metrics(sql) == ("sql_exact_match", "bleu")
     prose = [Example(id="0", task="d2t", instruction="q", input="x", output="Select the best of five restaurants in town")]
     assert default_metrics(prose)[0] == "bleu"
+
+
+def test_every_metric_declares_its_facts_and_ranked_is_read_from_them():
+    assert all(m.facts.margin > 0 for m in M.METRICS.values())
+    assert M.RANKED == {n for n, m in M.METRICS.items() if m.facts.ranked} == {"rank_accuracy"}
+    assert "1 point: " in M.margins_text() and "bleu" in M.margins_text()
+
+
+def test_a_new_metric_declared_ranked_scores_the_ranked_options(monkeypatch):
+    """The facts, not the metric's name, decide: a metric added with ``ranked=True`` needs ranked options."""
+    spec = M.METRICS["exact_match"]
+    ranked = M.Metric("pick", spec.stats, spec.reduce, M.MetricFacts(margin=3.0, ranked=True), spec.per_example)
+    monkeypatch.setitem(M.METRICS, "pick", ranked)
+    monkeypatch.setitem(M.PER_EXAMPLE, "pick", spec.per_example)
+    assert M.score(["pick"], ["wrong"], [["yes"]], ranked=["yes"])[0] == {"pick": 100.0}
+    with pytest.raises(ConfigError, match="top-ranked option"):
+        M.compute(["pick"], ["yes"], [["yes"]])

@@ -167,8 +167,8 @@ def export_command_line(cfg: ExportConfig, source: Path, out: Path) -> str:
 
 def export_lora(cfg: ExportConfig, progress: bool = True) -> dict[str, Any]:
     """Distil the soft prompt in ``cfg.adapter`` into a LoRA written to ``cfg.out``; returns distill.json's content."""
+    from tunelab.data.prepare import prepare_task
     from tunelab.models import load_model, portable_name, resolve_base_model
-    from tunelab.run import prepare_task
 
     source = adapter_dir(cfg.adapter, "ADAPTER")
     method, method_cfg, meta = read_checked_meta(source)
@@ -176,7 +176,7 @@ def export_lora(cfg: ExportConfig, progress: bool = True) -> dict[str, Any]:
     out = check_out(cfg.out, source)
     run_cfg = teacher_run(source, meta)
     lora_cfg = student_config(cfg)
-    task = prepare_task(run_cfg, method, method_cfg)  # the teacher's training and eval rows, as its run had them
+    task = prepare_task(run_cfg.data, run_cfg.train.seed, method, method_cfg)  # the teacher's training and eval rows, as its run had them
     if not task.train:
         raise TunelabError(f"{source}: the teacher's run has no training rows to distil on (data.task={run_cfg.data.task})")
     cpu_start, wall_start = time.process_time(), time.perf_counter()

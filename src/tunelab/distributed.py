@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
+from tunelab.choices import PRECISIONS
 from tunelab.errors import TunelabError
 
-PRECISIONS = ("fp32", "bf16", "auto")
 BF16_MIN_SPEEDUP = 1.3  # auto takes bf16 on a CPU only if its GEMM is at least this much faster
 
 

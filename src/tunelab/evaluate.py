@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import torch
 
 from tunelab import metrics as M
-from tunelab.config import EvalConfig
 from tunelab.data.example import Example
 from tunelab.errors import DataError
 from tunelab.formatting import (
@@ -29,6 +28,7 @@ from tunelab.formatting import (
 )
 from tunelab.generate import GenerationConfig, generate
 from tunelab.modeling import score_sequences
+from tunelab.sections import EvalConfig
 
 
 @dataclass

@@ -18,22 +18,6 @@ def _non_empty(value: str) -> bool:
     return bool(value.strip())
 
 
-@dataclass
-class ExportConfig:
-    """What `tunelab export` was asked to do (flags; validated before any model loads)."""
-
-    adapter: str = satisfying(_non_empty, "a run directory or its adapter/")  # the adapter to export
-    out: str = satisfying(_non_empty, "an output directory")  # written atomically; an earlier export there is replaced
-    to: str = choice("tunelab.export:TARGET_NAMES", "lora")  # lora: distil a soft prompt into a LoRA
-    rank: int = at_least(1, 8)  # lora: rank r of the student
-    alpha: int | None = at_least(1, None)  # lora: scale alpha / r; None = 2 * rank (LoRA's usual ratio)
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # lora
-    # (attention projections: a soft prompt acts on the text only through attention)
-    steps: int = at_least(1, 200)  # lora: distillation optimizer steps
-    lr: float = above(0, 1e-3)  # lora: AdamW learning rate of the student
-    batch_size: int | None = at_least(1, None)  # lora: None = the teacher run's train.batch_size
-
-
 def _lora(cfg: ExportConfig, progress: bool) -> dict[str, Any]:
     from tunelab.distill import export_lora
 
@@ -42,6 +26,22 @@ def _lora(cfg: ExportConfig, progress: bool) -> dict[str, Any]:
 
 TARGETS: dict[str, Callable[[ExportConfig, bool], dict[str, Any]]] = {"lora": _lora}
 TARGET_NAMES = tuple(TARGETS)
+
+
+@dataclass
+class ExportConfig:
+    """What `tunelab export` was asked to do (flags; validated before any model loads)."""
+
+    adapter: str = satisfying(_non_empty, "a run directory or its adapter/")  # the adapter to export
+    out: str = satisfying(_non_empty, "an output directory")  # written atomically; an earlier export there is replaced
+    to: str = choice(TARGET_NAMES, "lora")  # lora: distil a soft prompt into a LoRA
+    rank: int = at_least(1, 8)  # lora: rank r of the student
+    alpha: int | None = at_least(1, None)  # lora: scale alpha / r; None = 2 * rank (LoRA's usual ratio)
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # lora
+    # (attention projections: a soft prompt acts on the text only through attention)
+    steps: int = at_least(1, 200)  # lora: distillation optimizer steps
+    lr: float = above(0, 1e-3)  # lora: AdamW learning rate of the student
+    batch_size: int | None = at_least(1, None)  # lora: None = the teacher run's train.batch_size
 
 
 def export(cfg: ExportConfig, progress: bool = True) -> dict[str, Any]:

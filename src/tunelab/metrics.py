@@ -126,34 +126,57 @@ def chrf(preds: Sequence[str], refs: Refs) -> float:
 
 
 @dataclass(frozen=True)
+class MetricFacts:
+    """What the rest of tunelab needs to know about a metric, declared once on it (as ``Capabilities`` are on a
+    method): the claims, sizing, the report and evaluation ask these instead of matching metric names."""
+
+    margin: float  # equivalence margin, in points of the metric: a smaller difference does not matter to a reader
+    # (claims' TOST and sizing; a grid's `margins` key overrides it)
+    ranked: bool = False  # scored on the option with the highest log-likelihood (evaluate.rank_options),
+    # not on generated text: needs examples with `options`
+
+
+@dataclass(frozen=True)
 class Metric:
     """A metric as per-example sufficient statistics (n, d) and a reduction of their sums (R, d) -> (R,)."""
 
     name: str
     stats: Callable[[Sequence[str], Refs], np.ndarray]
     reduce: Callable[[np.ndarray, int], np.ndarray]
+    facts: MetricFacts
     per_example: Callable[[Sequence[str], Refs], list[float]] | None = None  # metrics that are means
 
 
-def _mean_metric(name: str, fn: Callable[[Sequence[str], Refs], list[float]]) -> Metric:
-    return Metric(name, lambda p, r: np.asarray(fn(p, r), dtype=np.float64).reshape(-1, 1), mean_reduce, fn)
+def _mean_metric(name: str, fn: Callable[[Sequence[str], Refs], list[float]], facts: MetricFacts) -> Metric:
+    return Metric(name, lambda p, r: np.asarray(fn(p, r), dtype=np.float64).reshape(-1, 1), mean_reduce, facts, fn)
+
+
+# a point of BLEU / chrF / ROUGE-L; two points of a 0/100 per-example score (accuracy-like), whose rows vary more
+_ONE_POINT, _TWO_POINTS = MetricFacts(margin=1.0), MetricFacts(margin=2.0)
 
 
 METRICS: dict[str, Metric] = {
-    "exact_match": _mean_metric("exact_match", exact_match_scores),
-    "accuracy": _mean_metric("accuracy", exact_match_scores),  # by generation: normalised answer == a label
-    "rank_accuracy": _mean_metric("rank_accuracy", exact_match_scores),  # on the top-ranked option
-    "token_f1": _mean_metric("token_f1", token_f1_scores),
-    "rouge_l": _mean_metric("rouge_l", rouge_l_scores),
-    "sql_exact_match": _mean_metric("sql_exact_match", sql_exact_match_scores),
-    "bleu": Metric("bleu", _sacrebleu_stats("bleu"), _sacrebleu_reduce("bleu")),
-    "chrf": Metric("chrf", _sacrebleu_stats("chrf"), _sacrebleu_reduce("chrf")),
+    "exact_match": _mean_metric("exact_match", exact_match_scores, _TWO_POINTS),
+    "accuracy": _mean_metric("accuracy", exact_match_scores, _TWO_POINTS),  # by generation: answer == a label
+    "rank_accuracy": _mean_metric("rank_accuracy", exact_match_scores, MetricFacts(margin=2.0, ranked=True)),
+    "token_f1": _mean_metric("token_f1", token_f1_scores, _TWO_POINTS),
+    "rouge_l": _mean_metric("rouge_l", rouge_l_scores, _ONE_POINT),
+    "sql_exact_match": _mean_metric("sql_exact_match", sql_exact_match_scores, _TWO_POINTS),
+    "bleu": Metric("bleu", _sacrebleu_stats("bleu"), _sacrebleu_reduce("bleu"), _ONE_POINT),
+    "chrf": Metric("chrf", _sacrebleu_stats("chrf"), _sacrebleu_reduce("chrf"), _ONE_POINT),
 }
-# Scored on the option with the highest log-likelihood (tunelab.evaluate.rank_options), not on generations.
-RANKED = frozenset({"rank_accuracy"})
+RANKED = frozenset(n for n, m in METRICS.items() if m.facts.ranked)  # read from the facts: evaluate, protocols
 PER_EXAMPLE = {n: m.per_example for n, m in METRICS.items() if m.per_example is not None}
 CORPUS: dict[str, Callable[[Sequence[str], Refs], float]] = {"bleu": bleu, "chrf": chrf}
 METRIC_NAMES = tuple(METRICS)
+
+
+def margins_text() -> str:
+    """The metrics' own equivalence margins in words: ``1 point: bleu, chrf, rouge_l; 2 points: ...``."""
+    by_margin: dict[float, list[str]] = {}
+    for name, metric in METRICS.items():
+        by_margin.setdefault(metric.facts.margin, []).append(name)
+    return "; ".join(f"{m:g} point{'' if m == 1 else 's'}: {', '.join(names)}" for m, names in sorted(by_margin.items()))
 
 
 def check_names(names: Sequence[str]) -> None:
@@ -164,7 +187,7 @@ def check_names(names: Sequence[str]) -> None:
 
 
 def _preds_for(name: str, preds: Sequence[str], ranked: Sequence[str] | None) -> Sequence[str]:
-    if name not in RANKED:
+    if not METRICS[name].facts.ranked:
         return preds
     if ranked is None:
         raise ConfigError(f"metric {name} scores the top-ranked option; it needs examples with `options` and "

@@ -36,9 +36,9 @@ from dataclasses import dataclass
 
 import torch
 
+from tunelab.choices import PRECISIONS
 from tunelab.errors import ConfigError
 
-PRECISIONS = ("fp32", "bf16", "auto")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 

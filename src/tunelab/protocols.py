@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunelab import metrics as M
+from tunelab.choices import PROTOCOLS
 from tunelab.config import EvalCommandConfig as EvalRequest
 from tunelab.data import default_metrics, load_examples, load_task
 from tunelab.data.example import Example
@@ -31,7 +32,6 @@ if TYPE_CHECKING:  # torch and transformers load with the model, after the reque
     from tunelab.evaluate import EvalResult
     from tunelab.methods.io import Loaded
 
-PROTOCOLS = ("standard", "super_ni")
 # EvalRequest (tunelab.config.EvalCommandConfig): what `tunelab eval` was asked, typed and validated like `run`.
 SUPER_NI_METRICS = ("rouge_l", "exact_match")
 

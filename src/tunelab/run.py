@@ -29,7 +29,7 @@ from tunelab.paths import (
     check_writable_dir,
     directory_bytes,
 )
-from tunelab.prepare import Prepared, prepare, prepare_task  # noqa: F401  (run.prepare_task: eval, serve)
+from tunelab.prepare import Prepared, prepare
 from tunelab.progress import bar
 from tunelab.steplog import StepLog
 from tunelab.train import TrainStats, lr_lambda, train

@@ -22,8 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from tunelab.config import TRACKERS, ReportConfig
 from tunelab.errors import ConfigError
+from tunelab.sections import TRACKERS, ReportConfig
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,11 @@ import torch
 
 from tunelab import distributed
 from tunelab.checkpoint import fingerprint, latest_checkpoint, load_checkpoint, save_checkpoint
-from tunelab.config import TrainConfig
+from tunelab.choices import SCHEDULES
 from tunelab.errors import TunelabError
 from tunelab.formatting import IGNORE_INDEX, Encoded
 from tunelab.modeling import mask_for, pad_batch
+from tunelab.sections import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,6 @@ def collate(examples: Sequence[Encoded], pad_id: int) -> tuple[torch.Tensor, tor
     return pad_batch(ids, pad_id), mask_for(ids), pad_batch([e.labels for e in examples], IGNORE_INDEX)
 
 
-SCHEDULES = ("linear", "constant")
 
 
 def lr_lambda(warmup: int, total: int, kind: str = "linear") -> Callable[[int], float]:

@@ -315,3 +315,16 @@ def test_a_claims_tost_mde_and_both_holm_families_agree_with_statsmodels(tmp_pat
                                                                               method="holm")[1], rtol=1e-12)
     np.testing.assert_allclose([f.p_tost_adjusted for f in tested], multipletests([f.p_tost for f in tested],
                                                                                    method="holm")[1], rtol=1e-12)
+
+
+def test_a_metrics_margin_comes_from_its_declared_facts_unless_the_grid_sets_one(monkeypatch):
+    from tunelab import metrics as M
+    from tunelab.compare.claims import FALLBACK_MARGIN, margin_for
+
+    spec = M.METRICS["bleu"]
+    monkeypatch.setitem(M.METRICS, "new_metric", M.Metric("new_metric", spec.stats, spec.reduce,
+                                                           M.MetricFacts(margin=3.5)))
+    assert margin_for("new_metric") == 3.5
+    assert margin_for("new_metric", {"new_metric": 0.5}) == 0.5
+    assert margin_for("exact_match") == M.METRICS["exact_match"].facts.margin == 2.0
+    assert margin_for("not_a_metric") == FALLBACK_MARGIN

@@ -30,6 +30,7 @@ from tunelab.compare.examples import (
     read_predictions,
 )
 from tunelab.compare.sequential import FIXED, SEQUENTIAL, Look, look_key, sequential_p_values, with_look
+from tunelab.metrics import METRICS
 from tunelab.stats import (
     ALPHA,
     SPREAD_MIN_SEEDS,
@@ -47,10 +48,7 @@ from tunelab.stats import (
 Selector = Callable[[dict[str, Any]], bool]
 FORGETTING_NOISE = 0.01  # nats per token: probe losses that close are the same (rounding, batch shape)
 NOISE = 0.15  # wall-time ratios within 15% of 1 are noise on this kind of machine (MODELS.md: runs vary 15-30%)
-# Equivalence margins (points of the metric): differences smaller than these do not matter to a reader.
-DEFAULT_MARGINS = {"bleu": 1.0, "chrf": 1.0, "rouge_l": 1.0, "token_f1": 2.0, "exact_match": 2.0,
-                   "accuracy": 2.0, "rank_accuracy": 2.0, "sql_exact_match": 2.0}
-FALLBACK_MARGIN = 1.0
+FALLBACK_MARGIN = 1.0  # a metric tunelab does not know (equivalence margins are declared on each metric)
 ACROSS_TASKS = "all tasks"  # group name of a claim's pooled test over its tasks
 
 
@@ -200,9 +198,12 @@ class Finding:
 
 
 def margin_for(metric: str | None, margins: dict[str, float] | None = None) -> float:
-    """The equivalence margin of a metric: the grid's ``margins`` first, then ``DEFAULT_MARGINS``."""
-    table = {**DEFAULT_MARGINS, **(margins or {})}
-    return float(table.get(metric or "", FALLBACK_MARGIN))
+    """The equivalence margin of a metric: the grid's ``margins`` first, then the metric's own
+    (``MetricFacts.margin``)."""
+    if margins and metric in margins:
+        return float(margins[metric])
+    spec = METRICS.get(metric or "")
+    return spec.facts.margin if spec is not None else FALLBACK_MARGIN
 
 
 def evaluate_claims(rows: list[dict[str, Any]], n_resamples: int = 1000,

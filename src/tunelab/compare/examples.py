@@ -43,7 +43,7 @@ def example_stats(row: dict[str, Any], metric: str) -> tuple[list[str], np.ndarr
     spec = METRICS.get(metric)
     if spec is not None and spec.per_example is not None and all(metric in r.get("scores", {}) for r in rows):
         return ids, np.array([[float(r["scores"][metric])] for r in rows]), mean_reduce
-    ranked = [r.get("ranked_prediction", "") for r in rows] if metric == "rank_accuracy" else None
+    ranked = [r.get("ranked_prediction", "") for r in rows] if spec is not None and spec.facts.ranked else None
     stats = sufficient_stats(metric, [r["prediction"] for r in rows], [r["references"] for r in rows], ranked)
     return ids, stats, METRICS[metric].reduce
 

@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from tunelab.choices import PRUNERS
 from tunelab.config import (
     DataConfig,
     EvalConfig,
@@ -30,6 +31,7 @@ from tunelab.config import (
     to_dict,
 )
 from tunelab.errors import ConfigError, TunelabError
+from tunelab.metrics import METRICS
 from tunelab.validation import at_least, choice, each_of
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig,
@@ -61,7 +63,7 @@ class TuneSettings:
     dev_rows: int = 50  # dev rows drawn (seeded) from the training data; trials train on the rest
     startup_trials: int = 3  # TPE: random trials before it models the scores
     # pruning (Optuna MedianPruner) on the dev loss, measured teacher-forced on the dev rows during a trial
-    pruner: str = choice("tunelab.compare.pruning:PRUNERS", "none")  # none | median (stop a trial worse than the median)
+    pruner: str = choice(PRUNERS, "none")  # none | median (stop a trial worse than the median)
     prune_every: int = at_least(1, 25)  # optimizer steps between a trial's dev-loss measurements (pruner: median)
     prune_startup_trials: int = at_least(0, 3)  # finished trials before any is pruned (MedianPruner n_startup_trials)
     prune_warmup_steps: int = at_least(0, 0)  # no pruning before this step (MedianPruner n_warmup_steps)
@@ -97,7 +99,7 @@ class TaskSpec:
     train: str | None = None  # explicit train file
     eval: str | None = None  # explicit eval file
     max_eval: int | None = at_least(1, None)
-    metrics: list[str] | None = each_of("tunelab.metrics:METRICS", None)
+    metrics: list[str] | None = each_of(METRICS, None)
     train_tasks: list[str] | None = None  # keep only training rows whose `task` field is listed
     eval_tasks: list[str] | None = None  # keep only evaluation rows whose `task` field is listed
     eval_per_task: int | None = at_least(1, None)  # the first N evaluation rows of each task (max_eval cuts the file's head)

@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.checkpoint import STEP_PREFIX, latest_checkpoint
+from tunelab.choices import PRUNERS  # noqa: F401  (the pruners this module implements)
 from tunelab.steplog import read_step_log
-
-PRUNERS = ("none", "median")
 
 
 def make_pruner(kind: str, startup_trials: int, warmup_steps: int) -> Any:

@@ -18,6 +18,7 @@ from tunelab.compare.claims import CLAIMS, evaluate_claims, summarise
 from tunelab.compare.examples import SIMILARITY_KEY, mean_by_id, read_predictions
 from tunelab.compare.sequential import Look, load_looks
 from tunelab.compare.store import Store
+from tunelab.metrics import margins_text
 from tunelab.paths import atomic_write_bytes, atomic_write_text
 
 
@@ -274,8 +275,8 @@ def _claims(findings: list) -> list[Table | Figure | str]:
             "methods) and seeds (drawn per method) gives A − B, its 95% interval and its standard error; p from t on "
             "A − B over that standard error, Holm-adjusted across all the report's quality tests (adjusted p in "
             "brackets; verdicts use it). *supported* / *contradicted*: adjusted p < 0.05, by the sign of A − B; "
-            "*equivalent*: adjusted TOST p < 0.05, |A − B| within the margin (defaults: 1 BLEU / chrF / ROUGE-L "
-            "point, 2 accuracy / exact-match points; grid key `margins`); *underpowered*: neither. MDE: the "
+            f"*equivalent*: adjusted TOST p < 0.05, |A − B| within the margin (each metric's own: {margins_text()}; "
+            "grid key `margins`); *underpowered*: neither. MDE: the "
             "difference a test with these rows and seeds finds with 80% power. *all tasks*: one test across the "
             "claim's groups (stratified bootstrap: rows resampled within each, groups weighted equally); it gives "
             "the claim's verdict. Cost claims compare measured means (effect = ratio A / B). *not measured*: the "

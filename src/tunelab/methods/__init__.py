@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from tunelab.config import DEFAULT_METHOD, from_dict
 from tunelab.errors import ConfigError, did_you_mean
 from tunelab.methods.base import Method, MethodConfig
 from tunelab.methods.discrete_prompt import DiscretePrompt
@@ -19,6 +18,9 @@ from tunelab.methods.peft_method import Peft
 from tunelab.methods.prefix_tuning import PrefixTuning
 from tunelab.methods.prompt_optimization import PromptOptimization
 from tunelab.methods.prompt_tuning import PromptTuning
+from tunelab.validation import from_dict
+
+DEFAULT_METHOD = "prompt_tuning"  # what `tunelab run` trains when no method is named
 
 METHODS: dict[str, Method] = {
     "icl": ICL(),
@@ -64,4 +66,4 @@ def method_config(spec: dict[str, Any] | MethodConfig, path: str = "method") -> 
     return method, config.bind(method.name, options)
 
 
-__all__ = ["METHODS", "Method", "MethodConfig", "get_method", "method_config"]
+__all__ = ["DEFAULT_METHOD", "METHODS", "Method", "MethodConfig", "get_method", "method_config"]

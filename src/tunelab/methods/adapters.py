@@ -21,7 +21,7 @@ from tunelab.data.example import Example
 from tunelab.methods.base import BASE_CAPABILITIES, Capabilities
 
 if TYPE_CHECKING:
-    from tunelab.config import MethodConfig
+    from tunelab.methods.base import MethodConfig
 
 
 class Adapter(nn.Module):

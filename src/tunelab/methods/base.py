@@ -7,6 +7,8 @@ so training, evaluation and serving never branch on the method.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import json
 import warnings
@@ -16,9 +18,9 @@ from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from tunelab.config import MethodConfig  # the base of every method's options; lives with the other configs
 from tunelab.data.example import Example
 from tunelab.errors import TunelabError
+from tunelab.validation import above
 
 if TYPE_CHECKING:  # torch, transformers and peft load where a model is built, not with the registry
     import torch
@@ -31,6 +33,41 @@ if TYPE_CHECKING:  # torch, transformers and peft load where a model is built, n
     from tunelab.methods.adapters import PeftAdapter as PeftAdapter
 
 ADAPTER_META = "tunelab_adapter.json"
+
+
+@dataclass
+class MethodConfig:
+    """Options shared by all methods; each method subclasses this with its own fields (``tunelab.methods``).
+
+    An instance built by ``tunelab.methods.method_config`` also knows its method's registry ``name`` and
+    the options as they were given (``as_given``): that is what ``to_dict`` writes (result.json) and
+    what ``tunelab compare`` hashes, so adding an option with a default changes no stored cell.
+    Neither is a dataclass field, so ``asdict`` (adapter metadata, checkpoint identity) is unchanged.
+    """
+
+    lr: float = above(0, 1e-3)  # learning rate when train.lr is not set
+    init_from: str | None = None  # a run (or its adapter/) to start from; see tunelab.methods.transfer
+
+    method_name: ClassVar[str] = ""  # the method declaring this class as its Config (MethodDefaults sets it)
+
+    def bind(self, name: str, given: dict[str, Any]) -> MethodConfig:
+        """Record the registry name and the options as given (done by ``tunelab.methods.method_config``)."""
+        self.__dict__["_name"], self.__dict__["_given"] = name, copy.deepcopy(given)
+        return self
+
+    @property
+    def name(self) -> str:
+        """The method's registry name (``icl``, ``lora``, ...)."""
+        return self.__dict__.get("_name", self.method_name)  # built directly, not from a spec: its class's method
+
+    def as_given(self) -> dict[str, Any]:
+        """``{"name": ..., **options}`` with only the options that were given (or differ from the defaults)."""
+        given = self.__dict__.get("_given")
+        if given is None:
+            defaults = type(self)()
+            given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                     if getattr(self, f.name) != getattr(defaults, f.name)}
+        return {"name": self.name, **copy.deepcopy(given)}
 
 
 def peft_model(model: PreTrainedModel, peft_config: Any = None, directory: Path | str | None = None) -> Any:
@@ -118,6 +155,11 @@ class MethodDefaults:
     """Defaults for the optional parts of ``Method``: no demonstrations, data used as loaded."""
 
     capabilities: ClassVar[Capabilities] = BASE_CAPABILITIES
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "Config" in cls.__dict__:  # a config built directly (``LoraMethodConfig(r=4)``) still knows its method
+            cls.Config.method_name = cls.name  # type: ignore[attr-defined]
 
     @property
     def trains(self) -> bool:

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tunelab.config import EvalConfig
 from tunelab.data import TaskData, default_metrics
 from tunelab.data.example import Example
 from tunelab.errors import ConfigError, TunelabError
+from tunelab.formatting import TEMPLATES
 from tunelab.methods.base import Capabilities, MethodConfig, MethodDefaults, freeze, no_grad
+from tunelab.sections import EvalConfig
 from tunelab.validation import at_least, choice
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ class DiscretePromptConfig(MethodConfig):
     candidates: list[str] | None = None  # instructions to choose from; None = PARAPHRASES of the task's own
     n_dev: int = at_least(1, 32)  # dev examples each candidate is scored on
     score: str = choice(SCORES, "loglik")  # loglik (reference log-likelihood) | metric (generate, then the task's first metric)
-    template: str = choice("tunelab.formatting:TEMPLATES", "auto")  # prompt layout while scoring; keep it equal to data.template
+    template: str = choice(TEMPLATES, "auto")  # prompt layout while scoring; keep it equal to data.template
     batch_size: int = at_least(1, 8)
 
     def __post_init__(self) -> None:

@@ -14,7 +14,7 @@ A local directory is never looked up on the hub: the PEFT files are checked befo
 ``load_adapter`` is used by `tunelab eval`, `tunelab serve`, ``method.init_from`` and transfer. It
 refuses pickles before any library parses the directory (``safety``), validates the saved options
 against the method's own config, and for a method that shows demonstrations rebuilds its selector
-from the saved run config through the same data preparation the run used (``run.prepare_task``:
+from the saved run config through the same data preparation the run used (``data.prepare.prepare_task``:
 ``data.max_train``, ``skip_bad``, ``task_cap``, mixtures, the method's ``prepare_data``), so evaluation
 and serving draw demonstrations from exactly the run's pool.
 """
@@ -31,6 +31,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.data.example import Example
+from tunelab.data.prepare import prepare_task
 from tunelab.errors import ConfigError, ModelError, TunelabError
 from tunelab.formatting import DemoSelector, PromptLayout
 from tunelab.methods.base import (
@@ -43,6 +44,8 @@ from tunelab.methods.base import (
     read_meta,
     write_meta,
 )
+from tunelab.sections import DataConfig, TrainConfig
+from tunelab.validation import from_dict
 
 RUN_CONFIG_KEY = "run_config"  # the resolved RunConfig of the run that trained the adapter
 TASK_PROMPT_KEY = "task_prompt"  # TaskPrompt.to_meta()
@@ -305,14 +308,11 @@ def run_demonstrations(directory: Path, method: Method, config: MethodConfig,
                        meta: dict[str, Any]) -> DemoSelector | None:
     """The demonstration selector of the run that trained the adapter: its training pool, prepared as the
     run prepared it, and its seed."""
-    from tunelab.config import RunConfig, from_dict
-    from tunelab.run import prepare_task
-
     saved = run_config(directory, meta)
     if saved is None:
         raise TunelabError(f"{directory}: a {method.name} adapter shows demonstrations drawn from its run's training "
                            f"data, recorded in {ADAPTER_META} ({RUN_CONFIG_KEY}) or the run's result.json; pass the "
                            "adapter/ of a `tunelab run --out X` (or copy X/result.json beside it)")
-    cfg = from_dict(RunConfig, {k: v for k, v in saved.items() if k != "out"})
-    task = prepare_task(cfg, method, config)
-    return method.demonstrations(config, task.train, cfg.train.seed)
+    data = from_dict(DataConfig, saved.get("data", {}), "data")
+    seed = from_dict(TrainConfig, saved.get("train", {}), "train").seed
+    return method.demonstrations(config, prepare_task(data, seed, method, config).train, seed)

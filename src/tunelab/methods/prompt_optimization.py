@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from tunelab.data import default_metrics
 from tunelab.data.example import Example
 from tunelab.errors import ConfigError, TunelabError
+from tunelab.formatting import TEMPLATES
 from tunelab.methods.base import Capabilities, MethodConfig, MethodDefaults, freeze
 from tunelab.validation import at_least, choice
 
@@ -55,7 +56,7 @@ class PromptOptimizationConfig(MethodConfig):
     trials: int = at_least(1, 8)  # mipro: optimisation trials
     max_demos: int = at_least(0, 2)  # demonstrations in a candidate (bootstrapped and labelled each)
     n_dev: int = at_least(1, 16)  # training rows held out to score candidates on
-    template: str = choice("tunelab.formatting:TEMPLATES", "auto")  # prompt layout while scoring; keep it equal to data.template
+    template: str = choice(TEMPLATES, "auto")  # prompt layout while scoring; keep it equal to data.template
     max_new_tokens: int | None = at_least(1, None)  # None = from the longest training reference
     seed: int = at_least(0, 0)  # the dev split and the optimizer's sampling
 

@@ -36,6 +36,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
+from tunelab.choices import SCHEDULERS
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.generate import GenerationConfig
 from tunelab.serve.batcher import HOT_PROMPTS, Batcher, Job
@@ -122,7 +123,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for co
 STREAMED: dict[int | str, dict[str, Any]] = {**ERRORS, 200: {"content": {"text/event-stream": {"schema": {
     "type": "object", "required": ["data"], "properties": {"data": {"type": "string"}},
     "description": "one server-sent event: a JSON chunk per piece of text, then data: [DONE]"}}}}}
-SCHEDULERS = ("continuous", "static")
 
 
 class BodyLimit:
