@@ -19,6 +19,7 @@ The prompts are E2E test inputs (~127 tokens), the base model; EOS never stops a
 
 Run: .venv/bin/python benchmarks/bench_decode.py [--batches 1,16,64] [--steps 16] [--repeats 3] [--isa avx2]
 (``--isa`` / ``TUNELAB_NATIVE_ISA`` picks the native step's build: auto, avx512, avx2, generic; it is printed.)
+``--baseline-rev REV`` runs the same benchmark at git revision REV too (``baseline.py``) and prints the ratios.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def main() -> None:
                         help="decode steps to time (inference.steps.BACKENDS)")
     parser.add_argument("--isa", choices=("auto", "avx512", "avx2", "generic"),
                         help="build of the native step (sets TUNELAB_NATIVE_ISA; default: that variable, else auto)")
+    parser.add_argument("--baseline-rev", help="also run this benchmark at this git revision and print the ratios")
     args = parser.parse_args()
     if args.isa:
         os.environ["TUNELAB_NATIVE_ISA"] = args.isa
@@ -138,6 +140,10 @@ def main() -> None:
             print(f"   bound at the start's probe: {text}")
     results["load_average_end"] = os.getloadavg()[0]
     print("RESULT " + json.dumps(results))
+    if args.baseline_rev:
+        from baseline import compare
+
+        compare("bench_decode.py", args.baseline_rev, results)
 
 
 if __name__ == "__main__":

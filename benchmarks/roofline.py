@@ -81,20 +81,18 @@ def time_ours(adapter, prompts: list[list[int]], steps: int, precision: str,
                             pad_id: int) -> tuple[float, float]:
     """(prefill seconds, decode seconds per step) of one batch on tunelab's engine; EOS never stops a row.
     The step that ran is left in ``LAST_STEP[0]``."""
-    from tunelab import precision as prec
     from tunelab.inference import engine
     from tunelab.inference.sampling import GenerationConfig
 
     model = adapter.model
-    phases = prec.resolve(precision, model.get_input_embeddings().weight.device)
     cfg = GenerationConfig(max_new_tokens=steps, precision=precision)
+    batch = engine.Batch.on(model, precision)
     start = time.perf_counter()
-    with engine.prefill_phase(model, phases):
-        state = engine.prefill([(adapter, p) for p in prompts], pad_id, phase=phases.prefill)
+    batch.admit([(adapter, p) for p in prompts], pad_id)
     prefill = time.perf_counter() - start
     start = time.perf_counter()
-    with engine.decode_phase(model, phases):
-        _, name = engine.run_to_completion(model, engine.to_decode(state, phases), cfg, [], pad_id)
+    with engine.decode_phase(model, batch.phases):
+        _, name = engine.run_to_completion(batch, cfg, [], pad_id)
     LAST_STEP[:] = [name]
     # no step after the last token (its logits would go unused)
     return prefill, (time.perf_counter() - start) / max(steps - 1, 1)

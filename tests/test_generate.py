@@ -22,8 +22,9 @@ TEXTS = [
 
 def generate_ids(adapter, prompts, cfg, eos, pad_id, stop_check=None) -> list[list[int]]:
     """New token ids of one left-padded batch (EOS excluded): the engine's prefill, then its static decode loop."""
-    state = engine.prefill([(adapter, list(p)) for p in prompts], pad_id)
-    return engine.run_to_completion(adapter.model, state, cfg, eos, pad_id, stop_check)[0]
+    batch = engine.Batch.on(adapter.model, cfg.precision)
+    batch.admit([(adapter, list(p)) for p in prompts], pad_id)
+    return engine.run_to_completion(batch, cfg, eos, pad_id, stop_check)[0]
 
 
 def _frozen(model_tok):

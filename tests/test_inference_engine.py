@@ -59,7 +59,7 @@ def test_serve_decodes_in_the_decode_phase_precision_and_counts_its_steps(fresh_
         seen.append(model_.get_input_embeddings().weight.dtype)
         return real(model_, tokens, state, *a, **k)
 
-    monkeypatch.setattr("tunelab.serve.scheduler.decode_step", spy)
+    monkeypatch.setattr(engine, "decode_step", spy)
     served = Served("tiny", adapter, "base", PromptLayout().resolved(tok))
     cfg = GenerationConfig(max_new_tokens=5, precision="bf16")
     scheduler = Scheduler(tok, precision="bf16")

@@ -187,3 +187,34 @@ def test_cli_rejects_an_unknown_precision_before_loading_anything():
     result = CliRunner().invoke(app, ["eval", "--model", "tiny", "--data", "date_format", "--precision", "fp16"])
     assert isinstance(result.exception, ConfigError)
     assert "eval.precision: got 'fp16', expected one of fp32, bf16, auto" in str(result.exception)
+
+
+def test_a_reader_holding_weights_lock_never_sees_the_swapped_copy(fresh_tiny):
+    """serve: the scheduler swaps the base model's weights per phase on its thread while the registry may deep-copy
+    that model on a request thread (a full-weights adapter); the copy waits for the swap to end."""
+    import copy
+    import threading
+
+    model, _ = fresh_tiny
+    inside, release, copied = threading.Event(), threading.Event(), []
+
+    def decode():
+        with precision.weights_in(model, torch.bfloat16):
+            inside.set()
+            release.wait(30)
+
+    def load():
+        with precision.weights_lock(model):
+            copied.append(copy.deepcopy(model))
+
+    swapper = threading.Thread(target=decode)
+    swapper.start()
+    assert inside.wait(30)
+    reader = threading.Thread(target=load)
+    reader.start()
+    reader.join(0.3)
+    assert reader.is_alive()  # waits while the bf16 copy is swapped in
+    release.set()
+    swapper.join(30)
+    reader.join(30)
+    assert copied and copied[0].get_input_embeddings().weight.dtype == torch.float32

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tunelab.generate import GenerationConfig, generate_rows
-from tunelab.inference.engine import prefill as prefill_rows
+from tunelab.inference.engine import prefill
 from tunelab.methods.io import load_adapter
 from tunelab.models import load_model
 from tunelab.serve.examples import write_lora_adapters, write_prefix_adapters, write_prompt_adapters
@@ -79,8 +79,8 @@ def test_a_batch_without_lora_rows_carries_no_slots_and_logits_are_untouched(tin
     slot = registry.lora.acquire("lora00", lora.lora)
     base = registry.base.adapter
     try:
-        plain = prefill_rows([(base, [5, 6, 7]), (base, [8, 9])], tokenizer.pad_token_id, [0, 0])
-        mixed = prefill_rows([(base, [5, 6, 7]), (base, [8, 9])], tokenizer.pad_token_id, [0, slot])
+        plain = prefill([(base, [5, 6, 7]), (base, [8, 9])], tokenizer.pad_token_id, [0, 0])
+        mixed = prefill([(base, [5, 6, 7]), (base, [8, 9])], tokenizer.pad_token_id, [0, slot])
     finally:
         registry.lora.release(slot)
     assert plain.slots is None and mixed.slots is not None
@@ -180,7 +180,7 @@ def test_lora_rows_decode_in_the_lean_step_with_the_hooks_deltas(mixed_root, mon
     monkeypatch.setattr(torch_step, "step", spy)
 
     def run(mode: str, with_slots: bool) -> list[torch.Tensor]:
-        state = prefill_rows(rows, tokenizer.pad_token_id, row_slots if with_slots else None)
+        state = prefill(rows, tokenizer.pad_token_id, row_slots if with_slots else None)
         out = []
         with steps.prefer(mode):
             for _ in range(4):

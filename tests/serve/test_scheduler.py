@@ -18,8 +18,7 @@ from tunelab.config import build_config
 from tunelab.errors import ConfigError
 from tunelab.formatting import PromptLayout
 from tunelab.generate import GenerationConfig, generate_rows
-from tunelab.inference.engine import BatchState, decode_step
-from tunelab.inference.engine import prefill as prefill_rows
+from tunelab.inference.engine import BatchState, decode_step, prefill
 from tunelab.methods.base import MethodConfig
 from tunelab.methods.icl import FrozenAdapter
 from tunelab.modeling import cache_tensors, merge_rows, select_rows
@@ -44,8 +43,8 @@ INSTRUCTION = "Rewrite the date in ISO format."
 def test_merge_and_select_rows_keep_each_rows_keys_values(tiny):
     model, tokenizer = tiny
     base = FrozenAdapter(model, "base", MethodConfig()).eval()
-    short = prefill_rows([(base, [5, 6])], tokenizer.pad_token_id)
-    long = prefill_rows([(base, [7, 8, 9, 10, 11]), (base, [12, 13, 14])], tokenizer.pad_token_id)
+    short = prefill([(base, [5, 6])], tokenizer.pad_token_id)
+    long = prefill([(base, [7, 8, 9, 10, 11]), (base, [12, 13, 14])], tokenizer.pad_token_id)
     cache, mask = merge_rows(model, [(cache_tensors(short.cache), short.mask), (cache_tensors(long.cache), long.mask)])
     assert mask.tolist() == [[0, 0, 0, 1, 1], [1, 1, 1, 1, 1], [0, 0, 1, 1, 1]]
     merged = cache_tensors(cache)

@@ -5,6 +5,7 @@ A row is (adapter, prompt ids): its adapter brings its per-row state -- virtual-
 the ids. ``prefill`` runs new rows into a ``BatchState`` (each row after its own prefix, left-padded; attention per
 row, ``rowattention.exact_rows``, so a row gets the bits it gets alone); ``decode_step`` feeds one token per row
 through the step ``inference.steps.choose`` picks; ``join`` / ``leave`` add and drop rows between steps.
+``Batch`` holds one running ``BatchState`` with its model and precision: ``admit`` / ``keep`` / ``step``.
 
 - Offline (``Engine.run``, behind ``tunelab.generate.generate``): rows are grouped by the weights they run on
   (``batch_key``), sorted by length, and each static batch is submitted and run to completion: finished rows stay
@@ -13,7 +14,7 @@ through the step ``inference.steps.choose`` picks; ``join`` / ``leave`` add and 
   each row samples from its own generator.
 
 Precision per phase (``tunelab.precision``: the prefill in one dtype, decode in another, the cache cast between) is
-applied here and only here (``prefill_phase`` / ``decode_phase``), for eval and serve alike.
+applied here and only here (``Batch``: ``prefill_phase`` / ``decode_phase`` / ``to_decode``), for eval and serve alike.
 Greedy output equals generating each row alone, for every method, because positions come from the attention mask.
 """
 
@@ -208,29 +209,71 @@ def leave(model, state: BatchState, keep: torch.Tensor) -> BatchState:
                       state.step)
 
 
+@dataclass
+class Batch:
+    """Rows running on one model object in one precision (``phases``): rows join (``admit``: prefilled with the
+    weights in the prefill phase's dtype, the cache cast to the decode phase's, then ``join``) and leave
+    (``keep``) between decode steps (``step``: the weights in the decode phase's dtype). A serve lane is one; an
+    offline static batch is one that admits its rows once and runs to completion (``run_to_completion``)."""
+
+    model: Any
+    phases: precision.PhasePrecision
+    state: BatchState | None = None
+
+    @classmethod
+    def on(cls, model, precision_name: str, key: str = "eval.precision") -> Batch:
+        """An empty batch for ``model`` in ``precision_name`` (fp32 | bf16 | auto, resolved for its device)."""
+        return cls(model, precision.resolve(precision_name, model.get_input_embeddings().weight.device, key))
+
+    def admit(self, rows: Sequence[Row], pad_id: int, slots: Sequence[int] | None = None, shared: dict | None = None,
+              shared_prefix_min: int = 0) -> BatchState:
+        """Prefill ``rows`` and add them after the running ones; the running rows are untouched if it fails."""
+        with prefill_phase(self.model, self.phases):
+            new = prefill(rows, pad_id, slots, shared, shared_prefix_min, self.phases.prefill)
+        new = to_decode(new, self.phases)
+        self.state = new if self.state is None else join(self.model, [self.state, new])
+        return self.state
+
+    def keep(self, index: torch.Tensor) -> BatchState:
+        """Only rows ``index`` stay (the others leave)."""
+        assert self.state is not None
+        self.state = leave(self.model, self.state, index)
+        return self.state
+
+    def step(self, tokens: torch.Tensor, attend: torch.Tensor | None = None,
+             chosen: tuple[str, steps.Step] | None = None) -> BatchState:
+        """One decode step for every row (``decode_step``), with the weights in the decode phase's dtype."""
+        assert self.state is not None
+        with decode_phase(self.model, self.phases):
+            self.state = decode_step(self.model, tokens, self.state, attend, chosen)
+        return self.state
+
+
 # --- offline: submit rows and run them to completion ---------------------------------------------------------
 
 
 @torch.no_grad()
-def run_to_completion(model, state: BatchState, cfg: GenerationConfig, eos: Sequence[int], pad_id: int,
+def run_to_completion(batch: Batch, cfg: GenerationConfig, eos: Sequence[int], pad_id: int,
                       stop_check: Callable[[int, list[int]], bool] | None = None) -> tuple[list[list[int]], str]:
-    """Decode a prefilled static batch (in the decode phase's weights) until every row ends (EOS, a stop string,
-    ``max_new_tokens``): the new token ids of each row (EOS excluded) and the step that ran (``steps.BACKENDS``).
+    """Decode an admitted static batch until every row ends (EOS, a stop string, ``max_new_tokens``): the new token
+    ids of each row (EOS excluded) and the step that ran (``steps.BACKENDS``).
 
     Finished rows stay in the batch with their new column masked; the tokens stay in one (B, steps) tensor,
     turned into lists once at the end (per-row Python per step only for stop strings); no step after the last
     token (its logits would go unused); the cache is allocated once for all steps (``kvcache.preallocate``)."""
-    batch, steps_n = state.logits.shape[0], cfg.max_new_tokens
+    state = batch.state
+    assert state is not None
+    n, steps_n = state.logits.shape[0], cfg.max_new_tokens
     device = state.logits.device
     generator = torch.Generator().manual_seed(cfg.seed) if cfg.do_sample else None
     eos_t = torch.tensor(list(eos), device=device)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    tokens = torch.full((batch, max(steps_n, 1)), pad_id, dtype=torch.long, device=device)
-    keep = torch.zeros(batch, max(steps_n, 1), dtype=torch.bool, device=device)  # token t of row b is output
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    tokens = torch.full((n, max(steps_n, 1)), pad_id, dtype=torch.long, device=device)
+    keep = torch.zeros(n, max(steps_n, 1), dtype=torch.bool, device=device)  # token t of row b is output
     state.cache = kvcache.preallocate(state.cache, steps_n)
-    with _slots(state.slots):
-        chosen = steps.choose(model, state.cache)
-    out: list[list[int]] = [[] for _ in range(batch)]
+    with decode_phase(batch.model, batch.phases), _slots(state.slots):
+        chosen = steps.choose(batch.model, state.cache)
+    out: list[list[int]] = [[] for _ in range(n)]
     taken = 0
     for step in range(steps_n):
         token = torch.where(done, pad_id, next_tokens(state.logits, cfg, generator))  # (B,)
@@ -245,7 +288,7 @@ def run_to_completion(model, state: BatchState, cfg: GenerationConfig, eos: Sequ
         done |= finished_now
         if bool(done.all()) or step == steps_n - 1:
             break
-        state = decode_step(model, token, state, ~done, chosen)
+        state = batch.step(token, ~done, chosen)
     if stop_check is not None:
         return out, chosen[0]
     rows, kept = tokens[:, :taken].tolist(), keep[:, :taken].tolist()
@@ -307,15 +350,13 @@ class Engine:
             parts.setdefault(id(adapter), []).append(i)
         return list(parts.values())
 
-    def _run_batch(self, batch: Sequence[Row], shared: dict) -> list[list[int]]:
-        model = batch[0][0].model
-        phases = precision.resolve(self.cfg.precision, model.get_input_embeddings().weight.device)
-        with prefill_phase(model, phases):  # the two phases in sequence, never nested
-            state = prefill(batch, self.tokenizer.pad_token_id, shared=shared,
-                            shared_prefix_min=self.shared_prefix_min, phase=phases.prefill)
+    def _run_batch(self, rows: Sequence[Row], shared: dict) -> list[list[int]]:
+        model = rows[0][0].model
+        batch = Batch.on(model, self.cfg.precision)
+        batch.admit(rows, self.tokenizer.pad_token_id, shared=shared, shared_prefix_min=self.shared_prefix_min)
         stop_check = stop_checker(self.tokenizer, self.cfg.stop) if self.cfg.stop else None
-        with decode_phase(model, phases):
-            new, name = run_to_completion(model, to_decode(state, phases), self.cfg, eos_ids(model, self.tokenizer),
+        with decode_phase(model, batch.phases):  # one weight swap for the loop (the steps' own are no-ops then)
+            new, name = run_to_completion(batch, self.cfg, eos_ids(model, self.tokenizer),
                                           self.tokenizer.pad_token_id, stop_check)
         if self.cfg.max_new_tokens > 1:
             self.steps_used.add(name)

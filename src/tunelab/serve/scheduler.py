@@ -12,8 +12,8 @@ One background thread loops:
 3. **remove** finished rows at once (``engine.leave``), then run **one decode step**
    (``engine.decode_step``, the step ``inference.steps`` chooses) for all rows still running.
 
-The prefill and the decode steps run in the precision of their phase (``precision``: fp32 | bf16 | auto, applied by
-``engine.prefill_phase`` / ``decode_phase`` as offline; a model `tunelab serve` cast once is not swapped).
+Each lane is an ``engine.Batch``: its prefill and decode steps run in the precision of their phase (``precision``:
+fp32 | bf16 | auto, applied by the engine as offline; a model `tunelab serve` cast once is not swapped).
 
 Rows of adapters that leave the base weights alone (soft prompts, prefixes, IPT, ICL, the bare model) and
 LoRA rows share one running batch ("lane"): a LoRA row takes a slot of ``serve.lora_rows.LoraSlots`` at
@@ -39,18 +39,7 @@ from typing import Any
 
 import torch
 
-from tunelab import precision as phase_precision
-from tunelab.inference.engine import (
-    BatchState,
-    batch_key,
-    decode_phase,
-    decode_step,
-    join,
-    leave,
-    prefill,
-    prefill_phase,
-    to_decode,
-)
+from tunelab.inference.engine import Batch, batch_key
 from tunelab.inference.sampling import GenerationConfig, cut_at_stop, eos_ids, next_token, stop_checker
 from tunelab.serve.batcher import HOT_PROMPTS, HotPrompts
 from tunelab.serve.lora_rows import LoraSlots
@@ -114,8 +103,7 @@ class _Lane:
     model: Any
     eos: torch.Tensor
     rows: list[_Row]
-    state: BatchState
-    phases: phase_precision.PhasePrecision
+    batch: Batch  # the engine's running batch: rows join, leave and decode in their phases' precision
 
 
 @dataclass
@@ -241,13 +229,11 @@ class Scheduler:
         self.metrics.queue_length.set(self._queue.qsize())
         for key, rows in new.items():
             model = rows[0].adapter.model
+            lane = self._lanes.get(key)
             try:
-                phases = phase_precision.resolve(self.precision, model.get_input_embeddings().weight.device,
-                                                 "precision")
-                with prefill_phase(model, phases):
-                    state = prefill([(r.adapter, r.request.prompt_ids) for r in rows], self.tokenizer.pad_token_id,
+                batch = lane.batch if lane is not None else Batch.on(model, self.precision, "precision")
+                state = batch.admit([(r.adapter, r.request.prompt_ids) for r in rows], self.tokenizer.pad_token_id,
                                     [r.slot for r in rows])
-                state = to_decode(state, phases)
             except Exception as exc:
                 log.exception("prefill failed for %d rows", len(rows))
                 for r in rows:
@@ -255,12 +241,10 @@ class Scheduler:
                     r.request.future.set_exception(exc)
                 continue
             self.stats.admitted += len(rows)
-            lane = self._lanes.get(key)
             if lane is None:
                 eos = torch.tensor(eos_ids(model, self.tokenizer), device=state.logits.device)
-                self._lanes[key] = _Lane(model, eos, rows, state, phases)
+                self._lanes[key] = _Lane(model, eos, rows, batch)
             else:
-                lane.state = join(lane.model, [lane.state, state])
                 lane.rows.extend(rows)
         running = self.running()
         self.stats.max_running = max(self.stats.max_running, running)
@@ -290,12 +274,14 @@ class Scheduler:
         for key in list(self._lanes):
             lane = self._lanes[key]
             tokens, keep = [], []
-            greedy = lane.state.logits.argmax(-1).tolist()  # one call for the batch; sampled rows draw below
+            state = lane.batch.state
+            assert state is not None
+            greedy = state.logits.argmax(-1).tolist()  # one call for the batch; sampled rows draw below
             for i, row in enumerate(lane.rows):
                 if row.request.cancelled or expired:
                     self._finish(row, "cancelled")
                     continue
-                token = next_token(lane.state.logits[i], row.request.cfg, row.generator) \
+                token = next_token(state.logits[i], row.request.cfg, row.generator) \
                     if row.request.cfg.do_sample else int(greedy[i])
                 reason = self._advance(row, lane, token)
                 if reason is not None:
@@ -307,16 +293,14 @@ class Scheduler:
                 del self._lanes[key]
                 continue
             if len(keep) < len(lane.rows):
-                index = torch.tensor(keep, device=lane.state.mask.device)
-                lane.state = leave(lane.model, lane.state, index)
+                lane.batch.keep(torch.tensor(keep, device=state.mask.device))
                 lane.rows = [lane.rows[i] for i in keep]
             if len({id(r.request.served) for r in lane.rows}) > 1:
                 self.stats.mixed_steps += 1
-            with decode_phase(lane.model, lane.phases):
-                lane.state = decode_step(lane.model, torch.tensor(tokens, device=lane.state.mask.device), lane.state)
+            state = lane.batch.step(torch.tensor(tokens, device=state.mask.device))
             self.stats.steps += 1
-            self.stats.step = lane.state.step
-            self.metrics.decode_steps.inc(lane.state.step)
+            self.stats.step = state.step
+            self.metrics.decode_steps.inc(state.step)
         running = self.running()
         self.metrics.running.set(running)
         self.metrics.batch_occupancy.observe(running)
