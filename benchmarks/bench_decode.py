@@ -1,12 +1,13 @@
 """Time per decode step at batch 1 / 16 / 64 against the memory-bandwidth bound of its weight format.
 
-Steps (``tunelab.fastdecode.mode``), each in fp32 and bf16 weights (``precision.weights_in``):
-- ``hf``: today's path before the lean step: the transformers forward in ``generate._decode_fast``
-  (pre-allocated cache);
-- ``lean``: ``fastdecode.step`` (fused QKV and gate/up, F.rms_norm, grouped-query attention as two matmuls,
-  oneDNN's packed GEMVs; PyTorch ops);
+Steps (the table of ``tunelab.inference.steps``, started at each in turn with ``steps.prefer``), each in fp32 and
+bf16 weights (``precision.weights_in``), in the engine's decode loop (pre-allocated cache):
+- ``transformers``: the model's own forward;
+- ``torch``: ``inference.torch_step.step`` (fused QKV and gate/up, F.rms_norm, grouped-query attention as two
+  matmuls, oneDNN's packed GEMVs; PyTorch ops);
 - ``native``: ``tunelab.native`` (the whole step in one compiled call: decode.c), the default where it builds;
-(torch.compile of the lean step was tried and not kept: docs/performance.md.)
+(torch.compile of the torch step was tried and not kept: docs/performance.md.) Each line names the step that
+really ran (``steps.choose`` falls back, with a log line saying why, where one cannot run).
 
 Bound of a step of B rows = max(bytes / bandwidth, FLOPs / GEMM peak), bytes = weights + B x context x KV
 (``roofline.decode_step_limit``), GEMM peaks from bench_gemm's probe at the start. This machine's read
@@ -18,6 +19,7 @@ The prompts are E2E test inputs (~127 tokens), the base model; EOS never stops a
 
 Run: .venv/bin/python benchmarks/bench_decode.py [--batches 1,16,64] [--steps 16] [--repeats 3] [--isa avx2]
 (``--isa`` / ``TUNELAB_NATIVE_ISA`` picks the native step's build: auto, avx512, avx2, generic; it is printed.)
+``--baseline-rev REV`` runs the same benchmark at git revision REV too (``baseline.py``) and prints the ratios.
 """
 
 from __future__ import annotations
@@ -45,13 +47,14 @@ def prompts_of(tok, data: Path, n: int) -> list[list[int]]:
 
 
 def step_seconds(adapter, rows: list[list[int]], steps: int, precision: str, mode: str, pad: int) -> float:
-    """Seconds per decode step of one batch (``roofline.ours_prefill_and_decode`` under ``mode``)."""
-    from roofline import ours_prefill_and_decode
+    """Seconds per decode step of one batch (``roofline.time_ours``, the table started at ``mode``;
+    the step that ran is left in ``roofline.LAST_STEP``)."""
+    from roofline import time_ours
 
-    from tunelab import fastdecode
+    from tunelab.inference import steps as step_table
 
-    with fastdecode.mode(mode):
-        return ours_prefill_and_decode(adapter, rows, steps, precision, True, pad)[1]
+    with step_table.prefer(mode):
+        return time_ours(adapter, rows, steps, precision, pad)[1]
 
 
 def main() -> None:
@@ -62,16 +65,18 @@ def main() -> None:
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed per run")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--modes", default="hf,lean,native", help="decode steps to time (fastdecode.MODES)")
+    parser.add_argument("--modes", default="transformers,torch,native",
+                        help="decode steps to time (inference.steps.BACKENDS)")
     parser.add_argument("--isa", choices=("auto", "avx512", "avx2", "generic"),
                         help="build of the native step (sets TUNELAB_NATIVE_ISA; default: that variable, else auto)")
+    parser.add_argument("--baseline-rev", help="also run this benchmark at this git revision and print the ratios")
     args = parser.parse_args()
     if args.isa:
         os.environ["TUNELAB_NATIVE_ISA"] = args.isa
 
     import torch
     from bench_gemm import bandwidth_gbs, gflops
-    from roofline import decode_step_limit, facts_of
+    from roofline import LAST_STEP, decode_step_limit, facts_of
 
     from tunelab.methods.base import MethodConfig, freeze
     from tunelab.methods.icl import FrozenAdapter
@@ -127,14 +132,18 @@ def main() -> None:
                 t, r = statistics.median(times), statistics.median(reached)
                 results[f"{precision}_b{batch}_{mode}"] = {"step_ms": t * 1e3, "bound_ms": bound * 1e3,
                                                            "reached": r, "runs_ms": [x * 1e3 for x in times],
-                                                           "probes_gbs": probes}
-                print(f"{precision} b{batch:<3} {mode:9} {t * 1e3:8.2f} ms/step  {batch / t:8.1f} tok/s  "
+                                                           "probes_gbs": probes, "step": LAST_STEP[0]}
+                print(f"{precision} b{batch:<3} {mode:9} (ran {LAST_STEP[0]}) {t * 1e3:8.2f} ms/step  {batch / t:8.1f} tok/s  "
                       f"reached {r:5.0%} of the bound at each run's own probe  (runs "
                       f"{', '.join(f'{x * 1e3:.1f}' for x in times)} ms; probes "
                       f"{', '.join(f'{x:.0f}' for x in probes)} GB/s)", flush=True)
             print(f"   bound at the start's probe: {text}")
     results["load_average_end"] = os.getloadavg()[0]
     print("RESULT " + json.dumps(results))
+    if args.baseline_rev:
+        from baseline import compare
+
+        compare("bench_decode.py", args.baseline_rev, results)
 
 
 if __name__ == "__main__":

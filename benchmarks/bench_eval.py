@@ -1,9 +1,11 @@
-"""`tunelab eval` on E2E test rows: the fp32 path of 2026-11 ("before") vs now, and how far each is from the roofline.
+"""`tunelab eval` on E2E test rows: "before" vs "now", and how far each is from the roofline.
 
 Both sides run ``tunelab.protocols.run_eval`` (what `tunelab eval --data ../shared/data/e2e --max-eval N` runs)
 on the same rows with the base model, greedy, batch 16:
-- before: ``eval.precision=fp32`` inside ``generate.fast_decode(False)`` (DynamicCache growth, per-row Python);
-- now: ``eval.precision=--precision`` (default auto) with the pre-allocated cache and the lighter loop.
+- before: ``eval.precision=fp32``, on this tree, or with ``--baseline-rev REV`` on git revision REV (a worktree of
+  it, ``baseline.py``: old code is compared by revision, not kept alive);
+- now: ``eval.precision=--precision`` (default auto) on this tree.
+Each side names the decode step that ran (``inference.steps``, from ``result.json``'s eval block: ``decode_step``).
 
 Prints per side: wall time (model load excluded), BLEU with its 95% bootstrap interval; then the speed-up,
 whether now's BLEU lies inside before's interval, the share of identical greedy outputs, the paired
@@ -28,14 +30,34 @@ sys.path.insert(0, str(Path(__file__).parent))
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e"
 
 
-def run_side(args, precision: str, fast: bool):
+_SIDE = """
+import json, sys
+from tunelab.config import EvalConfig
+from tunelab.protocols import EvalRequest, run_eval
+data, model, rows, batch, precision, resamples = json.loads(sys.argv[1])
+report = run_eval(EvalRequest(data=data, model=model, max_eval=rows, metrics=["bleu"], n_resamples=resamples,
+                              eval=EvalConfig(batch_size=batch, precision=precision)))
+print("RESULT " + json.dumps({"metrics": report.metrics, "metrics_ci": report.metrics_ci,
+                              "predictions": report.predictions, "info": report.info}, default=str))
+"""
+
+
+def run_side(args, precision: str, rev: str | None = None):
+    """(report, seconds without the model load) of one side: on this tree, or at git revision ``rev``."""
+    from types import SimpleNamespace
+
     from tunelab.config import EvalConfig
-    from tunelab.generate import fast_decode
     from tunelab.protocols import EvalRequest, run_eval
 
-    req = EvalRequest(data=str(args.data), model=args.model, max_eval=args.rows, metrics=["bleu"],
-                      eval=EvalConfig(batch_size=args.batch_size, precision=precision), n_resamples=args.resamples)
-    with fast_decode(fast):
+    if rev is not None:
+        from baseline import run_at
+
+        got = run_at(rev, ["-c", _SIDE, json.dumps([str(Path(args.data).resolve()), args.model, args.rows,
+                                                     args.batch_size, precision, args.resamples])])
+        report = SimpleNamespace(**got)
+    else:
+        req = EvalRequest(data=str(args.data), model=args.model, max_eval=args.rows, metrics=["bleu"],
+                          eval=EvalConfig(batch_size=args.batch_size, precision=precision), n_resamples=args.resamples)
         report = run_eval(req)
     return report, report.info["seconds"] - report.info["load_seconds"]
 
@@ -87,6 +109,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--precision", default="auto", help="the 'now' side: fp32 | bf16 | auto")
     parser.add_argument("--resamples", type=int, default=1000)
+    parser.add_argument("--baseline-rev", help="run the 'before' side (fp32) at this git revision")
     args = parser.parse_args()
     import numpy as np
     from bench_gemm import measure
@@ -99,11 +122,11 @@ def main() -> None:
     phases = prec.resolve(args.precision, "cpu")
     print(f"GEMM peak fp32 {hw['fp32_peak_gflops']} / bf16 {hw['bf16_peak_gflops']} GFLOP/s, memory "
           f"{hw['bandwidth_gbs']} GB/s; now = {args.precision} (prefill {phases.prefill}, decode {phases.decode})")
-    sides = {"before": ("fp32", False), "now": (args.precision, True)}
+    sides = {"before": ("fp32", args.baseline_rev), "now": (args.precision, None)}
     reports, walls = {}, {}
-    for side, (precision, fast) in sides.items():
+    for side, (precision, rev) in sides.items():
         start = time.perf_counter()
-        reports[side], walls[side] = run_side(args, precision, fast)
+        reports[side], walls[side] = run_side(args, precision, rev)
         print(f"{side:7} {walls[side]:7.1f} s  BLEU {reports[side].metrics['bleu']:.2f} "
               f"95% CI {reports[side].metrics_ci['bleu']}  ({time.perf_counter() - start:.0f} s with loading)",
               flush=True)
@@ -120,13 +143,14 @@ def main() -> None:
           f"now's BLEU inside before's 95% CI: {inside}")
     result = {"rows": args.rows, "hardware": hw, "identical": same, "bleu_diff": diff.delta,
               "bleu_diff_ci": list(diff.ci), "now_inside_before_ci": inside,
-              "speedup": walls["before"] / walls["now"]}
+              "speedup": walls["before"] / walls["now"], "baseline_rev": args.baseline_rev}
     for side, (precision, _) in sides.items():
         bound, pre, dec = roofline_bound(args, reports[side], precision, hw)
         print(f"{side:7} roofline bound {bound:6.2f} s (prefill {pre:.2f} s + decode {dec:.2f} s); measured "
               f"{walls[side]:.1f} s = {walls[side] / bound:.1f}x the bound ({bound / walls[side]:.0%} of it reached)")
         result[side] = {"seconds": walls[side], "bleu": reports[side].metrics["bleu"],
-                        "bleu_ci": reports[side].metrics_ci["bleu"], "bound_seconds": bound}
+                        "bleu_ci": reports[side].metrics_ci["bleu"], "bound_seconds": bound,
+                        "decode_step": reports[side].info.get("decode_step")}
     print("RESULT " + json.dumps(result))
 
 

@@ -3,7 +3,7 @@
 A batch-1 decode step reads every weight once, so its floor is (weight bytes) / (bandwidth). This probe
 times only the matrix-vector products of one step (30 layers x q/k/v, o, gate/up, down, plus the LM head;
 random weights of the real shapes, 538 MB fp32 / 269 MB bf16, far larger than the caches) with:
-- ``packed``: ``fastdecode._prepare`` (oneDNN packed weights, split at ``MAX_K`` columns): the lean step's kernel;
+- ``packed``: ``torch_step._prepare`` (oneDNN packed weights, split at ``MAX_K`` columns): the lean step's kernel;
 - ``F.linear``, ``torch.mv``, ``x @ W.T``: what a user would write;
 - ``numpy`` (fp32 only): OpenBLAS's GEMV, a second opinion on what the hardware gives;
 against a ``sum`` over a 256 MB tensor (the bandwidth probe of bench_gemm.py). The gap between a decode step
@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from tunelab import fastdecode
+from tunelab.inference import torch_step
 
 HIDDEN, MLP, VOCAB, LAYERS, QKV = 576, 1536, 49152, 30, 960  # SmolLM2-135M: q 576 + k 192 + v 192
 
@@ -46,7 +46,7 @@ def kernels(dtype: torch.dtype) -> tuple[int, dict]:
     """The weight bytes of one step's GEMVs in ``dtype`` and each kernel's run over all of them."""
     weights = [torch.randn(o, i).to(dtype) for o, i in shapes()]
     x = {i: torch.randn(1, i).to(dtype) for i in (HIDDEN, MLP)}
-    packed = [fastdecode._prepare(w, None, pack=True) for w in weights]
+    packed = [torch_step._prepare(w, None, pack=True) for w in weights]
     out = {
         "packed (lean step)": lambda: [p(x[w.shape[1]]) for p, w in zip(packed, weights, strict=True)],
         "F.linear": lambda: [F.linear(x[w.shape[1]], w) for w in weights],

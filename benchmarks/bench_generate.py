@@ -11,13 +11,15 @@ on one loaded model, on E2E test inputs.
 - Generation: greedy, ``--new-tokens`` tokens, batch 1 and 16. Ours: ``generate.generate``; peft:
   ``PeftModel.generate`` (the base model: ``model.generate``). The goal compares our prompt-learning
   methods with the base model at the same batch size.
-- Checks: our batched output == our one-by-one output == the plain per-row path with the cache off;
-  for peft, how many rows differ between its batched and one-by-one output.
+- Checks: our batched output == our one-by-one output == one-by-one with the transformers forward as the decode
+  step (``inference.steps.prefer("transformers")``); for peft, how many rows differ between its batched and
+  one-by-one output. The decode step that ran (``inference.steps``) is printed and in RESULT.
 
-- Paths (``--path before|now|both``): "before" is the 2026-11 path (fp32, ``generate.fast_decode(False)``:
-  DynamicCache growth, per-row Python per step); "now" is ``--precision`` (default auto: bf16 per phase
-  where the CPU has bf16 units) with the pre-allocated cache and the lighter loop. With both, every row
-  prints before / now / peft side by side, and the share of greedy outputs "now" keeps identical to "before".
+- Paths (``--path before|now|both``): "before" is fp32 on this tree's engine; "now" is ``--precision`` (default
+  auto: bf16 per phase where the CPU has bf16 units). With both, every row prints before / now / peft side by
+  side, and the share of greedy outputs "now" keeps identical to "before". Old code is not kept alive here:
+  ``--baseline-rev REV`` runs this benchmark with the same arguments at git revision REV (``baseline.py``) and
+  prints its RESULT and the ratios of every shared number.
 - ``--roofline``: the machine's limits (bench_gemm: GEMM peaks, memory bandwidth), then prefill tok/s at
   batch 16 and the time per decode step at batch 1 / 16 / 64 for before, now and peft (the base model;
   per-step times of the other methods at batch 16 show what their virtual tokens cost per step), each
@@ -34,6 +36,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -41,6 +44,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e"
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -119,16 +123,18 @@ def score_peft(adapter, encoded):
     return torch.cat(out)
 
 
-PATHS = {"before": ("fp32", False)}  # path -> (precision, fast decode); "now" is filled from --precision
+PATHS = {"before": ("fp32",)}  # path -> (precision,); "now" is filled from --precision
+STEPS_USED: set[str] = set()  # the decode steps our generation ran (inference.steps.BACKENDS)
 
 
 def gen_ours(adapter, tok, prompts, new, batch, path="now"):
-    from tunelab.generate import GenerationConfig, fast_decode, generate
+    from tunelab.generate import GenerationConfig
+    from tunelab.inference.engine import Engine
 
-    precision, fast = PATHS[path]
-    with fast_decode(fast):
-        return generate(adapter, tok, prompts, GenerationConfig(max_new_tokens=new, precision=precision),
-                        batch_size=batch)
+    engine = Engine(tok, GenerationConfig(max_new_tokens=new, precision=PATHS[path][0]), batch)
+    out = engine.run([(adapter, list(p)) for p in prompts])
+    STEPS_USED.update(engine.steps_used)
+    return out
 
 
 def gen_peft(adapter, tok, prompts, new, batch):
@@ -163,7 +169,8 @@ def main() -> None:
                         help="icl = the base model on IPT's prompts (IPT's speed reference)")
     parser.add_argument("--score-only", action="store_true", help="skip generation (minutes) and its checks")
     parser.add_argument("--path", choices=("before", "now", "both"), default="both",
-                        help="before = the fp32 path of 2026-11; now = --precision with the lighter decode loop")
+                        help="before = fp32 on this tree; now = --precision")
+    parser.add_argument("--baseline-rev", help="also run this benchmark at this git revision and print the ratios")
     parser.add_argument("--precision", default="auto", help="fp32 | bf16 | auto: the 'now' path's precision")
     parser.add_argument("--roofline", action="store_true", help="also measure prefill / decode steps vs the limits")
     parser.add_argument("--roofline-steps", type=int, default=16, help="decode steps timed per batch size")
@@ -175,14 +182,13 @@ def main() -> None:
         args.examples, args.single, args.new_tokens, args.repeats, args.score_examples = 16, 2, 16, 1, 16
         args.methods, args.roofline, args.roofline_steps = "base,prompt_tuning,ipt,icl,prefix_tuning", True, 8
     from tunelab import precision as prec
-    from tunelab.generate import _eos_ids, generate_ids
-    from tunelab.modeling import virtual_kv_cache
+    from tunelab.inference import steps as step_table
 
-    PATHS["now"] = (args.precision, True)
+    PATHS["now"] = (args.precision,)
     paths = ["before", "now"] if args.path == "both" else [args.path]
     phases = prec.resolve(args.precision, "cpu")
     print(f"now = precision {args.precision} -> prefill {phases.prefill}, decode {phases.decode}; "
-          f"before = fp32, the 2026-11 decode loop")
+          f"before = fp32")
     if args.roofline:
         args.examples = max(args.examples, 64)  # decode at batch 64 needs 64 prompts
     model, tok, adapters, data = build(args)
@@ -223,14 +229,14 @@ def main() -> None:
             cells = " ".join(f"{rate[p]:9.1f}" for p in paths)
             print(f"{name:14} {f'gen b={batch} tok/s':16} {cells} {peft_rate:9.1f} {rate[main_path] / peft_rate:8.2f}  "
                   f"{same}", flush=True)
-        # correctness: batched == one-by-one (each path, and peft) on the batch-1 subset, and == the plain path
-        with virtual_kv_cache(False):
-            plain = [tok.decode(generate_ids(adapter, [p], _gen_cfg(args), _eos_ids(model, tok), tok.pad_token_id)[0],
-                                skip_special_tokens=True) for p in single]
+        # correctness: batched == one-by-one (each path, and peft) on the batch-1 subset, and == the transformers
+        # forward as the decode step, one by one
+        with step_table.prefer("transformers"):
+            plain = [gen_ours(adapter, tok, [p], args.new_tokens, 1, "before")[0] for p in single]
         peft_b16 = row["gen_b16"]["peft"][: args.single]
         row["check"] = {**{f"{p}_batched_eq_single": row["gen_b16"][p][: args.single] == row["gen_b1"][p]
                            for p in paths},
-                        "fp32_eq_plain_path": row["gen_b1"]["before" if "before" in paths else "now"] == plain,
+                        "fp32_eq_transformers_step": row["gen_b1"]["before" if "before" in paths else "now"] == plain,
                         "peft_rows_differing_batched_vs_single": sum(
                             a != b for a, b in zip(peft_b16, row["gen_b1"]["peft"], strict=True))}
         print(f"{name:14} {'check':16} {json.dumps(row['check'])}", flush=True)
@@ -246,9 +252,15 @@ def main() -> None:
                     print(f"{name:14} gen b={b:<3} " + "  ".join(f"{p} {v:5.2f}x" for p, v in r.items()) + f" {reference}")
     if args.roofline:
         results["roofline"] = roofline(args, model, tok, adapters, data, paths)
-    print("RESULT " + json.dumps({k: {m: ({x: y for x, y in v.items() if x not in ("before", "now", "peft")}
-                                          if isinstance(v, dict) else v) for m, v in r.items()}
-                                  for k, r in results.items()}))
+    result = {k: {m: ({x: y for x, y in v.items() if x not in ("before", "now", "peft")}
+                      if isinstance(v, dict) else v) for m, v in r.items()} for k, r in results.items()}
+    result["decode_steps"] = sorted(STEPS_USED)
+    print(f"decode step(s) that ran: {', '.join(sorted(STEPS_USED)) or 'none'}")
+    print("RESULT " + json.dumps(result))
+    if args.baseline_rev:
+        from baseline import compare
+
+        compare("bench_generate.py", args.baseline_rev, result)
 
 
 def roofline(args, model, tok, adapters, data, paths) -> dict:
@@ -260,9 +272,9 @@ def roofline(args, model, tok, adapters, data, paths) -> dict:
     from roofline import (
         decode_step_limit,
         facts_of,
-        ours_prefill_and_decode,
-        peft_prefill_and_decode,
         prefill_limit,
+        time_ours,
+        time_peft,
     )
 
     from tunelab import precision as prec
@@ -280,17 +292,17 @@ def roofline(args, model, tok, adapters, data, paths) -> dict:
     steps = args.roofline_steps
     pad = tok.pad_token_id
     base = adapters["base"]
-    ours_prefill_and_decode(base, prompts[:2], 2, PATHS[paths[-1]][0], True, pad)  # warm-up (and the bf16 copy)
+    time_ours(base, prompts[:2], 2, PATHS[paths[-1]][0], pad)  # warm-up (and the bf16 copy)
     print(f"{'phase':12} {'side':7} {'measured':>12} {'limit':>12} {'reached':>8}  limit arithmetic")
     for batch in (1, 16, 64):
         rows = (prompts * (batch // len(prompts) + 1))[:batch]
         context = sum(map(len, rows)) / batch + steps / 2
         measured = {}
-        for side, (precision, fast) in sides.items():
-            pre, step = ours_prefill_and_decode(base, rows, steps, precision, fast, pad)
+        for side, (precision,) in sides.items():
+            pre, step = time_ours(base, rows, steps, precision, pad)
             p = prec.resolve(precision, "cpu")
             measured[side] = (pre, step, p)
-        measured["peft"] = (*peft_prefill_and_decode(model, rows, steps, pad), prec.PhasePrecision())
+        measured["peft"] = (*time_peft(model, rows, steps, pad), prec.PhasePrecision())
         for side, (pre, step, p) in measured.items():
             if batch == 16:
                 tokens = sum(map(len, rows))
@@ -307,17 +319,11 @@ def roofline(args, model, tok, adapters, data, paths) -> dict:
     print("\nper decode step at batch 16, by method (what virtual tokens cost per step):")
     for name in args.methods.split(","):
         rows = data[name][0][:16]
-        times = {side: ours_prefill_and_decode(adapters[name], rows, steps, precision, fast, pad)[1]
-                 for side, (precision, fast) in sides.items()}
+        times = {side: time_ours(adapters[name], rows, steps, precision, pad)[1]
+                 for side, (precision,) in sides.items()}
         out[f"step_b16_{name}"] = {f"{side}_ms": t * 1e3 for side, t in times.items()}
         print(f"{name:14} " + "  ".join(f"{side} {t * 1e3:7.1f} ms" for side, t in times.items()), flush=True)
     return out
-
-
-def _gen_cfg(args):
-    from tunelab.generate import GenerationConfig
-
-    return GenerationConfig(max_new_tokens=args.new_tokens)
 
 
 if __name__ == "__main__":

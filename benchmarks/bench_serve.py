@@ -274,6 +274,8 @@ def poisson_modes(registry: AdapterRegistry, names: list[str], args, single: lis
             for traffic, pool in (("mixed", names), ("single", single or names[:1])):
                 for rate in rates:
                     cell[f"{traffic}@{rate:g}"] = poisson_load(url, pool, rate, args.requests, args.max_tokens)
+        if app.state.scheduler is not None:  # the decode step that ran (inference.steps), as /metrics counts it
+            cell["decode_step"] = app.state.scheduler.stats.step
         out[scheduler] = cell
     ratios = {}
     for rate in rates:

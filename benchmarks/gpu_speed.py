@@ -177,12 +177,15 @@ def free(device) -> None:
 
 def decode_seconds(adapter, prompts: list[list[int]], new: int, pad_id: int, device: torch.device) -> float:
     """Wall time of greedy generation of ``new`` tokens per row (no EOS: every row runs to the end)."""
-    from tunelab import generate as gen
+    from tunelab.inference import engine
+    from tunelab.inference.sampling import GenerationConfig
 
-    cfg = gen.GenerationConfig(max_new_tokens=new, precision="auto")
+    cfg = GenerationConfig(max_new_tokens=new, precision="auto")
     sync(device)
     start = time.perf_counter()
-    gen.generate_ids(adapter, prompts, cfg, [], pad_id)
+    batch = engine.Batch.on(adapter.model, "auto")
+    batch.admit([(adapter, p) for p in prompts], pad_id)
+    engine.run_to_completion(batch, cfg, [], pad_id)
     sync(device)
     return time.perf_counter() - start
 

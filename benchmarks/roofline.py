@@ -73,32 +73,33 @@ def seconds(fn, repeats: int = 1) -> float:
     return sorted(times)[len(times) // 2]
 
 
+LAST_STEP: list[str] = []  # the decode step (inference.steps.BACKENDS) time_ours ran last
+
+
 @torch.no_grad()
-def ours_prefill_and_decode(adapter, prompts: list[list[int]], steps: int, precision: str, fast: bool,
+def time_ours(adapter, prompts: list[list[int]], steps: int, precision: str,
                             pad_id: int) -> tuple[float, float]:
-    """(prefill seconds, decode seconds per step) of one batch on tunelab's path; EOS never stops a row."""
-    from tunelab import generate as gen
-    from tunelab import precision as prec
+    """(prefill seconds, decode seconds per step) of one batch on tunelab's engine; EOS never stops a row.
+    The step that ran is left in ``LAST_STEP[0]``."""
+    from tunelab.inference import engine
+    from tunelab.inference.sampling import GenerationConfig
 
     model = adapter.model
-    body, head = gen._decoder_and_head(model)
-    phases = prec.resolve(precision, model.get_input_embeddings().weight.device)
-    cfg = gen.GenerationConfig(max_new_tokens=steps, precision=precision)
-    adapters = {id(adapter): adapter}
-    batch = [(adapter, p) for p in prompts]
-    with gen.fast_decode(fast):
-        start = time.perf_counter()
-        with prec.weights_in(model, phases.prefill_dtype):
-            logits, cache, mask, next_pos = gen._prefill(batch, adapters, body, head, pad_id, {}, 0, phases.prefill)
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        gen._decode_in(phases, model, logits, cache, mask, next_pos, cfg, [], pad_id, None)
-        # the fast loop runs no step after the last token (its logits would go unused), the 2026-11 loop does
-        return prefill, (time.perf_counter() - start) / (max(steps - 1, 1) if fast else steps)
+    cfg = GenerationConfig(max_new_tokens=steps, precision=precision)
+    batch = engine.Batch.on(model, precision)
+    start = time.perf_counter()
+    batch.admit([(adapter, p) for p in prompts], pad_id)
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    with engine.decode_phase(model, batch.phases):
+        _, name = engine.run_to_completion(batch, cfg, [], pad_id)
+    LAST_STEP[:] = [name]
+    # no step after the last token (its logits would go unused)
+    return prefill, (time.perf_counter() - start) / max(steps - 1, 1)
 
 
 @torch.no_grad()
-def peft_prefill_and_decode(model, prompts: list[list[int]], steps: int, pad_id: int) -> tuple[float, float]:
+def time_peft(model, prompts: list[list[int]], steps: int, pad_id: int) -> tuple[float, float]:
     """The same for transformers/peft ``generate`` (prefill = a 1-token generate; per step from the rest)."""
     from tunelab.modeling import mask_for, pad_batch
 

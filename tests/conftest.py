@@ -58,15 +58,15 @@ def base_and_soft_prompt(model_tok, virtual: int = 4):
 
 
 def decode_steps(model, state, mode: str, steps: int = 5) -> list:
-    """Logits of ``steps`` decode steps of the serve path (``generate.decode_step`` from a ``Prefilled``
-    ``state``) under ``fastdecode.mode(mode)``, feeding greedy tokens."""
-    from tunelab import fastdecode
-    from tunelab import generate as gen
+    """Logits of ``steps`` decode steps of the engine (``inference.engine.decode_step`` from a ``BatchState``
+    ``state``) with the step table starting at ``mode`` (``inference.steps.prefer``), feeding greedy tokens."""
+    from tunelab.inference import engine
+    from tunelab.inference import steps as step_table
 
     out = []
-    with fastdecode.mode(mode):
+    with step_table.prefer(mode):
         for _ in range(steps):
-            state = gen.decode_step(model, state.logits.argmax(-1), state)
+            state = engine.decode_step(model, state.logits.argmax(-1), state)
             out.append(state.logits)
     return out
 

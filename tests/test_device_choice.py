@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tunelab import distributed, fastdecode, precision, rowattention
+from tunelab import distributed, precision, rowattention
 from tunelab.errors import TunelabError
+from tunelab.inference import steps, torch_step
 
 
 @pytest.fixture
@@ -69,10 +70,6 @@ def test_the_step_chooser_never_picks_the_native_step_off_the_cpu(fresh_tiny, mo
     from tunelab import native
     from tunelab.kvcache import PreallocatedLayer
 
-    assert fastdecode.backend("native", torch.device("cuda", 0)) == "lean"
-    assert fastdecode.backend("native", torch.device("cpu")) == "native"
-    assert fastdecode.backend("hf", torch.device("cuda", 0)) == "hf"
-
     def refuse():
         raise AssertionError("the native library was consulted for a model off the CPU")
 
@@ -84,17 +81,17 @@ def test_the_step_chooser_never_picks_the_native_step_off_the_cpu(fresh_tiny, mo
     cache = type("Cache", (), {})()
     cache.layers = [PreallocatedLayer(torch.empty(shape, device="meta"), torch.empty(shape, device="meta"), 8)
                     for _ in range(cfg.num_hidden_layers)]
-    with fastdecode.mode("native"):
-        assert fastdecode.stepper(model, cache) is not None  # the lean step, built from the meta weights
+    with steps.prefer("native"):
+        assert steps.choose(model, cache)[0] == "torch"  # the torch step, built from the meta weights
 
 
 def test_wide_projections_are_split_for_onednn_on_the_cpu_only():
     weight = torch.zeros(8, 1536)  # wider than MAX_K: two chunks on the CPU (batch invariance of oneDNN)
-    assert len(fastdecode._prepare(weight, None, pack=False).chunks) == 2
-    assert len(fastdecode._prepare(weight.to("meta"), None, pack=False).chunks) == 1  # a GPU: one matmul
+    assert len(torch_step._prepare(weight, None, pack=False).chunks) == 2
+    assert len(torch_step._prepare(weight.to("meta"), None, pack=False).chunks) == 1  # a GPU: one matmul
 
 
-def test_per_row_prefill_attention_is_for_the_cpu_only(monkeypatch):
+def test_per_row_attention_is_for_the_cpu_only(monkeypatch):
     """On CUDA the prefill keeps transformers' SDPA (flash / memory-efficient kernels), not a per-row loop."""
     seen = []
     monkeypatch.setattr(rowattention, "sdpa_attention_forward", lambda *a, **k: seen.append(a[1].device) or ("sdpa", None))

@@ -1,14 +1,15 @@
-"""The lean decode step (tunelab.fastdecode): same logits as the transformers forward, cached weights that
+"""The torch decode step (tunelab.inference.torch_step) and the step table (inference.steps): same logits as the transformers forward, cached weights that
 follow parameter changes, the transformers forward kept for LoRA layers, batch-invariant projections."""
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 import torch
 from tests.conftest import decode_steps, lora_with_deltas
 
-from tunelab import fastdecode
-from tunelab import generate as gen
+from tunelab.inference import engine, llama, steps, torch_step
 from tunelab.methods.base import MethodConfig, freeze
 from tunelab.methods.icl import FrozenAdapter
 
@@ -22,15 +23,15 @@ def _rows(model_tok):
     return model, [(adapter, tok(t)["input_ids"]) for t in TEXTS]
 
 
-def _decode(model, rows, mode: str, steps: int = 5) -> list[torch.Tensor]:
-    """Logits of ``steps`` decode steps of the serve path (prefill_rows + decode_step), feeding greedy tokens."""
-    return decode_steps(model, gen.prefill_rows(rows, pad_id=2), mode, steps)
+def _decode(model, rows, mode: str, n: int = 5) -> list[torch.Tensor]:
+    """Logits of ``n`` decode steps of the engine (prefill + decode_step), feeding greedy tokens."""
+    return decode_steps(model, engine.prefill(rows, pad_id=2), mode, n)
 
 
 def test_lean_step_matches_the_transformers_forward_on_a_left_padded_batch(fresh_tiny):
     model, rows = _rows(fresh_tiny)
-    assert fastdecode.supports(model)  # the tiny model is a LlamaForCausalLM like SmolLM2
-    lean, hf = _decode(model, rows, "lean"), _decode(model, rows, "hf")
+    assert llama.supports(model)  # the tiny model is a LlamaForCausalLM like SmolLM2
+    lean, hf = _decode(model, rows, "torch"), _decode(model, rows, "transformers")
     for a, b in zip(lean, hf, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert not torch.equal(lean[0], lean[-1])  # the steps really advance
@@ -38,12 +39,12 @@ def test_lean_step_matches_the_transformers_forward_on_a_left_padded_batch(fresh
 
 def test_fused_weights_are_cached_and_rebuilt_when_a_parameter_changes(fresh_tiny):
     model, rows = _rows(fresh_tiny)
-    first = fastdecode.weights(model)
-    assert fastdecode.weights(model) is first
+    first = torch_step.weights(model)
+    assert torch_step.weights(model) is first
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight.mul_(1.5)  # an in-place update, as an optimizer step makes
-    assert fastdecode.weights(model) is not first
-    for a, b in zip(_decode(model, rows, "lean", 2), _decode(model, rows, "hf", 2), strict=True):
+    assert torch_step.weights(model) is not first
+    for a, b in zip(_decode(model, rows, "torch", 2), _decode(model, rows, "transformers", 2), strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
@@ -53,21 +54,21 @@ def test_peft_lora_layers_decode_in_the_lean_step_with_their_own_deltas(fresh_ti
 
     model, tok = fresh_tiny
     adapter = lora_with_deltas(model, tok)
-    assert fastdecode.supports(adapter.model)
+    assert llama.supports(adapter.model)
     rows = [(adapter, tok(t)["input_ids"]) for t in TEXTS]
-    lean, hf = _decode(adapter.model, rows, "lean"), _decode(adapter.model, rows, "hf")
+    lean, hf = _decode(adapter.model, rows, "torch"), _decode(adapter.model, rows, "transformers")
     for a, b in zip(lean, hf, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    state = gen.prefill_rows(rows, pad_id=2)
+    state = engine.prefill(rows, pad_id=2)
     from tunelab import kvcache
 
-    assert fastdecode.stepper(adapter.model, kvcache.preallocate(state.cache, 4)) is not None
+    assert steps.choose(adapter.model, kvcache.preallocate(state.cache, 4))[0] != "transformers"
     adapter.model.get_submodule("model.layers.0.self_attn.q_proj").merge()  # merged: not a plain delta any more
-    assert not fastdecode.supports(adapter.model)
+    assert not llama.supports(adapter.model)
     adapter.model.get_submodule("model.layers.0.self_attn.q_proj").unmerge()
     with adapter.peft_model.disable_adapter():
-        assert not fastdecode.supports(adapter.model)  # disabled layers: the transformers forward
-        off = _decode(adapter.model, rows, "lean")
+        assert not llama.supports(adapter.model)  # disabled layers: the transformers forward
+        off = _decode(adapter.model, rows, "torch")
     assert not torch.allclose(lean[0], off[0])  # the deltas really change the logits
 
 
@@ -84,22 +85,22 @@ def test_the_lora_layer_map_is_cached_and_follows_set_adapter(fresh_tiny):
         for name, p in adapter.model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name) + ("other" in name)))
-    first = fastdecode.weights(adapter.model)
-    walked = {n for n, m in adapter.model.named_modules() if fastdecode._peft_lora(m)}
+    first = torch_step.weights(adapter.model)
+    walked = {n for n, m in adapter.model.named_modules() if llama.peft_lora(m)}
     assert set(first.lora) == walked and walked  # the LoRA layers the config targets
-    assert fastdecode.weights(adapter.model) is first  # cached: nothing changed
+    assert torch_step.weights(adapter.model) is first  # cached: nothing changed
     rows = [(adapter, tok(t)["input_ids"]) for t in TEXTS]
-    default = _decode(adapter.model, rows, "lean")
+    default = _decode(adapter.model, rows, "torch")
     peft_model.set_adapter("other")
-    assert fastdecode.weights(adapter.model) is not first  # same tensors, other active adapter: rebuilt
-    other, hf = _decode(adapter.model, rows, "lean"), _decode(adapter.model, rows, "hf")
+    assert torch_step.weights(adapter.model) is not first  # same tensors, other active adapter: rebuilt
+    other, hf = _decode(adapter.model, rows, "torch"), _decode(adapter.model, rows, "transformers")
     for a, b in zip(other, hf, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(default[0], other[0])
 
 
-def test_an_unknown_mode_is_refused():
-    with pytest.raises(ValueError, match="choose one of hf, lean"), fastdecode.mode("fast"):
+def test_an_unknown_step_is_refused():
+    with pytest.raises(ValueError, match="choose one of native, torch, transformers"), steps.prefer("fast"):
         pass
 
 
@@ -107,7 +108,7 @@ def test_an_unknown_mode_is_refused():
 def test_a_wide_projection_gives_each_row_the_same_bits_in_any_batch(dtype):
     # SmolLM2's down projection (1536 -> 576): split into input chunks of <= MAX_K columns
     weight = torch.randn(576, 1536, generator=torch.Generator().manual_seed(0)).to(dtype)
-    linear = fastdecode._prepare(weight, None, pack=True)
+    linear = torch_step._prepare(weight, None, pack=True)
     assert len(linear.chunks) == 2
     x = torch.randn(16, 1536, generator=torch.Generator().manual_seed(1)).to(dtype)
     batched = linear(x)
@@ -117,14 +118,16 @@ def test_a_wide_projection_gives_each_row_the_same_bits_in_any_batch(dtype):
             assert torch.equal(linear(x[:m])[row], batched[row])
 
 
-def test_row_slots_without_a_delta_provider_keep_the_transformers_forward(fresh_tiny):
-    """Per-row deltas that live only in module hooks (no modeling.row_deltas) would be skipped by the lean step."""
+def test_row_slots_without_a_delta_provider_keep_the_transformers_forward(fresh_tiny, caplog):
+    """Per-row deltas that live only in module hooks (no inference.rows.row_deltas) would be skipped by the fast
+    steps: the table falls back to the transformers forward and logs one line saying why."""
     from tunelab import kvcache
-    from tunelab.modeling import row_slots
+    from tunelab.inference.rows import row_slots
 
     model, rows = _rows(fresh_tiny)
-    state = gen.prefill_rows(rows, pad_id=2)
+    state = engine.prefill(rows, pad_id=2)
     cache = kvcache.preallocate(state.cache, 4)
-    assert fastdecode.stepper(model, cache) is not None
-    with row_slots(torch.tensor([1, 0, 0])):
-        assert fastdecode.stepper(model, cache) is None
+    assert steps.choose(model, cache)[0] != "transformers"
+    with row_slots(torch.tensor([1, 0, 0])), caplog.at_level(logging.INFO, logger="tunelab.inference.steps"):
+        assert steps.choose(model, cache)[0] == "transformers"
+    assert "module hooks" in caplog.text

@@ -4,7 +4,8 @@ import pytest
 
 from tunelab import native, precision
 from tunelab.formatting import build_prompt, encode_prompt
-from tunelab.generate import GenerationConfig, cut_at_stop, generate, generate_ids
+from tunelab.generate import GenerationConfig, cut_at_stop, generate
+from tunelab.inference import engine
 from tunelab.methods.base import MethodConfig, freeze
 from tunelab.methods.icl import FrozenAdapter
 
@@ -17,6 +18,13 @@ TEXTS = [
     "Write a list: " + ", ".join(str(i) for i in range(40)),
     "hello",
 ]
+
+
+def generate_ids(adapter, prompts, cfg, eos, pad_id, stop_check=None) -> list[list[int]]:
+    """New token ids of one left-padded batch (EOS excluded): the engine's prefill, then its static decode loop."""
+    batch = engine.Batch.on(adapter.model, cfg.precision)
+    batch.admit([(adapter, list(p)) for p in prompts], pad_id)
+    return engine.run_to_completion(batch, cfg, eos, pad_id, stop_check)[0]
 
 
 def _frozen(model_tok):

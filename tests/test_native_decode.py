@@ -12,9 +12,9 @@ import pytest
 import torch
 from tests.conftest import base_and_soft_prompt, decode_steps, lora_with_deltas
 
-from tunelab import fastdecode, kvcache, native, precision
-from tunelab import generate as gen
+from tunelab import kvcache, native, precision
 from tunelab.errors import ConfigError
+from tunelab.inference import engine, steps, torch_step
 from tunelab.native import llama
 
 pytestmark = pytest.mark.skipif(native.compiler() is None, reason="no C compiler: the PyTorch decode step runs")
@@ -47,8 +47,8 @@ def test_native_step_matches_the_transformers_forward_on_a_left_padded_batch(isa
     model, tok, (base, soft) = _adapters(fresh_tiny)
     rows = [(base if i % 2 else soft, tok(t)["input_ids"]) for i, t in enumerate(TEXTS)]
     assert llama.covers(model)
-    got = _decode(model, gen.prefill_rows(rows, pad_id=2), "native")
-    want = _decode(model, gen.prefill_rows(rows, pad_id=2), "hf")
+    got = _decode(model, engine.prefill(rows, pad_id=2), "native")
+    want = _decode(model, engine.prefill(rows, pad_id=2), "transformers")
     for a, b in zip(got, want, strict=True):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
@@ -63,9 +63,9 @@ def test_each_row_decodes_to_the_same_bits_in_any_batch(isa, fresh_tiny, dtype):
     rows = [(base, tok(TEXTS[0])["input_ids"]), (soft, tok(TEXTS[1])["input_ids"]), (base, tok(TEXTS[2])["input_ids"]),
             (soft, tok(TEXTS[2])["input_ids"])]
     with precision.weights_in(model, dtype):
-        parts = [gen.prefill_rows([row], pad_id=2) for row in rows]
+        parts = [engine.prefill([row], pad_id=2) for row in rows]
         alone = [_decode(model, p, "native") for p in parts]
-        merged = gen.merge_prefilled(model, [gen.prefill_rows([row], pad_id=2) for row in rows])
+        merged = engine.join(model, [engine.prefill([row], pad_id=2) for row in rows])
         assert merged.mask.eq(0).any()  # really padded
         batched = _decode(model, merged, "native")
     for i in range(len(rows)):
@@ -76,11 +76,11 @@ def test_each_row_decodes_to_the_same_bits_in_any_batch(isa, fresh_tiny, dtype):
 def test_bf16_weights_decode_close_to_fp32(isa, fresh_tiny):
     model, tok, (base, _) = _adapters(fresh_tiny)
     rows = [(base, tok(t)["input_ids"]) for t in TEXTS]
-    fp32 = gen.prefill_rows(rows, pad_id=2)
+    fp32 = engine.prefill(rows, pad_id=2)
     with precision.weights_in(model, torch.bfloat16):
         precision.cast_cache(fp32.cache, torch.bfloat16)
-        state = gen.decode_step(model, fp32.logits.argmax(-1), fp32)
-    reference = gen.decode_step(model, fp32.logits.argmax(-1), gen.prefill_rows(rows, pad_id=2))
+        state = engine.decode_step(model, fp32.logits.argmax(-1), fp32)
+    reference = engine.decode_step(model, fp32.logits.argmax(-1), engine.prefill(rows, pad_id=2))
     torch.testing.assert_close(state.logits, reference.logits, atol=0.05, rtol=0.05)
 
 
@@ -100,14 +100,14 @@ def test_peft_lora_deltas_are_added_between_the_phases(isa, fresh_tiny, monkeypa
     assert llama.covers(adapter.model)
     rows = [(adapter, tok(t)["input_ids"]) for t in TEXTS]
     calls = _count_calls(monkeypatch)
-    got = _decode(adapter.model, gen.prefill_rows(rows, pad_id=2), "native", steps=3)
+    got = _decode(adapter.model, engine.prefill(rows, pad_id=2), "native", steps=3)
     phases = 4 * len(adapter.model.model.layers) + 1
     assert calls == [(p, p + 1) for p in range(phases)] * 3  # phase by phase, every step
-    want = _decode(adapter.model, gen.prefill_rows(rows, pad_id=2), "hf", steps=3)
+    want = _decode(adapter.model, engine.prefill(rows, pad_id=2), "transformers", steps=3)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     with adapter.peft_model.disable_adapter():
-        off = _decode(adapter.model, gen.prefill_rows(rows, pad_id=2), "hf", steps=3)
+        off = _decode(adapter.model, engine.prefill(rows, pad_id=2), "transformers", steps=3)
     assert not torch.allclose(got[0], off[0])  # the deltas really changed the logits
 
 
@@ -120,10 +120,10 @@ def test_rows_without_a_delta_get_the_bits_of_the_one_call_step(isa, fresh_tiny,
     results = []
     for deltas in (None, lambda name, x: None,
                    lambda name, x: torch.zeros(x.shape[0], model.get_submodule(name).weight.shape[0])):
-        state = gen.prefill_rows(rows, pad_id=2)
+        state = engine.prefill(rows, pad_id=2)
         cache = kvcache.preallocate(state.cache, 2)
         mask = torch.cat([state.mask, state.mask.new_ones(len(rows), 1)], dim=1)
-        w = llama.weights(model, fastdecode._key(model))
+        w = llama.weights(model, llama.weights_key(model))
         results.append(llama.step(model, w, state.logits.argmax(-1), mask, state.next_pos, cache, deltas))
     phases = 4 * len(model.model.layers) + 1
     assert calls == [(0, phases)] + [(p, p + 1) for p in range(phases)] * 2
@@ -133,18 +133,18 @@ def test_rows_without_a_delta_get_the_bits_of_the_one_call_step(isa, fresh_tiny,
 def test_the_pytorch_step_runs_where_the_kernel_cannot(fresh_tiny, monkeypatch):
     model, tok, (base, _) = _adapters(fresh_tiny)
     rows = [(base, tok(t)["input_ids"]) for t in TEXTS]
-    state = gen.prefill_rows(rows, pad_id=2)
+    state = engine.prefill(rows, pad_id=2)
     cache = kvcache.preallocate(state.cache, 2)
     lean_calls: list = []
-    real_step = fastdecode.step
-    monkeypatch.setattr(fastdecode, "step", lambda *a, **k: lean_calls.append(1) or real_step(*a, **k))
+    real_step = torch_step.step
+    monkeypatch.setattr(torch_step, "step", lambda *a, **k: lean_calls.append(1) or real_step(*a, **k))
     monkeypatch.setenv("TUNELAB_NATIVE", "0")
     native._reset()
     try:
         assert native.library() is None and native.reason() == "TUNELAB_NATIVE=0"
         assert not llama.covers(model)
-        run = fastdecode.stepper(model, cache)
-        assert run is not None
+        name, run = steps.choose(model, cache)
+        assert name == "torch"
         mask = torch.cat([state.mask, state.mask.new_ones(len(rows), 1)], dim=1)
         run(state.logits.argmax(-1), mask, state.next_pos, cache)
         assert lean_calls == [1]

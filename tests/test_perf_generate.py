@@ -3,13 +3,13 @@ reproduces the plain per-example path."""
 
 import torch
 
-from tunelab import generate as gen
 from tunelab import modeling
-from tunelab.generate import GenerationConfig, generate_ids, generate_rows
+from tunelab.generate import GenerationConfig, eos_ids, generate_rows
+from tunelab.inference import engine, steps
 from tunelab.methods import METHODS
 from tunelab.methods.base import MethodConfig, freeze
 from tunelab.methods.icl import FrozenAdapter
-from tunelab.modeling import mask_for, pad_batch, sequence_logprobs, virtual_kv, virtual_kv_cache
+from tunelab.modeling import mask_for, pad_batch, sequence_logprobs, virtual_kv
 
 TEXTS = ["a short one", "a much longer prompt with many more words in it than the others have",
          "mid length prompt here", "x", "Q: what is two plus two? A:"]
@@ -31,10 +31,26 @@ def _adapters(model_tok):
 
 
 def _reference(adapter, tok, prompt, cfg):
-    """One row alone through the plain path, soft prompt recomputed in the forward."""
-    with virtual_kv_cache(False):
-        ids = generate_ids(adapter, [prompt], cfg, gen._eos_ids(adapter.model, tok), tok.pad_token_id)[0]
-    return tok.decode(ids, skip_special_tokens=True)
+    """One row alone, greedy, without the engine: the soft prompt / prefix recomputed in the forward
+    (``modeling.hidden_states`` with gradients on, as training runs it: no ``virtual_kv`` cache), then the
+    transformers forward step after step over that cache."""
+    model = adapter.model
+    ids = torch.tensor([prompt])
+    with torch.enable_grad():
+        hidden, cache, inputs, _ = modeling.hidden_states(adapter, ids, torch.ones_like(ids), use_cache=True)
+    eos, step = set(eos_ids(model, tok)), steps.transformers_step(model)
+    mask, pos, out = inputs.attention_mask, inputs.position_ids[:, -1] + 1, []
+    with torch.no_grad():
+        logits = model.get_output_embeddings()(hidden[:, -1])
+        while len(out) < cfg.max_new_tokens:
+            token = int(logits.argmax(-1))
+            if token in eos:
+                break
+            out.append(token)
+            mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
+            logits = step(torch.tensor([token]), mask, pos, cache)
+            pos = pos + 1
+    return tok.decode(out, skip_special_tokens=True)
 
 
 def test_mixed_adapter_batch_equals_each_row_alone(fresh_tiny):
@@ -56,8 +72,8 @@ def test_shared_prefix_is_computed_once_and_changes_nothing(fresh_tiny, monkeypa
     prompts = [system + tok(t)["input_ids"] for t in TEXTS]
     cfg = GenerationConfig(max_new_tokens=8)
     calls = []
-    real = gen.extend_kv
-    monkeypatch.setattr(gen, "extend_kv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = engine.extend_kv
+    monkeypatch.setattr(engine, "extend_kv", lambda *a, **k: calls.append(1) or real(*a, **k))
     for adapter in adapters:
         rows = [(adapter, p) for p in prompts]
         expected = [_reference(adapter, tok, p, cfg) for p in prompts]
@@ -73,8 +89,8 @@ def test_cached_scores_equal_recomputed_scores(fresh_tiny):
     for adapter in adapters:
         with torch.no_grad():
             fast = sequence_logprobs(adapter, *args)
-            with virtual_kv_cache(False):
-                slow = sequence_logprobs(adapter, *args)
+            with torch.enable_grad():  # the soft prompt recomputed in the forward, as in training
+                slow = sequence_logprobs(adapter, *args).detach()
         torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
 
 

@@ -1,12 +1,13 @@
-"""Inference precision per phase (tunelab.precision) and the lighter decode loop (pre-allocated cache)."""
+"""Inference precision per phase (tunelab.precision, applied by inference.engine) and the pre-allocated cache."""
 
 import pytest
 import torch
 from transformers import DynamicCache
 
-from tunelab import fastdecode, precision
 from tunelab import generate as gen
+from tunelab import precision
 from tunelab.errors import ConfigError
+from tunelab.inference import engine, steps
 from tunelab.kvcache import PreallocatedLayer, preallocate
 from tunelab.methods import METHODS
 from tunelab.methods.base import MethodConfig, freeze
@@ -79,8 +80,8 @@ def _adapters(model_tok):
 def _logit_dtypes(monkeypatch) -> list:
     """The dtype of the logits of every step, prefill first (the lean decode step calls no head module)."""
     seen: list = []
-    choose = gen._next_tokens
-    monkeypatch.setattr(gen, "_next_tokens", lambda logits, *a: seen.append(logits.dtype) or choose(logits, *a))
+    choose = engine.next_tokens
+    monkeypatch.setattr(engine, "next_tokens", lambda logits, *a: seen.append(logits.dtype) or choose(logits, *a))
     return seen
 
 
@@ -100,25 +101,25 @@ def test_bf16_generation_runs_in_bf16_and_mixed_batches_equal_each_row_alone(fre
     adapters, tok = _adapters(fresh_tiny)
     rows = [(adapters[i % 3], tok(t)["input_ids"]) for i, t in enumerate(TEXTS * 2)]
     cfg = gen.GenerationConfig(max_new_tokens=8, precision="bf16")
-    seen, steps = _logit_dtypes(monkeypatch), _native_weight_dtypes(monkeypatch)
+    seen, native_steps = _logit_dtypes(monkeypatch), _native_weight_dtypes(monkeypatch)
     alone = [gen.generate_rows([r], tok, cfg, batch_size=1)[0] for r in rows]
     assert len(seen) > len(rows)
     if native.library() is not None:  # the native step: bf16 weights, fp32 residual stream and logits
-        assert set(steps) == {torch.bfloat16} and len(steps) == len(seen) - len(rows)  # every decode step
+        assert set(native_steps) == {torch.bfloat16} and len(native_steps) == len(seen) - len(rows)  # every step
         assert set(seen) == {torch.bfloat16, torch.float32}
     else:
         assert set(seen) == {torch.bfloat16}
     assert gen.generate_rows(rows, tok, cfg, batch_size=16) == alone
-    with fastdecode.mode("lean"):  # the PyTorch lean step in bf16: batch-invariant on its own terms
+    with steps.prefer("torch"):  # the PyTorch lean step in bf16: batch-invariant on its own terms
         lean_alone = [gen.generate_rows([r], tok, cfg, batch_size=1)[0] for r in rows]
         assert gen.generate_rows(rows, tok, cfg, batch_size=16) == lean_alone
-    with gen.fast_decode(False):
-        slow_alone = [gen.generate_rows([r], tok, cfg, batch_size=1)[0] for r in rows]
-        assert gen.generate_rows(rows, tok, cfg, batch_size=4) == slow_alone
+    with steps.prefer("transformers"):  # the transformers forward in bf16, batches of another size
+        hf_alone = [gen.generate_rows([r], tok, cfg, batch_size=1)[0] for r in rows]
+        assert gen.generate_rows(rows, tok, cfg, batch_size=4) == hf_alone
     assert len(set(alone)) > 1
 
 
-def test_prefill_and_decode_may_differ(fresh_tiny, monkeypatch):
+def test_the_phases_may_differ_in_precision(fresh_tiny, monkeypatch):
     adapters, tok = _adapters(fresh_tiny)
     monkeypatch.setattr(precision, "resolve", lambda name, device="cpu", key="": precision.PhasePrecision("bf16", "fp32"))
     rows = [(adapters[i % 3], tok(t)["input_ids"]) for i, t in enumerate(TEXTS)]
@@ -186,3 +187,34 @@ def test_cli_rejects_an_unknown_precision_before_loading_anything():
     result = CliRunner().invoke(app, ["eval", "--model", "tiny", "--data", "date_format", "--precision", "fp16"])
     assert isinstance(result.exception, ConfigError)
     assert "eval.precision: got 'fp16', expected one of fp32, bf16, auto" in str(result.exception)
+
+
+def test_a_reader_holding_weights_lock_never_sees_the_swapped_copy(fresh_tiny):
+    """serve: the scheduler swaps the base model's weights per phase on its thread while the registry may deep-copy
+    that model on a request thread (a full-weights adapter); the copy waits for the swap to end."""
+    import copy
+    import threading
+
+    model, _ = fresh_tiny
+    inside, release, copied = threading.Event(), threading.Event(), []
+
+    def decode():
+        with precision.weights_in(model, torch.bfloat16):
+            inside.set()
+            release.wait(30)
+
+    def load():
+        with precision.weights_lock(model):
+            copied.append(copy.deepcopy(model))
+
+    swapper = threading.Thread(target=decode)
+    swapper.start()
+    assert inside.wait(30)
+    reader = threading.Thread(target=load)
+    reader.start()
+    reader.join(0.3)
+    assert reader.is_alive()  # waits while the bf16 copy is swapped in
+    release.set()
+    swapper.join(30)
+    reader.join(30)
+    assert copied and copied[0].get_input_embeddings().weight.dtype == torch.float32

@@ -7,8 +7,8 @@ import pytest
 import torch
 from tests.conftest import base_and_soft_prompt
 
-from tunelab import generate as gen
 from tunelab import precision, rowattention
+from tunelab.inference import engine
 
 TEXTS = ["x", "Translate to French: good morning", "A longer prompt with several more words in it, about the sea.",
          "Two words"]
@@ -25,14 +25,14 @@ def test_load_model_installs_it_on_llama(fresh_tiny):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_each_row_prefills_as_alone_and_close_to_sdpa(fresh_tiny, dtype):
+def test_each_row_attends_as_alone_and_close_to_sdpa(fresh_tiny, dtype):
     model, rows = _rows(fresh_tiny)
     with precision.weights_in(model, dtype), torch.no_grad():
-        batched = gen.prefill_rows(rows, pad_id=2)
-        alone = [gen.prefill_rows([row], pad_id=2) for row in rows]
+        batched = engine.prefill(rows, pad_id=2)
+        alone = [engine.prefill([row], pad_id=2) for row in rows]
         model.set_attn_implementation("sdpa")
         try:
-            sdpa = gen.prefill_rows(rows, pad_id=2)
+            sdpa = engine.prefill(rows, pad_id=2)
         finally:
             model.set_attn_implementation(rowattention.NAME)
     assert batched.mask.eq(0).any()  # the batch is really padded

@@ -26,7 +26,8 @@ from tunelab.formatting import (
     encode_prompt,
     target_text,
 )
-from tunelab.generate import GenerationConfig, generate
+from tunelab.generate import GenerationConfig
+from tunelab.inference.engine import Engine
 from tunelab.modeling import score_sequences
 from tunelab.sections import EvalConfig
 
@@ -38,6 +39,7 @@ class EvalResult:
     seconds: float = 0.0
     generated_tokens: int = 0
     ci: dict[str, list[float] | None] = field(default_factory=dict)  # 95% bootstrap interval per metric
+    decode_step: str = ""  # the decode step(s) generation ran (inference.steps.BACKENDS, "+"-joined); "" if none
 
 
 def derive_max_new_tokens(tokenizer, examples: Sequence[Example], cap: int = 256) -> int:
@@ -102,13 +104,16 @@ def evaluate(adapter, tokenizer, layout: PromptLayout | str, examples: Sequence[
     start = time.perf_counter()
     refs = [e.targets for e in examples]
     preds: list[str] = [""] * len(examples)
+    decode_step = ""
     if any(n not in M.RANKED for n in metric_names):
         prompts = prompts_for(tokenizer, layout, examples)
         gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens or cfg.max_new_tokens
                                    or derive_max_new_tokens(tokenizer, examples),
                                    do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p,
                                    precision=cfg.precision)
-        preds = [p.strip() for p in generate(adapter, tokenizer, prompts, gen_cfg, cfg.batch_size, progress)]
+        engine = Engine(tokenizer, gen_cfg, cfg.batch_size)
+        preds = [p.strip() for p in engine.run([(adapter, list(p)) for p in prompts], progress)]
+        decode_step = "+".join(sorted(engine.steps_used))
     option_scores = ranked = None
     if any(n in M.RANKED for n in metric_names):
         option_scores = rank_options(adapter, tokenizer, layout, examples, cfg.batch_size, cfg.precision)
@@ -127,4 +132,4 @@ def evaluate(adapter, tokenizer, layout: PromptLayout | str, examples: Sequence[
         predictions.append(row)
     n_tokens = sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in preds)
     return EvalResult(scores, predictions, time.perf_counter() - start, n_tokens,
-                      {n: (list(v) if v is not None else None) for n, v in ci.items()})
+                      {n: (list(v) if v is not None else None) for n, v in ci.items()}, decode_step)

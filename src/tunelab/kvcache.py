@@ -62,7 +62,7 @@ class PreallocatedLayer(DynamicLayer):
                 setattr(self, name, new)
 
     def advance(self, extra: int) -> None:
-        """Count ``extra`` positions written into the buffers directly (``tunelab.fastdecode``)."""
+        """Count ``extra`` positions written into the buffers directly (``inference.torch_step``, ``native.llama``)."""
         self.length += extra
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs

@@ -13,14 +13,12 @@ Layouts (V = virtual tokens, P = padding):
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 import inspect
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -84,19 +82,7 @@ class PrefixKV:
         return int(self.keys[0].shape[-2]) if self.keys else 0
 
 
-_REUSE_VIRTUAL = contextvars.ContextVar("tunelab_reuse_virtual_kv", default=True)
 _VIRTUAL_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # adapter -> (soft prompt, PrefixKV)
-
-
-@contextlib.contextmanager
-def virtual_kv_cache(enabled: bool) -> Iterator[None]:
-    """Turn the per-adapter virtual-token cache on/off (on by default) -- off gives the reference
-    per-example path, which recomputes the soft prompt in every forward; benchmarks and tests compare both."""
-    token = _REUSE_VIRTUAL.set(enabled)
-    try:
-        yield
-    finally:
-        _REUSE_VIRTUAL.reset(token)
 
 
 def _kv_of(cache) -> PrefixKV:
@@ -194,7 +180,8 @@ def build_inputs(adapter: Adapter, input_ids: torch.Tensor, attention_mask: torc
     """Embed tokens, prepend the soft prompt and attach the prefix cache of ``adapter``.
 
     Without gradients (evaluation, scoring, generation) the virtual tokens come from the cached
-    ``virtual_kv`` instead of being recomputed for every row (``virtual_kv_cache(False)`` turns that off).
+    ``virtual_kv`` instead of being recomputed for every row (with gradients, e.g. training or a reference that
+    recomputes everything, the soft prompt is prepended to the embeddings).
     ``prefix`` (no-grad only): keys/values of everything before ``input_ids`` -- the adapter's virtual
     tokens and shared text, from ``extend_kv`` -- used for every row instead.
     """
@@ -204,7 +191,7 @@ def build_inputs(adapter: Adapter, input_ids: torch.Tensor, attention_mask: torc
         cache, pmask = batch_cache(adapter.model, [prefix] * batch)
         mask = torch.cat([pmask, attention_mask], dim=1)
         return ModelInputs(embeds, mask, positions_from_mask(mask)[:, prefix.length:], cache, 0)
-    if not torch.is_grad_enabled() and _REUSE_VIRTUAL.get() and adapter.soft_prompt(1) is not None:
+    if not torch.is_grad_enabled() and adapter.soft_prompt(1) is not None:
         kv = virtual_kv(adapter)
         if kv is not None:
             cache, pmask = batch_cache(adapter.model, [kv] * batch)
@@ -352,48 +339,6 @@ def mask_for(sequences: list[list[int]], side: str = "right") -> torch.Tensor:
 
 
 # --- row-level cache surgery for the serving scheduler (tunelab.serve.scheduler) -------------------------
-
-_ROW_SLOTS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("tunelab_row_slots", default=None)
-
-
-@contextlib.contextmanager
-def row_slots(slots: torch.Tensor | None) -> Iterator[None]:
-    """The weight-delta slot of each row, (B,) long (0 = none), or one slot for every row (a 0-dim tensor),
-    for the forwards run inside; ``serve.lora_rows`` hooks read it. None (the default): no row has a delta."""
-    token = _ROW_SLOTS.set(slots)
-    try:
-        yield
-    finally:
-        _ROW_SLOTS.reset(token)
-
-
-def current_row_slots() -> torch.Tensor | None:
-    """The slots ``row_slots`` set for the forward running now (None outside one)."""
-    return _ROW_SLOTS.get()
-
-
-class RowDeltas(Protocol):
-    """What adds the per-row weight deltas of ``row_slots`` to a projection's output (``serve.lora_rows``)."""
-
-    def delta(self, name: str, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor | None:
-        """The delta to add to module ``name``'s output for input ``x`` (B, T, in) and ``slots``; None when
-        ``name`` has none."""
-        ...
-
-
-_ROW_DELTAS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its RowDeltas
-
-
-def register_row_deltas(model, deltas: RowDeltas) -> None:
-    """Declare where the per-row deltas of ``model``'s projections come from, so that a forward which reads
-    the weights directly (``fastdecode.step``) can add them as the module hooks do."""
-    _ROW_DELTAS[model] = deltas
-
-
-def row_deltas(model) -> RowDeltas | None:
-    """The ``RowDeltas`` registered for ``model`` (None: its per-row deltas live only in module hooks)."""
-    return _ROW_DELTAS.get(model)
-
 
 def cache_tensors(cache) -> PrefixKV:
     """The per-layer (B, heads, L, head_dim) keys/values of a transformers cache."""

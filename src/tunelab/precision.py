@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -129,6 +130,21 @@ def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
             tensor.data = tensor.data.to(dtype)
 
 
+_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> RLock held while its weights are swapped
+_LOCKS_GUARD = threading.Lock()
+
+
+def weights_lock(model: torch.nn.Module) -> threading.RLock:
+    """Held by ``weights_in`` while ``model``'s weights are swapped: whoever reads the weights from another thread
+    (serve's registry deep-copying the base model for a full-weights adapter) holds it too, so it never sees the
+    swapped copy (the serve scheduler swaps per phase: ``inference.engine.Batch``)."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
+
+
 @contextlib.contextmanager
 def weights_in(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[None]:
     """Run ``model`` with its floating weights in ``dtype`` inside the block; restores them on exit.
@@ -137,10 +153,16 @@ def weights_in(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[None]:
     since (an optimizer step bumps its version) is copied again. A model already in ``dtype`` is untouched.
     Not for training: gradients would go to the copies. Peak memory: the fp32 weights plus their copy.
     """
-    tensors = [(n, t) for n, t in _floating_tensors(model) if t.dtype != dtype]
-    if not tensors:
+    if all(t.dtype == dtype for _, t in _floating_tensors(model)):
         yield
         return
+    with weights_lock(model), _swapped(model, dtype):  # the tensors to swap are listed under the lock
+        yield
+
+
+@contextlib.contextmanager
+def _swapped(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    tensors = [(n, t) for n, t in _floating_tensors(model) if t.dtype != dtype]
     copies = _COPIES.setdefault(model, {}).setdefault(dtype, {})
     originals = []
     with torch.no_grad():

@@ -222,10 +222,14 @@ def run_eval(req: EvalRequest, progress: Callable[[int], None] | None = None) ->
     loaded = load_for_eval(req.model, req.adapter, req.template, req.system_prompt, req.max_length)
     layout = loaded.layout
 
+    steps_used: set[str] = set()  # the decode steps generation ran (inference.steps.BACKENDS)
+
     def run_one(group: list[Example], max_new_tokens: int | None) -> EvalResult:
         group = [loaded.adapter.rewrite(e) for e in group]  # a discrete prompt swaps the instruction
-        return evaluate(loaded.adapter, loaded.tokenizer, layout, group, names, req.eval,
-                        req.eval.max_new_tokens or max_new_tokens, progress, req.n_resamples)
+        result = evaluate(loaded.adapter, loaded.tokenizer, layout, group, names, req.eval,
+                          req.eval.max_new_tokens or max_new_tokens, progress, req.n_resamples)
+        steps_used.update(s for s in result.decode_step.split("+") if s)
+        return result
 
     if req.protocol == "super_ni":
         report = score_per_task(run_one, examples, names, loaded.tokenizer, req.n_resamples)
@@ -235,7 +239,7 @@ def run_eval(req: EvalRequest, progress: Callable[[int], None] | None = None) ->
     report.info = {**info, "protocol": req.protocol, "model": loaded.model_name, "adapter": req.adapter,
                    "method": loaded.loaded.method_name, "template": layout.template, "data": req.data,
                    "seconds": round(time.perf_counter() - start, 2), "load_seconds": round(loaded.seconds, 2),
-                   "request": asdict(req)}
+                   "decode_step": "+".join(sorted(steps_used)) or None, "request": asdict(req)}
     if req.out:
         write_report(report, Path(req.out))
     return report

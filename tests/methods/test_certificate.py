@@ -13,12 +13,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tunelab import fastdecode
 from tunelab import generate as gen
 from tunelab.config import TrainConfig
 from tunelab.data import load_task
 from tunelab.errors import TunelabError
 from tunelab.formatting import PromptLayout, build_prompt, encode, encode_prompt
+from tunelab.inference import engine, llama, steps
 from tunelab.methods import METHODS
 from tunelab.modeling import mask_for, pad_batch, token_logprobs
 from tunelab.models import count_parameters, load_model, tiny_config
@@ -194,8 +194,8 @@ def test_save_then_load_gives_identical_greedy_outputs(name, examples, tmp_path)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("name", list(METHODS))
 def test_batched_and_one_by_one_generation_agree(name, precision, examples):
-    """Within each inference precision (bf16: the weights' bf16 copy), for the lean decode step (default), the
-    transformers forward and the old decode loop; lean == transformers forward in fp32."""
+    """Within each inference precision (bf16: the weights' bf16 copy), for the default decode step (native or
+    torch, ``inference.steps``) and the transformers forward; the fast step == the transformers forward in fp32."""
     run = _run(name, examples)
     adapter, tok, demos = run.adapter, run.tok, run.demos
     prompts = _prompts(adapter, tok, demos, examples[:4]) + [tok("x", add_special_tokens=False)["input_ids"]]
@@ -203,12 +203,10 @@ def test_batched_and_one_by_one_generation_agree(name, precision, examples):
     cfg = gen.GenerationConfig(max_new_tokens=8, precision=precision)
     batched = gen.generate(adapter, tok, prompts, cfg, batch_size=len(prompts))
     assert batched == [gen.generate(adapter, tok, [p], cfg, batch_size=1)[0] for p in prompts]
-    # the lean decode step (tunelab.fastdecode) covers every method, peft LoRA layers included
-    assert fastdecode.supports(adapter.model)
-    with fastdecode.mode("hf"):  # the transformers forward in the same loop
+    # the fast decode steps (inference.llama.supports) cover every method, peft LoRA layers included
+    assert llama.supports(adapter.model)
+    with steps.prefer("transformers"):  # the transformers forward in the same loop
         hf = gen.generate(adapter, tok, prompts, cfg, batch_size=len(prompts))
-    with gen.fast_decode(False):  # the 2026-11 loop (DynamicCache growth, per-row Python) gives the same tokens
-        assert gen.generate(adapter, tok, prompts, cfg, batch_size=len(prompts)) == hf
     if precision == "fp32":  # in bf16 the lean step's fused matmuls and rms_norm round differently from HF's ops
         assert hf == batched
     assert all(p.dtype == torch.float32 for p in adapter.model.parameters())  # bf16 only inside generation
@@ -218,12 +216,12 @@ def test_batched_and_one_by_one_generation_agree(name, precision, examples):
 def test_forward_logprobs_agree_with_the_scores_behind_generate(name, examples, monkeypatch):
     run = _run(name, examples)
     adapter, tok, demos = run.adapter, run.tok, run.demos
-    prompts = _prompts(adapter, tok, demos, examples[:3])
+    prompts = sorted(_prompts(adapter, tok, demos, examples[:3]), key=len)  # the engine's batch order
     step_logits = []  # (B, V) per decoding step, as generation saw them
-    choose = gen._next_tokens
-    monkeypatch.setattr(gen, "_next_tokens", lambda logits, *a: step_logits.append(logits.clone()) or choose(logits, *a))
-    eos = gen._eos_ids(adapter.model, tok)
-    new = gen.generate_ids(adapter, prompts, gen.GenerationConfig(max_new_tokens=6), eos, tok.pad_token_id)
+    choose = engine.next_tokens
+    monkeypatch.setattr(engine, "next_tokens", lambda logits, *a: step_logits.append(logits.clone()) or choose(logits, *a))
+    run = engine.Engine(tok, gen.GenerationConfig(max_new_tokens=6), batch_size=len(prompts))
+    new = run.run_ids([(adapter, p) for p in prompts])
     for row, (prompt, tokens) in enumerate(zip(prompts, new, strict=True)):
         assert tokens, "tiny model emitted EOS at once; pick other prompts"
         ids = [prompt + tokens]

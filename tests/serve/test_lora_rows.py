@@ -7,7 +7,8 @@ import time
 import pytest
 import torch
 
-from tunelab.generate import GenerationConfig, generate_rows, prefill_rows
+from tunelab.generate import GenerationConfig, generate_rows
+from tunelab.inference.engine import prefill
 from tunelab.methods.io import load_adapter
 from tunelab.models import load_model
 from tunelab.serve.examples import write_lora_adapters, write_prefix_adapters, write_prompt_adapters
@@ -78,8 +79,8 @@ def test_a_batch_without_lora_rows_carries_no_slots_and_logits_are_untouched(tin
     slot = registry.lora.acquire("lora00", lora.lora)
     base = registry.base.adapter
     try:
-        plain = prefill_rows([(base, [5, 6, 7]), (base, [8, 9])], tokenizer.pad_token_id, [0, 0])
-        mixed = prefill_rows([(base, [5, 6, 7]), (base, [8, 9])], tokenizer.pad_token_id, [0, slot])
+        plain = prefill([(base, [5, 6, 7]), (base, [8, 9])], tokenizer.pad_token_id, [0, 0])
+        mixed = prefill([(base, [5, 6, 7]), (base, [8, 9])], tokenizer.pad_token_id, [0, slot])
     finally:
         registry.lora.release(slot)
     assert plain.slots is None and mixed.slots is not None
@@ -160,8 +161,8 @@ def test_lora_rows_decode_in_the_lean_step_with_the_hooks_deltas(mixed_root, mon
     """A batch with LoRA rows takes the lean decode step (not the transformers forward), which adds the same
     per-row deltas as the module hooks: its logits match the hooked transformers forward step after step, and
     the LoRA rows differ from what the lean step gives without their slots."""
-    from tunelab import fastdecode
-    from tunelab.generate import decode_step
+    from tunelab.inference import steps, torch_step
+    from tunelab.inference.engine import decode_step
 
     model, tokenizer = load_model("tiny", seed=0)
     registry = AdapterRegistry(mixed_root, model, tokenizer, "tiny", max_lora_adapters=2)
@@ -170,29 +171,29 @@ def test_lora_rows_decode_in_the_lean_step_with_the_hooks_deltas(mixed_root, mon
     rows = [(base, [5, 6, 7]), (base, [8, 9]), (base, [10, 11, 12, 13])]
     row_slots = [slots[0], 0, slots[1]]
     calls = []
-    real_step = fastdecode.step
+    real_step = torch_step.step
 
     def spy(*args, **kwargs):  # step(model, w, tokens, mask, positions, cache, deltas)
         calls.append(args[6] if len(args) > 6 else kwargs.get("deltas"))
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(fastdecode, "step", spy)
+    monkeypatch.setattr(torch_step, "step", spy)
 
     def run(mode: str, with_slots: bool) -> list[torch.Tensor]:
-        state = prefill_rows(rows, tokenizer.pad_token_id, row_slots if with_slots else None)
+        state = prefill(rows, tokenizer.pad_token_id, row_slots if with_slots else None)
         out = []
-        with fastdecode.mode(mode):
+        with steps.prefer(mode):
             for _ in range(4):
                 state = decode_step(model, state.logits.argmax(-1), state)
                 out.append(state.logits)
         return out
 
     try:
-        hf = run("hf", True)
+        hf = run("transformers", True)
         assert not calls
-        lean = run("lean", True)
+        lean = run("torch", True)
         assert len(calls) == 4 and all(d is not None for d in calls)  # every step lean, with deltas
-        plain = run("lean", False)
+        plain = run("torch", False)
     finally:
         for s in slots:
             registry.lora.release(s)

@@ -17,7 +17,8 @@ from tests.serve.test_app import offline
 from tunelab.config import build_config
 from tunelab.errors import ConfigError
 from tunelab.formatting import PromptLayout
-from tunelab.generate import GenerationConfig, Prefilled, decode_step, generate_rows, prefill_rows
+from tunelab.generate import GenerationConfig, generate_rows
+from tunelab.inference.engine import BatchState, decode_step, prefill
 from tunelab.methods.base import MethodConfig
 from tunelab.methods.icl import FrozenAdapter
 from tunelab.modeling import cache_tensors, merge_rows, select_rows
@@ -42,8 +43,8 @@ INSTRUCTION = "Rewrite the date in ISO format."
 def test_merge_and_select_rows_keep_each_rows_keys_values(tiny):
     model, tokenizer = tiny
     base = FrozenAdapter(model, "base", MethodConfig()).eval()
-    short = prefill_rows([(base, [5, 6])], tokenizer.pad_token_id)
-    long = prefill_rows([(base, [7, 8, 9, 10, 11]), (base, [12, 13, 14])], tokenizer.pad_token_id)
+    short = prefill([(base, [5, 6])], tokenizer.pad_token_id)
+    long = prefill([(base, [7, 8, 9, 10, 11]), (base, [12, 13, 14])], tokenizer.pad_token_id)
     cache, mask = merge_rows(model, [(cache_tensors(short.cache), short.mask), (cache_tensors(long.cache), long.mask)])
     assert mask.tolist() == [[0, 0, 0, 1, 1], [1, 1, 1, 1, 1], [0, 0, 1, 1, 1]]
     merged = cache_tensors(cache)
@@ -54,7 +55,7 @@ def test_merge_and_select_rows_keep_each_rows_keys_values(tiny):
     assert torch.equal(cache_tensors(kept).values[-1][1], cache_tensors(long.cache).values[-1][1, :, 2:])
     # one decode step of the merged rows gives each row's own next-token logits
     tokens = torch.tensor([1, 2, 3])
-    state = Prefilled(cache, mask, torch.cat([short.next_pos, long.next_pos]), torch.cat([short.logits, long.logits]))
+    state = BatchState(cache, mask, torch.cat([short.next_pos, long.next_pos]), torch.cat([short.logits, long.logits]))
     both = decode_step(model, tokens, state)
     alone = decode_step(model, tokens[:1], short)
     assert torch.allclose(both.logits[0], alone.logits[0], atol=1e-5)

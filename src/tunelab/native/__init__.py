@@ -1,6 +1,6 @@
 """Native CPU kernels (``tunelab.native``; not ``kernels``: Hugging Face's ``kernels`` package owns that name), compiled from their C source on first use and cached.
 
-``decode.c`` runs a whole Llama decode step in one call (``tunelab.fastdecode``'s ``native`` step). It is built
+``decode.c`` runs a whole Llama decode step in one call (the ``native`` backend of ``tunelab.inference.steps``). It is built
 with the system C compiler (``$CC``, else ``cc``/``gcc``) for this CPU (``-march=native``) into
 ``$TUNELAB_KERNEL_CACHE`` (default ``~/.cache/tunelab/kernels``), keyed by the source, the flags, the compiler
 and the CPU's flags, and linked against torch's own OpenMP runtime, so that torch and the kernel share one

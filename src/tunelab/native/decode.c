@@ -1,7 +1,7 @@
 /* One decode step of a Llama-family model (one new token per row) in a single call: tunelab's "native" step.
  *
  * Why: at batch 1 a decode step must stream every weight from memory once, and that is all it should do. The
- * eager PyTorch step (fastdecode.step) spends ~1,000 small ops per step around its GEMVs and its GEMV library
+ * eager PyTorch step (inference.torch_step.step) spends ~1,000 small ops per step around its GEMVs and its GEMV library
  * streams bf16 weights well below the read bandwidth (docs/performance.md). Here the whole step is one OpenMP
  * parallel region (torch's own libgomp, so one thread pool): the GEMVs stream the weights (batched rows in
  * register tiles), and norms, RoPE, the cache write, attention and SiLU run in between at the cost of a barrier.

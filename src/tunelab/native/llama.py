@@ -1,7 +1,7 @@
-"""The native decode step (``decode.c``) for the Llama models ``fastdecode`` covers: weights by pointer, no copy.
+"""The native decode step (``decode.c``) for the Llama models ``inference.llama.supports`` covers: weights by pointer, no copy.
 
 ``weights(model)`` collects the model's own parameter tensors (fp32, or the bf16 copy ``precision.weights_in``
-swaps in) and is rebuilt when ``fastdecode``'s key (every tensor's storage and version, every projection
+swaps in) and is rebuilt when ``inference.llama.weights_key`` (every tensor's storage and version, every projection
 module's LoRA state) changes. ``step`` runs one decode step over a ``kvcache.PreallocatedLayer`` cache:
 the whole step in one call, or phase by phase when per-row deltas (peft LoRA layers, serve's LoRA rows) must
 be added to the projections' outputs, with the same arithmetic for the rows that have none.
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from tunelab import native
+from tunelab.inference.llama import cached, peft_lora, weights_key
 
 _I64 = ctypes.c_int64
 _P = ctypes.c_void_p
@@ -45,7 +46,7 @@ _MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_at
 
 @dataclass(frozen=True)
 class Weights:
-    key: tuple  # fastdecode._key(model) when built
+    key: tuple  # inference.llama.weights_key(model) when built
     dtype: torch.dtype
     dims: dict[str, int]
     eps: float
@@ -54,13 +55,13 @@ class Weights:
     embed: int
     head: int
     names: tuple[dict[str, str], ...]  # per layer: projection -> module name (for deltas)
-    lora: dict[str, torch.nn.Module]  # module name -> its peft LoRA layer (fastdecode._peft_lora)
+    lora: dict[str, torch.nn.Module]  # module name -> its peft LoRA layer (inference.llama.peft_lora)
     tensors: tuple[torch.Tensor, ...]  # every tensor pointed to (kept alive here)
     serial: int = dataclasses.field(default_factory=lambda: next(_SERIAL))  # unique for the process's life
 
 
 def _weights_fit(model) -> bool:
-    """Every weight a contiguous CPU tensor of one dtype, fp32 or bf16, and no biases (``fastdecode.supports``
+    """Every weight a contiguous CPU tensor of one dtype, fp32 or bf16, and no biases (``inference.llama.supports``
     already holds)."""
     body = model.model
     weights = [body.embed_tokens.weight, body.norm.weight, model.get_output_embeddings().weight]
@@ -84,16 +85,12 @@ class _NotCovered:  # cached like Weights, so that the check runs once per weigh
 
 
 def covers(model) -> bool:
-    """Whether ``step`` can run ``model`` (``fastdecode.supports`` already holds): the native kernel is available
+    """Whether ``step`` can run ``model`` (``inference.llama.supports`` already holds): the native kernel is available
     here and its weights fit (``_weights_fit``)."""
-    from tunelab.fastdecode import _key
-
-    return native.library() is not None and weights(model, _key(model)) is not None
+    return native.library() is not None and weights(model, weights_key(model)) is not None
 
 
 def _build(model, key: tuple) -> Weights | _NotCovered:
-    from tunelab.fastdecode import _peft_lora
-
     if not _weights_fit(model):
         return _NotCovered(key)
     body, cfg = model.model, model.config
@@ -119,7 +116,7 @@ def _build(model, key: tuple) -> Weights | _NotCovered:
             "layers": len(body.layers)}
     tensors = tuple(t for ts in per.values() for t in ts) + (embed, norm, head)
     lora = {names[id(module)]: module for layer in body.layers for name in _MODULES
-            if _peft_lora(module := layer.get_submodule(name))}
+            if peft_lora(module := layer.get_submodule(name))}
     return Weights(key, embed.dtype, dims, float(cfg.rms_norm_eps), arrays, norm.data_ptr(), embed.data_ptr(),
                    head.data_ptr(), tuple(layer_names), lora, tensors)
 
@@ -128,10 +125,8 @@ _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {dty
 
 
 def weights(model, key: tuple) -> Weights | None:
-    """The model's native decode weights for its current parameters (``key``: ``fastdecode._key(model)``);
+    """The model's native decode weights for its current parameters (``key``: ``inference.llama.weights_key(model)``);
     None when they do not fit the kernel (``_weights_fit``). Checked and built once per weight set."""
-    from tunelab.fastdecode import cached
-
     hit = cached(_CACHE, model, key, _build)
     return hit if isinstance(hit, Weights) else None
 
@@ -164,7 +159,7 @@ def _scratch(w: Weights, batch: int) -> tuple[dict[str, torch.Tensor], _Step]:
 @torch.no_grad()
 def step(model, w: Weights, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache,
          deltas: Deltas | None = None) -> torch.Tensor | None:
-    """One decode step as ``fastdecode.step`` (same arguments, cache extended in place) -> fp32 logits (B, V);
+    """One decode step as ``inference.torch_step.step`` (same arguments, cache extended in place) -> fp32 logits (B, V);
     None, with nothing changed, when the cache is not one the kernel reads (another dtype, not contiguous)."""
     lib = native.library()
     layers = cache.layers

@@ -193,8 +193,8 @@ def create_app(registry: AdapterRegistry, limits: ServeLimits | None = None, api
                hot_prompts: int = HOT_PROMPTS, precision: str = "fp32", scheduler: str = "continuous",
                grace_s: float = 10.0) -> FastAPI:
     """The server over ``registry``; requests need ``Authorization: Bearer <api_key>`` when one is set.
-    ``precision``: fp32 | bf16 | auto for every request's prefill and decode (``tunelab.precision``; the
-    continuous scheduler runs on the weights as `tunelab serve` cast them).
+    ``precision``: fp32 | bf16 | auto for every request's prefill and decode (``tunelab.precision``, applied per
+    phase by the engine, ``inference.engine``, in both schedulers).
     ``scheduler``: "continuous" (iteration-level batching, true streaming) or "static" (the collect-then-run
     ``Batcher``, for comparison; ``window_ms`` and ``mix_adapters=False`` apply to it only);
     ``hot_prompts`` soft prompts keep their virtual-token key/values cached (see ``batcher.HotPrompts``);
@@ -205,7 +205,7 @@ def create_app(registry: AdapterRegistry, limits: ServeLimits | None = None, api
     tokenizer = registry.tokenizer
     metrics = ServeMetrics()
     engine = Scheduler(tokenizer, max_batch=max_batch, hot_prompts=hot_prompts, metrics=metrics,
-                       lora=registry.lora) if scheduler == "continuous" else None
+                       lora=registry.lora, precision=precision) if scheduler == "continuous" else None
     batcher = None if engine is not None else Batcher(tokenizer, window_ms=window_ms, max_batch=max_batch,
                                                       mix=mix_adapters, hot_prompts=hot_prompts, lora=registry.lora)
 

@@ -28,8 +28,8 @@ from dataclasses import astuple, dataclass, field
 import torch
 
 from tunelab.generate import GenerationConfig, generate_rows
+from tunelab.inference.rows import row_slots
 from tunelab.methods.base import Adapter, MethodConfig
-from tunelab.modeling import row_slots
 from tunelab.serve.lora_rows import LoraSlots
 from tunelab.serve.registry import Served
 
@@ -106,7 +106,7 @@ def run_group(jobs: Sequence[Job], tokenizer, hot: HotPrompts, lora: LoraSlots |
     Rows of soft-prompt, prefix and text-only adapters all run on the shared base model, so
     ``generate_rows`` puts them in one batch, each row with its own virtual-token key/values; rows
     of weight-changing adapters (full weights) are batched per adapter; LoRA rows per adapter, inside
-    ``modeling.row_slots`` with the adapter's slot.
+    ``inference.rows.row_slots`` with the adapter's slot.
     """
     texts: list[str] = [""] * len(jobs)
     rows: list = []

@@ -6,7 +6,7 @@ for every target ``nn.Linear`` of the loaded LoRA adapters keep the factors of a
     A: (n_slots, r_max, in)    B: (n_slots, out, r_max)    scale: (n_slots,)
 
 (ranks zero-padded to ``r_max``; slot 0 all zeros, for rows without LoRA), and let a forward hook on that
-module add, for the row slot index ``s`` (B,) of the batch being run (``modeling.row_slots``),
+module add, for the row slot index ``s`` (B,) of the batch being run (``inference.rows.row_slots``),
 
     y += scale[s] * bmm(bmm(x, A[s]^T), B[s]^T)        x: (B, T, in), y: (B, T, out)
 
@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from tunelab.errors import TunelabError
+from tunelab.inference.rows import current_row_slots, register_row_deltas
 from tunelab.methods.base import LowRankDelta
-from tunelab.modeling import current_row_slots, register_row_deltas
 
 
 @dataclass
@@ -69,7 +69,7 @@ class LoraSlots:
         self._scale = torch.zeros(1)  # (n_slots,)
         self._slots: OrderedDict[str, _Slot] = OrderedDict()  # adapter name -> slot, least recent first
         self._lock = threading.Lock()
-        register_row_deltas(model, self)  # the lean decode step adds the same deltas (fastdecode)
+        register_row_deltas(model, self)  # the fast decode steps add the same deltas (inference.steps)
 
     # --- slots ---------------------------------------------------------------------------------------
     def acquire(self, name: str, delta: LowRankDelta) -> int | None:
@@ -171,7 +171,7 @@ class LoraSlots:
     def delta(self, name: str, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor | None:
         """``scale[s] * (x A[s]^T) B[s]^T`` of module ``name`` for input ``x`` (B, T, in) and the rows' ``slots``
         ((B,), or one 0-dim slot for every row); None when no loaded adapter targets ``name``. The one formula
-        of the module hooks and of the lean decode step (``fastdecode``, ``modeling.row_deltas``)."""
+        of the module hooks and of the lean decode step (``inference.steps``, ``inference.rows.row_deltas``)."""
         stack = self._stacks.get(name)
         if stack is None:
             return None

@@ -95,6 +95,8 @@ class ServeMetrics:
         self.tokens = Counter("tunelab_generated_tokens_total", "tokens generated")
         self.prompt_tokens = Counter("tunelab_prompt_tokens_total", "prompt tokens prefilled")
         self.finished = Counter("tunelab_rows_finished_total", "rows that left the batch, by reason", "reason")
+        self.decode_steps = Counter("tunelab_decode_steps_total", "decode steps run, by step backend "
+                                    "(inference.steps: native | torch | transformers)", "step")
         self.queue_length = Gauge("tunelab_queue_length", "requests waiting to join the running batch")
         self.running = Gauge("tunelab_running_rows", "rows in the running batch")
         self.batch_occupancy = Histogram("tunelab_batch_occupancy", "running rows per decode step",
@@ -106,6 +108,7 @@ class ServeMetrics:
 
     def render(self) -> str:
         """The text exposition format (``text/plain; version=0.0.4``)."""
-        parts: list[Counter | Gauge | Histogram] = [self.requests, self.tokens, self.prompt_tokens, self.finished, self.queue_length, self.running,
-                 self.batch_occupancy, self.ttft, self.tpot]
+        parts: list[Counter | Gauge | Histogram] = [self.requests, self.tokens, self.prompt_tokens, self.finished,
+                                                     self.decode_steps, self.queue_length, self.running,
+                                                     self.batch_occupancy, self.ttft, self.tpot]
         return "\n".join(line for part in parts for line in part.render()) + "\n"

@@ -42,6 +42,7 @@ from tunelab.methods.base import ADAPTER_META, LowRankDelta, MethodConfig, freez
 from tunelab.methods.icl import FrozenAdapter
 from tunelab.methods.io import TaskPrompt, check_adapter, load_adapter, load_low_rank_delta, read_checked_meta
 from tunelab.paths import safe_child
+from tunelab.precision import weights_lock
 from tunelab.serve.lora_rows import LoraSlots
 
 log = logging.getLogger(__name__)
@@ -202,7 +203,11 @@ class AdapterRegistry:
                           task=delta.task)
         shares = not caps.changes_weights and not meta.get("folded_from")
         # weight-changing adapters are patched into a private copy, never into the shared base model
-        model = self.model if shares else copy.deepcopy(self.model)
+        if shares:
+            model = self.model
+        else:  # not while the scheduler runs the base model on its swapped bf16 copy (engine.Batch per phase)
+            with weights_lock(self.model):
+                model = copy.deepcopy(self.model)
         loaded = load_adapter(path, model, self.tokenizer, base_model=self.model_name)
         adapter = loaded.adapter.eval()
         freeze(adapter)

@@ -3,22 +3,25 @@ between decode steps.
 
 One background thread loops:
 1. **admit** queued requests (up to ``max_batch`` running rows): the new rows are prefilled together
-   (``generate.prefill_rows``: each row after its own adapter's virtual-token / prefix key/values, the
-   demonstrations already in its prompt) and their key/value caches are merged into the running batch of
-   their base model object (``modeling.merge_rows`` left-pads the shorter caches and masks the pads);
+   (``inference.engine.prefill``: each row after its own adapter's virtual-token / prefix key/values, the
+   demonstrations already in its prompt) and join the running batch of their base model object
+   (``engine.join``: ``modeling.merge_rows`` left-pads the shorter caches and masks the pads);
 2. **pick** each running row's next token from its last logits, stream its new text (incremental
    detokenisation that holds back a possible stop-string start or a half UTF-8 character), and finish it on
    EOS, a stop string or its token budget; cancelled rows (client gone, shutdown) finish too;
-3. **remove** finished rows at once (``modeling.select_rows``), then run **one decode step**
-   (``generate.decode_step``) for all rows still running.
+3. **remove** finished rows at once (``engine.leave``), then run **one decode step**
+   (``engine.decode_step``, the step ``inference.steps`` chooses) for all rows still running.
+
+Each lane is an ``engine.Batch``: its prefill and decode steps run in the precision of their phase (``precision``:
+fp32 | bf16 | auto, applied by the engine as offline; a model `tunelab serve` cast once is not swapped).
 
 Rows of adapters that leave the base weights alone (soft prompts, prefixes, IPT, ICL, the bare model) and
 LoRA rows share one running batch ("lane"): a LoRA row takes a slot of ``serve.lora_rows.LoraSlots`` at
 admission (waiting in the queue while every slot is held by running rows) and gives it back when it
 finishes; its slot index travels with the row through prefill, merges, removals and decode steps
-(``Prefilled.slots``). Only adapters on a private model copy (full weights, a folded ``init_from``) have a
+(``BatchState.slots``). Only adapters on a private model copy (full weights, a folded ``init_from``) have a
 lane of their own. Positions come from the attention mask, so greedy output equals offline
-`tunelab eval` (``generate.generate_rows``) whatever a row is batched with. Sampled rows draw from a
+`tunelab eval` (the same engine, ``Engine.run``) whatever a row is batched with. Sampled rows draw from a
 generator of their own seeded with the request's seed (so, unlike offline, independent of batch-mates).
 """
 
@@ -36,19 +39,8 @@ from typing import Any
 
 import torch
 
-from tunelab.generate import (
-    GenerationConfig,
-    Prefilled,
-    _batch_key,
-    cut_at_stop,
-    decode_step,
-    eos_ids,
-    merge_prefilled,
-    next_token,
-    prefill_rows,
-    select_prefilled,
-    stop_checker,
-)
+from tunelab.inference.engine import Batch, batch_key
+from tunelab.inference.sampling import GenerationConfig, cut_at_stop, eos_ids, next_token, stop_checker
 from tunelab.serve.batcher import HOT_PROMPTS, HotPrompts
 from tunelab.serve.lora_rows import LoraSlots
 from tunelab.serve.metrics import ServeMetrics
@@ -111,7 +103,7 @@ class _Lane:
     model: Any
     eos: torch.Tensor
     rows: list[_Row]
-    state: Prefilled
+    batch: Batch  # the engine's running batch: rows join, leave and decode in their phases' precision
 
 
 @dataclass
@@ -124,14 +116,15 @@ class SchedulerStats:
     cancelled: int = 0
     max_running: int = 0  # most rows ever in the running batches at once
     mixed_steps: int = 0  # steps in which one forward held rows of more than one adapter
+    step: str = ""  # the decode step that ran last (inference.steps.BACKENDS)
 
 
 class Scheduler:
     """Continuous batching over the registry's adapters on one background thread."""
 
     def __init__(self, tokenizer, max_batch: int = 32, hot_prompts: int = HOT_PROMPTS,
-                 metrics: ServeMetrics | None = None, lora: LoraSlots | None = None) -> None:
-        self.tokenizer, self.max_batch, self.lora = tokenizer, max_batch, lora
+                 metrics: ServeMetrics | None = None, lora: LoraSlots | None = None, precision: str = "fp32") -> None:
+        self.tokenizer, self.max_batch, self.lora, self.precision = tokenizer, max_batch, lora, precision
         self.hot = HotPrompts(hot_prompts)
         self.metrics = metrics or ServeMetrics()
         self.stats = SchedulerStats()
@@ -230,14 +223,17 @@ class Scheduler:
             cfg = request.cfg
             row = _Row(request, adapter, stop_checker(self.tokenizer, cfg.stop) if cfg.stop else None,
                        torch.Generator().manual_seed(cfg.seed) if cfg.do_sample else None, slot=slot)
-            new.setdefault(_batch_key(adapter), []).append(row)
+            new.setdefault(batch_key(adapter), []).append(row)
             room -= 1
         self._held.extend(waiting)
         self.metrics.queue_length.set(self._queue.qsize())
         for key, rows in new.items():
+            model = rows[0].adapter.model
+            lane = self._lanes.get(key)
             try:
-                state = prefill_rows([(r.adapter, r.request.prompt_ids) for r in rows], self.tokenizer.pad_token_id,
-                                     [r.slot for r in rows])
+                batch = lane.batch if lane is not None else Batch.on(model, self.precision, "precision")
+                state = batch.admit([(r.adapter, r.request.prompt_ids) for r in rows], self.tokenizer.pad_token_id,
+                                    [r.slot for r in rows])
             except Exception as exc:
                 log.exception("prefill failed for %d rows", len(rows))
                 for r in rows:
@@ -245,13 +241,10 @@ class Scheduler:
                     r.request.future.set_exception(exc)
                 continue
             self.stats.admitted += len(rows)
-            lane = self._lanes.get(key)
             if lane is None:
-                model = rows[0].adapter.model
                 eos = torch.tensor(eos_ids(model, self.tokenizer), device=state.logits.device)
-                self._lanes[key] = _Lane(model, eos, rows, state)
+                self._lanes[key] = _Lane(model, eos, rows, batch)
             else:
-                lane.state = merge_prefilled(lane.model, [lane.state, state])
                 lane.rows.extend(rows)
         running = self.running()
         self.stats.max_running = max(self.stats.max_running, running)
@@ -281,12 +274,14 @@ class Scheduler:
         for key in list(self._lanes):
             lane = self._lanes[key]
             tokens, keep = [], []
-            greedy = lane.state.logits.argmax(-1).tolist()  # one call for the batch; sampled rows draw below
+            state = lane.batch.state
+            assert state is not None
+            greedy = state.logits.argmax(-1).tolist()  # one call for the batch; sampled rows draw below
             for i, row in enumerate(lane.rows):
                 if row.request.cancelled or expired:
                     self._finish(row, "cancelled")
                     continue
-                token = next_token(lane.state.logits[i], row.request.cfg, row.generator) \
+                token = next_token(state.logits[i], row.request.cfg, row.generator) \
                     if row.request.cfg.do_sample else int(greedy[i])
                 reason = self._advance(row, lane, token)
                 if reason is not None:
@@ -298,13 +293,14 @@ class Scheduler:
                 del self._lanes[key]
                 continue
             if len(keep) < len(lane.rows):
-                index = torch.tensor(keep, device=lane.state.mask.device)
-                lane.state = select_prefilled(lane.model, lane.state, index)
+                lane.batch.keep(torch.tensor(keep, device=state.mask.device))
                 lane.rows = [lane.rows[i] for i in keep]
             if len({id(r.request.served) for r in lane.rows}) > 1:
                 self.stats.mixed_steps += 1
-            lane.state = decode_step(lane.model, torch.tensor(tokens, device=lane.state.mask.device), lane.state)
+            state = lane.batch.step(torch.tensor(tokens, device=state.mask.device))
             self.stats.steps += 1
+            self.stats.step = state.step
+            self.metrics.decode_steps.inc(state.step)
         running = self.running()
         self.metrics.running.set(running)
         self.metrics.batch_occupancy.observe(running)

@@ -1,4 +1,4 @@
-"""A lean decode step for Llama-family models: one token per row straight from the model's own weights.
+"""The "torch" decode step (``inference.steps``) for Llama-family models: one token per row straight from the model's own weights.
 
 The eager transformers forward spends most of a batch-1 decode step in per-op Python and dispatch overhead
 (~15 modules, masks, cache bookkeeping per layer over 30 layers), not in reading the weights. ``step`` does the
@@ -13,7 +13,7 @@ same arithmetic with fewer, larger ops per layer:
                x += (silu(g) * u) @ Wdown.T
     logits = rms_norm(x) @ head.T                      # (B, V): the last (only) position
 
-It consumes and produces what ``generate.decode_step`` does (a transformers cache whose rows may start with
+It consumes and produces what ``inference.engine.decode_step`` does (a transformers cache whose rows may start with
 virtual-token / prefix key/values and left padding, the attention mask, each row's next position), so
 generation, evaluation and the serve scheduler keep one path. ``supports`` decides from the modules themselves
 (config ``model_type == "llama"``, every projection a plain ``nn.Linear``, SiLU MLP, RMSNorm, full-attention
@@ -21,24 +21,26 @@ cache layers); anything else -- quantised or DoRA layers, other architectures su
 transformers forward. peft LoRA layers (unmerged, as ``tunelab eval`` loads a LoRA adapter) decode here too:
 the base projections fused and packed as for the bare model, each LoRA layer's own ``B(A(x)) * scaling`` added
 after them (its modules called as its forward calls them). Serve's LoRA rows (per-row low-rank deltas on the frozen model's plain projections,
-``serve.lora_rows``) run in the lean step too: it adds each projection's delta from ``modeling.row_deltas``,
+``serve.lora_rows``) run in the lean step too: it adds each projection's delta from ``inference.rows.row_deltas``,
 computed by the same function as the module hooks of the transformers forward. Greedy tokens equal the transformers forward's in fp32 (tests/test_fastdecode.py).
 
-``stepper`` prefers the native step (``mode("native")``, the default): the same layers in one compiled call
-(``tunelab.native``), batch-invariant by construction and 2x faster at batch 1; this module's PyTorch step
-(``mode("lean")``) runs where that kernel cannot (no C compiler, ``TUNELAB_NATIVE=0``, other dtypes).
+``inference.steps`` prefers the native step (the same layers in one compiled call, ``tunelab.native``,
+batch-invariant by construction and 2x faster at batch 1); this module's PyTorch step runs where that kernel
+cannot (no C compiler, ``TUNELAB_NATIVE=0``, other dtypes, a GPU). What both read from the model (coverage,
+weights key, peft LoRA layers) is ``inference.llama``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from tunelab.inference import llama
+from tunelab.inference.llama import PROJECTIONS, cached, peft_lora, weights_key
 
 MAX_K = 1024  # oneDNN's bf16/fp32 kernels were batch-invariant up to this input width, not at 1536 (measured)
 
@@ -131,91 +133,7 @@ class Weights:
     heads: int
     kv_heads: int
     head_dim: int
-    lora: dict[str, torch.nn.Module]  # module name -> its peft LoRA layer (``_peft_lora``): deltas added per step
-
-
-_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
-
-def _body(model):
-    return getattr(model, "model", None)
-
-
-def _peft_lora(module) -> bool:
-    """A peft LoRA ``Linear`` on a plain ``nn.Linear`` whose forward is ``base(x) + B(A(dropout(x))) * scaling``
-    summed over its active adapters (not merged, not disabled, no DoRA or other variant)."""
-    try:
-        from peft.tuners.lora.layer import Linear as LoraLinear
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    if type(module) is not LoraLinear or type(module.base_layer) is not torch.nn.Linear:
-        return False
-    return not module.merged and not module.disable_adapters and \
-        not any(name in module.lora_variant for name in module.active_adapters)
-
-
-def _peft_delta(module, x: torch.Tensor) -> torch.Tensor | None:
-    """What a peft LoRA ``Linear`` (``_peft_lora``) adds to its base layer's output for ``x`` (B, in): its own
-    modules, in the order of its forward."""
-    out = None
-    for name in module.active_adapters:
-        if name not in module.lora_A:
-            continue
-        a = module.lora_A[name]
-        d = module.lora_B[name](a(module.lora_dropout[name](module._cast_input_dtype(x, a.weight.dtype))))
-        d = d * module.scaling[name]
-        out = d if out is None else out + d
-    return out
-
-
-def supports(model) -> bool:
-    """Whether ``step`` computes this model's forward: a plain Llama, whose projections may carry peft LoRA
-    layers (their deltas are added after the fused base projections); no other wrapped layers."""
-    cfg, body = getattr(model, "config", None), _body(model)
-    if cfg is None or body is None or getattr(cfg, "model_type", None) != "llama":
-        return False
-    if getattr(cfg, "hidden_act", None) != "silu" or getattr(cfg, "pretraining_tp", 1) != 1:
-        return False
-    head = model.get_output_embeddings()
-    if type(head) is not torch.nn.Linear or type(getattr(body, "embed_tokens", None)) is not torch.nn.Embedding:
-        return False  # e.g. peft's modules_to_save wrappers: their trained copy is not ``.weight``
-    if not hasattr(body, "rotary_emb") or not hasattr(body, "norm"):
-        return False
-    for layer in getattr(body, "layers", ()):
-        if type(getattr(layer, "self_attn", None)).__name__ != "LlamaAttention":
-            return False  # e.g. peft's adaption prompt wraps the attention module itself
-        for name in _PROJECTIONS:
-            module = layer.get_submodule(name)
-            if type(module) is not torch.nn.Linear and not _peft_lora(module):  # quantised layers, DoRA, ...
-                return False
-        if type(layer.input_layernorm).__name__ != "LlamaRMSNorm":
-            return False
-    return len(getattr(body, "layers", ())) > 0
-
-
-def _lora_state(module) -> tuple:
-    """What decides a projection's decode besides its tensors: the module itself and, for a peft LoRA layer,
-    whether it is merged or disabled and which adapters are active (``set_adapter`` touches no tensor)."""
-    if type(module) is torch.nn.Linear:
-        return (id(module),)
-    return (id(module), type(module), getattr(module, "merged", None), getattr(module, "disable_adapters", None),
-            tuple(getattr(module, "active_adapters", ()) or ()))
-
-
-def _key(model) -> tuple:
-    """Every source tensor's (data_ptr, version, dtype) and every projection module's ``_lora_state``, in one
-    walk over the layers (it runs at every decode step)."""
-    body = _body(model)
-    tensors = [body.embed_tokens.weight, body.norm.weight, model.get_output_embeddings().weight]
-    states = []
-    for layer in body.layers:
-        tensors += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
-        for name in _PROJECTIONS:
-            lin = layer.get_submodule(name)
-            states.append(_lora_state(lin))
-            tensors += [lin.weight] + ([lin.bias] if lin.bias is not None else [])
-    return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors) + tuple(states)
+    lora: dict[str, torch.nn.Module]  # module name -> its peft LoRA layer (``peft_lora``): deltas added per step
 
 
 def _cat_bias(*linears) -> torch.Tensor | None:
@@ -235,7 +153,7 @@ def _group(linears, pack: bool, names: dict[int, str]) -> _Group:
 
 
 def _build(model, key: tuple) -> Weights:
-    body, cfg = _body(model), model.config
+    body, cfg = llama.decoder(model), model.config
     embed = body.embed_tokens.weight.detach()
     pack = embed.device.type == "cpu" and embed.dtype in (torch.float32, torch.bfloat16) and \
         torch.backends.mkldnn.is_available()
@@ -250,8 +168,8 @@ def _build(model, key: tuple) -> Weights:
             _group((mlp.gate_proj, mlp.up_proj), pack, names), _group((mlp.down_proj,), pack, names)))
     head = _fused((model.get_output_embeddings(),), pack)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    lora = {names[id(module)]: module for layer in body.layers for name in _PROJECTIONS
-            if _peft_lora(module := layer.get_submodule(name))}
+    lora = {names[id(module)]: module for layer in body.layers for name in PROJECTIONS
+            if peft_lora(module := layer.get_submodule(name))}
     return Weights(key, tuple(layers), embed, body.norm.weight.detach(), head,
                    float(cfg.rms_norm_eps), cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, lora)
 
@@ -261,24 +179,12 @@ def _build(model, key: tuple) -> Weights:
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def cached(cache: weakref.WeakKeyDictionary, model, key: tuple, build: Callable):
-    """``cache[model][dtype of its embedding]``, rebuilt by ``build(model, key)`` when missing or built under
-    another ``key`` (``_key``: any tensor, dtype or LoRA state changed since). fp32 and bf16 decode
-    (``precision.weights_in`` swaps in a bf16 copy) each keep their own entry."""
-    per_dtype = cache.setdefault(model, {})
-    dtype = model.get_input_embeddings().weight.dtype
-    hit = per_dtype.get(dtype)
-    if hit is None or hit.key != key:
-        hit = per_dtype[dtype] = build(model, key)
-    return hit
-
-
 @torch.no_grad()
 def weights(model, key: tuple | None = None) -> Weights:
     """The model's fused decode weights in its current dtype and its peft LoRA layers, rebuilt if any parameter
-    or projection module changed since (no ``named_modules`` walk per decode step); ``key``: ``_key(model)``
+    or projection module changed since (no ``named_modules`` walk per decode step); ``key``: ``llama.weights_key(model)``
     when the caller has it."""
-    return cached(_CACHE, model, _key(model) if key is None else key, _build)
+    return cached(_CACHE, model, weights_key(model) if key is None else key, _build)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -332,7 +238,7 @@ def step(model, w: Weights, tokens: torch.Tensor, mask: torch.Tensor, positions:
     for layer in layers:
         layer.reserve(1)
     x = F.embedding(tokens, w.embed)  # (B, C)
-    cos, sin = _body(model).rotary_emb(x, positions.unsqueeze(-1))  # (B, 1, D) each: the model's own RoPE
+    cos, sin = llama.decoder(model).rotary_emb(x, positions.unsqueeze(-1))  # (B, 1, D) each: the model's own RoPE
     bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(mask == 0, float("-inf"))
     bias = bias[:, None, None, :]  # (B, 1, 1, L + 1)
     logits = _layers(w, x, cos.unsqueeze(1), sin.unsqueeze(1), bias, [layer._keys for layer in layers],
@@ -341,100 +247,3 @@ def step(model, w: Weights, tokens: torch.Tensor, mask: torch.Tensor, positions:
         layer.advance(1)
     return logits
 
-
-# the transformers forward | ``step`` (PyTorch ops) | ``native.llama.step`` (one compiled C call per step).
-# torch.compile of ``step`` was tried and not kept (docs/performance.md): inductor cannot lower oneDNN's packed
-# linear, and with plain weights a dynamic-shape compile ran > 4 minutes
-MODES = ("hf", "lean", "native")
-_MODE = contextvars.ContextVar("tunelab_decode_step", default="native")
-
-
-@contextlib.contextmanager
-def mode(name: str) -> Iterator[None]:
-    """Select the decode step inside the block: ``native`` (default: the compiled kernel of
-    ``tunelab.native``, else ``lean``), ``lean`` (this module's PyTorch step) or ``hf`` (the transformers
-    forward, "before" in the benchmarks); models or caches the lean step does not cover always get ``hf``."""
-    if name not in MODES:
-        raise ValueError(f"decode step {name!r}; choose one of {', '.join(MODES)}")
-    token = _MODE.set(name)
-    try:
-        yield
-    finally:
-        _MODE.reset(token)
-
-
-def _deltas(lora: dict[str, torch.nn.Module], provider, slots) -> Deltas | None:
-    """The per-row deltas of one step: peft LoRA layers' (offline eval) and serve's LoRA rows' (``slots``)."""
-    if slots is None and not lora:
-        return None
-
-    def deltas(name: str, x: torch.Tensor) -> torch.Tensor | None:  # x (B, in)
-        d = _peft_delta(lora[name], x) if name in lora else None
-        if slots is not None and provider is not None:
-            r = provider.delta(name, x.unsqueeze(1), slots)  # the hooks see (B, 1, in)
-            if r is not None:
-                d = r.squeeze(1) if d is None else d + r.squeeze(1)
-        return d
-
-    return deltas
-
-
-def backend(chosen: str, device: torch.device) -> str:
-    """The step that runs under mode ``chosen`` for a model on ``device``: the native C step reads CPU memory
-    only, so a model anywhere else (CUDA) gets the PyTorch step, whose ops run on any device.
-
-    >>> backend("native", torch.device("cuda", 0)), backend("native", torch.device("cpu"))
-    ('lean', 'native')
-    """
-    return "lean" if chosen == "native" and device.type != "cpu" else chosen
-
-
-def stepper(model, cache) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, object], torch.Tensor] | None:
-    """``(tokens, mask, positions, cache) -> logits`` for the selected mode when it covers ``model`` and
-    ``cache`` (all ``kvcache.PreallocatedLayer``s), else None: use the transformers forward. Per-row weight
-    deltas active at call time (``modeling.row_slots``: serve's LoRA rows) are added from the model's
-    ``modeling.row_deltas`` with the formula of its module hooks; a model whose deltas live only in hooks
-    gets None. Checks the modules and the weights once, so call it once per decode loop (the weights
-    cannot change inside one)."""
-    from tunelab.kvcache import PreallocatedLayer
-    from tunelab.modeling import current_row_slots, row_deltas
-
-    chosen = backend(_MODE.get(), model.get_input_embeddings().weight.device)
-    layers = getattr(cache, "layers", None)
-    provider = row_deltas(model)
-    if current_row_slots() is not None and provider is None:  # the lean step would skip the hooks' deltas
-        return None
-    if chosen == "hf" or not layers or any(type(layer) is not PreallocatedLayer for layer in layers):
-        return None
-    if not supports(model):
-        return None
-
-    def slots_now():
-        slots = current_row_slots()
-        if slots is not None and provider is None:
-            raise RuntimeError("per-row weight deltas became active after fastdecode.stepper chose its step for "
-                               "a model without modeling.row_deltas; call stepper inside row_slots")
-        return slots
-
-    key = _key(model)  # one walk over the weights per call (serve calls this every step)
-    if chosen == "native":
-        from tunelab import native
-        from tunelab.native import llama
-
-        nw = llama.weights(model, key) if native.library() is not None else None
-        if nw is not None:
-
-            def run_native(tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-                deltas = _deltas(nw.lora, provider, slots_now())
-                out = llama.step(model, nw, tokens, mask, positions, cache, deltas)
-                if out is None:  # a cache the kernel does not read (another dtype): the PyTorch step
-                    return step(model, weights(model, key), tokens, mask, positions, cache, deltas)
-                return out
-
-            return run_native
-    w = weights(model, key)
-
-    def run(tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-        return step(model, w, tokens, mask, positions, cache, _deltas(w.lora, provider, slots_now()))
-
-    return run
