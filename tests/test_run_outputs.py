@@ -32,3 +32,12 @@ def test_predictions_carry_the_demonstrations_shown(tmp_path):
         assert demo["id"] in train_ids and demo["id"] != row["id"]  # drawn from the (capped) train split
         assert demo["input"] and demo["output"] and "demo_similarity" in row
     assert not (tmp_path / "icl" / "train_log.jsonl").exists()  # nothing trained, nothing logged
+
+
+def test_result_json_names_the_decode_step_that_ran(tmp_path):
+    """Which step backend decoded (inference.steps) is part of the result, so a compare cell records it."""
+    from tunelab.inference.steps import BACKENDS
+
+    _run(tmp_path / "zs", "method.name=icl", "method.k=0")
+    step = json.loads((tmp_path / "zs" / "result.json").read_text())["eval"]["decode_step"]
+    assert step and set(step.split("+")) <= set(BACKENDS)

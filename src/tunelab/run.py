@@ -285,6 +285,7 @@ def _summary(prep: Prepared, adapter: Adapter, stats: TrainStats, result: EvalRe
                   "convergence": convergence.assess(stats.losses),  # had the loss flattened (None: too few steps)
                   "truncated_examples": truncated, "skipped_bad_records": prep.task.skipped},
         "eval": {"seconds": round(result.seconds, 3), "generated_tokens": result.generated_tokens,
+                 "decode_step": result.decode_step or None,  # which inference.steps backend decoded (None: scoring only)
                  "tokens_per_second": round(result.generated_tokens / result.seconds, 2) if result.seconds else None},
         "load_seconds": round(load_seconds, 3),
         "peak_rss_mb": round(envinfo.peak_rss_mb(), 1),
