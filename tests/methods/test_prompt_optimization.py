@@ -43,7 +43,8 @@ def optimized(tmp_path_factory):
     cfg = build_config(None, ["model.name=tiny", "data.task=date_format", "data.max_train=10", "data.max_eval=4",
                               "eval.max_new_tokens=4", "eval.loss=false", f"out={out}",
                               "method.name=prompt_optimization", "method.candidates=2", "method.n_dev=3",
-                              "method.max_demos=1", "method.max_new_tokens=4", "method.template=auto"])
+                              "method.max_demos=1", "method.max_new_tokens=4", "method.template=auto",
+                              "method.n_pool=5"])
     return out, run(cfg, progress=False)
 
 
@@ -52,7 +53,7 @@ def test_run_saves_the_choice_trials_and_cost(optimized):
     saved = json.loads((out / "adapter" / RESULT_FILE).read_text())
     assert result["trainable_params"] == 0 and set(result["metrics"]) == {"exact_match", "rouge_l"}
     assert saved["optimizer"] == "bootstrap" and saved["metric"] == "exact_match"
-    assert saved["n_dev"] == 3 and saved["n_pool"] == 7
+    assert saved["n_dev"] == 3 and saved["n_pool"] == 5  # 7 rows left after the dev split, capped by n_pool
     # random search: zero-shot, labelled-only, unshuffled bootstrap, then `candidates` shuffled ones
     assert len(saved["trials"]) == 2 + 3 and all("dev_score" in t and "demos" in t for t in saved["trials"])
     assert any(t["demos"] for t in saved["trials"]) and all(len(t["demos"]) <= 1 for t in saved["trials"])

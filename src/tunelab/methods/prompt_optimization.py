@@ -56,6 +56,9 @@ class PromptOptimizationConfig(MethodConfig):
     trials: int = at_least(1, 8)  # mipro: optimisation trials
     max_demos: int = at_least(0, 2)  # demonstrations in a candidate (bootstrapped and labelled each)
     n_dev: int = at_least(1, 16)  # training rows held out to score candidates on
+    # training rows the optimizer draws demonstrations from (a bootstrap walks them until enough candidates pass the
+    # metric: with a weak base model that is every row, one generation each, so the pool bounds the search's cost)
+    n_pool: int = at_least(1, 64)
     template: str = choice(TEMPLATES, "auto")  # prompt layout while scoring; keep it equal to data.template
     max_new_tokens: int | None = at_least(1, None)  # None = from the longest training reference
     seed: int = at_least(0, 0)  # the dev split and the optimizer's sampling
@@ -246,6 +249,7 @@ class PromptOptimization(MethodDefaults):
         _dspy()
         freeze(model)
         pool, dev = dev_split(train, config.n_dev, config.seed)
+        pool = pool[:config.n_pool]  # already shuffled by the seed
         probe = _adapter_class()(model, self.name, config, {"instruction": SELF})  # the bare model: no rewrite
         bridge = Bridge(probe, tokenizer, resolve_template(config.template, tokenizer),
                         config.max_new_tokens or derive_max_new_tokens(tokenizer, train))
