@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from tunelab.data.example import Example
 from tunelab.errors import ConfigError
 from tunelab.methods.base import Capabilities, LowRankDelta, MethodConfig, MethodDefaults, freeze, peft_model
-from tunelab.methods.transfer import base_model, require_no_prompt, start_from
+from tunelab.methods.transfer import require_no_prompt, saved_peft_model, start_from
 from tunelab.validation import at_least, between
 
 if TYPE_CHECKING:
@@ -129,9 +129,7 @@ def load_lora(name: str, directory: Path, model: PreTrainedModel, config: LoraMe
     """A saved LoRA adapter on the model it was trained on."""
     from tunelab.methods.adapters import LoraAdapter
 
-    model = base_model(directory, model)
-    freeze(model)
-    return LoraAdapter(peft_model(model, directory=directory), name, config)
+    return LoraAdapter(saved_peft_model(directory, model), name, config)
 
 
 PEFT_PREFIX = "base_model.model."  # peft's saved keys: PEFT_PREFIX + module name + ".lora_A.weight"

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from tunelab.data.example import Example
 from tunelab.methods.base import Capabilities, MethodConfig, MethodDefaults, freeze, peft_model
-from tunelab.methods.transfer import base_model, require_no_prompt, start_from
+from tunelab.methods.transfer import require_no_prompt, saved_peft_model, start_from
 from tunelab.validation import at_least, choice
 
 if TYPE_CHECKING:
@@ -62,6 +62,4 @@ class PTuning(MethodDefaults):
     def load(self, directory: Path, model: PreTrainedModel, config: PTuningConfig) -> Adapter:
         from tunelab.methods.adapters import SoftPromptAdapter
 
-        model = base_model(directory, model)
-        freeze(model)
-        return SoftPromptAdapter(peft_model(model, directory=directory), self.name, config)
+        return SoftPromptAdapter(saved_peft_model(directory, model), self.name, config)

@@ -253,8 +253,6 @@ class Peft(MethodDefaults):
 
     def load(self, directory: Path, model: PreTrainedModel, config: PeftMethodConfig) -> Adapter:
         from tunelab.methods.peft_adapter import GenericPeftAdapter
-        from tunelab.methods.transfer import base_model
+        from tunelab.methods.transfer import saved_peft_model
 
-        model = base_model(directory, model)
-        freeze(model)
-        return GenericPeftAdapter(peft_model(model, directory=directory), self.name, config)
+        return GenericPeftAdapter(saved_peft_model(directory, model), self.name, config)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from tunelab.data.example import Example
 from tunelab.errors import ConfigError
 from tunelab.methods.base import Capabilities, MethodConfig, MethodDefaults, freeze, no_grad, peft_model
-from tunelab.methods.transfer import Source, base_model, start_from
+from tunelab.methods.transfer import Source, saved_peft_model, start_from
 from tunelab.validation import at_least, choice
 
 if TYPE_CHECKING:
@@ -113,6 +113,4 @@ class PrefixTuning(MethodDefaults):
     def load(self, directory: Path, model: PreTrainedModel, config: PrefixTuningMethodConfig) -> Adapter:
         from tunelab.methods.adapters import PrefixAdapter
 
-        model = base_model(directory, model)
-        freeze(model)
-        return PrefixAdapter(peft_model(model, directory=directory), self.name, config)
+        return PrefixAdapter(saved_peft_model(directory, model), self.name, config)

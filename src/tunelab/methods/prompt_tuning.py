@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from tunelab.data.example import Example
 from tunelab.errors import ConfigError
 from tunelab.methods.base import Capabilities, MethodConfig, MethodDefaults, freeze, peft_model
-from tunelab.methods.transfer import Source, base_model, start_from
+from tunelab.methods.transfer import Source, saved_peft_model, start_from
 from tunelab.validation import at_least, choice
 
 if TYPE_CHECKING:
@@ -131,9 +131,7 @@ def load_soft_prompt(name: str, directory: Path, model: PreTrainedModel,
     """A saved soft prompt on the model it was trained on."""
     from tunelab.methods.adapters import SoftPromptAdapter
 
-    model = base_model(directory, model)
-    freeze(model)
-    return SoftPromptAdapter(peft_model(model, directory=directory), name, config)
+    return SoftPromptAdapter(saved_peft_model(directory, model), name, config)
 
 
 class PromptTuning(MethodDefaults):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunelab.errors import ConfigError
-from tunelab.methods.base import ADAPTER_META, read_meta
+from tunelab.methods.base import ADAPTER_META, freeze, peft_model, read_meta
 
 if TYPE_CHECKING:
     import torch
@@ -79,6 +79,14 @@ def base_model(directory: Path, model: PreTrainedModel) -> PreTrainedModel:
     folded = read_meta(Path(directory)).get("folded_from") if meta_path.is_file() else None
     source = start_from(folded, model) if folded else None
     return source.model if source is not None else model
+
+
+def saved_peft_model(directory: Path, model: PreTrainedModel):
+    """The peft model saved in ``directory`` on the base it was trained on (``base_model``), base weights frozen:
+    how every peft-backed method loads its adapter."""
+    model = base_model(directory, model)
+    freeze(model)
+    return peft_model(model, directory=directory)
 
 
 def require_no_prompt(source: Source | None, target: str) -> None:
