@@ -12,3 +12,4 @@ PRECISIONS = ("fp32", "bf16", "auto")  # train.precision (tunelab.distributed), 
 PROTOCOLS = ("standard", "super_ni")  # `tunelab eval --protocol` (tunelab.protocols)
 SCHEDULERS = ("continuous", "static")  # `tunelab serve --scheduler` (tunelab.serve.app)
 PRUNERS = ("none", "median")  # a tuning grid's pruner (tunelab.compare.pruning)
+ENGINES = ("tunelab", "vllm")  # eval.engine, `tunelab serve --engine` (tunelab.inference / inference.vllm_engine)

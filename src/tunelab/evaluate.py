@@ -94,6 +94,15 @@ def reference_nll(adapter, tokenizer, layout: PromptLayout, examples: Sequence[E
     return [(-v, sum(label != -100 for label in enc.labels[1:])) for v, enc in zip(values, encoded, strict=True)]
 
 
+def make_engine(name: str, tokenizer, gen_cfg: GenerationConfig, batch_size: int):
+    """The engine ``eval.engine`` names: tunelab's (``inference.engine.Engine``) or vLLM (``inference.vllm_engine``)."""
+    if name == "vllm":
+        from tunelab.inference.vllm_engine import VllmEngine
+
+        return VllmEngine(tokenizer, gen_cfg, batch_size)
+    return Engine(tokenizer, gen_cfg, batch_size)
+
+
 def evaluate(adapter, tokenizer, layout: PromptLayout | str, examples: Sequence[Example],
              metric_names: Sequence[str], cfg: EvalConfig, max_new_tokens: int | None = None,
              progress: Callable[[int], None] | None = None, n_resamples: int = 1000) -> EvalResult:
@@ -111,7 +120,7 @@ def evaluate(adapter, tokenizer, layout: PromptLayout | str, examples: Sequence[
                                    or derive_max_new_tokens(tokenizer, examples),
                                    do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p,
                                    precision=cfg.precision)
-        engine = Engine(tokenizer, gen_cfg, cfg.batch_size)
+        engine = make_engine(cfg.engine, tokenizer, gen_cfg, cfg.batch_size)
         preds = [p.strip() for p in engine.run([(adapter, list(p)) for p in prompts], progress)]
         decode_step = "+".join(sorted(engine.steps_used))
     option_scores = ranked = None

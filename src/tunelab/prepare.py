@@ -13,6 +13,7 @@ from typing import Any
 from tunelab.config import RunConfig
 from tunelab.data import TaskData
 from tunelab.data.prepare import prepare_task
+from tunelab.errors import ConfigError
 from tunelab.methods import get_method
 from tunelab.metrics import check_names
 
@@ -34,4 +35,10 @@ def prepare(cfg: RunConfig) -> Prepared:
     task = prepare_task(cfg.data, cfg.train.seed, method, method_cfg)
     metric_names = tuple(cfg.eval.metrics or task.metrics)
     check_names(metric_names)
+    if cfg.eval.engine == "vllm":
+        from tunelab.inference.vllm_support import refusal
+
+        why = refusal(method.name, method.capabilities_for(method_cfg), cfg.model.name)
+        if why:
+            raise ConfigError(f"eval.engine=vllm: {why}")
     return Prepared(cfg, method, method_cfg, task, metric_names)

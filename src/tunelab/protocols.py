@@ -66,7 +66,8 @@ class EvalModel:
 
 
 def load_for_eval(model: str | None, adapter_dir: str | None, template: str = "auto",
-                  system_prompt: str | None = None, max_length: int | None = None) -> EvalModel:
+                  system_prompt: str | None = None, max_length: int | None = None,
+                  engine: str = "tunelab") -> EvalModel:
     """The base model with the adapter in ``adapter_dir`` (any method) loaded on top, or the bare model.
 
     The adapter's saved layout is used (a method that shows demonstrations draws them, as in its run,
@@ -84,6 +85,8 @@ def load_for_eval(model: str | None, adapter_dir: str | None, template: str = "a
         raise ConfigError(f"--adapter {adapter_dir} was trained on base model {base!r}, not {model!r}; "
                           f"drop --model or pass --model {base}")
     name = model or base or "smollm2-135m"
+    if engine == "vllm":  # decided before any model loads
+        check_vllm(adapter_dir, name)
     base_model, tokenizer = load_model(name)
     loaded = load_adapter(adapter_dir, base_model, tokenizer) if adapter_dir else load_base(base_model, tokenizer)
     loaded.layout = replace(loaded.layout, template=loaded.layout.template if template == "auto" else template,
@@ -91,6 +94,22 @@ def load_for_eval(model: str | None, adapter_dir: str | None, template: str = "a
                             max_length=max_length or loaded.layout.max_length).resolved(tokenizer)
     loaded.adapter.eval()
     return EvalModel(loaded, tokenizer, name, time.perf_counter() - start)
+
+
+def check_vllm(adapter_dir: str | None, model: str) -> None:
+    """Refuse, in one line naming the alternative, an adapter or model ``eval.engine=vllm`` cannot run."""
+    from tunelab.inference.vllm_support import refusal
+    from tunelab.methods.base import BASE_CAPABILITIES
+
+    method, caps = "base model", BASE_CAPABILITIES
+    if adapter_dir:
+        from tunelab.methods.io import read_checked_meta
+
+        m, config, _ = read_checked_meta(Path(adapter_dir))
+        method, caps = m.name, m.capabilities_for(config)
+    why = refusal(method, caps, model)
+    if why:
+        raise ConfigError(f"eval.engine=vllm: {why}")
 
 
 def _run_config(adapter_dir: str) -> dict[str, Any] | None:
@@ -219,7 +238,7 @@ def run_eval(req: EvalRequest, progress: Callable[[int], None] | None = None) ->
     examples, info = select_examples(req)
     names = tuple(req.metrics or (SUPER_NI_METRICS if req.protocol == "super_ni" else default_metrics(examples)))
     M.check_names(names)
-    loaded = load_for_eval(req.model, req.adapter, req.template, req.system_prompt, req.max_length)
+    loaded = load_for_eval(req.model, req.adapter, req.template, req.system_prompt, req.max_length, req.eval.engine)
     layout = loaded.layout
 
     steps_used: set[str] = set()  # the decode steps generation ran (inference.steps.BACKENDS)

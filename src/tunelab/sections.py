@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tunelab.choices import PRECISIONS, SCHEDULES
+from tunelab.choices import ENGINES, PRECISIONS, SCHEDULES
 from tunelab.errors import ConfigError
 from tunelab.formatting import TEMPLATES
 from tunelab.metrics import METRICS
@@ -106,6 +106,9 @@ class EvalConfig:
     # rounding differs with the batch's shape, so on a real model a greedy near-tie can flip between batched and
     # one-by-one output (docs/performance.md); fp32 keeps them equal, and stored cells comparable
     precision: str = choice(PRECISIONS, "fp32")
+    # tunelab | vllm: which engine generates (inference.engine, or vLLM in this process: inference.vllm_engine,
+    # for the methods inference.vllm_support allows); part of a compare cell's key, so stores never mix them
+    engine: str = choice(ENGINES, "tunelab")
 
 
 TRACKERS = ("mlflow", "tensorboard", "wandb", "trackio")  # report.to names (tunelab.tracking)

@@ -69,6 +69,8 @@ def eval_command(
     resamples: Annotated[int | None, typer.Option(help="bootstrap resamples for the 95% intervals (default: 1000)")] = None,
     precision: Annotated[str | None, typer.Option(help="fp32 | bf16 | auto: prefill and decode each in bf16 where the "
                                                       "device is fast at it (docs/performance.md) (default: fp32)")] = None,
+    engine: Annotated[str | None, typer.Option(help="tunelab | vllm: which engine generates (vllm: the optional extra, "
+                                                   "tunelab[vllm]; docs/serving.md) (default: tunelab)")] = None,
     out: Annotated[str | None, typer.Option(help="write OUT/metrics.json and OUT/predictions.jsonl")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML file with EvalCommandConfig keys")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
@@ -88,7 +90,8 @@ def eval_command(
              "seen_from": seen_from, "include_seen": include_seen, "metrics": metrics, "max_eval": max_eval,
              "max_per_task": max_per_task, "eval.batch_size": batch_size, "eval.max_new_tokens": max_new_tokens,
              "template": template, "eval.do_sample": sample, "eval.temperature": temperature, "eval.top_p": top_p,
-             "n_resamples": resamples, "out": out, "eval.precision": precision}
+             "n_resamples": resamples, "out": out, "eval.precision": precision,
+             "eval.engine": engine}
     req = build(EvalCommandConfig, config, overrides, flags)
     n = len(select_examples(req)[0])  # validates data and flags before the model loads
     with bar("evaluating", n, not quiet) as advance:

@@ -1,0 +1,217 @@
+"""vLLM as the engine (``eval.engine=vllm``): the same rows as ``inference.engine.Engine`` -- (adapter, prompt ids) --
+turned into vLLM requests, run by one in-process ``vllm.LLM`` per base model, and decoded by tunelab's tokenizer.
+
+Per row (which methods can go, decided before any model loads: ``inference.vllm_support.refusal``):
+
+- token ids as ``{"prompt_token_ids": ids}`` (base model, ICL and IPT demonstrations, discrete prompts);
+- a soft prompt (prompt tuning, P-tuning, IPT) as ``{"prompt_embeds": cat(soft prompt (n, C), embed(ids))}``:
+  the virtual tokens at positions 0..n-1 and the text after them, exactly where tunelab's forward puts them;
+- LoRA weights (the adapter's own, or a LoRA folded in by ``init_from``) as a ``LoRARequest`` on the adapter's
+  PEFT directory, written once per adapter object; rows of many adapters go in one ``generate`` call.
+
+Greedy, EOS ids and stop strings as in the tunelab engine: the new ids come back from vLLM (EOS dropped) and are
+decoded here, so both engines' text goes through the same ``tokenizer.decode``. vLLM runs in this process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``: no engine-core child, no spawn guard needed), eager (``enforce_eager``: no
+compile warm-up), with a KV-cache budget of ``VLLM_CPU_KVCACHE_SPACE`` GiB (2 unless set) on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunelab.errors import ConfigError, ModelError
+from tunelab.inference.sampling import GenerationConfig, cut_at_stop, eos_ids
+from tunelab.inference.vllm_support import INSTALL, refusal
+
+log = logging.getLogger(__name__)
+
+Row = tuple[Any, list[int]]  # (adapter, prompt ids), as inference.engine.Row
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
+
+
+def import_vllm():
+    """The ``vllm`` module, after the settings tunelab runs it with; a one-line error where it is missing."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB of KV cache on CPU (vLLM's default is larger)
+    # vLLM lowers torch to one thread unless OMP_NUM_THREADS is set: keep the threads this process has
+    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+    try:
+        import vllm
+    except ImportError:
+        raise ConfigError(INSTALL) from None
+    return vllm
+
+
+def _dtype(precision: str) -> str:
+    from tunelab.precision import resolve
+
+    return "bfloat16" if resolve(precision).decode == "bf16" else "float32"  # one dtype for both phases in vLLM
+
+
+def model_path(model) -> str:
+    """The directory (or hub id) the base model was loaded from: what vLLM loads."""
+    name = getattr(getattr(model, "config", None), "name_or_path", "") or getattr(model, "name_or_path", "")
+    if not name:
+        raise ModelError("engine vllm: this model was built in memory and has no directory for vLLM to load; "
+                         "use engine tunelab")
+    return str(name)
+
+
+@dataclass
+class _Lora:
+    path: Path
+    rank: int
+    request: Any = None
+
+
+_LLMS: dict[tuple, Any] = {}  # (path, dtype, lora rank, max loras, prompt embeds) -> vllm.LLM
+_LORAS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # adapter -> _Lora (its PEFT files on disk)
+_LORA_IDS: dict[str, int] = {}  # a LoRA directory -> its vLLM int id (stable per process)
+_TMP = tempfile.TemporaryDirectory(prefix="tunelab-vllm-")
+
+
+def llm_for(path: str, dtype: str, lora_rank: int, max_loras: int, prompt_embeds: bool, seed: int = 0):
+    """One ``vllm.LLM`` per setting, kept for the process; a new setting replaces the last one (one at a time in
+    memory). ``lora_rank`` 0: LoRA disabled."""
+    vllm = import_vllm()
+    key = (path, dtype, lora_rank, max_loras, prompt_embeds)
+    if key not in _LLMS:
+        for old in list(_LLMS):
+            del _LLMS[old]
+        lora = dict(enable_lora=True, max_lora_rank=lora_rank, max_loras=max_loras, max_cpu_loras=max(max_loras, 1)) \
+            if lora_rank else {}
+        log.info("engine vllm: starting vllm %s on %s (%s%s%s)", vllm.__version__, path, dtype,
+                 f", LoRA rank <= {lora_rank} x {max_loras}" if lora_rank else "", ", prompt embeds" if prompt_embeds else "")
+        _LLMS[key] = vllm.LLM(path, dtype=dtype, enforce_eager=True, seed=seed, enable_prompt_embeds=prompt_embeds,
+                              **lora)
+    return _LLMS[key]
+
+
+def _rank(rank: int) -> int:
+    for allowed in LORA_RANKS:
+        if rank <= allowed:
+            return allowed
+    raise ModelError(f"engine vllm: LoRA rank {rank} is above vLLM's largest ({LORA_RANKS[-1]}); use engine tunelab")
+
+
+def lora_of(adapter) -> _Lora | None:
+    """The LoRA vLLM applies to ``adapter``'s rows: its own weights (a method declaring ``low_rank_delta`` whose
+    saved weights are one) or a LoRA folded in by ``init_from``; None when its weights are the base model's."""
+    if adapter in _LORAS:
+        return _LORAS[adapter]
+    from tunelab.methods import get_method
+
+    caps = adapter.capabilities
+    found: _Lora | None = None
+    if caps.changes_weights:
+        method = get_method(adapter.method)
+        directory = Path(_TMP.name) / f"{adapter.method}-{id(adapter)}"
+        directory.mkdir(parents=True, exist_ok=True)
+        adapter.save_weights(directory)
+        delta = method.low_rank_delta(directory, adapter.config) if caps.low_rank_delta else None
+        if delta is None:
+            raise ModelError(f"engine vllm: the {adapter.method} adapter is not a plain LoRA (DoRA, per-module "
+                             "ranks, trained biases or saved modules); use engine tunelab")
+        found = _Lora(directory, max(a.shape[0] for a, _ in delta.factors.values()))
+    if adapter.folded_from:
+        if found is not None:
+            raise ModelError(f"engine vllm: {adapter.method} on top of a folded adapter ({adapter.folded_from}) "
+                             "would need two LoRAs per request; use engine tunelab")
+        found = _folded(adapter.folded_from)
+    _LORAS[adapter] = found
+    return found
+
+
+def _folded(source: str) -> _Lora:
+    from tunelab.methods.io import read_checked_meta
+
+    directory = Path(source)
+    method, config, _ = read_checked_meta(directory)
+    delta = method.low_rank_delta(directory, config) if method.capabilities_for(config).low_rank_delta else None
+    if delta is None:
+        raise ModelError(f"engine vllm: the adapter this one started from ({source}, {method.name}) is folded into "
+                         "the base weights and is not a plain LoRA vLLM could apply; use engine tunelab")
+    return _Lora(directory, max(a.shape[0] for a, _ in delta.factors.values()))
+
+
+def _request(lora: _Lora | None):
+    if lora is None:
+        return None
+    if lora.request is None:
+        from vllm.lora.request import LoRARequest
+
+        key = str(lora.path)
+        lora_id = _LORA_IDS.setdefault(key, len(_LORA_IDS) + 1)
+        lora.request = LoRARequest(f"lora{lora_id}", lora_id, key)
+    return lora.request
+
+
+@torch.no_grad()
+def prompt_of(adapter, ids: list[int]) -> dict[str, Any]:
+    """The vLLM prompt for one row: token ids, or the soft prompt's embeddings followed by the text's."""
+    soft = adapter.soft_prompt(1)
+    if soft is None:
+        return {"prompt_token_ids": list(ids)}
+    model = adapter.model
+    embed = model.get_input_embeddings()
+    text = embed(torch.tensor([list(ids)], device=embed.weight.device))[0]
+    return {"prompt_embeds": torch.cat([soft[0].to(text.dtype), text]).float().cpu()}
+
+
+@dataclass
+class VllmEngine:
+    """``inference.engine.Engine``'s interface (``run_ids``, ``run``, ``steps_used``) over vLLM."""
+
+    tokenizer: Any
+    cfg: GenerationConfig
+    batch_size: int = 16  # vLLM schedules its own batches; kept for the interface
+    steps_used: set[str] = field(default_factory=set)
+
+    def run_ids(self, rows: Sequence[Row], progress: Callable[[int], None] | None = None) -> list[list[int]]:
+        if not rows:
+            return []
+        vllm = import_vllm()
+        first = rows[0][0]
+        for adapter, _ in rows:
+            why = refusal(adapter.method, adapter.capabilities, None)
+            if why:
+                raise ConfigError(why)
+        loras = [lora_of(adapter) for adapter, _ in rows]
+        distinct = {str(lo.path): lo for lo in loras if lo is not None}
+        rank = _rank(max(lo.rank for lo in distinct.values())) if distinct else 0
+        prompts = [prompt_of(adapter, ids) for adapter, ids in rows]
+        embeds = any("prompt_embeds" in p for p in prompts)
+        llm = llm_for(model_path(first.model), _dtype(self.cfg.precision), rank, max(len(distinct), 1) if rank else 0,
+                      embeds, self.cfg.seed)
+        stops = eos_ids(first.model, self.tokenizer)
+        params = vllm.SamplingParams(max_tokens=self.cfg.max_new_tokens, stop_token_ids=stops,
+                                     temperature=self.cfg.temperature if self.cfg.do_sample else 0.0,
+                                     top_p=self.cfg.top_p if self.cfg.do_sample else 1.0,
+                                     seed=self.cfg.seed if self.cfg.do_sample else None, detokenize=False)
+        requests = [_request(lo) for lo in loras]
+        outputs = llm.generate(prompts, params, lora_request=requests if distinct else None, use_tqdm=False)
+        self.steps_used.add("vllm")
+        if progress:
+            progress(len(rows))
+        out = []
+        for o in outputs:
+            ids = list(o.outputs[0].token_ids)
+            if ids and ids[-1] in stops:
+                ids = ids[:-1]
+            out.append(ids)
+        return out
+
+    def run(self, rows: Sequence[Row], progress: Callable[[int], None] | None = None) -> list[str]:
+        """Text of each row (special tokens skipped, cut at the first stop string), in order."""
+        return [cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), self.cfg.stop)
+                for ids in self.run_ids(rows, progress)]
