@@ -1,8 +1,10 @@
 """`tunelab export ADAPTER --to TARGET OUT`: an adapter rewritten in a form other servers load.
 
 ``TARGETS`` maps each ``--to`` name to the function that writes it; ``lora`` distils a soft prompt into
-a PEFT LoRA (``tunelab.distill``), for servers that take LoRA adapters but not soft prompts (vLLM,
-llama.cpp). Options of one target are ignored by the others.
+a PEFT LoRA (``tunelab.distill``), for servers that take LoRA adapters but not soft prompts (llama.cpp);
+``vllm`` writes what vLLM needs as it is (``tunelab.export_vllm``: a soft prompt for ``prompt_embeds``, the
+LoRA files, or the fine-tuned model directory) with a script that serves it. Options of one target are
+ignored by the others.
 """
 
 from __future__ import annotations
@@ -24,7 +26,13 @@ def _lora(cfg: ExportConfig, progress: bool) -> dict[str, Any]:
     return export_lora(cfg, progress)
 
 
-TARGETS: dict[str, Callable[[ExportConfig, bool], dict[str, Any]]] = {"lora": _lora}
+def _vllm(cfg: ExportConfig, progress: bool) -> dict[str, Any]:
+    from tunelab.export_vllm import export_vllm
+
+    return export_vllm(cfg, progress)
+
+
+TARGETS: dict[str, Callable[[ExportConfig, bool], dict[str, Any]]] = {"lora": _lora, "vllm": _vllm}
 TARGET_NAMES = tuple(TARGETS)
 
 
@@ -34,7 +42,7 @@ class ExportConfig:
 
     adapter: str = satisfying(_non_empty, "a run directory or its adapter/")  # the adapter to export
     out: str = satisfying(_non_empty, "an output directory")  # written atomically; an earlier export there is replaced
-    to: str = choice(TARGET_NAMES, "lora")  # lora: distil a soft prompt into a LoRA
+    to: str = choice(TARGET_NAMES, "lora")  # lora: distil a soft prompt into a LoRA; vllm: files + script for vLLM
     rank: int = at_least(1, 8)  # lora: rank r of the student
     alpha: int | None = at_least(1, None)  # lora: scale alpha / r; None = 2 * rank (LoRA's usual ratio)
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # lora

