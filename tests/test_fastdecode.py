@@ -10,6 +10,7 @@ import torch
 from tests.conftest import decode_steps, lora_with_deltas
 
 from tunelab.inference import engine, llama, steps, torch_step
+from tunelab.methods import lora_layers
 from tunelab.methods.base import MethodConfig, freeze
 from tunelab.methods.icl import FrozenAdapter
 
@@ -86,7 +87,7 @@ def test_the_lora_layer_map_is_cached_and_follows_set_adapter(fresh_tiny):
             if "lora_B" in name:
                 p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name) + ("other" in name)))
     first = torch_step.weights(adapter.model)
-    walked = {n for n, m in adapter.model.named_modules() if llama.peft_lora(m)}
+    walked = {n for n, m in adapter.model.named_modules() if lora_layers.peft_lora(m)}
     assert set(first.lora) == walked and walked  # the LoRA layers the config targets
     assert torch_step.weights(adapter.model) is first  # cached: nothing changed
     rows = [(adapter, tok(t)["input_ids"]) for t in TEXTS]
@@ -131,3 +132,56 @@ def test_row_slots_without_a_delta_provider_keep_the_transformers_forward(fresh_
     with row_slots(torch.tensor([1, 0, 0])), caplog.at_level(logging.INFO, logger="tunelab.inference.steps"):
         assert steps.choose(model, cache)[0] == "transformers"
     assert "module hooks" in caplog.text
+
+
+class _Scaled(torch.nn.Module):
+    """A wrapped projection no library's class is known for: ``base(x) + (x @ m.T) * 0.5``."""
+
+    def __init__(self, base: torch.nn.Linear) -> None:
+        super().__init__()
+        self.base_layer = base
+        gen = torch.Generator().manual_seed(base.weight.shape[0] + base.weight.shape[1])
+        self.m = torch.nn.Parameter(torch.randn(base.weight.shape, generator=gen) * 0.05, requires_grad=False)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.m.T) * 0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.delta(x)
+
+
+class _ScaledDeltas:
+    """The ``inference.llama.LayerDeltas`` a method patching ``_Scaled`` layers in would declare."""
+
+    def layer(self, module):
+        return (module.base_layer, module.delta) if isinstance(module, _Scaled) else None
+
+    def state(self, module) -> tuple:
+        return ()
+
+
+def test_a_layer_declared_by_its_method_decodes_in_the_lean_step_and_an_undeclared_one_does_not(fresh_tiny, caplog):
+    """The step table knows no layer class: a wrapped projection decodes in the fast steps only when its deltas are
+    declared for the model (``llama.register_layer_deltas``), and then matches the transformers forward."""
+    from tunelab import kvcache
+
+    model, rows = _rows(fresh_tiny)
+    for layer in model.model.layers:
+        layer.self_attn.v_proj = _Scaled(layer.self_attn.v_proj)
+        layer.mlp.down_proj = _Scaled(layer.mlp.down_proj)
+    state = engine.prefill(rows, pad_id=2)
+    with caplog.at_level(logging.INFO, logger="tunelab.inference.steps"):
+        assert not llama.supports(model)
+        assert steps.choose(model, kvcache.preallocate(state.cache, 4))[0] == "transformers"
+    assert "declared deltas" in caplog.text
+    llama.register_layer_deltas(model, _ScaledDeltas())
+    assert llama.supports(model)
+    assert steps.choose(model, kvcache.preallocate(engine.prefill(rows, pad_id=2).cache, 4))[0] != "transformers"
+    assert len(torch_step.weights(model).lora) == 2 * len(model.model.layers)
+    lean, hf = _decode(model, rows, "torch"), _decode(model, rows, "transformers")
+    for a, b in zip(lean, hf, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    for layer in model.model.layers:  # the deltas are really added: without them the logits differ
+        layer.self_attn.v_proj.m.data.zero_()
+        layer.mlp.down_proj.m.data.zero_()
+    assert not torch.allclose(_decode(model, rows, "torch")[0], lean[0])

@@ -86,6 +86,16 @@ class Encoded:
     truncated: bool = False
 
 
+def fill_instruction(candidate: str, example: Example) -> Example:
+    """``example`` with ``candidate`` as its instruction (``{instruction}`` in it = the example's own): how a
+    discrete prompt rewrites an example (``methods.discrete_prompt``).
+
+    >>> fill_instruction("Task: {instruction}", Example(id="1", task="t", instruction="Add.", input="2+2")).instruction
+    'Task: Add.'
+    """
+    return replace(example, instruction=candidate.replace("{instruction}", example.instruction))
+
+
 def render_options(options: Sequence[str]) -> str:
     """Flan-style options suffix."""
     return "OPTIONS:\n" + "\n".join(f"- {o}" for o in options)

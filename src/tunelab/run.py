@@ -19,7 +19,7 @@ from tunelab.errors import TunelabError
 from tunelab.evaluate import EvalResult, evaluate, reference_nll
 from tunelab.formatting import DemoSelector, PromptLayout, encode_example
 from tunelab.methods.base import Adapter
-from tunelab.methods.io import TaskPrompt, save_adapter
+from tunelab.methods.io import TaskPrompt, build_adapter, save_adapter
 from tunelab.modelcard import CardInfo, equivalent_command, finish_adapter_dir
 from tunelab.models import count_parameters, load_model, portable_name, random_weights
 from tunelab.paths import (
@@ -99,7 +99,7 @@ def _run(prep: Prepared, out: Path | None, tracker: tracking.Trackers, progress:
     device = distributed.resolve_device(cfg.model.device)
     torch.manual_seed(cfg.train.seed)
     build_start = time.perf_counter()  # a search in build (prompt_optimization, discrete_prompt) is its training
-    adapter = prep.method.build(model, tokenizer, prep.method_cfg, prep.task.train, cfg.train.seed).to(device)
+    adapter = build_adapter(prep.method, model, tokenizer, prep.method_cfg, prep.task.train, cfg.train.seed).to(device)
     build_seconds = time.perf_counter() - build_start
     demos = prep.method.demonstrations(prep.method_cfg, prep.task.train, cfg.train.seed)
     layout = layout_of(cfg, demos).resolved(tokenizer)

@@ -1,6 +1,7 @@
 """--init-from: soft-prompt transfer, a source prompt with demonstrations and no training, LoRA then a prompt."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from tunelab.config import build_config
 from tunelab.errors import ConfigError
 from tunelab.generate import GenerationConfig, generate
 from tunelab.methods import METHODS, method_config
+from tunelab.methods.io import build_adapter, load_adapter
 from tunelab.models import load_model
 from tunelab.run import run
 
@@ -44,12 +46,12 @@ def test_source_prompt_with_target_demos_and_no_training(prompt_run, tmp_path):
 def test_soft_prompt_transfer_starts_from_the_source_prompt(prompt_run):
     model, tok = load_model("tiny")
     method, config = method_config({"name": "prompt_tuning", "num_virtual_tokens": 4, "init_from": str(prompt_run)})
-    adapter = method.build(model, tok, config, [], 0)
+    adapter = build_adapter(method, model, tok, config, [], 0)
     source = load_file(str(prompt_run / "adapter" / "adapter_model.safetensors"))["prompt_embeddings"]
     assert torch.equal(adapter.prompt_weight.detach(), source)
     with pytest.raises(ConfigError, match="num_virtual_tokens=4"):
-        method.build(load_model("tiny")[0], tok, method.Config(num_virtual_tokens=5, init_from=str(prompt_run)),
-                     [], 0)
+        build_adapter(method, load_model("tiny")[0], tok,
+                      method.Config(num_virtual_tokens=5, init_from=str(prompt_run)), [], 0)
 
 
 def test_lora_then_prompt_tuning_on_top_reloads_identically(tmp_path):
@@ -65,21 +67,50 @@ def test_lora_then_prompt_tuning_on_top_reloads_identically(tmp_path):
 
     meta = json.loads((pt_dir / "adapter" / "tunelab_adapter.json").read_text())
     assert meta["folded_from"] == str((lora_dir / "adapter").resolve())
-    method, config = method_config({"name": meta["method"], **meta["config"]})
-    reloaded = method.load(pt_dir / "adapter", base, config)  # folds the LoRA source in again
+    reloaded = load_adapter(pt_dir / "adapter", base).adapter  # folds the LoRA source in again
     torch.testing.assert_close(reloaded.model.model.layers[0].self_attn.q_proj.weight,
                                merged.model.layers[0].self_attn.q_proj.weight)
     prompts = [tok("2021-03-04", add_special_tokens=False)["input_ids"]]
     first = generate(reloaded, tok, prompts, GenerationConfig(max_new_tokens=6))
-    again = METHODS["prompt_tuning"].load(pt_dir / "adapter", load_model("tiny")[0], config)
+    again = load_adapter(pt_dir / "adapter", load_model("tiny")[0]).adapter
     assert generate(again, tok, prompts, GenerationConfig(max_new_tokens=6)) == first
 
 
 def test_init_from_mistakes_say_what_to_do(prompt_run, tmp_path):
     model, tok = load_model("tiny")
     with pytest.raises(ConfigError, match="not a tunelab run"):
-        METHODS["lora"].build(model, tok, METHODS["lora"].Config(init_from=str(tmp_path)), [], 0)
+        build_adapter(METHODS["lora"], model, tok, METHODS["lora"].Config(init_from=str(tmp_path)), [], 0)
     with pytest.raises(ConfigError, match="cannot start from a prompt_tuning prompt"):
-        METHODS["p_tuning"].build(model, tok, METHODS["p_tuning"].Config(init_from=str(prompt_run)), [], 0)
+        build_adapter(METHODS["p_tuning"], model, tok, METHODS["p_tuning"].Config(init_from=str(prompt_run)), [], 0)
+    with pytest.raises(TypeError, match="build_adapter"):  # a method never loads its source itself
+        METHODS["lora"].build(model, tok, METHODS["lora"].Config(init_from=str(prompt_run)), [], 0)
     with pytest.raises(ConfigError, match="drop method.init_from"):
         method_config({"name": "icl", "init_from": str(prompt_run)})
+
+
+def test_full_weights_started_from_lora_reload_without_the_source(tmp_path):
+    """A full fine-tune saves every weight, the folded LoRA included (``Capabilities.whole_model``): the loader
+    does not fold the source in again, so the run reloads after its source is gone."""
+    lora_dir, full_dir = tmp_path / "lora", tmp_path / "full"
+    _run(lora_dir, "method.name=lora", "method.r=4", "train.steps=2", "train.lr=0.05")
+    _run(full_dir, "method.name=full_finetune", "train.steps=1", f"method.init_from={lora_dir}")
+    meta = json.loads((full_dir / "adapter" / "tunelab_adapter.json").read_text())
+    assert meta["folded_from"] == str((lora_dir / "adapter").resolve())
+    first = load_adapter(full_dir / "adapter", load_model("tiny")[0]).adapter
+    shutil.rmtree(lora_dir)
+    again = load_adapter(full_dir / "adapter", load_model("tiny")[0]).adapter
+    assert again.capabilities.whole_model
+    for (name, a), b in zip(first.model.state_dict().items(), again.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_an_adapter_carries_the_capabilities_its_method_gave_it():
+    """Set by the method when it builds the adapter, not looked up by name: ipt's soft prompt adapter (the class
+    prompt tuning builds too) shows demonstrations; instruction tuning with full weights saves the whole model."""
+    model, tok = load_model("tiny")
+    ipt = METHODS["ipt"]
+    adapter = ipt.build(model, tok, ipt.Config(num_virtual_tokens=2, init="random"), [], 0)
+    assert adapter.capabilities == ipt.capabilities and adapter.capabilities.demonstrations
+    it = METHODS["instruction_tuning"]
+    assert it.capabilities_for(it.Config(weights="full")).whole_model
+    assert not it.capabilities_for(it.Config()).whole_model

@@ -18,6 +18,7 @@ from torch import nn
 
 from tunelab.data.example import Example
 from tunelab.methods.base import Adapter, Capabilities, MethodConfig, MethodDefaults, freeze
+from tunelab.methods.transfer import Source
 from tunelab.retrieval import DemoSelector, select_demos
 
 WEIGHTS = "toy_prompt.safetensors"
@@ -32,7 +33,7 @@ class ToyConfig(MethodConfig):
 
 class ToyAdapter(Adapter):
     def __init__(self, model, config: ToyConfig, prompt: torch.Tensor) -> None:
-        super().__init__(model, "toy", config)
+        super().__init__(model, "toy", config, Toy.capabilities)
         self.prompt = nn.Parameter(prompt)  # (n, C)
 
     def soft_prompt(self, batch_size: int) -> torch.Tensor:
@@ -50,7 +51,8 @@ class Toy(MethodDefaults):
     Config = ToyConfig
     capabilities = Capabilities(trains=True, soft_prompt=True, demonstrations=True)
 
-    def build(self, model, tokenizer, config: ToyConfig, train: Sequence[Example], seed: int) -> Adapter:
+    def build(self, model, tokenizer, config: ToyConfig, train: Sequence[Example], seed: int,
+              source: Source | None = None) -> Adapter:
         freeze(model)
         table = model.get_input_embeddings().weight.detach()
         generator = torch.Generator().manual_seed(seed)

@@ -1,12 +1,19 @@
 """What the fast decode steps (``inference.torch_step``, ``native.llama``) read from a Llama model, in one place both
-import (neither imports the other): whether a model is covered (``supports``), the key that says its weights or LoRA
-state changed (``weights_key``), its peft LoRA layers and their deltas, and a per-model, per-dtype build cache.
+import (neither imports the other): whether a model is covered (``supports``), the key that says its weights or layer
+state changed (``weights_key``), the deltas of the layers a method patched into its projections, and a per-model,
+per-dtype build cache.
+
+A projection is a plain ``nn.Linear``, or a layer whose forward is ``base(x) + delta(x)``: which layers are, and
+their deltas, are declared for the model by the method that patched them in (``register_layer_deltas``; peft's
+LoRA layers: ``methods.lora_layers``, declared by the LoRA-family adapters). Nothing here knows a layer's class:
+a wrapped layer nobody declared keeps the transformers forward.
 """
 
 from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
@@ -19,36 +26,69 @@ def decoder(model):
     return getattr(model, "model", None)
 
 
-def peft_lora(module) -> bool:
-    """A peft LoRA ``Linear`` on a plain ``nn.Linear`` whose forward is ``base(x) + B(A(dropout(x))) * scaling``
-    summed over its active adapters (not merged, not disabled, no DoRA or other variant)."""
-    try:
-        from peft.tuners.lora.layer import Linear as LoraLinear
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    if type(module) is not LoraLinear or type(module.base_layer) is not torch.nn.Linear:
-        return False
-    return not module.merged and not module.disable_adapters and \
-        not any(name in module.lora_variant for name in module.active_adapters)
+Delta = Callable[[torch.Tensor], "torch.Tensor | None"]  # a layer's input x (B, in) -> what it adds (B, out), or None
 
 
-def peft_delta(module, x: torch.Tensor) -> torch.Tensor | None:
-    """What a peft LoRA ``Linear`` (``peft_lora``) adds to its base layer's output for ``x`` (B, in): its own
-    modules, in the order of its forward."""
-    out = None
-    for name in module.active_adapters:
-        if name not in module.lora_A:
-            continue
-        a = module.lora_A[name]
-        d = module.lora_B[name](a(module.lora_dropout[name](module._cast_input_dtype(x, a.weight.dtype))))
-        d = d * module.scaling[name]
-        out = d if out is None else out + d
+class LayerDeltas(Protocol):
+    """The layers a method patched into a model's projections, as the decode steps see them."""
+
+    def layer(self, module: torch.nn.Module) -> tuple[torch.nn.Linear, Delta] | None:
+        """``(base, delta)`` when ``module``'s forward is now ``base(x) + delta(x)`` with ``base`` a plain
+        ``nn.Linear``; None otherwise (merged, disabled, a variant the delta does not express, not its layer)."""
+        ...
+
+    def state(self, module: torch.nn.Module) -> tuple:
+        """What decides ``module``'s delta besides its tensors (e.g. which adapters are active), for ``weights_key``."""
+        ...
+
+
+_LAYER_DELTAS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its LayerDeltas
+
+
+def register_layer_deltas(model, deltas: LayerDeltas) -> None:
+    """Declare what the layers patched into ``model``'s projections add (by the method that patched them in), so
+    that the fast steps fuse their base projections and add the deltas after them."""
+    _LAYER_DELTAS[model] = deltas
+
+
+def layer_deltas(model) -> LayerDeltas | None:
+    """The ``LayerDeltas`` declared for ``model`` (None: its projections must be plain ``nn.Linear``)."""
+    return _LAYER_DELTAS.get(model)
+
+
+def split(module, declared: LayerDeltas | None) -> tuple[torch.nn.Linear, Delta | None] | None:
+    """A projection as ``(plain base projection, its declared delta or None)``; None when it is neither a plain
+    ``nn.Linear`` nor a layer ``declared`` covers now."""
+    if type(module) is torch.nn.Linear:
+        return module, None
+    found = declared.layer(module) if declared is not None else None
+    if found is None or type(found[0]) is not torch.nn.Linear:
+        return None
+    return found
+
+
+def base(module, declared: LayerDeltas | None) -> torch.nn.Module:
+    """The plain projection under ``module``: the base of its declared layer, else ``module`` itself."""
+    found = split(module, declared)
+    return found[0] if found is not None else module
+
+
+def deltas_of(model, names: dict[int, str]) -> dict[str, Delta]:
+    """Module name (``names``: id -> name, from ``model.named_modules()``) -> the delta of its declared layer, for
+    every projection that has one; built once per weight set (``weights_key``), not per step."""
+    declared, out = layer_deltas(model), {}
+    for layer in decoder(model).layers:
+        for name in PROJECTIONS:
+            module = layer.get_submodule(name)
+            found = split(module, declared)
+            if found is not None and found[1] is not None:
+                out[names[id(module)]] = found[1]
     return out
 
 
 def supports(model) -> bool:
-    """Whether ``step`` computes this model's forward: a plain Llama, whose projections may carry peft LoRA
-    layers (their deltas are added after the fused base projections); no other wrapped layers."""
+    """Whether ``step`` computes this model's forward: a plain Llama, whose projections are plain ``nn.Linear`` or
+    layers with declared deltas (``register_layer_deltas``: added after the fused base projections)."""
     cfg, body = getattr(model, "config", None), decoder(model)
     if cfg is None or body is None or getattr(cfg, "model_type", None) != "llama":
         return False
@@ -59,38 +99,38 @@ def supports(model) -> bool:
         return False  # e.g. peft's modules_to_save wrappers: their trained copy is not ``.weight``
     if not hasattr(body, "rotary_emb") or not hasattr(body, "norm"):
         return False
+    declared = layer_deltas(model)
     for layer in getattr(body, "layers", ()):
         if type(getattr(layer, "self_attn", None)).__name__ != "LlamaAttention":
             return False  # e.g. peft's adaption prompt wraps the attention module itself
         for name in PROJECTIONS:
-            module = layer.get_submodule(name)
-            if type(module) is not torch.nn.Linear and not peft_lora(module):  # quantised layers, DoRA, ...
+            if split(layer.get_submodule(name), declared) is None:  # quantised layers, DoRA, undeclared wrappers
                 return False
         if type(layer.input_layernorm).__name__ != "LlamaRMSNorm":
             return False
     return len(getattr(body, "layers", ())) > 0
 
 
-def lora_state(module) -> tuple:
-    """What decides a projection's decode besides its tensors: the module itself and, for a peft LoRA layer,
-    whether it is merged or disabled and which adapters are active (``set_adapter`` touches no tensor)."""
+def layer_state(module, declared: LayerDeltas | None) -> tuple:
+    """What decides a projection's decode besides its tensors: the module itself and, for a layer with declared
+    deltas, its ``LayerDeltas.state`` (a peft LoRA layer: merged, disabled, which adapters are active)."""
     if type(module) is torch.nn.Linear:
         return (id(module),)
-    return (id(module), type(module), getattr(module, "merged", None), getattr(module, "disable_adapters", None),
-            tuple(getattr(module, "active_adapters", ()) or ()))
+    return (id(module), type(module)) + (declared.state(module) if declared is not None else ())
 
 
 def weights_key(model) -> tuple:
-    """Every source tensor's (data_ptr, version, dtype) and every projection module's ``lora_state``, in one
+    """Every source tensor's (data_ptr, version, dtype) and every projection module's ``layer_state``, in one
     walk over the layers (it runs at every decode step)."""
-    body = decoder(model)
+    body, declared = decoder(model), layer_deltas(model)
     tensors = [body.embed_tokens.weight, body.norm.weight, model.get_output_embeddings().weight]
     states = []
     for layer in body.layers:
         tensors += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
         for name in PROJECTIONS:
-            lin = layer.get_submodule(name)
-            states.append(lora_state(lin))
+            module = layer.get_submodule(name)
+            states.append(layer_state(module, declared))
+            lin = base(module, declared)
             tensors += [lin.weight] + ([lin.bias] if lin.bias is not None else [])
     return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors) + tuple(states)
 

@@ -64,13 +64,14 @@ def transformers_step(model) -> Step:
     return run
 
 
-def _deltas(lora: dict[str, torch.nn.Module], provider, slots) -> torch_step.Deltas | None:
-    """The per-row deltas of one step: peft LoRA layers' (offline eval) and serve's LoRA rows' (``slots``)."""
+def _deltas(lora: dict[str, llama.Delta], provider, slots) -> torch_step.Deltas | None:
+    """The per-row deltas of one step: the declared layers' (``llama.deltas_of``: peft LoRA layers, offline eval)
+    and serve's LoRA rows' (``slots``)."""
     if slots is None and not lora:
         return None
 
     def deltas(name: str, x: torch.Tensor) -> torch.Tensor | None:  # x (B, in)
-        d = llama.peft_delta(lora[name], x) if name in lora else None
+        d = lora[name](x) if name in lora else None
         if slots is not None and provider is not None:
             r = provider.delta(name, x.unsqueeze(1), slots)  # the hooks see (B, 1, in)
             if r is not None:
@@ -88,7 +89,8 @@ def _uncovered(model, cache) -> str | None:
     if not layers or any(type(layer) is not PreallocatedLayer for layer in layers):
         return "the cache is not pre-allocated full attention (kvcache.preallocate)"
     if not llama.supports(model):
-        return f"{type(model).__name__} is not a plain Llama with plain or peft-LoRA projections"
+        return (f"{type(model).__name__} is not a plain Llama whose projections are plain nn.Linear or layers with "
+                "declared deltas (inference.llama.register_layer_deltas)")
     return None
 
 

@@ -18,16 +18,18 @@ virtual-token / prefix key/values and left padding, the attention mask, each row
 generation, evaluation and the serve scheduler keep one path. ``supports`` decides from the modules themselves
 (config ``model_type == "llama"``, every projection a plain ``nn.Linear``, SiLU MLP, RMSNorm, full-attention
 cache layers); anything else -- quantised or DoRA layers, other architectures such as Gemma 3 -- keeps the
-transformers forward. peft LoRA layers (unmerged, as ``tunelab eval`` loads a LoRA adapter) decode here too:
-the base projections fused and packed as for the bare model, each LoRA layer's own ``B(A(x)) * scaling`` added
-after them (its modules called as its forward calls them). Serve's LoRA rows (per-row low-rank deltas on the frozen model's plain projections,
+transformers forward. Layers with declared deltas (``inference.llama.register_layer_deltas``: peft LoRA layers,
+unmerged, as ``tunelab eval`` loads a LoRA adapter, declared by ``methods.lora_layers``) decode here too:
+the base projections fused and packed as for the bare model, each layer's delta (LoRA: its own
+``B(A(x)) * scaling``, its modules called as its forward calls them) added after them. Serve's LoRA rows
+(per-row low-rank deltas on the frozen model's plain projections,
 ``serve.lora_rows``) run in the lean step too: it adds each projection's delta from ``inference.rows.row_deltas``,
 computed by the same function as the module hooks of the transformers forward. Greedy tokens equal the transformers forward's in fp32 (tests/test_fastdecode.py).
 
 ``inference.steps`` prefers the native step (the same layers in one compiled call, ``tunelab.native``,
 batch-invariant by construction and 2x faster at batch 1); this module's PyTorch step runs where that kernel
 cannot (no C compiler, ``TUNELAB_NATIVE=0``, other dtypes, a GPU). What both read from the model (coverage,
-weights key, peft LoRA layers) is ``inference.llama``.
+weights key, declared layer deltas) is ``inference.llama``.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.inference import llama
-from tunelab.inference.llama import PROJECTIONS, cached, peft_lora, weights_key
+from tunelab.inference.llama import cached, weights_key
 
 MAX_K = 1024  # oneDNN's bf16/fp32 kernels were batch-invariant up to this input width, not at 1536 (measured)
 
@@ -133,7 +135,7 @@ class Weights:
     heads: int
     kv_heads: int
     head_dim: int
-    lora: dict[str, torch.nn.Module]  # module name -> its peft LoRA layer (``peft_lora``): deltas added per step
+    lora: dict[str, llama.Delta]  # module name -> its declared layer's delta (``llama.deltas_of``): added per step
 
 
 def _cat_bias(*linears) -> torch.Tensor | None:
@@ -147,8 +149,10 @@ def _fused(linears, pack: bool) -> _Linear:
     return _prepare(torch.cat([lin.weight for lin in linears]), _cat_bias(*linears), pack)
 
 
-def _group(linears, pack: bool, names: dict[int, str]) -> _Group:
-    return _Group(_fused(linears, pack), tuple(names[id(lin)] for lin in linears),
+def _group(modules, pack: bool, names: dict[int, str], declared: llama.LayerDeltas | None) -> _Group:
+    """The projections ``modules`` fused (their plain base projections), named for their deltas."""
+    linears = [llama.base(m, declared) for m in modules]
+    return _Group(_fused(linears, pack), tuple(names[id(m)] for m in modules),
                   tuple(lin.weight.shape[0] for lin in linears))
 
 
@@ -158,20 +162,21 @@ def _build(model, key: tuple) -> Weights:
     pack = embed.device.type == "cpu" and embed.dtype in (torch.float32, torch.bfloat16) and \
         torch.backends.mkldnn.is_available()
     names = {id(module): name for name, module in model.named_modules()}
+    declared = llama.layer_deltas(model)
     layers = []
     for layer in body.layers:
         att, mlp = layer.self_attn, layer.mlp
         layers.append(_Layer(
             layer.input_layernorm.weight.detach(),
-            _group((att.q_proj, att.k_proj, att.v_proj), pack, names), _group((att.o_proj,), pack, names),
+            _group((att.q_proj, att.k_proj, att.v_proj), pack, names, declared),
+            _group((att.o_proj,), pack, names, declared),
             layer.post_attention_layernorm.weight.detach(),
-            _group((mlp.gate_proj, mlp.up_proj), pack, names), _group((mlp.down_proj,), pack, names)))
+            _group((mlp.gate_proj, mlp.up_proj), pack, names, declared),
+            _group((mlp.down_proj,), pack, names, declared)))
     head = _fused((model.get_output_embeddings(),), pack)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    lora = {names[id(module)]: module for layer in body.layers for name in PROJECTIONS
-            if peft_lora(module := layer.get_submodule(name))}
-    return Weights(key, tuple(layers), embed, body.norm.weight.detach(), head,
-                   float(cfg.rms_norm_eps), cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, lora)
+    return Weights(key, tuple(layers), embed, body.norm.weight.detach(), head, float(cfg.rms_norm_eps),
+                   cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, llama.deltas_of(model, names))
 
 
 # model -> {dtype of its embedding: Weights}; precision.weights_in swaps parameters to a bf16 copy, so fp32 and
@@ -181,7 +186,7 @@ _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 @torch.no_grad()
 def weights(model, key: tuple | None = None) -> Weights:
-    """The model's fused decode weights in its current dtype and its peft LoRA layers, rebuilt if any parameter
+    """The model's fused decode weights in its current dtype and its layers' deltas, rebuilt if any parameter
     or projection module changed since (no ``named_modules`` walk per decode step); ``key``: ``llama.weights_key(model)``
     when the caller has it."""
     return cached(_CACHE, model, weights_key(model) if key is None else key, _build)

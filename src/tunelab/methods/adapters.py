@@ -18,20 +18,28 @@ from torch import nn
 from transformers import Cache, PreTrainedModel
 
 from tunelab.data.example import Example
+from tunelab.formatting import fill_instruction
+from tunelab.methods import lora_layers
 from tunelab.methods.base import BASE_CAPABILITIES, Capabilities
 
 if TYPE_CHECKING:
     from tunelab.methods.base import MethodConfig
 
+CHOICE_FILE = "discrete_prompt.json"  # a discrete prompt's chosen instruction and every candidate's score
+
 
 class Adapter(nn.Module):
     """A frozen-or-not base model plus a method's parameters, seen through one small interface."""
 
-    def __init__(self, model: PreTrainedModel, method: str, config: MethodConfig) -> None:
+    def __init__(self, model: PreTrainedModel, method: str, config: MethodConfig,
+                 capabilities: Capabilities = BASE_CAPABILITIES) -> None:
         super().__init__()
         self.model = model  # the transformers model to call (LoRA layers, if any, are patched in)
         self.method = method
         self.config = config
+        # what the method that built it declares with these options (``Method.capabilities_for(config)``), given by
+        # that method; the default: the bare base model's (nothing added, nothing changed)
+        self.capabilities = capabilities
         self.folded_from: str | None = None  # adapter folded into the base weights (init_from); loads fold it again
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -40,14 +48,6 @@ class Adapter(nn.Module):
         from tunelab.modeling import causal_lm_loss
 
         return causal_lm_loss(self, input_ids, attention_mask, labels)
-
-    @property
-    def capabilities(self) -> Capabilities:
-        """The capabilities of the method that built this adapter (none for the bare base model)."""
-        from tunelab.methods import METHODS
-
-        method = METHODS.get(self.method)
-        return method.capabilities_for(self.config) if method is not None else BASE_CAPABILITIES
 
     def soft_prompt(self, batch_size: int) -> torch.Tensor | None:
         """Learned input embeddings placed before the text, (B, n, C); None if the method has none."""
@@ -80,8 +80,9 @@ class Adapter(nn.Module):
 class PeftAdapter(Adapter):
     """An adapter whose trainable part lives in a peft model wrapped around the base model."""
 
-    def __init__(self, peft_model, method: str, config: MethodConfig) -> None:
-        super().__init__(peft_model.get_base_model(), method, config)
+    def __init__(self, peft_model, method: str, config: MethodConfig,
+                 capabilities: Capabilities = BASE_CAPABILITIES) -> None:
+        super().__init__(peft_model.get_base_model(), method, config, capabilities)
         self.peft_model = peft_model
 
 
@@ -95,19 +96,15 @@ class FrozenAdapter(Adapter):
 class DiscretePromptAdapter(Adapter):
     """The frozen base model plus one chosen instruction (``methods.discrete_prompt``)."""
 
-    def __init__(self, model: PreTrainedModel, method: str, config: MethodConfig, choice: str,
-                 scores: dict[str, float]) -> None:
-        super().__init__(model, method, config)
+    def __init__(self, model: PreTrainedModel, method: str, config: MethodConfig, capabilities: Capabilities,
+                 choice: str, scores: dict[str, float]) -> None:
+        super().__init__(model, method, config, capabilities)
         self.choice, self.scores = choice, scores
 
     def rewrite(self, example: Example) -> Example:
-        from tunelab.methods.discrete_prompt import fill
-
-        return fill(self.choice, example)
+        return fill_instruction(self.choice, example)
 
     def save_weights(self, directory: Path) -> None:
-        from tunelab.methods.discrete_prompt import CHOICE_FILE
-
         (Path(directory) / CHOICE_FILE).write_text(json.dumps({"instruction": self.choice, "scores": self.scores},
                                                               indent=2, ensure_ascii=False))
 
@@ -144,7 +141,13 @@ class PrefixAdapter(PeftAdapter):
 
 
 class LoraAdapter(PeftAdapter):
-    """The model with LoRA layers patched in; only A and B train."""
+    """The model with LoRA layers patched in; only A and B train. Their deltas are declared to the fast decode
+    steps (``methods.lora_layers``), which add them after the fused base projections."""
+
+    def __init__(self, peft_model, method: str, config: MethodConfig,
+                 capabilities: Capabilities = BASE_CAPABILITIES) -> None:
+        super().__init__(peft_model, method, config, capabilities)
+        lora_layers.declare(self.model)
 
     def trainable_parameters(self) -> list:
         return [p for n, p in self.peft_model.named_parameters() if p.requires_grad and "lora_" in n]

@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # torch, transformers and peft load where a model is built, n
     from tunelab.formatting import DemoSelector
     from tunelab.methods.adapters import Adapter
     from tunelab.methods.adapters import PeftAdapter as PeftAdapter
+    from tunelab.methods.transfer import Source
 
 ADAPTER_META = "tunelab_adapter.json"
 
@@ -102,6 +103,8 @@ class Capabilities:
     rewrites_input: bool = False  # changes the example's text before layout (a discrete prompt)
     low_rank_delta: bool = False  # its weight change can be a low-rank delta on named Linear modules (LoRA):
     # served as rows of the shared batch when ``Method.low_rank_delta`` returns one (serve.lora_rows)
+    whole_model: bool = False  # saves every weight of the model (full fine-tuning): a folded ``init_from`` is in
+    # them, so loading starts from the bare base model and needs no source (methods.io.load_adapter)
 
     def describe(self) -> str:
         """The true flags, comma-separated (``tunelab ls methods``)."""
@@ -141,9 +144,15 @@ class Method(Protocol):
     def trains(self) -> bool: ...
 
     def build(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: MethodConfig,
-              train: Sequence[Example], seed: int) -> Adapter: ...
+              train: Sequence[Example], seed: int, source: Source | None = None) -> Adapter:
+        """A fresh adapter on ``model``; ``source``: the run ``config.init_from`` names, already loaded
+        (``tunelab.methods.io.build_adapter`` loads it and calls this; see ``tunelab.methods.transfer``)."""
+        ...
 
-    def load(self, directory: Path, model: PreTrainedModel, config: MethodConfig) -> Adapter: ...
+    def load(self, directory: Path, model: PreTrainedModel, config: MethodConfig) -> Adapter:
+        """The adapter saved in ``directory`` on ``model``, the base it was trained on (a folded ``init_from``
+        already folded in by ``tunelab.methods.io.load_adapter``, unless ``Capabilities.whole_model``)."""
+        ...
 
     def demonstrations(self, config: MethodConfig, train: Sequence[Example], seed: int) -> DemoSelector | None: ...
 

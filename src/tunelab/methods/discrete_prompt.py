@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from tunelab.data import TaskData, default_metrics
 from tunelab.data.example import Example
 from tunelab.errors import ConfigError, TunelabError
-from tunelab.formatting import TEMPLATES
+from tunelab.formatting import TEMPLATES, fill_instruction
 from tunelab.methods.base import Capabilities, MethodConfig, MethodDefaults, freeze, no_grad
 from tunelab.sections import EvalConfig
 from tunelab.validation import at_least, choice
@@ -32,8 +32,8 @@ if TYPE_CHECKING:
 
     from tunelab.methods.adapters import Adapter
     from tunelab.methods.adapters import DiscretePromptAdapter as DiscretePromptAdapter
+    from tunelab.methods.transfer import Source
 
-CHOICE_FILE = "discrete_prompt.json"
 SCORES = ("loglik", "metric")
 PARAPHRASES = (
     "{instruction}",
@@ -61,9 +61,7 @@ class DiscretePromptConfig(MethodConfig):
                               "drop method.init_from / --init-from")
 
 
-def fill(candidate: str, example: Example) -> Example:
-    """``example`` with ``candidate`` as its instruction ({instruction} = the example's own)."""
-    return dataclasses.replace(example, instruction=candidate.replace("{instruction}", example.instruction))
+fill = fill_instruction  # ``example`` with ``candidate`` as its instruction ({instruction} = the example's own)
 
 
 def __getattr__(name: str) -> Any:
@@ -116,7 +114,7 @@ class DiscretePrompt(MethodDefaults):
         return dataclasses.replace(task, train=task.dev) if task.dev else task
 
     def build(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: DiscretePromptConfig,
-              train: Sequence[Example], seed: int) -> Adapter:
+              train: Sequence[Example], seed: int, source: Source | None = None) -> Adapter:
         if not train:
             raise TunelabError("discrete_prompt needs dev (or train) examples to score candidates on")
         from tunelab.formatting import resolve_template
@@ -128,20 +126,21 @@ class DiscretePrompt(MethodDefaults):
         candidates = list(dict.fromkeys(config.candidates or PARAPHRASES))
         scores = {}
         for candidate in candidates:
-            probe = DiscretePromptAdapter(model, self.name, config, candidate, {})
+            probe = DiscretePromptAdapter(model, self.name, config, self.capabilities, candidate, {})
             filled = [probe.rewrite(e) for e in dev]
             scores[candidate] = round(metric_score(probe, tokenizer, filled, template) if config.score == "metric"
                                       else loglik_score(probe, tokenizer, filled, template, 1024,
                                                         config.batch_size), 5)
         best = max(candidates, key=lambda c: (scores[c], -candidates.index(c)))  # ties: the earlier candidate
-        return DiscretePromptAdapter(model, self.name, config, best, scores)
+        return DiscretePromptAdapter(model, self.name, config, self.capabilities, best, scores)
 
     def load(self, directory: Path, model: PreTrainedModel, config: DiscretePromptConfig) -> Adapter:
+        from tunelab.methods.adapters import CHOICE_FILE, DiscretePromptAdapter
+
         path = Path(directory) / CHOICE_FILE
         if not path.is_file():
             raise TunelabError(f"{directory}: no {CHOICE_FILE}; pass the adapter/ directory of a discrete_prompt run")
         saved = json.loads(path.read_text())
-        from tunelab.methods.adapters import DiscretePromptAdapter
-
         freeze(model)
-        return DiscretePromptAdapter(model, self.name, config, saved["instruction"], saved["scores"])
+        return DiscretePromptAdapter(model, self.name, config, self.capabilities, saved["instruction"],
+                                     saved["scores"])

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from tunelab.data.example import Example
 from tunelab.errors import TunelabError
-from tunelab.methods.base import Capabilities, MethodConfig, MethodDefaults
-from tunelab.methods.transfer import require_no_prompt, start_from
+from tunelab.methods.base import Capabilities, Method, MethodConfig, MethodDefaults
+from tunelab.methods.transfer import Source, require_no_prompt, starting_model
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -59,38 +59,36 @@ def load_full_weights(directory: Path, model: PreTrainedModel) -> PreTrainedMode
     return model
 
 
-def build_full(name: str, model: PreTrainedModel, config: MethodConfig) -> FullAdapter:
-    """Every weight trainable, starting from ``init_from``'s folded weights when given."""
+def build_full(method: Method, model: PreTrainedModel, config: MethodConfig,
+               source: Source | None = None) -> FullAdapter:
+    """Every weight trainable, starting from the ``init_from`` source's folded weights when given."""
     from tunelab.methods.adapters import FullAdapter
 
-    source = start_from(config.init_from, model)
-    require_no_prompt(source, name)
-    model = source.model if source else model
+    require_no_prompt(source, method.name)
+    model = starting_model(model, config, source)
     for p in model.parameters():
         p.requires_grad_(True)
-    adapter = FullAdapter(model, name, config)
-    adapter.folded_from = source.folded_from if source else None  # provenance; the saved weights include it
-    return adapter
+    return FullAdapter(model, method.name, config, method.capabilities_for(config))
 
 
-def load_full(name: str, directory: Path, model: PreTrainedModel, config: MethodConfig) -> FullAdapter:
-    """Saved full weights, frozen. They already include whatever ``init_from`` folded in."""
+def load_full(method: Method, directory: Path, model: PreTrainedModel, config: MethodConfig) -> FullAdapter:
+    """Saved full weights, frozen. They already include whatever ``init_from`` folded in (``whole_model``)."""
     from tunelab.methods.adapters import FullAdapter
 
     model = load_full_weights(directory, model)
     for p in model.parameters():
         p.requires_grad_(False)
-    return FullAdapter(model, name, config)
+    return FullAdapter(model, method.name, config, method.capabilities_for(config))
 
 
 class FullFinetune(MethodDefaults):
     name = "full_finetune"
     Config = FullFinetuneConfig
-    capabilities = Capabilities(trains=True, changes_weights=True)
+    capabilities = Capabilities(trains=True, changes_weights=True, whole_model=True)
 
     def build(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: FullFinetuneConfig,
-              train: Sequence[Example], seed: int) -> Adapter:
-        return build_full(self.name, model, config)
+              train: Sequence[Example], seed: int, source: Source | None = None) -> Adapter:
+        return build_full(self, model, config, source)
 
     def load(self, directory: Path, model: PreTrainedModel, config: FullFinetuneConfig) -> Adapter:
-        return load_full(self.name, directory, model, config)
+        return load_full(self, directory, model, config)

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from tunelab.methods.adapters import Adapter
     from tunelab.methods.adapters import FrozenAdapter as FrozenAdapter
+    from tunelab.methods.transfer import Source
 
 
 @dataclass
@@ -48,17 +49,17 @@ class ICL(MethodDefaults):
     capabilities = Capabilities(demonstrations=True)
 
     def build(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: ICLConfig,
-              train: Sequence[Example], seed: int) -> Adapter:
+              train: Sequence[Example], seed: int, source: Source | None = None) -> Adapter:
         from tunelab.methods.adapters import FrozenAdapter
 
-        freeze(model)
-        return FrozenAdapter(model, self.name, config)
+        freeze(model)  # no source: ICLConfig refuses init_from
+        return FrozenAdapter(model, self.name, config, self.capabilities)
 
     def load(self, directory: Path, model: PreTrainedModel, config: ICLConfig) -> Adapter:
         from tunelab.methods.adapters import FrozenAdapter
 
         freeze(model)
-        return FrozenAdapter(model, self.name, config)
+        return FrozenAdapter(model, self.name, config, self.capabilities)
 
     def demonstrations(self, config: ICLConfig, train: Sequence[Example], seed: int) -> DemoSelector | None:
         return select_demos(train, config.k, config.selection, seed)

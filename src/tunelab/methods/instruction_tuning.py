@@ -26,6 +26,7 @@ from tunelab.errors import ConfigError, DataError
 from tunelab.methods.base import Capabilities, LowRankDelta, MethodDefaults
 from tunelab.methods.full_finetune import build_full, load_full
 from tunelab.methods.lora import LoraMethodConfig, build_lora, load_lora, lora_delta
+from tunelab.methods.transfer import Source
 from tunelab.validation import at_least, choice
 
 if TYPE_CHECKING:
@@ -82,6 +83,10 @@ class InstructionTuning(MethodDefaults):
     Config = InstructionTuningConfig
     capabilities = Capabilities(trains=True, changes_weights=True, low_rank_delta=True)  # with weights=lora
 
+    def capabilities_for(self, config: InstructionTuningConfig) -> Capabilities:
+        """With ``weights=full``, the saved weights are the whole model (``whole_model``), as full fine-tuning's."""
+        return replace(self.capabilities, whole_model=config.weights == "full")
+
     def low_rank_delta(self, directory: Path, config: InstructionTuningConfig) -> LowRankDelta | None:
         return lora_delta(directory) if config.weights == "lora" else None
 
@@ -96,12 +101,12 @@ class InstructionTuning(MethodDefaults):
         return replace(task, train=train, eval=interleave([e for e in task.eval if e.task in held]))
 
     def build(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: InstructionTuningConfig,
-              train: Sequence[Example], seed: int) -> Adapter:
+              train: Sequence[Example], seed: int, source: Source | None = None) -> Adapter:
         if config.weights == "lora":
-            return build_lora(self.name, model, config)
-        return build_full(self.name, model, config)
+            return build_lora(self, model, config, source)
+        return build_full(self, model, config, source)
 
     def load(self, directory: Path, model: PreTrainedModel, config: InstructionTuningConfig) -> Adapter:
         if config.weights == "lora":
-            return load_lora(self.name, directory, model, config)
-        return load_full(self.name, directory, model, config)
+            return load_lora(self, directory, model, config)
+        return load_full(self, directory, model, config)

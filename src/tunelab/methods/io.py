@@ -44,6 +44,7 @@ from tunelab.methods.base import (
     read_meta,
     write_meta,
 )
+from tunelab.methods.transfer import Source, source_of
 from tunelab.sections import DataConfig, TrainConfig
 from tunelab.validation import from_dict
 
@@ -163,7 +164,12 @@ def load_adapter(directory: str | Path, model: PreTrainedModel, tokenizer: PreTr
     """
     directory = Path(directory).resolve()  # a relative name never reaches peft, which would try the hub
     method, config, meta = check_adapter(directory, model, base_model)
+    folded = meta.get("folded_from")
     try:
+        if folded and not method.capabilities_for(config).whole_model:  # trained on base + that run: fold it again
+            source = start_from(folded, model)
+            assert source is not None
+            model = source.model
         adapter = method.load(directory, model, config)
     except LOAD_ERRORS as exc:
         raise ModelError(f"{directory}: cannot load the {method.name} weights ({_first_line(exc)})") from None
@@ -171,6 +177,28 @@ def load_adapter(directory: str | Path, model: PreTrainedModel, tokenizer: PreTr
     if tokenizer is not None:
         layout = saved_layout(directory, method, config, meta, tokenizer)
     return Loaded(adapter, method, config, layout, meta, directory, TaskPrompt.from_meta(meta))
+
+
+def start_from(init_from: str | None, model: PreTrainedModel) -> Source | None:
+    """The run ``init_from`` names, loaded onto ``model`` as what a method starts from (``methods.transfer``):
+    pickles refused, options validated, as every load; None when nothing is named."""
+    if not init_from:
+        return None
+    directory = adapter_dir(init_from)
+    loaded = load_adapter(directory, model)
+    assert loaded.method is not None
+    return source_of(directory, loaded.method.name, loaded.method.capabilities_for(loaded.config), loaded.adapter,
+                     model)
+
+
+def build_adapter(method: Method, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: MethodConfig,
+                  train: Sequence[Example], seed: int) -> Adapter:
+    """``method.build`` with ``config.init_from`` loaded first and passed as its ``source``; a folded source is
+    recorded on the adapter (``folded_from``, saved in its metadata) so that loading folds it in again."""
+    source = start_from(config.init_from, model)
+    adapter = method.build(model, tokenizer, config, train, seed, source)
+    adapter.folded_from = source.folded_from if source is not None else None
+    return adapter
 
 
 def check_adapter(directory: str | Path, model: PreTrainedModel | None = None,

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from tunelab.data.example import Example
 from tunelab.methods.base import Capabilities, MethodDefaults
 from tunelab.methods.prompt_tuning import PromptTuningMethodConfig, build_soft_prompt, load_soft_prompt
+from tunelab.methods.transfer import Source
 from tunelab.retrieval import SELECTIONS, DemoSelector, select_demos
 from tunelab.validation import at_least, choice
 
@@ -40,11 +41,11 @@ class IPT(MethodDefaults):
     capabilities = Capabilities(trains=True, demonstrations=True, soft_prompt=True)
 
     def build(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: IPTConfig,
-              train: Sequence[Example], seed: int) -> Adapter:
-        return build_soft_prompt(self.name, model, tokenizer, config, train, seed)
+              train: Sequence[Example], seed: int, source: Source | None = None) -> Adapter:
+        return build_soft_prompt(self, model, tokenizer, config, train, seed, source)
 
     def load(self, directory: Path, model: PreTrainedModel, config: IPTConfig) -> Adapter:
-        return load_soft_prompt(self.name, directory, model, config)
+        return load_soft_prompt(self, directory, model, config)
 
     def demonstrations(self, config: IPTConfig, train: Sequence[Example], seed: int) -> DemoSelector | None:
         return select_demos(train, config.k, config.selection, seed)

@@ -14,8 +14,16 @@ from typing import TYPE_CHECKING, Any
 
 from tunelab.data.example import Example
 from tunelab.errors import ConfigError
-from tunelab.methods.base import Capabilities, LowRankDelta, MethodConfig, MethodDefaults, freeze, peft_model
-from tunelab.methods.transfer import require_no_prompt, saved_peft_model, start_from
+from tunelab.methods.base import (
+    Capabilities,
+    LowRankDelta,
+    Method,
+    MethodConfig,
+    MethodDefaults,
+    freeze,
+    peft_model,
+)
+from tunelab.methods.transfer import Source, require_no_prompt, saved_peft_model, starting_model
 from tunelab.validation import at_least, between
 
 if TYPE_CHECKING:
@@ -108,28 +116,28 @@ def keep_initial(adapter: LoraAdapter, config: LoraMethodConfig) -> None:
     adapter.initial_dir = initial
 
 
-def build_lora(name: str, model: PreTrainedModel, config: LoraMethodConfig) -> LoraAdapter:
-    """Fresh LoRA layers on ``model`` (with any ``init_from`` weights folded in first)."""
+def build_lora(method: Method, model: PreTrainedModel, config: LoraMethodConfig,
+               source: Source | None = None) -> LoraAdapter:
+    """Fresh LoRA layers on ``model`` (with the ``init_from`` source's weights folded in first)."""
     from tunelab.methods.adapters import LoraAdapter
 
-    source = start_from(config.init_from, model)
-    require_no_prompt(source, name)
-    model = source.model if source else model
+    require_no_prompt(source, method.name)
+    model = starting_model(model, config, source)
     freeze(model)
     try:
-        adapter = LoraAdapter(peft_model(model, lora_config(config)), name, config)
+        adapter = LoraAdapter(peft_model(model, lora_config(config)), method.name, config,
+                              method.capabilities_for(config))
     except ValueError as exc:  # peft names the modules it could not find
         raise ConfigError(f"method.target_modules={config.target_modules}: {exc}") from None
     keep_initial(adapter, config)
-    adapter.folded_from = source.folded_from if source else None
     return adapter
 
 
-def load_lora(name: str, directory: Path, model: PreTrainedModel, config: LoraMethodConfig) -> LoraAdapter:
+def load_lora(method: Method, directory: Path, model: PreTrainedModel, config: LoraMethodConfig) -> LoraAdapter:
     """A saved LoRA adapter on the model it was trained on."""
     from tunelab.methods.adapters import LoraAdapter
 
-    return LoraAdapter(saved_peft_model(directory, model), name, config)
+    return LoraAdapter(saved_peft_model(directory, model), method.name, config, method.capabilities_for(config))
 
 
 PEFT_PREFIX = "base_model.model."  # peft's saved keys: PEFT_PREFIX + module name + ".lora_A.weight"
@@ -171,8 +179,8 @@ class Lora(MethodDefaults):
         return lora_delta(directory)
 
     def build(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: LoraMethodConfig,
-              train: Sequence[Example], seed: int) -> Adapter:
-        return build_lora(self.name, model, config)
+              train: Sequence[Example], seed: int, source: Source | None = None) -> Adapter:
+        return build_lora(self, model, config, source)
 
     def load(self, directory: Path, model: PreTrainedModel, config: LoraMethodConfig) -> Adapter:
-        return load_lora(self.name, directory, model, config)
+        return load_lora(self, directory, model, config)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from tunelab.data.example import Example
 from tunelab.methods.base import Capabilities, MethodConfig, MethodDefaults, freeze, peft_model
-from tunelab.methods.transfer import require_no_prompt, saved_peft_model, start_from
+from tunelab.methods.transfer import Source, require_no_prompt, saved_peft_model, starting_model
 from tunelab.validation import at_least, choice
 
 if TYPE_CHECKING:
@@ -41,25 +41,22 @@ class PTuning(MethodDefaults):
     capabilities = Capabilities(trains=True, soft_prompt=True)
 
     def build(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: PTuningConfig,
-              train: Sequence[Example], seed: int) -> Adapter:
+              train: Sequence[Example], seed: int, source: Source | None = None) -> Adapter:
         from peft import PromptEncoderConfig, TaskType
 
         from tunelab.methods.adapters import SoftPromptAdapter
 
-        source = start_from(config.init_from, model)
         require_no_prompt(source, self.name)
-        model = source.model if source else model
+        model = starting_model(model, config, source)
         freeze(model)
         hidden = model.config.get_text_config().hidden_size
         peft_config = PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.num_virtual_tokens,
                                           encoder_reparameterization_type=config.encoder_type,
                                           encoder_hidden_size=config.encoder_hidden_size or hidden,
                                           encoder_num_layers=config.encoder_num_layers)
-        adapter = SoftPromptAdapter(peft_model(model, peft_config), self.name, config)
-        adapter.folded_from = source.folded_from if source else None
-        return adapter
+        return SoftPromptAdapter(peft_model(model, peft_config), self.name, config, self.capabilities_for(config))
 
     def load(self, directory: Path, model: PreTrainedModel, config: PTuningConfig) -> Adapter:
         from tunelab.methods.adapters import SoftPromptAdapter
 
-        return SoftPromptAdapter(saved_peft_model(directory, model), self.name, config)
+        return SoftPromptAdapter(saved_peft_model(directory, model), self.name, config, self.capabilities_for(config))

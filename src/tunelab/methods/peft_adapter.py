@@ -11,12 +11,21 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from tunelab.methods import lora_layers
 from tunelab.methods.adapters import PeftAdapter
+from tunelab.methods.base import BASE_CAPABILITIES, Capabilities, MethodConfig
 
 
 class GenericPeftAdapter(PeftAdapter):
     """The base model inside a peft model of any type, seen through tunelab's forward: a prompt-learning type
-    contributes its soft prompt or prefix, any other type is already patched into the model's modules."""
+    contributes its soft prompt or prefix, any other type is already patched into the model's modules (a LoRA type's
+    deltas declared to the fast decode steps, as ``LoraAdapter``'s)."""
+
+    def __init__(self, peft_model, method: str, config: MethodConfig,
+                 capabilities: Capabilities = BASE_CAPABILITIES) -> None:
+        super().__init__(peft_model, method, config, capabilities)
+        if capabilities.low_rank_delta:
+            lora_layers.declare(self.model)
 
     def _prompt(self, batch_size: int) -> Any:
         cfg = self.peft_model.active_peft_config

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from tunelab.methods.adapters import Adapter
+    from tunelab.methods.transfer import Source
 
 # peft's get_prompt returns per-layer key/values (a prefix) for these prompt-learning types, a soft prompt
 # (B, n, C) for the others: peft decides it by type (peft_model.PeftModel.get_prompt), so tunelab follows it
@@ -230,13 +231,12 @@ class Peft(MethodDefaults):
         return lora_delta(directory) if self.capabilities_for(config).low_rank_delta else None
 
     def build(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: PeftMethodConfig,
-              train: Sequence[Example], seed: int) -> Adapter:
+              train: Sequence[Example], seed: int, source: Source | None = None) -> Adapter:
         from tunelab.methods.peft_adapter import GenericPeftAdapter
-        from tunelab.methods.transfer import require_no_prompt, start_from
+        from tunelab.methods.transfer import require_no_prompt, starting_model
 
-        source = start_from(config.init_from, model)
         require_no_prompt(source, self.name)
-        model = source.model if source else model
+        model = starting_model(model, config, source)
         freeze(model)
         peft_config = build_peft_config(config.peft_type, fill_defaults(config.peft_type, config.options,
                                                                         model, tokenizer))
@@ -246,13 +246,12 @@ class Peft(MethodDefaults):
             message = " ".join(str(exc).split())
             raise ConfigError(f"method.peft_type={config.peft_type}: peft cannot apply it to this model: "
                               f"{message}") from None
-        adapter = GenericPeftAdapter(wrapped, self.name, config)
+        adapter = GenericPeftAdapter(wrapped, self.name, config, self.capabilities_for(config))
         probe(adapter, tokenizer, config.peft_type)
-        adapter.folded_from = source.folded_from if source else None
         return adapter
 
     def load(self, directory: Path, model: PreTrainedModel, config: PeftMethodConfig) -> Adapter:
         from tunelab.methods.peft_adapter import GenericPeftAdapter
         from tunelab.methods.transfer import saved_peft_model
 
-        return GenericPeftAdapter(saved_peft_model(directory, model), self.name, config)
+        return GenericPeftAdapter(saved_peft_model(directory, model), self.name, config, self.capabilities_for(config))

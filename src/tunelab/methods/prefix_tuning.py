@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from tunelab.data.example import Example
 from tunelab.errors import ConfigError
 from tunelab.methods.base import Capabilities, MethodConfig, MethodDefaults, freeze, no_grad, peft_model
-from tunelab.methods.transfer import Source, saved_peft_model, start_from
+from tunelab.methods.transfer import Source, saved_peft_model, starting_model
 from tunelab.validation import at_least, choice
 
 if TYPE_CHECKING:
@@ -88,29 +88,27 @@ class PrefixTuning(MethodDefaults):
     capabilities = Capabilities(trains=True, prefix=True)
 
     def build(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: PrefixTuningMethodConfig,
-              train: Sequence[Example], seed: int) -> Adapter:
+              train: Sequence[Example], seed: int, source: Source | None = None) -> Adapter:
         from peft import PrefixTuningConfig, TaskType
 
         from tunelab.methods.adapters import PrefixAdapter
 
-        source = start_from(config.init_from, model)
-        model = source.model if source else model
+        model = starting_model(model, config, source)
         freeze(model)
         hidden = model.config.get_text_config().hidden_size
         peft_config = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.num_virtual_tokens,
                                          prefix_projection=config.prefix_projection,
                                          encoder_hidden_size=config.encoder_hidden_size or hidden)
-        adapter = PrefixAdapter(peft_model(model, peft_config), self.name, config)
+        adapter = PrefixAdapter(peft_model(model, peft_config), self.name, config, self.capabilities_for(config))
         if source is not None and source.weights:
             _transfer(adapter, source, config)
         elif config.init == "text" and not config.prefix_projection:
             text = config.init_text or (train[0].instruction if train else "") or "Answer the question."
             prefix = prefix_from_text(model, text_ids(tokenizer, text, config.num_virtual_tokens))
             adapter.peft_model.prompt_encoder["default"].load_prompt_embeddings(prefix)
-        adapter.folded_from = source.folded_from if source else None
         return adapter
 
     def load(self, directory: Path, model: PreTrainedModel, config: PrefixTuningMethodConfig) -> Adapter:
         from tunelab.methods.adapters import PrefixAdapter
 
-        return PrefixAdapter(saved_peft_model(directory, model), self.name, config)
+        return PrefixAdapter(saved_peft_model(directory, model), self.name, config, self.capabilities_for(config))

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from tunelab.methods.base import Adapter
+    from tunelab.methods.transfer import Source
 
 RESULT_FILE = "prompt_optimization.json"
 OPTIMIZERS = ("bootstrap", "mipro")
@@ -227,7 +228,7 @@ def _adapter_class() -> type:
 
     class OptimizedPromptAdapter(DiscretePromptAdapter):
         def __init__(self, model, method: str, config: MethodConfig, result: dict[str, Any]) -> None:
-            super().__init__(model, method, config, result["instruction"], {})
+            super().__init__(model, method, config, PromptOptimization.capabilities, result["instruction"], {})
             self.result = result
 
         def save_weights(self, directory: Path) -> None:
@@ -242,7 +243,7 @@ class PromptOptimization(MethodDefaults):
     capabilities = Capabilities(rewrites_input=True)
 
     def build(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: PromptOptimizationConfig,
-              train: Sequence[Example], seed: int) -> Adapter:
+              train: Sequence[Example], seed: int, source: Source | None = None) -> Adapter:
         from tunelab.evaluate import derive_max_new_tokens
         from tunelab.formatting import resolve_template
 

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from tunelab.data.example import Example
 from tunelab.errors import ConfigError
-from tunelab.methods.base import Capabilities, MethodConfig, MethodDefaults, freeze, peft_model
-from tunelab.methods.transfer import Source, saved_peft_model, start_from
+from tunelab.methods.base import Capabilities, Method, MethodConfig, MethodDefaults, freeze, peft_model
+from tunelab.methods.transfer import Source, saved_peft_model, starting_model
 from tunelab.validation import at_least, choice
 
 if TYPE_CHECKING:
@@ -104,34 +104,33 @@ def initial_prompt(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, c
     return table[torch.tensor(tiled)].clone()
 
 
-def build_soft_prompt(name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                      config: PromptTuningMethodConfig, train: Sequence[Example], seed: int) -> SoftPromptAdapter:
-    """A frozen model (with any ``init_from`` weights folded in) and a fresh or transferred soft prompt."""
+def build_soft_prompt(method: Method, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                      config: PromptTuningMethodConfig, train: Sequence[Example], seed: int,
+                      source: Source | None = None) -> SoftPromptAdapter:
+    """A frozen model (with the ``init_from`` source's weights folded in) and a fresh or transferred soft prompt."""
     import torch
     from peft import PromptTuningConfig, TaskType
 
     from tunelab.methods.adapters import SoftPromptAdapter
 
-    source = start_from(config.init_from, model)
-    model = source.model if source else model
+    model = starting_model(model, config, source)
     freeze(model)
     peft_config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.num_virtual_tokens)
     wrapped = peft_model(model, peft_config)
     with torch.no_grad():
-        adapter = SoftPromptAdapter(wrapped, name, config)
+        adapter = SoftPromptAdapter(wrapped, method.name, config, method.capabilities_for(config))
         adapter.prompt_weight.copy_(initial_prompt(model, tokenizer, config, train, seed, source))
     record_init(wrapped.peft_config["default"], config, train, getattr(model, "name_or_path", ""),
                 transferred=bool(source is not None and source.weights))
-    adapter.folded_from = source.folded_from if source else None
     return adapter
 
 
-def load_soft_prompt(name: str, directory: Path, model: PreTrainedModel,
+def load_soft_prompt(method: Method, directory: Path, model: PreTrainedModel,
                      config: PromptTuningMethodConfig) -> SoftPromptAdapter:
     """A saved soft prompt on the model it was trained on."""
     from tunelab.methods.adapters import SoftPromptAdapter
 
-    return SoftPromptAdapter(saved_peft_model(directory, model), name, config)
+    return SoftPromptAdapter(saved_peft_model(directory, model), method.name, config, method.capabilities_for(config))
 
 
 class PromptTuning(MethodDefaults):
@@ -140,8 +139,9 @@ class PromptTuning(MethodDefaults):
     capabilities = Capabilities(trains=True, soft_prompt=True)
 
     def build(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-              config: PromptTuningMethodConfig, train: Sequence[Example], seed: int) -> Adapter:
-        return build_soft_prompt(self.name, model, tokenizer, config, train, seed)
+              config: PromptTuningMethodConfig, train: Sequence[Example], seed: int,
+              source: Source | None = None) -> Adapter:
+        return build_soft_prompt(self, model, tokenizer, config, train, seed, source)
 
     def load(self, directory: Path, model: PreTrainedModel, config: PromptTuningMethodConfig) -> Adapter:
-        return load_soft_prompt(self.name, directory, model, config)
+        return load_soft_prompt(self, directory, model, config)

@@ -10,6 +10,10 @@ Two cases, decided by the source method's ``Capabilities.changes_weights``:
 
 A folded source is recorded (``folded_from`` in the saved adapter's metadata) and loading folds it in
 again, so that directory must stay where it was; a transferred prompt is saved whole and needs no source.
+
+The source is loaded by ``tunelab.methods.io`` (``build_adapter`` for ``init_from``, ``load_adapter`` for a
+recorded ``folded_from``), the one loader that knows every method, and handed to the new method's ``build``
+(``source``) or ``load`` (its ``model``): a method module never loads another method's adapter itself.
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunelab.errors import ConfigError
-from tunelab.methods.base import ADAPTER_META, freeze, peft_model, read_meta
+from tunelab.methods.base import Capabilities, MethodConfig, freeze, peft_model
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
+
+    from tunelab.methods.adapters import Adapter
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 
@@ -47,44 +53,38 @@ class Source:
         return self.weights.get("prompt_embeddings")
 
 
-def start_from(init_from: str | None, model: PreTrainedModel) -> Source | None:
-    """Load the adapter ``init_from`` names onto ``model``; None when nothing is named."""
-    if not init_from:
-        return None
+def source_of(directory: Path, method: str, capabilities: Capabilities, adapter: Adapter,
+              model: PreTrainedModel) -> Source:
+    """What a method starts from, given the source adapter in ``directory`` loaded onto ``model``
+    (``tunelab.methods.io.start_from`` loads it): its weights folded in, or its saved tensors."""
     from safetensors.torch import load_file
 
-    from tunelab.methods.io import adapter_dir, load_adapter
-
-    directory = adapter_dir(init_from)
-    loaded = load_adapter(directory, model)  # pickles refused, options validated, as everywhere
-    method = loaded.method
-    assert method is not None
-    if method.capabilities_for(loaded.config).changes_weights:
-        merged = loaded.adapter.merged_model()
+    if capabilities.changes_weights:
+        merged = adapter.merged_model()
         if merged is None:
-            raise ConfigError(f"{directory}: a {method.name} adapter changes weights but cannot fold them into the "
+            raise ConfigError(f"{directory}: a {method} adapter changes weights but cannot fold them into the "
                               "base model; start from another run")
-        return Source(method.name, merged, {}, directory)
+        return Source(method, merged, {}, directory)
     weights = load_file(str(directory / PEFT_WEIGHTS)) if (directory / PEFT_WEIGHTS).is_file() else {}
     if not weights:
-        raise ConfigError(f"{directory}: a {method.name} run has no weights to start from; "
+        raise ConfigError(f"{directory}: a {method} run has no weights to start from; "
                           "use a trained run (prompt_tuning, ipt, prefix_tuning, p_tuning, lora, full_finetune, "
                           "instruction_tuning) as --init-from")
-    return Source(method.name, model, weights, directory)
+    return Source(method, model, weights, directory)
 
 
-def base_model(directory: Path, model: PreTrainedModel) -> PreTrainedModel:
-    """The model the adapter saved in ``directory`` was trained on: ``model`` plus the run folded in, if any."""
-    meta_path = Path(directory) / ADAPTER_META
-    folded = read_meta(Path(directory)).get("folded_from") if meta_path.is_file() else None
-    source = start_from(folded, model) if folded else None
+def starting_model(model: PreTrainedModel, config: MethodConfig, source: Source | None) -> PreTrainedModel:
+    """The model a method builds on: ``model``, or the source's (``model`` with the source folded in) when
+    ``config.init_from`` was loaded. A method's ``build`` gets the source from ``io.build_adapter``."""
+    if config.init_from and source is None:
+        raise TypeError(f"{config.name}: method.init_from={config.init_from!r} was not loaded; build through "
+                        "tunelab.methods.io.build_adapter, which loads it and passes it to build as `source`")
     return source.model if source is not None else model
 
 
 def saved_peft_model(directory: Path, model: PreTrainedModel):
-    """The peft model saved in ``directory`` on the base it was trained on (``base_model``), base weights frozen:
-    how every peft-backed method loads its adapter."""
-    model = base_model(directory, model)
+    """The peft model saved in ``directory`` on ``model`` (the base it was trained on: ``io.load_adapter`` folds a
+    recorded ``init_from`` in first), base weights frozen: how every peft-backed method loads its adapter."""
     freeze(model)
     return peft_model(model, directory=directory)
 

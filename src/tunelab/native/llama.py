@@ -3,7 +3,8 @@
 ``weights(model)`` collects the model's own parameter tensors (fp32, or the bf16 copy ``precision.weights_in``
 swaps in) and is rebuilt when ``inference.llama.weights_key`` (every tensor's storage and version, every projection
 module's LoRA state) changes. ``step`` runs one decode step over a ``kvcache.PreallocatedLayer`` cache:
-the whole step in one call, or phase by phase when per-row deltas (peft LoRA layers, serve's LoRA rows) must
+the whole step in one call, or phase by phase when per-row deltas (declared layer deltas such as peft LoRA
+layers', serve's LoRA rows) must
 be added to the projections' outputs, with the same arithmetic for the rows that have none.
 """
 
@@ -20,7 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from tunelab import native
-from tunelab.inference.llama import cached, peft_lora, weights_key
+from tunelab.inference import llama
+from tunelab.inference.llama import cached, weights_key
 
 _I64 = ctypes.c_int64
 _P = ctypes.c_void_p
@@ -55,7 +57,7 @@ class Weights:
     embed: int
     head: int
     names: tuple[dict[str, str], ...]  # per layer: projection -> module name (for deltas)
-    lora: dict[str, torch.nn.Module]  # module name -> its peft LoRA layer (inference.llama.peft_lora)
+    lora: dict[str, llama.Delta]  # module name -> its declared layer's delta (inference.llama.deltas_of)
     tensors: tuple[torch.Tensor, ...]  # every tensor pointed to (kept alive here)
     serial: int = dataclasses.field(default_factory=lambda: next(_SERIAL))  # unique for the process's life
 
@@ -63,13 +65,12 @@ class Weights:
 def _weights_fit(model) -> bool:
     """Every weight a contiguous CPU tensor of one dtype, fp32 or bf16, and no biases (``inference.llama.supports``
     already holds)."""
-    body = model.model
+    body, declared = model.model, llama.layer_deltas(model)
     weights = [body.embed_tokens.weight, body.norm.weight, model.get_output_embeddings().weight]
     for layer in body.layers:
         weights += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
         for name in _MODULES:
-            lin = layer.get_submodule(name)
-            lin = getattr(lin, "base_layer", lin)  # a peft LoRA layer: its frozen base projection
+            lin = llama.base(layer.get_submodule(name), declared)  # a declared layer (LoRA): its base projection
             if lin.bias is not None:
                 return False
             weights.append(lin.weight)
@@ -95,13 +96,14 @@ def _build(model, key: tuple) -> Weights | _NotCovered:
         return _NotCovered(key)
     body, cfg = model.model, model.config
     names = {id(module): name for name, module in model.named_modules()}
+    declared = llama.layer_deltas(model)
     per: dict[str, list[torch.Tensor]] = {p: [] for p in (*_PROJ, "norm_in", "norm_post")}
     layer_names = []
     for layer in body.layers:
         got = {}
         for p, name in zip(_PROJ, _MODULES, strict=True):
             module = layer.get_submodule(name)
-            per[p].append(getattr(module, "base_layer", module).weight.detach())
+            per[p].append(llama.base(module, declared).weight.detach())
             got[p] = names[id(module)]
         layer_names.append(got)
         per["norm_in"].append(layer.input_layernorm.weight.detach())
@@ -115,10 +117,8 @@ def _build(model, key: tuple) -> Weights | _NotCovered:
             "head_dim": head_dim, "inter": per["gate"][0].shape[0], "vocab": head.shape[0],
             "layers": len(body.layers)}
     tensors = tuple(t for ts in per.values() for t in ts) + (embed, norm, head)
-    lora = {names[id(module)]: module for layer in body.layers for name in _MODULES
-            if peft_lora(module := layer.get_submodule(name))}
     return Weights(key, embed.dtype, dims, float(cfg.rms_norm_eps), arrays, norm.data_ptr(), embed.data_ptr(),
-                   head.data_ptr(), tuple(layer_names), lora, tensors)
+                   head.data_ptr(), tuple(layer_names), llama.deltas_of(model, names), tensors)
 
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {dtype: Weights}
