@@ -183,21 +183,29 @@ def _quantile(values: list[float], q: float) -> float | None:
     return round(values[min(len(values) - 1, int(q * len(values)))], 4)
 
 
-def poisson_load(url: str, names: list[str], rate: float, requests: int, max_tokens: int, seed: int = 0) -> dict:
+def poisson_load(url: str, names: list[str], rate: float, requests: int, max_tokens: int, seed: int = 0,
+                 prompts: list[str] | None = None, extra: dict | None = None,
+                 texts: dict[int, str] | None = None) -> dict:
     """Open loop: ``requests`` streamed completions whose start times are a Poisson process of ``rate``/s
     (each on its own thread, so a slow answer never delays the next arrival); per request its time to the
-    first streamed piece and its time per output token after that."""
+    first streamed piece and its time per output token after that.
+
+    ``prompts`` (default ``INPUTS``): request i sends ``prompts[i % len]``; ``extra``: fields added to every
+    body (a server's own options); ``texts``: filled with request i's streamed text, for the requests that
+    finished (bench_vs_vllm.py counts tokens and compares outputs from it)."""
     import random
 
     rng, pick = random.Random(seed), random.Random(seed + 1)  # the same arrival times for every adapter pool
     ttft: list[float] = []
     tpot: list[float] = []
     tokens, errors, lock = [0], [0], threading.Lock()
+    inputs = prompts or INPUTS
 
     def one(i: int, adapter: int) -> None:
         body = {"model": names[adapter],
-                "prompt": INPUTS[i % len(INPUTS)], "max_tokens": max_tokens, "temperature": 0, "stream": True}
-        start, first, pieces = time.perf_counter(), None, 0
+                "prompt": inputs[i % len(inputs)], "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                **(extra or {})}
+        start, first, pieces, text = time.perf_counter(), None, 0, []
         try:
             with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as r:
                 if r.status_code != 200:
@@ -208,9 +216,10 @@ def poisson_load(url: str, names: list[str], rate: float, requests: int, max_tok
                     chunk = json.loads(line[6:])
                     if "error" in chunk:
                         raise RuntimeError(chunk["error"])
-                    if chunk["choices"][0]["text"]:
+                    if chunk["choices"] and chunk["choices"][0]["text"]:
                         pieces += 1
                         first = first or time.perf_counter()
+                        text.append(chunk["choices"][0]["text"])
         except Exception:
             with lock:
                 errors[0] += 1
@@ -218,6 +227,8 @@ def poisson_load(url: str, names: list[str], rate: float, requests: int, max_tok
         end = time.perf_counter()
         with lock:
             tokens[0] += pieces
+            if texts is not None:
+                texts[i] = "".join(text)
             if first is not None:
                 ttft.append(first - start)
                 if pieces > 1:

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import yaml
 
-from tunelab.choices import PRECISIONS, PROTOCOLS, SCHEDULERS
+from tunelab.choices import ENGINES, PRECISIONS, PROTOCOLS, SCHEDULERS
 from tunelab.errors import ConfigError
 from tunelab.formatting import TEMPLATES
 from tunelab.methods import DEFAULT_METHOD, method_config
@@ -139,6 +139,7 @@ class ServeConfig:
     max_body_bytes: int = at_least(1, 1_000_000)
     threads: int | None = at_least(1, None)  # torch threads; None = torch's default
     precision: str = choice(PRECISIONS, "fp32")  # fp32 | bf16 | auto (as eval.precision)
+    engine: str = choice(ENGINES, "tunelab")  # tunelab | vllm: who generates (serve.scheduler or serve.vllm_scheduler)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

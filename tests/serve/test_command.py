@@ -48,3 +48,11 @@ def test_missing_adapter_directory_is_one_line_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "tunelab.cli", "serve", "--model", "tiny", "--adapters",
                            str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "is not a directory" in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_engine_vllm_refuses_a_random_weight_model_in_one_line(adapter_root):
+    """`--engine vllm` needs a model directory: the tiny built-in model is refused before any weights load."""
+    proc = subprocess.run([sys.executable, "-m", "tunelab.cli", "serve", "--model", "tiny", "--engine", "vllm",
+                           "--adapters", str(adapter_root)], capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "engine vllm" in out and "random-weight" in out and "Traceback" not in out

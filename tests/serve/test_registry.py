@@ -79,3 +79,26 @@ def test_ipt_demonstrations_and_lora_weights_are_served_like_offline_eval(run_ro
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     untouched = generate(FrozenAdapter(model, "base", MethodConfig()), tokenizer, [ids], GenerationConfig(max_new_tokens=10))
     assert first == untouched[0]  # the base model was not changed by loading LoRA
+
+
+def test_engine_vllm_leaves_out_what_vllm_cannot_run_with_one_warning(tmp_path, caplog):
+    """`--engine vllm`: a prefix adapter is refused once, with a reason a client may read; LoRA and soft prompts
+    stay (their ranks read for vLLM's LoRA slots). No vLLM needed: the refusal is decided from the files."""
+    from tunelab.serve.examples import write_lora_adapters, write_prefix_adapters, write_prompt_adapters
+    from tunelab.serve.registry import AdapterUnsupported
+
+    model, tokenizer = load_model("tiny", seed=0)
+    write_prompt_adapters(model, tokenizer, "tiny", tmp_path, 1, num_virtual_tokens=4)
+    write_prefix_adapters(model, tokenizer, "tiny", tmp_path, 1, num_virtual_tokens=4)
+    write_lora_adapters(model, tokenizer, "tiny", tmp_path, 1, r=4)
+    assert AdapterRegistry(tmp_path, model, tokenizer, "tiny").names() == ["lora00", "prefix00", "task00"]
+    registry = AdapterRegistry(tmp_path, model, tokenizer, "tiny", engine="vllm")
+    with caplog.at_level("WARNING", logger="tunelab.serve.registry"):
+        assert registry.names() == ["lora00", "task00"] and registry.names() == ["lora00", "task00"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "prefix00" in warnings[0] and "engine vllm" in warnings[0]
+    with pytest.raises(AdapterUnsupported, match="not served with engine vllm: method prefix_tuning") as refused:
+        registry.get("prefix00")
+    assert str(tmp_path) not in str(refused.value)  # goes to clients: no server path
+    assert [(name, delta.rank) for name, delta in registry.lora_deltas()] == [("lora00", 4)]
+    assert registry.get("lora00").path is not None and registry.get("task00").soft is not None

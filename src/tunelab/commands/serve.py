@@ -50,6 +50,10 @@ def serve_command(
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's)")] = None,
     precision: Annotated[str | None, typer.Option(help="fp32 | bf16 | auto: prefill and decode each in bf16 where the "
                                                       "device is fast at it (docs/performance.md) (default: fp32)")] = None,
+    engine: Annotated[str | None, typer.Option(help="tunelab: tunelab's scheduler (every method, soft prompts, "
+                                                    "prefixes and LoRA in one batch); vllm: vLLM's engine in this "
+                                                    "process (LoRA, soft prompts, ICL; prefix and full-weight "
+                                                    "adapters left out) (default: tunelab)")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML file with ServeConfig keys")] = None,
     overrides: Overrides = None,
 ) -> None:
@@ -65,7 +69,7 @@ def serve_command(
              "max_lora_adapters": max_lora_adapters, "max_batch": max_batch, "hot_prompts": hot_prompts,
              "scheduler": scheduler, "window_ms": window_ms, "grace_s": grace_s,
              "max_prompt_tokens": max_prompt_tokens, "max_tokens": max_tokens,
-             "max_body_bytes": max_body_bytes, "threads": threads, "precision": precision}
+             "max_body_bytes": max_body_bytes, "threads": threads, "precision": precision, "engine": engine}
     serve(build(ServeConfig, config, overrides, flags))
 
 
@@ -81,6 +85,8 @@ def serve(cfg: ServeConfig) -> None:
     from tunelab.serve.registry import AdapterRegistry
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if cfg.engine == "vllm":
+        _check_vllm(cfg.model)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     base, tokenizer = load_model(cfg.model)
@@ -90,15 +96,15 @@ def serve(cfg: ServeConfig) -> None:
         # (registry: a deep copy of the base model for full weights) could observe half-done
         cast_parameters(base, phases.prefill_dtype)
     registry = AdapterRegistry(cfg.adapters, base, tokenizer, cfg.model, cfg.max_loaded, cfg.max_weight_adapters,
-                               cfg.max_lora_adapters)
+                               cfg.max_lora_adapters, engine=cfg.engine)
     limits = ServeLimits(max_prompt_tokens=cfg.max_prompt_tokens, max_tokens=cfg.max_tokens,
                          max_body_bytes=cfg.max_body_bytes)
     app = create_app(registry, limits, cfg.api_key or None, window_ms=cfg.window_ms, max_batch=cfg.max_batch,
                      hot_prompts=cfg.hot_prompts, precision=cfg.precision, scheduler=cfg.scheduler, grace_s=cfg.grace_s)
+    batching = "vLLM's engine" if cfg.engine == "vllm" else f"{cfg.scheduler} batching"
     typer.echo(f"serving {cfg.model} + {len(registry.names())} adapters from {registry.root} on "
-               f"http://{cfg.host}:{cfg.port} ({cfg.scheduler} batching"
-               + (", API key required)" if cfg.api_key else ")"))
-    if unbatched := registry.unbatched():
+               f"http://{cfg.host}:{cfg.port} ({batching}" + (", API key required)" if cfg.api_key else ")"))
+    if cfg.engine == "tunelab" and (unbatched := registry.unbatched()):
         typer.echo(f"not batched with other adapters (weights changed, not a low-rank delta; a private model copy "
                    f"each): {', '.join(unbatched)}")
     server = _draining_server_class()(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
@@ -106,6 +112,18 @@ def serve(cfg: ServeConfig) -> None:
     server.engine, server.grace_s = app.state.scheduler, cfg.grace_s
     server.run()
     typer.echo(f"stopped: {server.drained_by or 'shutdown'}")
+
+
+def _check_vllm(model: str) -> None:
+    """Before any weights load: vLLM is installed and can load ``model`` (a directory, not a built-in random one)."""
+    from tunelab.errors import ConfigError
+    from tunelab.inference.vllm_engine import import_vllm
+    from tunelab.inference.vllm_support import refusal
+    from tunelab.methods.base import BASE_CAPABILITIES
+
+    if why := refusal("base", BASE_CAPABILITIES, model):
+        raise ConfigError(f"--engine vllm: {why}")
+    import_vllm()
 
 
 def _draining_server_class():

@@ -17,8 +17,10 @@ compile warm-up), with a KV-cache budget of ``VLLM_CPU_KVCACHE_SPACE`` GiB (2 un
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import tempfile
 import weakref
 from collections.abc import Callable, Sequence
@@ -31,6 +33,7 @@ import torch
 from tunelab.errors import ConfigError, ModelError
 from tunelab.inference.sampling import GenerationConfig, cut_at_stop, eos_ids
 from tunelab.inference.vllm_support import INSTALL, refusal
+from tunelab.methods.base import LowRankDelta
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,7 @@ class _Lora:
     path: Path
     rank: int
     request: Any = None
+    modules: tuple[str, ...] = ()  # the module names (suffixes) it targets, from its adapter_config.json
 
 
 _LLMS: dict[tuple, Any] = {}  # (path, dtype, lora rank, max loras, prompt embeds) -> vllm.LLM
@@ -81,16 +85,19 @@ _LORA_IDS: dict[str, int] = {}  # a LoRA directory -> its vLLM int id (stable pe
 _TMP = tempfile.TemporaryDirectory(prefix="tunelab-vllm-")
 
 
-def llm_for(path: str, dtype: str, lora_rank: int, max_loras: int, prompt_embeds: bool, seed: int = 0):
+def llm_for(path: str, dtype: str, lora_rank: int, max_loras: int, prompt_embeds: bool, seed: int = 0,
+            lora_modules: tuple[str, ...] = ()):
     """One ``vllm.LLM`` per setting, kept for the process; a new setting replaces the last one (one at a time in
-    memory). ``lora_rank`` 0: LoRA disabled."""
+    memory). ``lora_rank`` 0: LoRA disabled. ``lora_modules``: the module names (suffixes) LoRA may touch, () for
+    all vLLM supports; naming them keeps LoRA off the input embeddings, which vLLM 0.32 cannot run for a step that
+    mixes prompt-embeds rows with token-id rows (its LoRA embedding layer sees only the token-id rows)."""
     vllm = import_vllm()
-    key = (path, dtype, lora_rank, max_loras, prompt_embeds)
+    key = (path, dtype, lora_rank, max_loras, prompt_embeds, lora_modules)
     if key not in _LLMS:
         for old in list(_LLMS):
             del _LLMS[old]
-        lora = dict(enable_lora=True, max_lora_rank=lora_rank, max_loras=max_loras, max_cpu_loras=max(max_loras, 1)) \
-            if lora_rank else {}
+        lora = dict(enable_lora=True, max_lora_rank=lora_rank, max_loras=max_loras, max_cpu_loras=max(max_loras, 1),
+                    lora_target_modules=list(lora_modules) or None) if lora_rank else {}
         log.info("engine vllm: starting vllm %s on %s (%s%s%s)", vllm.__version__, path, dtype,
                  f", LoRA rank <= {lora_rank} x {max_loras}" if lora_rank else "", ", prompt embeds" if prompt_embeds else "")
         _LLMS[key] = vllm.LLM(path, dtype=dtype, enforce_eager=True, seed=seed, enable_prompt_embeds=prompt_embeds,
@@ -107,48 +114,97 @@ def allowed_rank(rank: int) -> int:
 
 
 def lora_of(adapter) -> _Lora | None:
-    """The LoRA vLLM applies to ``adapter``'s rows: its own weights (a method declaring ``low_rank_delta`` whose
-    saved weights are one) or a LoRA folded in by ``init_from``; None when its weights are the base model's."""
+    """The LoRA vLLM applies to ``adapter``'s rows: its own weights (a method declaring ``low_rank_delta``, saved in
+    PEFT's LoRA format) or a LoRA folded in by ``init_from``; None when its weights are the base model's. What vLLM
+    cannot load (DoRA, ...) it refuses itself when the request arrives, naming the reason."""
     if adapter in _LORAS:
         return _LORAS[adapter]
-    from tunelab.methods import get_method
-
     caps = adapter.capabilities
     found: _Lora | None = None
     if caps.changes_weights:
-        method = get_method(adapter.method)
         directory = Path(_TMP.name) / f"{adapter.method}-{id(adapter)}"
         directory.mkdir(parents=True, exist_ok=True)
         adapter.save_weights(directory)
-        delta = method.low_rank_delta(directory, adapter.config) if caps.low_rank_delta else None
-        if delta is None:
-            raise ModelError(f"engine vllm: the {adapter.method} adapter is not a plain LoRA (DoRA, per-module "
-                             "ranks, trained biases or saved modules); use engine tunelab")
-        found = _Lora(directory, delta.rank)
+        found = _peft_lora(directory, f"the {adapter.method} adapter") if caps.low_rank_delta else None
+        if found is None:
+            raise ModelError(f"engine vllm: the {adapter.method} adapter's weights are not a LoRA; use engine tunelab")
     if adapter.folded_from:
         if found is not None:
             raise ModelError(f"engine vllm: {adapter.method} on top of a folded adapter ({adapter.folded_from}) "
                              "would need two LoRAs per request; use engine tunelab")
-        found = _folded(adapter.folded_from)
+        found = _peft_lora(Path(adapter.folded_from), f"the adapter it started from ({adapter.folded_from})")
+        if found is None:
+            raise ModelError(f"engine vllm: {adapter.method} started from {adapter.folded_from}, which is folded "
+                             "into the base weights and is not a LoRA vLLM could apply; use engine tunelab")
     _LORAS[adapter] = found
     return found
 
 
-def _folded(source: str) -> _Lora:
-    from tunelab.methods.io import read_checked_meta
-
-    directory = Path(source)
-    method, config, _ = read_checked_meta(directory)
-    delta = method.low_rank_delta(directory, config) if method.capabilities_for(config).low_rank_delta else None
-    if delta is None:
-        raise ModelError(f"engine vllm: the adapter this one started from ({source}, {method.name}) is folded into "
-                         "the base weights and is not a plain LoRA vLLM could apply; use engine tunelab")
-    return _Lora(directory, delta.rank)
+def _peft_lora(directory: Path, what: str) -> _Lora | None:
+    """A PEFT LoRA directory (``adapter_config.json`` with ``peft_type`` LORA, as vLLM's ``LoRARequest`` reads it)
+    with its largest rank; None for anything else."""
+    path = directory / "adapter_config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA" or not isinstance(cfg.get("r"), int):
+        return None
+    ranks = [cfg["r"], *(v for v in (cfg.get("rank_pattern") or {}).values() if isinstance(v, int))]
+    targets = cfg.get("target_modules") or ()
+    modules = tuple(sorted({targets} if isinstance(targets, str) else {str(t) for t in targets}))
+    log.debug("engine vllm: %s is a LoRA of rank <= %d on %s", what, max(ranks), modules)
+    return _Lora(directory, max(ranks), modules=modules)
 
 
 def lora_request(directory: Path, rank: int):
-    """The ``LoRARequest`` for the plain LoRA saved in ``directory`` (a PEFT directory), one per directory."""
+    """The ``LoRARequest`` for the LoRA saved in ``directory`` (PEFT files), one id per directory: what
+    `tunelab serve --engine vllm` (serve.vllm_scheduler) sends with a LoRA adapter's rows."""
     return _request(_Lora(directory, rank))
+
+
+def zero_lora_request(like: LowRankDelta):
+    """On CPU, a LoRA of zeros shaped like ``like`` for the rows without one while LoRA is on; None elsewhere.
+
+    vLLM 0.32's CPU LoRA ops (``vllm.lora.ops.torch_ops``: ``lora_b_weights[lora_indices]``) take a row's slot by
+    its index, and "no LoRA" is -1, which picks the last slot: in a step that mixes LoRA rows with rows without one,
+    those get the last slot's LoRA (the base model's greedy text changes). Every row holding a LoRA -- this one
+    adds nothing -- keeps every index valid. It takes one more LoRA slot."""
+    from safetensors.torch import save_file
+    from vllm.platforms import current_platform
+
+    from tunelab.methods.lora import PEFT_PREFIX
+
+    if not current_platform.is_cpu():
+        return None
+    directory = Path(_TMP.name) / "zero-lora"
+    if not (directory / "adapter_model.safetensors").is_file():
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for name, (a, b) in like.factors.items():  # (r, in), (out, r)
+            tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = torch.zeros(a.shape, dtype=torch.float32)
+            tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = torch.zeros(b.shape, dtype=torch.float32)
+        save_file(tensors, str(directory / "adapter_model.safetensors"))
+        (directory / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": like.rank, "lora_alpha": like.rank, "bias": "none",
+            "target_modules": sorted({name.rsplit(".", 1)[-1] for name in like.factors})}))
+    return lora_request(directory, like.rank)
+
+
+def zero_lora_like(lora: _Lora):
+    """``zero_lora_request`` for the offline engine: zeros shaped like the LoRA saved in ``lora.path``; None off CPU."""
+    from safetensors.torch import load_file, save_file
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return None
+    directory = Path(_TMP.name) / f"zero-lora-r{lora.rank}-{'-'.join(lora.modules)}"
+    if not (directory / "adapter_model.safetensors").is_file():
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = load_file(str(lora.path / "adapter_model.safetensors"))
+        save_file({k: torch.zeros_like(v) for k, v in tensors.items()}, str(directory / "adapter_model.safetensors"))
+        shutil.copy2(lora.path / "adapter_config.json", directory / "adapter_config.json")
+    return _request(_Lora(directory, lora.rank, modules=lora.modules))
 
 
 def _request(lora: _Lora | None):
@@ -212,11 +268,15 @@ class VllmEngine:
         rank = allowed_rank(max(lo.rank for lo in distinct.values())) if distinct else 0
         prompts = [prompt_of(adapter, ids) for adapter, ids in rows]
         embeds = any("prompt_embeds" in p for p in prompts)
-        llm = llm_for(model_path(first.model), dtype_for(self.cfg.precision), rank, max(len(distinct), 1) if rank else 0,
-                      embeds, self.cfg.seed)
+        # LoRA only on the adapters' own modules (never the input embeddings: vLLM 0.32 cannot mix prompt-embeds
+        # rows with token-id rows there), one slot more than the LoRAs for the zero LoRA (``zero_lora_request``)
+        modules = tuple(sorted({m for lo in distinct.values() for m in lo.modules}))
+        llm = llm_for(model_path(first.model), dtype_for(self.cfg.precision), rank, len(distinct) + 1 if rank else 0,
+                      embeds, self.cfg.seed, lora_modules=modules)
         stops = eos_ids(first.model, self.tokenizer)
         params = sampling_params(self.cfg, stops)
-        requests = [_request(lo) for lo in loras]
+        none = zero_lora_like(next(iter(distinct.values()))) if distinct else None
+        requests = [_request(lo) if lo is not None else none for lo in loras]
         outputs = llm.generate(prompts, params, lora_request=requests if distinct else None, use_tqdm=False)
         self.steps_used.add("vllm")
         if progress:

@@ -10,6 +10,9 @@ tokenized in the handler, then queued on the engine:
   runs after the grace period.
 - ``scheduler="static"``: the older ``serve.batcher.Batcher`` (collect for ``window_ms``, run the batch to
   completion), kept for comparison; its streaming replays the finished completion.
+- the registry's ``engine="vllm"`` (`tunelab serve --engine vllm`): ``serve.vllm_scheduler.VllmScheduler``, the
+  scheduler's interface over vLLM's engine in this process; adapters vLLM cannot run are left out of
+  ``/v1/models`` and a request naming one is answered 400 with the reason.
 
 Every error is answered in the declared schema (``ErrorResponse``: ``{"error": {"message", "type", "code"}}``):
 validation and body-decoding errors are 400, unknown routes 404, and an exception no handler expected is
@@ -27,7 +30,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -36,13 +39,13 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
-from tunelab.choices import SCHEDULERS
+from tunelab.choices import ENGINES, SCHEDULERS
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.generate import GenerationConfig
 from tunelab.serve.batcher import HOT_PROMPTS, Batcher, Job
 from tunelab.serve.metrics import ServeMetrics
 from tunelab.serve.prompts import BadRequest, chat_prompt, completion_prompt
-from tunelab.serve.registry import AdapterNotFound, AdapterRegistry, Served
+from tunelab.serve.registry import AdapterNotFound, AdapterRegistry, AdapterUnsupported, Served
 from tunelab.serve.scheduler import Rejected, Result, Scheduler
 from tunelab.serve.scheduler import Request as Row
 from tunelab.serve.schemas import (
@@ -59,6 +62,9 @@ from tunelab.serve.schemas import (
     Sampling,
     Usage,
 )
+
+if TYPE_CHECKING:
+    from tunelab.serve.vllm_scheduler import VllmScheduler
 
 
 @dataclass
@@ -198,14 +204,28 @@ def create_app(registry: AdapterRegistry, limits: ServeLimits | None = None, api
     ``scheduler``: "continuous" (iteration-level batching, true streaming) or "static" (the collect-then-run
     ``Batcher``, for comparison; ``window_ms`` and ``mix_adapters=False`` apply to it only);
     ``hot_prompts`` soft prompts keep their virtual-token key/values cached (see ``batcher.HotPrompts``);
-    ``grace_s``: on shutdown, rows still running after this long are cancelled."""
+    ``grace_s``: on shutdown, rows still running after this long are cancelled.
+    The engine is the registry's (``AdapterRegistry(engine=...)``, which also decides what it serves): tunelab's
+    schedulers, or vLLM (``serve.vllm_scheduler``; ``max_batch`` and ``hot_prompts`` are then vLLM's business)."""
     if scheduler not in SCHEDULERS:
         raise ConfigError(f"--scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+    if registry.engine not in ENGINES:
+        raise ConfigError(f"--engine {registry.engine!r}: choose one of {', '.join(ENGINES)}")
+    if registry.engine == "vllm" and scheduler != "continuous":
+        raise ConfigError(f"--scheduler {scheduler} is tunelab's own batcher; with --engine vllm, vLLM schedules its "
+                          "continuous batch: leave --scheduler at continuous")
     limits = limits or ServeLimits()
     tokenizer = registry.tokenizer
     metrics = ServeMetrics()
-    engine = Scheduler(tokenizer, max_batch=max_batch, hot_prompts=hot_prompts, metrics=metrics,
-                       lora=registry.lora, precision=precision) if scheduler == "continuous" else None
+    engine: Scheduler | VllmScheduler | None = None
+    vllm: VllmScheduler | None = None
+    if registry.engine == "vllm":
+        from tunelab.serve.vllm_scheduler import VllmScheduler  # imports vLLM's engine only now
+
+        engine = vllm = VllmScheduler(registry, metrics, precision)
+    elif scheduler == "continuous":
+        engine = Scheduler(tokenizer, max_batch=max_batch, hot_prompts=hot_prompts, metrics=metrics,
+                           lora=registry.lora, precision=precision)
     batcher = None if engine is not None else Batcher(tokenizer, window_ms=window_ms, max_batch=max_batch,
                                                       mix=mix_adapters, hot_prompts=hot_prompts, lora=registry.lora)
 
@@ -258,10 +278,12 @@ def create_app(registry: AdapterRegistry, limits: ServeLimits | None = None, api
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "model": registry.model_name, "adapters_loaded": registry.loaded(),
-                "adapter_loads": registry.loads, "scheduler": scheduler,
-                "lora_slots": {"capacity": registry.lora.capacity, "loaded": registry.lora.loaded(), "bytes": registry.lora.nbytes(),
-                               **asdict(registry.lora.stats)},
+        lora = vllm.lora_info() if vllm is not None else {
+            "capacity": registry.lora.capacity, "loaded": registry.lora.loaded(), "bytes": registry.lora.nbytes(),
+            **asdict(registry.lora.stats)}
+        return {"status": "ok", "model": registry.model_name, "engine": registry.engine,
+                "adapters_loaded": registry.loaded(), "adapter_loads": registry.loads, "scheduler": scheduler,
+                "lora_slots": lora,
                 "batching": asdict(engine.stats) if engine is not None else asdict(_static(batcher).stats)}
 
     @app.get("/metrics", response_class=PlainTextResponse)
@@ -280,6 +302,8 @@ def create_app(registry: AdapterRegistry, limits: ServeLimits | None = None, api
     async def served_for(name: str) -> Served:
         try:
             return await run_in_threadpool(registry.get, name)
+        except AdapterUnsupported as exc:  # an adapter the engine cannot run: the reason names no server path
+            raise APIError(400, str(exc)) from None
         except AdapterNotFound as exc:  # also an adapter that failed its checks (logged once, with the reason)
             raise APIError(404, str(exc), "not_found_error") from None
         except TunelabError:  # the adapter on disk is broken: the server's problem; its message names paths
@@ -332,6 +356,10 @@ def create_app(registry: AdapterRegistry, limits: ServeLimits | None = None, api
             for row in rows:
                 row.cancel()
             raise APIError(503, "the server is shutting down; retry on another replica", "server_error") from None
+        except BadRequest as exc:  # the engine cannot take this row (vLLM: a LoRA above its started rank)
+            for row in rows:
+                row.cancel()
+            raise APIError(400, str(exc)) from None
         if stream:
             for index, row in enumerate(rows):
                 row.future.add_done_callback(

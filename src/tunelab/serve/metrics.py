@@ -96,7 +96,8 @@ class ServeMetrics:
         self.prompt_tokens = Counter("tunelab_prompt_tokens_total", "prompt tokens prefilled")
         self.finished = Counter("tunelab_rows_finished_total", "rows that left the batch, by reason", "reason")
         self.decode_steps = Counter("tunelab_decode_steps_total", "decode steps run, by step backend "
-                                    "(inference.steps: native | torch | transformers)", "step")
+                                    "(inference.steps: native | torch | transformers; vllm: one step of vLLM's engine, "
+                                    "--engine vllm)", "step")
         self.queue_length = Gauge("tunelab_queue_length", "requests waiting to join the running batch")
         self.running = Gauge("tunelab_running_rows", "rows in the running batch")
         self.batch_occupancy = Histogram("tunelab_batch_occupancy", "running rows per decode step",

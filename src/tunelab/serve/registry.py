@@ -30,6 +30,7 @@ import copy
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -204,18 +205,16 @@ class AdapterRegistry:
 
         return adapter_refusal(path, method, config, meta)
 
-    def lora_ranks(self) -> dict[str, int]:
-        """Adapter name -> rank, for the LoRA adapters served as rows of the shared batch (vLLM sizes its LoRA
-        slots by the largest), read from their files."""
-        out = {}
+    def lora_deltas(self) -> Iterator[tuple[str, LowRankDelta]]:
+        """(name, factors) of each LoRA adapter served as rows of the shared batch, read from its files one at a
+        time (vLLM sizes its LoRA slots by their ranks and modules)."""
         for name in self.names():
             path = self._path(name)
             method, config, meta = read_checked_meta(path)
             if method.capabilities_for(config).low_rank_delta and not meta.get("folded_from"):
                 delta = method.low_rank_delta(path, config)
                 if delta is not None:
-                    out[name] = delta.rank
-        return out
+                    yield name, delta
 
     def _refuse(self, name: str, stamp: tuple[int, int], reason: str, unsupported: bool = False) -> Checked:
         log.warning("not serving adapter %r%s: %s", name, f" (engine {self.engine})" if unsupported else "", reason)
