@@ -88,3 +88,19 @@ def test_precision_auto_is_fp32_or_bf16_and_bad_values_name_the_key():
         distributed.resolve_precision("fp16", torch.device("cpu"))
     with pytest.raises(TunelabError, match="model.device"):
         distributed.resolve_device("warp-drive")
+
+
+@pytest.mark.parametrize("cap, fast", [("AVX2", False), ("avx512_core", False), ("AVX512_CORE_BF16", None)])
+def test_onednn_isa_cap_turns_bf16_off(monkeypatch, cap, fast):
+    """ONEDNN_MAX_CPU_ISA below oneDNN's bf16 ISAs means no bf16 units for `auto` (the AVX2 machine's choices on an
+    AVX-512 one); a cap that keeps them changes nothing."""
+    from tunelab import distributed
+
+    distributed.cpu_has_fast_bf16.cache_clear()
+    baseline = distributed.cpu_has_fast_bf16()
+    distributed.cpu_has_fast_bf16.cache_clear()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    try:
+        assert distributed.cpu_has_fast_bf16() is (baseline if fast is None else fast)
+    finally:
+        distributed.cpu_has_fast_bf16.cache_clear()

@@ -52,11 +52,17 @@ def cpu_bf16_speedup(size: int = 512, repeats: int = 4) -> float:
 
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+# oneDNN ISA caps (``ONEDNN_MAX_CPU_ISA``) below its first bf16 ISA (AVX512_CORE_BF16): torch's bf16 GEMMs then run
+# without bf16 units, as on an AVX2-only CPU (``ONEDNN_MAX_CPU_ISA=AVX2 TUNELAB_NATIVE_ISA=avx2`` runs the AVX2
+# machine's paths, precision choices included, on an AVX-512 one)
+NO_BF16_ONEDNN_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
 
 
 @functools.lru_cache(maxsize=1)
 def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU has bf16 matmul units: /proc/cpuinfo flags, else the GEMM probe."""
+    """Whether this CPU has bf16 matmul units (and oneDNN may use them): /proc/cpuinfo flags, else the GEMM probe."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() in NO_BF16_ONEDNN_ISAS:
+        return False
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:

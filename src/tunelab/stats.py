@@ -87,6 +87,18 @@ def _per_seed(stats: np.ndarray) -> np.ndarray:
     return stats[None] if stats.ndim == 2 else stats
 
 
+def _system(stats: np.ndarray, counts: np.ndarray, reduce: Reduce, rng: np.random.Generator
+            ) -> tuple[float, np.ndarray, np.ndarray, float]:
+    """One system under shared example resamples ``counts`` (R, n), its seeds drawn from ``rng``: its score (mean
+    over seeds), resampled scores (R,), resampled scores with every seed kept (R,) and the spread of its seeds."""
+    n_resamples, n = counts.shape
+    seeds = np.array([reduce(s.sum(0, keepdims=True), n)[0] for s in stats])
+    per_seed = np.stack([reduce(counts @ s, n) for s in stats], axis=1)  # (R, S)
+    picks = rng.integers(0, len(stats), size=(n_resamples, len(stats)))  # seeds drawn per resample
+    spread = float(np.var(seeds, ddof=1)) if len(seeds) > 1 else 0.0
+    return float(seeds.mean()), np.take_along_axis(per_seed, picks, axis=1).mean(1), per_seed.mean(1), spread
+
+
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, reduce: Reduce = mean_reduce, n_resamples: int = 1000,
                      seed: int = 0, confidence: float = 0.95) -> PairedResult:
     """Paired bootstrap of system A minus system B on the same examples, over examples and seeds.
@@ -103,16 +115,8 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, reduce: Reduce = mean_reduce,
     n = a.shape[1]
     rng = np.random.default_rng(seed)
     counts = resample_counts(n, n_resamples, rng)  # (R, n), shared: the pairing
-
-    def system(stats: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, float]:
-        seeds = np.array([reduce(s.sum(0, keepdims=True), n)[0] for s in stats])
-        per_seed = np.stack([reduce(counts @ s, n) for s in stats], axis=1)  # (R, S)
-        picks = rng.integers(0, len(stats), size=(n_resamples, len(stats)))  # seeds drawn per resample
-        spread = float(np.var(seeds, ddof=1)) if len(seeds) > 1 else 0.0
-        return float(seeds.mean()), np.take_along_axis(per_seed, picks, axis=1).mean(1), per_seed.mean(1), spread
-
-    score_a, boot_a, examples_a, spread_a = system(a)
-    score_b, boot_b, examples_b, spread_b = system(b)
+    score_a, boot_a, examples_a, spread_a = _system(a, counts, reduce, rng)
+    score_b, boot_b, examples_b, spread_b = _system(b, counts, reduce, rng)
     diffs = boot_a - boot_b
     alpha = (1.0 - confidence) / 2
     lo, hi = np.quantile(diffs, [alpha, 1.0 - alpha])
@@ -121,6 +125,36 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, reduce: Reduce = mean_reduce,
     example_var = float(n * np.var(examples_a - examples_b, ddof=1)) if n_resamples > 1 else 0.0
     return PairedResult(score_a - score_b, (float(lo), float(hi)), p_value, score_a, score_b, n, n_resamples,
                         diffs, example_var, spread_a + spread_b, (spread_a, spread_b))
+
+
+def contrast_bootstrap(first: tuple[np.ndarray, np.ndarray], second: tuple[np.ndarray, np.ndarray],
+                       reduce: Reduce = mean_reduce, n_resamples: int = 1000, seed: int = 0,
+                       confidence: float = 0.95) -> PairedResult:
+    """A difference of differences, (A1 − B1) − (A2 − B2), of four systems scored on the same examples.
+
+    ``first`` = (A1, B1) and ``second`` = (A2, B2), each statistics as in ``paired_bootstrap``. The paired
+    bootstrap with four systems: each resample draws one set of examples shared by all four (their rows are the
+    same evaluation examples: that pairs them across the two differences too), and each system draws its own
+    seeds. The result reads as ``paired_bootstrap``'s with A = A1 − B1 and B = A2 − B2: ``a`` and ``b`` are the
+    two differences, ``seed_vars`` the seed spread of each pair (the sum of its two systems').
+    """
+    systems = [_per_seed(s) for s in (*first, *second)]
+    if len({s.shape[1] for s in systems}) != 1:
+        raise ValueError(f"contrast bootstrap needs the same examples: {[s.shape[1] for s in systems]}")
+    n = systems[0].shape[1]
+    rng = np.random.default_rng(seed)
+    counts = resample_counts(n, n_resamples, rng)  # (R, n), shared by all four systems
+    (s1, b1, e1, v1), (s2, b2, e2, v2), (s3, b3, e3, v3), (s4, b4, e4, v4) = (
+        _system(s, counts, reduce, rng) for s in systems)
+    score_a, score_b = s1 - s2, s3 - s4
+    diffs = (b1 - b2) - (b3 - b4)
+    alpha = (1.0 - confidence) / 2
+    lo, hi = np.quantile(diffs, [alpha, 1.0 - alpha])
+    other_side = np.mean(diffs <= 0) if score_a > score_b else np.mean(diffs >= 0)
+    p_value = min(1.0, 2.0 * float(other_side)) if score_a != score_b else 1.0
+    example_var = float(n * np.var((e1 - e2) - (e3 - e4), ddof=1)) if n_resamples > 1 else 0.0
+    return PairedResult(score_a - score_b, (float(lo), float(hi)), p_value, score_a, score_b, n, n_resamples,
+                        diffs, example_var, v1 + v2 + v3 + v4, (v1 + v2, v3 + v4))
 
 
 # ---------------------------------------------------------------- decisions: Holm, TOST, MDE, sizing

@@ -9,6 +9,7 @@ import sys
 import time
 
 import httpx
+import pytest
 
 from tunelab.serve.local import free_port
 
@@ -56,3 +57,15 @@ def test_engine_vllm_refuses_a_random_weight_model_in_one_line(adapter_root):
                            "--adapters", str(adapter_root)], capture_output=True, text=True, timeout=120)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2 and "engine vllm" in out and "random-weight" in out and "Traceback" not in out
+
+
+def test_engine_vllm_without_vllm_names_the_extra(adapter_root):
+    """Without vLLM installed, `--engine vllm` says how to install it, brackets and all (not eaten as markup)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    proc = subprocess.run([sys.executable, "-m", "tunelab.cli", "serve", "--model", "smollm2-135m", "--engine", "vllm",
+                           "--adapters", str(adapter_root)], capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "tunelab[vllm]" in out and "Traceback" not in out

@@ -12,7 +12,7 @@ from tunelab.errors import ConfigError
 
 
 def compare_command(
-    preset: Annotated[str | None, typer.Option(help="a shipped grid: quick | paper | instruction")] = None,
+    preset: Annotated[str | None, typer.Option(help="a shipped grid: quick | paper | instruction | claims")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="grid YAML file")] = None,
     out: Annotated[str | None, typer.Option(help="output directory (default: runs/compare-<grid name>)")] = None,
     store: Annotated[str | None, typer.Option(help="results store (default: OUT/results.sqlite)")] = None,

@@ -8,8 +8,15 @@ error), an equivalence test (TOST) against the metric's margin and the minimum d
 *supported* / *contradicted* (adjusted p < 0.05, by the sign of A − B), *equivalent* (adjusted TOST
 p < 0.05: |A − B| < margin), else *underpowered*. A claim measured on several tasks also gets one
 test across them (a stratified bootstrap: rows resampled within each task, tasks weighted equally).
+Contrast claims (``it_scale``, ``pt_transfer_gap``) are a difference of two differences on the same
+evaluation rows, (A − B) − (C − D), bootstrapped with all four systems resampled together
+(``stats.contrast_bootstrap``); they get the same p-value, TOST and Holm treatment as the quality tests.
 Cost claims (bytes, time) compare measured ratios. A claim whose methods are absent from the grid is
-reported as *not measured*.
+reported as *not measured*, saying what it needs (``Claim.needs``).
+
+Cells are paired within one base model (``model.name``): a grid that runs some methods on a second model
+(a method entry's ``model: {name: ...}``) keeps each model's cells apart, and names the model in a group
+when the claim's cells come from more than one.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from statistics import mean
 from typing import Any
 
@@ -35,6 +43,7 @@ from tunelab.stats import (
     ALPHA,
     SPREAD_MIN_SEEDS,
     SPREAD_RATIO,
+    contrast_bootstrap,
     holm,
     mde,
     paired_bootstrap,
@@ -56,6 +65,19 @@ def _opts(row: dict[str, Any]) -> dict[str, Any]:
     return (row.get("config") or {}).get("method") or {}
 
 
+def _model(row: dict[str, Any]) -> str | None:
+    return ((row.get("config") or {}).get("model") or {}).get("name")
+
+
+def _steps(row: dict[str, Any]) -> int:
+    return int(((row.get("config") or {}).get("train") or {}).get("steps", 1))
+
+
+def _source(row: dict[str, Any]) -> dict[str, Any]:
+    """The cell a row started from (``_with_sources``): its method (registry name), label and task; {} if none."""
+    return row.get("source_cell") or {}
+
+
 def is_method(name: str) -> Selector:
     """Cells of that method trained from the base model (a cell started from another's adapter is a transfer)."""
     return lambda r: r["method_name"] == name and not _opts(r).get("init_from")
@@ -65,6 +87,19 @@ def is_transfer(r: dict[str, Any]) -> bool:
     """A source-task prompt used as is on the target task, with target demonstrations (IPT, no training)."""
     return (r["method_name"] == "ipt" and bool(_opts(r).get("init_from"))
             and int(r["config"].get("train", {}).get("steps", 1)) == 0)
+
+
+def started_from(name: str, source: str) -> Selector:
+    """Cells of method ``name`` trained on top of a ``source``-method cell's adapter (``init_from: {cell: ...}``),
+    e.g. prompt tuning on the model an instruction-tuning cell made."""
+    return lambda r: r["method_name"] == name and _source(r).get("method") == source and _steps(r) > 0
+
+
+def moved_from_task(name: str) -> Selector:
+    """A ``name`` adapter trained on one task and used as is on another: the cell starts from a ``name`` cell of
+    another task and trains no further (``train.steps: 0``)."""
+    return lambda r: (r["method_name"] == name and _source(r).get("method") == name
+                      and _source(r).get("task") not in (None, r["task"]) and _steps(r) == 0)
 
 
 def is_base(r: dict[str, Any]) -> bool:
@@ -91,67 +126,104 @@ class Claim:
     id: str
     source: str  # the claim as the articles make it
     test: str  # the measurable statement
-    kind: str  # quality | variance | cost
+    kind: str  # quality | variance | similarity | gap | cost | contrast
     a: Selector
     b: Selector
     a_name: str
     b_name: str
+    needs: str = ""  # the cells a grid must run to measure it (said when it is not measured)
     cost: str = ""  # cost column for kind == "cost"
     only_unseen: bool = False
     only_tag: str | None = None  # measured only on tasks the grid tags so (TaskSpec.tags)
     across_tasks: bool = False  # pair every A cell with every B cell (a run's cost, whatever its task)
     smallest_size: bool = False  # compare at the smallest training-set size only
+    # contrast claims: effect (A − B) − (C − D) on the same rows; with by_model, (A − B) on the grid's larger model
+    # (more parameters, result.json's total_params) minus (A − B) on its smaller, and no C / D
+    c: Selector | None = None
+    d: Selector | None = None
+    c_name: str = ""
+    d_name: str = ""
+    by_model: bool = False
 
 
 CLAIMS: list[Claim] = [
     Claim("ipt_beats_pt", "IPT improves on prompt tuning (Sun et al. 2023)", "IPT > PT (quality, same task/data/length)",
-          "quality", is_method("ipt"), is_method("prompt_tuning"), "IPT", "PT"),
+          "quality", is_method("ipt"), is_method("prompt_tuning"), "IPT", "PT", needs="ipt and prompt_tuning on a task"),
     Claim("pt_unstable", "Prompt tuning is unstable across seeds; IPT reduces the variance",
-          "std over seeds: PT > IPT", "variance", is_method("prompt_tuning"), is_method("ipt"), "PT", "IPT"),
+          "std over seeds: PT > IPT", "variance", is_method("prompt_tuning"), is_method("ipt"), "PT", "IPT",
+          needs="prompt_tuning and ipt on a task, >= 2 seeds each (10 for a verdict)"),
     Claim("ipt_needs_similar", "IPT helps only when the demonstration is semantically similar to the input "
           "(Sun et al. 2023)", "IPT − PT on the more similar half of examples > on the less similar half",
-          "similarity", is_method("ipt"), is_method("prompt_tuning"), "IPT", "PT"),
+          "similarity", is_method("ipt"), is_method("prompt_tuning"), "IPT", "PT",
+          needs="ipt (it records each demonstration's similarity) and prompt_tuning on a task"),
     Claim("retrieved_icl", "ICL helps when demonstrations are semantically similar to the input",
           "retrieved ICL > random ICL", "quality", is_icl("retrieved"), is_icl("random"), "retrieved ICL",
-          "random ICL"),
+          "random ICL", needs="icl with selection: similar and with selection: random (k >= 1) on a task"),
     Claim("pt_beats_icl", "Prompt tuning beats in-context learning given training data",
-          "PT > random ICL", "quality", is_method("prompt_tuning"), is_icl("random"), "PT", "random ICL"),
+          "PT > random ICL", "quality", is_method("prompt_tuning"), is_icl("random"), "PT", "random ICL",
+          needs="prompt_tuning and random icl (k >= 1) on a task"),
     Claim("lora_beats_pt", "LoRA outperforms prompt tuning at equal data", "LoRA > PT (same task and data)",
-          "quality", is_method("lora"), is_method("prompt_tuning"), "LoRA", "PT"),
+          "quality", is_method("lora"), is_method("prompt_tuning"), "LoRA", "PT", needs="lora and prompt_tuning on a task"),
     Claim("pt_reasoning", "Prompt tuning struggles with complex reasoning",
           "LoRA > PT on tasks tagged `reasoning` (e.g. text-to-SQL)", "quality", is_method("lora"),
-          is_method("prompt_tuning"), "LoRA", "PT", only_tag="reasoning"),
+          is_method("prompt_tuning"), "LoRA", "PT", only_tag="reasoning",
+          needs="lora and prompt_tuning on a task tagged reasoning (tags: [reasoning])"),
     Claim("pt_less_data", "Prompt tuning needs less data", "PT > LoRA at the smallest training-set size",
-          "quality", is_method("prompt_tuning"), is_method("lora"), "PT", "LoRA", smallest_size=True),
+          "quality", is_method("prompt_tuning"), is_method("lora"), "PT", "LoRA", smallest_size=True,
+          needs="prompt_tuning and lora at two or more training-set sizes of a task (train_sizes, or a method's "
+                "data.max_train)"),
     Claim("ft_peak", "Full fine-tuning achieves peak performance on its task", "full FT > LoRA",
-          "quality", is_method("full_finetune"), is_method("lora"), "full FT", "LoRA"),
+          "quality", is_method("full_finetune"), is_method("lora"), "full FT", "LoRA",
+          needs="full_finetune and lora on a task"),
     Claim("ft_overfits", "Full fine-tuning has a higher overfitting risk",
           "full FT loss gap (eval − train, teacher-forced) > LoRA's", "gap", is_method("full_finetune"),
-          is_method("lora"), "full FT", "LoRA"),
+          is_method("lora"), "full FT", "LoRA", needs="full_finetune and lora on a task, eval.loss: true (the default)"),
     Claim("pt_fewer_bytes", "Prompt tuning scales better to many tasks (less to store per task)",
           "PT bytes per task < LoRA / full FT bytes", "cost", is_method("prompt_tuning"),
-          any_of(is_method("lora"), is_method("full_finetune")), "PT", "LoRA/full FT", cost="adapter_bytes"),
+          any_of(is_method("lora"), is_method("full_finetune")), "PT", "LoRA/full FT", cost="adapter_bytes",
+          needs="prompt_tuning and lora or full_finetune on a task"),
     Claim("pt_cheaper", "Prompt tuning is more resource-efficient", "PT train time < LoRA / full FT train time",
           "cost", is_method("prompt_tuning"), any_of(is_method("lora"), is_method("full_finetune")), "PT",
-          "LoRA/full FT", cost="train_seconds"),
+          "LoRA/full FT", cost="train_seconds", needs="prompt_tuning and lora or full_finetune on a task"),
     Claim("prompt_transfer", "A prompt tuned on a source task helps a target task when paired with target "
           "demonstrations (Sun et al. 2023)", "source-task prompt + retrieved target demonstrations (IPT, no training) "
           "> retrieved ICL alone", "quality", is_transfer, is_icl("retrieved"), "transferred prompt + demos",
-          "retrieved ICL"),
+          "retrieved ICL", needs="an ipt method with init_from: {cell: a prompt cell of another task} and "
+                                 "train.steps: 0, and retrieved icl on its target task"),
     Claim("pt_cheaper_tuned", "Prompt tuning is more resource-efficient, counting the tuning it took",
           "PT CPU seconds incl. its share of tuning < LoRA / full FT's", "cost", is_method("prompt_tuning"),
-          any_of(is_method("lora"), is_method("full_finetune")), "PT", "LoRA/full FT", cost="tuned_cpu_seconds"),
+          any_of(is_method("lora"), is_method("full_finetune")), "PT", "LoRA/full FT", cost="tuned_cpu_seconds",
+          needs="prompt_tuning and lora or full_finetune on a task, with a tune: block (equal trials)"),
     Claim("it_unseen", "Instruction tuning generalizes better to unseen tasks",
           "instruction-tuned > base model on unseen tasks", "quality", is_method("instruction_tuning"), is_base,
-          "instruction-tuned", "base model", only_unseen=True),
+          "instruction-tuned", "base model", only_unseen=True,
+          needs="instruction_tuning and the base model (icl k: 0) on a task marked unseen: true"),
     Claim("it_costly", "Instruction tuning is computationally intensive",
           "instruction tuning train time > PT train time (any tasks, same steps)", "cost",
           is_method("instruction_tuning"), is_method("prompt_tuning"), "instruction tuning", "PT",
-          cost="train_seconds", across_tasks=True),
+          cost="train_seconds", across_tasks=True,
+          needs="instruction_tuning and prompt_tuning with the same train.steps and batch_size"),
     Claim("ft_forgets", "Fine-tuning forgets more than prompt tuning",
           "LoRA / full FT forgetting (general-text loss increase over the base model) > PT's", "cost",
           any_of(is_method("lora"), is_method("full_finetune")), is_method("prompt_tuning"), "LoRA/full FT", "PT",
-          cost="forgetting"),
+          cost="forgetting", needs="lora or full_finetune and prompt_tuning on a task, eval.forgetting: true "
+                                   "(the default)"),
+    Claim("it_pt_synergy", "Instruction tuning followed by prompt tuning beats prompt tuning alone",
+          "PT on the instruction-tuned model > PT on the base model (same task, data and prompt length)", "quality",
+          started_from("prompt_tuning", "instruction_tuning"), is_method("prompt_tuning"), "IT→PT", "PT",
+          needs="a prompt_tuning method with init_from: {cell: {method: <an instruction_tuning label>, task: ...}} "
+                "and plain prompt_tuning on the same task"),
+    Claim("it_scale", "Larger models benefit more from instruction tuning",
+          "(instruction-tuned − base model) on the larger model > on the smaller, on unseen tasks", "contrast",
+          is_method("instruction_tuning"), is_base, "instruction-tuned", "base model", only_unseen=True,
+          by_model=True, needs="instruction_tuning and the base model (icl k: 0) on the same unseen task for two "
+                               "models (a method entry's model: {name: ...})"),
+    Claim("pt_transfer_gap", "Prompt tuning generalizes worse to tasks unlike its training task",
+          "PT's drop on a task when trained on another task (in-task PT − moved PT) > LoRA's drop, same rows",
+          "contrast", is_method("prompt_tuning"), moved_from_task("prompt_tuning"), "PT", "PT from another task",
+          c=is_method("lora"), d=moved_from_task("lora"), c_name="LoRA", d_name="LoRA from another task",
+          needs="prompt_tuning and lora on target task Y, and on Y cells of each started from its own task-X cell "
+                "(init_from: {cell: {method: <label>, task: X}}, train.steps: 0)"),
 ]
 
 
@@ -223,33 +295,57 @@ def evaluate_claims(rows: list[dict[str, Any]], n_resamples: int = 1000,
 
 def _measure(rows: list[dict[str, Any]], n_resamples: int) -> list[Finding]:
     out: list[Finding] = []
+    rows = _with_sources(rows)
     for claim in CLAIMS:
         usable = [r for r in rows if r["unseen"]] if claim.only_unseen else rows
         if claim.only_tag:
             usable = [r for r in usable if claim.only_tag in (r.get("tags") or [])]
+        if claim.kind == "contrast":
+            out.extend(_contrasts(claim, usable, n_resamples))
+            continue
         pairs = _pairs(claim, usable)
         if not pairs:
-            missing = [name for name, sel in ((claim.a_name, claim.a), (claim.b_name, claim.b))
-                       if not any(sel(r) for r in usable)]
-            why = f"no cells for {', '.join(missing)}" if missing else "no two cells share task and data size"
-            where = " on unseen tasks" if claim.only_unseen else f" on tasks tagged {claim.only_tag}" if claim.only_tag else ""
-            out.append(Finding(claim, "-", detail=why + where))
+            out.append(_not_measured(claim, usable, ((claim.a_name, claim.a), (claim.b_name, claim.b)),
+                                     "no two cells share task and data size"))
             continue
         for group, a_rows, b_rows in pairs:
             measure = {"quality": _quality, "variance": _variance, "cost": _cost,
                        "similarity": _similarity_gap, "gap": _loss_gap}[claim.kind]
             finding = measure(claim, group, a_rows, b_rows, n_resamples)
-            finding.unconverged = _unconverged(claim, a_rows, b_rows)
+            finding.unconverged = _unconverged(((claim.a_name, a_rows), (claim.b_name, b_rows)))
             out.append(finding)
     return out
 
 
-def _unconverged(claim: Claim, a_rows: list[dict], b_rows: list[dict]) -> list[str]:
+def _not_measured(claim: Claim, usable: list[dict[str, Any]], sides: tuple[tuple[str, Selector], ...],
+                  otherwise: str) -> Finding:
+    """*not measured*, saying what the claim needs and which of its sides the grid lacks."""
+    missing = [name for name, sel in sides if not any(sel(r) for r in usable)]
+    why = f"no cells for {', '.join(missing)}" if missing else otherwise
+    where = " on unseen tasks" if claim.only_unseen else f" on tasks tagged {claim.only_tag}" if claim.only_tag else ""
+    return Finding(claim, "-", detail=f"needs {claim.needs} ({why}{where})" if claim.needs else why + where)
+
+
+def _with_sources(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows that started from another cell of ``rows`` (``method.init_from``: that cell's directory, named by its
+    key) get ``source_cell``: that cell's method (registry name), label and task. A source outside the store (a run
+    directory given by hand) stays unknown: such a cell is no side of the claims that ask for one."""
+    by_key = {r["key"]: r for r in rows if "key" in r}
+    out = []
+    for r in rows:
+        path = _opts(r).get("init_from")
+        src = by_key.get(Path(str(path)).name) if path else None
+        out.append({**r, "source_cell": {"method": src["method_name"], "label": src["method"], "task": src["task"]}}
+                   if src is not None else r)
+    return out
+
+
+def _unconverged(sides: tuple[tuple[str, list[dict]], ...]) -> list[str]:
     """Each side some of whose cells' training loss was still moving when training stopped."""
     from tunelab.convergence import of_row
 
     out = []
-    for name, side in ((claim.a_name, a_rows), (claim.b_name, b_rows)):
+    for name, side in sides:
         moving = sum(1 for r in side if (of_row(r) or {}).get("converged") is False)
         if moving:
             out.append(f"{name} ({moving} of {len(side)} cells)")
@@ -364,28 +460,40 @@ def _pairs(claim: Claim, rows: list[dict[str, Any]]) -> list[tuple[str, list[dic
     a_groups: dict[tuple, list[dict]] = defaultdict(list)
     b_groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        key = (r["task"], r["train_size"] if r["train_size"] is not None else -1, r["prompt_length"])
         if claim.a(r):
-            a_groups[key].append(r)
+            a_groups[_where(r)].append(r)
         elif claim.b(r):
-            b_groups[key].append(r)
+            b_groups[_where(r)].append(r)
+    models = {key[3] for key in (*a_groups, *b_groups)}
     found = []
-    for (task, size, length), a_rows in sorted(a_groups.items(), key=lambda kv: str(kv[0])):
-        b_rows = [r for (t, s, ln), rs in b_groups.items() for r in rs
-                  if t == task and s == size and (ln == length or ln is None or length is None)]
-        b_rows = _one_setting(b_rows)
+    for (task, size, length, model), a_rows in sorted(a_groups.items(), key=lambda kv: str(kv[0])):
+        b_rows = _one_setting(_matching(b_groups, (task, size, length, model)))
         if b_rows:
-            found.append((_group_name(task, size, length), a_rows, b_rows))
+            found.append((_group_name(task, size, length, model if len(models) > 1 else None), a_rows, b_rows))
     if claim.smallest_size and found:
         sizes = sorted({r["train_size"] for _, a, _ in found for r in a if r["train_size"] is not None})
         found = [f for f in found if sizes and f[1][0]["train_size"] == sizes[0]] if len(sizes) > 1 else []
     return found
 
 
+def _where(r: dict[str, Any]) -> tuple:
+    """What a pair of cells must share: task, training-set size (-1: all), prompt length and base model."""
+    return r["task"], r["train_size"] if r["train_size"] is not None else -1, r["prompt_length"], _model(r)
+
+
+def _matching(groups: dict[tuple, list[dict]], where: tuple) -> list[dict]:
+    """The rows of ``groups`` at ``where``: the same task, size and model; the same prompt length where both have one."""
+    task, size, length, model = where
+    return [r for (t, s, ln, m), rs in groups.items() for r in rs
+            if t == task and s == size and m == model and (ln == length or ln is None or length is None)]
+
+
 def _across_tasks(claim: Claim, rows: list[dict[str, Any]]) -> list[tuple[str, list[dict], list[dict]]]:
-    """One group: every A cell against every B cell trained for as many steps of the same batch size."""
+    """One group: every A cell against every B cell of the same model trained for as many steps of the same batch
+    size."""
     def budget(r: dict[str, Any]) -> tuple:
-        return r["config"].get("train", {}).get("steps"), r["config"].get("train", {}).get("batch_size")
+        return (r["config"].get("train", {}).get("steps"), r["config"].get("train", {}).get("batch_size"),
+                _model(r))
 
     a_rows = [r for r in rows if claim.a(r)]
     budgets = {budget(r) for r in a_rows}
@@ -405,12 +513,14 @@ def _one_setting(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if r["method"] == label]
 
 
-def _group_name(task: str, size: int, length: int | None) -> str:
+def _group_name(task: str, size: int, length: int | None, model: str | None = None) -> str:
     parts = [task]
     if size != -1:
         parts.append(f"n={size}")
     if length is not None:
         parts.append(f"len={length}")
+    if model is not None:
+        parts.append(f"on {model}")
     return " ".join(parts)
 
 
@@ -423,10 +533,21 @@ def _verdict(ci: tuple[float, float] | None) -> str:
 
 def _aligned(a_rows: list[dict], b_rows: list[dict]) -> tuple[np.ndarray, np.ndarray, Callable, str] | None:
     """(S_a, n, d) and (S_b, n, d) statistics on the examples every cell evaluated, plus the reduction."""
-    metric = a_rows[0]["primary_metric"]
-    if any(r["primary_metric"] != metric for r in a_rows + b_rows):
+    aligned = _aligned_sides([a_rows, b_rows])
+    if aligned is None:
         return None
-    per_cell = [example_stats(r, metric) for r in a_rows + b_rows]
+    (a, b), reduce, metric = aligned
+    return a, b, reduce, metric
+
+
+def _aligned_sides(sides: list[list[dict]]) -> tuple[list[np.ndarray], Callable, str] | None:
+    """One (S, n, d) statistics array per side on the examples every cell of every side evaluated, the
+    reduction and the metric; None if the sides' primary metrics differ or they share no example."""
+    cells = [r for side in sides for r in side]
+    metric = cells[0]["primary_metric"]
+    if any(r["primary_metric"] != metric for r in cells):
+        return None
+    per_cell = [example_stats(r, metric) for r in cells]
     common = set.intersection(*(set(ids) for ids, _, _ in per_cell))
     if not common:
         return None
@@ -435,8 +556,11 @@ def _aligned(a_rows: list[dict], b_rows: list[dict]) -> tuple[np.ndarray, np.nda
     for ids, stats, _ in per_cell:
         index = {i: k for k, i in enumerate(ids)}
         stacked.append(stats[[index[i] for i in order]])
-    reduce = per_cell[0][2]
-    return np.stack(stacked[: len(a_rows)]), np.stack(stacked[len(a_rows):]), reduce, metric
+    out, start = [], 0
+    for side in sides:
+        out.append(np.stack(stacked[start: start + len(side)]))
+        start += len(side)
+    return out, per_cell[0][2], metric
 
 
 def _quality(claim: Claim, group: str, a_rows: list[dict], b_rows: list[dict], n_resamples: int) -> Finding:
@@ -457,6 +581,96 @@ def _quality(claim: Claim, group: str, a_rows: list[dict], b_rows: list[dict], n
                    welch_df=welch_df(result.example_var, result.n_examples, result.seed_vars[0], len(a_rows),
                                      result.seed_vars[1], len(b_rows)),
                    keys=([r["key"] for r in a_rows if "key" in r], [r["key"] for r in b_rows if "key" in r]))
+
+
+def _contrasts(claim: Claim, rows: list[dict[str, Any]], n_resamples: int) -> list[Finding]:
+    """A contrast claim's tests, one per group where all four sides have cells; else *not measured*."""
+    groups = _model_groups(claim, rows) if claim.by_model else _four_sides(claim, rows)
+    if not groups:
+        sides: tuple[tuple[str, Selector], ...] = ((claim.a_name, claim.a), (claim.b_name, claim.b))
+        if claim.c is not None and claim.d is not None:
+            sides += ((claim.c_name, claim.c), (claim.d_name, claim.d))
+        otherwise = ("no two models (with a recorded total_params) have both on one task and size" if claim.by_model
+                     else "no task where all four share size and model")
+        return [_not_measured(claim, rows, sides, otherwise)]
+    out = []
+    for group, names, sides_rows in groups:
+        finding = _contrast(claim, group, names, sides_rows, n_resamples)
+        finding.unconverged = _unconverged(tuple(zip(names, sides_rows, strict=True)))
+        out.append(finding)
+    return out
+
+
+def _four_sides(claim: Claim, rows: list[dict[str, Any]]) -> list[tuple[str, list[str], list[list[dict]]]]:
+    """Groups where A, B, C and D all have cells of one task, size and model (one prompt length where two have
+    one), each side other than A kept to one method entry (``_one_setting``), as B is in ``_pairs``."""
+    assert claim.c is not None and claim.d is not None
+    selectors = (claim.a, claim.b, claim.c, claim.d)
+    by_side: list[dict[tuple, list[dict]]] = [defaultdict(list) for _ in selectors]
+    for r in rows:
+        for groups, select in zip(by_side, selectors, strict=True):
+            if select(r):
+                groups[_where(r)].append(r)
+                break
+    models = {key[3] for groups in by_side for key in groups}
+    names = [claim.a_name, claim.b_name, claim.c_name, claim.d_name]
+    found = []
+    for where, a_rows in sorted(by_side[0].items(), key=lambda kv: str(kv[0])):
+        others = [_one_setting(_matching(groups, where)) for groups in by_side[1:]]
+        if all(others):
+            task, size, length, model = where
+            found.append((_group_name(task, size, length, model if len(models) > 1 else None), names,
+                          [a_rows, *others]))
+    return found
+
+
+def _model_groups(claim: Claim, rows: list[dict[str, Any]]) -> list[tuple[str, list[str], list[list[dict]]]]:
+    """Per task and training-set size: A and B on the largest model that has both (most parameters: the fewest
+    total_params any of its cells recorded, i.e. the base model's own) and A and B on the smallest."""
+    by_where: dict[tuple, dict[str | None, tuple[list[dict], list[dict]]]] = defaultdict(
+        lambda: defaultdict(lambda: ([], [])))
+    for r in rows:
+        side = 0 if claim.a(r) else 1 if claim.b(r) else None
+        if side is not None:
+            by_where[(r["task"], r["train_size"] if r["train_size"] is not None else -1)][_model(r)][side].append(r)
+    found = []
+    for (task, size), models in sorted(by_where.items(), key=lambda kv: str(kv[0])):
+        both = {m: (_one_setting(a), _one_setting(b)) for m, (a, b) in models.items() if a and b}
+        params = {m: _params(a + b) for m, (a, b) in both.items()}
+        known = {m: v for m, v in params.items() if v is not None}
+        if len(set(known.values())) < 2:
+            continue
+        large, small = max(known, key=known.__getitem__), min(known, key=known.__getitem__)
+        names = [f"{claim.a_name} ({large})", f"{claim.b_name} ({large})", f"{claim.a_name} ({small})",
+                 f"{claim.b_name} ({small})"]
+        found.append((_group_name(task, size, None, f"{large} vs {small}"), names, [*both[large], *both[small]]))
+    return found
+
+
+def _params(rows: list[dict[str, Any]]) -> int | None:
+    counts = [(r.get("result") or {}).get("total_params") for r in rows]
+    known = [int(c) for c in counts if c]
+    return min(known) if known else None
+
+
+def _contrast(claim: Claim, group: str, names: list[str], sides: list[list[dict]], n_resamples: int) -> Finding:
+    """(A − B) − (C − D) on the rows all four sides evaluated (``stats.contrast_bootstrap``: examples resampled
+    once for the four, seeds per side), tested as a quality claim is: t on the effect over its bootstrap
+    standard error, TOST at the metric's margin, both Holm-adjusted with the report's other quality tests."""
+    n = {"a_seeds": max(len(sides[0]), len(sides[1])), "b_seeds": max(len(sides[2]), len(sides[3]))}
+    aligned = _aligned_sides(sides)
+    if aligned is None:
+        return Finding(claim, group, verdict="not measured", detail="cells share no evaluation examples", n=n)
+    stats, reduce, metric = aligned
+    result = contrast_bootstrap((stats[0], stats[1]), (stats[2], stats[3]), reduce, n_resamples=n_resamples,
+                                seed=_group_seed(claim.id, group))
+    n["examples"] = result.n_examples
+    detail = (f"{metric}: {names[0]} − {names[1]} = {result.a:+.2f}, {names[2]} − {names[3]} = {result.b:+.2f} "
+              f"({result.n_examples} rows evaluated by all four; seeds {'/'.join(str(len(s)) for s in sides)})")
+    df = max(1, result.n_examples - 1)
+    return Finding(claim, group, result.delta, result.ci, "underpowered", detail, n, metric=metric, se=result.se,
+                   df=df, p_value=t_test(result.delta, result.se, df), diffs=result.diffs,
+                   example_var=result.example_var, seed_var=result.seed_var, seed_vars=result.seed_vars)
 
 
 def _group_seed(claim_id: str, group: str) -> int:
