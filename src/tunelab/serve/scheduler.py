@@ -106,6 +106,30 @@ class _Lane:
     batch: Batch  # the engine's running batch: rows join, leave and decode in their phases' precision
 
 
+class LoopControl:
+    """Draining and closing a scheduler whose loop runs on ``_thread``, woken by ``_wake`` (both schedulers)."""
+
+    _admitting: bool
+    _deadline: float | None
+    _stop: bool
+    _wake: threading.Event
+    _thread: threading.Thread
+
+    def drain(self, grace_s: float) -> None:
+        """Stop admitting; rows still running ``grace_s`` seconds from now are cancelled."""
+        self._admitting = False
+        self._deadline = time.monotonic() + grace_s
+        self._wake.set()
+
+    def close(self, grace_s: float = 0.0) -> None:
+        """Drain (see ``drain``), wait for the loop to empty, then stop the thread."""
+        if self._deadline is None:
+            self.drain(grace_s)
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=grace_s + 30)
+
+
 @dataclass
 class SchedulerStats:
     """Counters for /health, tests and the benchmark."""
@@ -119,7 +143,7 @@ class SchedulerStats:
     step: str = ""  # the decode step that ran last (inference.steps.BACKENDS)
 
 
-class Scheduler:
+class Scheduler(LoopControl):
     """Continuous batching over the registry's adapters on one background thread."""
 
     def __init__(self, tokenizer, max_batch: int = 32, hot_prompts: int = HOT_PROMPTS,
@@ -128,6 +152,7 @@ class Scheduler:
         self.hot = HotPrompts(hot_prompts)
         self.metrics = metrics or ServeMetrics()
         self.stats = SchedulerStats()
+        self._stream = RowStream(tokenizer, self.metrics, self.stats)
         self._queue: queue.Queue[Request] = queue.Queue()
         self._held: deque[Request] = deque()  # LoRA requests waiting for a free slot (scheduler thread only)
         self._lanes: dict[Hashable, _Lane] = {}
@@ -154,20 +179,6 @@ class Scheduler:
 
     def queued(self) -> int:
         return self._queue.qsize() + len(self._held)
-
-    def drain(self, grace_s: float) -> None:
-        """Stop admitting; rows still running ``grace_s`` seconds from now are cancelled."""
-        self._admitting = False
-        self._deadline = time.monotonic() + grace_s
-        self._wake.set()
-
-    def close(self, grace_s: float = 0.0) -> None:
-        """Drain (see ``drain``), wait for the loop to empty, then stop the thread."""
-        if self._deadline is None:
-            self.drain(grace_s)
-        self._stop = True
-        self._wake.set()
-        self._thread.join(timeout=grace_s + 30)
 
     # --- the loop ------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -307,12 +318,29 @@ class Scheduler:
 
     def _advance(self, row: _Row, lane: _Lane, token: int) -> str | None:
         """Append the row's next token and stream what became safe to send; the finish reason, if it ended."""
+        return self._stream.advance(row, token, bool((lane.eos == token).any()))
+
+    def _finish(self, row: _Row, reason: str) -> None:
+        self._release(row)
+        self._stream.finish(row, reason)
+
+
+class RowStream:
+    """What a scheduler does with each new token of a row, the same in both engines' schedulers (this one and
+    ``serve.vllm_scheduler``): EOS, then stop strings, then the budget end it; the text that can no longer change
+    streams (``on_text``); the finish decodes, cuts at the first stop string and resolves the request's future.
+    A row is anything with ``request``, ``ids``, ``sent``, ``stop`` and ``first_token_at``."""
+
+    def __init__(self, tokenizer, metrics: ServeMetrics, stats: SchedulerStats) -> None:
+        self.tokenizer, self.metrics, self.stats = tokenizer, metrics, stats
+
+    def advance(self, row, token: int, eos: bool) -> str | None:
         cfg = row.request.cfg
         now = time.monotonic()
         if row.first_token_at is None:
             row.first_token_at = now
             self.metrics.ttft.observe(now - row.request.submitted)
-        if bool((lane.eos == token).any()):
+        if eos:
             return "stop"
         row.ids.append(token)
         self.metrics.tokens.inc()
@@ -320,10 +348,10 @@ class Scheduler:
             return "stop"
         if len(row.ids) >= cfg.max_new_tokens:
             return "length"
-        self._emit(row, _safe_prefix(self.tokenizer.decode(row.ids, skip_special_tokens=True), cfg.stop))
+        self.emit(row, _safe_prefix(self.tokenizer.decode(row.ids, skip_special_tokens=True), cfg.stop))
         return None
 
-    def _emit(self, row: _Row, text: str) -> None:
+    def emit(self, row, text: str) -> None:
         # only text that extends what was sent goes out (a detokeniser may revise its last characters)
         if row.request.on_text is not None and len(text) > len(row.sent) and text.startswith(row.sent):
             piece, row.sent = text[len(row.sent):], text
@@ -333,12 +361,11 @@ class Scheduler:
                 log.exception("streaming callback failed")
                 row.request.cancel()
 
-    def _finish(self, row: _Row, reason: str) -> None:
-        self._release(row)
+    def finish(self, row, reason: str) -> None:
         request = row.request
         text = cut_at_stop(self.tokenizer.decode(row.ids, skip_special_tokens=True), request.cfg.stop)
         if reason != "cancelled":
-            self._emit(row, text)
+            self.emit(row, text)
             self.stats.finished += 1
             if row.first_token_at is not None and len(row.ids) > 1:
                 self.metrics.tpot.observe((time.monotonic() - row.first_token_at) / (len(row.ids) - 1))
