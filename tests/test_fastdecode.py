@@ -160,7 +160,8 @@ class _ScaledDeltas:
         return ()
 
 
-def test_a_layer_declared_by_its_method_decodes_in_the_lean_step_and_an_undeclared_one_does_not(fresh_tiny, caplog):
+def test_a_layer_declared_by_its_method_decodes_in_the_lean_step_and_an_undeclared_one_does_not(fresh_tiny, caplog,
+                                                                                               monkeypatch):
     """The step table knows no layer class: a wrapped projection decodes in the fast steps only when its deltas are
     declared for the model (``llama.register_layer_deltas``), and then matches the transformers forward."""
     from tunelab import kvcache
@@ -170,6 +171,7 @@ def test_a_layer_declared_by_its_method_decodes_in_the_lean_step_and_an_undeclar
         layer.self_attn.v_proj = _Scaled(layer.self_attn.v_proj)
         layer.mlp.down_proj = _Scaled(layer.mlp.down_proj)
     state = engine.prefill(rows, pad_id=2)
+    monkeypatch.setattr(steps, "_LOGGED", set())  # each fallback reason logs once per process: not yet, here
     with caplog.at_level(logging.INFO, logger="tunelab.inference.steps"):
         assert not llama.supports(model)
         assert steps.choose(model, kvcache.preallocate(state.cache, 4))[0] == "transformers"
