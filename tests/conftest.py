@@ -38,6 +38,25 @@ def fresh_tiny():
 
 
 @pytest.fixture(scope="session")
+def wide_model(tmp_path_factory) -> Path:
+    """A second base model on disk: the tiny architecture, 32 wide instead of 16 (no adapter fits both; the claims
+    preset's "larger model", as gemma3-270m is beside smollm2-135m there)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.models import load_model, tiny_config
+
+    _, tok = load_model("tiny", seed=0)
+    config = tiny_config(len(tok))
+    config.hidden_size, config.head_dim = 32, 8
+    directory = tmp_path_factory.mktemp("wide")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(directory), safe_serialization=True)
+    tok.save_pretrained(str(directory))
+    return directory
+
+
+@pytest.fixture(scope="session")
 def real_model():
     from tunelab.models import load_model
 

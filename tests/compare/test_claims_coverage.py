@@ -14,25 +14,6 @@ from tunelab.compare.grid import preset_path
 pytestmark = pytest.mark.shared_data
 
 
-@pytest.fixture(scope="module")
-def wide_model(tmp_path_factory) -> Path:
-    """A second, larger base model on disk (the tiny architecture, 32 wide instead of 16): the scale claim's
-    'larger model', as gemma3-270m is beside smollm2-135m in the preset."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from tunelab.models import load_model, tiny_config
-
-    _, tok = load_model("tiny", seed=0)
-    config = tiny_config(len(tok))
-    config.hidden_size, config.head_dim = 32, 8
-    directory = tmp_path_factory.mktemp("wide")
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(str(directory), safe_serialization=True)
-    tok.save_pretrained(str(directory))
-    return directory
-
-
 def tiny_claims_grid(wide: Path) -> dict:
     """The claims preset with the same methods, tasks and cells-from-cells, on the tiny model (the second model:
     ``wide``), 2 steps, a handful of rows and one seed."""

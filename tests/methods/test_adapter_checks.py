@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from tunelab.data import load_task
 from tunelab.formatting import PromptLayout
@@ -18,7 +17,7 @@ from tunelab.methods import METHODS
 from tunelab.methods.io import TaskPrompt, load_adapter, save_adapter
 from tunelab.methods.prompt_tuning import PromptTuningMethodConfig
 from tunelab.modelcard import CardInfo, finish_adapter_dir
-from tunelab.models import load_model, tiny_config
+from tunelab.models import load_model
 
 
 @pytest.fixture(scope="module")
@@ -32,21 +31,6 @@ def good(tmp_path_factory) -> Path:
     directory.mkdir()
     save_adapter(adapter, directory, "tiny", PromptLayout().resolved(tok), task=TaskPrompt.shared_by(task.train))
     finish_adapter_dir(directory, CardInfo("tiny", "prompt_tuning", "date_format", {}, {}, 4, 0, "", {}, {}))
-    return directory
-
-
-@pytest.fixture(scope="module")
-def wide_model(tmp_path_factory) -> Path:
-    """Another base model on disk: the tiny architecture, 32 wide instead of 16 (so no adapter fits both)."""
-    from transformers import AutoModelForCausalLM
-
-    _, tok = load_model("tiny", seed=0)
-    config = tiny_config(len(tok))
-    config.hidden_size, config.head_dim = 32, 8
-    directory = tmp_path_factory.mktemp("wide")
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(str(directory), safe_serialization=True)
-    tok.save_pretrained(str(directory))
     return directory
 
 
