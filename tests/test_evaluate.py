@@ -126,3 +126,18 @@ def test_run_records_the_generalization_gap_of_trained_methods(tmp_path):
     icl = run(build_config(None, ["method.name=icl", "method.k=0", f"out={tmp_path / 'icl'}", *common]),
               progress=False)
     assert "generalization" not in icl  # nothing was trained: no gap to measure
+
+
+def test_eval_stop_strings_end_generation_and_cut_the_text(tiny):
+    """eval.stop (lm-eval's `until`): a base model's ramble past a one-line answer is cut at the stop string."""
+    model, tok = tiny
+    adapter = METHODS["icl"].build(model, tok, METHODS["icl"].Config(k=0), [], 0)
+    examples = load_task("date_format").eval[:4]
+    full = evaluate(adapter, tok, "chat", examples, ["rouge_l"], EvalConfig(), max_new_tokens=12).predictions
+    text = next(p["prediction"] for p in full if len(p["prediction"]) > 4)
+    stop = text[2:4]  # a string that occurs in the unstopped output, so the cut must happen
+    cut = evaluate(adapter, tok, "chat", examples, ["rouge_l"], EvalConfig(stop=[stop]), max_new_tokens=12)
+    for before, after in zip(full, cut.predictions, strict=True):
+        assert after["prediction"] == before["prediction"].split(stop)[0].strip()
+    assert any(stop in p["prediction"] for p in full)
+    assert build_config(overrides=["eval.stop=[\"\\n\", END]"]).eval.stop == ["\n", "END"]

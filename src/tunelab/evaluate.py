@@ -119,7 +119,7 @@ def evaluate(adapter, tokenizer, layout: PromptLayout | str, examples: Sequence[
         gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens or cfg.max_new_tokens
                                    or derive_max_new_tokens(tokenizer, examples),
                                    do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p,
-                                   precision=cfg.precision)
+                                   precision=cfg.precision, stop=tuple(cfg.stop))
         engine = make_engine(cfg.engine, tokenizer, gen_cfg, cfg.batch_size)
         preds = [p.strip() for p in engine.run([(adapter, list(p)) for p in prompts], progress)]
         decode_step = "+".join(sorted(engine.steps_used))

@@ -109,6 +109,10 @@ class EvalConfig:
     # tunelab | vllm: which engine generates (inference.engine, or vLLM in this process: inference.vllm_engine,
     # for the methods inference.vllm_support allows); part of a compare cell's key, so stores never mix them
     engine: str = choice(ENGINES, "tunelab")
+    # stop strings (lm-eval's `until`): generation ends at the first one and the text is cut there. A base model
+    # (no chat template, so no end-of-turn token it learned to emit) rambles past a one-line answer until
+    # max_new_tokens; ["\n"] ends it where one-line references (E2E, DART, WebNLG) end. [] = EOS only
+    stop: list[str] = field(default_factory=list)
 
 
 TRACKERS = ("mlflow", "tensorboard", "wandb", "trackio")  # report.to names (tunelab.tracking)

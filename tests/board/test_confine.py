@@ -26,7 +26,7 @@ GRID = {"name": "g", "model": {"name": "tiny"}, "methods": [{"name": "prompt_tun
 # text fields of a run config that name no file or folder; a new text field must be classified here or in
 # confine.PATH_FIELDS, so a new path setting cannot slip past the board
 NOT_PATHS = {"model.dtype", "model.device", "data.template", "data.system_prompt", "data.sni_encoding",
-             "train.schedule", "train.precision", "eval.metrics", "eval.precision", "eval.engine", "report.to", "report.experiment",
+             "train.schedule", "train.precision", "eval.metrics", "eval.precision", "eval.engine", "eval.stop", "report.to", "report.experiment",
              "report.run_name", "method.name", "method.candidates", "method.score", "method.template",
              "method.selection", "method.weights", "method.held_out_tasks", "method.target_modules",
              "method.encoder_type", "method.init", "method.init_text", "method.modules_to_save", "method.method",
