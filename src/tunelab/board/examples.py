@@ -1,7 +1,8 @@
 """Examples tab data: every method's prediction per example of one task, filters, and a word diff.
 
 Each method setting contributes the predictions of one seed (the chosen seed where it has it, else
-its lowest), read from the cell's ``predictions.jsonl`` through ``compare.examples.read_predictions``.
+its lowest), read from the cell's ``predictions.jsonl`` through ``compare.examples.read_predictions`` (or from
+the copy its results store keeps, where the cell folders are gone: ``compare.archive``).
 The per-example score is the first per-example metric the rows carry (BLEU and chrF are corpus
 metrics with no per-example value, so an E2E row shows its ROUGE-L), as the report's similarity plot does.
 """

@@ -54,24 +54,37 @@ def compare_command(
                   + (f", {s.reused} recovered from disk" if s.reused else "") + f" in {s.seconds:.0f}s")
     for failure in s.failures:
         console.print(f"  [red]failed[/red] {failure}", highlight=False)
+    from tunelab.compare.archive import size_line
     from tunelab.compare.store import open_existing
     from tunelab.compare.summary import print_summary
 
     with open_existing(outcome.store) as db:  # what was compared and what held, without opening a file
         print_summary(console, db, keys=[c.key for c in outcome.cells])
-    console.print(f"store:  {outcome.store}\nreport: {outcome.report_md}\n        {outcome.report_html}")
+        size = size_line(db.size())
+    console.print(f"store:  {outcome.store} ({size})\nreport: {outcome.report_md}\n        {outcome.report_html}",
+                  highlight=False)
 
 
 def report_command(
     store: Annotated[str, typer.Argument(help="the folder `tunelab compare --out` wrote, or its results.sqlite")],
     out: Annotated[str | None, typer.Option(help="directory for report.md / report.html (default: beside STORE)")] = None,
+    pack: Annotated[bool, typer.Option("--pack", help="first copy into the store the predictions (and small "
+                                       "source adapters) of cells an older tunelab stored as files only, so the "
+                                       "store can be committed without cells/")] = False,
 ) -> None:
     """Write report.md and a self-contained report.html (plots embedded) from a results store."""
     from tunelab.compare import STORE_NAME, report_store
+    from tunelab.compare.archive import size_line
+    from tunelab.compare.store import open_existing
 
     path = Path(store) / STORE_NAME if Path(store).is_dir() else Path(store)  # `report runs/demo` as compare --out
+    console = make_console()
+    if pack:
+        with open_existing(path) as db:
+            packed = db.pack()
+            console.print(f"packed {packed} cells into {path} ({size_line(db.size())})", highlight=False)
     md, html = report_store(path, out or path.parent)
-    make_console().print(f"report: {md}\n        {html}")
+    console.print(f"report: {md}\n        {html}")
 
 
 def size_command(

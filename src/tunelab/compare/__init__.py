@@ -13,6 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from tunelab.compare import archive
 from tunelab.compare.backends import Backend, check_backend
 from tunelab.compare.grid import (
     Cell,
@@ -28,6 +29,7 @@ from tunelab.compare.grid import (
 from tunelab.compare.report import build_report, write_report
 from tunelab.compare.runner import GridSummary, run_grid
 from tunelab.compare.store import Store, open_existing
+from tunelab.errors import TunelabError
 
 STORE_NAME = "results.sqlite"
 
@@ -77,16 +79,23 @@ def compare(source: str | Path, out: str | Path, store: str | Path | None = None
 
             cells = tune_cells(grid, cells, db, out, store_path, progress=progress, console=console)
         cells = resolve_sources(cells, out)  # init_from: {cell: ...} -> that (possibly tuned) cell's directory
+        sources = {c.source_key for c in cells if c.source_key is not None}
+        if all(db.status(c.key) == "done" for c in cells):
+            console.print(f"all {len(cells)} cells done in {store_path}: nothing to run")
         summary = GridSummary()
         for wave in waves(cells):  # cells that start from another cell's adapter run after it
+            db.pack(sources)  # a source cell's small adapter into the store (a clone without cells/ needs it)
+            _source_adapters(db, wave, out, retry_failed)
             part = run_grid(grid, wave, db, out, progress=progress, retry_failed=retry_failed, console=console,
                             workers=workers, backend=backend, address=address)
             summary = _add(summary, part)
+        db.pack(sources)
         if grid.until == "decisive":  # add seeds / rows where they narrow the open tests most (compare/adaptive.py)
             from tunelab.compare.adaptive import parse_budget, until_decisive
 
             def run_more(more: list[Cell]) -> None:
                 nonlocal summary
+                _source_adapters(db, more, out, retry_failed)
                 summary = _add(summary, run_grid(grid, more, db, out, progress=progress, retry_failed=retry_failed,
                                                  console=console, workers=workers, backend=backend, address=address))
 
@@ -94,6 +103,22 @@ def compare(source: str | Path, out: str | Path, store: str | Path | None = None
             cells = until_decisive(db, store_path, cells, parse_budget(grid.budget), run_more, console).cells
         md, html = write_report(build_report(db, keys=[c.key for c in cells]), out)
     return Outcome(grid, cells, summary, store_path, md, html)
+
+
+def _source_adapters(db: Store, cells: list[Cell], out: Path, retry_failed: bool) -> None:
+    """Put back the adapter of every finished source cell that a cell still to run starts from, from the store
+    where its folder is gone (a fresh clone holds the store, not ``cells/``); say which cell lacks one."""
+    for cell in cells:
+        key, status = cell.source_key, db.status(cell.key)
+        if key is None or status == "done" or (status == "failed" and not retry_failed) or db.status(key) != "done":
+            continue  # not to run, or its source runs (or failed) first
+        adapter = out / "cells" / key / "adapter"
+        if not adapter.is_dir() and not db.restore_adapter(key, adapter):
+            raise TunelabError(
+                f"{cell.method} on {cell.task} (seed {cell.seed}) starts from cell {key}, which {db.path} holds as "
+                f"done but without its adapter (over {archive.ADAPTER_LIMIT >> 20} MB, or stored by an older "
+                f"tunelab), and {adapter} is missing: copy that cell's folder into {out / 'cells'} from where it ran, "
+                f"or run it again: sqlite3 {db.path} \"DELETE FROM cells WHERE key='{key}'\"")
 
 
 def _add(a: GridSummary, b: GridSummary) -> GridSummary:

@@ -34,6 +34,7 @@ from tunelab.compare.examples import (
     SIMILARITY_KEY,
     example_scores,
     example_stats,
+    generalization,
     mean_by_id,
     read_predictions,
 )
@@ -758,7 +759,7 @@ def _loss_gap(claim: Claim, group: str, a_rows: list[dict], b_rows: list[dict], 
     rows (same task and size), which pairs them.
     """
     n = {"a_seeds": len(a_rows), "b_seeds": len(b_rows)}
-    gaps: list[Any] = [(r.get("result") or {}).get("generalization") for r in a_rows + b_rows]
+    gaps: list[Any] = [generalization(r) for r in a_rows + b_rows]
     if any(g is None for g in gaps):
         return Finding(claim, group, verdict="not measured", n=n,
                        detail="cells without a held-out loss (`generalization` in result.json; eval.loss=true)")

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from tunelab.compare import archive
 from tunelab.errors import TunelabError
 from tunelab.metrics import METRICS, sufficient_stats
 from tunelab.stats import mean_reduce
@@ -19,7 +20,10 @@ SIMILARITY_KEY = "demo_similarity"  # per-example mean cosine to its demonstrati
 
 
 def read_predictions(path: str) -> tuple[dict[str, Any], ...]:
-    """The rows of one cell's predictions.jsonl (cached while the file is unchanged)."""
+    """The rows of one cell's predictions.jsonl (cached while the file is unchanged), or of the copy its results
+    store keeps (``path`` a ``sqlite:<store>#<key>`` reference: ``compare.archive``)."""
+    if path.startswith(archive.REFERENCE):
+        return archive.read_reference(path)[0]
     file = Path(path)
     if not file.is_file():
         raise TunelabError(f"{file} is missing: the store points at predictions that were moved or deleted")
@@ -30,6 +34,15 @@ def read_predictions(path: str) -> tuple[dict[str, Any], ...]:
 @lru_cache(maxsize=1024)
 def _read(path: str, mtime_ns: int, size: int) -> tuple[dict[str, Any], ...]:
     return tuple(json.loads(line) for line in Path(path).read_text().splitlines() if line.strip())
+
+
+def generalization(row: dict[str, Any]) -> dict[str, Any] | None:
+    """``result.generalization`` of a stored cell with its per-example losses (``train_nll``, ``eval_nll``),
+    which a store keeps in the cell's examples rather than in the ``result`` column; None if not measured."""
+    found = (row.get("result") or {}).get("generalization")
+    if found is None or all(name in found for name in archive.NLL_FIELDS) or not row.get("examples"):
+        return found
+    return {**found, **archive.read_reference(row["examples"])[1]}
 
 
 def example_stats(row: dict[str, Any], metric: str) -> tuple[list[str], np.ndarray, Callable]:

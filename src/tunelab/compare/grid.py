@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.choices import PRUNERS
+from tunelab.compare.archive import is_cell_dir
 from tunelab.config import (
     DataConfig,
     EvalConfig,
@@ -385,16 +386,10 @@ def cell_key(cfg: RunConfig, task: TaskSpec | None = None) -> str:
     data.get("model", {}).pop("threads", None)  # speed only (--workers splits the cores between cells)
     data["method"] = cfg.method.as_given()  # options as given (not resolved: old stores keep their keys); the name always counts
     source = data["method"].get("init_from")
-    if isinstance(source, str) and _is_cell_dir(source):  # another cell of a grid: counts by its key, not --out
+    if isinstance(source, str) and is_cell_dir(source):  # another cell of a grid: counts by its key, not --out
         data["method"]["init_from"] = SOURCE_PLACEHOLDER + Path(source).name
     blob = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _is_cell_dir(path: str) -> bool:
-    """``.../cells/<16 hex>``: a grid cell's output directory (what resolve_sources writes)."""
-    name = Path(path).name
-    return Path(path).parent.name == "cells" and len(name) == 16 and all(c in "0123456789abcdef" for c in name)
 
 
 def _non_default(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:

@@ -3,6 +3,12 @@
 WAL mode plus a busy timeout lets several grid processes (``--workers``) write one store; a row is
 either absent or complete, so a killed grid never leaves a partial result. The cell key (a hash of
 the resolved config) is the primary key: a finished cell is skipped on the next run.
+
+A finished cell's predictions rows (pruned), per-example losses and, for a cell others start from, a
+small adapter are kept in the store too (``compare.archive``), so a store committed without its
+``cells/`` folder still reports, shows examples and resumes. A row's ``predictions`` and ``out_dir``
+name the files while they exist (or ``<store dir>/cells/KEY`` where the store was moved with them);
+otherwise ``predictions`` is a reference, ``sqlite:<store>#KEY``, that ``archive.read_reference`` reads.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tunelab.compare import archive
 from tunelab.errors import TunelabError
 
 SCHEMA_VERSION = 1
@@ -81,6 +88,19 @@ CREATE TABLE IF NOT EXISTS tuned (
     dev_score REAL,
     trials INTEGER NOT NULL,
     cpu_seconds REAL               -- all trials of the study together
+);
+CREATE TABLE IF NOT EXISTS examples (
+    key TEXT PRIMARY KEY,          -- cell key: its predictions rows and per-example losses (compare.archive)
+    data BLOB NOT NULL,            -- lzma JSON {"rows": [...], "references": DIGEST, "nll": {...}}
+    refs TEXT NOT NULL             -- DIGEST of its references list in `shared`
+);
+CREATE TABLE IF NOT EXISTS shared (
+    digest TEXT PRIMARY KEY,       -- SHA-256 of a references list, the same for every cell of a task
+    data BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS adapters (
+    key TEXT PRIMARY KEY,          -- a cell other cells start from (init_from: {cell: ...})
+    data BLOB NOT NULL             -- its adapter folder as tar.xz (under archive.ADAPTER_LIMIT)
 );
 """
 
@@ -166,8 +186,14 @@ class Store:
         return row[0] if row else None
 
     def record(self, values: dict[str, Any]) -> None:
-        """Insert or replace one complete cell row in a single transaction."""
+        """Insert or replace one complete cell row, with its packed examples, in a single transaction."""
         row = {c: values.get(c) for c in COLUMNS}
+        packed = None
+        if row["status"] == "done" and row["predictions"]:
+            packed = archive.pack_examples(Path(row["predictions"]), row["result"] if isinstance(row["result"], dict)
+                                           else None)
+            if packed is not None and packed.result is not None:
+                row["result"] = packed.result  # its per-example losses are in the examples blob now
         for c in JSON_COLUMNS:
             if row[c] is not None and not isinstance(row[c], str):
                 row[c] = json.dumps(row[c], default=str)
@@ -180,6 +206,68 @@ class Store:
             row["attempts"] = (previous[0] + 1) if previous else 1
             conn.execute(f"INSERT OR REPLACE INTO cells ({', '.join(COLUMNS)}) "
                          f"VALUES ({', '.join('?' for _ in COLUMNS)})", [row[c] for c in COLUMNS])
+            conn.execute("DELETE FROM adapters WHERE key = ?", (row["key"],))  # a rerun cell's adapter is new
+            archive.write_examples(conn, row["key"], packed)
+
+    def pack(self, adapter_keys: set[str] | None = None) -> int:
+        """Pack what a store written by an older tunelab (or killed before it packed) lacks, from the files that
+        still exist: finished cells' examples, and the small adapters of ``adapter_keys`` (default: the source
+        cells the stored cells start from). Returns how many cells' examples it packed."""
+        packed = 0
+        rows = self.rows()
+        for row in rows:
+            if row.status != "done" or row.examples is not None or not row.predictions:
+                continue
+            found = archive.pack_examples(Path(row.predictions), row.result if isinstance(row.result, dict) else None)
+            if found is not None:
+                with self.transaction() as conn:
+                    if found.result is not None:
+                        conn.execute("UPDATE cells SET result = ? WHERE key = ?",
+                                     (json.dumps(found.result, default=str), row.key))
+                    archive.write_examples(conn, row.key, found)
+                packed += 1
+        sources = adapter_keys if adapter_keys is not None else archive.source_keys(r.config for r in rows)
+        folders = {r.key: r.out_dir for r in rows}
+        for key in sorted(sources):
+            self.keep_adapter(key, Path(folders[key]) / "adapter" if folders.get(key) else None)
+        return packed
+
+    def keep_adapter(self, key: str, directory: Path | None) -> bool:
+        """Store a done cell's adapter folder (unless stored already, missing or over archive.ADAPTER_LIMIT)."""
+        if self.status(key) != "done" or self.conn.execute("SELECT 1 FROM adapters WHERE key = ?", (key,)).fetchone():
+            return False
+        blob = archive.pack_adapter(directory) if directory is not None else None
+        if blob is None:
+            return False
+        with self.transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO adapters VALUES (?, ?)", (key, blob))
+        return True
+
+    def restore_adapter(self, key: str, directory: Path) -> bool:
+        """Write a stored adapter back as ``directory``; False when the store does not hold it."""
+        found = self.conn.execute("SELECT data FROM adapters WHERE key = ?", (key,)).fetchone()
+        if found is None:
+            return False
+        archive.unpack_adapter(found[0], directory)
+        return True
+
+    def size(self) -> dict[str, int]:
+        """Bytes of the store (its pages, WAL included) and of what it keeps per cell beyond the rows."""
+        page_count = self.conn.execute("PRAGMA page_count").fetchone()[0]
+        page_size = self.conn.execute("PRAGMA page_size").fetchone()[0]
+        sizes = {"total": page_count * page_size}
+        for name, table in (("examples", "examples"), ("references", "shared"), ("adapters", "adapters")):
+            sizes[name] = self.conn.execute(f"SELECT COALESCE(SUM(LENGTH(data)), 0) FROM {table}").fetchone()[0]
+        sizes["cells"] = self.conn.execute("SELECT COUNT(*) FROM cells").fetchone()[0]
+        return sizes
+
+    def _located(self, key: str, path: str | None, name: str) -> Path | None:
+        """``path`` where it exists; else ``name`` in this store's own ``cells/KEY`` (the store was moved with
+        its cells) where that exists; else None."""
+        for candidate in (Path(path) if path else None, self.path.resolve().parent / "cells" / key / name):
+            if candidate is not None and candidate.exists():
+                return candidate
+        return None
 
     def rows(self, status: str | None = None, keys: list[str] | None = None) -> list[Row]:
         """Stored cells (optionally only one status, or only some keys), oldest first."""
@@ -195,12 +283,21 @@ class Store:
             sql += " WHERE " + " AND ".join(clauses)
         cursor = self.conn.execute(sql + " ORDER BY finished_at", args)
         names = [d[0] for d in cursor.description]
+        archived = {k for (k,) in self.conn.execute("SELECT key FROM examples")}
+        here = self.path.resolve()
         out = []
         for values in cursor.fetchall():
             data = dict(zip(names, values, strict=True))
             for c in JSON_COLUMNS:
                 if data.get(c):
                     data[c] = json.loads(data[c])
+            key = data["key"]
+            data["examples"] = f"{archive.REFERENCE}{here}#{key}" if key in archived else None
+            if data["status"] == "done":  # the files where they are (or moved with the store), else the store's copy
+                predictions = self._located(key, data["predictions"], "predictions.jsonl")
+                data["predictions"] = str(predictions) if predictions else data["examples"] or data["predictions"]
+                out_dir = self._located(key, data["out_dir"], "")
+                data["out_dir"] = str(out_dir) if out_dir else data["out_dir"]
             out.append(Row(data))
         return out
 
