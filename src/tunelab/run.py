@@ -29,6 +29,7 @@ from tunelab.paths import (
     check_writable_dir,
     directory_bytes,
 )
+from tunelab.phases import PhaseClock
 from tunelab.prepare import Prepared, prepare
 from tunelab.progress import bar
 from tunelab.steplog import StepLog
@@ -69,13 +70,15 @@ def run(cfg: RunConfig, progress: bool = True, monitor: DevMonitor | None = None
     there without evaluating: ``OUT/stopped.json`` (step, dev loss) is written instead of
     ``result.json`` and the returned dict is ``{"stopped": {...}}``.
     """
-    prep = prepared or prepare(cfg)  # the CLI prepares first, before torch loads
+    clock = PhaseClock()  # result.json's phases: where the run's seconds went (tunelab.phases)
+    with clock.phase("data"):
+        prep = prepared or prepare(cfg)  # the CLI prepares first, before torch loads
     if monitor is not None and distributed.world_size() > 1:
         raise TunelabError("a dev-loss monitor (tune.pruner) needs a single-process run; set resources.processes: 1")
     out = check_writable_dir(cfg.out) if cfg.out else None  # fail before hours of training, not after
     report = cfg.report if distributed.is_main_process() else ReportConfig()  # process 0 reports
     with tracking.open_trackers(report, run_name(prep), out, to_dict(cfg)) as tracker:
-        return _run(prep, out, tracker, progress, monitor)
+        return _run(prep, out, tracker, progress, monitor, clock)
 
 
 def run_name(prep: Prepared) -> str:
@@ -88,44 +91,57 @@ def run_name(prep: Prepared) -> str:
 
 
 def _run(prep: Prepared, out: Path | None, tracker: tracking.Trackers, progress: bool,
-         monitor: DevMonitor | None = None) -> dict[str, Any]:
+         monitor: DevMonitor | None = None, clock: PhaseClock | None = None) -> dict[str, Any]:
     cfg = prep.cfg
+    clock = clock or PhaseClock()
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)
     load_start = time.perf_counter()
-    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code, cfg.train.seed,
-                                  allow_pickle=cfg.model.allow_pickle)
+    with clock.phase("model_load"):
+        model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code, cfg.train.seed,
+                                      allow_pickle=cfg.model.allow_pickle)
     load_seconds = time.perf_counter() - load_start
     device = distributed.resolve_device(cfg.model.device)
     torch.manual_seed(cfg.train.seed)
     build_start = time.perf_counter()  # a search in build (prompt_optimization, discrete_prompt) is its training
-    adapter = build_adapter(prep.method, model, tokenizer, prep.method_cfg, prep.task.train, cfg.train.seed).to(device)
+    with clock.phase("build"):
+        adapter = build_adapter(prep.method, model, tokenizer, prep.method_cfg, prep.task.train,
+                                cfg.train.seed).to(device)
     build_seconds = time.perf_counter() - build_start
-    demos = prep.method.demonstrations(prep.method_cfg, prep.task.train, cfg.train.seed)
+    with clock.phase("demonstrations"):  # a retrieval index over the training rows (ICL, IPT)
+        demos = prep.method.demonstrations(prep.method_cfg, prep.task.train, cfg.train.seed)
     layout = layout_of(cfg, demos).resolved(tokenizer)
 
     stats, truncated = TrainStats(), 0
     if prep.method.trains:
-        stats, truncated, dev_losses = _train(adapter, tokenizer, prep, layout, out, progress, tracker, monitor)
+        with clock.phase("train"):
+            stats, truncated, dev_losses = _train(adapter, tokenizer, prep, layout, out, progress, tracker, monitor,
+                                                  clock)
         if stats.rank != 0:  # under accelerate launch, process 0 evaluates and writes; the others are done
             return {"rank": stats.rank, "train": {"losses": stats.losses, "tokens": stats.tokens}}
         if stats.stopped:
             return _stopped(stats, dev_losses, out)
     eval_examples = [adapter.rewrite(e) for e in prep.task.eval]  # a discrete prompt swaps the instruction
-    with bar("evaluating", len(prep.task.eval), progress) as advance:
+    with clock.phase("eval"), bar("evaluating", len(prep.task.eval), progress) as advance:
         result = evaluate(adapter, tokenizer, layout, eval_examples, prep.metrics, cfg.eval, progress=advance)
     _add_demo_similarity(result, eval_examples, demos)
     _add_demonstrations(result, eval_examples, demos)
-    adapter_bytes = _save_adapter(adapter, prep, layout, result, out / "adapter") if out else 0
+    with clock.phase("save"):
+        adapter_bytes = _save_adapter(adapter, prep, layout, result, out / "adapter") if out else 0
     summary = _summary(prep, adapter, stats, result, load_seconds, adapter_bytes, truncated, model)
     summary["train"]["build_seconds"] = round(build_seconds, 3)
     if prep.method.trains and cfg.eval.loss:
-        summary["generalization"] = _generalization(adapter, tokenizer, prep, layout, eval_examples)
+        with clock.phase("generalization"):
+            summary["generalization"] = _generalization(adapter, tokenizer, prep, layout, eval_examples)
     if prep.method.trains and cfg.eval.forgetting:
-        summary["forgetting"] = forgetting.measure(adapter, tokenizer, cfg)
+        with clock.phase("forgetting"):
+            summary["forgetting"] = forgetting.measure(adapter, tokenizer, cfg)
     if out:
-        atomic_write_text(out / "predictions.jsonl",
-                          "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in result.predictions))
+        with clock.phase("save"):
+            atomic_write_text(out / "predictions.jsonl",
+                              "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in result.predictions))
+    summary["phases"] = clock.record()  # up to here; writing result.json itself is a grid's `other`
+    if out:
         atomic_write_json(out / "result.json", summary)
         shutil.rmtree(out / "checkpoint", ignore_errors=True)  # finished: adapter/ holds the weights now
     tracker.log_metrics(tracking_summary(summary), step=stats.steps)
@@ -157,8 +173,8 @@ def _stopped(stats: TrainStats, dev_losses: list[tuple[int, float]], out: Path |
 
 
 def _train(adapter: Adapter, tokenizer, prep: Prepared, layout: PromptLayout, out: Path | None,
-           progress: bool, tracker: tracking.Trackers, monitor: DevMonitor | None = None
-           ) -> tuple[TrainStats, int, list[tuple[int, float]]]:
+           progress: bool, tracker: tracking.Trackers, monitor: DevMonitor | None = None,
+           clock: PhaseClock | None = None) -> tuple[TrainStats, int, list[tuple[int, float]]]:
     """Train; returns the stats, the number of truncated examples and the (step, dev loss) measured."""
     cfg = prep.cfg
     examples = [adapter.rewrite(e) for e in prep.task.train]
@@ -176,8 +192,9 @@ def _train(adapter: Adapter, tokenizer, prep: Prepared, layout: PromptLayout, ou
         tracker.log_metrics({"train/loss": loss, "train/learning_rate": lr * schedule(step - 1)}, step=step)
         dev_loss, stop = None, False
         if monitor is not None and step % monitor.every == 0 and step < cfg.train.steps:
-            dev_loss = _mean_loss(reference_nll(adapter, tokenizer, layout, dev_rows, cfg.eval.batch_size,
-                                                cfg.eval.precision))
+            with (clock or PhaseClock()).phase("dev_loss"):  # a pruner's measurement: not training
+                dev_loss = _mean_loss(reference_nll(adapter, tokenizer, layout, dev_rows, cfg.eval.batch_size,
+                                                    cfg.eval.precision))
             adapter.train()  # reference_nll scores in eval mode; training goes on
             dev_losses.append((step, dev_loss))
             tracker.log_metrics({"eval/loss": dev_loss}, step=step)

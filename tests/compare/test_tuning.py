@@ -153,6 +153,29 @@ def test_tuned_cells_use_the_best_dev_configuration(tuned_run):
     assert cost == pytest.approx(sum(t[6] for t in trials), abs=0.01)  # pruned trials cost too
 
 
+def test_a_clone_with_the_store_and_the_study_file_runs_no_trial_again(tuned_run, tmp_path):
+    """A committed store: results.sqlite and results.optuna.sqlite, without tuning/ and cells/ (not committed)."""
+    import shutil
+
+    from rich.console import Console
+
+    from tunelab.compare import compare
+
+    root, out, _ = tuned_run
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    for name in ("results.sqlite", "results.optuna.sqlite"):
+        shutil.copy(out / name, clone / name)
+    console = Console(record=True, width=200)
+    rerun = compare(root / "grid-task.yaml", clone, progress=False, console=console)
+    assert (rerun.summary.done, rerun.summary.failed, rerun.summary.skipped) == (0, 0, 1)
+    text = console.export_text()
+    assert "all 1 cells done" in text and "tune tuned/" not in text  # no trial ran
+    assert _trials(clone / "results.sqlite") == _trials(out / "results.sqlite")
+    assert _tuned(clone / "results.sqlite") == _tuned(out / "results.sqlite")
+    assert not (clone / "tuning" / "cells").exists()
+
+
 def test_a_pruned_trial_is_stored_once_never_chosen_and_shown(tuned_run):
     import optuna
 
@@ -176,6 +199,21 @@ def test_a_pruned_trial_is_stored_once_never_chosen_and_shown(tuned_run):
     assert not (Path(pruned_dir) / "result.json").exists()  # never evaluated: pruning saves the generation too
     report = outcome.report_md.read_text()
     assert "pruned at step 1" in report and "3 (1 pruned)" in report
+
+
+def test_trials_skip_the_passes_only_test_cells_report(tuned_run):
+    """A finished trial is read for its dev score alone: no held-out loss pass, no forgetting probe; the test
+    cell that uses the winner still has both."""
+    root, out, _ = tuned_run
+    conn = sqlite3.connect(out / "results.sqlite")
+    trial_dirs = [Path(d) for (d,) in conn.execute("SELECT out_dir FROM trials WHERE status = 'done'")]
+    assert len(trial_dirs) == 2
+    for directory in trial_dirs:
+        result = json.loads((directory / "result.json").read_text())
+        assert "generalization" not in result and "forgetting" not in result
+        assert not {"generalization", "forgetting"} & set(result["phases"]["wall"])
+    (cell,) = [json.loads(r) for (r,) in conn.execute("SELECT result FROM cells")]
+    assert "generalization" in cell and "forgetting" in cell
 
 
 def test_the_test_split_is_never_read_while_tuning(tuned_run, tmp_path):

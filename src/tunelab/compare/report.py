@@ -20,6 +20,7 @@ from tunelab.compare.sequential import Look, load_looks
 from tunelab.compare.store import Store
 from tunelab.metrics import margins_text
 from tunelab.paths import atomic_write_bytes, atomic_write_text
+from tunelab.phases import PHASES, overhead
 
 
 @dataclass
@@ -71,6 +72,7 @@ def build_report(store: Store, keys: list[str] | None = None, n_resamples: int =
                                         Figure("quality", "every seed (dots), mean ± std (squares)",
                                                plots.quality_by_method(done))]),
         ("Quality against cost (Pareto)", [_pareto(done, c, label) for c, label in plots.COSTS.items()]),
+        ("Cost per cell by phase", _phases(done)),
         ("Learning curves", [_figure_or_note("learning_curve", "quality vs training-set size",
                                              plots.sweep(done, "train_size", "training examples"),
                                              "the grid has one training-set size per task (set `train_sizes`)")]),
@@ -155,6 +157,35 @@ def quality_table(rows: list[dict[str, Any]]) -> Table:
     return Table(["task", "method", "train size", "prompt len", "metric", "mean ± std", "per seed",
                   "trainable params", "train s", "eval s", "cell CPU s", "peak RSS MB", "adapter bytes",
                   "forgetting"], out)
+
+
+def _phases(rows: list[dict[str, Any]]) -> list[Table | Figure | str]:
+    table = phase_table(rows)
+    if table is None:
+        return ["No cell recorded its phases (cells stored before tunelab.phases existed)."]
+    return [table, "Mean wall seconds per cell and phase (tunelab.phases). spawn: the grid starting the cell's process "
+                   "(the first cell of a grid also starts the fork server); other: what no phase claims (process "
+                   "exit, reading the result back); overhead: every phase but build, train and eval."]
+
+
+def phase_table(rows: list[dict[str, Any]]) -> Table | None:
+    """Mean wall seconds per phase of a cell, per method (``tunelab.phases``), with what is neither adapting nor
+    generating (``overhead``); None when no cell recorded its phases (stores written before they were)."""
+    timed: dict[str, list[dict[str, float]]] = defaultdict(list)
+    for r in rows:
+        wall = ((r.get("result") or {}).get("phases") or {}).get("wall")
+        if wall and r.get("cell_seconds") is not None:
+            timed[r["method"]].append({**wall, "cell": float(r["cell_seconds"])})
+    if not timed:
+        return None
+    shown = [p for p in PHASES if any(p in w for cells in timed.values() for w in cells)]
+    out = []
+    for method, cells in sorted(timed.items()):
+        means = {p: mean(w.get(p, 0.0) for w in cells) for p in (*shown, "cell")}
+        spent = mean(overhead({k: v for k, v in w.items() if k != "cell"}) for w in cells)
+        out.append([method, str(len(cells)), f"{means['cell']:.1f}", *(f"{means[p]:.1f}" for p in shown),
+                    f"{spent:.1f} ({spent / means['cell']:.0%})" if means["cell"] else f"{spent:.1f}"])
+    return Table(["method", "cells", "cell s", *shown, "overhead s"], out)
 
 
 def _forgetting(cells: list[dict[str, Any]]) -> str:

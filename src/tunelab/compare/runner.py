@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from tunelab import envinfo
+from tunelab import envinfo, phases
 from tunelab.compare import remote
 from tunelab.compare.backends import Backend, Resources, make_backend, pin, resolve, visible_gpus
 from tunelab.compare.grid import Cell, GridConfig, cell_key
@@ -35,7 +35,13 @@ if TYPE_CHECKING:
     from tunelab.run import DevMonitor
 
 ERROR_FILE = "error.json"
-USAGE_FILE = "usage.json"  # CPU seconds of the cell's process, written beside result.json
+USAGE_FILE = "usage.json"  # CPU seconds of the cell's process (and its spawn seconds), written beside result.json
+# imported once in the fork server, so a cell's process starts with them: the run recipe (torch, transformers)
+# and the libraries most cells import on first use (peft: every trained method's adapter and save; sacrebleu:
+# BLEU / chrF; optuna: a tuning trial's pruner), each small next to torch. Not rouge-score or
+# sentence-transformers (with NLTK, scikit-learn and pandas ~150 MB): that would be every cell's peak RSS.
+# A module that is not installed is skipped (multiprocessing's fork server ignores the ImportError).
+PRELOAD = ("tunelab.compare.runner", "tunelab.run", "peft", "sacrebleu", "optuna")
 
 # builds, inside the cell's own process, the monitor that watches its dev loss; picklable (it crosses a fork)
 MonitorFactory = Callable[[Path], "DevMonitor"]
@@ -159,6 +165,10 @@ def timed_run(grid: GridConfig, cell: Cell, out_dir: Path, progress: bool, gpus:
     cell_start = time.perf_counter()
     row = _run_one(grid, cell, out_dir, progress, gpus, monitor)
     row["cell_seconds"] = round(time.perf_counter() - cell_start, 3)
+    if row["status"] == "done" and not row.get("reused"):  # the whole cell's phases (a reused one was not timed)
+        spawn = _usage(Path(row["out_dir"])).get("spawn_seconds")
+        row["result"] = {**row["result"], "phases": phases.of_cell(row["result"].get("phases"), spawn,
+                                                                   row["cell_seconds"], row.get("cpu_seconds"))}
     return row
 
 
@@ -248,10 +258,15 @@ def _stopped_row(grid: GridConfig, cell: Cell, cfg: RunConfig) -> dict[str, Any]
     """A cell its monitor stopped during training: where, its last dev loss and the CPU it took."""
     from tunelab.run import STOPPED_FILE
 
-    usage_path = Path(cfg.out) / USAGE_FILE
     return {**cell.coords(), "key": cell.key, "grid": grid.name, "config": to_dict(cfg), "out_dir": cfg.out,
             "status": "stopped", "stopped": json.loads((Path(cfg.out) / STOPPED_FILE).read_text()),
-            "cpu_seconds": json.loads(usage_path.read_text())["cpu_seconds"] if usage_path.is_file() else None}
+            "cpu_seconds": _usage(Path(cfg.out)).get("cpu_seconds")}
+
+
+def _usage(out: Path) -> dict[str, Any]:
+    """usage.json of the cell's process (cpu_seconds, spawn_seconds); {} where it wrote none."""
+    path = out / USAGE_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _finished_on_disk(out: Path, cell: Cell) -> dict[str, Any] | None:
@@ -274,8 +289,7 @@ def _row(grid: GridConfig, cell: Cell, cfg: RunConfig, result: dict[str, Any] | 
         return {**row, "status": "failed", "error": error or "unknown error", "versions": envinfo.versions(),
                 "git_commit": envinfo.git_commit()}
     metrics = result["metrics"]
-    usage_path = Path(cfg.out) / USAGE_FILE
-    row["cpu_seconds"] = json.loads(usage_path.read_text())["cpu_seconds"] if usage_path.is_file() else None
+    row["cpu_seconds"] = _usage(Path(cfg.out)).get("cpu_seconds")
     primary = next(iter(metrics), None)
     return {**row, "status": "done", "metrics": metrics, "primary_metric": primary,
             "quality": metrics.get(primary) if primary else None,
@@ -298,16 +312,15 @@ def _context() -> Any:
     global _CONTEXT
     if _CONTEXT is None:
         _CONTEXT = multiprocessing.get_context("forkserver")
-        # imported once in the server, so each cell starts in well under a second
-        _CONTEXT.set_forkserver_preload(["tunelab.compare.runner", "tunelab.run"])
+        _CONTEXT.set_forkserver_preload(list(PRELOAD))  # imported once in the server: each cell starts with them
     return _CONTEXT
 
 
 def _in_child(cfg: RunConfig, progress: bool, gpus: list[str] | None = None,
               monitor: MonitorFactory | None = None) -> str | None:
     """Run the cell in a forked child (seeing only ``gpus`` where given); None on success, else the error text."""
-    process = _context().Process(target=_child_main, args=(to_dict(cfg), progress, os.getpid(), gpus, monitor),
-                                 name="tunelab-cell")
+    process = _context().Process(target=_child_main, name="tunelab-cell",
+                                 args=(to_dict(cfg), progress, os.getpid(), gpus, monitor, time.time()))
     process.start()
     try:
         process.join()
@@ -326,8 +339,12 @@ def _in_child(cfg: RunConfig, progress: bool, gpus: list[str] | None = None,
 
 
 def _child_main(cfg_dict: dict[str, Any], progress: bool, grid_pid: int, gpus: list[str] | None = None,
-                monitor: MonitorFactory | None = None) -> None:
-    """Entry point of a cell's process: run it, and leave error.json behind if it fails."""
+                monitor: MonitorFactory | None = None, started: float | None = None) -> None:
+    """Entry point of a cell's process: run it, and leave error.json behind if it fails.
+
+    ``started``: when the grid asked for this process (``time.time()``, a clock both processes share).
+    """
+    spawn = None if started is None else round(max(0.0, time.time() - started), 3)
     _exit_with_parent(grid_pid)
     pin(gpus, os.environ)  # before torch touches CUDA (the fork server imported torch, not CUDA): pins the cell
     cfg = from_dict(RunConfig, cfg_dict)
@@ -339,7 +356,8 @@ def _child_main(cfg_dict: dict[str, Any], progress: bool, grid_pid: int, gpus: l
     if error is None:
         error = _in_process(cfg, progress, watcher)
     usage = resource.getrusage(resource.RUSAGE_SELF)  # a forked child's counters start at zero
-    atomic_write_json(Path(cfg.out) / USAGE_FILE, {"cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3)})
+    atomic_write_json(Path(cfg.out) / USAGE_FILE, {"cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3),
+                                                   "spawn_seconds": spawn})
     if error is not None:
         atomic_write_json(Path(cfg.out) / ERROR_FILE, {"error": error})
         os._exit(1)

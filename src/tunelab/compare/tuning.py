@@ -301,7 +301,8 @@ def dev_config(base: Cell, seed: int, dev_rows: int, out_dir: Path) -> RunConfig
 
     Only the training file is loaded and split (``dev_rows`` drawn, the rest kept in order); trials
     train on the rest and are scored on the dev rows, with the grid's metrics for the task (else the
-    defaults its training rows imply: the test rows are not opened).
+    defaults its training rows imply: the test rows are not opened). Trials skip the passes only a
+    test cell's report reads (``eval.loss``, ``eval.forgetting``).
     """
     from tunelab.data import TASKS, _find, load_task
 
@@ -334,6 +335,9 @@ def dev_config(base: Cell, seed: int, dev_rows: int, out_dir: Path) -> RunConfig
     raw = to_dict(cfg)
     raw["data"].update(train=files["train"], eval=files["dev"], max_eval=None, task_cap=None, mixture=None)
     raw["eval"]["metrics"] = list(cfg.eval.metrics or data.metrics)
+    # a trial is chosen by its dev score (ties: the pruner's dev losses) and nothing else of it is read: no
+    # held-out loss pass (eval.loss) and no forgetting probe, two teacher-forced passes per finished trial saved
+    raw["eval"].update(loss=False, forgetting=False)
     raw["train"]["seed"] = seed
     return from_dict(RunConfig, raw)
 
