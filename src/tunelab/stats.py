@@ -72,6 +72,7 @@ class PairedResult:
     example_var: float = 0.0  # n x variance of A − B from resampling examples only (seeds fixed)
     seed_var: float = 0.0  # variance of per-seed scores of A plus that of B (0 for a single seed)
     seed_vars: tuple[float, float] = (0.0, 0.0)  # the two parts of seed_var: A's and B's
+    system_vars: tuple[float, ...] = ()  # each system's own seed spread (A, B; a contrast's four: A1, B1, A2, B2)
 
     @property
     def se(self) -> float:
@@ -124,7 +125,7 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, reduce: Reduce = mean_reduce,
     p_value = min(1.0, 2.0 * float(other_side)) if score_a != score_b else 1.0
     example_var = float(n * np.var(examples_a - examples_b, ddof=1)) if n_resamples > 1 else 0.0
     return PairedResult(score_a - score_b, (float(lo), float(hi)), p_value, score_a, score_b, n, n_resamples,
-                        diffs, example_var, spread_a + spread_b, (spread_a, spread_b))
+                        diffs, example_var, spread_a + spread_b, (spread_a, spread_b), (spread_a, spread_b))
 
 
 def contrast_bootstrap(first: tuple[np.ndarray, np.ndarray], second: tuple[np.ndarray, np.ndarray],
@@ -154,7 +155,7 @@ def contrast_bootstrap(first: tuple[np.ndarray, np.ndarray], second: tuple[np.nd
     p_value = min(1.0, 2.0 * float(other_side)) if score_a != score_b else 1.0
     example_var = float(n * np.var((e1 - e2) - (e3 - e4), ddof=1)) if n_resamples > 1 else 0.0
     return PairedResult(score_a - score_b, (float(lo), float(hi)), p_value, score_a, score_b, n, n_resamples,
-                        diffs, example_var, v1 + v2 + v3 + v4, (v1 + v2, v3 + v4))
+                        diffs, example_var, v1 + v2 + v3 + v4, (v1 + v2, v3 + v4), (v1, v2, v3, v4))
 
 
 # ---------------------------------------------------------------- decisions: Holm, TOST, MDE, sizing
@@ -278,8 +279,16 @@ def welch_df(example_var: float, rows: int, seed_var_a: float, seeds_a: int, see
     >>> round(welch_df(0.0, 100, 4.0, 3, 4.0, 3), 6)  # seeds only: 2 + 2
     4.0
     """
-    parts = [(example_var / max(rows, 1), rows - 1), (seed_var_a / max(seeds_a, 1), seeds_a - 1),
-             (seed_var_b / max(seeds_b, 1), seeds_b - 1)]
+    return welch_df_systems(example_var, rows, [(seed_var_a, seeds_a), (seed_var_b, seeds_b)])
+
+
+def welch_df_systems(example_var: float, rows: int, systems: list[tuple[float, int]]) -> float:
+    """``welch_df`` for any number of systems, each (seed variance, seeds): e.g. a contrast's four.
+
+    >>> round(welch_df_systems(0.0, 100, [(4.0, 3), (4.0, 3), (0.0, 1), (4.0, 3)]), 6)  # three seeded systems
+    6.0
+    """
+    parts = [(example_var / max(rows, 1), rows - 1), *((var / max(seeds, 1), seeds - 1) for var, seeds in systems)]
     parts = [(v, df) for v, df in parts if v > 0 and df >= 1]
     if not parts:
         return float(max(rows - 1, 1))

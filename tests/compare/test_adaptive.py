@@ -7,6 +7,7 @@ method and seed), so the loop, the planner, the looks and the report are tested 
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -154,3 +155,91 @@ def test_compare_with_until_decisive_adds_cells_and_reports_them_as_sequential(t
     assert outcome.summary.done == sum(len(b) for b in batches) == len(outcome.cells)
     report = outcome.report_md.read_text()
     assert "| sequential |" in report and "supported" in report
+
+
+# ---------------------------------------------------------------- contrast and variance claims
+
+TASKS = ["date_format", "entity_extraction"]
+
+
+def _gap_grid():
+    """PT and LoRA on both tasks, and each task-date_format cell used as is on entity_extraction (0 steps):
+    the four sides of ``pt_transfer_gap`` on entity_extraction."""
+    moved = {"init_from": {"cell": {"task": "date_format"}}, "train": {"steps": 0}, "tasks": ["entity_extraction"]}
+    methods = [{"name": "prompt_tuning", "label": "pt", "num_virtual_tokens": 4}, {"name": "lora", "label": "lora"},
+               {"name": "prompt_tuning", "label": "pt_moved", "num_virtual_tokens": 4,
+                **moved, "init_from": {"cell": {"method": "pt", "task": "date_format"}}},
+               {"name": "lora", "label": "lora_moved", **moved,
+                "init_from": {"cell": {"method": "lora", "task": "date_format"}}}]
+    return parse_grid({"name": "g", "model": {"name": "tiny"}, "data": {"max_eval": ROWS}, "methods": methods,
+                       "tasks": TASKS, "seeds": [0, 1, 2]})
+
+
+def _record_any(store: Store, tmp: Path, cell, mean: float, seed_sd: float, seconds: float = 10.0) -> None:
+    """A finished cell whose per-row exact match is ``mean`` + a seed effect (sd ``seed_sd``) + row difficulty;
+    with ``seed_sd`` 0 every seed gives the same answers (a deterministic method)."""
+    seed = cell.seed if seed_sd else 0
+    rng = np.random.default_rng(zlib.crc32(f"{cell.method}|{cell.task}|{seed}".encode()))
+    difficulty = np.random.default_rng(7).uniform(-0.3, 0.3, ROWS)
+    scores = 100.0 * (rng.random(ROWS) < np.clip(mean + difficulty + rng.normal(0, seed_sd), 0, 1))
+    path = tmp / f"{cell.key}.jsonl"
+    path.write_text("".join(json.dumps({"id": f"e{i}", "scores": {"exact_match": s}}) + "\n"
+                            for i, s in enumerate(scores)))
+    store.record({**cell.coords(), "key": cell.key, "grid": "g", "config": to_dict(cell.config), "status": "done",
+                  "primary_metric": "exact_match", "quality": float(scores.mean()), "predictions": str(path),
+                  "metrics": {"exact_match": float(scores.mean())}, "cell_seconds": seconds,
+                  "train_seconds": seconds, "eval_seconds": 0.0, "out_dir": str(tmp), "unseen": 0})
+
+
+def _gap_findings(tmp_path, seed_sd: dict[str, float]):
+    from tunelab.compare.grid import resolve_sources
+
+    cells = resolve_sources(expand(_gap_grid()), tmp_path / "out")
+    store = Store(tmp_path / "results.sqlite")
+    for cell in cells:
+        _record_any(store, tmp_path, cell, 0.5, seed_sd[cell.method])
+    rows = [r.data for r in store.rows()]
+    findings = evaluate_claims(rows, 300)
+    (gap,) = [f for f in findings if f.claim.id == "pt_transfer_gap"]
+    return cells, rows, gap
+
+
+def test_an_open_contrast_gets_a_seed_on_its_side_that_narrows_it_most(tmp_path):
+    """The contrast's four sides each carry their cells and seed spread; the noisiest side that can vary gets the
+    seed. The moved cells (0 steps from a source cell) are the noisiest, but a seed of their own would repeat
+    their source: they get none."""
+    cells, rows, gap = _gap_findings(tmp_path, {"pt": 0.01, "lora": 0.1, "pt_moved": 0.2, "lora_moved": 0.2})
+    assert gap.verdict == "underpowered" and gap.group == "entity_extraction len=4"
+    assert [len(k) for k in gap.keys] == [3, 3, 3, 3] and len(gap.seed_vars) == 4
+    assert gap.welch_df is not None and gap.welch_df < gap.df  # few seeds: the sequential t -> normal is strict
+    step = next_step([gap], rows, cells)  # the contrast alone (LoRA > PT's own tests would also want seeds)
+    assert step is not None and [(c.method, c.task, c.seed) for c in step.add] == [("lora", "entity_extraction", 3)]
+    assert step.gain > 0 and not step.drop
+
+
+def test_a_contrast_whose_spread_is_all_on_its_moved_sides_gets_no_seed(tmp_path):
+    cells, rows, gap = _gap_findings(tmp_path, {"pt": 0.0, "lora": 0.0, "pt_moved": 0.1, "lora_moved": 0.1})
+    assert gap.verdict == "underpowered"
+    assert next_step([gap], rows, cells) is None  # every seed would repeat a source; the seed term dominates
+
+
+def test_a_variance_claim_short_of_seeds_gets_seeds_on_both_sides_up_to_the_minimum(tmp_path):
+    """PT vs IPT spread: with 3 seeds a side no verdict is possible; until decisive adds seeds, one side at a
+    time, until both have SPREAD_MIN_SEEDS, although the quality test was decided at once."""
+    from tunelab.stats import SPREAD_MIN_SEEDS
+
+    cells, store, run, ran = _setup(tmp_path, gain=0.4, seed_sd={"ipt": 0.03, "pt": 0.03})
+    rows = [r.data for r in store.rows()]
+    findings = evaluate_claims(rows, 300)
+    (quality,) = [f for f in findings if f.claim.id == "ipt_beats_pt"]
+    (spread,) = [f for f in findings if f.claim.id == "pt_unstable"]
+    assert quality.verdict == "supported" and spread.verdict == "underpowered"
+    step = next_step(findings, rows, cells)
+    assert step is not None and "pt_unstable" in step.reason and step.add[0].seed == 3
+    outcome = until_decisive(store, tmp_path / "results.sqlite", cells, 3600, run, Console(quiet=True), 300)
+    assert outcome.stopped == "every quality test is decisive"
+    seeds = {m: sorted(c.seed for c in outcome.cells if c.method == m) for m in ("ipt", "pt")}
+    assert seeds == {m: list(range(SPREAD_MIN_SEEDS)) for m in ("ipt", "pt")}
+    final = evaluate_claims([r.data for r in store.rows()], 300)
+    (spread,) = [f for f in final if f.claim.id == "pt_unstable"]
+    assert spread.verdict != "underpowered" and spread.n["a_seeds"] == spread.n["b_seeds"] == SPREAD_MIN_SEEDS

@@ -78,23 +78,39 @@ def test_board_examples_from_the_store_alone(committed):
     assert example_frame(after, ids, methods)["demonstration"].str.len().min() > 0  # IPT's demonstrations
 
 
-def test_a_transfer_cell_resumes_from_the_stored_source_adapter(tmp_path):
+def test_a_transfer_cell_resumes_from_the_stored_source_adapter(tmp_path, monkeypatch):
+    import tunelab.compare as compare_module
+
     grid = write_grid(tmp_path, methods=TRANSFER_METHODS, tasks=TRANSFER_TASKS, seeds=[0])
     first = compare(grid, tmp_path / "run", progress=False, console=Console(quiet=True))
     (source,) = [c for c in first.cells if c.method == "pt"]
     (transfer,) = [c for c in first.cells if c.method == "transfer"]
     with Store(first.store) as db:
         expected = db.rows(keys=[transfer.key])[0].metrics
-    clone = _clone(tmp_path / "run", tmp_path / "clone")
-    shutil.rmtree(tmp_path / "run" / "cells")
-    with sqlite3.connect(clone) as conn:  # the grid stopped before the transfer cell ran
-        conn.execute("DELETE FROM cells WHERE key = ?", (transfer.key,))
+        assert db.size()["adapters"] == 0  # no cell still starts from it: a finished store keeps no adapter
+
+    real = compare_module.run_grid
+
+    def interrupted(grid_config, wave, *args, **kwargs):  # Ctrl-C as the transfer cell's wave starts
+        if any(c.key == transfer.key for c in wave):
+            raise KeyboardInterrupt
+        return real(grid_config, wave, *args, **kwargs)
+
+    monkeypatch.setattr(compare_module, "run_grid", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        compare(grid, tmp_path / "second", progress=False, console=Console(quiet=True))
+    monkeypatch.undo()
+    clone = _clone(tmp_path / "second", tmp_path / "clone")  # what a session that ran out of time commits
+    shutil.rmtree(tmp_path / "second" / "cells")
+    with Store(clone) as db:
+        assert db.status(transfer.key) is None and db.size()["adapters"] > 0
 
     outcome = compare(grid, clone.parent, progress=False, console=Console(quiet=True))
     assert (outcome.summary.done, outcome.summary.failed, outcome.summary.skipped) == (1, 0, 2)
     assert (clone.parent / "cells" / source.key / "adapter" / "tunelab_adapter.json").is_file()
     with Store(clone) as db:
         assert db.rows(keys=[transfer.key])[0].metrics == expected  # started from the very same prompt
+        assert db.size()["adapters"] == 0  # dropped once no cell still to run needs it
 
     shutil.rmtree(clone.parent / "cells")  # and a store without that adapter says which cell lacks it
     with sqlite3.connect(clone) as conn:

@@ -79,17 +79,20 @@ def compare(source: str | Path, out: str | Path, store: str | Path | None = None
 
             cells = tune_cells(grid, cells, db, out, store_path, progress=progress, console=console)
         cells = resolve_sources(cells, out)  # init_from: {cell: ...} -> that (possibly tuned) cell's directory
-        sources = {c.source_key for c in cells if c.source_key is not None}
         if all(db.status(c.key) == "done" for c in cells):
             console.print(f"all {len(cells)} cells done in {store_path}: nothing to run")
         summary = GridSummary()
-        for wave in waves(cells):  # cells that start from another cell's adapter run after it
-            db.pack(sources)  # a source cell's small adapter into the store (a clone without cells/ needs it)
-            _source_adapters(db, wave, out, retry_failed)
-            part = run_grid(grid, wave, db, out, progress=progress, retry_failed=retry_failed, console=console,
-                            workers=workers, backend=backend, address=address)
-            summary = _add(summary, part)
-        db.pack(sources)
+        try:
+            for wave in waves(cells):  # cells that start from another cell's adapter run after it
+                db.pack(_needed_sources(db, cells))  # a source's small adapter (a clone without cells/ needs it)
+                _source_adapters(db, wave, out, retry_failed)
+                part = run_grid(grid, wave, db, out, progress=progress, retry_failed=retry_failed, console=console,
+                                workers=workers, backend=backend, address=address)
+                summary = _add(summary, part)
+        finally:  # also on Ctrl-C: a store committed after an interrupted session resumes without cells/
+            needed = _needed_sources(db, cells)
+            db.pack(needed)
+            db.drop_adapters(needed)
         if grid.until == "decisive":  # add seeds / rows where they narrow the open tests most (compare/adaptive.py)
             from tunelab.compare.adaptive import parse_budget, until_decisive
 
@@ -103,6 +106,11 @@ def compare(source: str | Path, out: str | Path, store: str | Path | None = None
             cells = until_decisive(db, store_path, cells, parse_budget(grid.budget), run_more, console).cells
         md, html = write_report(build_report(db, keys=[c.key for c in cells]), out)
     return Outcome(grid, cells, summary, store_path, md, html)
+
+
+def _needed_sources(db: Store, cells: list[Cell]) -> set[str]:
+    """Keys of the cells whose adapters a cell not yet done starts from (``init_from: {cell: ...}``)."""
+    return {c.source_key for c in cells if c.source_key is not None and db.status(c.key) != "done"}
 
 
 def _source_adapters(db: Store, cells: list[Cell], out: Path, retry_failed: bool) -> None:

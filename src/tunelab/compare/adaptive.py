@@ -5,15 +5,27 @@ Each round measures the claims (every quality test's look is recorded, ``compare
 the tests still *underpowered* prices every possible next addition by its expected reduction of their
 standard errors per second of cell time:
 
-- one more seed of a method on a group: its side's seed part of se² = example_var / rows + var_a / S_a +
-  var_b / S_b drops from var / S to var / (S + 1) (for every open test that side belongs to);
-- twice the test rows for a test's two sides, where the row term dominates its se²: the example part
-  halves; every cell of both sides is run again with ``data.max_eval`` doubled (and replaces the old ones).
+- one more seed of a method on a group: its side's seed part of se² = example_var / rows + Σ var_i / S_i
+  drops from var / S to var / (S + 1) (for every open test that side belongs to). A quality test has two
+  sides (A, B), a contrast (A − B) − (C − D) four, each with its own seed spread (``Finding.seed_vars``);
+- twice the test rows for a test's sides, where the row term dominates its se²: the example part
+  halves; every cell of every side is run again with ``data.max_eval`` doubled (and replaces the old ones).
+
+A side gains nothing from a seed when its cells cannot vary with one (``reseedable``): a single seed or no
+spread over seeds (a deterministic method: greedy ICL, the base model), or cells that start from another
+cell's adapter (a transfer cell run with ``train.steps: 0`` repeats its source; its spread over seeds is its
+sources', which a new seed of its own would not draw again).
 
 Reductions are counted relative to the se each test needs (``stats.se_needed``), summed over the tests a
 cell serves, and divided by the cells' expected seconds (the mean stored ``cell_seconds`` of that side).
 The verdicts of such a grid come from the anytime-valid procedure (``compare.sequential``), so stopping
 when the tests turn decisive does not inflate the false-positive rate.
+
+A variance claim (Brown–Forsythe, ``claims._variance``) is never decided below ``stats.SPREAD_MIN_SEEDS``
+seeds a side. While one is *underpowered* for want of seeds, the next addition is a seed of its side with
+fewer seeds (before any priced addition): these additions depend on seed counts only, never on a p-value,
+and the spread test does not stop the loop once it has its seeds, so it stays a fixed-sample test at a
+planned number of seeds.
 """
 
 from __future__ import annotations
@@ -33,7 +45,7 @@ from tunelab.compare.grid import Cell, with_params
 from tunelab.compare.sequential import load_looks, look_key, save_looks, with_look
 from tunelab.compare.store import Store
 from tunelab.errors import ConfigError
-from tunelab.stats import ALPHA, se_needed
+from tunelab.stats import ALPHA, SPREAD_MIN_SEEDS, se_needed
 
 UNTIL = ("decisive",)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -73,36 +85,50 @@ class Step:
 
 
 def open_tests(findings: list[Finding]) -> list[Finding]:
-    """Quality tests (per group; the pooled ones follow from them) that are neither decided nor equivalent."""
-    return [f for f in findings if f.tested and f.group != ACROSS_TASKS and f.verdict == "underpowered"]
+    """Tests an added cell can still decide: quality and contrast tests (per group; the pooled ones follow from
+    them) that are neither decided nor equivalent, and variance tests underpowered for want of seeds."""
+    return [f for f in findings if f.group != ACROSS_TASKS and f.verdict == "underpowered"
+            and (f.tested or short_of_seeds(f))]
+
+
+def short_of_seeds(f: Finding) -> bool:
+    """A variance test with fewer than ``SPREAD_MIN_SEEDS`` seeds on a side (never decided so)."""
+    return f.spread_p is not None and min(f.n.get("a_seeds", 0), f.n.get("b_seeds", 0)) < SPREAD_MIN_SEEDS
+
+
+def reseedable(side: list[Cell], var: float) -> bool:
+    """Can another seed of this side's cells change its score? Not with one seed or no spread over seeds (a
+    deterministic method), nor for cells started from another cell's adapter (their spread is their sources')."""
+    return len(side) >= 2 and var > 0 and not any(getattr(c.config.method, "init_from", None) for c in side)
 
 
 def next_step(findings: list[Finding], rows: list[dict[str, Any]], cells: list[Cell],
               alpha: float = ALPHA) -> Step | None:
-    """The addition with the largest expected reduction in standard error per second; None if none helps."""
-    tested = [f for f in findings if f.tested]
-    level = alpha / max(1, len(tested))
+    """The next addition: a seed a variance test lacks (``short_of_seeds``), else the one with the largest
+    expected reduction in standard error per second; None if none helps."""
     by_key = {c.key: c for c in cells}
     seconds = {r["key"]: _seconds(r) for r in rows}
+    spread = _spread_step(findings, by_key, cells, seconds)
+    if spread is not None:
+        return spread
+    tested = [f for f in findings if f.tested]
+    level = alpha / max(1, len(tested))
     seeds: dict[tuple, Step] = {}
     candidates: list[Step] = []
     for f in open_tests(findings):
+        if not f.tested:
+            continue
         assert f.se is not None and f.margin is not None
         target = se_needed(f.margin, level)
         se2, n = f.se ** 2, max(f.n.get("examples", 1), 1)
-        counts = (f.n.get("a_seeds", 1), f.n.get("b_seeds", 1))
-        for keys, var, count in zip(f.keys, f.seed_vars, counts, strict=True):
+        for keys, var in zip(f.keys, f.seed_vars, strict=True):  # two sides (A, B), or a contrast's four
             side = [by_key[k] for k in keys if k in by_key]
-            if not side or count < 2 or var <= 0:  # one seed (e.g. a deterministic method): no seed spread to cut
+            if not reseedable(side, var):
                 continue
+            count = len(side)
             gain = (f.se - max(se2 - var / count + var / (count + 1), 0.0) ** 0.5) / target
-            template = side[0]
-            where = (template.method, template.task, template.train_size, template.prompt_length)
-            if where not in seeds:
-                new = reseeded(template, 1 + max(c.seed for c in cells if c.method == template.method))
-                seeds[where] = Step([new], 0.0, _mean([seconds.get(c.key) for c in side]),
-                                    f"seed {new.seed} of {template.method} on {_where(template)}")
-            seeds[where].gain += gain
+            step = seeds.setdefault(_place(side[0]), _seed_step(side, cells, seconds))
+            step.gain += gain
         rows_step = _more_rows(f, cells, by_key, seconds, se2, n, target)
         if rows_step is not None:
             candidates.append(rows_step)
@@ -111,13 +137,42 @@ def next_step(findings: list[Finding], rows: list[dict[str, Any]], cells: list[C
     return max(candidates, key=lambda c: c.value) if candidates else None
 
 
+def _spread_step(findings: list[Finding], by_key: dict[str, Cell], cells: list[Cell],
+                 seconds: dict[str, float | None]) -> Step | None:
+    """One more seed of the side with fewer seeds of the first variance test short of seeds that can gain one."""
+    for f in open_tests(findings):
+        if not short_of_seeds(f):
+            continue
+        sides = [([by_key[k] for k in keys if k in by_key], var) for keys, var in zip(f.keys, f.seed_vars, strict=True)]
+        short = [side for side, var in sides if len(side) < SPREAD_MIN_SEEDS]
+        if not short or not all(reseedable(side, var) for side, var in sides if len(side) < SPREAD_MIN_SEEDS):
+            continue  # a side that cannot vary never reaches a verdict
+        side = min(short, key=lambda s: (len(s), _mean([seconds.get(c.key) for c in s])))
+        step = _seed_step(side, cells, seconds)
+        step.reason += f" ({f.claim.id} on {f.group} needs {SPREAD_MIN_SEEDS} seeds a side)"
+        return step
+    return None
+
+
+def _place(cell: Cell) -> tuple:
+    """Where a seed is added: one method entry on one task, size, prompt length and model."""
+    return cell.method, cell.task, cell.train_size, cell.prompt_length, cell.config.model.name
+
+
+def _seed_step(side: list[Cell], cells: list[Cell], seconds: dict[str, float | None]) -> Step:
+    """One more seed of ``side``'s method on its group (gain 0: the caller counts what it buys)."""
+    template = side[0]
+    new = reseeded(template, 1 + max(c.seed for c in cells if c.method == template.method))
+    return Step([new], 0.0, _mean([seconds.get(c.key) for c in side]),
+                f"seed {new.seed} of {template.method} on {_where(template)}")
+
+
 def _more_rows(f: Finding, cells: list[Cell], by_key: dict[str, Cell], seconds: dict[str, float | None],
                se2: float, n: int, target: float) -> Step | None:
-    """Both sides again on twice the rows, where the example part of se² is the larger and the file has them."""
+    """Every side again on twice the rows, where the example part of se² is the larger and the file has them."""
     row_part = f.example_var / n
-    seed_part = sum(v / max(s, 1) for v, s in zip(f.seed_vars, (f.n.get("a_seeds", 1), f.n.get("b_seeds", 1)),
-                                                  strict=True))
-    side = [by_key[k] for k in (*f.keys[0], *f.keys[1]) if k in by_key]
+    seed_part = sum(v / max(len(keys), 1) for v, keys in zip(f.seed_vars, f.keys, strict=True))
+    side = [by_key[k] for keys in f.keys for k in keys if k in by_key]
     if row_part <= seed_part or not side:
         return None
     limits = {c.config.data.max_eval for c in side}
@@ -188,8 +243,9 @@ def until_decisive(store: Store, store_path: Path, cells: list[Cell], budget: fl
             outcome.stopped = (f"budget: {len(waiting)} test(s) still underpowered; the next addition ({step.reason}, "
                                f"~{step.seconds:.0f}s) would pass the budget")
             break
+        cut = f"expected se cut {step.gain:.3f} of the target, " if step.gain > 0 else ""
         console.print(f"until decisive: {len(waiting)} test(s) underpowered; adding {step.reason} "
-                      f"(expected se cut {step.gain:.3f} of the target, ~{step.seconds:.0f}s)", highlight=False)
+                      f"({cut}~{step.seconds:.0f}s)", highlight=False)
         run(step.add)
         added = {r["key"]: r for r in _done_rows(store, step.add, status=None)}
         outcome.seconds += sum(_seconds(r) or 0.0 for r in added.values())

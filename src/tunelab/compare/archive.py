@@ -39,7 +39,9 @@ EXAMPLE_FIELDS = ("id", "prediction", "references", "scores", "ranked_prediction
 DEMO_FIELDS = ("instruction", "input", "output")  # a demonstration as the board shows it
 NLL_FIELDS = ("train_nll", "eval_nll")  # result.generalization's per-example losses (claims' loss-gap test)
 REFERENCE = "sqlite:"  # a row's ``predictions`` when only the store holds them: sqlite:<store path>#<key>
-ADAPTER_LIMIT = 1 << 20  # bytes of adapter files kept in a store (soft prompts yes, LoRA of a real model no)
+# bytes of adapter files kept in a store: soft prompts (~50 KB) and a 135M-270M model's LoRA (r 8 on q, v: ~1.9 MB)
+# yes, full fine-tuning no; kept only while a cell still to run starts from it (Store.drop_adapters)
+ADAPTER_LIMIT = 4 << 20
 
 
 @dataclass

@@ -53,6 +53,7 @@ from tunelab.stats import (
     t_test,
     tost,
     welch_df,
+    welch_df_systems,
 )
 
 Selector = Callable[[dict[str, Any]], bool]
@@ -252,10 +253,10 @@ class Finding:
     diffs: Any = None  # (R,) bootstrap differences, for the pooled test across tasks
     example_var: float = 0.0
     seed_var: float = 0.0
-    seed_vars: tuple[float, float] = (0.0, 0.0)  # A's and B's spread of per-seed scores (variance)
+    seed_vars: tuple[float, ...] = (0.0, 0.0)  # each side's spread of per-seed scores (variance): A, B (a contrast: A-D)
     welch_df: float | None = None  # degrees of freedom counting the seeds (sequential tests' t -> normal)
     procedure: str = FIXED  # fixed-sample | sequential (anytime-valid: the grid added cells until decisive)
-    keys: tuple[list[str], list[str]] = ([], [])  # the A and B cells measured (the adaptive planner's sides)
+    keys: tuple[list[str], ...] = ([], [])  # each side's cells measured (A, B; a contrast's A-D): the adaptive planner's
     unconverged: list[str] = field(default_factory=list)  # "PT (2 of 3 seeds)": sides whose loss still moved
     spread_p: float | None = None  # variance claims: Brown–Forsythe p-value (its own Holm family)
 
@@ -581,7 +582,11 @@ def _quality(claim: Claim, group: str, a_rows: list[dict], b_rows: list[dict], n
                    example_var=result.example_var, seed_var=result.seed_var, seed_vars=result.seed_vars,
                    welch_df=welch_df(result.example_var, result.n_examples, result.seed_vars[0], len(a_rows),
                                      result.seed_vars[1], len(b_rows)),
-                   keys=([r["key"] for r in a_rows if "key" in r], [r["key"] for r in b_rows if "key" in r]))
+                   keys=(_keys(a_rows), _keys(b_rows)))
+
+
+def _keys(rows: list[dict[str, Any]]) -> list[str]:
+    return [r["key"] for r in rows if "key" in r]
 
 
 def _contrasts(claim: Claim, rows: list[dict[str, Any]], n_resamples: int) -> list[Finding]:
@@ -671,7 +676,10 @@ def _contrast(claim: Claim, group: str, names: list[str], sides: list[list[dict]
     df = max(1, result.n_examples - 1)
     return Finding(claim, group, result.delta, result.ci, "underpowered", detail, n, metric=metric, se=result.se,
                    df=df, p_value=t_test(result.delta, result.se, df), diffs=result.diffs,
-                   example_var=result.example_var, seed_var=result.seed_var, seed_vars=result.seed_vars)
+                   example_var=result.example_var, seed_var=result.seed_var, seed_vars=result.system_vars,
+                   welch_df=welch_df_systems(result.example_var, result.n_examples,
+                                             [(v, len(s)) for v, s in zip(result.system_vars, sides, strict=True)]),
+                   keys=tuple(_keys(side) for side in sides))
 
 
 def _group_seed(claim_id: str, group: str) -> int:
@@ -704,7 +712,7 @@ def _variance(claim: Claim, group: str, a_rows: list[dict], b_rows: list[dict], 
               f"{SPREAD_RATIO:g}x sd ratio at these seeds {test.power:.0%} (F-test approximation; {test.seeds_needed} seeds "
               "per side for 80%)")
     return Finding(claim, group, test.ratio, test.ci, "underpowered", detail, n, metric=metric,
-                   spread_p=test.p_value)
+                   spread_p=test.p_value, seed_vars=(test.sd_a ** 2, test.sd_b ** 2), keys=(_keys(a_rows), _keys(b_rows)))
 
 
 def _similarity_gap(claim: Claim, group: str, a_rows: list[dict], b_rows: list[dict],

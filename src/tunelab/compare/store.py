@@ -243,6 +243,17 @@ class Store:
             conn.execute("INSERT OR REPLACE INTO adapters VALUES (?, ?)", (key, blob))
         return True
 
+    def drop_adapters(self, keep: set[str]) -> int:
+        """Forget the stored adapters not in ``keep`` (no cell still to run starts from them), so a committed store
+        holds an adapter only while a resume may need it; returns how many were dropped (then VACUUM shrinks)."""
+        stored = [k for (k,) in self.conn.execute("SELECT key FROM adapters")]
+        gone = [k for k in stored if k not in keep]
+        if gone:
+            with self.transaction() as conn:
+                conn.executemany("DELETE FROM adapters WHERE key = ?", [(k,) for k in gone])
+            self.conn.execute("VACUUM")
+        return len(gone)
+
     def restore_adapter(self, key: str, directory: Path) -> bool:
         """Write a stored adapter back as ``directory``; False when the store does not hold it."""
         found = self.conn.execute("SELECT data FROM adapters WHERE key = ?", (key,)).fetchone()

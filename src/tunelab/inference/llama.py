@@ -1,7 +1,8 @@
-"""What the fast decode steps (``inference.torch_step``, ``native.llama``) read from a Llama model, in one place both
-import (neither imports the other): whether a model is covered (``supports``), the key that says its weights or layer
-state changed (``weights_key``), the deltas of the layers a method patched into its projections, and a per-model,
-per-dtype build cache.
+"""What the fast decode steps (``inference.torch_step``, ``native.llama``) read from a model, in one place both
+import (neither imports the other): whether a model is covered (``uncovered`` / ``supports``: a family declared in
+``inference.arch`` -- Llama, Gemma 3 text -- whose modules are all of the declared kinds), the key that says its
+weights or layer state changed (``weights_key``), the deltas of the layers a method patched into its projections,
+and a per-model, per-dtype build cache.
 
 A projection is a plain ``nn.Linear``, or a layer whose forward is ``base(x) + delta(x)``: which layers are, and
 their deltas, are declared for the model by the method that patched them in (``register_layer_deltas``; peft's
@@ -17,12 +18,14 @@ from typing import Protocol
 
 import torch
 
+from tunelab.inference import arch
+
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 def decoder(model):
-    """The decoder stack (``model.model`` of a transformers Llama), or None."""
+    """The decoder stack (``model.model`` of a transformers Llama or Gemma 3), or None."""
     return getattr(model, "model", None)
 
 
@@ -86,29 +89,41 @@ def deltas_of(model, names: dict[int, str]) -> dict[str, Delta]:
     return out
 
 
-def supports(model) -> bool:
-    """Whether ``step`` computes this model's forward: a plain Llama, whose projections are plain ``nn.Linear`` or
-    layers with declared deltas (``register_layer_deltas``: added after the fused base projections)."""
-    cfg, body = getattr(model, "config", None), decoder(model)
-    if cfg is None or body is None or getattr(cfg, "model_type", None) != "llama":
-        return False
-    if getattr(cfg, "hidden_act", None) != "silu" or getattr(cfg, "pretraining_tp", 1) != 1:
-        return False
+def uncovered(model) -> str | None:
+    """Why ``step`` cannot compute this model's forward, in one line (None: it can): a family ``inference.arch``
+    declares, every module of the declared class, every projection a plain ``nn.Linear`` or a layer with declared
+    deltas (``register_layer_deltas``: added after the fused base projections)."""
+    cfg, body, name = getattr(model, "config", None), decoder(model), type(model).__name__
+    if cfg is None or body is None or not len(getattr(body, "layers", ())):
+        return f"{name} has no decoder stack (model.model.layers)"
+    spec = arch.of(cfg)
+    if isinstance(spec, str):
+        return f"{name}: {spec}"
     head = model.get_output_embeddings()
-    if type(head) is not torch.nn.Linear or type(getattr(body, "embed_tokens", None)) is not torch.nn.Embedding:
-        return False  # e.g. peft's modules_to_save wrappers: their trained copy is not ``.weight``
-    if not hasattr(body, "rotary_emb") or not hasattr(body, "norm"):
-        return False
+    if type(head) is not torch.nn.Linear or type(getattr(body, "embed_tokens", None)).__name__ != spec.embedding:
+        # e.g. peft's modules_to_save wrappers: their trained copy is not ``.weight``
+        return f"{name}: the embedding or LM head is not a plain {spec.embedding} / nn.Linear"
+    if not hasattr(body, "rotary_emb") or type(getattr(body, "norm", None)).__name__ != spec.norm:
+        return f"{name}: no rotary_emb or final {spec.norm}"
+    if len(body.layers) != len(spec.windows):
+        return f"{name}: {len(body.layers)} layers, the config declares {len(spec.windows)}"
     declared = layer_deltas(model)
-    for layer in getattr(body, "layers", ()):
-        if type(getattr(layer, "self_attn", None)).__name__ != "LlamaAttention":
-            return False  # e.g. peft's adaption prompt wraps the attention module itself
-        for name in PROJECTIONS:
-            if split(layer.get_submodule(name), declared) is None:  # quantised layers, DoRA, undeclared wrappers
-                return False
-        if type(layer.input_layernorm).__name__ != "LlamaRMSNorm":
-            return False
-    return len(getattr(body, "layers", ())) > 0
+    for i, layer in enumerate(body.layers):
+        if type(getattr(layer, "self_attn", None)).__name__ != spec.attention:
+            return f"{name}: layer {i}'s attention is not a plain {spec.attention}"  # e.g. peft's adaption prompt
+        for proj in PROJECTIONS:
+            if split(layer.get_submodule(proj), declared) is None:  # quantised layers, DoRA, undeclared wrappers
+                return (f"{name}: layer {i}'s {proj} is neither a plain nn.Linear nor a layer with declared deltas "
+                        "(inference.llama.register_layer_deltas)")
+        for norm in spec.norms:
+            if type(layer.get_submodule(norm)).__name__ != spec.norm:
+                return f"{name}: layer {i}'s {norm} is not a {spec.norm}"
+    return None
+
+
+def supports(model) -> bool:
+    """Whether ``step`` computes this model's forward (``uncovered`` has no reason)."""
+    return uncovered(model) is None
 
 
 def layer_state(module, declared: LayerDeltas | None) -> tuple:
@@ -122,11 +137,14 @@ def layer_state(module, declared: LayerDeltas | None) -> tuple:
 def weights_key(model) -> tuple:
     """Every source tensor's (data_ptr, version, dtype) and every projection module's ``layer_state``, in one
     walk over the layers (it runs at every decode step)."""
-    body, declared = decoder(model), layer_deltas(model)
+    body, declared, spec = decoder(model), layer_deltas(model), arch.of(model.config)
+    assert isinstance(spec, arch.Arch), spec  # supports(model) holds
     tensors = [body.embed_tokens.weight, body.norm.weight, model.get_output_embeddings().weight]
+    if spec.embed_scale:
+        tensors.append(body.embed_tokens.embed_scale)
     states = []
     for layer in body.layers:
-        tensors += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+        tensors += [layer.get_submodule(norm).weight for norm in spec.norms]
         for name in PROJECTIONS:
             module = layer.get_submodule(name)
             states.append(layer_state(module, declared))

@@ -3,7 +3,8 @@
 A step is ``(tokens (B,), mask (B, L + 1), positions (B,), cache) -> logits (B, V)``, the cache extended in place.
 
     native        ``native.llama.step``: the whole Llama step in one compiled C call (CPU, fp32/bf16 weights)
-    torch         ``inference.torch_step.step``: the same layers in PyTorch ops (any device)
+    torch         ``inference.torch_step.step``: the families ``inference.arch`` declares (Llama, Gemma 3 text) in
+                  PyTorch ops (any device)
     transformers  the model's own forward: every architecture, every cache, every wrapped layer
 
 ``choose(model, cache)`` returns the first backend, starting at the preferred one (``prefer``; default
@@ -22,7 +23,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from tunelab.inference import llama, rows, torch_step
+from tunelab.inference import arch, llama, rows, torch_step
 from tunelab.kvcache import PreallocatedLayer
 
 log = logging.getLogger(__name__)
@@ -85,12 +86,18 @@ def _uncovered(model, cache) -> str | None:
     """Why neither fast step can run ``model`` over ``cache`` (None: they can)."""
     if rows.current_row_slots() is not None and rows.row_deltas(model) is None:
         return "per-row weight deltas live only in module hooks (no inference.rows.register_row_deltas)"
+    reason = llama.uncovered(model)
+    if reason is not None:
+        return reason
     layers = getattr(cache, "layers", None)
     if not layers or any(type(layer) is not PreallocatedLayer for layer in layers):
-        return "the cache is not pre-allocated full attention (kvcache.preallocate)"
-    if not llama.supports(model):
-        return (f"{type(model).__name__} is not a plain Llama whose projections are plain nn.Linear or layers with "
-                "declared deltas (inference.llama.register_layer_deltas)")
+        return "the cache is not pre-allocated (kvcache.preallocate: full-attention and sliding-window layers)"
+    spec = arch.of(model.config)
+    assert isinstance(spec, arch.Arch)  # llama.uncovered(model) is None
+    if len(layers) != len(spec.windows) or any(
+            layer.window is not None and (window is None or layer.window < window)
+            for layer, window in zip(layers, spec.windows, strict=False)):
+        return "a cache layer holds fewer past keys than its model layer's attention window"
     return None
 
 
@@ -123,7 +130,10 @@ def choose(model, cache, dtype: torch.dtype | None = None) -> tuple[str, Step]:
         from tunelab import native
         from tunelab.native import llama as native_llama
 
-        if device.type != "cpu":
+        spec = arch.of(model.config)
+        if not isinstance(spec, arch.Arch) or not spec.native:
+            _fallback("native", f"the native kernel computes Llama layers; {type(model).__name__} runs in PyTorch ops")
+        elif device.type != "cpu":
             _fallback("native", f"the native kernel reads CPU memory; the model is on {device.type}")
         elif native.library() is None:
             _fallback("native", native.reason())
