@@ -243,3 +243,21 @@ def test_a_variance_claim_short_of_seeds_gets_seeds_on_both_sides_up_to_the_mini
     final = evaluate_claims([r.data for r in store.rows()], 300)
     (spread,) = [f for f in final if f.claim.id == "pt_unstable"]
     assert spread.verdict != "underpowered" and spread.n["a_seeds"] == spread.n["b_seeds"] == SPREAD_MIN_SEEDS
+
+
+def test_the_report_names_the_procedure_of_every_verdict(tmp_path):
+    """Per row of both claims tables: sequential for the quality tests a grid looked at while adding cells,
+    fixed-sample for the spread test (never looked at to stop), - where nothing was measured."""
+    from tunelab.compare.report import _claims
+
+    cells, store, run, _ = _setup(tmp_path, gain=0.06, seed_sd={"ipt": 0.05, "pt": 0.05})
+    until_decisive(store, tmp_path / "results.sqlite", cells, 60, run, Console(quiet=True), 300)
+    findings = evaluate_claims([r.data for r in store.rows()], 300, looks=load_looks(tmp_path / "results.sqlite"))
+    _, summary, detail = _claims(findings)
+    assert summary.headers[-1] == "procedure" and detail.headers[-2] == "procedure"
+    by_test = {row[1]: row[-1] for row in summary.rows}
+    assert by_test["IPT > PT (quality, same task/data/length)"] == "sequential"
+    assert by_test["std over seeds: PT > IPT"] == "fixed-sample"
+    assert by_test["LoRA > PT (same task and data)"] == "-"  # not measured
+    assert {(row[0], row[-2]) for row in detail.rows if row[0].startswith(("IPT >", "std over"))} == {
+        ("IPT > PT (quality, same task/data/length)", "sequential"), ("std over seeds: PT > IPT", "fixed-sample")}

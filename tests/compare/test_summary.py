@@ -6,6 +6,7 @@ import json
 import random
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from tunelab.compare.store import Store
@@ -108,3 +109,67 @@ def test_an_empty_store_says_so(tmp_path):
     with Store(tmp_path / "s.sqlite") as store:
         print_summary(console, store)
     assert "no finished cells" in console.export_text()
+
+
+def _tuned_store(tmp: Path) -> Store:
+    """``_store`` plus each cell's CPU seconds, random ICL scoring as PT does, the grid's margins, and the
+    ``tuned`` rows a tuned grid leaves (PT's trials cheap, LoRA's dear)."""
+    store = _store(tmp)
+    for row in store.rows(status="done"):
+        store.record({**row.data, "cpu_seconds": {"prompt_tuning": 40.0, "lora": 60.0}.get(row.data["method"], 5.0),
+                      "eval_seconds": 1.0, "config": {**row.data["config"], "model": {"name": "tiny"}}})
+    for seed in (0, 1):  # the same answers as PT seed 0, whatever the seed: equivalent within a wide margin
+        pt = next(r.data for r in store.rows(keys=["prompt_tuning-0"]))
+        store.record({**pt, "key": f"icl-{seed}", "method": "icl_random", "method_name": "icl", "seed": seed,
+                      "config": {"method": {"name": "icl", "k": 1, "selection": "random"}, "model": {"name": "tiny"}},
+                      "cpu_seconds": 5.0})
+    store.set_margins({"exact_match": 40.0})
+    for method, cpu in (("prompt_tuning", 10.0), ("lora", 1000.0)):
+        store.record_tuned({"study": f"{method}/date_format", "method": method, "task": "date_format",
+                            "params": {"train.lr": 0.1}, "dev_score": 1.0, "trials": 3, "cpu_seconds": cpu})
+    return store
+
+
+def test_summary_and_report_give_every_claim_the_same_verdict(tmp_path):
+    """The summary reads the store as the report does: tuning costs (``pt_cheaper_tuned`` was *not measured* in
+    the summary while the report measured it) and the grid's equivalence margins (PT vs random ICL is
+    *equivalent* within ±40, *underpowered* at exact match's own margin)."""
+    from tunelab.compare.report import build_report
+
+    with _tuned_store(tmp_path) as store:
+        table, _ = claims_table(finished_rows(store), n_resamples=300, margins=store.margins())
+        report = build_report(store, n_resamples=300, sizing=False)
+        console = Console(record=True, width=250)
+        print_summary(console, store)
+    summary = dict(_cells(_text(table)))
+    claims = next(items for name, items in report.sections if name == "Claims")
+    in_report = {row[1]: row[2] for row in claims[1].rows if row[2] != "not measured"}
+    assert summary == in_report
+    assert summary["PT CPU seconds incl. its share of tuning < LoRA / full FT's"] == "supported"
+    assert summary["PT > random ICL"] == "equivalent"
+    procedures = {row[1]: row[3] for row in claims[1].rows}
+    assert procedures["PT CPU seconds incl. its share of tuning < LoRA / full FT's"] == "measured"  # no test
+    assert procedures["PT > random ICL"] == "fixed-sample"
+    printed = dict(_cells(console.export_text())[-len(summary):])
+    assert printed == summary  # what `tunelab compare` prints
+
+
+def test_the_board_gives_every_claim_the_report_s_verdict(tmp_path):
+    """The board's Results tab reads a store as the report does: with tuning costs and the grid's margins (it
+    evaluated the claims on bare rows, so ``pt_cheaper_tuned`` was *not measured* there and PT vs random ICL
+    *underpowered* at exact match's own margin)."""
+    pytest.importorskip("pandas")
+    from tunelab.board.results import claims_frames
+    from tunelab.board.stores import claim_settings, store_rows
+    from tunelab.compare.report import build_report
+
+    with _tuned_store(tmp_path) as store:
+        report = build_report(store, n_resamples=300, sizing=False)
+        path = store.path
+    claims = next(items for name, items in report.sections if name == "Claims")
+    in_report = {row[1]: row[2] for row in claims[1].rows}
+    frame, _ = claims_frames(store_rows(path), n_resamples=300, **claim_settings(path))
+    on_board = dict(zip(frame["tested as"], frame["verdict"], strict=True))
+    assert on_board == {claim: in_report[claim] for claim in on_board}
+    assert on_board["PT CPU seconds incl. its share of tuning < LoRA / full FT's"] == "supported"
+    assert on_board["PT > random ICL"] == "equivalent"

@@ -27,9 +27,11 @@ def quality_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(table.rows, columns=table.headers)
 
 
-def claims_frames(rows: list[dict[str, Any]], n_resamples: int = 1000) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(one verdict per claim, every finding with its effect and 95% interval), as in the report."""
-    findings = evaluate_claims(done(rows), n_resamples)
+def claims_frames(rows: list[dict[str, Any]], n_resamples: int = 1000, margins: dict[str, float] | None = None,
+                  looks: dict[str, Any] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(one verdict per claim, every finding with its effect and 95% interval), as in the report (``margins`` and
+    ``looks``: ``stores.claim_settings`` of the store the rows came from)."""
+    findings = evaluate_claims(done(rows), n_resamples, margins, looks=looks)
     overall = summarise(findings)
     first = {f.claim.id: f for f in findings}
     summary = pd.DataFrame([[overall[f.claim.id], f.claim.source, f.claim.test] for f in first.values()],

@@ -30,10 +30,21 @@ def store_path(runs: str | Path, name: str) -> Path:
 
 
 def store_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Every stored cell as a dict with its task tags, exactly the rows ``build_report`` works on."""
+    """Every stored cell as a dict with its task tags and tuning cost, exactly the rows ``build_report`` works on."""
+    from tunelab.compare.summary import with_tuning_cost
+
     with open_existing(path) as db:
         tags = db.task_tags()
-        return [{**r.data, "tags": tags.get(r.data["task"], [])} for r in db.rows()]
+        return with_tuning_cost([{**r.data, "tags": tags.get(r.data["task"], [])} for r in db.rows()], db)
+
+
+def claim_settings(path: str | Path) -> dict[str, Any]:
+    """What the report's claims read from a store beside its rows: the grid's equivalence ``margins`` and the
+    sequential tests' earlier ``looks`` (``compare.sequential``), as keyword arguments of ``claims_frames``."""
+    from tunelab.compare.sequential import load_looks
+
+    with open_existing(path) as db:
+        return {"margins": db.margins() or None, "looks": load_looks(db.path) or None}
 
 
 def done(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ from tunelab.compare.claims import CLAIMS, evaluate_claims, summarise
 from tunelab.compare.examples import SIMILARITY_KEY, mean_by_id, read_predictions
 from tunelab.compare.sequential import Look, load_looks
 from tunelab.compare.store import Store
+from tunelab.compare.summary import with_tuning_cost
 from tunelab.metrics import margins_text
 from tunelab.paths import atomic_write_bytes, atomic_write_text
 from tunelab.phases import PHASES, overhead
@@ -50,7 +51,7 @@ def build_report(store: Store, keys: list[str] | None = None, n_resamples: int =
     tags = store.task_tags()
     margins = store.margins()
     rows = [{**r.data, "tags": tags.get(r.data["task"], [])} for r in store.rows(keys=keys)]
-    done = _with_tuning_cost([r for r in rows if r["status"] == "done"], store)
+    done = with_tuning_cost([r for r in rows if r["status"] == "done"], store)
     failed = [r for r in rows if r["status"] == "failed"]
     grids = sorted({r["grid"] for r in rows})
     facts = [f"store: `{_shown_path(store.path)}`", f"cells: {len(done)} done, {len(failed)} failed",
@@ -91,23 +92,6 @@ def build_report(store: Store, keys: list[str] | None = None, n_resamples: int =
                                                 [[r["method"], r["task"], str(r["seed"]),
                                                   (r["error"] or "").splitlines()[0][:300]] for r in failed])]))
     return Report("tunelab comparison report", facts, sections)
-
-
-def _with_tuning_cost(rows: list[dict[str, Any]], store: Store) -> list[dict[str, Any]]:
-    """``tuned_cpu_seconds``: a cell's CPU plus an equal share of its method's tuning trials (tuned methods only)."""
-    tuned = store.tuned()
-    if not tuned:
-        return rows
-    cost: dict[str, float] = defaultdict(float)
-    for t in tuned:
-        cost[t["method"]] += t["cpu_seconds"] or 0.0
-    cells = Counter(r["method"] for r in rows)
-    out = []
-    for r in rows:
-        extra = cost.get(r["method"], 0.0) / cells[r["method"]]
-        total = None if r.get("cpu_seconds") is None else r["cpu_seconds"] + extra
-        out.append({**r, "tuned_cpu_seconds": total})
-    return out
 
 
 def _figure_or_note(name: str, title: str, png: bytes | None, note: str) -> Figure:
@@ -287,10 +271,24 @@ def _p(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
+def procedure(f: Any) -> str:
+    """Which procedure gave this finding its verdict: fixed-sample or sequential (a test: its p-value or interval),
+    measured (a cost claim: a measured ratio against a noise band, no test), or - (nothing was measured)."""
+    if f.effect is None:
+        return "-"
+    return "measured" if f.claim.kind == "cost" else f.procedure
+
+
+def _procedures(findings: list) -> str:
+    """The procedures behind a claim's verdict over its groups (e.g. sequential where it ran until decisive)."""
+    return ", ".join(sorted({procedure(f) for f in findings} - {"-"})) or "-"
+
+
 def _claims(findings: list) -> list[Table | Figure | str]:
     overall = summarise(findings)
-    summary = Table(["claim (as the articles make it)", "tested as", "verdict"],
-                    [[f.claim.source, f.claim.test, overall[f.claim.id]]
+    summary = Table(["claim (as the articles make it)", "tested as", "verdict", "procedure"],
+                    [[f.claim.source, f.claim.test, overall[f.claim.id],
+                      _procedures([g for g in findings if g.claim.id == f.claim.id])]
                      for f in {f.claim.id: f for f in findings}.values()])
     detail = Table(["tested as", "group", "n (rows x seeds)", "effect (A − B)", "95% CI", "MDE (80%)", "margin",
                     "p (Holm)", "TOST p (Holm)", "verdict", "procedure", "measured"],
@@ -299,7 +297,7 @@ def _claims(findings: list) -> list[Table | Figure | str]:
                      "-" if f.mde is None else f"{f.mde:.3g}", "-" if f.margin is None else f"±{f.margin:g}",
                      "-" if f.p_value is None else f"{_p(f.p_value)} ({_p(f.p_adjusted)})",
                      "-" if f.p_tost is None else f"{_p(f.p_tost)} ({_p(f.p_tost_adjusted)})",
-                     f.verdict + (f" ({f.caveat})" if f.caveat else ""), f.procedure if f.tested else "-", f.detail]
+                     f.verdict + (f" ({f.caveat})" if f.caveat else ""), procedure(f), f.detail]
                     for f in findings])
     tests = sum(1 for f in findings if f.tested)
     note = (f"Quality claims ({tests} tests): paired bootstrap (1,000 resamples) over evaluation rows (shared by both "
@@ -314,11 +312,13 @@ def _claims(findings: list) -> list[Table | Figure | str]:
             "sides evaluated (e.g. the larger model's instruction-tuning gain minus the smaller's), the same "
             "bootstrap with rows shared by the four, tested and Holm-adjusted with the quality claims. Cost claims "
             "compare measured means (effect = ratio A / B). *not measured*: the grid lacks the cells the claim "
-            "needs (said in its row). A verdict holds for this model, data and budget only. *procedure*: "
-            "fixed-sample (the t test above) or sequential (a grid run `until: decisive` added cells while looking at "
-            "these tests; its p-values are anytime-valid, from a normal-mixture confidence sequence, Howard et al. "
-            "2021). Variance claims: effect = sd over seeds of A / that of B, Brown–Forsythe test on the per-seed "
-            "scores (Holm across variance tests); fewer than 10 seeds a side is *underpowered* whatever the data. "
+            "needs (said in its row). A verdict holds for this model, data and budget only. *procedure*, per verdict: "
+            "fixed-sample (the t test above, or a variance, similarity or loss-gap claim's own test at the seeds it "
+            "has) or sequential (a grid run `until: decisive` added cells while looking at these tests; its p-values "
+            "are anytime-valid, from a normal-mixture confidence sequence, Howard et al. 2021); measured: a cost "
+            "claim's ratio, no test. Variance claims: effect = sd over seeds of A / that of B, Brown–Forsythe test on "
+            "the per-seed scores (Holm across variance tests); fewer than 10 seeds a side is *underpowered* whatever "
+            "the data. "
             "*unconverged*: a side's training loss was still moving at the end (Convergence section).")
     return [note, summary, detail]
 

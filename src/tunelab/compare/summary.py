@@ -6,7 +6,7 @@ see without opening a file: what was compared, what it cost, and which claims he
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from statistics import mean, stdev
 from typing import Any
 
@@ -19,9 +19,29 @@ from tunelab.compare.store import Store
 
 
 def finished_rows(store: Store, keys: list[str] | None = None) -> list[dict[str, Any]]:
-    """The store's finished cells (only ``keys`` if given), with their task tags, as the report reads them."""
+    """The store's finished cells (only ``keys`` if given), with their task tags and tuning cost
+    (``with_tuning_cost``), as the report reads them."""
     tags = store.task_tags()
-    return [{**r.data, "tags": tags.get(r.data["task"], [])} for r in store.rows(status="done", keys=keys)]
+    return with_tuning_cost([{**r.data, "tags": tags.get(r.data["task"], [])}
+                             for r in store.rows(status="done", keys=keys)], store)
+
+
+def with_tuning_cost(rows: list[dict[str, Any]], store: Store) -> list[dict[str, Any]]:
+    """``tuned_cpu_seconds``: a cell's CPU plus an equal share of its method's tuning trials (tuned methods only;
+    the cost claim ``pt_cheaper_tuned`` reads it)."""
+    tuned = store.tuned()
+    if not tuned:
+        return rows
+    cost: dict[str, float] = defaultdict(float)
+    for t in tuned:
+        cost[t["method"]] += t["cpu_seconds"] or 0.0
+    cells = Counter(r["method"] for r in rows)
+    out = []
+    for r in rows:
+        extra = cost.get(r["method"], 0.0) / cells[r["method"]]
+        total = None if r.get("cpu_seconds") is None else r["cpu_seconds"] + extra
+        out.append({**r, "tuned_cpu_seconds": total})
+    return out
 
 
 def method_table(rows: list[dict[str, Any]]) -> Table:
@@ -42,11 +62,11 @@ def method_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
-def claims_table(rows: list[dict[str, Any]], n_resamples: int = 1000,
-                 looks: dict[str, list[Look]] | None = None) -> tuple[Table, int]:
+def claims_table(rows: list[dict[str, Any]], n_resamples: int = 1000, looks: dict[str, list[Look]] | None = None,
+                 margins: dict[str, float] | None = None) -> tuple[Table, int]:
     """The claims the grid could measure, with their verdicts; and how many it could not (``looks``: the
-    sequential tests' earlier looks, ``compare.sequential``)."""
-    findings = evaluate_claims(rows, n_resamples, looks=looks)
+    sequential tests' earlier looks, ``compare.sequential``; ``margins``: the grid's, as the report uses)."""
+    findings = evaluate_claims(rows, n_resamples, margins, looks=looks)
     verdicts = summarise(findings)
     table = Table(title="claims", title_justify="left")
     table.add_column("claim")
@@ -76,7 +96,7 @@ def print_summary(console: Console, store: Store, keys: list[str] | None = None)
         console.print("no finished cells to summarise")
         return
     console.print(method_table(rows))
-    claims, skipped = claims_table(rows, looks=load_looks(store.path) or None)
+    claims, skipped = claims_table(rows, looks=load_looks(store.path) or None, margins=store.margins())
     if claims.row_count:
         console.print(claims)
     console.print(f"{skipped} claims not measured by this grid (no cells for one side); see the report"

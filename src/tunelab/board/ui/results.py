@@ -8,7 +8,7 @@ import gradio as gr
 import pandas as pd
 
 from tunelab.board import results
-from tunelab.board.stores import find_stores, store_path, store_rows
+from tunelab.board.stores import claim_settings, find_stores, store_path, store_rows
 from tunelab.compare.plots import COSTS
 
 ALL = "(all tasks)"
@@ -52,7 +52,7 @@ def build(runs: Path) -> dict:
         tasks = sorted({r["task"] for r in rows})
         chosen_task = chosen_task if chosen_task in tasks else ALL
         shown = rows if chosen_task == ALL else [r for r in rows if r["task"] == chosen_task]
-        summary_text, detail_frame = results.claims_frames(rows)
+        summary_text, detail_frame = results.claims_frames(rows, **claim_settings(store_path(runs, name)))
         fails = results.failed_frame(rows)
         return (results.summary_line(rows), results.quality_frame(rows), summary_text, detail_frame,
                 gr.update(choices=[ALL, *tasks], value=chosen_task),
