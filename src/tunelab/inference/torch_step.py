@@ -31,11 +31,12 @@ the base projections fused and packed as for the bare model, each layer's delta 
 ``B(A(x)) * scaling``, its modules called as its forward calls them) added after them. Serve's LoRA rows
 (per-row low-rank deltas on the frozen model's plain projections,
 ``serve.lora_rows``) run in the lean step too: it adds each projection's delta from ``inference.rows.row_deltas``,
-computed by the same function as the module hooks of the transformers forward. Greedy tokens equal the transformers forward's in fp32 (tests/test_fastdecode.py).
+computed by the same function as the module hooks of the transformers forward. Greedy tokens equal the transformers forward's in fp32 (tests/test_fastdecode.py;
+Gemma 3: tests/test_gemma_step.py).
 
 ``inference.steps`` prefers the native step (the same layers in one compiled call, ``tunelab.native``,
 batch-invariant by construction and 2x faster at batch 1); this module's PyTorch step runs where that kernel
-cannot (no C compiler, ``TUNELAB_NATIVE=0``, other dtypes, a GPU). What both read from the model (coverage,
+cannot (no C compiler, ``TUNELAB_NATIVE=0``, other dtypes, a GPU, a family other than Llama). What both read from the model (coverage,
 weights key, declared layer deltas) is ``inference.llama``.
 """
 

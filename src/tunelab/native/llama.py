@@ -1,4 +1,5 @@
-"""The native decode step (``decode.c``) for the Llama models ``inference.llama.supports`` covers: weights by pointer, no copy.
+"""The native decode step (``decode.c``) for the Llama models ``inference.llama.supports`` covers (a family
+``inference.arch`` declares ``native``; Gemma 3 runs the torch step): weights by pointer, no copy.
 
 ``weights(model)`` collects the model's own parameter tensors (fp32, or the bf16 copy ``precision.weights_in``
 swaps in) and is rebuilt when ``inference.llama.weights_key`` (every tensor's storage and version, every projection
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from tunelab import native
-from tunelab.inference import llama
+from tunelab.inference import arch, llama
 from tunelab.inference.llama import cached, weights_key
 
 _I64 = ctypes.c_int64
@@ -64,7 +65,10 @@ class Weights:
 
 def _weights_fit(model) -> bool:
     """Every weight a contiguous CPU tensor of one dtype, fp32 or bf16, and no biases (``inference.llama.supports``
-    already holds)."""
+    already holds), of a family the kernel computes (``inference.arch``: Llama)."""
+    spec = arch.of(model.config)
+    if not isinstance(spec, arch.Arch) or not spec.native:
+        return False
     body, declared = model.model, llama.layer_deltas(model)
     weights = [body.embed_tokens.weight, body.norm.weight, model.get_output_embeddings().weight]
     for layer in body.layers:
