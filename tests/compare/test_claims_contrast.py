@@ -67,10 +67,11 @@ def _keyed(row: dict, key: str, init_from: str | None = None, steps: int = 40) -
     return {**row, "key": key, "config": {**row["config"], "method": method, "train": {"steps": steps}}}
 
 
-def _gap_rows(tmp_path, p_pt_moved: float, p_lora_moved: float, with_lora_moved: bool = True) -> list[dict]:
+def _gap_rows(tmp_path, p_pt_moved: float, p_lora_moved: float, with_lora_moved: bool = True,
+              seeds: int = 2) -> list[dict]:
     """PT and LoRA trained on task x, the same used as is on task y, and PT and LoRA trained on y."""
     rows = []
-    for s in range(2):
+    for s in range(seeds):
         rows += [_keyed(_cell(tmp_path, "pt", s, _scores(0.5, seed=s), task="x"), f"ptx{s}"),
                  _keyed(_cell(tmp_path, "lora", s, _scores(0.5, seed=s), task="x"), f"lorax{s}"),
                  _keyed(_cell(tmp_path, "pt", s, _scores(0.7, n=300, seed=20 + s), task="y"), f"pty{s}"),
@@ -99,8 +100,14 @@ def test_transfer_gap_compares_pt_drop_with_lora_drop_on_the_target_rows(tmp_pat
     assert lora_pt.effect == pytest.approx(mean("loray") - mean("pty"))
 
     (tmp_path / "even").mkdir()
-    (even,) = _by_id(evaluate_claims(_gap_rows(tmp_path / "even", 0.6, 0.2), n_resamples=500), "pt_transfer_gap")
-    assert even.verdict == "contradicted"
+    # the reverse gap: a t test whose degrees of freedom count the seeds (Welch–Satterthwaite) needs more than 2
+    # seeds a side to call it; at 2 the same data is only underpowered
+    (two,) = _by_id(evaluate_claims(_gap_rows(tmp_path / "even", 0.6, 0.2), n_resamples=500), "pt_transfer_gap")
+    assert two.effect < 0 and two.verdict == "underpowered" and two.df < 10
+    (tmp_path / "even4").mkdir()
+    (four,) = _by_id(evaluate_claims(_gap_rows(tmp_path / "even4", 0.6, 0.2, seeds=4), n_resamples=500),
+                     "pt_transfer_gap")
+    assert four.verdict == "contradicted" and four.df > two.df
 
 
 def test_transfer_gap_without_the_moved_lora_is_not_measured_and_says_what_it_needs(tmp_path):

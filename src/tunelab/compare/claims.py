@@ -381,14 +381,22 @@ def _with_pooled(findings: list[Finding], margins: dict[str, float] | None = Non
                                 f"stratified bootstrap over groups' rows and seeds; {rows} rows in all",
                          n={"examples": rows, "groups": len(tested)},
                          metric=metrics[0] if len(metrics) == 1 else None,
-                         se=float(np.std(diffs, ddof=1)), df=max(1, rows - len(tested)), diffs=diffs,
-                         welch_df=min(f.welch_df if f.welch_df is not None else f.df or 1 for f in tested),
+                         se=float(np.std(diffs, ddof=1)), df=_pooled_df(tested), diffs=diffs,
+                         welch_df=_pooled_df(tested),
                          unconverged=sorted({u for f in tested for u in f.unconverged}),
                          margin=float(np.mean([f.margin if f.margin is not None else margin_for(f.metric, margins)
                                                for f in tested])))
         pooled.p_value = t_test(effect, pooled.se, pooled.df)
         out.append(pooled)
     return out
+
+
+def _pooled_df(tested: list[Finding]) -> float:
+    """Welch–Satterthwaite degrees of freedom of the mean of the groups' effects: se² = Σ se_g² / G²."""
+    parts = [(float(f.se) ** 2, float(f.df or 1)) for f in tested if f.se]
+    if not parts:
+        return 1.0
+    return float(sum(v for v, _ in parts) ** 2 / sum(v ** 2 / df for v, df in parts))
 
 
 def decide(findings: list[Finding], margins: dict[str, float] | None = None, alpha: float = ALPHA,
@@ -576,13 +584,14 @@ def _quality(claim: Claim, group: str, a_rows: list[dict], b_rows: list[dict], n
     n["examples"] = result.n_examples
     detail = (f"{metric}: {claim.a_name} {result.a:.2f} vs {claim.b_name} {result.b:.2f} "
               f"({result.n_examples} rows x {len(a_rows)} vs {len(b_rows)} seeds)")
-    df = max(1, result.n_examples - 1)
+    # the t test's degrees of freedom count the seeds (Welch–Satterthwaite over the row and seed terms of se²): with
+    # 3 seeds a side and a large seed spread that is ~4, not rows − 1, which would claim far more than 3 seeds can
+    df = welch_df(result.example_var, result.n_examples, result.seed_vars[0], len(a_rows), result.seed_vars[1],
+                  len(b_rows))
     return Finding(claim, group, result.delta, result.ci, "underpowered", detail, n, metric=metric, se=result.se,
                    df=df, p_value=t_test(result.delta, result.se, df), diffs=result.diffs,
                    example_var=result.example_var, seed_var=result.seed_var, seed_vars=result.seed_vars,
-                   welch_df=welch_df(result.example_var, result.n_examples, result.seed_vars[0], len(a_rows),
-                                     result.seed_vars[1], len(b_rows)),
-                   keys=(_keys(a_rows), _keys(b_rows)))
+                   welch_df=df, keys=(_keys(a_rows), _keys(b_rows)))
 
 
 def _keys(rows: list[dict[str, Any]]) -> list[str]:
@@ -673,13 +682,12 @@ def _contrast(claim: Claim, group: str, names: list[str], sides: list[list[dict]
     n["examples"] = result.n_examples
     detail = (f"{metric}: {names[0]} − {names[1]} = {result.a:+.2f}, {names[2]} − {names[3]} = {result.b:+.2f} "
               f"({result.n_examples} rows evaluated by all four; seeds {'/'.join(str(len(s)) for s in sides)})")
-    df = max(1, result.n_examples - 1)
+    df = welch_df_systems(result.example_var, result.n_examples,  # seeds counted, as in _quality
+                          [(v, len(s)) for v, s in zip(result.system_vars, sides, strict=True)])
     return Finding(claim, group, result.delta, result.ci, "underpowered", detail, n, metric=metric, se=result.se,
                    df=df, p_value=t_test(result.delta, result.se, df), diffs=result.diffs,
                    example_var=result.example_var, seed_var=result.seed_var, seed_vars=result.system_vars,
-                   welch_df=welch_df_systems(result.example_var, result.n_examples,
-                                             [(v, len(s)) for v, s in zip(result.system_vars, sides, strict=True)]),
-                   keys=tuple(_keys(side) for side in sides))
+                   welch_df=df, keys=tuple(_keys(side) for side in sides))
 
 
 def _group_seed(claim_id: str, group: str) -> int:
