@@ -1,0 +1,51 @@
+"""The stores committed under docs/results resume: every stored cell is a cell of the grid its README names, under
+this tunelab's cell keys, so `tunelab compare` with that grid and `--out` skips it (a change to the key, the preset
+or the tuning winners would otherwise rerun hours of cells without a word)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+from tests.conftest import shared_path
+
+from tunelab.compare import plan, preset_path
+from tunelab.compare.grid import resolve_sources
+from tunelab.compare.store import Store
+from tunelab.compare.tuning import optuna_path, tune_cells
+
+ROOT = Path(__file__).resolve().parents[2]
+# folder under docs/results -> (grid file, whether the store holds every cell of it)
+COMMITTED = {
+    "methods": (ROOT / "docs" / "results" / "methods" / "grid.yaml", True),
+    "claims": (preset_path("claims"), True),
+}
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("folder", sorted(COMMITTED))
+def test_a_committed_store_holds_cells_of_its_grid_under_today_s_keys(folder, tmp_path, monkeypatch):
+    shared_path()
+    grid_file, complete = COMMITTED[folder]
+    committed = ROOT / "docs" / "results" / folder / "results.sqlite"
+    if not committed.is_file():
+        pytest.skip(f"{committed} is not committed yet")
+    monkeypatch.chdir(ROOT)  # the grids say ../shared/data: relative to a checkout
+    store_path = tmp_path / "results.sqlite"  # tuning may write: work on a copy
+    shutil.copy(committed, store_path)
+    if optuna_path(committed).is_file():
+        shutil.copy(optuna_path(committed), optuna_path(store_path))
+    grid, cells = plan(grid_file, out=tmp_path)
+    with Store(store_path) as db:
+        trials_before = len(db.trials())
+        if any(m.tune is not None for m in grid.methods):  # the stored winners, no trial run (studies finished)
+            cells = tune_cells(grid, cells, db, tmp_path, store_path, console=Console(quiet=True))
+        cells = resolve_sources(cells, tmp_path)
+        done = {r.key for r in db.rows(status="done")}
+        assert len(db.trials()) == trials_before  # a committed study is finished: nothing ran
+    keys = {c.key for c in cells}
+    assert done and done <= keys, f"{len(done - keys)} stored cells are not cells of {grid_file.name} any more"
+    if complete:
+        assert done == keys
