@@ -98,7 +98,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from tunelab.compare.grid import preset_path
     from tunelab.compare.store import Store
 
-    raw = yaml.safe_load(preset_path(args.preset).read_text())
+    # a preset name, or a grid file (so --baseline-rev runs the very same grid at a revision that lacks the preset)
+    source = Path(args.preset) if args.preset.endswith((".yaml", ".yml")) else preset_path(args.preset)
+    raw = yaml.safe_load(Path(source).resolve().read_text())
     grid = subset(raw, _names(args.methods), _names(args.tasks), [int(s) for s in _names(args.seeds) or []],
                   args.tune)
     with tempfile.TemporaryDirectory(prefix="bench-cells-") as tmp:
@@ -141,7 +143,7 @@ def _print(label: str, result: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="paper")
+    parser.add_argument("--preset", default="paper", help="a shipped preset's name or a grid YAML file")
     parser.add_argument("--methods", help="comma-separated method labels (default: all)")
     parser.add_argument("--tasks", help="comma-separated task names (default: all)")
     parser.add_argument("--seeds", help="comma-separated seeds (default: the preset's)")
