@@ -322,7 +322,8 @@ class Store:
         with self.transaction() as conn:
             row = conn.execute("SELECT value FROM meta WHERE key = 'task_tags'").fetchone()
             merged = {**(json.loads(row[0]) if row else {}), **tags}
-            conn.execute("INSERT OR REPLACE INTO meta VALUES ('task_tags', ?)", (json.dumps(merged, sort_keys=True),))
+            if row is None or json.loads(row[0]) != merged:  # a no-op rerun leaves a committed store's bytes alone
+                conn.execute("INSERT OR REPLACE INTO meta VALUES ('task_tags', ?)", (json.dumps(merged, sort_keys=True),))
 
     def margins(self) -> dict[str, float]:
         """Metric -> equivalence margin the grids set (``margins:``); the claims' defaults fill the rest."""
@@ -334,7 +335,8 @@ class Store:
         with self.transaction() as conn:
             row = conn.execute("SELECT value FROM meta WHERE key = 'margins'").fetchone()
             merged = {**(json.loads(row[0]) if row else {}), **margins}
-            conn.execute("INSERT OR REPLACE INTO meta VALUES ('margins', ?)", (json.dumps(merged, sort_keys=True),))
+            if row is None or json.loads(row[0]) != merged:  # a no-op rerun leaves a committed store's bytes alone
+                conn.execute("INSERT OR REPLACE INTO meta VALUES ('margins', ?)", (json.dumps(merged, sort_keys=True),))
 
     def trial(self, study: str, key: str) -> dict[str, Any] | None:
         """The stored trial of ``study`` with this config key, if any."""
