@@ -71,3 +71,15 @@ def ray_cluster():
     finally:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def stored_form(result: dict) -> dict:
+    """A cell's result.json as the store keeps it: the per-example losses move to the examples blob
+    (``compare.archive.NLL_FIELDS``) and the phases gain the grid's own (``spawn``, ``other``), so compare
+    without ``phases`` and with the per-example losses dropped."""
+    from tunelab.compare.archive import NLL_FIELDS
+
+    out = {k: v for k, v in result.items() if k != "phases"}
+    if isinstance(out.get("generalization"), dict):
+        out["generalization"] = {k: v for k, v in out["generalization"].items() if k not in NLL_FIELDS}
+    return out
