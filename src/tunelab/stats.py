@@ -186,7 +186,7 @@ def holm(p_values: list[float]) -> list[float]:
     return adjusted
 
 
-def t_test(delta: float, se: float, df: int) -> float:
+def t_test(delta: float, se: float, df: float) -> float:
     """Two-sided p-value of delta = 0 given its standard error (t with ``df`` degrees of freedom)."""
     from scipy import stats as sps
 
@@ -195,7 +195,7 @@ def t_test(delta: float, se: float, df: int) -> float:
     return float(2 * sps.t.sf(abs(delta) / se, df))
 
 
-def tost(delta: float, se: float, df: int, margin: float) -> float:
+def tost(delta: float, se: float, df: float, margin: float) -> float:
     """Two one-sided tests of |A − B| < margin: the larger of the two one-sided p-values.
 
     Small means *equivalent*: the difference is shown to lie within ±margin.
@@ -209,7 +209,7 @@ def tost(delta: float, se: float, df: int, margin: float) -> float:
     return float(max(p_lower, p_upper))
 
 
-def mde(se: float, df: int, alpha: float = ALPHA, power: float = POWER) -> float:
+def mde(se: float, df: float, alpha: float = ALPHA, power: float = POWER) -> float:
     """Minimum detectable effect: the true |A − B| a two-sided test at ``alpha`` finds with ``power``.
 
     Uses statsmodels' power of the t test (noncentral t) with standardised effect d = effect / sd,

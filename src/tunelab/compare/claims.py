@@ -243,7 +243,7 @@ class Finding:
     # quality tests only (filled by _quality and decide)
     metric: str | None = None
     se: float | None = None
-    df: int | None = None
+    df: float | None = None  # t degrees of freedom (Welch–Satterthwaite: fractional)
     p_value: float | None = None
     p_adjusted: float | None = None
     margin: float | None = None
