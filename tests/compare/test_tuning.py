@@ -166,11 +166,15 @@ def test_a_clone_with_the_store_and_the_study_file_runs_no_trial_again(tuned_run
     clone.mkdir()
     for name in ("results.sqlite", "results.optuna.sqlite"):
         shutil.copy(out / name, clone / name)
+    before = {name: (clone / name).read_bytes() for name in ("results.sqlite", "results.optuna.sqlite")}
     console = Console(record=True, width=200)
     rerun = compare(root / "grid-task.yaml", clone, progress=False, console=console)
     assert (rerun.summary.done, rerun.summary.failed, rerun.summary.skipped) == (0, 0, 1)
     text = console.export_text()
     assert "all 1 cells done" in text and "tune tuned/" not in text  # no trial ran
+    # a no-op rerun writes nothing: checking a committed store leaves `git status` clean
+    assert (clone / "results.sqlite").read_bytes() == before["results.sqlite"]
+    assert (clone / "results.optuna.sqlite").read_bytes() == before["results.optuna.sqlite"]
     assert _trials(clone / "results.sqlite") == _trials(out / "results.sqlite")
     assert _tuned(clone / "results.sqlite") == _tuned(out / "results.sqlite")
     assert not (clone / "tuning" / "cells").exists()

@@ -214,9 +214,12 @@ class Store:
         still exist: finished cells' examples, and the small adapters of ``adapter_keys`` (default: the source
         cells the stored cells start from). Returns how many cells' examples it packed."""
         packed = 0
-        rows = self.rows()
-        for row in rows:
-            if row.status != "done" or row.examples is not None or not row.predictions:
+        # only the rows that lack packed examples are decoded (a wave of a long grid finds none or one)
+        missing = [k for (k,) in self.conn.execute(
+            "SELECT key FROM cells WHERE status = 'done' AND predictions IS NOT NULL AND predictions != '' "
+            "AND key NOT IN (SELECT key FROM examples)")]
+        for row in self.rows(keys=missing) if missing else []:
+            if row.examples is not None or not row.predictions:
                 continue
             found = archive.pack_examples(Path(row.predictions), row.result if isinstance(row.result, dict) else None)
             if found is not None:
@@ -226,8 +229,8 @@ class Store:
                                      (json.dumps(found.result, default=str), row.key))
                     archive.write_examples(conn, row.key, found)
                 packed += 1
-        sources = adapter_keys if adapter_keys is not None else archive.source_keys(r.config for r in rows)
-        folders = {r.key: r.out_dir for r in rows}
+        sources = adapter_keys if adapter_keys is not None else archive.source_keys(r.config for r in self.rows())
+        folders = {r.key: r.out_dir for r in self.rows(keys=sorted(sources))} if sources else {}
         for key in sorted(sources):
             self.keep_adapter(key, Path(folders[key]) / "adapter" if folders.get(key) else None)
         return packed
@@ -365,6 +368,9 @@ class Store:
     def record_tuned(self, values: dict[str, Any]) -> None:
         row = {**values, "params": json.dumps(values["params"], sort_keys=True, default=str)}
         names = ("study", "method", "task", "params", "dev_score", "trials", "cpu_seconds")
+        stored = self.conn.execute(f"SELECT {', '.join(names)} FROM tuned WHERE study = ?", (row["study"],)).fetchone()
+        if stored is not None and list(stored) == [row.get(n) for n in names]:
+            return  # a resumed study with nothing new: no write, so a committed store's bytes stay as they are
         with self.transaction() as conn:
             conn.execute(f"INSERT OR REPLACE INTO tuned ({', '.join(names)}) VALUES ({', '.join('?' for _ in names)})",
                          [row.get(n) for n in names])
