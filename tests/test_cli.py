@@ -71,3 +71,23 @@ def test_prompt_tuning_on_embedded_model_end_to_end(tmp_path):
     result = json.loads((out / "result.json").read_text())
     assert result["model"] == "smollm2-135m" and result["trainable_params"] == 20 * 576
     assert result["load_seconds"] < 5
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does():
+    """kill / a board job's Stop / docker stop: the command unwinds (a grid packs its store in its `finally`)."""
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import os, signal, time\n"
+            "import tunelab.cli as cli\n"
+            "def app():\n"
+            "    try:\n"
+            "        os.kill(os.getpid(), signal.SIGTERM); time.sleep(60)\n"
+            "    finally:\n"
+            "        print('unwound', flush=True)\n"
+            "cli.app = app\n"
+            "cli.main()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr  # not -15: the process was not simply killed
+    assert "unwound" in done.stdout and "interrupted; rerun the same command" in done.stdout

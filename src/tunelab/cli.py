@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -125,16 +126,23 @@ app.command("board")(board_command)
 app.command("export")(export_command)
 
 
+def _stop_as_interrupt(signum: int, frame: object) -> None:
+    """SIGTERM (``kill``, a board job's Stop, Docker, Slurm) stops a command as Ctrl-C does: a grid packs its
+    store, training keeps its last checkpoint; without this the process would die before any of that."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main() -> None:
     logging.basicConfig(level=os.environ.get("TUNELAB_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _stop_as_interrupt)  # `serve` replaces it with uvicorn's graceful drain
     try:
         app()
     except TunelabError as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         console.print("interrupted; rerun the same command to continue from the last checkpoint")
-        sys.exit(130)
+        sys.exit(128 + signal.SIGTERM if str(exc) == "SIGTERM" else 130)
 
 
 if __name__ == "__main__":
