@@ -224,6 +224,21 @@ def test_a_contrast_whose_spread_is_all_on_its_moved_sides_gets_no_seed(tmp_path
     assert next_step([gap], rows, cells) is None  # every seed would repeat a source; the seed term dominates
 
 
+def test_an_open_quality_test_gets_its_seed_before_a_variance_test_short_of_seeds(tmp_path):
+    """Both open: the priced quality addition (the noisy PT side) runs first, not the spread test's seed (which
+    would take the cheaper side, IPT, at equal seed counts)."""
+    cells, store, _, _ = _setup(tmp_path, gain=0.0, seed_sd={"ipt": 0.005, "pt": 0.15})
+    rows = [r.data for r in store.rows()]
+    for r in rows:
+        r["cell_seconds"] = 5.0 if r["method"] == "ipt" else 10.0
+    findings = evaluate_claims(rows, 300)
+    (quality,) = [f for f in findings if f.claim.id == "ipt_beats_pt"]
+    (spread,) = [f for f in findings if f.claim.id == "pt_unstable"]
+    assert quality.verdict == "underpowered" and spread.verdict == "underpowered"
+    step = next_step(findings, rows, cells)
+    assert step is not None and step.add[0].method == "pt" and "pt_unstable" not in step.reason
+
+
 def test_a_variance_claim_short_of_seeds_gets_seeds_on_both_sides_up_to_the_minimum(tmp_path):
     """PT vs IPT spread: with 3 seeds a side no verdict is possible; until decisive adds seeds, one side at a
     time, until both have SPREAD_MIN_SEEDS, although the quality test was decided at once."""

@@ -22,10 +22,15 @@ The verdicts of such a grid come from the anytime-valid procedure (``compare.seq
 when the tests turn decisive does not inflate the false-positive rate.
 
 A variance claim (Brown–Forsythe, ``claims._variance``) is never decided below ``stats.SPREAD_MIN_SEEDS``
-seeds a side. While one is *underpowered* for want of seeds, the next addition is a seed of its side with
-fewer seeds (before any priced addition): these additions depend on seed counts only, never on a p-value,
-and the spread test does not stop the loop once it has its seeds, so it stays a fixed-sample test at a
-planned number of seeds.
+seeds a side. Once no priced addition helps an open quality test (they are decided, or nothing narrows them),
+a variance test *underpowered* for want of seeds gets a seed of its side with fewer seeds per round, until
+both have the minimum or the budget is spent. Quality tests come first because they are the claims' verdicts
+and a budget rarely covers both: a spread test's seeds on a second model can cost the whole budget (the paper
+preset's SmolLM2 PT / IPT, 3 seeds a side: 28 cells). These seeds are chosen by seed counts only, never by the
+spread test's p-value, and the spread test never stops the loop, so it stays a fixed-sample test. How many it
+gets depends on the budget the quality additions left, i.e. on the quality tests' mean differences; for normal
+scores the sample mean and variance are independent, so that choice does not bias the Brown–Forsythe test
+(approximately so for other scores).
 """
 
 from __future__ import annotations
@@ -104,13 +109,10 @@ def reseedable(side: list[Cell], var: float) -> bool:
 
 def next_step(findings: list[Finding], rows: list[dict[str, Any]], cells: list[Cell],
               alpha: float = ALPHA) -> Step | None:
-    """The next addition: a seed a variance test lacks (``short_of_seeds``), else the one with the largest
-    expected reduction in standard error per second; None if none helps."""
+    """The next addition: the one with the largest expected reduction in standard error per second of the open
+    quality tests, else (none left that helps) a seed a variance test lacks (``short_of_seeds``); None if none."""
     by_key = {c.key: c for c in cells}
     seconds = {r["key"]: _seconds(r) for r in rows}
-    spread = _spread_step(findings, by_key, cells, seconds)
-    if spread is not None:
-        return spread
     tested = [f for f in findings if f.tested]
     level = alpha / max(1, len(tested))
     seeds: dict[tuple, Step] = {}
@@ -134,7 +136,9 @@ def next_step(findings: list[Finding], rows: list[dict[str, Any]], cells: list[C
             candidates.append(rows_step)
     candidates += list(seeds.values())
     candidates = [c for c in candidates if c.gain > 0]
-    return max(candidates, key=lambda c: c.value) if candidates else None
+    if candidates:
+        return max(candidates, key=lambda c: c.value)
+    return _spread_step(findings, by_key, cells, seconds)
 
 
 def _spread_step(findings: list[Finding], by_key: dict[str, Cell], cells: list[Cell],
