@@ -14,6 +14,7 @@ from tunelab.compare.sequential import (
     rho_for,
     save_looks,
     sequential_p_values,
+    split_p_values,
     with_look,
 )
 
@@ -41,7 +42,7 @@ def test_the_error_stays_at_alpha_with_two_seeds_and_uneven_noise(case):
 
 def test_without_the_t_to_normal_step_two_seeds_break_it():
     """The standard error from two seeds is itself noisy: the Brownian boundary alone is not enough."""
-    rates = null_rejection_rates(sims=2000, seed=2, first_seeds=2, t_to_normal=False)
+    rates = null_rejection_rates(sims=2000, seed=2, first_seeds=2, t_to_normal=False, split=False)
     assert rates.interval(rates.sequential)[0] > ALPHA
 
 
@@ -59,6 +60,25 @@ def test_sequential_p_is_stricter_than_one_fixed_t_test_at_the_same_look():
     look = Look(1.0, 0.45, 40)  # t = 2.2: p ~ 0.03 for a single planned test
     p, _ = sequential_p_values([look], margin=1.0, target_se=0.35, alpha=ALPHA)
     assert t_test(1.0, 0.45, 40) < ALPHA < p
+
+
+def test_the_mixture_alone_also_keeps_alpha():
+    rates = null_rejection_rates(sims=2000, first_seeds=3, last_seeds=40, seed=1, split=False)
+    assert rates.sequential <= ALPHA and rates.interval(rates.sequential)[0] < ALPHA
+
+
+def test_the_split_keeps_half_the_planned_t_test_and_half_the_mixture():
+    """A clear effect at the planned look (few seeds: the mixture alone would not call it) keeps 2x its t test's
+    p; an effect that only later looks show is called by the mixture (at alpha / 2)."""
+    from tunelab.stats import t_test
+
+    planned = Look(-11.2, 2.26, 11.7)  # t = 5 from 3 seeds a side: p ~ 3e-4
+    p_mix, _ = sequential_p_values([planned], margin=3.0, target_se=0.77, alpha=0.0025)
+    p, _ = split_p_values([planned], margin=3.0, target_se=0.77, alpha=0.0025)
+    assert p == pytest.approx(2 * t_test(-11.2, 2.26, 11.7)) and p < 0.0025 < p_mix
+    looks = [Look(0.4, 1.0, 10), Look(2.0, 0.3, 60)]  # nothing at first; decisive once seeds were added
+    p, _ = split_p_values(looks, margin=1.0, target_se=0.35, alpha=ALPHA)
+    assert p == pytest.approx(2 * sequential_p_values(looks, 1.0, 0.35, ALPHA)[0]) and p < ALPHA
 
 
 def test_equivalence_by_confidence_sequence():

@@ -38,7 +38,7 @@ from tunelab.compare.examples import (
     mean_by_id,
     read_predictions,
 )
-from tunelab.compare.sequential import FIXED, SEQUENTIAL, Look, look_key, sequential_p_values, with_look
+from tunelab.compare.sequential import FIXED, SEQUENTIAL, Look, look_key, split_p_values, with_look
 from tunelab.metrics import METRICS
 from tunelab.stats import (
     ALPHA,
@@ -404,8 +404,9 @@ def decide(findings: list[Finding], margins: dict[str, float] | None = None, alp
     """Holm-adjust the p-values of every quality test (and, as a second family, their TOST p-values), then
     set each test's verdict: supported / contradicted / equivalent / underpowered.
 
-    With ``looks`` (a grid that added cells until decisive), every quality test's p-values are the
-    anytime-valid ones over its earlier looks plus this one (``compare.sequential``), not the t test's.
+    With ``looks`` (a grid that added cells until decisive), every quality test's p-values are those of the
+    split procedure over its earlier looks plus this one (``compare.sequential.split_p_values``: the t test at
+    the first look, the planned cells, at alpha / 2, and the anytime-valid mixture over every look at alpha / 2).
     Variance claims' Brown–Forsythe p-values are a family of their own (``_decide_spread``).
     """
     tested = [f for f in findings if f.tested]
@@ -418,7 +419,7 @@ def decide(findings: list[Finding], margins: dict[str, float] | None = None, alp
             assert f.effect is not None and f.se is not None
             level = alpha / len(tested)  # rho is tuned for the strictest Holm step, as the sizing is
             history = with_look(looks.get(look_key(f.claim.id, f.group), []), look_of(f))
-            f.p_value, f.p_tost = sequential_p_values(history, f.margin, se_needed(f.margin, level), level)
+            f.p_value, f.p_tost = split_p_values(history, f.margin, se_needed(f.margin, level), level)
             f.procedure = SEQUENTIAL
             f.n["looks"] = len(history)
     for f, p in zip(tested, holm([f.p_value for f in tested]), strict=True):
