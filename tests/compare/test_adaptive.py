@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from tunelab.compare.adaptive import next_step, parse_budget, reseeded, until_decisive
+from tunelab.compare.adaptive import next_step, parse_budget, reseeded, resumed, until_decisive
 from tunelab.compare.claims import evaluate_claims
-from tunelab.compare.grid import expand, parse_grid
+from tunelab.compare.grid import expand, parse_grid, with_params
 from tunelab.compare.sequential import load_looks
 from tunelab.compare.store import Store
 from tunelab.config import to_dict
@@ -277,3 +277,19 @@ def test_the_report_names_the_procedure_of_every_verdict(tmp_path):
     assert by_test["LoRA > PT (same task and data)"] == "-"  # not measured
     assert {(row[0], row[-2]) for row in detail.rows if row[0].startswith(("IPT >", "std over"))} == {
         ("IPT > PT (quality, same task/data/length)", "sequential"), ("std over seeds: PT > IPT", "fixed-sample")}
+
+
+def test_a_rerun_builds_on_the_cells_an_earlier_run_added_whatever_it_would_choose(tmp_path):
+    """An earlier run added seed 5 of IPT and put PT seed 0 on twice the rows: a rerun (whose own first choice may
+    differ) starts from those cells, the larger PT cell in place of the planned one."""
+    cells, store, _, ran = _setup(tmp_path, gain=0.06, seed_sd={"ipt": 0.05, "pt": 0.05})
+    ipt = next(c for c in cells if c.method == "ipt")
+    pt = next(c for c in cells if c.method == "pt" and c.seed == 0)
+    added = [reseeded(ipt, 5), with_params(pt, {"data.max_eval": 2 * ROWS})]
+    for cell in added:
+        _record(store, tmp_path, cell, 0.06, {"ipt": 0.05, "pt": 0.05})
+    keys = {c.key for c in resumed(store, cells)}
+    assert keys == {c.key for c in cells} - {pt.key} | {c.key for c in added}
+    outcome = until_decisive(store, tmp_path / "results.sqlite", cells, 0, lambda more: None, Console(quiet=True), 300)
+    assert {c.key for c in outcome.cells} == keys and outcome.stopped.startswith("budget")
+    assert resumed(Store(tmp_path / "other.sqlite"), cells) == cells  # nothing added: the planned cells

@@ -226,7 +226,7 @@ def until_decisive(store: Store, store_path: Path, cells: list[Cell], budget: fl
     """Add cells (``next_step``) and run them (``run``) until no quality test is underpowered or ``budget``
     seconds of cell time are spent; every round's measurement is a look of the sequential tests."""
     looks = load_looks(store_path)
-    outcome = Outcome(list(cells))
+    outcome = Outcome(resumed(store, cells))
     while True:
         rows = _done_rows(store, outcome.cells)
         findings = evaluate_claims(rows, n_resamples, store.margins(), looks=looks)
@@ -261,6 +261,30 @@ def until_decisive(store: Store, store_path: Path, cells: list[Cell], budget: fl
     console.print(f"until decisive: {outcome.rounds} round(s), {outcome.seconds:.0f}s of cells; {outcome.stopped}",
                   highlight=False)
     return outcome
+
+
+def resumed(store: Store, cells: list[Cell]) -> list[Cell]:
+    """The planned cells plus those an earlier ``until: decisive`` run on this store added (a planned cell under
+    another seed, and/or on more test rows: the version on the most rows replaces the others), so a rerun builds on
+    them even where its own choices would differ (another budget, or a tunelab whose allocation changed)."""
+    planned = {c.key for c in cells}
+    extra = {r.key: r.data for r in store.rows(status="done") if r.key not in planned}
+    if not extra:
+        return list(cells)
+    seeds = sorted({int(d["seed"]) for d in extra.values() if d.get("seed") is not None})
+    evals = sorted({int(n) for d in extra.values()
+                    if (n := ((d.get("config") or {}).get("data") or {}).get("max_eval")) is not None})
+    out: dict[str, Cell] = {}  # by key: another planned seed's variant under the same seed is the same cell
+    for cell in cells:
+        for variant in [cell] + [reseeded(cell, s) for s in seeds if s != cell.seed]:
+            rows = variant.config.data.max_eval
+            larger = [with_params(variant, {"data.max_eval": n}) for n in evals if rows is not None and n > rows]
+            found = [v for v in larger if v.key in extra]
+            if found:
+                out.setdefault(found[-1].key, found[-1])  # the most rows
+            elif variant is cell or variant.key in extra:
+                out.setdefault(variant.key, variant)
+    return list(out.values())
 
 
 def _done_rows(store: Store, cells: list[Cell], status: str | None = "done") -> list[dict[str, Any]]:
