@@ -40,7 +40,7 @@ def _record(store: Store, tmp: Path, cell, gain: float, seed_sd: dict[str, float
     path = tmp / f"{cell.key}.jsonl"
     path.write_text("".join(json.dumps({"id": f"e{i}", "scores": {"exact_match": s}}) + "\n"
                             for i, s in enumerate(scores)))
-    store.record({**cell.coords(), "key": cell.key, "grid": "g", "config": to_dict(cell.config), "status": "done",
+    store.record({**cell.coords(), "key": cell.key, "grid": "g", "config": {**to_dict(cell.config), "out": str(tmp / cell.key)}, "status": "done",
         "primary_metric": "exact_match", "quality": float(scores.mean()), "predictions": str(path),
         "metrics": {"exact_match": float(scores.mean())}, "cell_seconds": seconds, "train_seconds": seconds,
         "eval_seconds": 0.0, "out_dir": str(tmp), "unseen": 0})
@@ -185,7 +185,7 @@ def _record_any(store: Store, tmp: Path, cell, mean: float, seed_sd: float, seco
     path = tmp / f"{cell.key}.jsonl"
     path.write_text("".join(json.dumps({"id": f"e{i}", "scores": {"exact_match": s}}) + "\n"
                             for i, s in enumerate(scores)))
-    store.record({**cell.coords(), "key": cell.key, "grid": "g", "config": to_dict(cell.config), "status": "done",
+    store.record({**cell.coords(), "key": cell.key, "grid": "g", "config": {**to_dict(cell.config), "out": str(tmp / cell.key)}, "status": "done",
                   "primary_metric": "exact_match", "quality": float(scores.mean()), "predictions": str(path),
                   "metrics": {"exact_match": float(scores.mean())}, "cell_seconds": seconds,
                   "train_seconds": seconds, "eval_seconds": 0.0, "out_dir": str(tmp), "unseen": 0})
@@ -293,3 +293,19 @@ def test_a_rerun_builds_on_the_cells_an_earlier_run_added_whatever_it_would_choo
     outcome = until_decisive(store, tmp_path / "results.sqlite", cells, 0, lambda more: None, Console(quiet=True), 300)
     assert {c.key for c in outcome.cells} == keys and outcome.stopped.startswith("budget")
     assert resumed(Store(tmp_path / "other.sqlite"), cells) == cells  # nothing added: the planned cells
+
+
+def test_a_report_of_the_whole_store_leaves_out_the_cells_more_rows_replaced(tmp_path):
+    """`tunelab report DIR` reads every stored cell: the 150-row version of a cell that until decisive reran on
+    300 rows must not count as a second seed; the plain grid rerun reports the added cells too."""
+    from tunelab.compare import report_store
+    from tunelab.compare.adaptive import superseded
+
+    cells, store, _, _ = _setup(tmp_path, gain=0.06, seed_sd={"ipt": 0.05, "pt": 0.05})
+    pt = next(c for c in cells if c.method == "pt" and c.seed == 0)
+    bigger = with_params(pt, {"data.max_eval": 2 * ROWS})
+    _record(store, tmp_path, bigger, 0.06, {"ipt": 0.05, "pt": 0.05})
+    rows = [r.data for r in store.rows()]
+    assert superseded(rows) == {pt.key} and superseded(list(reversed(rows))) == {pt.key}
+    md, _ = report_store(tmp_path / "results.sqlite", tmp_path / "report")
+    assert f"cells: {len(cells)} done" in md.read_text()  # 6 cells: the 300-row PT seed 0 in place of the old one

@@ -104,6 +104,10 @@ def compare(source: str | Path, out: str | Path, store: str | Path | None = None
 
             assert grid.budget is not None  # parse_grid requires it with until
             cells = until_decisive(db, store_path, cells, parse_budget(grid.budget), run_more, console).cells
+        else:  # the seeds / rows an earlier `until: decisive` run added stay in the report
+            from tunelab.compare.adaptive import resumed
+
+            cells = resumed(db, cells)
         md, html = write_report(build_report(db, keys=[c.key for c in cells]), out)
     return Outcome(grid, cells, summary, store_path, md, html)
 
@@ -135,9 +139,15 @@ def _add(a: GridSummary, b: GridSummary) -> GridSummary:
 
 
 def report_store(store: str | Path, out: str | Path) -> tuple[Path, Path]:
-    """Write report.md and report.html for every cell in ``store``."""
+    """Write report.md and report.html for every cell in ``store`` (less those replaced by the same cell on more
+    test rows, ``adaptive.superseded``)."""
+    from tunelab.compare.adaptive import superseded
+
     with open_existing(store) as db:
-        return write_report(build_report(db), out)
+        rows = [r.data for r in db.rows()]
+        dropped = superseded(rows)
+        return write_report(build_report(db, keys=[r["key"] for r in rows if r["key"] not in dropped] if dropped
+                                         else None), out)
 
 
 __all__ = ["Cell", "GridConfig", "Outcome", "Store", "compare", "expand", "list_presets", "load_grid", "plan",

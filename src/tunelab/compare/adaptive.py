@@ -36,6 +36,7 @@ scores the sample mean and variance are independent, so that choice does not bia
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -285,6 +286,28 @@ def resumed(store: Store, cells: list[Cell]) -> list[Cell]:
             elif variant is cell or variant.key in extra:
                 out.setdefault(variant.key, variant)
     return list(out.values())
+
+
+def superseded(rows: list[dict[str, Any]]) -> set[str]:
+    """Keys of done cells that a done cell of the same configuration on more test rows replaced (``until:
+    decisive`` doubled their rows): a report of the whole store leaves them out, as the grid's own report does."""
+    best: dict[str, tuple[int, str]] = {}
+    out: set[str] = set()
+    for row in rows:
+        if row.get("status") != "done":
+            continue
+        config = json.loads(json.dumps(row.get("config") or {}, default=str))
+        config.pop("out", None)  # the cell's own folder
+        rows_used = (config.get("data") or {}).pop("max_eval", None)
+        size = int(rows_used) if rows_used is not None else 1 << 62
+        ident = json.dumps(config, sort_keys=True)
+        if ident in best:
+            keep, drop = (row["key"], best[ident][1]) if size > best[ident][0] else (best[ident][1], row["key"])
+            out.add(drop)
+            best[ident] = (max(size, best[ident][0]), keep)
+        else:
+            best[ident] = (size, row["key"])
+    return out
 
 
 def _done_rows(store: Store, cells: list[Cell], status: str | None = "done") -> list[dict[str, Any]]:
