@@ -291,8 +291,7 @@ def resumed(store: Store, cells: list[Cell]) -> list[Cell]:
 def superseded(rows: list[dict[str, Any]]) -> set[str]:
     """Keys of done cells that a done cell of the same configuration on more test rows replaced (``until:
     decisive`` doubled their rows): a report of the whole store leaves them out, as the grid's own report does."""
-    best: dict[str, tuple[int, str]] = {}
-    out: set[str] = set()
+    groups: dict[str, list[tuple[int, str]]] = {}
     for row in rows:
         if row.get("status") != "done":
             continue
@@ -300,14 +299,8 @@ def superseded(rows: list[dict[str, Any]]) -> set[str]:
         config.pop("out", None)  # the cell's own folder
         rows_used = (config.get("data") or {}).pop("max_eval", None)
         size = int(rows_used) if rows_used is not None else 1 << 62
-        ident = json.dumps(config, sort_keys=True)
-        if ident in best:
-            keep, drop = (row["key"], best[ident][1]) if size > best[ident][0] else (best[ident][1], row["key"])
-            out.add(drop)
-            best[ident] = (max(size, best[ident][0]), keep)
-        else:
-            best[ident] = (size, row["key"])
-    return out
+        groups.setdefault(json.dumps(config, sort_keys=True), []).append((size, row["key"]))
+    return {key for group in groups.values() for size, key in group if size < max(s for s, _ in group)}
 
 
 def _done_rows(store: Store, cells: list[Cell], status: str | None = "done") -> list[dict[str, Any]]:
