@@ -28,8 +28,10 @@ from tunelab.formatting import (
 )
 from tunelab.generate import GenerationConfig
 from tunelab.inference.engine import Engine
+from tunelab.inference.sampling import cut_at_stop
 from tunelab.modeling import score_sequences
 from tunelab.sections import EvalConfig
+from tunelab.termination import ran_to_limit, record
 
 
 @dataclass
@@ -40,6 +42,7 @@ class EvalResult:
     generated_tokens: int = 0
     ci: dict[str, list[float] | None] = field(default_factory=dict)  # 95% bootstrap interval per metric
     decode_step: str = ""  # the decode step(s) generation ran (inference.steps.BACKENDS, "+"-joined); "" if none
+    termination: dict | None = None  # answers cut at the token limit (``termination.record``); None: no generation
 
 
 def derive_max_new_tokens(tokenizer, examples: Sequence[Example], cap: int = 256) -> int:
@@ -114,6 +117,7 @@ def evaluate(adapter, tokenizer, layout: PromptLayout | str, examples: Sequence[
     refs = [e.targets for e in examples]
     preds: list[str] = [""] * len(examples)
     decode_step = ""
+    termination = None
     if any(n not in M.RANKED for n in metric_names):
         prompts = prompts_for(tokenizer, layout, examples)
         gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens or cfg.max_new_tokens
@@ -121,7 +125,11 @@ def evaluate(adapter, tokenizer, layout: PromptLayout | str, examples: Sequence[
                                    do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p,
                                    precision=cfg.precision, stop=tuple(cfg.stop))
         engine = make_engine(cfg.engine, tokenizer, gen_cfg, cfg.batch_size)
-        preds = [p.strip() for p in engine.run([(adapter, list(p)) for p in prompts], progress)]
+        generated = engine.run_ids([(adapter, list(p)) for p in prompts], progress)
+        texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
+        preds = [cut_at_stop(t, gen_cfg.stop).strip() for t in texts]
+        termination = record([ran_to_limit(len(ids), t, gen_cfg.max_new_tokens, gen_cfg.stop)
+                              for ids, t in zip(generated, texts, strict=True)], gen_cfg.max_new_tokens)
         decode_step = "+".join(sorted(engine.steps_used))
     option_scores = ranked = None
     if any(n in M.RANKED for n in metric_names):
@@ -141,4 +149,4 @@ def evaluate(adapter, tokenizer, layout: PromptLayout | str, examples: Sequence[
         predictions.append(row)
     n_tokens = sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in preds)
     return EvalResult(scores, predictions, time.perf_counter() - start, n_tokens,
-                      {n: (list(v) if v is not None else None) for n, v in ci.items()}, decode_step)
+                      {n: (list(v) if v is not None else None) for n, v in ci.items()}, decode_step, termination)

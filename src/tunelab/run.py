@@ -303,6 +303,7 @@ def _summary(prep: Prepared, adapter: Adapter, stats: TrainStats, result: EvalRe
                   "truncated_examples": truncated, "skipped_bad_records": prep.task.skipped},
         "eval": {"seconds": round(result.seconds, 3), "generated_tokens": result.generated_tokens,
                  "decode_step": result.decode_step or None,  # which inference.steps backend decoded (None: scoring only)
+                 "termination": result.termination,  # answers cut at the token limit (tunelab.termination)
                  "tokens_per_second": round(result.generated_tokens / result.seconds, 2) if result.seconds else None},
         "load_seconds": round(load_seconds, 3),
         "peak_rss_mb": round(envinfo.peak_rss_mb(), 1),

@@ -258,12 +258,16 @@ class Finding:
     procedure: str = FIXED  # fixed-sample | sequential (anytime-valid: the grid added cells until decisive)
     keys: tuple[list[str], ...] = ([], [])  # each side's cells measured (A, B; a contrast's A-D): the adaptive planner's
     unconverged: list[str] = field(default_factory=list)  # "PT (2 of 3 seeds)": sides whose loss still moved
+    runaway: list[str] = field(default_factory=list)  # "PT (7 of 17 cells)": sides whose answers ran to the token limit
     spread_p: float | None = None  # variance claims: Brown–Forsythe p-value (its own Holm family)
 
     @property
     def caveat(self) -> str:
-        """What a reader must know beside the verdict: sides whose training had not flattened."""
-        return f"unconverged: {', '.join(self.unconverged)}" if self.unconverged else ""
+        """What a reader must know beside the verdict: sides whose training had not flattened, and sides with cells
+        that cut over ``termination.THRESHOLD`` of their answers at the token limit."""
+        parts = [f"unconverged: {', '.join(self.unconverged)}" if self.unconverged else "",
+                 f"answers ran to the token limit: {', '.join(self.runaway)}" if self.runaway else ""]
+        return "; ".join(p for p in parts if p)
 
     @property
     def tested(self) -> bool:
@@ -314,7 +318,7 @@ def _measure(rows: list[dict[str, Any]], n_resamples: int) -> list[Finding]:
             measure = {"quality": _quality, "variance": _variance, "cost": _cost,
                        "similarity": _similarity_gap, "gap": _loss_gap}[claim.kind]
             finding = measure(claim, group, a_rows, b_rows, n_resamples)
-            finding.unconverged = _unconverged(((claim.a_name, a_rows), (claim.b_name, b_rows)))
+            finding.unconverged, finding.runaway = _flags(((claim.a_name, a_rows), (claim.b_name, b_rows)))
             out.append(finding)
     return out
 
@@ -342,16 +346,17 @@ def _with_sources(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _unconverged(sides: tuple[tuple[str, list[dict]], ...]) -> list[str]:
-    """Each side some of whose cells' training loss was still moving when training stopped."""
-    from tunelab.convergence import of_row
+def _flags(sides: tuple[tuple[str, list[dict]], ...]) -> tuple[list[str], list[str]]:
+    """Each side some of whose cells' training loss was still moving when training stopped (``convergence``), and
+    each side some of whose cells cut over ``termination.THRESHOLD`` of their answers at the token limit."""
+    from tunelab import convergence, termination
 
-    out = []
-    for name, side in sides:
-        moving = sum(1 for r in side if (of_row(r) or {}).get("converged") is False)
-        if moving:
-            out.append(f"{name} ({moving} of {len(side)} cells)")
-    return out
+    def count(flagged: Callable[[dict], bool]) -> list[str]:
+        found = ((name, sum(1 for r in side if flagged(r)), len(side)) for name, side in sides)
+        return [f"{name} ({k} of {n} cells)" for name, k, n in found if k]
+
+    return (count(lambda r: (convergence.of_row(r) or {}).get("converged") is False),
+            count(lambda r: termination.runaway(r) is True))
 
 
 def _with_pooled(findings: list[Finding], margins: dict[str, float] | None = None) -> list[Finding]:
@@ -384,6 +389,7 @@ def _with_pooled(findings: list[Finding], margins: dict[str, float] | None = Non
                          se=float(np.std(diffs, ddof=1)), df=_pooled_df(tested), diffs=diffs,
                          welch_df=_pooled_df(tested),
                          unconverged=sorted({u for f in tested for u in f.unconverged}),
+                         runaway=sorted({u for f in tested for u in f.runaway}),
                          margin=float(np.mean([f.margin if f.margin is not None else margin_for(f.metric, margins)
                                                for f in tested])))
         pooled.p_value = t_test(effect, pooled.se, pooled.df)
@@ -612,7 +618,7 @@ def _contrasts(claim: Claim, rows: list[dict[str, Any]], n_resamples: int) -> li
     out = []
     for group, names, sides_rows in groups:
         finding = _contrast(claim, group, names, sides_rows, n_resamples)
-        finding.unconverged = _unconverged(tuple(zip(names, sides_rows, strict=True)))
+        finding.unconverged, finding.runaway = _flags(tuple(zip(names, sides_rows, strict=True)))
         out.append(finding)
     return out
 
@@ -860,8 +866,11 @@ def summarise(findings: list[Finding]) -> dict[str, str]:
         else:
             out[cid] = ("not measured" if verdicts == {"not measured"}
                         else "underpowered" if "underpowered" in verdicts else "inconclusive")
-    for cid in out:  # the verdict says when a side's training had not flattened
+    for cid in out:  # the verdict says when a side's training had not flattened, or its answers ran on
         moving = sorted({u.split(" (")[0] for f in findings if f.claim.id == cid for u in f.unconverged})
         if moving:
             out[cid] += f"; {', '.join(moving)} unconverged"
+        running = sorted({u.split(" (")[0] for f in findings if f.claim.id == cid for u in f.runaway})
+        if running:
+            out[cid] += f"; {', '.join(running)} answers ran to the token limit"
     return out

@@ -22,6 +22,7 @@ from tunelab.compare.summary import with_tuning_cost
 from tunelab.metrics import margins_text
 from tunelab.paths import atomic_write_bytes, atomic_write_text
 from tunelab.phases import PHASES, overhead
+from tunelab.termination import THRESHOLD
 
 
 @dataclass
@@ -83,6 +84,7 @@ def build_report(store: Store, keys: list[str] | None = None, n_resamples: int =
         ("IPT minus PT by demonstration similarity", [_similarity(done)]),
         *_claims_and_sizing(done, n_resamples, margins, sizing, load_looks(store.path) or None),
         ("Convergence", [_convergence(done)]),
+        ("Termination", [_termination(done)]),
     ]
     tuning = tuning_section(store)
     if tuning:
@@ -267,6 +269,38 @@ def _convergence(rows: list[dict[str, Any]]) -> Table | str:
                   for r, c in moving])
 
 
+def _termination(rows: list[dict[str, Any]]) -> Table | str:
+    """Per method and task: the share of answers cut at the token limit (``tunelab.termination``), per seed, and
+    over five or more seeds its rank correlation with the score (does the spread over seeds follow it?)."""
+    from scipy import stats as sps
+
+    from tunelab.termination import of_row
+
+    groups: dict[tuple, list[tuple[dict, dict]]] = defaultdict(list)
+    for r in rows:
+        found = of_row(r)
+        if found is not None:
+            groups[(r["task"], r["method"], r["train_size"], r["prompt_length"])].append((r, found))
+    if not groups:
+        return "No cell recorded whether its answers ended (cells stored before tunelab recorded it, or scored by ranking only)."
+    out = []
+    for (task, method, size, length), cells in sorted(groups.items(), key=lambda kv: _numeric_order(kv[0])):
+        cells.sort(key=lambda c: c[0]["seed"])
+        shares = [found["share"] for _, found in cells]
+        scores = [r["quality"] for r, _ in cells]
+        rho = "-"
+        if len(cells) >= 5 and len(set(shares)) > 1 and len(set(scores)) > 1:
+            value, p = sps.spearmanr(shares, scores)
+            rho = f"{value:+.2f} (p={p:.2g})"
+        flagged = sum(1 for s in shares if s > THRESHOLD)
+        out.append([task, method, "all" if size is None else str(size), "-" if length is None else str(length),
+                    str(len(cells)), f"{mean(shares):.0%}",
+                    ", ".join(f"{r['seed']}: {f['share']:.0%}" for r, f in cells), f"{flagged} of {len(cells)}",
+                    str(cells[0][1]["max_new_tokens"]), rho])
+    return Table(["task", "method", "train size", "prompt len", "cells", "cut at the limit (mean)", "per seed", f"cells over {THRESHOLD:.0%}",
+                  "token limit", "rank corr. with score over seeds"], out)
+
+
 def _p(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
 
@@ -321,7 +355,9 @@ def _claims(findings: list) -> list[Table | Figure | str]:
             "claim's ratio, no test. Variance claims: effect = sd over seeds of A / that of B, Brown–Forsythe test on "
             "the per-seed scores (Holm across variance tests); fewer than 10 seeds a side is *underpowered* whatever "
             "the data. "
-            "*unconverged*: a side's training loss was still moving at the end (Convergence section).")
+            "*unconverged*: a side's training loss was still moving at the end (Convergence section). "
+            f"*answers ran to the token limit*: a side has cells that cut over {THRESHOLD:.0%} of their answers at "
+            "the token limit instead of ending them (Termination section).")
     return [note, summary, detail]
 
 
