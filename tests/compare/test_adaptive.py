@@ -309,3 +309,20 @@ def test_a_report_of_the_whole_store_leaves_out_the_cells_more_rows_replaced(tmp
     assert superseded(rows) == {pt.key} and superseded(list(reversed(rows))) == {pt.key}
     md, _ = report_store(tmp_path / "results.sqlite", tmp_path / "report")
     assert f"cells: {len(cells)} done" in md.read_text()  # 6 cells: the 300-row PT seed 0 in place of the old one
+
+
+def test_a_lost_looks_file_takes_the_first_look_on_the_planned_cells_alone(tmp_path):
+    """The split's t test half assumes the first look is the planned sample: with the looks file gone and an added
+    seed in the store, the rerun's first look must still be the planned cells', not one that counts the addition."""
+    from tunelab.compare.claims import look_of
+    from tunelab.compare.sequential import looks_path
+
+    cells, store, _, _ = _setup(tmp_path, gain=0.06, seed_sd={"ipt": 0.05, "pt": 0.05})
+    planned = [f for f in evaluate_claims([r.data for r in store.rows()], 300) if f.claim.id == "ipt_beats_pt"]
+    added = reseeded(next(c for c in cells if c.method == "pt"), 7)
+    _record(store, tmp_path, added, 0.06, {"ipt": 0.05, "pt": 0.05})
+    assert not looks_path(tmp_path / "results.sqlite").exists()
+    until_decisive(store, tmp_path / "results.sqlite", cells, 0, lambda more: None, Console(quiet=True), 300)
+    looks = load_looks(tmp_path / "results.sqlite")["ipt_beats_pt|date_format"]
+    assert len(looks) == 2 and looks[0] == look_of(planned[0])  # planned, then with seed 7 of PT
+    assert looks[1].df != looks[0].df
