@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = {
     "methods": (ROOT / "docs" / "results" / "methods" / "grid.yaml", True),
     "claims": (preset_path("claims"), True),
-    "paper": (preset_path("paper"), True),  # planned cells, plus the seeds `--until decisive` added
+    "paper/v3": (preset_path("paper_v3"), True),  # planned cells, plus the seeds `--until decisive` added
+    "paper": (preset_path("paper"), False),  # v4: under way across sessions (its README says how far)
 }
 
 

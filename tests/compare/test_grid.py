@@ -105,7 +105,7 @@ def test_overrides_apply_to_the_grid(grid_file):
 
 
 def test_presets_ship_all_three():
-    assert {"quick", "paper", "instruction", "paper_v1", "paper_v2", "instruction_v1"} <= set(list_presets())
+    assert {"quick", "paper", "instruction", "paper_v1", "paper_v2", "paper_v3", "instruction_v1"} <= set(list_presets())
 
 
 def test_quick_preset_validates_offline(tmp_path):
@@ -116,13 +116,13 @@ def test_quick_preset_validates_offline(tmp_path):
 
 
 @pytest.mark.shared_data
-@pytest.mark.parametrize("name", ["paper", "paper_v2", "instruction"])
+@pytest.mark.parametrize("name", ["paper", "paper_v3", "paper_v2", "instruction"])
 def test_data_presets_validate_on_shared_data(name, tmp_path, monkeypatch):
     shared_path()
     monkeypatch.chdir(Path(__file__).resolve().parents[2])  # presets say ../shared/data: relative to a checkout
     grid, cells = plan(preset_path(name), out=tmp_path)
     assert len(cells) > 10
-    if name == "paper":  # v3: Sun et al. on a base model, SmolLM2 as the second model
+    if name in ("paper", "paper_v3"):  # v3 and v4: Sun et al. on a base model, SmolLM2 as the second model
         assert {c.method_name for c in cells} == {"icl", "prompt_tuning", "ipt"}
         assert {c.config.model.name for c in cells} == {"gemma3-270m", "smollm2-135m"}
         assert {c.task for c in cells} == {"e2e", "dart", "webnlg"}  # Spider dropped: 0-2% for every method in v2
@@ -133,10 +133,18 @@ def test_data_presets_validate_on_shared_data(name, tmp_path, monkeypatch):
                             and c.config.train.steps > 0}) >= 10
         assert {c.prompt_length for c in cells if c.method_name == "ipt"} == {20}
         assert all(c.config.eval.stop == ["\n"] for c in gemma)  # a base model rambles past one-line answers
-        tuned = {m.display: m.tune for m in grid.methods if m.tune is not None}
-        assert set(tuned) == {"pt", "ipt"}  # every trained Gemma method, the same number of trials
-        assert {t.trials or grid.tune.trials for t in tuned.values()} == {grid.tune.trials}
         assert max(grid.margins.values()) <= 3
+        trained = [c for c in gemma if c.method in ("pt", "ipt")]
+        if name == "paper_v3":  # tuned: every trained Gemma method, the same number of trials, 40 steps
+            tuned = {m.display: m.tune for m in grid.methods if m.tune is not None}
+            assert set(tuned) == {"pt", "ipt"}
+            assert {t.trials or grid.tune.trials for t in tuned.values()} == {grid.tune.trials}
+            assert {c.config.train.steps for c in trained} == {40}
+        else:  # v4: v3's tuned choices at 120 steps (40 left many answers unended); 10 source prompts to transfer
+            assert {c.config.train.steps for c in trained} == {120}
+            assert {(c.method, c.config.method.init, c.config.train.lr) for c in trained} == {
+                ("pt", "text", 0.3), ("ipt", "random", 0.03)}  # docs/results/paper/v3 "Tuning"
+            assert len({c.seed for c in cells if c.method == "pt_e2e_transfer"}) == 10
         transfer = [c for c in cells if c.method == "pt_e2e_transfer"]
         assert {c.task for c in transfer} == {"dart", "webnlg"} and all(c.config.train.steps == 0 for c in transfer)
         from tunelab.compare.grid import depends_on
