@@ -15,8 +15,11 @@ def test_report_from_a_tiny_grid(tiny_report):
     for section in ("Quality per method and task", "Quality against cost", "Learning curves", "Prompt-length sweeps",
                     "IPT minus PT by demonstration similarity", "Claims"):
         assert f"## {section}" in md
-    # every seed of every setting is listed, with mean ± std
-    assert md.count("| date_format | pt | ") == 2 and md.count("| date_format | zero_shot | ") == 2
+    # every seed of every setting is listed, with mean ± std (and, per setting, the share of answers cut)
+    quality = md.split("## Quality per method and task")[1].split("\n## ")[0]
+    assert quality.count("| date_format | pt | ") == 2 and quality.count("| date_format | zero_shot | ") == 2
+    termination = md.split("## Termination")[1].split("\n## ")[0]
+    assert termination.count("| date_format | pt | ") == 2 and termination.count("| date_format | zero_shot | ") == 2
     assert "0: " in md and "1: " in md and " ± " in md
     assert "![quality vs training-set size](plots/learning_curve.png)" in md
     assert "the grid has one prompt length per task" in md  # the sweep is absent, with the reason
