@@ -61,6 +61,7 @@ def test_super_ni_report_per_task_and_averaged(tmp_path):
     report = run_eval(_request(tmp_path, model="tiny", out=str(tmp_path / "out"), n_resamples=200,
                                eval=EvalConfig(max_new_tokens=8)))
     assert set(report.per_task) == set(TASKS)
+    assert report.info["termination"]["answers"] == 6  # summed over the 3 tasks' generations
     for name in ("rouge_l", "exact_match"):
         task_mean = sum(t["metrics"][name] for t in report.per_task.values()) / 3
         assert report.metrics[f"{name}_task_mean"] == pytest.approx(task_mean)
@@ -109,3 +110,20 @@ def test_cli_rejects_an_unknown_protocol(tmp_path):
     result = CliRunner().invoke(app, ["eval", "--model", "tiny", "--data", str(_subset(tmp_path)),
                                       "--protocol", "nope"])
     assert isinstance(result.exception, ConfigError) and "super_ni" in str(result.exception)
+
+
+def test_eval_says_how_many_answers_ran_to_the_token_limit():
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from tunelab.commands.eval import print_report
+
+    console = Console(record=True, width=200)
+    info = {"protocol": "standard", "model": "tiny", "data": "d", "n_eval": 10, "seconds": 1.0, "load_seconds": 0.5}
+    report = SimpleNamespace(info={**info, "termination": {"at_limit": 3, "answers": 10}}, metrics={"bleu": 1.0},
+                             metrics_ci={}, per_task={})
+    print_report(console, report)
+    assert "3 of 10 answers ran to the token limit" in console.export_text()
+    print_report(console, SimpleNamespace(**{**vars(report), "info": {**info, "termination": None}}))
+    assert console.export_text().count("ran to the token limit") == 0  # export_text cleared the record

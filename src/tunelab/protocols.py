@@ -242,12 +242,15 @@ def run_eval(req: EvalRequest, progress: Callable[[int], None] | None = None) ->
     layout = loaded.layout
 
     steps_used: set[str] = set()  # the decode steps generation ran (inference.steps.BACKENDS)
+    cut = {"at_limit": 0, "answers": 0}  # answers that ran to the token limit instead of ending (termination.py)
 
     def run_one(group: list[Example], max_new_tokens: int | None) -> EvalResult:
         group = [loaded.adapter.rewrite(e) for e in group]  # a discrete prompt swaps the instruction
         result = evaluate(loaded.adapter, loaded.tokenizer, layout, group, names, req.eval,
                           req.eval.max_new_tokens or max_new_tokens, progress, req.n_resamples)
         steps_used.update(s for s in result.decode_step.split("+") if s)
+        for field in cut:
+            cut[field] += (result.termination or {}).get(field, 0)
         return result
 
     if req.protocol == "super_ni":
@@ -258,7 +261,8 @@ def run_eval(req: EvalRequest, progress: Callable[[int], None] | None = None) ->
     report.info = {**info, "protocol": req.protocol, "model": loaded.model_name, "adapter": req.adapter,
                    "method": loaded.loaded.method_name, "template": layout.template, "data": req.data,
                    "seconds": round(time.perf_counter() - start, 2), "load_seconds": round(loaded.seconds, 2),
-                   "decode_step": "+".join(sorted(steps_used)) or None, "request": asdict(req)}
+                   "decode_step": "+".join(sorted(steps_used)) or None, "request": asdict(req),
+                   "termination": cut if cut["answers"] else None}
     if req.out:
         write_report(report, Path(req.out))
     return report

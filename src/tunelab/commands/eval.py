@@ -39,6 +39,11 @@ def print_report(console: Console, report) -> None:
         console.print(tasks)
     if info.get("excluded_seen_tasks"):
         console.print(f"excluded {len(info['excluded_seen_tasks'])} tasks seen in training ({info['seen_from']})")
+    cut = info.get("termination")
+    if cut and cut["at_limit"]:
+        console.print(f"{cut['at_limit']} of {cut['answers']} answers ran to the token limit without ending (raise "
+                      "eval.max_new_tokens, set eval.stop, or train longer: a prompt that never learned the end token "
+                      "loops)")
     console.print(f"{info['n_eval']} examples in {info['seconds']:.1f} s (model load {info['load_seconds']:.1f} s)")
 
 
