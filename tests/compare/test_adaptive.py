@@ -205,23 +205,62 @@ def _gap_findings(tmp_path, seed_sd: dict[str, float]):
 
 
 def test_an_open_contrast_gets_a_seed_on_its_side_that_narrows_it_most(tmp_path):
-    """The contrast's four sides each carry their cells and seed spread; the noisiest side that can vary gets the
-    seed. The moved cells (0 steps from a source cell) are the noisiest, but a seed of their own would repeat
-    their source: they get none."""
-    cells, rows, gap = _gap_findings(tmp_path, {"pt": 0.01, "lora": 0.1, "pt_moved": 0.2, "lora_moved": 0.2})
+    """The contrast's four sides each carry their cells and seed spread; the side whose seed narrows it most per
+    second gets the seed. A moved cell (0 steps from a source cell) costs its source's new seed too."""
+    cells, rows, gap = _gap_findings(tmp_path, {"pt": 0.01, "lora": 0.1, "pt_moved": 0.1, "lora_moved": 0.1})
     assert gap.verdict == "underpowered" and gap.group == "entity_extraction len=4"
     assert [len(k) for k in gap.keys] == [3, 3, 3, 3] and len(gap.seed_vars) == 4
     # few seeds: the t test's degrees of freedom count them (fixed-sample and sequential alike), far below rows - 1
     assert gap.welch_df is not None and gap.welch_df == gap.df < gap.n["examples"] - 1
     step = next_step([gap], rows, cells)  # the contrast alone (LoRA > PT's own tests would also want seeds)
+    # equal spread, but a moved side's seed costs two cells (its source's seed, then itself): LoRA's is cheaper
     assert step is not None and [(c.method, c.task, c.seed) for c in step.add] == [("lora", "entity_extraction", 3)]
     assert step.gain > 0 and not step.drop
 
 
-def test_a_contrast_whose_spread_is_all_on_its_moved_sides_gets_no_seed(tmp_path):
+def test_a_moved_side_s_new_seed_starts_from_its_source_s_new_seed(tmp_path):
+    """A transfer cell's spread over seeds is its sources': its new seed trains the source method's next seed
+    first (both priced), then starts from it, as ``resolve_sources`` pairs a planned transfer cell with the
+    source cell of its seed. Without the source's seed, the new cell would repeat seed 0's source."""
     cells, rows, gap = _gap_findings(tmp_path, {"pt": 0.0, "lora": 0.0, "pt_moved": 0.1, "lora_moved": 0.1})
     assert gap.verdict == "underpowered"
-    assert next_step([gap], rows, cells) is None  # every seed would repeat a source; the seed term dominates
+    step = next_step([gap], rows, cells)
+    assert step is not None and step.gain > 0 and "after seed 3 of its source" in step.reason
+    source, moved = step.add
+    assert (source.task, source.seed, source.source_key) == ("date_format", 3, None)
+    assert moved.task == "entity_extraction" and moved.seed == 3 and moved.method == source.method + "_moved"
+    assert moved.source_key == source.key and moved.config.method.init_from == str(tmp_path / "out" / "cells" / source.key)
+    assert step.seconds == pytest.approx(20.0)  # 10 s for the source seed, 10 s for the moved cell
+    planned_source = next(c for c in cells if c.method == source.method and c.task == "date_format" and c.seed == 1)
+    again = reseeded(moved, 1, cells + step.add)  # a seed the source already has: its planned cell, not a new one
+    assert again.source_key == planned_source.key
+    assert again.key == next(c for c in cells if c.method == moved.method and c.seed == 1).key
+
+
+def test_until_decisive_runs_a_moved_cell_s_source_first_and_a_rerun_finds_both(tmp_path):
+    from tunelab.compare.grid import resolve_sources
+
+    cells = resolve_sources(expand(_gap_grid()), tmp_path / "out")
+    sds = {"pt": 0.0, "lora": 0.0, "pt_moved": 0.1, "lora_moved": 0.1}
+    store = Store(tmp_path / "results.sqlite")
+    for cell in cells:
+        _record_any(store, tmp_path, cell, 0.5, sds[cell.method])
+    batches: list[list] = []
+
+    def run(more):
+        batches.append(list(more))
+        for cell in more:
+            _record_any(store, tmp_path, cell, 0.5, sds[cell.method])
+
+    outcome = until_decisive(store, tmp_path / "results.sqlite", cells, 45, run, Console(quiet=True), 300)
+    planned = {c.key for c in cells}
+    for batch in batches:  # a moved cell's source is planned or runs before it in the same addition
+        for i, cell in enumerate(batch):
+            assert cell.source_key is None or cell.source_key in planned | {c.key for c in batch[:i]}
+    assert any(b[1].source_key == b[0].key and b[0].key not in planned for b in batches if len(b) == 2)
+    added = {c.key for b in batches for c in b}
+    assert added <= {c.key for c in outcome.cells}
+    assert {c.key for c in resumed(store, cells)} == {c.key for c in outcome.cells}
 
 
 def test_an_open_quality_test_gets_its_seed_before_a_variance_test_short_of_seeds(tmp_path):

@@ -68,7 +68,7 @@ def _added_variants(cells, rows) -> set[str]:
     evals = {((r.get("config") or {}).get("data") or {}).get("max_eval") for r in rows} - {None}
     found = set()
     for cell in cells:
-        for variant in [cell] + [reseeded(cell, s) for s in seeds if s != cell.seed]:
+        for variant in [cell] + [reseeded(cell, s, cells) for s in seeds if s != cell.seed]:
             found.add(variant.key)
             found.update(with_params(variant, {"data.max_eval": n}).key for n in evals)
     return found

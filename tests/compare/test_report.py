@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import re
 
+from tests.compare.conftest import TINY_GRID
+
 from tunelab.compare import plots, report_store
 from tunelab.compare.report import build_report, to_html
 from tunelab.compare.store import Store
@@ -185,3 +187,26 @@ def test_plots_without_data_are_skipped_with_the_reason(tiny_report):
     # two sizes in the task, but each method ran at one of them: no method has a curve to draw
     one_size_each = [{**r, "train_size": 8 if r["method"] == "pt" else 16} for r in rows]
     assert plots.sweep(one_size_each, "train_size", "training examples") is None
+
+
+def test_a_cell_another_grid_ran_first_is_named_as_this_grid_names_it(grid_file, tmp_path):
+    """A cell's key is its configuration only, so a grid finds a cell that another grid stored under another label
+    done; its report, its terminal summary and its claims name the cell with this grid's label."""
+    from rich.console import Console
+
+    from tunelab.compare import compare
+    from tunelab.compare.summary import print_summary
+
+    first = {**TINY_GRID["methods"][0], "seeds": [0]}
+    out, quiet = tmp_path / "out", Console(quiet=True)
+    compare(grid_file(methods=[first]), out, progress=False, console=quiet)
+    again = compare(grid_file(name="again", methods=[{**first, "label": "no_demos"}]), out, progress=False,
+                    console=quiet)
+    assert again.summary.done == 0 and again.summary.skipped == 1  # the same cell, not run again
+    quality = again.report_md.read_text().split("## Quality per method and task")[1].split("\n## ")[0]
+    assert "| date_format | no_demos | " in quality and "zero_shot" not in quality
+    console = Console(record=True, width=200)
+    with Store(again.store) as store:
+        print_summary(console, store, keys=[c.key for c in again.cells], coords={c.key: c.coords() for c in again.cells})
+        assert [r["method"] for r in store.tagged_rows()] == ["zero_shot"]  # the store keeps what it stored
+    assert "no_demos" in console.export_text() and "zero_shot" not in console.export_text()

@@ -34,8 +34,7 @@ def store_rows(path: str | Path) -> list[dict[str, Any]]:
     from tunelab.compare.summary import with_tuning_cost
 
     with open_existing(path) as db:
-        tags = db.task_tags()
-        return with_tuning_cost([{**r.data, "tags": tags.get(r.data["task"], [])} for r in db.rows()], db)
+        return with_tuning_cost(db.tagged_rows(), db)
 
 
 def claim_settings(path: str | Path) -> dict[str, Any]:

@@ -59,7 +59,8 @@ def compare_command(
     from tunelab.compare.summary import print_summary
 
     with open_existing(outcome.store) as db:  # what was compared and what held, without opening a file
-        print_summary(console, db, keys=[c.key for c in outcome.cells])
+        print_summary(console, db, keys=[c.key for c in outcome.cells],
+                      coords={c.key: c.coords() for c in outcome.cells})
         size = size_line(db.size())
     console.print(f"store:  {outcome.store} ({size})\nreport: {outcome.report_md}\n        {outcome.report_html}",
                   highlight=False)

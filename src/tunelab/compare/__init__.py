@@ -90,17 +90,18 @@ def compare(source: str | Path, out: str | Path, store: str | Path | None = None
                                 workers=workers, backend=backend, address=address)
                 summary = _add(summary, part)
         finally:  # also on Ctrl-C: a store committed after an interrupted session resumes without cells/
-            needed = _needed_sources(db, cells)
-            db.pack(needed)
-            db.drop_adapters(needed)
+            _keep_sources(db, cells)
         if grid.until == "decisive":  # add seeds / rows where they narrow the open tests most (compare/adaptive.py)
             from tunelab.compare.adaptive import parse_budget, until_decisive
 
             def run_more(more: list[Cell]) -> None:
                 nonlocal summary
-                _source_adapters(db, more, out, retry_failed)
-                summary = _add(summary, run_grid(grid, more, db, out, progress=progress, retry_failed=retry_failed,
-                                                 console=console, workers=workers, backend=backend, address=address))
+                for wave in waves(more):  # a transfer cell's new seed after its source's new seed
+                    _source_adapters(db, wave, out, retry_failed)
+                    summary = _add(summary, run_grid(grid, wave, db, out, progress=progress, retry_failed=retry_failed,
+                                                     console=console, workers=workers, backend=backend,
+                                                     address=address))
+                    db.pack({c.key for c in wave if any(m.source_key == c.key for m in more)})
 
             assert grid.budget is not None  # parse_grid requires it with until
             cells = until_decisive(db, store_path, cells, parse_budget(grid.budget), run_more, console).cells
@@ -108,8 +109,19 @@ def compare(source: str | Path, out: str | Path, store: str | Path | None = None
             from tunelab.compare.adaptive import resumed
 
             cells = resumed(db, cells)
-        md, html = write_report(build_report(db, keys=[c.key for c in cells]), out)
+        _keep_sources(db, cells)
+        md, html = write_report(build_report(db, keys=[c.key for c in cells],
+                                             coords={c.key: c.coords() for c in cells}), out)
     return Outcome(grid, cells, summary, store_path, md, html)
+
+
+def _keep_sources(db: Store, cells: list[Cell]) -> None:
+    """Pack into the store the adapters of every cell that a cell of ``cells`` starts from, and forget the others:
+    a fresh clone holds the store, not ``cells/``, and ``--until decisive`` may run a transfer cell again on more
+    test rows (its source adapters: 50 KB each for the paper preset's 20-token Gemma prompts)."""
+    sources = {c.source_key for c in cells if c.source_key is not None}
+    db.pack(sources)
+    db.drop_adapters(sources)
 
 
 def _needed_sources(db: Store, cells: list[Cell]) -> set[str]:

@@ -12,9 +12,11 @@ standard errors per second of cell time:
   halves; every cell of every side is run again with ``data.max_eval`` doubled (and replaces the old ones).
 
 A side gains nothing from a seed when its cells cannot vary with one (``reseedable``): a single seed or no
-spread over seeds (a deterministic method: greedy ICL, the base model), or cells that start from another
-cell's adapter (a transfer cell run with ``train.steps: 0`` repeats its source; its spread over seeds is its
-sources', which a new seed of its own would not draw again).
+spread over seeds (a deterministic method: greedy ICL, the base model). A cell that starts from another cell's
+adapter (a transfer cell, ``init_from: {cell: ...}``) draws its spread over seeds from its sources, so its new
+seed starts from its source method's cell of that seed (``reseeded``, the pairing ``grid.resolve_sources``
+uses): where that source cell does not exist yet, the step trains it first and its seconds count in the price
+(its own use to the source method's tests is not counted: the price errs high).
 
 Reductions are counted relative to the se each test needs (``stats.se_needed``), summed over the tests a
 cell serves, and divided by the cells' expected seconds (the mean stored ``cell_seconds`` of that side).
@@ -38,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean
@@ -47,7 +49,7 @@ from typing import Any
 from rich.console import Console
 
 from tunelab.compare.claims import ACROSS_TASKS, Finding, evaluate_claims, look_of
-from tunelab.compare.grid import Cell, with_params
+from tunelab.compare.grid import Cell, started_from, with_params
 from tunelab.compare.sequential import load_looks, look_key, save_looks, with_look
 from tunelab.compare.store import Store
 from tunelab.errors import ConfigError
@@ -104,8 +106,8 @@ def short_of_seeds(f: Finding) -> bool:
 
 def reseedable(side: list[Cell], var: float) -> bool:
     """Can another seed of this side's cells change its score? Not with one seed or no spread over seeds (a
-    deterministic method), nor for cells started from another cell's adapter (their spread is their sources')."""
-    return len(side) >= 2 and var > 0 and not any(getattr(c.config.method, "init_from", None) for c in side)
+    deterministic method, or a cell started from a fixed adapter without training)."""
+    return len(side) >= 2 and var > 0
 
 
 def next_step(findings: list[Finding], rows: list[dict[str, Any]], cells: list[Cell],
@@ -165,11 +167,18 @@ def _place(cell: Cell) -> tuple:
 
 
 def _seed_step(side: list[Cell], cells: list[Cell], seconds: dict[str, float | None]) -> Step:
-    """One more seed of ``side``'s method on its group (gain 0: the caller counts what it buys)."""
+    """The next seed of ``side``'s method on its group (gain 0: the caller counts what it buys), after that seed
+    of its source cell where it starts from another cell's adapter and that seed is not run yet (a transfer to a
+    second task then reuses the source seed the first one trained)."""
     template = side[0]
-    new = reseeded(template, 1 + max(c.seed for c in cells if c.method == template.method))
-    return Step([new], 0.0, _mean([seconds.get(c.key) for c in side]),
-                f"seed {new.seed} of {template.method} on {_where(template)}")
+    new = reseeded(template, 1 + max(c.seed for c in cells if _place(c) == _place(template)), cells)
+    price, reason = _mean([seconds.get(c.key) for c in side]), f"seed {new.seed} of {template.method} on {_where(template)}"
+    if new.source_key is None or new.source_key in {c.key for c in cells}:
+        return Step([new], 0.0, price, reason)
+    source = _source(template, new.seed, cells)
+    kin = [c for c in cells if _place(c) == _place(source)]
+    return Step([source, new], 0.0, price + _mean([seconds.get(c.key) for c in kin]),
+                f"{reason}, after seed {source.seed} of its source {source.method} on {_where(source)}")
 
 
 def _more_rows(f: Finding, cells: list[Cell], by_key: dict[str, Cell], seconds: dict[str, float | None],
@@ -189,9 +198,22 @@ def _more_rows(f: Finding, cells: list[Cell], by_key: dict[str, Cell], seconds: 
                 f"{f.claim.test} on {f.group}", drop=[c.key for c in side])
 
 
-def reseeded(cell: Cell, seed: int) -> Cell:
-    """The same cell (tuned parameters and all) trained with another seed."""
-    return dataclasses.replace(with_params(cell, {"train.seed": seed}), seed=seed, prompt_length=cell.prompt_length)
+def reseeded(cell: Cell, seed: int, cells: Sequence[Cell] = ()) -> Cell:
+    """The same cell (tuned parameters and all) trained with another seed. A cell that starts from another cell's
+    adapter starts from its source method's cell of that seed (``_source``; ``cells`` must hold its source)."""
+    new = dataclasses.replace(with_params(cell, {"train.seed": seed}), seed=seed, prompt_length=cell.prompt_length)
+    if cell.source_key is None:
+        return new
+    return started_from(new, _source(cell, seed, cells), Path(cell.config.method.init_from).parent)
+
+
+def _source(cell: Cell, seed: int, cells: Sequence[Cell]) -> Cell:
+    """The cell ``cell`` starts from, with ``seed`` (the same configuration: a planned cell's key where it exists)."""
+    found = next((c for c in cells if c.key == cell.source_key), None)
+    if found is None:
+        raise ConfigError(f"{cell.method} on {cell.task} (seed {cell.seed}) starts from cell {cell.source_key}, which "
+                          "is not among the grid's cells: a new seed of it cannot find its source")
+    return reseeded(found, seed, cells)
 
 
 def _seconds(row: dict[str, Any]) -> float | None:
@@ -290,7 +312,7 @@ def resumed(store: Store, cells: list[Cell]) -> list[Cell]:
                     if (n := ((d.get("config") or {}).get("data") or {}).get("max_eval")) is not None})
     out: dict[str, Cell] = {}  # by key: another planned seed's variant under the same seed is the same cell
     for cell in cells:
-        for variant in [cell] + [reseeded(cell, s) for s in seeds if s != cell.seed]:
+        for variant in [cell] + [reseeded(cell, s, cells) for s in seeds if s != cell.seed]:
             rows = variant.config.data.max_eval
             larger = [with_params(variant, {"data.max_eval": n}) for n in evals if rows is not None and n > rows]
             found = [v for v in larger if v.key in extra]
@@ -317,6 +339,4 @@ def superseded(rows: list[dict[str, Any]]) -> set[str]:
 
 
 def _done_rows(store: Store, cells: list[Cell], status: str | None = "done") -> list[dict[str, Any]]:
-    tags = store.task_tags()
-    return [{**r.data, "tags": tags.get(r.data["task"], [])}
-            for r in store.rows(status=status, keys=[c.key for c in cells])]
+    return store.tagged_rows(status=status, keys=[c.key for c in cells], coords={c.key: c.coords() for c in cells})

@@ -510,11 +510,17 @@ def resolve_sources(cells: list[Cell], out_dir: Path) -> list[Cell]:
         length = getattr(cell.config.method, PROMPT_LENGTH_FIELD, None)
         same_length = [c for c in candidates if c.prompt_length in (None, length)] or candidates
         source = next((c for c in same_length if c.seed == cell.seed), same_length[0])
-        raw = to_dict(cell.config)
-        raw["method"]["init_from"] = str(Path(out_dir).resolve() / "cells" / source.key)
-        cfg = from_dict(RunConfig, raw)
-        out.append(dataclasses.replace(cell, key=cell_key(cfg, cell.task_spec), config=cfg, source_key=source.key))
+        out.append(started_from(cell, source, Path(out_dir).resolve() / "cells"))
     return out
+
+
+def started_from(cell: Cell, source: Cell, cells_dir: Path) -> Cell:
+    """``cell`` starting from ``source``'s adapter (its folder under ``cells_dir``), its key recomputed: the key
+    counts the source by its key (``cell_key``), so it does not depend on where the cells are written."""
+    raw = to_dict(cell.config)
+    raw["method"]["init_from"] = str(Path(cells_dir) / source.key)
+    cfg = from_dict(RunConfig, raw)
+    return dataclasses.replace(cell, key=cell_key(cfg, cell.task_spec), config=cfg, source_key=source.key)
 
 
 def waves(cells: list[Cell]) -> list[list[Cell]]:

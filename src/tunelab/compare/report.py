@@ -6,6 +6,7 @@ import base64
 import html
 import re
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean, stdev
@@ -47,11 +48,12 @@ class Report:
 
 
 def build_report(store: Store, keys: list[str] | None = None, n_resamples: int = 1000,
-                 sizing: bool = True) -> Report:
-    """Everything the report shows, from the store's rows (all of them, or only ``keys``)."""
-    tags = store.task_tags()
+                 sizing: bool = True, coords: Mapping[str, Mapping[str, Any]] | None = None) -> Report:
+    """Everything the report shows, from the store's rows (all of them, or only ``keys``). ``coords``: per key,
+    the labels a grid gives the cell (``Cell.coords``), over those it was stored with: a cell that another grid
+    ran first under the same key (the same configuration) is named as this grid names it."""
     margins = store.margins()
-    rows = [{**r.data, "tags": tags.get(r.data["task"], [])} for r in store.rows(keys=keys)]
+    rows = store.tagged_rows(keys=keys, coords=coords)
     done = with_tuning_cost([r for r in rows if r["status"] == "done"], store)
     failed = [r for r in rows if r["status"] == "failed"]
     grids = sorted({r["grid"] for r in rows})
@@ -124,17 +126,26 @@ def _numeric_order(coords: tuple) -> tuple:
     return tuple((0, -1) if v is None else (1, v) if isinstance(v, (int, float)) else (2, str(v)) for v in coords)
 
 
-def quality_table(rows: list[dict[str, Any]]) -> Table:
+def by_setting(rows: list[dict[str, Any]]) -> list[tuple[tuple, list[dict[str, Any]]]]:
+    """Cells grouped by setting (task, method, train size, prompt length), settings in numeric order, each
+    group's cells by seed: the rows of the per-setting tables (quality, termination)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["task"], r["method"], r["train_size"], r["prompt_length"])].append(r)
+    return [(coords, sorted(cells, key=lambda c: c["seed"]))
+            for coords, cells in sorted(groups.items(), key=lambda kv: _numeric_order(kv[0]))]
+
+
+def _setting(size: Any, length: Any) -> list[str]:
+    return ["all" if size is None else str(size), "-" if length is None else str(length)]
+
+
+def quality_table(rows: list[dict[str, Any]]) -> Table:
     out = []
-    for (task, method, size, length), cells in sorted(groups.items(), key=lambda kv: _numeric_order(kv[0])):
-        cells = sorted(cells, key=lambda c: c["seed"])
+    for (task, method, size, length), cells in by_setting(rows):
         values = [c["quality"] for c in cells]
         spread = f" ± {stdev(values):.2f}" if len(values) > 1 else ""
-        out.append([task, method, "all" if size is None else str(size), "-" if length is None else str(length),
-                    cells[0]["primary_metric"], f"{mean(values):.2f}{spread}",
+        out.append([task, method, *_setting(size, length), cells[0]["primary_metric"], f"{mean(values):.2f}{spread}",
                     ", ".join(f"{c['seed']}: {c['quality']:.2f}" for c in cells),
                     _fmt_int(cells[0]["trainable_params"]),
                     f"{mean(c['train_seconds'] for c in cells):.1f}", f"{mean(c['eval_seconds'] for c in cells):.1f}",
@@ -274,29 +285,23 @@ def _termination(rows: list[dict[str, Any]]) -> Table | str:
     over five or more seeds its rank correlation with the score (does the spread over seeds follow it?)."""
     from scipy import stats as sps
 
-    from tunelab.termination import of_row
+    from tunelab.termination import of_row, runaway
 
-    groups: dict[tuple, list[tuple[dict, dict]]] = defaultdict(list)
-    for r in rows:
-        found = of_row(r)
-        if found is not None:
-            groups[(r["task"], r["method"], r["train_size"], r["prompt_length"])].append((r, found))
-    if not groups:
+    recorded = [r for r in rows if of_row(r) is not None]
+    if not recorded:
         return "No cell recorded whether its answers ended (cells stored before tunelab recorded it, or scored by ranking only)."
     out = []
-    for (task, method, size, length), cells in sorted(groups.items(), key=lambda kv: _numeric_order(kv[0])):
-        cells.sort(key=lambda c: c[0]["seed"])
-        shares = [found["share"] for _, found in cells]
-        scores = [r["quality"] for r, _ in cells]
+    for (task, method, size, length), cells in by_setting(recorded):
+        shares = [of_row(r)["share"] for r in cells]
+        scores = [r["quality"] for r in cells]
         rho = "-"
         if len(cells) >= 5 and len(set(shares)) > 1 and len(set(scores)) > 1:
             value, p = sps.spearmanr(shares, scores)
             rho = f"{value:+.2f} (p={p:.2g})"
-        flagged = sum(1 for s in shares if s > THRESHOLD)
-        out.append([task, method, "all" if size is None else str(size), "-" if length is None else str(length),
-                    str(len(cells)), f"{mean(shares):.0%}",
-                    ", ".join(f"{r['seed']}: {f['share']:.0%}" for r, f in cells), f"{flagged} of {len(cells)}",
-                    str(cells[0][1]["max_new_tokens"]), rho])
+        flagged = sum(1 for r in cells if runaway(r))
+        out.append([task, method, *_setting(size, length), str(len(cells)), f"{mean(shares):.0%}",
+                    ", ".join(f"{r['seed']}: {s:.0%}" for r, s in zip(cells, shares, strict=True)), f"{flagged} of {len(cells)}",
+                    str(of_row(cells[0])["max_new_tokens"]), rho])
     return Table(["task", "method", "train size", "prompt len", "cells", "cut at the limit (mean)", "per seed", f"cells over {THRESHOLD:.0%}",
                   "token limit", "rank corr. with score over seeds"], out)
 

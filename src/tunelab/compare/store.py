@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -314,6 +314,15 @@ class Store:
                 data["out_dir"] = str(out_dir) if out_dir else data["out_dir"]
             out.append(Row(data))
         return out
+
+    def tagged_rows(self, status: str | None = None, keys: list[str] | None = None,
+                    coords: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """Stored cells as the claims and the report read them: per key the labels a grid gives the cell
+        (``coords``, from ``Cell.coords``) over those it was stored with - a cell another grid ran first under the
+        same key (the same configuration) is named as this grid names it - and its task's ``tags``."""
+        tags, coords = self.task_tags(), coords or {}
+        rows = [{**r.data, **coords.get(r.key, {})} for r in self.rows(status=status, keys=keys)]
+        return [{**r, "tags": tags.get(r["task"], [])} for r in rows]
 
     def task_tags(self) -> dict[str, list[str]]:
         """Task label -> tags (e.g. ``reasoning``) that grids recorded for the report's claims."""

@@ -7,6 +7,7 @@ see without opening a file: what was compared, what it cost, and which claims he
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from statistics import mean, stdev
 from typing import Any
 
@@ -18,12 +19,11 @@ from tunelab.compare.sequential import Look, load_looks
 from tunelab.compare.store import Store
 
 
-def finished_rows(store: Store, keys: list[str] | None = None) -> list[dict[str, Any]]:
-    """The store's finished cells (only ``keys`` if given), with their task tags and tuning cost
-    (``with_tuning_cost``), as the report reads them."""
-    tags = store.task_tags()
-    return with_tuning_cost([{**r.data, "tags": tags.get(r.data["task"], [])}
-                             for r in store.rows(status="done", keys=keys)], store)
+def finished_rows(store: Store, keys: list[str] | None = None,
+                  coords: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The store's finished cells (only ``keys`` if given, labelled by ``coords``: ``Store.tagged_rows``), with
+    their task tags and tuning cost (``with_tuning_cost``), as the report reads them."""
+    return with_tuning_cost(store.tagged_rows(status="done", keys=keys, coords=coords), store)
 
 
 def with_tuning_cost(rows: list[dict[str, Any]], store: Store) -> list[dict[str, Any]]:
@@ -89,9 +89,11 @@ def _int(value: Any) -> str:
     return "-" if value is None else f"{int(value):,}"
 
 
-def print_summary(console: Console, store: Store, keys: list[str] | None = None) -> None:
-    """Print the method table and the measured claims of the cells ``keys`` (all cells without)."""
-    rows = finished_rows(store, keys)
+def print_summary(console: Console, store: Store, keys: list[str] | None = None,
+                  coords: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    """Print the method table and the measured claims of the cells ``keys`` (all cells without), labelled as
+    ``coords`` says (``Store.tagged_rows``)."""
+    rows = finished_rows(store, keys, coords)
     if not rows:
         console.print("no finished cells to summarise")
         return
