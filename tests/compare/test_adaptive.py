@@ -365,3 +365,66 @@ def test_a_lost_looks_file_takes_the_first_look_on_the_planned_cells_alone(tmp_p
     looks = load_looks(tmp_path / "results.sqlite")["ipt_beats_pt|date_format"]
     assert len(looks) == 2 and looks[0] == look_of(planned[0])  # planned, then with seed 7 of PT
     assert looks[1].df != looks[0].df
+
+
+def _transfer_cells(tmp_path):
+    """PT on date_format (3 seeds), its prompts used as is with retrieved demonstrations on entity_extraction
+    (``transfer``, 0 steps, 3 seeds: one per source seed) and retrieved ICL there: ``prompt_transfer``'s sides."""
+    from tunelab.compare.grid import resolve_sources
+
+    transfer = {"name": "ipt", "label": "transfer", "num_virtual_tokens": 4, "k": 1, "selection": "similar",
+                "init_from": {"cell": {"method": "pt", "task": "date_format"}}, "train": {"steps": 0},
+                "tasks": ["entity_extraction"]}
+    methods = [{"name": "prompt_tuning", "num_virtual_tokens": 4, "label": "pt", "tasks": ["date_format"]},
+               {"name": "icl", "k": 1, "selection": "similar", "label": "icl_retrieved",
+                "tasks": ["entity_extraction"], "seeds": [0]}, transfer]
+    grid = parse_grid({"name": "g", "model": {"name": "tiny"}, "data": {"max_eval": ROWS}, "methods": methods,
+                       "tasks": TASKS, "seeds": [0, 1, 2]})
+    return resolve_sources(expand(grid), tmp_path / "out")
+
+
+def test_a_transfer_seed_finds_its_source_after_the_source_s_rows_were_doubled(tmp_path):
+    """until decisive reran the source place (PT on date_format) on twice the rows, which replaced the planned
+    source cells; a new transfer seed must still find its source (the grid's planned cells name it), train that
+    seed on the rows its place now uses, and a rerun (``resumed``) must rebuild the very same keys."""
+    cells = _transfer_cells(tmp_path)
+    doubled = [with_params(c, {"data.max_eval": 2 * ROWS}) for c in cells if c.method == "pt"]
+    current = [c for c in cells if c.method != "pt"] + doubled
+    sds = {"pt": 0.0, "icl_retrieved": 0.0, "transfer": 0.15}
+    store = Store(tmp_path / "results.sqlite")
+    for cell in current:
+        _record_any(store, tmp_path, cell, 0.5, sds[cell.method])
+    rows = [r.data for r in store.rows()]
+    (test,) = [f for f in evaluate_claims(rows, 300) if f.claim.id == "prompt_transfer" and f.group != "all tasks"]
+    assert test.verdict == "underpowered"
+    with pytest.raises(ConfigError, match="not among the grid's cells"):  # without the planned cells: no source
+        next_step([test], rows, current)
+    step = next_step([test], rows, current, planned=cells)
+    assert step is not None and [(c.method, c.seed) for c in step.add] == [("pt", 3), ("transfer", 3)]
+    source, moved = step.add
+    assert source.config.data.max_eval == 2 * ROWS and moved.source_key == source.key
+    for cell in step.add:
+        _record_any(store, tmp_path, cell, 0.5, sds[cell.method])
+    assert {c.key for c in resumed(store, cells)} == {c.key for c in current} | {source.key, moved.key}
+
+
+def test_an_added_cell_that_fails_stops_the_additions(tmp_path):
+    """A transfer seed's source trained, the transfer cell failed: stop, rather than train source after source."""
+    cells = _transfer_cells(tmp_path)
+    sds = {"pt": 0.0, "icl_retrieved": 0.0, "transfer": 0.15}
+    store = Store(tmp_path / "results.sqlite")
+    for cell in cells:
+        _record_any(store, tmp_path, cell, 0.5, sds[cell.method])
+    batches: list[list] = []
+
+    def run(more):
+        batches.append(list(more))
+        for cell in more:
+            if cell.source_key is None:
+                _record_any(store, tmp_path, cell, 0.5, sds[cell.method])
+            else:
+                store.record({**cell.coords(), "key": cell.key, "grid": "g", "config": to_dict(cell.config),
+                              "status": "failed", "error": "out of memory"})
+
+    outcome = until_decisive(store, tmp_path / "results.sqlite", cells, 3600, run, Console(quiet=True), 300)
+    assert len(batches) == 1 and outcome.stopped.startswith("1 of the 2 added cells failed")

@@ -115,13 +115,14 @@ def test_a_transfer_cell_resumes_from_the_stored_source_adapter(tmp_path, monkey
     (tmp_path / "other").mkdir()
     other = write_grid(tmp_path / "other", methods=TRANSFER_METHODS[:2], tasks=TRANSFER_TASKS, seeds=[0])
     compare(other, clone.parent, progress=False, console=Console(quiet=True))  # the same cells less the transfer
+    with Store(clone) as db:  # another grid on the store keeps it too: the stored transfer cell starts from it
+        assert db.size()["adapters"] > 0
+        db.conn.execute("DELETE FROM cells WHERE key = ?", (transfer.key,))
+    compare(other, clone.parent, progress=False, console=Console(quiet=True))
     with Store(clone) as db:
-        assert db.size()["adapters"] == 0  # dropped once no cell of the grid starts from it
+        assert db.size()["adapters"] == 0  # dropped once no planned or stored cell starts from it
 
     shutil.rmtree(clone.parent / "cells")  # and a store without that adapter says which cell lacks it
-    with sqlite3.connect(clone) as conn:
-        conn.execute("DELETE FROM cells WHERE key = ?", (transfer.key,))
-        conn.execute("DELETE FROM adapters")
     with pytest.raises(TunelabError, match=f"starts from cell {source.key}.*DELETE FROM cells WHERE key='{source.key}'"):
         compare(grid, clone.parent, progress=False, console=Console(quiet=True))
 

@@ -112,8 +112,7 @@ def size_command(
         if not sep or margins.get(name.strip(), 0) <= 0:
             raise ConfigError(f"--margin {item!r}: expected METRIC=POINTS with POINTS > 0, e.g. --margin bleu=1.0")
     with open_existing(store) as db:
-        tags = db.task_tags()
-        rows = [{**r.data, "tags": tags.get(r.data["task"], [])} for r in db.rows(status="done")]
+        rows = db.tagged_rows(status="done")
         sizings = size_claims(rows, {**db.margins(), **margins})
     console = make_console()
     if not sizings:

@@ -116,10 +116,11 @@ def compare(source: str | Path, out: str | Path, store: str | Path | None = None
 
 
 def _keep_sources(db: Store, cells: list[Cell]) -> None:
-    """Pack into the store the adapters of every cell that a cell of ``cells`` starts from, and forget the others:
-    a fresh clone holds the store, not ``cells/``, and ``--until decisive`` may run a transfer cell again on more
-    test rows (its source adapters: 50 KB each for the paper preset's 20-token Gemma prompts)."""
+    """Pack into the store the adapters of every cell that a cell of ``cells`` or a stored cell starts from (whichever
+    grid stored it), and forget the others: a fresh clone holds the store, not ``cells/``, and ``--until decisive``
+    may run a transfer cell again on more test rows (the paper preset's 20-token Gemma prompts: 50 KB each)."""
     sources = {c.source_key for c in cells if c.source_key is not None}
+    sources |= archive.source_keys(r.config for r in db.rows())
     db.pack(sources)
     db.drop_adapters(sources)
 

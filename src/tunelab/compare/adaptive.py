@@ -111,9 +111,11 @@ def reseedable(side: list[Cell], var: float) -> bool:
 
 
 def next_step(findings: list[Finding], rows: list[dict[str, Any]], cells: list[Cell],
-              alpha: float = ALPHA) -> Step | None:
+              alpha: float = ALPHA, planned: Sequence[Cell] = ()) -> Step | None:
     """The next addition: the one with the largest expected reduction in standard error per second of the open
-    quality tests, else (none left that helps) a seed a variance test lacks (``short_of_seeds``); None if none."""
+    quality tests, else (none left that helps) a seed a variance test lacks (``short_of_seeds``); None if none.
+    ``cells``: the cells measured now; ``planned``: the grid's own (a transfer cell's source may have been
+    replaced in ``cells`` by its version on more test rows)."""
     by_key = {c.key: c for c in cells}
     seconds = {r["key"]: _seconds(r) for r in rows}
     tested = [f for f in findings if f.tested]
@@ -132,8 +134,10 @@ def next_step(findings: list[Finding], rows: list[dict[str, Any]], cells: list[C
                 continue
             count = len(side)
             gain = (f.se - max(se2 - var / count + var / (count + 1), 0.0) ** 0.5) / target
-            step = seeds.setdefault(_place(side[0]), _seed_step(side, cells, seconds))
-            step.gain += gain
+            place = _place(side[0])
+            if place not in seeds:
+                seeds[place] = _seed_step(side, cells, seconds, planned)
+            seeds[place].gain += gain
         rows_step = _more_rows(f, cells, by_key, seconds, se2, n, target)
         if rows_step is not None:
             candidates.append(rows_step)
@@ -141,11 +145,11 @@ def next_step(findings: list[Finding], rows: list[dict[str, Any]], cells: list[C
     candidates = [c for c in candidates if c.gain > 0]
     if candidates:
         return max(candidates, key=lambda c: c.value)
-    return _spread_step(findings, by_key, cells, seconds)
+    return _spread_step(findings, by_key, cells, seconds, planned)
 
 
 def _spread_step(findings: list[Finding], by_key: dict[str, Cell], cells: list[Cell],
-                 seconds: dict[str, float | None]) -> Step | None:
+                 seconds: dict[str, float | None], planned: Sequence[Cell] = ()) -> Step | None:
     """One more seed of the side with fewer seeds of the first variance test short of seeds that can gain one."""
     for f in open_tests(findings):
         if not short_of_seeds(f):
@@ -155,7 +159,7 @@ def _spread_step(findings: list[Finding], by_key: dict[str, Cell], cells: list[C
         if not short or not all(reseedable(side, var) for side, var in sides if len(side) < SPREAD_MIN_SEEDS):
             continue  # a side that cannot vary never reaches a verdict
         side = min(short, key=lambda s: (len(s), _mean([seconds.get(c.key) for c in s])))
-        step = _seed_step(side, cells, seconds)
+        step = _seed_step(side, cells, seconds, planned)
         step.reason += f" ({f.claim.id} on {f.group} needs {SPREAD_MIN_SEEDS} seeds a side)"
         return step
     return None
@@ -166,16 +170,17 @@ def _place(cell: Cell) -> tuple:
     return cell.method, cell.task, cell.train_size, cell.prompt_length, cell.config.model.name
 
 
-def _seed_step(side: list[Cell], cells: list[Cell], seconds: dict[str, float | None]) -> Step:
+def _seed_step(side: list[Cell], cells: list[Cell], seconds: dict[str, float | None],
+               planned: Sequence[Cell] = ()) -> Step:
     """The next seed of ``side``'s method on its group (gain 0: the caller counts what it buys), after that seed
     of its source cell where it starts from another cell's adapter and that seed is not run yet (a transfer to a
     second task then reuses the source seed the first one trained)."""
     template = side[0]
-    new = reseeded(template, 1 + max(c.seed for c in cells if _place(c) == _place(template)), cells)
+    new = reseeded(template, 1 + max(c.seed for c in cells if _place(c) == _place(template)), [*cells, *planned])
     price, reason = _mean([seconds.get(c.key) for c in side]), f"seed {new.seed} of {template.method} on {_where(template)}"
     if new.source_key is None or new.source_key in {c.key for c in cells}:
         return Step([new], 0.0, price, reason)
-    source = _source(template, new.seed, cells)
+    source = _source(template, new.seed, [*cells, *planned])
     kin = [c for c in cells if _place(c) == _place(source)]
     return Step([source, new], 0.0, price + _mean([seconds.get(c.key) for c in kin]),
                 f"{reason}, after seed {source.seed} of its source {source.method} on {_where(source)}")
@@ -208,12 +213,26 @@ def reseeded(cell: Cell, seed: int, cells: Sequence[Cell] = ()) -> Cell:
 
 
 def _source(cell: Cell, seed: int, cells: Sequence[Cell]) -> Cell:
-    """The cell ``cell`` starts from, with ``seed`` (the same configuration: a planned cell's key where it exists)."""
-    found = next((c for c in cells if c.key == cell.source_key), None)
-    if found is None:
+    """The cell ``cell`` starts from, with ``seed``: that seed's cell at the source's place in ``cells`` (its version
+    on the most test rows, as ``resumed`` keeps), else a new seed of the source on the most rows its place uses.
+    The rows a source was scored on do not change its adapter; they only name it."""
+    origin = next((c for c in cells if c.key == cell.source_key), None)
+    if origin is None:
         raise ConfigError(f"{cell.method} on {cell.task} (seed {cell.seed}) starts from cell {cell.source_key}, which "
                           "is not among the grid's cells: a new seed of it cannot find its source")
-    return reseeded(found, seed, cells)
+    here = [c for c in cells if _place(c) == _place(origin)]
+    same = [c for c in here if c.seed == seed]
+    if same:
+        return max(same, key=_rows)
+    new = reseeded(origin, seed, cells)
+    most = max(here, key=_rows).config.data.max_eval
+    return new if most == new.config.data.max_eval else with_params(new, {"data.max_eval": most})
+
+
+def _rows(cell: Cell) -> float:
+    """Test rows a cell is scored on (None: every row of the file)."""
+    rows = cell.config.data.max_eval
+    return float("inf") if rows is None else rows
 
 
 def _seconds(row: dict[str, Any]) -> float | None:
@@ -267,7 +286,7 @@ def until_decisive(store: Store, store_path: Path, cells: list[Cell], budget: fl
         if not waiting:
             outcome.stopped = "every quality test is decisive"
             break
-        step = next_step(findings, rows, outcome.cells)
+        step = next_step(findings, rows, outcome.cells, planned=cells)
         if step is None:
             outcome.stopped = f"{len(waiting)} test(s) still underpowered; no seed or row can narrow them"
             break
@@ -282,8 +301,9 @@ def until_decisive(store: Store, store_path: Path, cells: list[Cell], budget: fl
         added = {r["key"]: r for r in _done_rows(store, step.add, status=None)}
         outcome.seconds += sum(_seconds(r) or 0.0 for r in added.values())
         outcome.rounds += 1
-        if not any(r["status"] == "done" for r in added.values()):
-            outcome.stopped = f"the added cells failed ({step.reason}); stopping"
+        failed = [c for c in step.add if (added.get(c.key) or {}).get("status") != "done"]
+        if failed:  # a failed source would leave its transfer cell without a start, a failed cell a side short
+            outcome.stopped = f"{len(failed)} of the {len(step.add)} added cells failed ({step.reason}); stopping"
             break
         outcome.cells = [c for c in outcome.cells if c.key not in step.drop] + step.add
     console.print(f"until decisive: {outcome.rounds} round(s), {outcome.seconds:.0f}s of cells; {outcome.stopped}",
@@ -311,8 +331,8 @@ def resumed(store: Store, cells: list[Cell]) -> list[Cell]:
     evals = sorted({int(n) for d in extra.values()
                     if (n := ((d.get("config") or {}).get("data") or {}).get("max_eval")) is not None})
     out: dict[str, Cell] = {}  # by key: another planned seed's variant under the same seed is the same cell
-    for cell in cells:
-        for variant in [cell] + [reseeded(cell, s, cells) for s in seeds if s != cell.seed]:
+    for cell in sorted(cells, key=lambda c: c.source_key is not None):  # sources first: a transfer's new seed
+        for variant in [cell] + [reseeded(cell, s, [*cells, *out.values()]) for s in seeds if s != cell.seed]:
             rows = variant.config.data.max_eval
             larger = [with_params(variant, {"data.max_eval": n}) for n in evals if rows is not None and n > rows]
             found = [v for v in larger if v.key in extra]

@@ -40,7 +40,7 @@ DEMO_FIELDS = ("instruction", "input", "output")  # a demonstration as the board
 NLL_FIELDS = ("train_nll", "eval_nll")  # result.generalization's per-example losses (claims' loss-gap test)
 REFERENCE = "sqlite:"  # a row's ``predictions`` when only the store holds them: sqlite:<store path>#<key>
 # bytes of adapter files kept in a store: soft prompts (~50 KB) and a 135M-270M model's LoRA (r 8 on q, v: ~1.9 MB)
-# yes, full fine-tuning no; kept only while a cell still to run starts from it (Store.drop_adapters)
+# yes, full fine-tuning no; kept while a planned or stored cell starts from it (compare._keep_sources)
 ADAPTER_LIMIT = 4 << 20
 
 

@@ -247,8 +247,8 @@ class Store:
         return True
 
     def drop_adapters(self, keep: set[str]) -> int:
-        """Forget the stored adapters not in ``keep`` (no cell still to run starts from them), so a committed store
-        holds an adapter only while a resume may need it; returns how many were dropped (then VACUUM shrinks)."""
+        """Forget the stored adapters not in ``keep``, so a committed store holds an adapter only while a planned or
+        stored cell starts from it (``compare._keep_sources``); returns how many were dropped (then VACUUM shrinks)."""
         stored = [k for (k,) in self.conn.execute("SELECT key FROM adapters")]
         gone = [k for k in stored if k not in keep]
         if gone:
