@@ -242,10 +242,7 @@ def test_until_decisive_runs_a_moved_cell_s_source_first_and_a_rerun_finds_both(
 
     cells = resolve_sources(expand(_gap_grid()), tmp_path / "out")
     sds = {"pt": 0.0, "lora": 0.0, "pt_moved": 0.1, "lora_moved": 0.1}
-    store = Store(tmp_path / "results.sqlite")
-    for cell in cells:
-        _record_any(store, tmp_path, cell, 0.5, sds[cell.method])
-    batches: list[list] = []
+    store, batches = _stored(tmp_path, cells, sds), []
 
     def run(more):
         batches.append(list(more))
@@ -367,6 +364,14 @@ def test_a_lost_looks_file_takes_the_first_look_on_the_planned_cells_alone(tmp_p
     assert looks[1].df != looks[0].df
 
 
+def _stored(tmp_path: Path, cells: list, seed_sd: dict[str, float]) -> Store:
+    """A store holding ``cells`` done (``_record_any``, mean 0.5, each method's seed spread)."""
+    store = Store(tmp_path / "results.sqlite")
+    for cell in cells:
+        _record_any(store, tmp_path, cell, 0.5, seed_sd[cell.method])
+    return store
+
+
 def _transfer_cells(tmp_path):
     """PT on date_format (3 seeds), its prompts used as is with retrieved demonstrations on entity_extraction
     (``transfer``, 0 steps, 3 seeds: one per source seed) and retrieved ICL there: ``prompt_transfer``'s sides."""
@@ -391,9 +396,7 @@ def test_a_transfer_seed_finds_its_source_after_the_source_s_rows_were_doubled(t
     doubled = [with_params(c, {"data.max_eval": 2 * ROWS}) for c in cells if c.method == "pt"]
     current = [c for c in cells if c.method != "pt"] + doubled
     sds = {"pt": 0.0, "icl_retrieved": 0.0, "transfer": 0.15}
-    store = Store(tmp_path / "results.sqlite")
-    for cell in current:
-        _record_any(store, tmp_path, cell, 0.5, sds[cell.method])
+    store = _stored(tmp_path, current, sds)
     rows = [r.data for r in store.rows()]
     (test,) = [f for f in evaluate_claims(rows, 300) if f.claim.id == "prompt_transfer" and f.group != "all tasks"]
     assert test.verdict == "underpowered"
@@ -412,10 +415,7 @@ def test_an_added_cell_that_fails_stops_the_additions(tmp_path):
     """A transfer seed's source trained, the transfer cell failed: stop, rather than train source after source."""
     cells = _transfer_cells(tmp_path)
     sds = {"pt": 0.0, "icl_retrieved": 0.0, "transfer": 0.15}
-    store = Store(tmp_path / "results.sqlite")
-    for cell in cells:
-        _record_any(store, tmp_path, cell, 0.5, sds[cell.method])
-    batches: list[list] = []
+    store, batches = _stored(tmp_path, cells, sds), []
 
     def run(more):
         batches.append(list(more))
