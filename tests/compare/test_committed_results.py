@@ -5,6 +5,8 @@ or the tuning winners would otherwise rerun hours of cells without a word)."""
 from __future__ import annotations
 
 import shutil
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -72,3 +74,24 @@ def _added_variants(cells, rows) -> set[str]:
             found.add(variant.key)
             found.update(with_params(variant, {"data.max_eval": n}).key for n in evals)
     return found
+
+
+@pytest.mark.parametrize("folder", sorted(COMMITTED))
+def test_the_board_s_examples_view_opens_a_committed_store(folder):
+    """Every task of a committed store shows its examples from the store alone (no cells/ folder in a clone): one
+    row per test example, each method's prediction and score, and the reference."""
+    from tunelab.board.examples import example_frame, load_task_examples
+    from tunelab.board.stores import store_rows
+
+    committed = ROOT / "docs" / "results" / folder / "results.sqlite"
+    if not committed.is_file():
+        pytest.skip(f"{committed} is not committed yet")
+    rows = [r for r in store_rows(committed) if r["status"] == "done"]
+    with closing(sqlite3.connect(f"file:{committed}?mode=ro", uri=True)) as conn:  # packed: a clone (no cells/) reads them
+        packed = {k for (k,) in conn.execute("SELECT key FROM examples")}
+    assert rows and {r["key"] for r in rows} <= packed
+    for task in sorted({r["task"] for r in rows}):
+        data = load_task_examples(rows, task)
+        frame = example_frame(data, data.order, data.methods)
+        assert len(frame) == len(data.order) > 0 and frame["reference"].str.len().min() > 0
+        assert all(any(c.startswith(m) for c in frame.columns) for m in data.methods)
