@@ -428,3 +428,27 @@ def test_an_added_cell_that_fails_stops_the_additions(tmp_path):
 
     outcome = until_decisive(store, tmp_path / "results.sqlite", cells, 3600, run, Console(quiet=True), 300)
     assert len(batches) == 1 and outcome.stopped.startswith("1 of the 2 added cells failed")
+
+
+def test_a_contrast_still_pairs_moved_cells_after_their_sources_rows_were_doubled(tmp_path):
+    """``pt_transfer_gap`` knows a moved cell's source by key. Once until decisive reran PT and LoRA on date_format
+    on twice the rows, the planned sources are no longer among the measured keys; the store still holds them, and
+    ``Store.tagged_rows`` names each moved cell's source from there, so the contrast stays measured."""
+    from tunelab.compare.grid import resolve_sources
+
+    cells = resolve_sources(expand(_gap_grid()), tmp_path / "out")
+    sds = {"pt": 0.05, "lora": 0.05, "pt_moved": 0.1, "lora_moved": 0.1}
+    store = _stored(tmp_path, cells, sds)
+    sources = [c for c in cells if c.task == "date_format"]
+    doubled = [with_params(c, {"data.max_eval": 2 * ROWS}) for c in sources]
+    for cell in doubled:
+        _record_any(store, tmp_path, cell, 0.5, sds[cell.method])
+    current = [c.key for c in cells if c.task != "date_format"] + [c.key for c in doubled]
+
+    def gap(rows):
+        (found,) = [f for f in evaluate_claims(rows, 300) if f.claim.id == "pt_transfer_gap"]
+        return found
+
+    assert gap([r.data for r in store.rows(keys=current)]).verdict == "not measured"  # the rows alone: no source
+    measured = gap(store.tagged_rows(keys=current))
+    assert measured.verdict != "not measured" and [len(k) for k in measured.keys] == [3, 3, 3, 3]

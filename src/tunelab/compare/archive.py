@@ -129,14 +129,15 @@ def is_cell_dir(path: str) -> bool:
     return Path(path).parent.name == "cells" and len(name) == 16 and all(c in "0123456789abcdef" for c in name)
 
 
+def source_key(config: dict[str, Any] | None) -> str | None:
+    """Key of the cell a stored cell started from (``init_from`` naming a grid cell's folder); None if none."""
+    source = ((config or {}).get("method") or {}).get("init_from")
+    return Path(source).name if isinstance(source, str) and is_cell_dir(source) else None
+
+
 def source_keys(configs: Iterable[dict[str, Any] | None]) -> set[str]:
-    """Keys of the cells that stored cells started from (``init_from`` naming a grid cell's folder)."""
-    found = set()
-    for config in configs:
-        source = ((config or {}).get("method") or {}).get("init_from")
-        if isinstance(source, str) and is_cell_dir(source):
-            found.add(Path(source).name)
-    return found
+    """Keys of the cells that stored cells started from."""
+    return {key for config in configs if (key := source_key(config)) is not None}
 
 
 def read_reference(reference: str) -> tuple[tuple[dict[str, Any], ...], dict[str, Any]]:

@@ -339,6 +339,9 @@ def _with_sources(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     by_key = {r["key"]: r for r in rows if "key" in r}
     out = []
     for r in rows:
+        if r.get("source_cell"):  # ``Store.tagged_rows`` found it in the whole store
+            out.append(r)
+            continue
         path = _opts(r).get("init_from")
         src = by_key.get(Path(str(path)).name) if path else None
         out.append({**r, "source_cell": {"method": src["method_name"], "label": src["method"], "task": src["task"]}}

@@ -319,9 +319,18 @@ class Store:
                     coords: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
         """Stored cells as the claims and the report read them: per key the labels a grid gives the cell
         (``coords``, from ``Cell.coords``) over those it was stored with - a cell another grid ran first under the
-        same key (the same configuration) is named as this grid names it - and its task's ``tags``."""
+        same key (the same configuration) is named as this grid names it - its task's ``tags``, and for a cell
+        started from another cell's adapter ``source_cell`` (that cell's method, label and task), looked up in
+        the whole store: the source may be left out of ``keys`` (replaced by its version on more test rows)."""
         tags, coords = self.task_tags(), coords or {}
         rows = [{**r.data, **coords.get(r.key, {})} for r in self.rows(status=status, keys=keys)]
+        found = {r["key"]: r for r in rows}
+        wanted = {k for r in rows if (k := archive.source_key(r.get("config")))} - found.keys()
+        found |= {r.key: {**r.data, **coords.get(r.key, {})} for r in self.rows(keys=sorted(wanted))} if wanted else {}
+        for r in rows:
+            source = found.get(archive.source_key(r.get("config")) or "")
+            if source is not None:
+                r["source_cell"] = {"method": source["method_name"], "label": source["method"], "task": source["task"]}
         return [{**r, "tags": tags.get(r["task"], [])} for r in rows]
 
     def task_tags(self) -> dict[str, list[str]]:
