@@ -91,7 +91,8 @@ def test_compare_command_ends_with_the_summary_then_the_report_path(tmp_path, mo
     _store(tmp_path).close()
 
     def fake_compare(source, out, *args, **kwargs):
-        cells = [type("C", (), {"key": k})() for k in ("zero_shot-0", "lora-0", "lora-1", "prompt_tuning-0")]
+        cells = [type("C", (), {"key": k, "coords": lambda self: {}})()  # the stored labels
+                 for k in ("zero_shot-0", "lora-0", "lora-1", "prompt_tuning-0")]
         return Outcome(None, cells, GridSummary(), tmp_path / "results.sqlite", tmp_path / "report.md",
                        tmp_path / "report.html")
 
