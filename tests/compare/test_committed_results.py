@@ -24,7 +24,7 @@ COMMITTED = {
     "methods": (ROOT / "docs" / "results" / "methods" / "grid.yaml", True),
     "claims": (preset_path("claims"), True),
     "paper/v3": (preset_path("paper_v3"), True),  # planned cells, plus the seeds `--until decisive` added
-    "paper": (preset_path("paper"), False),  # v4: under way across sessions (its README says how far)
+    "paper": (preset_path("paper"), True),  # v4, plus what `--until decisive` added
 }
 
 

@@ -55,12 +55,12 @@ def compare_command(
     for failure in s.failures:
         console.print(f"  [red]failed[/red] {failure}", highlight=False)
     from tunelab.compare.archive import size_line
+    from tunelab.compare.grid import coords_of
     from tunelab.compare.store import open_existing
     from tunelab.compare.summary import print_summary
 
     with open_existing(outcome.store) as db:  # what was compared and what held, without opening a file
-        print_summary(console, db, keys=[c.key for c in outcome.cells],
-                      coords={c.key: c.coords() for c in outcome.cells})
+        print_summary(console, db, keys=[c.key for c in outcome.cells], coords=coords_of(outcome.cells))
         size = size_line(db.size())
     console.print(f"store:  {outcome.store} ({size})\nreport: {outcome.report_md}\n        {outcome.report_html}",
                   highlight=False)

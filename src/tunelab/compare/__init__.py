@@ -18,6 +18,7 @@ from tunelab.compare.backends import Backend, check_backend
 from tunelab.compare.grid import (
     Cell,
     GridConfig,
+    coords_of,
     expand,
     list_presets,
     load_grid,
@@ -111,7 +112,7 @@ def compare(source: str | Path, out: str | Path, store: str | Path | None = None
             cells = resumed(db, cells)
         _keep_sources(db, cells)
         md, html = write_report(build_report(db, keys=[c.key for c in cells],
-                                             coords={c.key: c.coords() for c in cells}), out)
+                                             coords=coords_of(cells)), out)
     return Outcome(grid, cells, summary, store_path, md, html)
 
 
@@ -120,7 +121,7 @@ def _keep_sources(db: Store, cells: list[Cell]) -> None:
     grid stored it), and forget the others: a fresh clone holds the store, not ``cells/``, and ``--until decisive``
     may run a transfer cell again on more test rows (the paper preset's 20-token Gemma prompts: 50 KB each)."""
     sources = {c.source_key for c in cells if c.source_key is not None}
-    sources |= archive.source_keys(r.config for r in db.rows())
+    sources |= db.source_keys()
     db.pack(sources)
     db.drop_adapters(sources)
 

@@ -49,7 +49,7 @@ from typing import Any
 from rich.console import Console
 
 from tunelab.compare.claims import ACROSS_TASKS, Finding, evaluate_claims, look_of
-from tunelab.compare.grid import Cell, started_from, with_params
+from tunelab.compare.grid import Cell, coords_of, started_from, with_params
 from tunelab.compare.sequential import load_looks, look_key, save_looks, with_look
 from tunelab.compare.store import Store
 from tunelab.errors import ConfigError
@@ -176,11 +176,11 @@ def _seed_step(side: list[Cell], cells: list[Cell], seconds: dict[str, float | N
     of its source cell where it starts from another cell's adapter and that seed is not run yet (a transfer to a
     second task then reuses the source seed the first one trained)."""
     template = side[0]
-    new = reseeded(template, 1 + max(c.seed for c in cells if _place(c) == _place(template)), [*cells, *planned])
+    new, source = _reseeded(template, 1 + max(c.seed for c in cells if _place(c) == _place(template)),
+                            [*cells, *planned])
     price, reason = _mean([seconds.get(c.key) for c in side]), f"seed {new.seed} of {template.method} on {_where(template)}"
-    if new.source_key is None or new.source_key in {c.key for c in cells}:
+    if source is None or source.key in {c.key for c in cells}:
         return Step([new], 0.0, price, reason)
-    source = _source(template, new.seed, [*cells, *planned])
     kin = [c for c in cells if _place(c) == _place(source)]
     return Step([source, new], 0.0, price + _mean([seconds.get(c.key) for c in kin]),
                 f"{reason}, after seed {source.seed} of its source {source.method} on {_where(source)}")
@@ -206,10 +206,16 @@ def _more_rows(f: Finding, cells: list[Cell], by_key: dict[str, Cell], seconds: 
 def reseeded(cell: Cell, seed: int, cells: Sequence[Cell] = ()) -> Cell:
     """The same cell (tuned parameters and all) trained with another seed. A cell that starts from another cell's
     adapter starts from its source method's cell of that seed (``_source``; ``cells`` must hold its source)."""
+    return _reseeded(cell, seed, cells)[0]
+
+
+def _reseeded(cell: Cell, seed: int, cells: Sequence[Cell]) -> tuple[Cell, Cell | None]:
+    """``reseeded`` and the source cell it starts from (None if it starts from none)."""
     new = dataclasses.replace(with_params(cell, {"train.seed": seed}), seed=seed, prompt_length=cell.prompt_length)
     if cell.source_key is None:
-        return new
-    return started_from(new, _source(cell, seed, cells), Path(cell.config.method.init_from).parent)
+        return new, None
+    source = _source(cell, seed, cells)
+    return started_from(new, source, Path(cell.config.method.init_from).parent), source
 
 
 def _source(cell: Cell, seed: int, cells: Sequence[Cell]) -> Cell:
@@ -359,4 +365,4 @@ def superseded(rows: list[dict[str, Any]]) -> set[str]:
 
 
 def _done_rows(store: Store, cells: list[Cell], status: str | None = "done") -> list[dict[str, Any]]:
-    return store.tagged_rows(status=status, keys=[c.key for c in cells], coords={c.key: c.coords() for c in cells})
+    return store.tagged_rows(status=status, keys=[c.key for c in cells], coords=coords_of(cells))

@@ -140,6 +140,12 @@ def source_keys(configs: Iterable[dict[str, Any] | None]) -> set[str]:
     return {key for config in configs if (key := source_key(config)) is not None}
 
 
+def source_cell(source: dict[str, Any]) -> dict[str, Any]:
+    """How a cell names the cell it started from (``source_cell``, read by the claims' transfer contrasts): that
+    cell's method (registry name), label and task."""
+    return {"method": source["method_name"], "label": source["method"], "task": source["task"]}
+
+
 def read_reference(reference: str) -> tuple[tuple[dict[str, Any], ...], dict[str, Any]]:
     """(predictions rows, per-example losses) of the cell a ``sqlite:<store>#<key>`` reference names."""
     path, _, key = reference[len(REFERENCE):].rpartition("#")

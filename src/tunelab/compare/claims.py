@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from tunelab.compare.archive import source_cell
 from tunelab.compare.examples import (
     SIMILARITY_KEY,
     example_scores,
@@ -344,8 +345,7 @@ def _with_sources(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         path = _opts(r).get("init_from")
         src = by_key.get(Path(str(path)).name) if path else None
-        out.append({**r, "source_cell": {"method": src["method_name"], "label": src["method"], "task": src["task"]}}
-                   if src is not None else r)
+        out.append({**r, "source_cell": source_cell(src)} if src is not None else r)
     return out
 
 

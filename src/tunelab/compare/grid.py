@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -152,6 +153,11 @@ class Cell:
     def coords(self) -> dict[str, Any]:
         return {"method": self.method, "method_name": self.method_name, "task": self.task, "seed": self.seed,
                 "train_size": self.train_size, "prompt_length": self.prompt_length, "unseen": self.unseen}
+
+
+def coords_of(cells: Iterable[Cell]) -> dict[str, dict[str, Any]]:
+    """Key -> the labels a grid gives each of its cells (``Store.tagged_rows`` names stored rows with them)."""
+    return {c.key: c.coords() for c in cells}
 
 
 def preset_path(name: str) -> Path:

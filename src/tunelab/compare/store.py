@@ -229,7 +229,7 @@ class Store:
                                      (json.dumps(found.result, default=str), row.key))
                     archive.write_examples(conn, row.key, found)
                 packed += 1
-        sources = adapter_keys if adapter_keys is not None else archive.source_keys(r.config for r in self.rows())
+        sources = adapter_keys if adapter_keys is not None else self.source_keys()
         folders = {r.key: r.out_dir for r in self.rows(keys=sorted(sources))} if sources else {}
         for key in sorted(sources):
             self.keep_adapter(key, Path(folders[key]) / "adapter" if folders.get(key) else None)
@@ -315,6 +315,10 @@ class Store:
             out.append(Row(data))
         return out
 
+    def source_keys(self) -> set[str]:
+        """Keys of the cells that stored cells (of any grid) started from."""
+        return archive.source_keys(json.loads(c) for (c,) in self.conn.execute("SELECT config FROM cells") if c)
+
     def tagged_rows(self, status: str | None = None, keys: list[str] | None = None,
                     coords: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
         """Stored cells as the claims and the report read them: per key the labels a grid gives the cell
@@ -330,7 +334,7 @@ class Store:
         for r in rows:
             source = found.get(archive.source_key(r.get("config")) or "")
             if source is not None:
-                r["source_cell"] = {"method": source["method_name"], "label": source["method"], "task": source["task"]}
+                r["source_cell"] = archive.source_cell(source)
         return [{**r, "tags": tags.get(r["task"], [])} for r in rows]
 
     def task_tags(self) -> dict[str, list[str]]:
