@@ -119,6 +119,13 @@ def test_quality_table_orders_numbers_as_numbers_and_lists_every_commit(tiny_rep
         facts = build_report(store).facts
     model_fact = next(f for f in facts if f.startswith("model"))
     assert "abc123 (" in model_fact and " cells)" in model_fact
+    with Store(copy) as store:  # a grid comparing two models names both, not the first cell's
+        store.conn.execute("UPDATE cells SET config = json_set(config, '$.model.name', 'other-model') "
+                           "WHERE method = 'pt'")
+        n_pt = store.conn.execute("SELECT COUNT(*) FROM cells WHERE method = 'pt' AND status = 'done'").fetchone()[0]
+        facts = build_report(store).facts
+    model_fact = next(f for f in facts if f.startswith("model"))
+    assert model_fact.startswith("models: ") and f"other-model ({n_pt} cells)" in model_fact
 
 
 def _quality_store(tmp_path):

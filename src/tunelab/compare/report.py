@@ -47,6 +47,11 @@ class Report:
     sections: list[tuple[str, list[Table | Figure | str]]]
 
 
+def _counted(values: Counter[str]) -> str:
+    """``a (3 cells), b (1 cells)``, most first; the value alone where all cells share it."""
+    return ", ".join(f"{v} ({n} cells)" if len(values) > 1 else v for v, n in values.most_common())
+
+
 def build_report(store: Store, keys: list[str] | None = None, n_resamples: int = 1000,
                  sizing: bool = True, coords: Mapping[str, Mapping[str, Any]] | None = None) -> Report:
     """Everything the report shows, from the store's rows (all of them, or only ``keys``). ``coords``: per key,
@@ -61,9 +66,9 @@ def build_report(store: Store, keys: list[str] | None = None, n_resamples: int =
              f"grid: {', '.join(grids) or '-'}"]
     if done:
         first = done[0]
+        models = Counter(r["config"]["model"]["name"] for r in done)  # a grid may compare models
         commits = Counter(r["git_commit"] or "unknown" for r in done)  # a resumed grid can span commits
-        facts.append(f"model: {first['config']['model']['name']}; git commit: "
-                     + ", ".join(f"{c} ({n} cells)" if len(commits) > 1 else c for c, n in commits.most_common()))
+        facts.append(f"model{'s' if len(models) > 1 else ''}: {_counted(models)}; git commit: {_counted(commits)}")
         from tunelab.models import random_weights  # here: the report needs transformers for nothing else
 
         if any(random_weights(r["config"]["model"]["name"]) for r in done):
