@@ -328,3 +328,15 @@ def test_a_metrics_margin_comes_from_its_declared_facts_unless_the_grid_sets_one
     assert margin_for("new_metric", {"new_metric": 0.5}) == 0.5
     assert margin_for("exact_match") == M.METRICS["exact_match"].facts.margin == 2.0
     assert margin_for("not_a_metric") == FALLBACK_MARGIN
+
+
+def test_a_claim_decided_in_some_groups_names_every_weak_verdict_of_the_others_in_one_order():
+    """The summary of a claim decided in one group and both inconclusive and underpowered in others reads the same
+    in every process (it picked one of a set of strings, which string hashing orders per process)."""
+    from tunelab.compare.claims import CLAIMS, Finding
+
+    claim = CLAIMS[0]
+    findings = [Finding(claim, "a", verdict="contradicted"), Finding(claim, "b", verdict="underpowered"),
+                Finding(claim, "c", verdict="inconclusive")]
+    for order in (findings, findings[::-1]):
+        assert summarise(order)[claim.id] == "contradicted (some groups inconclusive or underpowered)"

@@ -865,7 +865,7 @@ def summarise(findings: list[Finding]) -> dict[str, str]:
             out[cid] = "mixed"
         elif decided:
             weak = verdicts & {"inconclusive", "underpowered"}
-            out[cid] = decided.pop() if not weak else f"{next(iter(decided))} (some groups {next(iter(weak))})"
+            out[cid] = decided.pop() if not weak else f"{next(iter(decided))} (some groups {' or '.join(sorted(weak))})"
         else:
             out[cid] = ("not measured" if verdicts == {"not measured"}
                         else "underpowered" if "underpowered" in verdicts else "inconclusive")
