@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 from tests.compare.test_claims import _cell, _scores
@@ -62,9 +64,18 @@ def test_scale_needs_two_models(tmp_path):
     assert "two models" in scale.detail
 
 
-def _keyed(row: dict, key: str, init_from: str | None = None, steps: int = 40) -> dict:
-    method = {**row["config"]["method"], **({"init_from": f"/runs/out/cells/{init_from}"} if init_from else {})}
-    return {**row, "key": key, "config": {**row["config"], "method": method, "train": {"steps": steps}}}
+def _hex(name: str) -> str:
+    """A grid cell's key (16 hex digits) for a readable test name."""
+    return hashlib.sha256(name.encode()).hexdigest()[:16]
+
+
+def _keyed(row: dict, name: str, init_from: str | None = None, steps: int = 40) -> dict:
+    """``row`` as the grid cell ``name`` (kept as ``name``; its key is 16 hex digits, as a grid's are), started from
+    the cell named ``init_from``'s folder if given."""
+    method = {**row["config"]["method"],
+              **({"init_from": f"/runs/out/cells/{_hex(init_from)}"} if init_from else {})}
+    return {**row, "key": _hex(name), "name": name,
+            "config": {**row["config"], "method": method, "train": {"steps": steps}}}
 
 
 def _gap_rows(tmp_path, p_pt_moved: float, p_lora_moved: float, with_lora_moved: bool = True,
@@ -90,8 +101,8 @@ def test_transfer_gap_compares_pt_drop_with_lora_drop_on_the_target_rows(tmp_pat
     rows = _gap_rows(tmp_path, p_pt_moved=0.2, p_lora_moved=0.6)
     findings = evaluate_claims(rows, n_resamples=500)
     (gap,) = _by_id(findings, "pt_transfer_gap")
-    mean = lambda key: np.mean([r["quality"] for r in rows if r["key"].startswith(key)  # noqa: E731
-                                and r["key"][len(key):].isdigit()])
+    mean = lambda name: np.mean([r["quality"] for r in rows if r["name"].startswith(name)  # noqa: E731
+                                 and r["name"][len(name):].isdigit()])
     assert gap.effect == pytest.approx((mean("pty") - mean("ptxy")) - (mean("loray") - mean("loraxy")))
     assert gap.group == "y len=20" and gap.verdict == "supported" and gap.n["examples"] == 300
     # the moved cells are no PT or LoRA run of their own
@@ -130,7 +141,7 @@ def test_synergy_pairs_pt_on_the_instruction_tuned_model_with_plain_pt(tmp_path)
     assert syn.effect == pytest.approx(np.mean([r["quality"] for r in both]) - np.mean([r["quality"] for r in plain]))
     # a prompt tuned further from another prompt (SPoT) is not prompt tuning on an instruction-tuned model
     spot = [{**r, "key": f"spot{i}", "config": {**r["config"], "method": {**r["config"]["method"],
-                                                                           "init_from": "/runs/out/cells/pt0"}}}
+                                                                           "init_from": f"/runs/out/cells/{_hex('pt0')}"}}}
             for i, r in enumerate(both)]
     (none,) = _by_id(evaluate_claims([it, *plain, *spot], n_resamples=100), "it_pt_synergy")
     assert none.verdict == "not measured" and "no cells for IT→PT" in none.detail

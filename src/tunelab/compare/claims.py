@@ -24,13 +24,12 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from statistics import mean
 from typing import Any
 
 import numpy as np
 
-from tunelab.compare.archive import source_cell
+from tunelab.compare.archive import source_cell, source_key
 from tunelab.compare.examples import (
     SIMILARITY_KEY,
     example_scores,
@@ -343,8 +342,8 @@ def _with_sources(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if r.get("source_cell"):  # ``Store.tagged_rows`` found it in the whole store
             out.append(r)
             continue
-        path = _opts(r).get("init_from")
-        src = by_key.get(Path(str(path)).name) if path else None
+        key = source_key(r.get("config"))
+        src = by_key.get(key) if key else None
         out.append({**r, "source_cell": source_cell(src)} if src is not None else r)
     return out
 
