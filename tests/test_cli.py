@@ -26,6 +26,8 @@ def test_run_writes_result_with_costs(tmp_path):
     assert result["adapter_bytes"] > 0 and result["peak_rss_mb"] > 0
     assert result["config"]["method"] == {"name": "prompt_tuning", "num_virtual_tokens": 4}
     assert {"torch", "transformers", "peft"} <= set(result["versions"])
+    assert result["machine"]["cores"] and result["machine"]["cpu"]  # what the seconds were measured on
+    assert "machine" in proc.stdout  # the printed table names it too
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 4
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 

@@ -75,6 +75,8 @@ def run(
 
 
 def print_result(result: dict) -> None:
+    from tunelab.envinfo import describe_machine
+
     table = Table(title=f"{result['method']} on {result['task']} ({result['model']})")
     for name in ("metric", "value"):
         table.add_column(name)
@@ -85,6 +87,7 @@ def print_result(result: dict) -> None:
     table.add_row("eval seconds", f"{result['eval']['seconds']:.1f}")
     table.add_row("peak RSS (MB)", f"{result['peak_rss_mb']:.0f}")
     table.add_row("adapter bytes", f"{result['adapter_bytes']:,}")
+    table.add_row("machine", describe_machine(result.get("machine")))  # what the seconds were measured on
     console.print(table)
 
 

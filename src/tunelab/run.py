@@ -310,4 +310,5 @@ def _summary(prep: Prepared, adapter: Adapter, stats: TrainStats, result: EvalRe
         "config": to_dict(prep.cfg),
         "versions": envinfo.versions(),
         "git_commit": envinfo.git_commit(),
+        "machine": envinfo.machine(),  # what the seconds above were measured on
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 
 from tests.compare.conftest import TINY_GRID
@@ -126,6 +127,27 @@ def test_quality_table_orders_numbers_as_numbers_and_lists_every_commit(tiny_rep
         facts = build_report(store).facts
     model_fact = next(f for f in facts if f.startswith("model"))
     assert model_fact.startswith("models: ") and f"other-model ({n_pt} cells)" in model_fact
+
+
+def test_report_names_the_machines_its_cells_ran_on(tiny_report, tmp_path):
+    import shutil
+
+    from tunelab import envinfo
+
+    here = envinfo.describe_machine(envinfo.machine())
+    with Store(tiny_report.store) as store:
+        stored = {json.dumps(r.data["machine"], sort_keys=True) for r in store.rows(status="done")}
+        facts = build_report(store).facts
+    assert stored == {json.dumps(envinfo.machine(), sort_keys=True)}  # each cell recorded where it ran
+    assert f"machine: {here}" in facts
+    copy = shutil.copy(tiny_report.store, tmp_path / "results.sqlite")  # the fixture's store is shared
+    with Store(copy) as store:  # cells stored before tunelab recorded the machine, beside today's
+        store.conn.execute("UPDATE cells SET machine = NULL WHERE method = 'pt'")
+        n_pt = store.conn.execute("SELECT COUNT(*) FROM cells WHERE method = 'pt' AND status = 'done'").fetchone()[0]
+        facts = build_report(store).facts
+    (fact,) = [f for f in facts if f.startswith("machine")]
+    assert fact.startswith("machines: ") and f"unknown ({n_pt} cells)" in fact and f"{here} (" in fact
+    assert fact.endswith("seconds and cells per CPU-hour mix these machines")
 
 
 def _quality_store(tmp_path):

@@ -20,6 +20,7 @@ from tunelab.compare.examples import SIMILARITY_KEY, mean_by_id, read_prediction
 from tunelab.compare.sequential import Look, load_looks
 from tunelab.compare.store import Store
 from tunelab.compare.summary import with_tuning_cost
+from tunelab.envinfo import describe_machine
 from tunelab.metrics import margins_text
 from tunelab.paths import atomic_write_bytes, atomic_write_text
 from tunelab.phases import PHASES, overhead
@@ -76,6 +77,9 @@ def build_report(store: Store, keys: list[str] | None = None, n_resamples: int =
                          "cost figures hold")
         versions = first.get("versions") or {}
         facts.append("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+        machines = Counter(describe_machine(r.get("machine")) for r in done)  # a resumed grid can span machines
+        facts.append(f"machine{'s' if len(machines) > 1 else ''}: {_counted(machines)}"
+                     + ("; seconds and cells per CPU-hour mix these machines" if len(machines) > 1 else ""))
     sections: list[tuple[str, list[Table | Figure | str]]] = [
         ("Quality per method and task", [quality_table(done),
                                         Figure("quality", "every seed (dots), mean ± std (squares)",

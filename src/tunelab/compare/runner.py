@@ -287,7 +287,7 @@ def _row(grid: GridConfig, cell: Cell, cfg: RunConfig, result: dict[str, Any] | 
                            "out_dir": cfg.out, "unseen": int(cell.unseen)}
     if result is None:
         return {**row, "status": "failed", "error": error or "unknown error", "versions": envinfo.versions(),
-                "git_commit": envinfo.git_commit()}
+                "git_commit": envinfo.git_commit(), "machine": envinfo.machine()}
     metrics = result["metrics"]
     row["cpu_seconds"] = _usage(Path(cfg.out)).get("cpu_seconds")
     primary = next(iter(metrics), None)
@@ -298,7 +298,8 @@ def _row(grid: GridConfig, cell: Cell, cfg: RunConfig, result: dict[str, Any] | 
             "train_seconds": _adapt_seconds(result["train"]), "eval_seconds": result["eval"]["seconds"],
             "peak_rss_mb": result.get("peak_rss_mb"), "adapter_bytes": result.get("adapter_bytes"),
             "forgetting": (result.get("forgetting") or {}).get("delta"),
-            "versions": result.get("versions"), "git_commit": result.get("git_commit"), "result": result}
+            "versions": result.get("versions"), "git_commit": result.get("git_commit"),
+            "machine": result.get("machine"), "result": result}
 
 
 _CONTEXT: Any = None

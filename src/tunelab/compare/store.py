@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS cells (
     forgetting REAL,               -- general-text NLL per token with the adapter minus the base model's (nats)
     versions TEXT,
     git_commit TEXT,
+    machine TEXT,                  -- envinfo.machine() as JSON: the CPU (and GPU) its seconds were measured on
     result TEXT,                   -- the whole result.json
     finished_at REAL NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 1
@@ -107,8 +108,9 @@ CREATE TABLE IF NOT EXISTS adapters (
 COLUMNS = ("key", "grid", "method", "method_name", "task", "seed", "train_size", "prompt_length", "unseen",
            "status", "error", "config", "metrics", "primary_metric", "quality", "predictions", "out_dir",
            "n_train", "n_eval", "trainable_params", "train_seconds", "eval_seconds", "cell_seconds",
-           "peak_rss_mb", "cpu_seconds", "adapter_bytes", "forgetting", "versions", "git_commit", "result", "finished_at", "attempts")
-JSON_COLUMNS = ("config", "metrics", "versions", "result")
+           "peak_rss_mb", "cpu_seconds", "adapter_bytes", "forgetting", "versions", "git_commit", "machine", "result",
+           "finished_at", "attempts")
+JSON_COLUMNS = ("config", "metrics", "versions", "machine", "result")
 TRIAL_COLUMNS = ("study", "key", "number", "params", "status", "metric", "dev_score", "cpu_seconds", "out_dir",
                  "finished_at", "dev_loss", "dev_losses", "pruned_step")
 

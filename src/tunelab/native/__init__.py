@@ -28,6 +28,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunelab.envinfo import cpu_flags as _cpu_flags  # a module global: tests replace it with another CPU's
 from tunelab.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -68,16 +69,6 @@ ISAS = {isa.name: isa for isa in (
 _LOCK = threading.Lock()
 # (TUNELAB_NATIVE, TUNELAB_NATIVE_ISA) -> (the library, why it is None, its Isa)
 _STATE: dict[tuple[str, str], tuple[ctypes.CDLL | None, str, Isa | None]] = {}
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def compiler() -> str | None:
