@@ -25,7 +25,7 @@ COMMITTED = {
     "claims": (preset_path("claims"), True),
     "paper/v3": (preset_path("paper_v3"), True),  # planned cells, plus the seeds `--until decisive` added
     "paper": (preset_path("paper"), True),  # v4, plus what `--until decisive` added
-    "instruction": (preset_path("instruction"), False),  # rerun under way across sessions (its README)
+    "instruction": (preset_path("instruction"), True),  # its 18 cells, the study finished
 }
 
 
