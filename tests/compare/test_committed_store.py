@@ -161,12 +161,13 @@ def test_a_recorded_cell_keeps_its_examples_and_losses_in_the_store(tmp_path):
     _write_predictions(row)
     with Store(tmp_path / "results.sqlite") as db:
         db.record(row)
+        reference = f"sqlite:{(tmp_path / 'results.sqlite').resolve()}#{row['key']}"
         (stored,) = db.rows()
-        assert stored.predictions == row["predictions"]  # the file while it exists
+        assert stored.predictions == reference  # the store's copy, even while the file exists
         assert stored.result["generalization"] == {"train_loss": 1.0, "eval_loss": 2.0, "gap": 1.0}  # means only
         shutil.rmtree(tmp_path / "cells")
         (stored,) = db.rows()
-        assert stored.predictions == f"sqlite:{(tmp_path / 'results.sqlite').resolve()}#{row['key']}"
+        assert stored.predictions == reference
         assert list(read_predictions(stored.predictions)) == _kept(PREDICTIONS)
         assert generalization(stored.data) == GENERALIZATION
         ids, stats, _ = example_stats(stored.data, "exact_match")
@@ -176,6 +177,22 @@ def test_a_recorded_cell_keeps_its_examples_and_losses_in_the_store(tmp_path):
         assert size["cells"] == 2 and 0 < size["examples"] + size["references"] < size["total"]
         refs = db.conn.execute("SELECT COUNT(*) FROM shared").fetchone()[0]
         assert refs == 1 and size["adapters"] == 0
+
+
+def test_a_packed_cell_is_read_from_its_store_when_its_folder_holds_another_run(tmp_path):
+    """Two grids share a cell key (the same configuration) and a cell folder: the second grid's run rewrote the
+    predictions file at the path the first store recorded. The first store still reads what it recorded."""
+    row = _row(tmp_path)
+    _write_predictions(row)
+    with Store(tmp_path / "results.sqlite") as db:
+        db.record(row)
+    rerun = [{**p, "prediction": "another run", "scores": {"exact_match": 0.0}} for p in PREDICTIONS]
+    Path(row["predictions"]).write_text("".join(json.dumps(p) + "\n" for p in rerun))
+    with Store(tmp_path / "results.sqlite") as db:
+        (stored,) = db.rows()
+        assert list(read_predictions(stored.predictions)) == _kept(PREDICTIONS)
+        ids, stats, _ = example_stats(stored.data, "exact_match")
+        assert stats[:, 0].tolist() == [0.0, 100.0, 0.0, 100.0]  # not the other run's zeros
 
 
 def test_an_old_store_opens_reads_its_files_and_packs_them(tmp_path):
