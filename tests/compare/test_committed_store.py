@@ -14,7 +14,7 @@ from tests.compare.test_grid_transfer import METHODS as TRANSFER_METHODS
 from tests.compare.test_grid_transfer import TASKS as TRANSFER_TASKS
 
 from tunelab.compare import compare, report_store
-from tunelab.compare.examples import example_stats, generalization, read_predictions
+from tunelab.compare.examples import cell_predictions, example_stats, generalization, read_predictions
 from tunelab.compare.store import Store
 from tunelab.errors import TunelabError
 
@@ -161,13 +161,12 @@ def test_a_recorded_cell_keeps_its_examples_and_losses_in_the_store(tmp_path):
     _write_predictions(row)
     with Store(tmp_path / "results.sqlite") as db:
         db.record(row)
-        reference = f"sqlite:{(tmp_path / 'results.sqlite').resolve()}#{row['key']}"
         (stored,) = db.rows()
-        assert stored.predictions == reference  # the store's copy, even while the file exists
+        assert stored.predictions == row["predictions"]  # the file while it exists
         assert stored.result["generalization"] == {"train_loss": 1.0, "eval_loss": 2.0, "gap": 1.0}  # means only
         shutil.rmtree(tmp_path / "cells")
         (stored,) = db.rows()
-        assert stored.predictions == reference
+        assert stored.predictions == f"sqlite:{(tmp_path / 'results.sqlite').resolve()}#{row['key']}"
         assert list(read_predictions(stored.predictions)) == _kept(PREDICTIONS)
         assert generalization(stored.data) == GENERALIZATION
         ids, stats, _ = example_stats(stored.data, "exact_match")
@@ -190,9 +189,12 @@ def test_a_packed_cell_is_read_from_its_store_when_its_folder_holds_another_run(
     Path(row["predictions"]).write_text("".join(json.dumps(p) + "\n" for p in rerun))
     with Store(tmp_path / "results.sqlite") as db:
         (stored,) = db.rows()
-        assert list(read_predictions(stored.predictions)) == _kept(PREDICTIONS)
+        assert stored.predictions == row["predictions"]  # the path still names the file (for people and tools)
+        assert list(cell_predictions(stored.data)) == _kept(PREDICTIONS)  # what the analyses read
         ids, stats, _ = example_stats(stored.data, "exact_match")
         assert stats[:, 0].tolist() == [0.0, 100.0, 0.0, 100.0]  # not the other run's zeros
+    unpacked = {**stored.data, "examples": None}  # a row of an older store, never packed: its file
+    assert [p["prediction"] for p in cell_predictions(unpacked)] == ["another run"] * 4
 
 
 def test_an_old_store_opens_reads_its_files_and_packs_them(tmp_path):

@@ -187,7 +187,8 @@ def test_subset_cells_keep_their_keys_under_another_out_dir(tmp_path, monkeypatc
 @pytest.mark.parametrize(("folder", "preset", "command"), [
     ("paper/v2", "paper_v2", "tunelab compare --preset paper --out runs/paper"),  # run while v2 was `paper`
     ("paper/v1", "paper_v1", "tunelab compare --preset paper_v1 --out runs/paper"),
-    ("instruction", "instruction", "tunelab compare --preset instruction --out runs/instruction2"),
+    ("instruction", "instruction", "tunelab compare --preset instruction --out docs/results/instruction"),
+    ("instruction/v2", "instruction", "tunelab compare --preset instruction --out runs/instruction2"),
     ("instruction/v1", "instruction_v1", "tunelab compare --preset instruction_v1 --out runs/instruction"),
 ])
 def test_docs_results_are_reports_of_the_whole_preset(folder, preset, command, tmp_path, monkeypatch):

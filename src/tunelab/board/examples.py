@@ -1,8 +1,8 @@
 """Examples tab data: every method's prediction per example of one task, filters, and a word diff.
 
 Each method setting contributes the predictions of one seed (the chosen seed where it has it, else
-its lowest), read from the cell's ``predictions.jsonl`` through ``compare.examples.read_predictions`` (or from
-the copy its results store keeps, where the cell folders are gone: ``compare.archive``).
+its lowest), read through ``compare.examples.cell_predictions``: the copy its results store keeps
+(``compare.archive``), else the cell's ``predictions.jsonl``.
 The per-example score is the first per-example metric the rows carry (BLEU and chrF are corpus
 metrics with no per-example value, so an E2E row shows its ROUGE-L), as the report's similarity plot does.
 """
@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from tunelab.board.stores import done, setting
-from tunelab.compare.examples import SIMILARITY_KEY, read_predictions
+from tunelab.compare.examples import SIMILARITY_KEY, cell_predictions
 
 FILTERS = ("all", "methods disagree", "A right, B wrong", "A better than B")
 
@@ -60,7 +60,7 @@ def load_task_examples(rows: list[dict[str, Any]], task: str, seed: int | None =
         chosen[name] = next((c for c in group if c["seed"] == seed), group[0])
     out = TaskExamples(task, None, sorted(chosen), {m: c["seed"] for m, c in chosen.items()})
     for name in out.methods:
-        for row in read_predictions(chosen[name]["predictions"]):
+        for row in cell_predictions(chosen[name]):
             key = str(row["id"])
             if key not in out.rows:
                 out.order.append(key)

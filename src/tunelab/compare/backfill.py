@@ -16,7 +16,7 @@ import json
 from types import SimpleNamespace
 from typing import Any
 
-from tunelab.compare.examples import read_predictions
+from tunelab.compare.examples import cell_predictions
 from tunelab.compare.store import Store
 from tunelab.termination import record
 
@@ -49,7 +49,7 @@ def backfill(store: Store) -> int:
             continue  # recorded already, or nothing generated (ranked only)
         name = data["config"]["model"]["name"]
         tok = tokenizers.get(name) or tokenizers.setdefault(name, load_tokenizer(name))
-        predictions = list(read_predictions(data["predictions"]))
+        predictions = list(cell_predictions(data))
         evaluation["termination"] = estimate(
             predictions, lambda text, tok=tok: len(tok(text, add_special_tokens=False)["input_ids"]),
             (data["config"].get("eval") or {}).get("max_new_tokens"),

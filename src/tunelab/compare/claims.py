@@ -32,11 +32,11 @@ import numpy as np
 from tunelab.compare.archive import source_cell, source_key
 from tunelab.compare.examples import (
     SIMILARITY_KEY,
+    cell_predictions,
     example_scores,
     example_stats,
     generalization,
     mean_by_id,
-    read_predictions,
 )
 from tunelab.compare.sequential import FIXED, SEQUENTIAL, Look, look_key, split_p_values, with_look
 from tunelab.metrics import METRICS
@@ -741,7 +741,7 @@ def _similarity_gap(claim: Claim, group: str, a_rows: list[dict], b_rows: list[d
     difference of differences with its interval, the same resampling as every quality claim.
     """
     n = {"a_seeds": len(a_rows), "b_seeds": len(b_rows)}
-    similarity = mean_by_id((read_predictions(r["predictions"]) for r in a_rows), lambda p: p.get(SIMILARITY_KEY))
+    similarity = mean_by_id((cell_predictions(r) for r in a_rows), lambda p: p.get(SIMILARITY_KEY))
     if not similarity:
         return Finding(claim, group, verdict="not measured", n=n,
                        detail=f"{claim.a_name} predictions carry no per-example `{SIMILARITY_KEY}`")
@@ -805,7 +805,7 @@ def _loss_gap(claim: Claim, group: str, a_rows: list[dict], b_rows: list[dict], 
 def _per_example_metric(rows: list[dict]) -> str | None:
     """The primary metric when it is a mean of per-example scores, else the first such metric every cell has."""
     primary = rows[0]["primary_metric"]
-    candidates = [primary] + [m for m in read_predictions(rows[0]["predictions"])[0].get("scores", {}) if m != primary]
+    candidates = [primary] + [m for m in cell_predictions(rows[0])[0].get("scores", {}) if m != primary]
     for metric in candidates:
         if all(example_scores(r, metric) for r in rows):
             return metric

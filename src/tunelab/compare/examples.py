@@ -36,6 +36,14 @@ def _read(path: str, mtime_ns: int, size: int) -> tuple[dict[str, Any], ...]:
     return tuple(json.loads(line) for line in Path(path).read_text().splitlines() if line.strip())
 
 
+def cell_predictions(row: dict[str, Any]) -> tuple[dict[str, Any], ...]:
+    """A stored cell's predictions rows as its store recorded them: the store's packed copy (``examples``) where it
+    has one, else the file ``predictions`` names. Not the file first: it may since hold another run of the same
+    configuration (another grid's cell folder under the same key, on another machine), and what the report, claims
+    and board compute must be a function of the store alone."""
+    return read_predictions(row.get("examples") or row["predictions"])
+
+
 def generalization(row: dict[str, Any]) -> dict[str, Any] | None:
     """``result.generalization`` of a stored cell with its per-example losses (``train_nll``, ``eval_nll``),
     which a store keeps in the cell's examples rather than in the ``result`` column; None if not measured."""
@@ -51,7 +59,7 @@ def example_stats(row: dict[str, Any], metric: str) -> tuple[list[str], np.ndarr
     Mean metrics use the per-example scores evaluation already wrote; corpus metrics (BLEU, chrF)
     are recomputed as sacrebleu segment statistics from the stored predictions and references.
     """
-    rows = read_predictions(row["predictions"])
+    rows = cell_predictions(row)
     ids = [str(r["id"]) for r in rows]
     spec = METRICS.get(metric)
     if spec is not None and spec.per_example is not None and all(metric in r.get("scores", {}) for r in rows):

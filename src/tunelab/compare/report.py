@@ -16,7 +16,7 @@ import numpy as np
 
 from tunelab.compare import plots
 from tunelab.compare.claims import CLAIMS, evaluate_claims, summarise
-from tunelab.compare.examples import SIMILARITY_KEY, mean_by_id, read_predictions
+from tunelab.compare.examples import SIMILARITY_KEY, cell_predictions, mean_by_id
 from tunelab.compare.sequential import Look, load_looks
 from tunelab.compare.store import Store
 from tunelab.compare.summary import with_tuning_cost
@@ -229,13 +229,13 @@ def similarity_buckets(rows: list[dict[str, Any]]) -> dict[str, list[tuple[str, 
         pt = [r for r in rows if r["task"] == task and claim.b(r)]
         if not ipt or not pt:
             continue
-        ipt_rows = [read_predictions(r["predictions"]) for r in ipt]
+        ipt_rows = [cell_predictions(r) for r in ipt]
         if not all(SIMILARITY_KEY in p for preds in ipt_rows for p in preds):
             continue
         metric = next((m for m in ipt_rows[0][0].get("scores", {})), None)
         if metric is None:
             continue
-        diffs, sims = _per_example_diff(ipt_rows, [read_predictions(r["predictions"]) for r in pt], metric)
+        diffs, sims = _per_example_diff(ipt_rows, [cell_predictions(r) for r in pt], metric)
         if len(diffs) < 10:
             continue
         edges = np.quantile(sims, [0.2, 0.4, 0.6, 0.8])

@@ -309,13 +309,10 @@ class Store:
                     data[c] = json.loads(data[c])
             key = data["key"]
             data["examples"] = f"{archive.REFERENCE}{here}#{key}" if key in archived else None
-            if data["status"] == "done":
-                # the store's own copy of the predictions, packed when it recorded this cell: a file at the stored
-                # path may since hold another run of the same configuration (another grid's cell folder under the
-                # same key, on another machine), and a report must be a function of its store alone. An unpacked
-                # row (an older store) reads the file where it is (or moved with the store)
-                predictions = None if data["examples"] else self._located(key, data["predictions"], "predictions.jsonl")
-                data["predictions"] = data["examples"] or (str(predictions) if predictions else data["predictions"])
+            if data["status"] == "done":  # the files where they are (or moved with the store), else the store's copy
+                # (readers of a cell's rows go through ``examples.cell_predictions``: the store's copy first)
+                predictions = self._located(key, data["predictions"], "predictions.jsonl")
+                data["predictions"] = str(predictions) if predictions else data["examples"] or data["predictions"]
                 out_dir = self._located(key, data["out_dir"], "")
                 data["out_dir"] = str(out_dir) if out_dir else data["out_dir"]
             out.append(Row(data))
